@@ -1,0 +1,35 @@
+//! The ebb repository: object layout, keys and encryption, chunking, packs and index,
+//! trees, recovery points and time resolution, restore and verification. Both writers
+//! and readers use it; it knows nothing of FUSE or PostgreSQL. The byte format is
+//! specified in `FORMAT.md`.
+
+pub mod chunker;
+mod codec;
+mod config;
+mod crypto;
+mod id;
+mod index;
+mod keyslot;
+mod object;
+mod pack;
+mod point;
+mod repo;
+mod restore;
+mod store;
+pub mod time;
+pub mod tree;
+mod verify;
+mod writer;
+
+pub use codec::DecodeError;
+pub use config::{Config, FORMAT_VERSION};
+pub use crypto::Keys;
+pub use id::Id;
+pub use keyslot::{decode_key_file, encode_key_file, KdfParams, KeySlot, Secret, SlotKind, DEFAULT_KDF};
+pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef};
+pub use point::{validate_source, Manifest, PointRef, Skipped, Stats};
+pub use repo::{BlobError, RepoError, Repository};
+pub use restore::{restore, RestoreError, RestoreOptions, RestoreReport};
+pub use store::{ObjectInfo, Store, StoreError};
+pub use verify::{verify, VerifyReport};
+pub use writer::{Packer, WriteError, Writer, WriterSummary};

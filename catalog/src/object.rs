@@ -1,0 +1,48 @@
+//! Whole encrypted objects (index files, point manifests): `EBO1`, then the payload
+//! sealed under a key derived from the object's name, with the name as AAD. A renamed
+//! or swapped object therefore fails to open instead of being read as another.
+
+use crate::crypto::{decode_payload, encode_payload, open, seal, Keys, PayloadError};
+
+const MAGIC: &[u8; 4] = b"EBO1";
+/// Objects are small (manifests) or bounded (an index of one point); refuse to
+/// inflate anything claiming more.
+const MAX_OBJECT: usize = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("{name}: not an ebb object (bad magic)")]
+    Magic { name: String },
+    #[error("{name}: authentication failed (the object was altered, renamed or swapped)")]
+    Auth { name: String },
+    #[error("{name}: {source}")]
+    Payload {
+        name: String,
+        #[source]
+        source: PayloadError,
+    },
+    #[error("{name}: {source}")]
+    Decode {
+        name: String,
+        #[source]
+        source: crate::codec::DecodeError,
+    },
+}
+
+pub fn seal_object(keys: &Keys, name: &str, plain: &[u8]) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.extend(seal(
+        &keys.object_cipher(name),
+        0,
+        name.as_bytes(),
+        &encode_payload(plain, Some(&mut crate::crypto::compressor())),
+    ));
+    out
+}
+
+pub fn open_object(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<u8>, ObjectError> {
+    let body = bytes.strip_prefix(MAGIC).ok_or_else(|| ObjectError::Magic { name: name.to_string() })?;
+    let payload = open(&keys.object_cipher(name), name.as_bytes(), body)
+        .map_err(|_| ObjectError::Auth { name: name.to_string() })?;
+    decode_payload(payload, MAX_OBJECT).map_err(|source| ObjectError::Payload { name: name.to_string(), source })
+}

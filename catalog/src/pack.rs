@@ -1,0 +1,240 @@
+//! Packs (`packs/<2 hex>/<64 hex>`): many sealed blobs in one object, so a reader
+//! fetches exactly one blob with one ranged GET. A pack ends with its sealed header
+//! (what each blob is and where) so it can be checked without any index.
+//!
+//! Layout: blob_0 .. blob_n-1 || sealed header || header length (u32 LE) || "EBP1".
+
+use crate::codec::{DecodeError, Decoder, Encoder};
+use crate::crypto::{encode_payload, open, seal, AuthError, Keys};
+use crate::id::Id;
+
+pub const PACKS_DIR: &str = "packs";
+const TRAILER_MAGIC: &[u8; 4] = b"EBP1";
+const TRAILER_LEN: usize = 8;
+/// The nonce counter of the header, which no blob can reach.
+const HEADER_NONCE: u64 = u64::MAX;
+const HEADER_AAD: &[u8] = b"ebb v1 pack header";
+/// Bytes per header entry: kind, id, offset, length, raw length.
+const HEADER_ENTRY_LEN: usize = 1 + 32 + 4 + 4 + 4;
+
+/// What a blob holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlobKind {
+    Data = 0,
+    Tree = 1,
+}
+
+impl BlobKind {
+    pub fn from_u8(v: u8) -> Option<BlobKind> {
+        match v {
+            0 => Some(BlobKind::Data),
+            1 => Some(BlobKind::Tree),
+            _ => None,
+        }
+    }
+}
+
+pub fn pack_name(id: &Id) -> String {
+    let hex = id.to_hex();
+    format!("{PACKS_DIR}/{}/{hex}", &hex[..2])
+}
+
+/// Parses `packs/<2 hex>/<64 hex>` back to the pack id.
+pub fn parse_pack_name(name: &str) -> Option<Id> {
+    let rest = name.strip_prefix(PACKS_DIR)?.strip_prefix('/')?;
+    let (dir, hex) = rest.split_once('/')?;
+    let id = Id::from_hex(hex)?;
+    (dir == &hex[..2]).then_some(id)
+}
+
+/// Where a blob is: enough to fetch and authenticate it with no index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlobRef {
+    /// The content id (keyed HMAC of the plaintext).
+    pub id: Id,
+    pub pack: Id,
+    pub offset: u32,
+    /// Sealed length in the pack.
+    pub length: u32,
+    /// Plaintext length.
+    pub raw_len: u32,
+}
+
+pub const BLOB_REF_LEN: usize = 32 + 32 + 4 + 4 + 4;
+
+impl BlobRef {
+    pub fn encode(&self, e: &mut Encoder) {
+        e.id(&self.id);
+        e.id(&self.pack);
+        e.u32(self.offset);
+        e.u32(self.length);
+        e.u32(self.raw_len);
+    }
+
+    pub fn decode(d: &mut Decoder) -> Result<BlobRef, DecodeError> {
+        Ok(BlobRef { id: d.id()?, pack: d.id()?, offset: d.u32()?, length: d.u32()?, raw_len: d.u32()? })
+    }
+
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.offset as u64..self.offset as u64 + self.length as u64
+    }
+}
+
+pub fn blob_aad(kind: BlobKind, id: &Id) -> Vec<u8> {
+    let mut a = Vec::with_capacity(12 + 33);
+    a.extend_from_slice(b"ebb v1 blob\0");
+    a.push(kind as u8);
+    a.extend_from_slice(&id.0);
+    a
+}
+
+/// One entry of a pack header or an index file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackEntry {
+    pub kind: BlobKind,
+    pub blob: BlobRef,
+}
+
+/// Accumulates sealed blobs for one pack.
+pub struct PackBuilder {
+    id: Id,
+    cipher: aes_gcm::Aes256Gcm,
+    buf: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl PackBuilder {
+    pub fn new(keys: &Keys) -> PackBuilder {
+        let id = Id::random();
+        PackBuilder { id, cipher: keys.pack_cipher(&id), buf: Vec::new(), entries: Vec::new() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Seals an already framed payload (see `crypto::encode_payload`) as the next blob.
+    pub fn add(&mut self, kind: BlobKind, id: Id, raw_len: u32, payload: &[u8]) -> BlobRef {
+        let counter = self.entries.len() as u64;
+        let sealed = seal(&self.cipher, counter, &blob_aad(kind, &id), payload);
+        let blob = BlobRef {
+            id,
+            pack: self.id,
+            offset: u32::try_from(self.buf.len()).expect("packs stay far below 4 GiB"),
+            length: sealed.len() as u32,
+            raw_len,
+        };
+        self.buf.extend_from_slice(&sealed);
+        self.entries.push(PackEntry { kind, blob });
+        blob
+    }
+
+    /// Appends the header and trailer; returns the pack's bytes and its entries.
+    pub fn finish(mut self) -> (Id, Vec<u8>, Vec<PackEntry>) {
+        let mut e = Encoder::default();
+        e.u32(self.entries.len() as u32);
+        for entry in &self.entries {
+            e.u8(entry.kind as u8);
+            e.id(&entry.blob.id);
+            e.u32(entry.blob.offset);
+            e.u32(entry.blob.length);
+            e.u32(entry.blob.raw_len);
+        }
+        let header = seal(
+            &self.cipher,
+            HEADER_NONCE,
+            HEADER_AAD,
+            &encode_payload(&e.buf, Some(&mut crate::crypto::compressor())),
+        );
+        self.buf.extend_from_slice(&header);
+        self.buf.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(TRAILER_MAGIC);
+        (self.id, self.buf, self.entries)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("pack trailer is damaged: {0}")]
+    Trailer(&'static str),
+    #[error("pack header: {0}")]
+    Auth(#[from] AuthError),
+    #[error("pack header: {0}")]
+    Payload(#[from] crate::crypto::PayloadError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// Reads the header of a whole pack's bytes.
+pub fn read_header(keys: &Keys, pack: &Id, bytes: &[u8]) -> Result<Vec<PackEntry>, PackError> {
+    if bytes.len() < TRAILER_LEN {
+        return Err(PackError::Trailer("shorter than its trailer"));
+    }
+    let (body, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
+    if &trailer[4..] != TRAILER_MAGIC {
+        return Err(PackError::Trailer("magic is not EBP1"));
+    }
+    let hlen = u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes")) as usize;
+    if hlen > body.len() {
+        return Err(PackError::Trailer("header length exceeds the pack"));
+    }
+    let sealed = &body[body.len() - hlen..];
+    let payload = open(&keys.pack_cipher(pack), HEADER_AAD, sealed)?;
+    let plain = crate::crypto::decode_payload(payload, 64 << 20)?;
+    let mut d = Decoder::new("pack header", &plain);
+    let n = d.count(HEADER_ENTRY_LEN)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let kind = BlobKind::from_u8(d.u8()?).ok_or_else(|| d.error("unknown blob kind"))?;
+        let id = d.id()?;
+        let blob = BlobRef { id, pack: *pack, offset: d.u32()?, length: d.u32()?, raw_len: d.u32()? };
+        if blob.range().end > (body.len() - hlen) as u64 {
+            return Err(d.error("a blob lies outside the pack").into());
+        }
+        out.push(PackEntry { kind, blob });
+    }
+    d.finish()?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::MasterKey;
+
+    #[test]
+    fn names_round_trip() {
+        let id = Id::random();
+        assert_eq!(parse_pack_name(&pack_name(&id)), Some(id));
+        assert_eq!(parse_pack_name("packs/00/xyz"), None);
+        let mut wrong_dir = pack_name(&id);
+        wrong_dir.replace_range(6..8, if &id.to_hex()[..2] == "00" { "11" } else { "00" });
+        assert_eq!(parse_pack_name(&wrong_dir), None);
+    }
+
+    #[test]
+    fn build_and_read_header() {
+        let keys = Keys::derive(&MasterKey([1; 32]), &Id([2; 32]));
+        let mut b = PackBuilder::new(&keys);
+        let r1 = b.add(BlobKind::Data, Id([3; 32]), 5, &encode_payload(b"hello", None));
+        let r2 = b.add(BlobKind::Tree, Id([4; 32]), 5, &encode_payload(b"world", None));
+        let (id, bytes, entries) = b.finish();
+        assert_eq!(r1.offset, 0);
+        assert_eq!(r2.offset, r1.length);
+        let back = read_header(&keys, &id, &bytes).unwrap();
+        assert_eq!(back, entries);
+        let blob = &bytes[r2.range().start as usize..r2.range().end as usize];
+        let payload = open(&keys.pack_cipher(&id), &blob_aad(BlobKind::Tree, &Id([4; 32])), blob).unwrap();
+        assert_eq!(&payload[1..], b"world");
+        assert!(open(&keys.pack_cipher(&id), &blob_aad(BlobKind::Data, &Id([4; 32])), blob).is_err());
+        let mut bad = bytes.clone();
+        let n = bad.len();
+        bad[n - 20] ^= 1;
+        assert!(read_header(&keys, &id, &bad).is_err());
+        assert!(read_header(&keys, &Id([9; 32]), &bytes).is_err());
+    }
+}

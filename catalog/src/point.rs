@@ -1,0 +1,226 @@
+//! Recovery points (`points/<source>/<16 hex>-<16 hex>`): one small encrypted manifest
+//! per point. The first 16 hex digits are `u64::MAX - nanoseconds since 1970`, so names
+//! sort newest first and "the newest point at or before T" is the first name after
+//! `points/<source>/<inverted T>`: one narrow listing. The last 16 are random, so two
+//! writers never collide.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::Keys;
+use crate::id::{random_bytes, Id};
+use crate::object::{open_object, seal_object, ObjectError};
+use crate::pack::BlobRef;
+use crate::time::unix_nanos;
+
+pub const POINTS_DIR: &str = "points";
+const VERSION: u32 = 1;
+
+/// Source names appear in object names, so they are restricted to a safe alphabet.
+pub fn validate_source(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid source name {name:?}: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+        ))
+    }
+}
+
+pub fn source_dir(source: &str) -> String {
+    format!("{POINTS_DIR}/{source}")
+}
+
+fn time_key(t: Timestamp) -> Option<String> {
+    Some(format!("{:016x}", u64::MAX - unix_nanos(t)?))
+}
+
+/// The name a new point of `source` at `time` gets.
+pub fn point_name(source: &str, time: Timestamp) -> Option<String> {
+    Some(format!("{}/{}-{}", source_dir(source), time_key(time)?, hex::encode(random_bytes::<8>())))
+}
+
+/// The listing offset after which the newest point at or before `t` comes first.
+pub fn offset_for(source: &str, t: Timestamp) -> Option<String> {
+    Some(format!("{}/{}", source_dir(source), time_key(t)?))
+}
+
+/// A point known from its name alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointRef {
+    pub name: String,
+    pub source: String,
+    pub time: Timestamp,
+}
+
+impl PointRef {
+    pub fn parse(name: &str) -> Option<PointRef> {
+        let rest = name.strip_prefix(POINTS_DIR)?.strip_prefix('/')?;
+        let (source, leaf) = rest.split_once('/')?;
+        validate_source(source).ok()?;
+        let (key, suffix) = leaf.split_once('-')?;
+        if key.len() != 16 || suffix.len() != 16 || !suffix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let inv = u64::from_str_radix(key, 16).ok()?;
+        let nanos = i128::from(u64::MAX - inv);
+        let time = Timestamp::from_nanosecond(nanos).ok()?;
+        Some(PointRef { name: name.to_string(), source: source.to_string(), time })
+    }
+
+    /// The random part of the name: a short handle for humans.
+    pub fn short_id(&self) -> &str {
+        &self.name[self.name.len() - 8..]
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefJson {
+    pub id: String,
+    pub pack: String,
+    pub offset: u32,
+    pub length: u32,
+    pub raw_len: u32,
+}
+
+impl From<BlobRef> for RefJson {
+    fn from(b: BlobRef) -> RefJson {
+        RefJson { id: b.id.to_hex(), pack: b.pack.to_hex(), offset: b.offset, length: b.length, raw_len: b.raw_len }
+    }
+}
+
+impl RefJson {
+    pub fn to_ref(&self) -> Option<BlobRef> {
+        Some(BlobRef {
+            id: Id::from_hex(&self.id)?,
+            pack: Id::from_hex(&self.pack)?,
+            offset: self.offset,
+            length: self.length,
+            raw_len: self.raw_len,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stats {
+    pub files: u64,
+    pub dirs: u64,
+    pub others: u64,
+    /// Logical bytes of all files in the point.
+    pub bytes: u64,
+    /// Bytes read from disk (unchanged files are not read again).
+    pub bytes_read: u64,
+    /// Blobs this point added to the repository, and their stored size.
+    pub new_blobs: u64,
+    pub new_bytes: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Skipped {
+    pub path: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Manifest {
+    pub version: u32,
+    pub source: String,
+    /// RFC 3339 with nanoseconds: the state of the source at this time.
+    pub time: String,
+    pub host: String,
+    /// `dir` for a directory tree.
+    pub kind: String,
+    /// The path that was backed up, as the host names it.
+    pub path: String,
+    /// A tree with one entry: the backed-up file or directory itself.
+    pub root: RefJson,
+    pub stats: Stats,
+    /// Entries that could not be read and are missing from the point.
+    pub skipped: Vec<Skipped>,
+    /// The index file written with this point.
+    pub index: Option<String>,
+}
+
+impl Manifest {
+    pub fn new(source: &str, time: Timestamp, host: String, kind: &str, path: String, root: BlobRef) -> Manifest {
+        Manifest {
+            version: VERSION,
+            source: source.to_string(),
+            time: time.to_string(),
+            host,
+            kind: kind.to_string(),
+            path,
+            root: root.into(),
+            stats: Stats::default(),
+            skipped: Vec::new(),
+            index: None,
+        }
+    }
+
+    pub fn root_ref(&self) -> Option<BlobRef> {
+        self.root.to_ref()
+    }
+
+    pub fn seal(&self, keys: &Keys, name: &str) -> Vec<u8> {
+        seal_object(keys, name, &serde_json::to_vec(self).expect("manifest serializes"))
+    }
+
+    pub fn open(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Manifest, ObjectError> {
+        let plain = open_object(keys, name, bytes)?;
+        let bad = |problem: String| ObjectError::Decode {
+            name: name.to_string(),
+            source: crate::codec::DecodeError::new("point manifest", problem),
+        };
+        let m: Manifest = serde_json::from_slice(&plain).map_err(|e| bad(e.to_string()))?;
+        if m.version != VERSION {
+            return Err(bad(format!("unknown manifest version {}", m.version)));
+        }
+        if m.root_ref().is_none() {
+            return Err(bad("root reference is not hex".into()));
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_sort_newest_first_and_round_trip() {
+        let t1: Timestamp = "2026-11-21T10:00:00Z".parse().unwrap();
+        let t2: Timestamp = "2026-11-21T10:00:00.000000001Z".parse().unwrap();
+        let n1 = point_name("db", t1).unwrap();
+        let n2 = point_name("db", t2).unwrap();
+        assert!(n2 < n1, "newer must sort first");
+        let p = PointRef::parse(&n1).unwrap();
+        assert_eq!((p.source.as_str(), p.time), ("db", t1));
+        // The offset for T sorts before the point at T and after newer ones.
+        let off = offset_for("db", t1).unwrap();
+        assert!(n2 < off && off < n1);
+        assert!(PointRef::parse("points/db/zz").is_none());
+        assert!(PointRef::parse("points/../x-y").is_none());
+        assert!(point_name("db", "1969-01-01T00:00:00Z".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn golden_point_name_key() {
+        let t = Timestamp::from_second(1_763_720_100).unwrap();
+        assert_eq!(offset_for("web", t).unwrap(), "points/web/e78601e9e44897ff");
+    }
+
+    #[test]
+    fn source_names() {
+        for ok in ["db", "web-01", "host.example_2"] {
+            assert!(validate_source(ok).is_ok());
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "sp ace", "é", &"x".repeat(65)] {
+            assert!(validate_source(bad).is_err());
+        }
+    }
+}

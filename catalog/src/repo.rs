@@ -1,0 +1,331 @@
+//! The repository handle: opening and unlocking, key slots, and reading points,
+//! trees and blobs.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use jiff::Timestamp;
+
+use crate::config::{Config, ConfigError, CONFIG_NAME};
+use crate::crypto::{decode_payload, open, Keys, MasterKey, PayloadError};
+use crate::id::Id;
+use crate::index::{index_name, open_index, DedupIndex, INDEX_DIR};
+use crate::keyslot::{slot_name, KdfParams, KeySlot, Secret, SlotError, KEYS_DIR};
+use crate::object::ObjectError;
+use crate::pack::{blob_aad, pack_name, BlobKind, BlobRef};
+use crate::point::{offset_for, source_dir, Manifest, PointRef, POINTS_DIR};
+use crate::store::{Store, StoreError};
+use crate::time::TimeSpec;
+use crate::tree::Tree;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("no ebb repository at {url} (create one with `ebb init`)")]
+    NoRepository { url: String },
+    #[error("a repository already exists at {url}")]
+    AlreadyExists { url: String },
+    #[error("the password or key file opens none of the {slots} key slots of {url}")]
+    WrongSecret { url: String, slots: usize },
+    #[error("the repository at {url} has no readable key slot: {problems}")]
+    NoSlots { url: String, problems: String },
+    #[error("key slot {slot} not found (see `ebb key list`)")]
+    NoSuchSlot { slot: String },
+    #[error("refusing to remove key slot {slot}: it is the last one, and without it no one can open the repository")]
+    LastSlot { slot: String },
+    #[error("source {name:?} has no points (sources: {known})")]
+    NoPoints { name: String, known: String },
+    #[error("{at} is before the first point of source {name:?}; the earliest is {earliest}")]
+    BeforeFirst { name: String, at: Timestamp, earliest: Timestamp },
+    #[error("{at} is in the future (it is now {now})")]
+    Future { at: Timestamp, now: Timestamp },
+    #[error("time {time} is before 1970 and cannot name a point")]
+    BadTime { time: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+}
+
+/// A blob that could not be read: names the pack object, so the user and
+/// `ebb verify` can tell what is damaged.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} blob {id} in {pack}: {problem}")]
+pub struct BlobError {
+    pub kind: &'static str,
+    pub id: String,
+    pub pack: String,
+    pub problem: String,
+}
+
+impl BlobError {
+    pub fn new(kind: BlobKind, blob: &BlobRef, problem: impl Into<String>) -> BlobError {
+        BlobError {
+            kind: if kind == BlobKind::Tree { "tree" } else { "data" },
+            id: blob.id.short(),
+            pack: pack_name(&blob.pack),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// An unlocked repository. Cheap to clone.
+#[derive(Clone)]
+pub struct Repository {
+    store: Store,
+    config: Arc<Config>,
+    keys: Arc<Keys>,
+    /// Kept to wrap it in new key slots.
+    master: Arc<MasterKey>,
+    slot: String,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository").field("url", &self.store.url()).field("slot", &self.slot).finish()
+    }
+}
+
+impl Repository {
+    /// Creates a repository: `config` first (a conditional put, so two `init`s cannot
+    /// both win), then the first key slot.
+    pub async fn init(store: Store, secret: &Secret, kdf: KdfParams, host: String) -> Result<Repository, RepoError> {
+        let id = Id::random();
+        let now = Timestamp::now().to_string();
+        let config = Config::new(id, now.clone());
+        let master = MasterKey::generate();
+        let secret_slot = {
+            let master = master.clone();
+            let secret = clone_secret(secret);
+            tokio::task::spawn_blocking(move || KeySlot::create(&master, &id, &secret, kdf, now, host))
+                .await
+                .expect("key derivation panicked")?
+        };
+        match store.put_new(CONFIG_NAME, Bytes::from(config.encode())).await {
+            Err(StoreError::AlreadyExists { .. }) => {
+                return Err(RepoError::AlreadyExists { url: store.url().to_string() })
+            }
+            r => r?,
+        }
+        store.put_new(&secret_slot.name(), Bytes::from(secret_slot.encode())).await?;
+        Ok(Repository {
+            keys: Arc::new(Keys::derive(&master, &id)),
+            master: Arc::new(master),
+            config: Arc::new(config),
+            store,
+            slot: secret_slot.slot,
+        })
+    }
+
+    pub async fn read_config(store: &Store) -> Result<Config, RepoError> {
+        match store.get(CONFIG_NAME).await {
+            Ok(b) => Ok(Config::decode(&b)?),
+            Err(e) if e.is_not_found() => Err(RepoError::NoRepository { url: store.url().to_string() }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Opens the repository with the first key slot the secret unlocks.
+    pub async fn open(store: Store, secret: &Secret) -> Result<Repository, RepoError> {
+        let config = Self::read_config(&store).await?;
+        let repo_id = config.repo_id();
+        let (slots, problems) = Self::load_slots(&store, &repo_id).await?;
+        if slots.is_empty() {
+            let problems = if problems.is_empty() { "no objects under keys/".to_string() } else { problems.join("; ") };
+            return Err(RepoError::NoSlots { url: store.url().to_string(), problems });
+        }
+        for slot in &slots {
+            let s = slot.clone();
+            let secret = clone_secret(secret);
+            let unwrapped = tokio::task::spawn_blocking(move || s.unwrap_key(&repo_id, &secret))
+                .await
+                .expect("key derivation panicked")?;
+            if let Some(master) = unwrapped {
+                return Ok(Repository {
+                    keys: Arc::new(Keys::derive(&master, &repo_id)),
+                    master: Arc::new(master),
+                    config: Arc::new(config),
+                    store,
+                    slot: slot.slot.clone(),
+                });
+            }
+        }
+        if let Some(p) = problems.first() {
+            // A damaged slot could be the one this secret was meant for: say so.
+            tracing::warn!("{p}");
+        }
+        Err(RepoError::WrongSecret { url: store.url().to_string(), slots: slots.len() + problems.len() })
+    }
+
+    /// Every key slot that parses, and a message for each that does not.
+    async fn load_slots(store: &Store, repo_id: &Id) -> Result<(Vec<KeySlot>, Vec<String>), RepoError> {
+        let mut names: Vec<_> = store.list(KEYS_DIR).await?.into_iter().map(|o| o.name).collect();
+        names.sort();
+        let mut slots = Vec::new();
+        let mut problems = Vec::new();
+        for name in names {
+            let bytes = store.get(&name).await?;
+            match KeySlot::decode(&name, repo_id, &bytes) {
+                Ok(s) => slots.push(s),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        Ok((slots, problems))
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn id(&self) -> Id {
+        self.config.repo_id()
+    }
+    /// The key slot this handle was opened with.
+    pub fn slot(&self) -> &str {
+        &self.slot
+    }
+
+    pub async fn key_slots(&self) -> Result<(Vec<KeySlot>, Vec<String>), RepoError> {
+        Self::load_slots(&self.store, &self.id()).await
+    }
+
+    /// Adds a key slot for `secret`; the master key, and so all data, stay as they are.
+    pub async fn add_slot(&self, secret: Secret, kdf: KdfParams, host: String) -> Result<KeySlot, RepoError> {
+        let master = (*self.master).clone();
+        let id = self.id();
+        let slot = tokio::task::spawn_blocking(move || {
+            KeySlot::create(&master, &id, &secret, kdf, Timestamp::now().to_string(), host)
+        })
+        .await
+        .expect("key derivation panicked")?;
+        self.store.put_new(&slot.name(), Bytes::from(slot.encode())).await?;
+        Ok(slot)
+    }
+
+    pub async fn remove_slot(&self, slot: &str) -> Result<(), RepoError> {
+        let (slots, _) = self.key_slots().await?;
+        if !slots.iter().any(|s| s.slot == slot) {
+            return Err(RepoError::NoSuchSlot { slot: slot.to_string() });
+        }
+        if slots.len() == 1 {
+            return Err(RepoError::LastSlot { slot: slot.to_string() });
+        }
+        self.store.delete(&slot_name(slot)).await?;
+        Ok(())
+    }
+
+    /// Fetches one blob with one ranged GET, authenticates it, checks its content id,
+    /// and returns its plaintext. Never returns bytes that fail any of these checks.
+    pub async fn read_blob(&self, kind: BlobKind, blob: &BlobRef) -> Result<Vec<u8>, RepoError> {
+        let name = pack_name(&blob.pack);
+        let sealed = self.store.get_range(&name, blob.range()).await?;
+        Ok(self.open_blob(kind, blob, &sealed)?)
+    }
+
+    /// Opens a blob's sealed bytes already fetched (e.g. from a whole pack).
+    pub fn open_blob(&self, kind: BlobKind, blob: &BlobRef, sealed: &[u8]) -> Result<Vec<u8>, BlobError> {
+        let payload = open(&self.keys.pack_cipher(&blob.pack), &blob_aad(kind, &blob.id), sealed)
+            .map_err(|e| BlobError::new(kind, blob, e.to_string()))?;
+        let plain = decode_payload(payload, blob.raw_len as usize)
+            .map_err(|e: PayloadError| BlobError::new(kind, blob, e.to_string()))?;
+        if plain.len() != blob.raw_len as usize || self.keys.content_id(&plain) != blob.id {
+            return Err(BlobError::new(kind, blob, "content does not match its id"));
+        }
+        Ok(plain)
+    }
+
+    pub async fn read_tree(&self, blob: &BlobRef) -> Result<Tree, RepoError> {
+        let plain = self.read_blob(BlobKind::Tree, blob).await?;
+        Tree::decode(&plain).map_err(|e| BlobError::new(BlobKind::Tree, blob, e.to_string()).into())
+    }
+
+    /// Source names, from one delimited listing of `points/`.
+    pub async fn sources(&self) -> Result<Vec<String>, RepoError> {
+        Ok(self.store.list_dirs(POINTS_DIR).await?)
+    }
+
+    /// Every point of a source, oldest first, known from names alone.
+    pub async fn points(&self, source: &str) -> Result<Vec<PointRef>, RepoError> {
+        let mut out: Vec<PointRef> =
+            self.store.list(&source_dir(source)).await?.iter().filter_map(|o| PointRef::parse(&o.name)).collect();
+        out.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.name.cmp(&b.name)));
+        Ok(out)
+    }
+
+    /// The newest point of `source` at or before `t`: one narrow listing.
+    pub async fn point_at(&self, source: &str, t: Timestamp) -> Result<Option<PointRef>, RepoError> {
+        let Some(offset) = offset_for(source, t) else { return Ok(None) };
+        let found = self.store.list_after(&source_dir(source), &offset, 1).await?;
+        Ok(found.first().and_then(|o| PointRef::parse(&o.name)))
+    }
+
+    /// "The state at T": the newest point of `source` at or before `spec`.
+    pub async fn resolve(&self, source: &str, spec: TimeSpec, now: Timestamp) -> Result<PointRef, RepoError> {
+        let at = match spec {
+            TimeSpec::Latest => now,
+            TimeSpec::At(t) if t > now => return Err(RepoError::Future { at: t, now }),
+            TimeSpec::At(t) => t,
+        };
+        if let Some(p) = self.point_at(source, at).await? {
+            return Ok(p);
+        }
+        // Nothing at or before T: name the earliest point, or say there is none.
+        match self.points(source).await?.first() {
+            Some(first) => Err(RepoError::BeforeFirst { name: source.to_string(), at, earliest: first.time }),
+            None => {
+                let known = self.sources().await?.join(", ");
+                let known = if known.is_empty() { "none yet".to_string() } else { known };
+                Err(RepoError::NoPoints { name: source.to_string(), known })
+            }
+        }
+    }
+
+    pub async fn manifest(&self, point: &PointRef) -> Result<Manifest, RepoError> {
+        let bytes = self.store.get(&point.name).await?;
+        Ok(Manifest::open(&self.keys, &point.name, &bytes)?)
+    }
+
+    /// Writes a point's manifest, which makes the point visible. Everything it
+    /// references must already be durable (see `Writer::finish`).
+    pub async fn commit_point(&self, manifest: &Manifest, time: Timestamp) -> Result<PointRef, RepoError> {
+        let name = crate::point::point_name(&manifest.source, time)
+            .ok_or_else(|| RepoError::BadTime { time: time.to_string() })?;
+        self.store.put_new(&name, Bytes::from(manifest.seal(&self.keys, &name))).await?;
+        Ok(PointRef::parse(&name).expect("a name we just built parses"))
+    }
+
+    /// Loads every index file into a dedup map. Writers only: readers never need it.
+    pub async fn load_index(&self) -> Result<DedupIndex, RepoError> {
+        let mut index = DedupIndex::default();
+        for obj in self.store.list(INDEX_DIR).await? {
+            let bytes = self.store.get(&obj.name).await?;
+            match open_index(&self.keys, &obj.name, &bytes) {
+                Ok(entries) => entries.into_iter().for_each(|e| index.insert(e.kind, e.blob)),
+                // A damaged index only costs dedup; `ebb verify` reports it.
+                Err(e) => tracing::warn!("skipping index file: {e}"),
+            }
+        }
+        Ok(index)
+    }
+
+    pub fn new_index_name() -> String {
+        index_name(&Id::random())
+    }
+}
+
+fn clone_secret(s: &Secret) -> Secret {
+    match s {
+        Secret::Password(p) => Secret::Password(p.clone()),
+        Secret::KeyFile(k) => Secret::KeyFile(*k),
+    }
+}

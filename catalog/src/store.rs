@@ -1,0 +1,292 @@
+//! Where a repository's objects live: a prefix in an `object_store` backend.
+//!
+//! URLs: `file:///path` (the local filesystem; every put is fsynced before it
+//! returns), `s3://bucket/prefix` (credentials, region and an optional endpoint for
+//! S3-compatible servers come from the usual `AWS_*` variables, e.g.
+//! `AWS_ENDPOINT_URL=http://127.0.0.1:9000`), and `memory://` for unit tests.
+//! Object names are relative to the repository's prefix and use only the characters
+//! `[A-Za-z0-9._/-]`.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {name} does not exist")]
+    NotFound { name: String },
+    #[error("object {name} already exists")]
+    AlreadyExists { name: String },
+    #[error("{op} {name}: {source}")]
+    Backend {
+        op: &'static str,
+        name: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("invalid repository URL {url:?}: {problem}")]
+    BadUrl { url: String, problem: String },
+    #[error("{op} {name}: {source}")]
+    Io {
+        op: &'static str,
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+
+    fn from_backend(op: &'static str, name: &str, e: object_store::Error) -> StoreError {
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::NotFound { name: name.to_string() },
+            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+                StoreError::AlreadyExists { name: name.to_string() }
+            }
+            source => StoreError::Backend { op, name: name.to_string(), source },
+        }
+    }
+}
+
+/// One object found by a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub name: String,
+    pub size: u64,
+}
+
+/// A repository's objects: a backend and the prefix inside it.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    prefix: String,
+    /// For `file://`: the directory, so that puts can be fsynced.
+    local_root: Option<PathBuf>,
+    url: String,
+}
+
+impl Store {
+    /// Opens the store a URL names. For `file://` the directory is created when
+    /// `create` is set, and must exist otherwise.
+    pub fn open(url: &str, create: bool) -> Result<Store, StoreError> {
+        let bad = |problem: &str| StoreError::BadUrl { url: url.to_string(), problem: problem.to_string() };
+        if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(bad("a file:// URL needs an absolute path, like file:///srv/ebb"));
+            }
+            let dir = PathBuf::from(path);
+            if create {
+                std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+                    op: "create directory",
+                    name: path.to_string(),
+                    source,
+                })?;
+            } else if !dir.is_dir() {
+                return Err(StoreError::NotFound { name: format!("{url} (no such directory)") });
+            }
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| StoreError::from_backend("open", path, e))?;
+            return Ok(Store {
+                inner: Arc::new(fs),
+                prefix: String::new(),
+                local_root: Some(dir),
+                url: url.to_string(),
+            });
+        }
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("an s3:// URL names a bucket, like s3://bucket/prefix"));
+            }
+            let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            let endpoint = std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| std::env::var("AWS_ENDPOINT_URL"));
+            if endpoint.as_deref().is_ok_and(|e| e.starts_with("http://")) {
+                builder = builder.with_allow_http(true);
+            }
+            let s3 = builder.build().map_err(|e| StoreError::from_backend("open", url, e))?;
+            return Ok(Store {
+                inner: Arc::new(s3),
+                prefix: prefix.trim_matches('/').to_string(),
+                local_root: None,
+                url: url.to_string(),
+            });
+        }
+        if url == "memory://" {
+            return Ok(Store::memory());
+        }
+        Err(bad("expected file:///path, s3://bucket/prefix or memory://"))
+    }
+
+    /// A fresh in-memory store, for tests.
+    pub fn memory() -> Store {
+        Store {
+            inner: Arc::new(object_store::memory::InMemory::new()),
+            prefix: String::new(),
+            local_root: None,
+            url: "memory://".to_string(),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn path(&self, name: &str) -> Path {
+        if self.prefix.is_empty() {
+            Path::from(name)
+        } else {
+            Path::from(format!("{}/{}", self.prefix, name))
+        }
+    }
+
+    fn name_of(&self, path: &Path) -> String {
+        let s = path.as_ref();
+        if self.prefix.is_empty() {
+            s.to_string()
+        } else {
+            s.strip_prefix(&self.prefix).map(|r| r.trim_start_matches('/')).unwrap_or(s).to_string()
+        }
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
+        let r = self.inner.get(&self.path(name)).await.map_err(|e| StoreError::from_backend("get", name, e))?;
+        r.bytes().await.map_err(|e| StoreError::from_backend("get", name, e))
+    }
+
+    pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let want = range.end - range.start;
+        let b = self
+            .inner
+            .get_range(&self.path(name), range)
+            .await
+            .map_err(|e| StoreError::from_backend("read range of", name, e))?;
+        if b.len() as u64 != want {
+            return Err(StoreError::Io {
+                op: "read range of",
+                name: name.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("got {} bytes, wanted {want}", b.len()),
+                ),
+            });
+        }
+        Ok(b)
+    }
+
+    pub async fn size(&self, name: &str) -> Result<u64, StoreError> {
+        let m = self.inner.head(&self.path(name)).await.map_err(|e| StoreError::from_backend("stat", name, e))?;
+        Ok(m.size)
+    }
+
+    /// Writes a new object; fails with `AlreadyExists` if the name is taken, so two
+    /// writers can never overwrite each other. Returns once the object is durable.
+    pub async fn put_new(&self, name: &str, data: Bytes) -> Result<(), StoreError> {
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        self.inner
+            .put_opts(&self.path(name), PutPayload::from(data), opts)
+            .await
+            .map_err(|e| StoreError::from_backend("put", name, e))?;
+        self.sync_local(name).await
+    }
+
+    /// Replaces an object that only this writer owns (key slots being rewritten are
+    /// never replaced; this is for local state kept in the store).
+    pub async fn put_overwrite(&self, name: &str, data: Bytes) -> Result<(), StoreError> {
+        self.inner
+            .put(&self.path(name), PutPayload::from(data))
+            .await
+            .map_err(|e| StoreError::from_backend("put", name, e))?;
+        self.sync_local(name).await
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), StoreError> {
+        self.inner.delete(&self.path(name)).await.map_err(|e| StoreError::from_backend("delete", name, e))?;
+        if let Some(root) = &self.local_root {
+            let dir = root.join(name).parent().map(|p| p.to_path_buf());
+            if let Some(dir) = dir {
+                sync_dir(dir, name).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The local filesystem backend renames a temporary file into place but does not
+    /// fsync; a backup tool must, or a crash could keep a manifest whose packs vanished.
+    async fn sync_local(&self, name: &str) -> Result<(), StoreError> {
+        let Some(root) = &self.local_root else { return Ok(()) };
+        let file = root.join(name);
+        let owned = name.to_string();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let io = |source| StoreError::Io { op: "fsync", name: owned.clone(), source };
+            std::fs::File::open(&file).and_then(|f| f.sync_all()).map_err(io)?;
+            if let Some(dir) = file.parent() {
+                std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
+            }
+            Ok(())
+        })
+        .await
+        .expect("fsync task panicked")
+    }
+
+    /// Every object whose name starts with `dir/`, in no particular order.
+    pub async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let prefix = self.path(dir);
+        let metas: Vec<_> =
+            self.inner.list(Some(&prefix)).try_collect().await.map_err(|e| StoreError::from_backend("list", dir, e))?;
+        Ok(metas.into_iter().map(|m| ObjectInfo { name: self.name_of(&m.location), size: m.size }).collect())
+    }
+
+    /// Objects under `dir/` whose names sort after `after`, in name order, at most
+    /// `limit` of them: one narrow listing, not a scan of the repository.
+    pub async fn list_after(&self, dir: &str, after: &str, limit: usize) -> Result<Vec<ObjectInfo>, StoreError> {
+        let prefix = self.path(dir);
+        let offset = self.path(after);
+        let mut stream = self.inner.list_with_offset(Some(&prefix), &offset);
+        let mut out = Vec::new();
+        // Not every backend returns names in order (the local one walks directories),
+        // so keep the `limit` smallest seen rather than the first `limit`.
+        while let Some(m) = stream.try_next().await.map_err(|e| StoreError::from_backend("list", dir, e))? {
+            out.push(ObjectInfo { name: self.name_of(&m.location), size: m.size });
+            if self.local_root.is_none() && out.len() >= limit {
+                break;
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// The names directly below `dir/` that are themselves directories.
+    pub async fn list_dirs(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        let r = self
+            .inner
+            .list_with_delimiter(Some(&self.path(dir)))
+            .await
+            .map_err(|e| StoreError::from_backend("list", dir, e))?;
+        let mut out: Vec<String> =
+            r.common_prefixes.iter().filter_map(|p| p.filename().map(|s| s.to_string())).collect();
+        out.sort();
+        Ok(out)
+    }
+}
+
+async fn sync_dir(dir: PathBuf, name: &str) -> Result<(), StoreError> {
+    let owned = name.to_string();
+    tokio::task::spawn_blocking(move || {
+        std::fs::File::open(&dir).and_then(|f| f.sync_all()).map_err(|source| StoreError::Io {
+            op: "fsync directory of",
+            name: owned,
+            source,
+        })
+    })
+    .await
+    .expect("fsync task panicked")
+}

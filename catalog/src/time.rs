@@ -1,0 +1,101 @@
+//! The time grammar every `--at`, `--since` and `--until` accepts (DESIGN.md section 3).
+
+use jiff::{civil, tz::TimeZone, Span, Timestamp};
+
+pub const ACCEPTED_FORMS: &str = "accepted forms of a time:
+  2026-11-21T10:15:00Z, 2026-11-21T10:15:00.250+01:00   RFC 3339
+  2026-11-21 10:15, 2026-11-21 10:15:07                 local time
+  @1763720100                                           Unix time
+  15m ago, 2h30m ago, 3 days ago                        relative to now
+  latest                                                the newest point";
+
+/// A parsed time argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSpec {
+    Latest,
+    At(Timestamp),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("cannot read {input:?} as a time\n{ACCEPTED_FORMS}")]
+pub struct TimeError {
+    pub input: String,
+}
+
+/// Parses `input` against the clock `now`, in the time zone `tz` for local times.
+pub fn parse_time(input: &str, now: Timestamp, tz: &TimeZone) -> Result<TimeSpec, TimeError> {
+    let s = input.trim();
+    let err = || TimeError { input: input.to_string() };
+    if s == "latest" {
+        return Ok(TimeSpec::Latest);
+    }
+    if let Some(unix) = s.strip_prefix('@') {
+        return parse_unix(unix).map(TimeSpec::At).ok_or_else(err);
+    }
+    if let Some(span) = s.strip_suffix("ago") {
+        let span: Span = span.trim().parse().map_err(|_| err())?;
+        if span.is_negative() {
+            return Err(err());
+        }
+        let then = now.to_zoned(tz.clone()).checked_sub(span).map_err(|_| err())?;
+        return Ok(TimeSpec::At(then.timestamp()));
+    }
+    if let Ok(t) = s.parse::<Timestamp>() {
+        return Ok(TimeSpec::At(t));
+    }
+    // Local time: a date and a time of day without an offset.
+    if s.len() >= 16 && (s.as_bytes()[10] == b' ' || s.as_bytes()[10] == b'T') {
+        if let Ok(dt) = s.replacen(' ', "T", 1).parse::<civil::DateTime>() {
+            let z = dt.to_zoned(tz.clone()).map_err(|_| err())?;
+            return Ok(TimeSpec::At(z.timestamp()));
+        }
+    }
+    Err(err())
+}
+
+fn parse_unix(s: &str) -> Option<Timestamp> {
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if frac.len() > 9 {
+        return None;
+    }
+    let nanos: i32 = if frac.is_empty() { 0 } else { format!("{frac:0<9}").parse().ok()? };
+    Timestamp::new(secs.parse().ok()?, nanos).ok()
+}
+
+/// Nanoseconds since the Unix epoch, for times from 1970 on.
+pub fn unix_nanos(t: Timestamp) -> Option<u64> {
+    u64::try_from(t.as_nanosecond()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn every_form() {
+        let now = at("2026-11-22T12:00:00Z");
+        let tz = TimeZone::fixed(jiff::tz::offset(1));
+        let p = |s: &str| parse_time(s, now, &tz);
+        assert_eq!(p("latest"), Ok(TimeSpec::Latest));
+        assert_eq!(p("2026-11-21T10:15:00Z"), Ok(TimeSpec::At(at("2026-11-21T10:15:00Z"))));
+        assert_eq!(p("2026-11-21T10:15:00.250+01:00"), Ok(TimeSpec::At(at("2026-11-21T09:15:00.25Z"))));
+        assert_eq!(p("2026-11-21 10:15"), Ok(TimeSpec::At(at("2026-11-21T09:15:00Z"))));
+        assert_eq!(p("2026-11-21 10:15:07"), Ok(TimeSpec::At(at("2026-11-21T09:15:07Z"))));
+        assert_eq!(p("@1763720100"), Ok(TimeSpec::At(Timestamp::from_second(1763720100).unwrap())));
+        assert_eq!(p("@1763720100.5"), Ok(TimeSpec::At(Timestamp::new(1763720100, 500_000_000).unwrap())));
+        assert_eq!(p("15m ago"), Ok(TimeSpec::At(at("2026-11-22T11:45:00Z"))));
+        assert_eq!(p("2h30m ago"), Ok(TimeSpec::At(at("2026-11-22T09:30:00Z"))));
+        assert_eq!(p("3 days ago"), Ok(TimeSpec::At(at("2026-11-19T12:00:00Z"))));
+        for bad in ["", "yesterday", "2026-11-21", "@", "@12x", "10:15", "ago", "-5m ago", "2026-13-01 10:00"] {
+            assert!(p(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(p("nonsense").unwrap_err().to_string().contains("RFC 3339"));
+    }
+}

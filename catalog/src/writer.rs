@@ -1,0 +1,192 @@
+//! Writing blobs: deduplication against the repository's index, packing, and uploads.
+//!
+//! A `Writer` is shared by the threads of one backup; each thread stores blobs through
+//! its own `Packer` (compression and encryption run on that thread). Full packs go to
+//! one async uploader over a bounded channel, so memory stays bounded whatever the
+//! input. `finish` waits until every pack is durable, then writes the index file;
+//! only after that may a manifest reference any of it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::crypto::{compressor, encode_payload};
+use crate::index::{seal_index, DedupIndex};
+use crate::pack::{pack_name, BlobKind, BlobRef, PackBuilder, PackEntry};
+use crate::repo::{RepoError, Repository};
+use crate::store::{Store, StoreError};
+
+/// Packs are cut once they reach this size.
+pub const PACK_TARGET: usize = 8 << 20;
+/// Full packs waiting for the uploader, beyond those being uploaded.
+const QUEUED_PACKS: usize = 2;
+const CONCURRENT_UPLOADS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("the uploader stopped after an error")]
+    UploaderStopped,
+    #[error("a packer was dropped with blobs that were never uploaded")]
+    Unflushed,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct WriterSummary {
+    pub index: Option<String>,
+    pub new_blobs: u64,
+    pub new_bytes: u64,
+    pub packs: u64,
+}
+
+pub struct Writer {
+    repo: Repository,
+    dedup: Mutex<DedupIndex>,
+    written: Mutex<Vec<PackEntry>>,
+    tx: Mutex<Option<mpsc::Sender<(String, Bytes)>>>,
+    uploader: Mutex<Option<JoinHandle<Result<(), StoreError>>>>,
+    new_blobs: AtomicU64,
+    new_bytes: AtomicU64,
+    packs: AtomicU64,
+    lost: AtomicBool,
+}
+
+impl Writer {
+    /// Loads the repository's index and starts the uploader on the current runtime.
+    pub async fn new(repo: Repository) -> Result<Arc<Writer>, RepoError> {
+        let dedup = repo.load_index().await?;
+        let (tx, rx) = mpsc::channel(QUEUED_PACKS);
+        let uploader = tokio::spawn(upload_loop(repo.store().clone(), rx));
+        Ok(Arc::new(Writer {
+            repo,
+            dedup: Mutex::new(dedup),
+            written: Mutex::new(Vec::new()),
+            tx: Mutex::new(Some(tx)),
+            uploader: Mutex::new(Some(uploader)),
+            new_blobs: AtomicU64::new(0),
+            new_bytes: AtomicU64::new(0),
+            packs: AtomicU64::new(0),
+            lost: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn repo(&self) -> &Repository {
+        &self.repo
+    }
+
+    /// A packer for one thread. Its methods block: call them off the async runtime.
+    pub fn packer(self: &Arc<Self>) -> Packer {
+        Packer { w: self.clone(), pack: None, zstd: compressor() }
+    }
+
+    /// Whether a blob with this content id is already stored (or being stored).
+    pub fn known(&self, kind: BlobKind, id: &crate::Id) -> Option<BlobRef> {
+        self.dedup.lock().expect("dedup lock").get(kind, id)
+    }
+
+    /// Waits until every pack is durable, then writes the index file of the new blobs.
+    /// Every packer must have been flushed.
+    pub async fn finish(&self) -> Result<WriterSummary, WriteError> {
+        drop(self.tx.lock().expect("tx lock").take());
+        let uploader = self.uploader.lock().expect("uploader lock").take();
+        if let Some(handle) = uploader {
+            handle.await.expect("uploader panicked")?;
+        }
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(WriteError::Unflushed);
+        }
+        let entries = std::mem::take(&mut *self.written.lock().expect("written lock"));
+        let mut summary = WriterSummary {
+            index: None,
+            new_blobs: self.new_blobs.load(Ordering::Relaxed),
+            new_bytes: self.new_bytes.load(Ordering::Relaxed),
+            packs: self.packs.load(Ordering::Relaxed),
+        };
+        if !entries.is_empty() {
+            let name = Repository::new_index_name();
+            let sealed = seal_index(self.repo.keys(), &name, &entries);
+            self.repo.store().put_new(&name, Bytes::from(sealed)).await?;
+            summary.index = Some(name);
+        }
+        Ok(summary)
+    }
+
+    fn send(&self, name: String, bytes: Vec<u8>) -> Result<(), WriteError> {
+        let tx = self.tx.lock().expect("tx lock").clone().ok_or(WriteError::UploaderStopped)?;
+        tx.blocking_send((name, Bytes::from(bytes))).map_err(|_| WriteError::UploaderStopped)
+    }
+}
+
+async fn upload_loop(store: Store, mut rx: mpsc::Receiver<(String, Bytes)>) -> Result<(), StoreError> {
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => done?,
+            msg = rx.recv(), if open && in_flight.len() < CONCURRENT_UPLOADS => match msg {
+                Some((name, bytes)) => {
+                    let store = store.clone();
+                    in_flight.push(async move { store.put_new(&name, bytes).await });
+                }
+                None => open = false,
+            },
+        }
+    }
+    Ok(())
+}
+
+/// One thread's way into a `Writer`: deduplicates, compresses, seals and packs blobs.
+pub struct Packer {
+    w: Arc<Writer>,
+    pack: Option<PackBuilder>,
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+impl Packer {
+    /// Stores `data` unless the repository has it already; returns where it is.
+    pub fn store(&mut self, kind: BlobKind, data: &[u8]) -> Result<BlobRef, WriteError> {
+        let keys = self.w.repo.keys();
+        let id = keys.content_id(data);
+        if let Some(b) = self.w.known(kind, &id) {
+            return Ok(b);
+        }
+        let payload = encode_payload(data, Some(&mut self.zstd));
+        let pack = self.pack.get_or_insert_with(|| PackBuilder::new(keys));
+        let blob = pack.add(kind, id, data.len() as u32, &payload);
+        self.w.dedup.lock().expect("dedup lock").insert(kind, blob);
+        self.w.new_blobs.fetch_add(1, Ordering::Relaxed);
+        self.w.new_bytes.fetch_add(blob.length as u64, Ordering::Relaxed);
+        if pack.len() >= PACK_TARGET {
+            self.flush()?;
+        }
+        Ok(blob)
+    }
+
+    /// Hands the current pack to the uploader.
+    pub fn flush(&mut self) -> Result<(), WriteError> {
+        let Some(pack) = self.pack.take() else { return Ok(()) };
+        if pack.is_empty() {
+            return Ok(());
+        }
+        let (id, bytes, entries) = pack.finish();
+        self.w.written.lock().expect("written lock").extend(entries);
+        self.w.packs.fetch_add(1, Ordering::Relaxed);
+        self.w.send(pack_name(&id), bytes)
+    }
+}
+
+impl Drop for Packer {
+    fn drop(&mut self) {
+        if self.pack.as_ref().is_some_and(|p| !p.is_empty()) {
+            // Trees may already reference these blobs: the point must not be written.
+            self.w.lost.store(true, Ordering::SeqCst);
+        }
+    }
+}

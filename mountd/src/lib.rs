@@ -1,0 +1,1 @@
+//! The read-only filesystem that shows any moment of a repository (to be built).

@@ -1,0 +1,445 @@
+//! One function per command: open the repository, call the library, print the result.
+
+use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use catalog::time::TimeSpec;
+use catalog::{Manifest, PointRef, RepoError, Repository, Secret, Store};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use jiff::Timestamp;
+use serde_json::json;
+
+use crate::cli::{Cli, Command, Global, KeyCommand};
+use crate::output::{bytes, spinner, table};
+use crate::secret::{new_password, secret};
+use crate::UsageError;
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Init => init(g).await,
+        Command::Key(k) => key(g, k).await,
+        Command::Backup { source, json, path } => backup(g, source, json, path).await,
+        Command::Sources { json } => sources(g, json).await,
+        Command::Points { source, since, until, json } => points(g, source, since, until, json).await,
+        Command::Restore { at, source, path, target } => restore(g, at, source, path, target).await,
+        Command::Verify { read_data, json } => verify(g, read_data, json).await,
+    }
+}
+
+/// The repository URL: --repo, EBB_REPOSITORY, or the default on the local disk.
+fn repo_url(g: &Global) -> Result<String> {
+    if let Some(url) = &g.repo {
+        return Ok(url.clone());
+    }
+    let dir = if nix::unistd::geteuid().is_root() {
+        std::path::PathBuf::from("/var/lib/ebb/repository")
+    } else {
+        let data = std::env::var_os("XDG_DATA_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/share")))
+            .context("cannot find a default repository: set HOME, or pass --repo / EBB_REPOSITORY")?;
+        data.join("ebb/repository")
+    };
+    Ok(format!("file://{}", dir.display()))
+}
+
+async fn open(g: &Global) -> Result<Repository> {
+    let url = repo_url(g)?;
+    let store = Store::open(&url, false).map_err(|e| match e {
+        catalog::StoreError::NotFound { .. } => anyhow::anyhow!(RepoError::NoRepository { url: url.clone() }),
+        other => anyhow::anyhow!(other),
+    })?;
+    // Check the repository exists before asking for a password.
+    Repository::read_config(&store).await?;
+    let secret = secret(g, false)?;
+    Ok(Repository::open(store, &secret).await?)
+}
+
+fn host() -> String {
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into())
+}
+
+async fn init(g: &Global) -> Result<ExitCode> {
+    let url = repo_url(g)?;
+    let store = Store::open(&url, true)?;
+    if Repository::read_config(&store).await.is_ok() {
+        return Err(RepoError::AlreadyExists { url }.into());
+    }
+    let secret = secret(g, true)?;
+    let repo = Repository::init(store, &secret, catalog::DEFAULT_KDF, host()).await?;
+    eprintln!("created ebb repository {} at {url}", repo.id().short());
+    eprintln!("keep the password safe: without it the data cannot be read, by you or anyone");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn key(g: &Global, cmd: KeyCommand) -> Result<ExitCode> {
+    let repo = open(g).await?;
+    match cmd {
+        KeyCommand::List { json } => {
+            let (slots, problems) = repo.key_slots().await?;
+            if json {
+                let v: Vec<_> = slots
+                    .iter()
+                    .map(|s| json!({"id": s.slot, "kind": s.kind, "created": s.created, "host": s.host, "current": s.slot == repo.slot()}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<Vec<String>> = slots
+                    .iter()
+                    .map(|s| {
+                        let kind = match s.kind {
+                            catalog::SlotKind::Password => "password",
+                            catalog::SlotKind::Keyfile => "key file",
+                        };
+                        let mark = if s.slot == repo.slot() { "*" } else { "" };
+                        vec![format!("{mark}{}", s.slot), kind.into(), s.created.clone(), s.host.clone()]
+                    })
+                    .collect();
+                table(&["ID", "KIND", "CREATED", "HOST"], &rows);
+            }
+            for p in problems {
+                eprintln!("warning: {p}");
+            }
+        }
+        KeyCommand::Add { new_password_file, new_key_file } => {
+            let slot = if let Some(path) = new_key_file {
+                let key: [u8; 32] = rand_key();
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .with_context(|| format!("create key file {}", path.display()))?;
+                f.write_all(catalog::encode_key_file(&key).as_bytes())
+                    .and_then(|()| f.sync_all())
+                    .with_context(|| format!("write key file {}", path.display()))?;
+                match repo.add_slot(Secret::KeyFile(key), catalog::DEFAULT_KDF, host()).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&path);
+                        return Err(e.into());
+                    }
+                }
+            } else {
+                let pw = new_password(new_password_file.as_deref())?;
+                repo.add_slot(Secret::Password(pw), catalog::DEFAULT_KDF, host()).await?
+            };
+            println!("added key slot {}", slot.slot);
+        }
+        KeyCommand::Remove { slot } => {
+            repo.remove_slot(&slot).await?;
+            println!("removed key slot {slot}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rand_key() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    getrandom::fill(&mut k).expect("the operating system's random generator failed");
+    k
+}
+
+async fn backup(g: &Global, source: Option<String>, json: bool, path: std::path::PathBuf) -> Result<ExitCode> {
+    let source = match source {
+        Some(s) => s,
+        None => {
+            let h: String = host()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' })
+                .collect();
+            catalog::validate_source(&h).map_err(|e| UsageError(format!("{e}; pass --source NAME")))?;
+            h
+        }
+    };
+    if let Err(e) = std::fs::symlink_metadata(&path) {
+        return Err(UsageError(format!("cannot back up {}: {e}", path.display())).into());
+    }
+    let repo = open(g).await?;
+    let counters = Arc::new(streamer::Counters::default());
+    let opts = streamer::SnapshotOptions {
+        source: source.clone(),
+        path,
+        host: host(),
+        workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8),
+    };
+    let pb = spinner(g.quiet);
+    let ticker = {
+        let pb = pb.clone();
+        let c = counters.clone();
+        tokio::spawn(async move {
+            loop {
+                pb.set_message(format!(
+                    "{} files, {} scanned, {} read",
+                    c.files.load(Ordering::Relaxed),
+                    bytes(c.bytes.load(Ordering::Relaxed)),
+                    bytes(c.bytes_read.load(Ordering::Relaxed))
+                ));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let result = streamer::snapshot(&repo, &opts, counters).await;
+    ticker.abort();
+    pb.finish_and_clear();
+    let (point, m) = result?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&point_json(&point, Some(&m)))?);
+    } else {
+        let s = &m.stats;
+        println!(
+            "point {} of source {} saved: {} files, {} dirs, {} in all, {} read, {} added in {:.1} s",
+            point.time,
+            point.source,
+            s.files,
+            s.dirs,
+            bytes(s.bytes),
+            bytes(s.bytes_read),
+            bytes(s.new_bytes),
+            s.duration_ms as f64 / 1000.0
+        );
+    }
+    if !m.skipped.is_empty() {
+        eprintln!("warning: {} entries could not be read and are not in this point:", m.skipped.len());
+        for s in m.skipped.iter().take(20) {
+            eprintln!("  {}: {}", s.path, s.error);
+        }
+        if m.skipped.len() > 20 {
+            eprintln!("  … and {} more (see `ebb points --json`)", m.skipped.len() - 20);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn point_json(p: &PointRef, m: Option<&Manifest>) -> serde_json::Value {
+    let mut v = json!({
+        "source": p.source,
+        "time": p.time.to_string(),
+        "id": p.short_id(),
+        "name": p.name,
+    });
+    if let Some(m) = m {
+        v["host"] = json!(m.host);
+        v["kind"] = json!(m.kind);
+        v["path"] = json!(m.path);
+        v["stats"] = serde_json::to_value(&m.stats).expect("stats serialize");
+        v["skipped"] = serde_json::to_value(&m.skipped).expect("skipped serializes");
+    }
+    v
+}
+
+async fn sources(g: &Global, json: bool) -> Result<ExitCode> {
+    let repo = open(g).await?;
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for source in repo.sources().await? {
+        let points = repo.points(&source).await?;
+        let (Some(first), Some(last)) = (points.first(), points.last()) else { continue };
+        let lag = Timestamp::now().duration_since(last.time);
+        out.push(json!({
+            "source": source,
+            "points": points.len(),
+            "oldest": first.time.to_string(),
+            "newest": last.time.to_string(),
+            "lag_seconds": lag.as_secs_f64(),
+        }));
+        rows.push(vec![
+            source.clone(),
+            points.len().to_string(),
+            first.time.to_string(),
+            last.time.to_string(),
+            format!("{:.0} s", lag.as_secs_f64()),
+        ]);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if rows.is_empty() {
+        println!("no sources yet: make a point with `ebb backup PATH`");
+    } else {
+        table(&["SOURCE", "POINTS", "OLDEST", "NEWEST", "LAG"], &rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bound(spec: Option<TimeSpec>, now: Timestamp) -> Option<Timestamp> {
+    spec.map(|s| match s {
+        TimeSpec::Latest => now,
+        TimeSpec::At(t) => t,
+    })
+}
+
+async fn points(
+    g: &Global,
+    source: Option<String>,
+    since: Option<TimeSpec>,
+    until: Option<TimeSpec>,
+    json: bool,
+) -> Result<ExitCode> {
+    let repo = open(g).await?;
+    let now = Timestamp::now();
+    let (since, until) = (bound(since, now), bound(until, now));
+    let sources = match source {
+        Some(s) => vec![s],
+        None => repo.sources().await?,
+    };
+    let mut selected = Vec::new();
+    for s in &sources {
+        for p in repo.points(s).await? {
+            if since.is_some_and(|t| p.time < t) || until.is_some_and(|t| p.time > t) {
+                continue;
+            }
+            selected.push(p);
+        }
+    }
+    selected.sort_by(|a, b| a.time.cmp(&b.time));
+    // Manifests are small and independent: fetch several at once.
+    let manifests: Vec<Manifest> =
+        stream::iter(selected.iter().map(|p| repo.manifest(p))).buffered(16).try_collect().await?;
+    if json {
+        let v: Vec<_> = selected.iter().zip(&manifests).map(|(p, m)| point_json(p, Some(m))).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = selected
+        .iter()
+        .zip(&manifests)
+        .map(|(p, m)| {
+            let mut note = String::new();
+            if !m.skipped.is_empty() {
+                note = format!("{} skipped", m.skipped.len());
+            }
+            vec![
+                p.time.to_string(),
+                p.source.clone(),
+                p.short_id().to_string(),
+                m.stats.files.to_string(),
+                bytes(m.stats.bytes),
+                bytes(m.stats.new_bytes),
+                m.path.clone(),
+                note,
+            ]
+        })
+        .collect();
+    table(&["TIME", "SOURCE", "ID", "FILES", "SIZE", "ADDED", "PATH", "NOTE"], &rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The source a reading command works on: the one given, or the only one there is.
+async fn pick_source(repo: &Repository, source: Option<String>) -> Result<String> {
+    if let Some(s) = source {
+        return Ok(s);
+    }
+    let all = repo.sources().await?;
+    match all.as_slice() {
+        [] => bail!("the repository has no points yet: make one with `ebb backup PATH`"),
+        [one] => Ok(one.clone()),
+        many => Err(UsageError(format!(
+            "the repository holds several sources ({}); choose one with --source",
+            many.join(", ")
+        ))
+        .into()),
+    }
+}
+
+async fn restore(
+    g: &Global,
+    at: TimeSpec,
+    source: Option<String>,
+    path: Option<std::path::PathBuf>,
+    target: std::path::PathBuf,
+) -> Result<ExitCode> {
+    if let Some(p) = &path {
+        if p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(UsageError(format!("--path {} must not contain '..'", p.display())).into());
+        }
+    }
+    let repo = open(g).await?;
+    let source = pick_source(&repo, source).await?;
+    let point = repo.resolve(&source, at, Timestamp::now()).await?;
+    let manifest = repo.manifest(&point).await?;
+    eprintln!("restoring point {} of source {} ({})", point.time, point.source, manifest.path);
+    let opts =
+        catalog::RestoreOptions { path: path.map(|p| p.as_os_str().as_bytes().to_vec()), target: target.clone() };
+    let pb = spinner(g.quiet);
+    pb.set_message(format!("restoring into {}", target.display()));
+    let report = catalog::restore(&repo, &manifest, opts).await;
+    pb.finish_and_clear();
+    let report = report?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "restored {} files, {} dirs, {} other entries, {} into {}",
+        report.files,
+        report.dirs,
+        report.others,
+        bytes(report.bytes),
+        target.display()
+    );
+    if !report.failed.is_empty() {
+        eprintln!("error: {} entries could not be restored and were left out:", report.failed.len());
+        for (p, why) in &report.failed {
+            eprintln!("  {}: {why}", p.display());
+        }
+        eprintln!("run `ebb verify --read-data` to see what is damaged in the repository");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify(g: &Global, read_data: bool, json: bool) -> Result<ExitCode> {
+    let repo = open(g).await?;
+    let pb = spinner(g.quiet);
+    let progress = {
+        let pb = pb.clone();
+        move |s: &str| pb.set_message(format!("checking {s}"))
+    };
+    let report = catalog::verify(&repo, read_data, &progress).await;
+    pb.finish_and_clear();
+    let r = report?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "points": r.points, "trees": r.trees, "data_blobs": r.data_blobs, "packs": r.packs,
+                "packs_read": r.packs_read, "index_files": r.index_files,
+                "unreferenced_packs": r.unreferenced_packs, "errors": r.errors,
+            }))?
+        );
+    } else {
+        println!(
+            "checked {} points, {} trees, {} data blobs, {} index files, {} packs{}",
+            r.points,
+            r.trees,
+            r.data_blobs,
+            r.index_files,
+            r.packs,
+            if read_data { format!(" ({} read in full)", r.packs_read) } else { String::new() }
+        );
+        if r.unreferenced_packs > 0 {
+            println!(
+                "{} packs are referenced by no point (left by an interrupted backup; harmless)",
+                r.unreferenced_packs
+            );
+        }
+        for e in &r.errors {
+            eprintln!("error: {e}");
+        }
+    }
+    if r.errors.is_empty() {
+        if !json {
+            println!("no errors found");
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("verify found {} problems", r.errors.len());
+        Ok(ExitCode::from(1))
+    }
+}

@@ -1,0 +1,438 @@
+//! A snapshot of a directory tree as one recovery point (`ebb backup`).
+//!
+//! One thread walks the tree in name order and writes the trees; a small pool of
+//! workers reads, chunks, compresses and encrypts file contents. A file whose size,
+//! mtime, ctime and inode match the previous point of the source is not read again:
+//! its extents are reused, so an unchanged tree costs a walk and a few tree lookups.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use catalog::tree::{Entry, EntryKind, Extent, Tree};
+use catalog::{BlobKind, Manifest, Packer, PointRef, RepoError, Repository, Skipped, Stats, WriteError, Writer};
+use jiff::Timestamp;
+use tokio::runtime::Handle;
+
+use crate::metadata::{data_regions, entry_from, name_bytes};
+
+/// Files queued for the workers beyond those being read.
+const QUEUED_FILES: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    pub source: String,
+    pub path: PathBuf,
+    pub host: String,
+    /// Threads reading files; at least one.
+    pub workers: usize,
+}
+
+/// Live progress, for a progress bar.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub files: AtomicU64,
+    pub bytes: AtomicU64,
+    pub bytes_read: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot back up {path}: {source}")]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is not a file, directory or symlink")]
+    RootKind(PathBuf),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+/// Backs up `opts.path` as a new point of `opts.source` and returns it.
+pub async fn snapshot(
+    repo: &Repository,
+    opts: &SnapshotOptions,
+    counters: Arc<Counters>,
+) -> Result<(PointRef, Manifest), SnapshotError> {
+    let started = Timestamp::now();
+    let clock = Instant::now();
+    let path =
+        fs::canonicalize(&opts.path).map_err(|source| SnapshotError::Root { path: opts.path.clone(), source })?;
+    let parent = previous_top(repo, &opts.source, started).await;
+    let writer = Writer::new(repo.clone()).await?;
+
+    let walk = {
+        let writer = writer.clone();
+        let path = path.clone();
+        let workers = opts.workers.max(1);
+        let handle = Handle::current();
+        tokio::task::spawn_blocking(move || run_walk(writer, handle, &path, parent, workers, counters))
+            .await
+            .expect("snapshot walker panicked")
+    };
+    let (root, mut stats, skipped) = match walk {
+        Ok(r) => r,
+        Err(e) => {
+            // Stop the uploader; what it already stored is unreferenced and harmless.
+            let _ = writer.finish().await;
+            return Err(e);
+        }
+    };
+    let summary = writer.finish().await?;
+    stats.new_blobs = summary.new_blobs;
+    stats.new_bytes = summary.new_bytes;
+    stats.duration_ms = clock.elapsed().as_millis() as u64;
+    let mut manifest =
+        Manifest::new(&opts.source, started, opts.host.clone(), "dir", path.to_string_lossy().into_owned(), root);
+    manifest.stats = stats;
+    manifest.skipped = skipped;
+    manifest.index = summary.index;
+    let point = repo.commit_point(&manifest, started).await?;
+    Ok((point, manifest))
+}
+
+/// The backed-up entry of the source's newest point, to skip unchanged files.
+async fn previous_top(repo: &Repository, source: &str, t: Timestamp) -> Option<Entry> {
+    let load = async {
+        let Some(point) = repo.point_at(source, t).await? else { return Ok(None) };
+        let m = repo.manifest(&point).await?;
+        let root = repo.read_tree(&m.root_ref().expect("checked when opened")).await?;
+        Ok::<_, RepoError>(root.entries.into_iter().next())
+    };
+    match load.await {
+        Ok(top) => top,
+        Err(e) => {
+            tracing::warn!("cannot read the previous point, so every file is read again: {e}");
+            None
+        }
+    }
+}
+
+enum FileError {
+    /// The file could not be read: skip it and say so.
+    Io(std::io::Error),
+    /// The repository could not take it: the snapshot fails.
+    Write(WriteError),
+}
+
+struct Job {
+    path: PathBuf,
+    size: u64,
+    reply: SyncSender<Result<Vec<Extent>, FileError>>,
+}
+
+type WalkResult = Result<(catalog::BlobRef, Stats, Vec<Skipped>), SnapshotError>;
+
+fn run_walk(
+    writer: Arc<Writer>,
+    handle: Handle,
+    path: &Path,
+    parent: Option<Entry>,
+    workers: usize,
+    counters: Arc<Counters>,
+) -> WalkResult {
+    let (tx, rx) = mpsc::sync_channel::<Job>(QUEUED_FILES);
+    let rx = Arc::new(Mutex::new(rx));
+    let seed = writer.repo().keys().chunker_seed;
+    let pool: Vec<_> = (0..workers)
+        .map(|_| {
+            let rx = rx.clone();
+            let mut packer = writer.packer();
+            let counters = counters.clone();
+            std::thread::spawn(move || -> Result<(), WriteError> {
+                loop {
+                    let job = match rx.lock().expect("job queue lock").recv() {
+                        Ok(job) => job,
+                        Err(_) => break,
+                    };
+                    let r = read_file(&job.path, job.size, seed, &mut packer, &counters);
+                    let fatal = matches!(r, Err(FileError::Write(_)));
+                    let _ = job.reply.send(r);
+                    if fatal {
+                        break;
+                    }
+                }
+                packer.flush()
+            })
+        })
+        .collect();
+
+    let mut walk = Walk {
+        repo: writer.repo().clone(),
+        handle,
+        trees: writer.packer(),
+        jobs: Some(tx),
+        links: HashMap::new(),
+        stats: Stats::default(),
+        skipped: Vec::new(),
+        counters,
+    };
+    let result = walk.top(path, parent);
+    walk.jobs = None; // lets the workers finish
+    let mut worker_error = None;
+    for w in pool {
+        if let Err(e) = w.join().expect("file worker panicked") {
+            worker_error.get_or_insert(e);
+        }
+    }
+    let root = result?;
+    if let Some(e) = worker_error {
+        return Err(e.into());
+    }
+    walk.trees.flush()?;
+    Ok((root, walk.stats, walk.skipped))
+}
+
+struct Walk {
+    repo: Repository,
+    handle: Handle,
+    trees: Packer,
+    jobs: Option<SyncSender<Job>>,
+    /// (device, inode) of multiply-linked files -> their link group in this point.
+    links: HashMap<(u64, u64), u64>,
+    stats: Stats,
+    skipped: Vec<Skipped>,
+    counters: Arc<Counters>,
+}
+
+enum Pending {
+    Ready(Entry),
+    Dir(Entry, PathBuf),
+    File(Entry, PathBuf, Receiver<Result<Vec<Extent>, FileError>>),
+}
+
+impl Walk {
+    /// Backs up the root path and stores the one-entry tree that wraps it.
+    fn top(&mut self, path: &Path, parent: Option<Entry>) -> Result<catalog::BlobRef, SnapshotError> {
+        let m =
+            fs::symlink_metadata(path).map_err(|source| SnapshotError::Root { path: path.to_path_buf(), source })?;
+        let name = path.file_name().map(name_bytes).unwrap_or(b"root").to_vec();
+        let entry = entry_from(&name, path, &m).ok_or_else(|| SnapshotError::RootKind(path.to_path_buf()))?;
+        let entry = match entry.kind {
+            EntryKind::Dir => {
+                let mut e = entry;
+                self.dir(path, &mut e, parent.as_ref())?;
+                e
+            }
+            _ => {
+                let done = match self.leaf(entry, path, parent.as_ref())? {
+                    Some(Pending::Ready(e)) => Some(e),
+                    Some(Pending::File(e, p, rx)) => self.collect(e, &p, rx)?,
+                    Some(Pending::Dir(..)) => unreachable!("directories are handled above"),
+                    None => None,
+                };
+                done.ok_or_else(|| {
+                    let why = self.skipped.last().map(|s| s.error.clone()).unwrap_or_default();
+                    SnapshotError::Root { path: path.to_path_buf(), source: std::io::Error::other(why) }
+                })?
+            }
+        };
+        self.store_tree(Tree { entries: vec![entry] })
+    }
+
+    fn store_tree(&mut self, tree: Tree) -> Result<catalog::BlobRef, SnapshotError> {
+        Ok(self.trees.store(BlobKind::Tree, &tree.encode())?)
+    }
+
+    fn skip(&mut self, path: &Path, err: impl std::fmt::Display) {
+        tracing::warn!("skipping {}: {err}", path.display());
+        self.skipped.push(Skipped { path: path.to_string_lossy().into_owned(), error: err.to_string() });
+    }
+
+    /// Fills in `entry.subtree` for the directory at `path`.
+    fn dir(&mut self, path: &Path, entry: &mut Entry, parent: Option<&Entry>) -> Result<(), SnapshotError> {
+        let parent_tree = parent
+            .filter(|p| p.kind == EntryKind::Dir)
+            .and_then(|p| p.subtree)
+            .and_then(|b| self.handle.block_on(self.repo.read_tree(&b)).ok());
+        let mut names: Vec<_> = fs::read_dir(path)
+            .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect::<Result<Vec<_>, _>>())
+            .map_err(|source| SnapshotError::Root { path: path.to_path_buf(), source })?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+
+        let mut pending = Vec::with_capacity(names.len());
+        for name in &names {
+            let child = path.join(name);
+            let m = match fs::symlink_metadata(&child) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.skip(&child, e);
+                    continue;
+                }
+            };
+            let Some(e) = entry_from(name.as_bytes(), &child, &m) else {
+                self.skip(&child, "unsupported file type");
+                continue;
+            };
+            let prev = parent_tree.as_ref().and_then(|t| t.find(name.as_bytes()));
+            match e.kind {
+                EntryKind::Dir => pending.push(Pending::Dir(e, child)),
+                _ => pending.extend(self.leaf(e, &child, prev)?),
+            }
+        }
+
+        let mut entries = Vec::with_capacity(pending.len());
+        // Subdirectories first, while the workers read this directory's files.
+        let mut files = Vec::new();
+        for p in pending {
+            match p {
+                Pending::Dir(mut e, child) => {
+                    let prev = parent_tree.as_ref().and_then(|t| t.find(&e.name));
+                    match self.dir(&child, &mut e, prev) {
+                        Ok(()) => {
+                            self.stats.dirs += 1;
+                            entries.push(e);
+                        }
+                        Err(SnapshotError::Root { path, source }) => self.skip(&path, source),
+                        Err(other) => return Err(other),
+                    }
+                }
+                other => files.push(other),
+            }
+        }
+        for p in files {
+            match p {
+                Pending::Ready(e) => entries.push(e),
+                Pending::File(e, child, rx) => entries.extend(self.collect(e, &child, rx)?),
+                Pending::Dir(..) => unreachable!("directories were handled above"),
+            }
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        entry.subtree = Some(self.store_tree(Tree { entries })?);
+        Ok(())
+    }
+
+    /// Everything but directories: files are queued for a worker unless unchanged.
+    /// `None` if the entry could not be read (it is reported as skipped).
+    fn leaf(&mut self, mut e: Entry, path: &Path, prev: Option<&Entry>) -> Result<Option<Pending>, SnapshotError> {
+        match e.kind {
+            EntryKind::File => {
+                if e.nlink > 1 {
+                    let next = self.links.len() as u64 + 1;
+                    e.link_group = *self.links.entry((e.device, e.inode)).or_insert(next);
+                }
+                if let Some(prev) = prev.filter(|p| unchanged(p, &e)) {
+                    e.content = prev.content.clone();
+                    self.stats.files += 1;
+                    self.stats.bytes += e.size;
+                    self.counters.files.fetch_add(1, Ordering::Relaxed);
+                    self.counters.bytes.fetch_add(e.size, Ordering::Relaxed);
+                    return Ok(Some(Pending::Ready(e)));
+                }
+                let (reply, rx) = mpsc::sync_channel(1);
+                let job = Job { path: path.to_path_buf(), size: e.size, reply };
+                let jobs = self.jobs.as_ref().expect("jobs open while walking");
+                if jobs.send(job).is_err() {
+                    // Every worker stopped: one of them hit a repository error.
+                    return Err(WriteError::UploaderStopped.into());
+                }
+                Ok(Some(Pending::File(e, path.to_path_buf(), rx)))
+            }
+            EntryKind::Symlink => {
+                match fs::read_link(path) {
+                    Ok(t) => e.target = t.as_os_str().as_bytes().to_vec(),
+                    Err(err) => {
+                        self.skip(path, err);
+                        return Ok(None);
+                    }
+                }
+                self.stats.others += 1;
+                Ok(Some(Pending::Ready(e)))
+            }
+            _ => {
+                self.stats.others += 1;
+                Ok(Some(Pending::Ready(e)))
+            }
+        }
+    }
+
+    /// Waits for a worker's result; `None` if the file could not be read.
+    fn collect(
+        &mut self,
+        mut e: Entry,
+        path: &Path,
+        rx: Receiver<Result<Vec<Extent>, FileError>>,
+    ) -> Result<Option<Entry>, SnapshotError> {
+        match rx.recv() {
+            Ok(Ok(extents)) => {
+                // A file that grew or shrank while read is stored as read.
+                e.size = extents.iter().map(Extent::len).sum();
+                e.content = extents;
+                self.stats.files += 1;
+                self.stats.bytes += e.size;
+                self.stats.bytes_read += e.size;
+                Ok(Some(e))
+            }
+            Ok(Err(FileError::Io(err))) => {
+                self.skip(path, err);
+                Ok(None)
+            }
+            Ok(Err(FileError::Write(err))) => Err(err.into()),
+            Err(_) => Err(WriteError::UploaderStopped.into()),
+        }
+    }
+}
+
+fn unchanged(prev: &Entry, now: &Entry) -> bool {
+    prev.kind == EntryKind::File
+        && prev.size == now.size
+        && prev.mtime == now.mtime
+        && prev.ctime == now.ctime
+        && prev.inode == now.inode
+}
+
+fn open_noatime(path: &Path) -> std::io::Result<File> {
+    // O_NOATIME keeps backups from touching access times; only the owner (or root) may ask.
+    fs::OpenOptions::new().read(true).custom_flags(libc::O_NOATIME).open(path).or_else(|_| File::open(path))
+}
+
+fn read_file(
+    path: &Path,
+    size: u64,
+    seed: u64,
+    packer: &mut Packer,
+    counters: &Counters,
+) -> Result<Vec<Extent>, FileError> {
+    let mut f = open_noatime(path).map_err(FileError::Io)?;
+    let regions = data_regions(&f, size).map_err(FileError::Io)?;
+    let mut extents = Vec::new();
+    let mut pos = 0u64;
+    for (start, len) in regions {
+        if start > pos {
+            extents.push(Extent::Hole(start - pos));
+        }
+        f.seek(SeekFrom::Start(start)).map_err(FileError::Io)?;
+        let mut read = 0u64;
+        for chunk in catalog::chunker::chunks((&mut f).take(len), seed) {
+            let chunk = chunk.map_err(FileError::Io)?;
+            read += chunk.len() as u64;
+            counters.bytes_read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            counters.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            extents.push(Extent::Data(packer.store(BlobKind::Data, &chunk).map_err(FileError::Write)?));
+        }
+        pos = start + read;
+        if read < len {
+            break; // the file shrank while being read
+        }
+    }
+    if pos < size && extents.iter().map(Extent::len).sum::<u64>() == pos {
+        // A trailing hole, unless the file shrank (then the data simply ended).
+        let now = f.metadata().map(|m| m.len()).unwrap_or(pos);
+        if now > pos {
+            extents.push(Extent::Hole(now - pos));
+        }
+    }
+    counters.files.fetch_add(1, Ordering::Relaxed);
+    Ok(extents)
+}

@@ -1,0 +1,20 @@
+//! Shared helpers for the end-to-end tests of the `ebb` binary.
+//!
+//! - [`tree`]: `build_fidelity_tree`, a directory tree with every case a backup
+//!   tool must preserve, and a seeded PRNG for test data.
+//! - [`compare`]: `compare_trees`, an lstat-based, entry-by-entry comparison of two
+//!   trees (metadata, xattrs, contents, hard-link structure, sparseness).
+//! - [`repo`]: `TestRepo`, a fresh repository on the `file://` or `s3://` backend
+//!   (moto on loopback, started by `scripts/test`), a `Command` for the `ebb`
+//!   binary with the right environment, and raw access to the stored objects.
+//!
+//! Every test file uses `mod common;`; not every test uses every helper.
+#![allow(dead_code, unused_imports)]
+
+pub mod compare;
+pub mod repo;
+pub mod tree;
+
+pub use compare::{assert_trees_equal, assert_trees_equal_with, compare_trees, compare_trees_with, CompareOptions};
+pub use repo::{backends, Backend, TestRepo, TEST_PASSWORD};
+pub use tree::{build_fidelity_tree, pseudo_random_bytes, FidelityInfo, XorShift};
