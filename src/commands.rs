@@ -57,7 +57,14 @@ async fn open(g: &Global) -> Result<Repository> {
         other => anyhow::anyhow!(other),
     })?;
     // Check the repository exists before asking for a password.
-    Repository::read_config(&store).await?;
+    match Repository::read_config(&store).await {
+        Err(e @ RepoError::Config(_)) => {
+            return Err(anyhow::anyhow!(e).context(format!(
+                "open repository {url}: its header object is damaged; restore `config` from a copy of the repository"
+            )))
+        }
+        r => r?,
+    };
     let secret = secret(g, false)?;
     Ok(Repository::open(store, &secret).await?)
 }

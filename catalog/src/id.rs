@@ -16,7 +16,11 @@ impl Id {
         hex::encode(self.0)
     }
 
+    /// Parses exactly 64 lowercase hex digits, the only form ebb writes.
     pub fn from_hex(s: &str) -> Option<Id> {
+        if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return None;
+        }
         let mut out = [0u8; 32];
         hex::decode_to_slice(s, &mut out).ok()?;
         Some(Id(out))

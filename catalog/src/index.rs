@@ -50,7 +50,7 @@ pub fn seal_index(keys: &Keys, name: &str, entries: &[PackEntry]) -> Vec<u8> {
 
 pub fn open_index(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<PackEntry>, ObjectError> {
     let plain = open_object(keys, name, bytes)?;
-    decode_index(&plain).map_err(|e| ObjectError::Decode { name: name.to_string(), source: e })
+    decode_index(&plain).map_err(|e| ObjectError::Decode { name: name.to_string(), cause: e })
 }
 
 /// The writer's dedup map: content id to where that content already is.

@@ -17,6 +17,10 @@ pub const KEYS_DIR: &str = "keys";
 /// a second here), above the OWASP minimum of 19 MiB and 2 passes.
 pub const DEFAULT_KDF: KdfParams = KdfParams { memory_kib: 64 * 1024, iterations: 3, parallelism: 1 };
 
+/// The largest Argon2id cost a slot may ask for: 4 GiB and 64 passes.
+const MAX_KDF_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+const MAX_KDF_ITERATIONS: u32 = 64;
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KdfParams {
     pub memory_kib: u32,
@@ -126,8 +130,17 @@ impl KeySlot {
         if s.repo != repo.to_hex() {
             return Err(corrupt("it belongs to another repository".into()));
         }
-        if s.kind == SlotKind::Password && s.kdf.is_none() {
-            return Err(corrupt("a password slot without KDF parameters".into()));
+        match (s.kind, s.kdf) {
+            (SlotKind::Password, None) => return Err(corrupt("a password slot without KDF parameters".into())),
+            // Bounds keep a tampered slot from making every unlock allocate terabytes or spin forever.
+            (_, Some(k))
+                if !(8..=MAX_KDF_MEMORY_KIB).contains(&k.memory_kib)
+                    || !(1..=MAX_KDF_ITERATIONS).contains(&k.iterations)
+                    || !(1..=16).contains(&k.parallelism) =>
+            {
+                return Err(corrupt(format!("KDF parameters out of bounds: {k:?}")))
+            }
+            _ => {}
         }
         Ok(s)
     }
@@ -215,6 +228,37 @@ mod tests {
         let mut bad = bytes.clone();
         bad[40] ^= 1;
         assert!(KeySlot::decode(&slot.name(), &repo, &bad).is_err());
+    }
+
+    #[test]
+    fn golden_wrapping() {
+        // Pins the Argon2id setup, the key-file derivation and the slot AAD.
+        let repo = Id([1u8; 32]);
+        let pw = derive_kek(&Secret::Password(b"pw".to_vec()), WEAK, &[7u8; 16]).unwrap();
+        let kf = derive_kek(&Secret::KeyFile([3u8; 32]), WEAK, &[7u8; 16]).unwrap();
+        let a = seal(&pw, 0, &aad(&repo, "0011223344556677"), &[5u8; 32]);
+        let b = seal(&kf, 0, &aad(&repo, "0011223344556677"), &[5u8; 32]);
+        assert_eq!(
+            hex::encode(&a[12..]),
+            "babe98fc8a5120a443255566603e7b1f35d4de4c321d84b414880f074a7db4116e62c5d693fd22d01581ddb423bbec96"
+        );
+        // Cross-checked against an independent HKDF + AES-GCM implementation.
+        assert_eq!(
+            hex::encode(&b[12..]),
+            "f2a910e791498cb03b0b1ca8f126bb5087332dd2448f3d70e1a3bd68c1fb6cdaab575f4157655d6a674898589ce480cd"
+        );
+    }
+
+    #[test]
+    fn tampered_kdf_parameters_are_refused() {
+        let master = MasterKey([5u8; 32]);
+        let repo = Id([1u8; 32]);
+        let mut slot =
+            KeySlot::create(&master, &repo, &Secret::Password(b"x".to_vec()), WEAK, "t".into(), "h".into()).unwrap();
+        slot.kdf = Some(KdfParams { memory_kib: u32::MAX, iterations: 1, parallelism: 1 });
+        assert!(KeySlot::decode(&slot.name(), &repo, &slot.encode()).is_err());
+        slot.kdf = Some(KdfParams { memory_kib: 64, iterations: 1_000_000, parallelism: 1 });
+        assert!(KeySlot::decode(&slot.name(), &repo, &slot.encode()).is_err());
     }
 
     #[test]

@@ -15,18 +15,10 @@ pub enum ObjectError {
     Magic { name: String },
     #[error("{name}: authentication failed (the object was altered, renamed or swapped)")]
     Auth { name: String },
-    #[error("{name}: {source}")]
-    Payload {
-        name: String,
-        #[source]
-        source: PayloadError,
-    },
-    #[error("{name}: {source}")]
-    Decode {
-        name: String,
-        #[source]
-        source: crate::codec::DecodeError,
-    },
+    #[error("{name}: {cause}")]
+    Payload { name: String, cause: PayloadError },
+    #[error("{name}: {cause}")]
+    Decode { name: String, cause: crate::codec::DecodeError },
 }
 
 pub fn seal_object(keys: &Keys, name: &str, plain: &[u8]) -> Vec<u8> {
@@ -44,5 +36,23 @@ pub fn open_object(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<u8>, Obj
     let body = bytes.strip_prefix(MAGIC).ok_or_else(|| ObjectError::Magic { name: name.to_string() })?;
     let payload = open(&keys.object_cipher(name), name.as_bytes(), body)
         .map_err(|_| ObjectError::Auth { name: name.to_string() })?;
-    decode_payload(payload, MAX_OBJECT).map_err(|source| ObjectError::Payload { name: name.to_string(), source })
+    decode_payload(payload, MAX_OBJECT).map_err(|cause| ObjectError::Payload { name: name.to_string(), cause })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::MasterKey;
+    use crate::id::Id;
+
+    #[test]
+    fn golden_object_and_rename() {
+        let keys = Keys::derive(&MasterKey([7; 32]), &Id([9; 32]));
+        let sealed = seal_object(&keys, "index/x", b"abc");
+        // Cross-checked against an independent HKDF + AES-GCM implementation.
+        assert_eq!(hex::encode(&sealed), "45424f310000000000000000000000007b681f54d0155a0e70bfc4faef48525bccd78d1f");
+        assert_eq!(open_object(&keys, "index/x", &sealed).unwrap(), b"abc");
+        assert!(matches!(open_object(&keys, "index/y", &sealed), Err(ObjectError::Auth { .. })));
+        assert!(matches!(open_object(&keys, "index/x", &sealed[1..]), Err(ObjectError::Magic { .. })));
+    }
 }

@@ -105,7 +105,10 @@ pub struct PackBuilder {
 
 impl PackBuilder {
     pub fn new(keys: &Keys) -> PackBuilder {
-        let id = Id::random();
+        Self::with_id(keys, Id::random())
+    }
+
+    fn with_id(keys: &Keys, id: Id) -> PackBuilder {
         PackBuilder { id, cipher: keys.pack_cipher(&id), buf: Vec::new(), entries: Vec::new() }
     }
 
@@ -125,7 +128,7 @@ impl PackBuilder {
             id,
             pack: self.id,
             offset: u32::try_from(self.buf.len()).expect("packs stay far below 4 GiB"),
-            length: sealed.len() as u32,
+            length: u32::try_from(sealed.len()).expect("the writer refuses blobs over 4 GiB"),
             raw_len,
         };
         self.buf.extend_from_slice(&sealed);
@@ -214,6 +217,25 @@ mod tests {
         let mut wrong_dir = pack_name(&id);
         wrong_dir.replace_range(6..8, if &id.to_hex()[..2] == "00" { "11" } else { "00" });
         assert_eq!(parse_pack_name(&wrong_dir), None);
+    }
+
+    #[test]
+    fn golden_pack() {
+        // Pins the pack layout, the pack key label, blob and header AAD, and the trailer.
+        let keys = Keys::derive(&MasterKey([1; 32]), &Id([2; 32]));
+        let mut b = PackBuilder::with_id(&keys, Id([5; 32]));
+        b.add(BlobKind::Data, Id([3; 32]), 5, &encode_payload(b"hello", None));
+        let (_, bytes, _) = b.finish();
+        // The first blob and the header nonce, cross-checked against an independent AES-GCM.
+        assert_eq!(
+            hex::encode(&bytes[..40]),
+            "00000000000000000000000001e52bd66efe8bf87758850669c671e4d717139fb3cc00000000ffff"
+        );
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        assert_eq!(
+            (bytes.len(), digest.as_str()),
+            (120, "a1c0222488d3ebe64d2aeefce9bf0e403c6aa29a73ef568ab01df2a162c62d11")
+        );
     }
 
     #[test]

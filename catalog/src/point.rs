@@ -63,7 +63,8 @@ impl PointRef {
         let (source, leaf) = rest.split_once('/')?;
         validate_source(source).ok()?;
         let (key, suffix) = leaf.split_once('-')?;
-        if key.len() != 16 || suffix.len() != 16 || !suffix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let lower_hex = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !lower_hex(key) || !lower_hex(suffix) {
             return None;
         }
         let inv = u64::from_str_radix(key, 16).ok()?;
@@ -106,6 +107,7 @@ impl RefJson {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct Stats {
     pub files: u64,
     pub dirs: u64,
@@ -114,8 +116,10 @@ pub struct Stats {
     pub bytes: u64,
     /// Bytes read from disk (unchanged files are not read again).
     pub bytes_read: u64,
-    /// Blobs this point added to the repository, and their stored size.
+    /// Blobs this point added to the repository (data blobs among them), and their
+    /// stored size.
     pub new_blobs: u64,
+    pub new_data_blobs: u64,
     pub new_bytes: u64,
     pub duration_ms: u64,
 }
@@ -174,7 +178,7 @@ impl Manifest {
         let plain = open_object(keys, name, bytes)?;
         let bad = |problem: String| ObjectError::Decode {
             name: name.to_string(),
-            source: crate::codec::DecodeError::new("point manifest", problem),
+            cause: crate::codec::DecodeError::new("point manifest", problem),
         };
         let m: Manifest = serde_json::from_slice(&plain).map_err(|e| bad(e.to_string()))?;
         if m.version != VERSION {

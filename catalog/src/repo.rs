@@ -38,6 +38,8 @@ pub enum RepoError {
     BeforeFirst { name: String, at: Timestamp, earliest: Timestamp },
     #[error("{at} is in the future (it is now {now})")]
     Future { at: Timestamp, now: Timestamp },
+    #[error("{problem}")]
+    BadSource { problem: String },
     #[error("time {time} is before 1970 and cannot name a point")]
     BadTime { time: String },
     #[error(transparent)]
@@ -139,12 +141,20 @@ impl Repository {
             let problems = if problems.is_empty() { "no objects under keys/".to_string() } else { problems.join("; ") };
             return Err(RepoError::NoSlots { url: store.url().to_string(), problems });
         }
+        let mut problems = problems;
         for slot in &slots {
             let s = slot.clone();
             let secret = clone_secret(secret);
             let unwrapped = tokio::task::spawn_blocking(move || s.unwrap_key(&repo_id, &secret))
                 .await
-                .expect("key derivation panicked")?;
+                .expect("key derivation panicked");
+            let unwrapped = match unwrapped {
+                Ok(u) => u,
+                Err(e) => {
+                    problems.push(e.to_string());
+                    continue;
+                }
+            };
             if let Some(master) = unwrapped {
                 return Ok(Repository {
                     keys: Arc::new(Keys::derive(&master, &repo_id)),
@@ -265,8 +275,9 @@ impl Repository {
     /// The newest point of `source` at or before `t`: one narrow listing.
     pub async fn point_at(&self, source: &str, t: Timestamp) -> Result<Option<PointRef>, RepoError> {
         let Some(offset) = offset_for(source, t) else { return Ok(None) };
-        let found = self.store.list_after(&source_dir(source), &offset, 1).await?;
-        Ok(found.first().and_then(|o| PointRef::parse(&o.name)))
+        // A few names, in case a stray object sorts first.
+        let found = self.store.list_after(&source_dir(source), &offset, 16).await?;
+        Ok(found.iter().find_map(|o| PointRef::parse(&o.name)))
     }
 
     /// "The state at T": the newest point of `source` at or before `spec`.
@@ -298,6 +309,7 @@ impl Repository {
     /// Writes a point's manifest, which makes the point visible. Everything it
     /// references must already be durable (see `Writer::finish`).
     pub async fn commit_point(&self, manifest: &Manifest, time: Timestamp) -> Result<PointRef, RepoError> {
+        crate::point::validate_source(&manifest.source).map_err(|problem| RepoError::BadSource { problem })?;
         let name = crate::point::point_name(&manifest.source, time)
             .ok_or_else(|| RepoError::BadTime { time: time.to_string() })?;
         self.store.put_new(&name, Bytes::from(manifest.seal(&self.keys, &name))).await?;

@@ -50,13 +50,8 @@ pub enum RestoreError {
     NoSuchPath { path: String },
     #[error("target {0} exists and is not an empty directory; restore into a new or empty directory")]
     TargetNotEmpty(PathBuf),
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{op} {}: {cause}", path.display())]
+    Io { op: &'static str, path: PathBuf, cause: std::io::Error },
     #[error("the point's root tree is malformed: {0}")]
     BadRoot(String),
 }
@@ -88,7 +83,7 @@ struct Restorer {
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RestoreError {
     let path = path.to_path_buf();
-    move |source| RestoreError::Io { op, path, source }
+    move |cause| RestoreError::Io { op, path, cause }
 }
 
 impl Restorer {

@@ -1,7 +1,7 @@
 //! Where a repository's objects live: a prefix in an `object_store` backend.
 //!
-//! URLs: `file:///path` (the local filesystem; every put is fsynced before it
-//! returns), `s3://bucket/prefix` (credentials, region and an optional endpoint for
+//! URLs: `file:///path` (the local filesystem; every put, and every directory it
+//! creates, is fsynced before it returns), `s3://bucket/prefix` (credentials, region and an optional endpoint for
 //! S3-compatible servers come from the usual `AWS_*` variables, e.g.
 //! `AWS_ENDPOINT_URL=http://127.0.0.1:9000`), and `memory://` for unit tests.
 //! Object names are relative to the repository's prefix and use only the characters
@@ -22,22 +22,12 @@ pub enum StoreError {
     NotFound { name: String },
     #[error("object {name} already exists")]
     AlreadyExists { name: String },
-    #[error("{op} {name}: {source}")]
-    Backend {
-        op: &'static str,
-        name: String,
-        #[source]
-        source: object_store::Error,
-    },
+    #[error("{op} {name}: {cause}")]
+    Backend { op: &'static str, name: String, cause: object_store::Error },
     #[error("invalid repository URL {url:?}: {problem}")]
     BadUrl { url: String, problem: String },
-    #[error("{op} {name}: {source}")]
-    Io {
-        op: &'static str,
-        name: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{op} {name}: {cause}")]
+    Io { op: &'static str, name: String, cause: std::io::Error },
 }
 
 impl StoreError {
@@ -51,7 +41,7 @@ impl StoreError {
             object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
                 StoreError::AlreadyExists { name: name.to_string() }
             }
-            source => StoreError::Backend { op, name: name.to_string(), source },
+            cause => StoreError::Backend { op, name: name.to_string(), cause },
         }
     }
 }
@@ -68,7 +58,7 @@ pub struct ObjectInfo {
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     prefix: String,
-    /// For `file://`: the directory, so that puts can be fsynced.
+    /// For `file://`: the directory, so that deletes can be fsynced.
     local_root: Option<PathBuf>,
     url: String,
 }
@@ -84,16 +74,18 @@ impl Store {
             }
             let dir = PathBuf::from(path);
             if create {
-                std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+                std::fs::create_dir_all(&dir).map_err(|cause| StoreError::Io {
                     op: "create directory",
                     name: path.to_string(),
-                    source,
+                    cause,
                 })?;
             } else if !dir.is_dir() {
                 return Err(StoreError::NotFound { name: format!("{url} (no such directory)") });
             }
+            // fsync every written file and every directory it creates before a put returns.
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                .map_err(|e| StoreError::from_backend("open", path, e))?;
+                .map_err(|e| StoreError::from_backend("open", path, e))?
+                .with_fsync(true);
             return Ok(Store {
                 inner: Arc::new(fs),
                 prefix: String::new(),
@@ -172,7 +164,7 @@ impl Store {
             return Err(StoreError::Io {
                 op: "read range of",
                 name: name.to_string(),
-                source: std::io::Error::new(
+                cause: std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     format!("got {} bytes, wanted {want}", b.len()),
                 ),
@@ -194,7 +186,7 @@ impl Store {
             .put_opts(&self.path(name), PutPayload::from(data), opts)
             .await
             .map_err(|e| StoreError::from_backend("put", name, e))?;
-        self.sync_local(name).await
+        Ok(())
     }
 
     /// Replaces an object that only this writer owns (key slots being rewritten are
@@ -204,7 +196,7 @@ impl Store {
             .put(&self.path(name), PutPayload::from(data))
             .await
             .map_err(|e| StoreError::from_backend("put", name, e))?;
-        self.sync_local(name).await
+        Ok(())
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), StoreError> {
@@ -216,24 +208,6 @@ impl Store {
             }
         }
         Ok(())
-    }
-
-    /// The local filesystem backend renames a temporary file into place but does not
-    /// fsync; a backup tool must, or a crash could keep a manifest whose packs vanished.
-    async fn sync_local(&self, name: &str) -> Result<(), StoreError> {
-        let Some(root) = &self.local_root else { return Ok(()) };
-        let file = root.join(name);
-        let owned = name.to_string();
-        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            let io = |source| StoreError::Io { op: "fsync", name: owned.clone(), source };
-            std::fs::File::open(&file).and_then(|f| f.sync_all()).map_err(io)?;
-            if let Some(dir) = file.parent() {
-                std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
-            }
-            Ok(())
-        })
-        .await
-        .expect("fsync task panicked")
     }
 
     /// Every object whose name starts with `dir/`, in no particular order.
@@ -281,10 +255,10 @@ impl Store {
 async fn sync_dir(dir: PathBuf, name: &str) -> Result<(), StoreError> {
     let owned = name.to_string();
     tokio::task::spawn_blocking(move || {
-        std::fs::File::open(&dir).and_then(|f| f.sync_all()).map_err(|source| StoreError::Io {
+        std::fs::File::open(&dir).and_then(|f| f.sync_all()).map_err(|cause| StoreError::Io {
             op: "fsync directory of",
             name: owned,
-            source,
+            cause,
         })
     })
     .await

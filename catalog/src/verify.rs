@@ -117,7 +117,10 @@ pub async fn verify(
             }
         }
     }
-    report.unreferenced_packs = pack_sizes.keys().filter(|p| !refs.contains_key(p)).count() as u64;
+    // Packs of unreadable points would look unreferenced: only count when every point was read.
+    if report.errors.is_empty() {
+        report.unreferenced_packs = pack_sizes.keys().filter(|p| !refs.contains_key(p)).count() as u64;
+    }
 
     if read_data {
         let mut packs: Vec<Id> = pack_sizes.keys().copied().collect();

@@ -34,14 +34,17 @@ pub enum WriteError {
     Repo(#[from] RepoError),
     #[error("the uploader stopped after an error")]
     UploaderStopped,
-    #[error("a packer was dropped with blobs that were never uploaded")]
+    #[error("blobs were packed but never handed to the uploader (a packer was not flushed)")]
     Unflushed,
+    #[error("a blob of {0} bytes is over the 4 GiB limit of the format")]
+    TooLarge(usize),
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct WriterSummary {
     pub index: Option<String>,
     pub new_blobs: u64,
+    pub new_data_blobs: u64,
     pub new_bytes: u64,
     pub packs: u64,
 }
@@ -53,8 +56,11 @@ pub struct Writer {
     tx: Mutex<Option<mpsc::Sender<(String, Bytes)>>>,
     uploader: Mutex<Option<JoinHandle<Result<(), StoreError>>>>,
     new_blobs: AtomicU64,
+    new_data_blobs: AtomicU64,
     new_bytes: AtomicU64,
     packs: AtomicU64,
+    /// Blobs in packs not yet handed to the uploader: must be zero at `finish`.
+    unflushed: AtomicU64,
     lost: AtomicBool,
 }
 
@@ -71,8 +77,10 @@ impl Writer {
             tx: Mutex::new(Some(tx)),
             uploader: Mutex::new(Some(uploader)),
             new_blobs: AtomicU64::new(0),
+            new_data_blobs: AtomicU64::new(0),
             new_bytes: AtomicU64::new(0),
             packs: AtomicU64::new(0),
+            unflushed: AtomicU64::new(0),
             lost: AtomicBool::new(false),
         }))
     }
@@ -99,13 +107,14 @@ impl Writer {
         if let Some(handle) = uploader {
             handle.await.expect("uploader panicked")?;
         }
-        if self.lost.load(Ordering::SeqCst) {
+        if self.lost.load(Ordering::SeqCst) || self.unflushed.load(Ordering::SeqCst) != 0 {
             return Err(WriteError::Unflushed);
         }
         let entries = std::mem::take(&mut *self.written.lock().expect("written lock"));
         let mut summary = WriterSummary {
             index: None,
             new_blobs: self.new_blobs.load(Ordering::Relaxed),
+            new_data_blobs: self.new_data_blobs.load(Ordering::Relaxed),
             new_bytes: self.new_bytes.load(Ordering::Relaxed),
             packs: self.packs.load(Ordering::Relaxed),
         };
@@ -152,6 +161,10 @@ pub struct Packer {
 impl Packer {
     /// Stores `data` unless the repository has it already; returns where it is.
     pub fn store(&mut self, kind: BlobKind, data: &[u8]) -> Result<BlobRef, WriteError> {
+        // Leave room for the payload flag and the seal in the 32-bit lengths.
+        if data.len() > u32::MAX as usize - 64 {
+            return Err(WriteError::TooLarge(data.len()));
+        }
         let keys = self.w.repo.keys();
         let id = keys.content_id(data);
         if let Some(b) = self.w.known(kind, &id) {
@@ -161,7 +174,11 @@ impl Packer {
         let pack = self.pack.get_or_insert_with(|| PackBuilder::new(keys));
         let blob = pack.add(kind, id, data.len() as u32, &payload);
         self.w.dedup.lock().expect("dedup lock").insert(kind, blob);
+        self.w.unflushed.fetch_add(1, Ordering::SeqCst);
         self.w.new_blobs.fetch_add(1, Ordering::Relaxed);
+        if kind == BlobKind::Data {
+            self.w.new_data_blobs.fetch_add(1, Ordering::Relaxed);
+        }
         self.w.new_bytes.fetch_add(blob.length as u64, Ordering::Relaxed);
         if pack.len() >= PACK_TARGET {
             self.flush()?;
@@ -176,6 +193,7 @@ impl Packer {
             return Ok(());
         }
         let (id, bytes, entries) = pack.finish();
+        self.w.unflushed.fetch_sub(entries.len() as u64, Ordering::SeqCst);
         self.w.written.lock().expect("written lock").extend(entries);
         self.w.packs.fetch_add(1, Ordering::Relaxed);
         self.w.send(pack_name(&id), bytes)

@@ -45,12 +45,8 @@ pub struct Counters {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("cannot back up {path}: {source}")]
-    Root {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot back up {}: {cause}", path.display())]
+    Root { path: PathBuf, cause: std::io::Error },
     #[error("{0} is not a file, directory or symlink")]
     RootKind(PathBuf),
     #[error(transparent)]
@@ -67,8 +63,7 @@ pub async fn snapshot(
 ) -> Result<(PointRef, Manifest), SnapshotError> {
     let started = Timestamp::now();
     let clock = Instant::now();
-    let path =
-        fs::canonicalize(&opts.path).map_err(|source| SnapshotError::Root { path: opts.path.clone(), source })?;
+    let path = fs::canonicalize(&opts.path).map_err(|cause| SnapshotError::Root { path: opts.path.clone(), cause })?;
     let parent = previous_top(repo, &opts.source, started).await;
     let writer = Writer::new(repo.clone()).await?;
 
@@ -91,6 +86,7 @@ pub async fn snapshot(
     };
     let summary = writer.finish().await?;
     stats.new_blobs = summary.new_blobs;
+    stats.new_data_blobs = summary.new_data_blobs;
     stats.new_bytes = summary.new_bytes;
     stats.duration_ms = clock.elapsed().as_millis() as u64;
     let mut manifest =
@@ -215,8 +211,7 @@ enum Pending {
 impl Walk {
     /// Backs up the root path and stores the one-entry tree that wraps it.
     fn top(&mut self, path: &Path, parent: Option<Entry>) -> Result<catalog::BlobRef, SnapshotError> {
-        let m =
-            fs::symlink_metadata(path).map_err(|source| SnapshotError::Root { path: path.to_path_buf(), source })?;
+        let m = fs::symlink_metadata(path).map_err(|cause| SnapshotError::Root { path: path.to_path_buf(), cause })?;
         let name = path.file_name().map(name_bytes).unwrap_or(b"root").to_vec();
         let entry = entry_from(&name, path, &m).ok_or_else(|| SnapshotError::RootKind(path.to_path_buf()))?;
         let entry = match entry.kind {
@@ -234,7 +229,7 @@ impl Walk {
                 };
                 done.ok_or_else(|| {
                     let why = self.skipped.last().map(|s| s.error.clone()).unwrap_or_default();
-                    SnapshotError::Root { path: path.to_path_buf(), source: std::io::Error::other(why) }
+                    SnapshotError::Root { path: path.to_path_buf(), cause: std::io::Error::other(why) }
                 })?
             }
         };
@@ -258,7 +253,7 @@ impl Walk {
             .and_then(|b| self.handle.block_on(self.repo.read_tree(&b)).ok());
         let mut names: Vec<_> = fs::read_dir(path)
             .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect::<Result<Vec<_>, _>>())
-            .map_err(|source| SnapshotError::Root { path: path.to_path_buf(), source })?;
+            .map_err(|cause| SnapshotError::Root { path: path.to_path_buf(), cause })?;
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
 
         let mut pending = Vec::with_capacity(names.len());
@@ -294,7 +289,7 @@ impl Walk {
                             self.stats.dirs += 1;
                             entries.push(e);
                         }
-                        Err(SnapshotError::Root { path, source }) => self.skip(&path, source),
+                        Err(SnapshotError::Root { path, cause }) => self.skip(&path, cause),
                         Err(other) => return Err(other),
                     }
                 }

@@ -150,6 +150,8 @@ impl TestRepo {
         c.env("EBB_REPOSITORY", &self.url)
             .env("EBB_PASSWORD", TEST_PASSWORD)
             .env_remove("EBB_PASSWORD_FILE")
+            .env_remove("EBB_KEY_FILE")
+            .env_remove("EBB_NEW_PASSWORD")
             .stdin(Stdio::null());
         if let Location::S3 { endpoint, .. } = &self.location {
             c.env("AWS_ENDPOINT_URL", &endpoint.url)
