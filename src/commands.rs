@@ -175,7 +175,7 @@ async fn backup(g: &Global, source: Option<String>, json: bool, path: std::path:
         source: source.clone(),
         path,
         host: host(),
-        workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8),
+        workers: 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 4),
     };
     let pb = spinner(g.quiet);
     let ticker = {

@@ -5,7 +5,7 @@
 //! Layout: blob_0 .. blob_n-1 || sealed header || header length (u32 LE) || "EBP1".
 
 use crate::codec::{DecodeError, Decoder, Encoder};
-use crate::crypto::{encode_payload, open, seal, AuthError, Keys};
+use crate::crypto::{encode_payload, open, seal, seal_into, AuthError, Keys};
 use crate::id::Id;
 
 pub const PACKS_DIR: &str = "packs";
@@ -109,7 +109,8 @@ impl PackBuilder {
     }
 
     fn with_id(keys: &Keys, id: Id) -> PackBuilder {
-        PackBuilder { id, cipher: keys.pack_cipher(&id), buf: Vec::new(), entries: Vec::new() }
+        let buf = Vec::with_capacity(crate::writer::PACK_TARGET + crate::chunker::MAX_SIZE);
+        PackBuilder { id, cipher: keys.pack_cipher(&id), buf, entries: Vec::new() }
     }
 
     pub fn len(&self) -> usize {
@@ -123,15 +124,15 @@ impl PackBuilder {
     /// Seals an already framed payload (see `crypto::encode_payload`) as the next blob.
     pub fn add(&mut self, kind: BlobKind, id: Id, raw_len: u32, payload: &[u8]) -> BlobRef {
         let counter = self.entries.len() as u64;
-        let sealed = seal(&self.cipher, counter, &blob_aad(kind, &id), payload);
+        let offset = self.buf.len();
+        seal_into(&self.cipher, counter, &blob_aad(kind, &id), payload, &mut self.buf);
         let blob = BlobRef {
             id,
             pack: self.id,
-            offset: u32::try_from(self.buf.len()).expect("packs stay far below 4 GiB"),
-            length: u32::try_from(sealed.len()).expect("the writer refuses blobs over 4 GiB"),
+            offset: u32::try_from(offset).expect("packs stay far below 4 GiB"),
+            length: u32::try_from(self.buf.len() - offset).expect("the writer refuses blobs over 4 GiB"),
             raw_len,
         };
-        self.buf.extend_from_slice(&sealed);
         self.entries.push(PackEntry { kind, blob });
         blob
     }

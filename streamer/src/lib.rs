@@ -2,6 +2,7 @@
 //! (`ebb backup`); continuous shipping and PostgreSQL come next.
 
 mod metadata;
+mod prefetch;
 mod snapshot;
 
 pub use snapshot::{snapshot, Counters, SnapshotError, SnapshotOptions};

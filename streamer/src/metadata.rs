@@ -1,46 +1,101 @@
 //! Reading an entry's metadata and content layout from the local filesystem.
 
-use std::ffi::OsStr;
+use std::ffi::{CString, OsStr};
 use std::fs::{File, Metadata};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use catalog::tree::{Entry, EntryKind, Timestamp};
 
 /// Builds an entry from `lstat` data; content and subtree are filled in later.
+/// `None` for a file type the format cannot hold.
 pub fn entry_from(name: &[u8], path: &Path, m: &Metadata) -> Option<Entry> {
-    let ft = m.file_type();
-    let kind = if ft.is_file() {
-        EntryKind::File
-    } else if ft.is_dir() {
-        EntryKind::Dir
-    } else if ft.is_symlink() {
-        EntryKind::Symlink
-    } else if ft.is_fifo() {
-        EntryKind::Fifo
-    } else if ft.is_socket() {
-        EntryKind::Socket
-    } else if ft.is_char_device() {
-        EntryKind::CharDevice
-    } else if ft.is_block_device() {
-        EntryKind::BlockDevice
-    } else {
-        return None;
+    let st = Stat {
+        mode: m.mode(),
+        uid: m.uid(),
+        gid: m.gid(),
+        size: m.size(),
+        mtime: Timestamp { sec: m.mtime(), nsec: m.mtime_nsec() as u32 },
+        ctime: Timestamp { sec: m.ctime(), nsec: m.ctime_nsec() as u32 },
+        ino: m.ino(),
+        dev: m.dev(),
+        nlink: m.nlink(),
+        rdev: m.rdev(),
+    };
+    entry_from_stat(name, path, &st)
+}
+
+/// The `lstat` fields an entry keeps.
+pub struct Stat {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: Timestamp,
+    ctime: Timestamp,
+    ino: u64,
+    dev: u64,
+    nlink: u64,
+    rdev: u64,
+}
+
+/// `lstat` of `name` in the open directory `dir`: no walk of the whole path, which
+/// on a deep tree costs more than the stat itself.
+pub fn stat_at(dir: &File, name: &OsStr) -> std::io::Result<Stat> {
+    let c = CString::new(name.as_bytes()).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: a valid directory fd, a NUL-terminated name, and room for one stat.
+    let rc = unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fstatat succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(Stat {
+        mode: st.st_mode,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: st.st_size as u64,
+        mtime: Timestamp { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 },
+        ctime: Timestamp { sec: st.st_ctime, nsec: st.st_ctime_nsec as u32 },
+        ino: st.st_ino,
+        dev: st.st_dev,
+        nlink: st.st_nlink,
+        rdev: st.st_rdev,
+    })
+}
+
+impl Stat {
+    pub fn is_dir(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+}
+
+pub fn entry_from_stat(name: &[u8], path: &Path, st: &Stat) -> Option<Entry> {
+    let kind = match st.mode & libc::S_IFMT {
+        libc::S_IFREG => EntryKind::File,
+        libc::S_IFDIR => EntryKind::Dir,
+        libc::S_IFLNK => EntryKind::Symlink,
+        libc::S_IFIFO => EntryKind::Fifo,
+        libc::S_IFSOCK => EntryKind::Socket,
+        libc::S_IFCHR => EntryKind::CharDevice,
+        libc::S_IFBLK => EntryKind::BlockDevice,
+        _ => return None,
     };
     let mut e = Entry::new(name.to_vec(), kind);
-    e.mode = m.mode() & 0o7777;
-    e.uid = m.uid();
-    e.gid = m.gid();
-    e.size = if kind == EntryKind::File { m.size() } else { 0 };
-    e.mtime = Timestamp { sec: m.mtime(), nsec: m.mtime_nsec() as u32 };
-    e.ctime = Timestamp { sec: m.ctime(), nsec: m.ctime_nsec() as u32 };
-    e.inode = m.ino();
-    e.device = m.dev();
-    e.nlink = m.nlink() as u32;
+    e.mode = st.mode & 0o7777;
+    e.uid = st.uid;
+    e.gid = st.gid;
+    e.size = if kind == EntryKind::File { st.size } else { 0 };
+    e.mtime = st.mtime;
+    e.ctime = st.ctime;
+    e.inode = st.ino;
+    e.device = st.dev;
+    e.nlink = u32::try_from(st.nlink).unwrap_or(u32::MAX);
     if matches!(kind, EntryKind::CharDevice | EntryKind::BlockDevice) {
-        e.rdev = m.rdev();
+        e.rdev = st.rdev;
     }
     e.xattrs = read_xattrs(path);
     Some(e)

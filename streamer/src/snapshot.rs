@@ -21,17 +21,22 @@ use catalog::{BlobKind, Manifest, Packer, PointRef, RepoError, Repository, Skipp
 use jiff::Timestamp;
 use tokio::runtime::Handle;
 
-use crate::metadata::{data_regions, entry_from, name_bytes};
+use crate::metadata::{data_regions, entry_from, entry_from_stat, name_bytes, stat_at};
+use crate::prefetch::Prefetch;
+use catalog::chunker::{ChunkError, Chunker};
 
 /// Files queued for the workers beyond those being read.
-const QUEUED_FILES: usize = 64;
+const QUEUED_FILES: usize = 256;
+/// Threads reading metadata ahead of the walker.
+const PREFETCH_THREADS: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
     pub source: String,
     pub path: PathBuf,
     pub host: String,
-    /// Threads reading files; at least one.
+    /// Threads reading files; at least one. More than the cores pays on a cold disk,
+    /// which answers several reads at once.
     pub workers: usize,
 }
 
@@ -141,10 +146,12 @@ fn run_walk(
     let (tx, rx) = mpsc::sync_channel::<Job>(QUEUED_FILES);
     let rx = Arc::new(Mutex::new(rx));
     let seed = writer.repo().keys().chunker_seed;
+    let _read_ahead = Prefetch::start(path.to_path_buf(), PREFETCH_THREADS);
     let pool: Vec<_> = (0..workers)
         .map(|_| {
             let rx = rx.clone();
             let mut packer = writer.packer();
+            let mut chunker = Chunker::new(seed);
             let counters = counters.clone();
             std::thread::spawn(move || -> Result<(), WriteError> {
                 loop {
@@ -152,7 +159,7 @@ fn run_walk(
                         Ok(job) => job,
                         Err(_) => break,
                     };
-                    let r = read_file(&job.path, job.size, seed, &mut packer, &counters);
+                    let r = read_file(&job.path, job.size, &mut chunker, &mut packer, &counters);
                     let fatal = matches!(r, Err(FileError::Write(_)));
                     let _ = job.reply.send(r);
                     if fatal {
@@ -256,17 +263,18 @@ impl Walk {
             .map_err(|cause| SnapshotError::Root { path: path.to_path_buf(), cause })?;
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
 
+        let dir_fd = File::open(path).map_err(|cause| SnapshotError::Root { path: path.to_path_buf(), cause })?;
         let mut pending = Vec::with_capacity(names.len());
         for name in &names {
             let child = path.join(name);
-            let m = match fs::symlink_metadata(&child) {
-                Ok(m) => m,
+            let st = match stat_at(&dir_fd, name) {
+                Ok(st) => st,
                 Err(e) => {
                     self.skip(&child, e);
                     continue;
                 }
             };
-            let Some(e) = entry_from(name.as_bytes(), &child, &m) else {
+            let Some(e) = entry_from_stat(name.as_bytes(), &child, &st) else {
                 self.skip(&child, "unsupported file type");
                 continue;
             };
@@ -395,7 +403,7 @@ fn open_noatime(path: &Path) -> std::io::Result<File> {
 fn read_file(
     path: &Path,
     size: u64,
-    seed: u64,
+    chunker: &mut Chunker,
     packer: &mut Packer,
     counters: &Counters,
 ) -> Result<Vec<Extent>, FileError> {
@@ -408,14 +416,17 @@ fn read_file(
             extents.push(Extent::Hole(start - pos));
         }
         f.seek(SeekFrom::Start(start)).map_err(FileError::Io)?;
-        let mut read = 0u64;
-        for chunk in catalog::chunker::chunks((&mut f).take(len), seed) {
-            let chunk = chunk.map_err(FileError::Io)?;
-            read += chunk.len() as u64;
-            counters.bytes_read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            counters.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            extents.push(Extent::Data(packer.store(BlobKind::Data, &chunk).map_err(FileError::Write)?));
-        }
+        let read = chunker
+            .run((&mut f).take(len), |chunk| {
+                counters.bytes_read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                counters.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                extents.push(Extent::Data(packer.store(BlobKind::Data, chunk)?));
+                Ok(())
+            })
+            .map_err(|e| match e {
+                ChunkError::Read(e) => FileError::Io(e),
+                ChunkError::Emit(e) => FileError::Write(e),
+            })?;
         pos = start + read;
         if read < len {
             break; // the file shrank while being read
