@@ -305,7 +305,7 @@ async fn points(
             selected.push(p);
         }
     }
-    selected.sort_by(|a, b| a.time.cmp(&b.time));
+    selected.sort_by_key(|p| p.time);
     // Manifests are small and independent: fetch several at once.
     let manifests: Vec<Manifest> =
         stream::iter(selected.iter().map(|p| repo.manifest(p))).buffered(16).try_collect().await?;

@@ -111,8 +111,7 @@ fn time_travel(backend: Backend) {
         );
         assert_eq!(fs::read_dir(&out).unwrap().count(), 2, "restore --at {at:?} has exactly that version's files");
     };
-    for i in 0..3 {
-        let t = times[i];
+    for (i, &t) in times.iter().enumerate() {
         // Exactly at the point, and just after it.
         check(&t.to_string(), i + 1);
         let mid = t + SignedDuration::from_millis(500);
