@@ -92,6 +92,28 @@ pub enum Command {
         path: Option<PathBuf>,
         target: PathBuf,
     },
+    /// Mount the state at a moment (or every point) as a read-only filesystem
+    #[command(long_about = "Mount the repository read-only. With --at T, MOUNTPOINT shows the state at T \
+(under <source>/ when several sources are shown). Without it, MOUNTPOINT shows every point: \
+<source>/latest, <source>/points/<time>/ and <source>/at/<any time form>/, and points that arrive \
+while mounted appear within seconds. Data is fetched and decrypted only when read.")]
+    Mount {
+        /// The moment to show: RFC 3339, local "2026-11-21 10:15", @UNIX, "15m ago", or latest
+        #[arg(long, value_parser = parse_time_arg, value_name = "T")]
+        at: Option<TimeSpec>,
+        /// Show only this source
+        #[arg(long, value_parser = parse_source)]
+        source: Option<String>,
+        /// Memory for decrypted chunks, e.g. 256MiB or 2GiB
+        #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+        cache_size: u64,
+        /// Stay in the foreground (otherwise ebb mount returns once the mount is ready)
+        #[arg(long)]
+        foreground: bool,
+        mountpoint: PathBuf,
+    },
+    /// Unmount what `ebb mount` mounted (also clears a mount left by a killed daemon)
+    Umount { mountpoint: PathBuf },
     /// Check that every point can be read back
     Verify {
         /// Also download and authenticate every stored blob
@@ -126,6 +148,23 @@ pub enum KeyCommand {
 fn parse_time_arg(s: &str) -> Result<TimeSpec, String> {
     let tz = jiff::tz::TimeZone::system();
     parse_time(s, jiff::Timestamp::now(), &tz).map_err(|e| e.to_string())
+}
+
+/// Sizes like `512MiB`, `2GiB`, `1G`, `100M` or a number of bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: use e.g. 512MiB or 2GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("invalid size {s:?}: use e.g. 512MiB or 2GiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn parse_source(s: &str) -> Result<String, String> {

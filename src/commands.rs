@@ -30,6 +30,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Points { source, since, until, json } => points(g, source, since, until, json).await,
         Command::Restore { at, source, path, target } => restore(g, at, source, path, target).await,
         Command::Verify { read_data, json } => verify(g, read_data, json).await,
+        Command::Mount { at, source, cache_size, foreground, mountpoint } => {
+            let repo = if foreground { Some(open(g).await?) } else { None };
+            crate::mount::mount(repo, at, source, cache_size, foreground, &mountpoint).await
+        }
+        Command::Umount { mountpoint } => crate::mount::umount(&mountpoint),
     }
 }
 
@@ -50,7 +55,7 @@ fn repo_url(g: &Global) -> Result<String> {
     Ok(format!("file://{}", dir.display()))
 }
 
-async fn open(g: &Global) -> Result<Repository> {
+pub async fn open(g: &Global) -> Result<Repository> {
     let url = repo_url(g)?;
     let store = Store::open(&url, false).map_err(|e| match e {
         catalog::StoreError::NotFound { .. } => anyhow::anyhow!(RepoError::NoRepository { url: url.clone() }),

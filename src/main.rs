@@ -2,6 +2,7 @@
 
 mod cli;
 mod commands;
+mod mount;
 mod output;
 mod secret;
 

@@ -1,1 +1,11 @@
-//! The read-only filesystem that shows any moment of a repository (to be built).
+//! The read-only filesystem that shows any moment of a repository: an async core
+//! (`fs`) that knows nothing of FUSE, and a thin `fuser` adapter (`fuse`).
+
+mod cache;
+mod error;
+mod fs;
+mod fuse;
+
+pub use error::FsError;
+pub use fs::{Attr, Fs, Kind, View, ROOT};
+pub use fuse::{mount, MountHandle};

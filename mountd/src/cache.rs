@@ -1,0 +1,58 @@
+//! The decrypted-chunk cache: an LRU bounded in bytes, shared by every reader.
+
+use std::sync::{Arc, Mutex};
+
+use catalog::Id;
+use lru::LruCache;
+
+pub struct ChunkCache {
+    inner: Mutex<Inner>,
+    limit: usize,
+}
+
+struct Inner {
+    lru: LruCache<Id, Arc<Vec<u8>>>,
+    bytes: usize,
+}
+
+impl ChunkCache {
+    pub fn new(limit: usize) -> ChunkCache {
+        ChunkCache { inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0 }), limit }
+    }
+
+    pub fn get(&self, id: &Id) -> Option<Arc<Vec<u8>>> {
+        self.inner.lock().expect("cache lock").lru.get(id).cloned()
+    }
+
+    pub fn insert(&self, id: Id, data: Arc<Vec<u8>>) {
+        let mut g = self.inner.lock().expect("cache lock");
+        g.bytes += data.len();
+        if let Some(old) = g.lru.put(id, data) {
+            g.bytes -= old.len();
+        }
+        while g.bytes > self.limit {
+            match g.lru.pop_lru() {
+                Some((_, old)) => g.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_least_recent_beyond_the_limit() {
+        let c = ChunkCache::new(250);
+        for i in 0..3u8 {
+            c.insert(Id([i; 32]), Arc::new(vec![0; 100]));
+        }
+        assert!(c.get(&Id([0; 32])).is_none());
+        assert!(c.get(&Id([1; 32])).is_some());
+        c.insert(Id([3; 32]), Arc::new(vec![0; 100]));
+        assert!(c.get(&Id([2; 32])).is_none(), "2 was least recently used");
+        assert!(c.get(&Id([1; 32])).is_some());
+    }
+}

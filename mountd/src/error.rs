@@ -1,0 +1,45 @@
+//! Filesystem errors and their errno, one by one: a name that does not exist is
+//! ENOENT, data that fails authentication or cannot be fetched is EIO, never ENOENT.
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such entry")]
+    NotFound,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("not a symlink")]
+    NotSymlink,
+    #[error("no such attribute")]
+    NoAttr,
+    #[error("buffer too small")]
+    Range,
+    #[error("unknown inode {0}")]
+    BadInode(u64),
+    /// Data could not be fetched or failed authentication: never answer with wrong bytes.
+    #[error("{0}")]
+    Io(String),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotSymlink => libc::EINVAL,
+            FsError::NoAttr => libc::ENODATA,
+            FsError::Range => libc::ERANGE,
+            FsError::BadInode(_) => libc::ESTALE,
+            FsError::Io(_) => libc::EIO,
+        }
+    }
+}
+
+impl From<catalog::RepoError> for FsError {
+    fn from(e: catalog::RepoError) -> FsError {
+        tracing::error!("{e}");
+        FsError::Io(e.to_string())
+    }
+}

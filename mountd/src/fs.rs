@@ -1,0 +1,536 @@
+//! The filesystem core: async, and free of FUSE types so it can be tested without a
+//! mount. Everything is lazy: a tree is fetched when a directory is first looked
+//! into, a chunk when a read needs it, and nothing proportional to the repository
+//! is loaded at mount time. Inode numbers are handed out on first sight, keyed by
+//! (parent, name), so they stay stable for the life of the mount; the names of one
+//! hard-linked file share one inode.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use catalog::time::{parse_time, TimeSpec};
+use catalog::tree::{Entry, EntryKind, Extent, Timestamp as TreeTime, Tree};
+use catalog::{BlobKind, BlobRef, Id, PointRef, Repository};
+use jiff::Timestamp;
+use tokio::sync::OnceCell;
+
+use crate::cache::ChunkCache;
+use crate::error::FsError;
+
+pub const ROOT: u64 = 1;
+/// Reads ahead of a sequential reader: this many chunks (about 1 MiB each).
+const READ_AHEAD_CHUNKS: usize = 4;
+/// A fetch that takes longer than this fails the read with EIO instead of hanging.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the mount shows.
+#[derive(Debug, Clone)]
+pub enum View {
+    /// The state at one moment: one point per source, shown directly when there is
+    /// one source, under `<source>/` otherwise.
+    At(Vec<PointRef>),
+    /// Every point: `<source>/latest`, `<source>/points/<time>/`, `<source>/at/<T>/`.
+    /// `Some(source)` limits it to one source.
+    Timeline(Option<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// The attributes of an inode, as `stat` shows them.
+#[derive(Debug, Clone)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    /// 512-byte blocks that hold data (holes take none).
+    pub blocks: u64,
+    /// Permission bits, setuid, setgid and sticky included.
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub mtime: SystemTime,
+    /// Whether the attributes can change while mounted (synthetic timeline entries).
+    pub volatile: bool,
+}
+
+enum Synth {
+    Root,
+    Source(String),
+    Points(String),
+    At(String),
+    Latest(String),
+}
+
+enum NodeKind {
+    Synthetic(Synth),
+    Entry {
+        entry: Arc<Entry>,
+        /// The tree of a directory, fetched on first use.
+        tree: OnceCell<Arc<Tree>>,
+        /// Where each extent of a file starts.
+        starts: OnceLock<Vec<u64>>,
+    },
+}
+
+struct Node {
+    kind: NodeKind,
+}
+
+#[derive(Default)]
+struct Table {
+    nodes: HashMap<u64, Arc<Node>>,
+    names: HashMap<(u64, Vec<u8>), u64>,
+    /// (inode of the point's root, link group) -> inode
+    links: HashMap<(u64, u64), u64>,
+    /// inode -> inode of the root of the point it belongs to
+    point_of: HashMap<u64, u64>,
+    next: u64,
+}
+
+pub struct Fs {
+    repo: Repository,
+    view: View,
+    table: Mutex<Table>,
+    cache: ChunkCache,
+    inflight: Mutex<HashMap<Id, Arc<OnceCell<Result<Arc<Vec<u8>>, String>>>>>,
+    /// inode -> where the last read ended, to tell sequential readers.
+    last_end: Mutex<HashMap<u64, u64>>,
+    mounted: SystemTime,
+    uid: u32,
+    gid: u32,
+}
+
+fn to_system(t: TreeTime) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(t.nsec as u64)
+    }
+}
+
+fn kind_of(k: EntryKind) -> Kind {
+    match k {
+        EntryKind::File => Kind::File,
+        EntryKind::Dir => Kind::Dir,
+        EntryKind::Symlink => Kind::Symlink,
+        EntryKind::Fifo => Kind::Fifo,
+        EntryKind::Socket => Kind::Socket,
+        EntryKind::CharDevice => Kind::CharDevice,
+        EntryKind::BlockDevice => Kind::BlockDevice,
+    }
+}
+
+impl Fs {
+    /// Prepares a mount. With one point in an `At` view, that point's top directory
+    /// is the root, which costs one manifest and one tree fetch.
+    pub async fn new(repo: Repository, view: View, cache_bytes: usize) -> Result<Arc<Fs>, FsError> {
+        let fs = Arc::new(Fs {
+            repo,
+            view: view.clone(),
+            table: Mutex::new(Table { next: ROOT + 1, ..Default::default() }),
+            cache: ChunkCache::new(cache_bytes),
+            inflight: Mutex::new(HashMap::new()),
+            last_end: Mutex::new(HashMap::new()),
+            mounted: SystemTime::now(),
+            uid: unsafe { libc::geteuid() },
+            gid: unsafe { libc::getegid() },
+        });
+        let root = match &view {
+            View::At(points) if points.len() == 1 => fs.point_node(&points[0]).await?,
+            _ => Node { kind: NodeKind::Synthetic(Synth::Root) },
+        };
+        let mut t = fs.table.lock().expect("inode table");
+        t.nodes.insert(ROOT, Arc::new(root));
+        t.point_of.insert(ROOT, ROOT);
+        drop(t);
+        Ok(fs)
+    }
+
+    fn node(&self, ino: u64) -> Result<Arc<Node>, FsError> {
+        self.table.lock().expect("inode table").nodes.get(&ino).cloned().ok_or(FsError::BadInode(ino))
+    }
+
+    /// The node for the backed-up entry of a point (the one entry of its root tree).
+    async fn point_node(&self, point: &PointRef) -> Result<Node, FsError> {
+        let m = self.repo.manifest(point).await?;
+        let root = m.root_ref().ok_or_else(|| FsError::Io(format!("{}: bad root reference", point.name)))?;
+        let tree = self.repo.read_tree(&root).await?;
+        let entry =
+            tree.entries.into_iter().next().ok_or_else(|| FsError::Io(format!("{}: empty root", point.name)))?;
+        Ok(Node { kind: NodeKind::Entry { entry: Arc::new(entry), tree: OnceCell::new(), starts: OnceLock::new() } })
+    }
+
+    /// The inode of `name` in `parent`, made with `make` on first sight.
+    fn intern(&self, parent: u64, name: &[u8], make: impl FnOnce() -> Node) -> u64 {
+        let mut t = self.table.lock().expect("inode table");
+        if let Some(&ino) = t.names.get(&(parent, name.to_vec())) {
+            return ino;
+        }
+        let node = make();
+        let point = t.point_of.get(&parent).copied();
+        // Names of one inode within one point share the inode number.
+        let link = match (&node.kind, point) {
+            (NodeKind::Entry { entry, .. }, Some(p)) if entry.kind == EntryKind::File && entry.link_group != 0 => {
+                Some((p, entry.link_group))
+            }
+            _ => None,
+        };
+        if let Some(key) = link {
+            if let Some(&ino) = t.links.get(&key) {
+                t.names.insert((parent, name.to_vec()), ino);
+                return ino;
+            }
+        }
+        let ino = t.next;
+        t.next += 1;
+        let is_point_root = matches!(node.kind, NodeKind::Entry { .. }) && point.is_none();
+        t.nodes.insert(ino, Arc::new(node));
+        t.names.insert((parent, name.to_vec()), ino);
+        t.point_of.insert(ino, if is_point_root { ino } else { point.unwrap_or(ino) });
+        if let Some(key) = link {
+            t.links.insert(key, ino);
+        }
+        ino
+    }
+
+    async fn tree<'a>(&self, node: &'a Node) -> Result<&'a Arc<Tree>, FsError> {
+        let NodeKind::Entry { entry, tree, .. } = &node.kind else { return Err(FsError::NotDir) };
+        if entry.kind != EntryKind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let blob = entry.subtree.ok_or_else(|| FsError::Io("directory without a tree".into()))?;
+        tree.get_or_try_init(|| async { Ok(Arc::new(self.repo.read_tree(&blob).await?)) }).await
+    }
+
+    fn sources_of_view(&self) -> Option<Vec<String>> {
+        match &self.view {
+            View::At(points) => Some(points.iter().map(|p| p.source.clone()).collect()),
+            View::Timeline(Some(s)) => Some(vec![s.clone()]),
+            View::Timeline(None) => None,
+        }
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        let node = self.node(parent)?;
+        let ino = match &node.kind {
+            NodeKind::Entry { .. } => {
+                let tree = self.tree(&node).await?;
+                let entry = tree.find(name).ok_or(FsError::NotFound)?.clone();
+                self.intern(parent, name, || Node {
+                    kind: NodeKind::Entry { entry: Arc::new(entry), tree: OnceCell::new(), starts: OnceLock::new() },
+                })
+            }
+            NodeKind::Synthetic(s) => self.lookup_synthetic(parent, s, name).await?,
+        };
+        self.getattr(ino).await
+    }
+
+    async fn lookup_synthetic(&self, parent: u64, s: &Synth, name: &[u8]) -> Result<u64, FsError> {
+        let name_str = std::str::from_utf8(name).map_err(|_| FsError::NotFound)?;
+        let synth = |s: Synth| move || Node { kind: NodeKind::Synthetic(s) };
+        match s {
+            Synth::Root => match &self.view {
+                View::At(points) => {
+                    let p = points.iter().find(|p| p.source == name_str).ok_or(FsError::NotFound)?;
+                    let node = self.point_node(p).await?;
+                    Ok(self.intern(parent, name, || node))
+                }
+                View::Timeline(only) => {
+                    if only.as_deref().is_some_and(|o| o != name_str) || catalog::validate_source(name_str).is_err() {
+                        return Err(FsError::NotFound);
+                    }
+                    if self.repo.point_at(name_str, Timestamp::now()).await?.is_none() {
+                        return Err(FsError::NotFound);
+                    }
+                    Ok(self.intern(parent, name, synth(Synth::Source(name_str.to_string()))))
+                }
+            },
+            Synth::Source(src) => {
+                let s = match name {
+                    b"latest" => Synth::Latest(src.clone()),
+                    b"points" => Synth::Points(src.clone()),
+                    b"at" => Synth::At(src.clone()),
+                    _ => return Err(FsError::NotFound),
+                };
+                Ok(self.intern(parent, name, synth(s)))
+            }
+            Synth::Points(src) => {
+                let t: Timestamp = name_str.parse().map_err(|_| FsError::NotFound)?;
+                let p = self.repo.point_at(src, t).await?.filter(|p| p.time == t).ok_or(FsError::NotFound)?;
+                let node = self.point_node(&p).await?;
+                Ok(self.intern(parent, name, || node))
+            }
+            Synth::At(src) => {
+                let now = Timestamp::now();
+                let spec = parse_time(name_str, now, &jiff::tz::TimeZone::system()).map_err(|_| FsError::NotFound)?;
+                let p = match self.repo.resolve(src, spec, now).await {
+                    Ok(p) => p,
+                    Err(catalog::RepoError::BeforeFirst { .. } | catalog::RepoError::Future { .. }) => {
+                        return Err(FsError::NotFound)
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                // `latest` moves: key it by the point it resolves to now.
+                let key =
+                    if spec == TimeSpec::Latest { format!("latest@{}", p.name).into_bytes() } else { name.to_vec() };
+                let node = self.point_node(&p).await?;
+                Ok(self.intern(parent, &key, || node))
+            }
+            Synth::Latest(_) => Err(FsError::NotDir),
+        }
+    }
+
+    fn synthetic_attr(&self, ino: u64, kind: Kind, size: u64) -> Attr {
+        Attr {
+            ino,
+            kind,
+            size,
+            blocks: 0,
+            perm: if kind == Kind::Dir { 0o555 } else { 0o777 },
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            mtime: self.mounted,
+            volatile: true,
+        }
+    }
+
+    pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let node = self.node(ino)?;
+        match &node.kind {
+            NodeKind::Synthetic(Synth::Latest(src)) => {
+                let target = self.latest_target(src).await?;
+                Ok(self.synthetic_attr(ino, Kind::Symlink, target.len() as u64))
+            }
+            NodeKind::Synthetic(_) => Ok(self.synthetic_attr(ino, Kind::Dir, 0)),
+            NodeKind::Entry { entry: e, .. } => {
+                let data: u64 =
+                    e.content.iter().map(|x| if let Extent::Data(b) = x { b.raw_len as u64 } else { 0 }).sum();
+                let (size, blocks) = match e.kind {
+                    EntryKind::File => (e.size, data.div_ceil(512)),
+                    EntryKind::Dir => (4096, 8),
+                    EntryKind::Symlink => (e.target.len() as u64, 0),
+                    _ => (0, 0),
+                };
+                Ok(Attr {
+                    ino,
+                    kind: kind_of(e.kind),
+                    size,
+                    blocks,
+                    perm: (e.mode & 0o7777) as u16,
+                    nlink: e.nlink.max(1),
+                    uid: e.uid,
+                    gid: e.gid,
+                    rdev: e.rdev as u32,
+                    mtime: to_system(e.mtime),
+                    volatile: false,
+                })
+            }
+        }
+    }
+
+    async fn latest_target(&self, src: &str) -> Result<Vec<u8>, FsError> {
+        let p = self.repo.point_at(src, Timestamp::now()).await?.ok_or(FsError::NotFound)?;
+        Ok(format!("points/{}", p.time).into_bytes())
+    }
+
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let node = self.node(ino)?;
+        match &node.kind {
+            NodeKind::Synthetic(Synth::Latest(src)) => self.latest_target(src).await,
+            NodeKind::Entry { entry, .. } if entry.kind == EntryKind::Symlink => Ok(entry.target.clone()),
+            _ => Err(FsError::NotSymlink),
+        }
+    }
+
+    /// A directory's entries (without `.` and `..`), with their inodes and kinds.
+    pub async fn readdir(&self, ino: u64) -> Result<Vec<(u64, Kind, Vec<u8>)>, FsError> {
+        let node = self.node(ino)?;
+        let synth = |s: Synth| move || Node { kind: NodeKind::Synthetic(s) };
+        match &node.kind {
+            NodeKind::Entry { .. } => {
+                let tree = self.tree(&node).await?.clone();
+                Ok(tree
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        let child = self.intern(ino, &e.name, || Node {
+                            kind: NodeKind::Entry {
+                                entry: Arc::new(e.clone()),
+                                tree: OnceCell::new(),
+                                starts: OnceLock::new(),
+                            },
+                        });
+                        (child, kind_of(e.kind), e.name.clone())
+                    })
+                    .collect())
+            }
+            NodeKind::Synthetic(Synth::Root) => {
+                let sources = match self.sources_of_view() {
+                    Some(s) => s,
+                    None => self.repo.sources().await?,
+                };
+                let mut out = Vec::new();
+                for s in sources {
+                    // Interning needs the node: look it up properly (it may fetch a point).
+                    let attr = self.lookup(ino, s.as_bytes()).await?;
+                    out.push((attr.ino, attr.kind, s.into_bytes()));
+                }
+                Ok(out)
+            }
+            NodeKind::Synthetic(Synth::Source(src)) => Ok(vec![
+                (self.intern(ino, b"latest", synth(Synth::Latest(src.clone()))), Kind::Symlink, b"latest".to_vec()),
+                (self.intern(ino, b"points", synth(Synth::Points(src.clone()))), Kind::Dir, b"points".to_vec()),
+                (self.intern(ino, b"at", synth(Synth::At(src.clone()))), Kind::Dir, b"at".to_vec()),
+            ]),
+            NodeKind::Synthetic(Synth::Points(src)) => {
+                let mut out = Vec::new();
+                for p in self.repo.points(src).await? {
+                    let name = p.time.to_string().into_bytes();
+                    let existing = self.table.lock().expect("inode table").names.get(&(ino, name.clone())).copied();
+                    let child = match existing {
+                        Some(c) => c,
+                        None => {
+                            let n = self.point_node(&p).await?;
+                            self.intern(ino, &name, || n)
+                        }
+                    };
+                    out.push((child, Kind::Dir, name));
+                }
+                Ok(out)
+            }
+            NodeKind::Synthetic(Synth::At(_)) => Ok(Vec::new()),
+            NodeKind::Synthetic(Synth::Latest(_)) => Err(FsError::NotDir),
+        }
+    }
+
+    /// Reads up to `size` bytes at `offset`, fetching only the chunks they lie in.
+    pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let node = self.node(ino)?;
+        let NodeKind::Entry { entry, starts, .. } = &node.kind else { return Err(FsError::IsDir) };
+        if entry.kind != EntryKind::File {
+            return Err(FsError::IsDir);
+        }
+        let starts = starts.get_or_init(|| {
+            let mut pos = 0;
+            entry
+                .content
+                .iter()
+                .map(|x| {
+                    let s = pos;
+                    pos += x.len();
+                    s
+                })
+                .collect()
+        });
+        let end = (offset + size as u64).min(entry.size);
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut pos = offset;
+        let mut idx = starts.partition_point(|&s| s <= offset).saturating_sub(1);
+        while pos < end && idx < entry.content.len() {
+            let ext = &entry.content[idx];
+            let (s, e) = (starts[idx], starts[idx] + ext.len());
+            let (from, to) = (pos.max(s), end.min(e));
+            match ext {
+                Extent::Hole(_) => out.resize(out.len() + (to - from) as usize, 0),
+                Extent::Data(b) => {
+                    let data = self.chunk(b).await?;
+                    out.extend_from_slice(&data[(from - s) as usize..(to - s) as usize]);
+                }
+            }
+            pos = to;
+            idx += 1;
+        }
+        // Sequential reader: fetch the next chunks now; a seek drops the read-ahead.
+        let sequential = {
+            let mut last = self.last_end.lock().expect("read positions");
+            let seq = last.get(&ino).is_some_and(|&l| l == offset) || offset == 0;
+            last.insert(ino, end);
+            seq
+        };
+        if sequential {
+            let ahead: Vec<BlobRef> = entry.content[idx.min(entry.content.len())..]
+                .iter()
+                .filter_map(|x| if let Extent::Data(b) = x { Some(*b) } else { None })
+                .take(READ_AHEAD_CHUNKS)
+                .collect();
+            for b in ahead {
+                if self.cache.get(&b.id).is_none() {
+                    let fs = self.clone();
+                    tokio::spawn(async move {
+                        let _ = fs.chunk(&b).await;
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A chunk's plaintext, from the cache or fetched once however many ask at once.
+    async fn chunk(&self, b: &BlobRef) -> Result<Arc<Vec<u8>>, FsError> {
+        if let Some(c) = self.cache.get(&b.id) {
+            return Ok(c);
+        }
+        let cell = self.inflight.lock().expect("in-flight fetches").entry(b.id).or_default().clone();
+        let result = cell
+            .get_or_init(|| async {
+                match tokio::time::timeout(FETCH_TIMEOUT, self.repo.read_blob(BlobKind::Data, b)).await {
+                    Ok(Ok(data)) => {
+                        let data = Arc::new(data);
+                        self.cache.insert(b.id, data.clone());
+                        Ok(data)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!("read failed: {e}");
+                        Err(e.to_string())
+                    }
+                    Err(_) => {
+                        let name = catalog::pack_name(&b.pack);
+                        tracing::error!("read of {name} timed out after {FETCH_TIMEOUT:?}");
+                        Err(format!("{name}: timed out"))
+                    }
+                }
+            })
+            .await
+            .clone();
+        self.inflight.lock().expect("in-flight fetches").remove(&b.id);
+        result.map_err(FsError::Io)
+    }
+
+    pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, FsError> {
+        let node = self.node(ino)?;
+        let NodeKind::Entry { entry, .. } = &node.kind else { return Err(FsError::NoAttr) };
+        entry.xattrs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).ok_or(FsError::NoAttr)
+    }
+
+    /// Attribute names, each followed by a NUL, as listxattr(2) returns them.
+    pub async fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let node = self.node(ino)?;
+        let mut out = Vec::new();
+        if let NodeKind::Entry { entry, .. } = &node.kind {
+            for (k, _) in &entry.xattrs {
+                out.extend_from_slice(k);
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Inodes handed out so far (for statfs).
+    pub fn inodes(&self) -> u64 {
+        self.table.lock().expect("inode table").next - 1
+    }
+}

@@ -1,0 +1,209 @@
+//! `ebb mount` and `ebb umount`: checks on the mountpoint, running in the foreground
+//! or as a detached daemon, and clean unmounting on SIGINT, SIGTERM or `ebb umount`.
+
+use std::io::{ErrorKind, IsTerminal};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use catalog::time::TimeSpec;
+use catalog::{RepoError, Repository};
+use jiff::Timestamp;
+use mountd::{Fs, View};
+
+use crate::UsageError;
+
+/// How long `ebb mount` waits for its daemon to have the mount ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether `path` is a mountpoint, from /proc/self/mountinfo.
+fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == want))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// Checks the mountpoint and returns it absolute.
+fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
+    let abs = match std::fs::canonicalize(mountpoint) {
+        Ok(p) => p,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(UsageError(format!(
+                "{} is left over from a mount whose daemon is gone; clear it with `ebb umount {}`",
+                mountpoint.display(),
+                mountpoint.display()
+            ))
+            .into())
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err(
+                UsageError(format!("mountpoint {} does not exist; create it with mkdir", mountpoint.display())).into()
+            )
+        }
+        Err(e) => return Err(UsageError(format!("mountpoint {}: {e}", mountpoint.display())).into()),
+    };
+    if is_mounted(&abs) {
+        return Err(UsageError(format!(
+            "{} is already a mountpoint; unmount it first with `ebb umount {}`",
+            abs.display(),
+            abs.display()
+        ))
+        .into());
+    }
+    let meta = std::fs::metadata(&abs).with_context(|| format!("stat {}", abs.display()))?;
+    if !meta.is_dir() {
+        return Err(UsageError(format!("mountpoint {} is not a directory", abs.display())).into());
+    }
+    if std::fs::read_dir(&abs).with_context(|| format!("read {}", abs.display()))?.next().is_some() {
+        return Err(UsageError(format!(
+            "mountpoint {} is not empty; mount on an empty directory so nothing is hidden",
+            abs.display()
+        ))
+        .into());
+    }
+    Ok(abs)
+}
+
+pub async fn mount(
+    repo: Option<Repository>,
+    at: Option<TimeSpec>,
+    source: Option<String>,
+    cache_size: u64,
+    foreground: bool,
+    mountpoint: &Path,
+) -> Result<ExitCode> {
+    let abs = check_mountpoint(mountpoint)?;
+    if !foreground {
+        return spawn_daemon(&abs);
+    }
+    let repo = repo.expect("the repository is open in the foreground");
+    let view = match at {
+        None => View::Timeline(source.clone()),
+        Some(spec) => View::At(points_at(&repo, spec, source.as_deref()).await?),
+    };
+    let what = match &view {
+        View::At(points) => points.iter().map(|p| format!("{} at {}", p.source, p.time)).collect::<Vec<_>>().join(", "),
+        View::Timeline(Some(s)) => format!("every point of {s}"),
+        View::Timeline(None) => "every point of every source".to_string(),
+    };
+    let fs = Fs::new(repo.clone(), view, cache_size as usize).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let handle = mountd::mount(fs, tokio::runtime::Handle::current(), &abs, &format!("ebb:{}", repo.store().url()))
+        .with_context(|| format!("mount {} (is fuse3 installed and /dev/fuse available?)", abs.display()))?;
+    eprintln!("mounted {what} at {} (read-only); `ebb umount {}` to unmount", abs.display(), abs.display());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if handle.finished() || !is_mounted(&abs) {
+                    break;
+                }
+            }
+        }
+    }
+    handle.unmount().with_context(|| format!("unmount {}", abs.display()))?;
+    eprintln!("unmounted {}", abs.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The point of each selected source at `spec`. One source must be found.
+async fn points_at(repo: &Repository, spec: TimeSpec, source: Option<&str>) -> Result<Vec<catalog::PointRef>> {
+    let now = Timestamp::now();
+    if let Some(s) = source {
+        return Ok(vec![repo.resolve(s, spec, now).await?]);
+    }
+    let sources = repo.sources().await?;
+    if sources.is_empty() {
+        bail!("the repository has no points yet: make one with `ebb backup PATH`");
+    }
+    let mut out = Vec::new();
+    let mut last_err = None;
+    for s in &sources {
+        match repo.resolve(s, spec, now).await {
+            Ok(p) => out.push(p),
+            Err(e @ (RepoError::BeforeFirst { .. } | RepoError::NoPoints { .. })) => last_err = Some(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    match (out.is_empty(), last_err) {
+        (true, Some(e)) => Err(e.into()),
+        _ => Ok(out),
+    }
+}
+
+/// Runs `ebb ... mount --foreground` detached, and returns once the mount is ready.
+fn spawn_daemon(abs: &Path) -> Result<ExitCode> {
+    let exe = std::env::current_exe().context("find the ebb executable")?;
+    let log = std::env::temp_dir().join(format!("ebb-mount-{}.log", std::process::id()));
+    let log_file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(std::env::args_os().skip(1)).arg("--foreground");
+    // A password typed at the prompt must reach the daemon, which has no terminal.
+    let have_secret =
+        ["EBB_PASSWORD", "EBB_PASSWORD_FILE", "EBB_KEY_FILE"].iter().any(|v| std::env::var_os(v).is_some())
+            || std::env::args().any(|a| a.starts_with("--password-file") || a.starts_with("--key-file"));
+    if !have_secret && std::io::stdin().is_terminal() {
+        let pw = rpassword::prompt_password("Repository password: ").context("read password from the terminal")?;
+        cmd.env("EBB_PASSWORD", pw);
+    }
+    cmd.stdin(Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("start the mount daemon")?;
+    let start = Instant::now();
+    loop {
+        if is_mounted(abs) {
+            eprintln!(
+                "mounted at {} by daemon pid {} (log: {}); `ebb umount {}` to unmount",
+                abs.display(),
+                child.id(),
+                log.display(),
+                abs.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let _ = std::fs::remove_file(&log);
+            eprint!("{text}");
+            return Ok(ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8));
+        }
+        if start.elapsed() > READY_TIMEOUT {
+            let _ = child.kill();
+            bail!("the mount daemon did not get ready in {READY_TIMEOUT:?}; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn umount(mountpoint: &Path) -> Result<ExitCode> {
+    let stale = matches!(std::fs::metadata(mountpoint), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    let abs = std::path::absolute(mountpoint).with_context(|| format!("resolve {}", mountpoint.display()))?;
+    if !stale && !is_mounted(&abs) {
+        return Err(UsageError(format!("{} is not mounted", abs.display())).into());
+    }
+    let status = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&abs)
+        .status()
+        .or_else(|_| Command::new("umount").arg(&abs).status())
+        .context("run fusermount3 -u (install the fuse3 package)")?;
+    if !status.success() {
+        bail!("could not unmount {} (is a process still using it? see `fuser -vm {}`)", abs.display(), abs.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
