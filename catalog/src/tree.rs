@@ -69,6 +69,8 @@ pub struct Entry {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Files: the content length (the extents' total). Directories: the size the
+    /// host's filesystem reported. Other kinds: 0.
     pub size: u64,
     pub mtime: Timestamp,
     /// Change time, inode and device: used only to tell whether a file changed since

@@ -19,6 +19,8 @@ use crate::cache::ChunkCache;
 use crate::error::FsError;
 
 pub const ROOT: u64 = 1;
+/// One fetch of a chunk, shared by every reader that asks while it runs.
+type Fetch = Arc<OnceCell<Result<Arc<Vec<u8>>, String>>>;
 /// Reads ahead of a sequential reader: this many chunks (about 1 MiB each).
 const READ_AHEAD_CHUNKS: usize = 4;
 /// A fetch that takes longer than this fails the read with EIO instead of hanging.
@@ -104,7 +106,7 @@ pub struct Fs {
     view: View,
     table: Mutex<Table>,
     cache: ChunkCache,
-    inflight: Mutex<HashMap<Id, Arc<OnceCell<Result<Arc<Vec<u8>>, String>>>>>,
+    inflight: Mutex<HashMap<Id, Fetch>>,
     /// inode -> where the last read ended, to tell sequential readers.
     last_end: Mutex<HashMap<u64, u64>>,
     mounted: SystemTime,
@@ -321,7 +323,10 @@ impl Fs {
                     e.content.iter().map(|x| if let Extent::Data(b) = x { b.raw_len as u64 } else { 0 }).sum();
                 let (size, blocks) = match e.kind {
                     EntryKind::File => (e.size, data.div_ceil(512)),
-                    EntryKind::Dir => (4096, 8),
+                    EntryKind::Dir => {
+                        let size = if e.size == 0 { 4096 } else { e.size };
+                        (size, size.div_ceil(512))
+                    }
                     EntryKind::Symlink => (e.target.len() as u64, 0),
                     _ => (0, 0),
                 };

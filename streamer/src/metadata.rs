@@ -88,7 +88,9 @@ pub fn entry_from_stat(name: &[u8], path: &Path, st: &Stat) -> Option<Entry> {
     e.mode = st.mode & 0o7777;
     e.uid = st.uid;
     e.gid = st.gid;
-    e.size = if kind == EntryKind::File { st.size } else { 0 };
+    // Files: the content length. Directories: what the host's filesystem reports, so a
+    // mount can show it (`du --apparent-size`). Other kinds: 0.
+    e.size = if matches!(kind, EntryKind::File | EntryKind::Dir) { st.size } else { 0 };
     e.mtime = st.mtime;
     e.ctime = st.ctime;
     e.inode = st.ino;

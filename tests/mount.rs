@@ -1,0 +1,300 @@
+//! End-to-end tests of `ebb mount` with real FUSE mounts: the mounted tree equals the
+//! source at each point, tools behave, damaged data gives EIO for exactly the files
+//! that need it, writes get EROFS, and the daemon's lifecycle is clean.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{assert_trees_equal_with, build_fidelity_tree, pseudo_random_bytes, Backend, CompareOptions, TestRepo};
+use serde_json::Value;
+
+/// Compare options for a mount: FUSE cannot report holes through SEEK_DATA.
+fn mount_opts() -> CompareOptions {
+    CompareOptions { sparseness: false, ..CompareOptions::default() }
+}
+
+/// A mount that is undone when the test ends, however it ends.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.0).status();
+    }
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = path.to_str().unwrap().replace(' ', "\\040");
+    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+fn mount(repo: &TestRepo, args: &[&str], mnt: &Path) -> (Mounted, String) {
+    fs::create_dir_all(mnt).unwrap();
+    let mut all = vec!["mount"];
+    all.extend_from_slice(args);
+    all.push(mnt.to_str().unwrap());
+    let out = repo.run(&all);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "ebb {all:?} failed: {stderr}");
+    assert!(is_mounted(mnt), "ebb mount returned before the mount was ready: {stderr}");
+    (Mounted(mnt.to_path_buf()), stderr)
+}
+
+fn daemon_pid(stderr: &str) -> i32 {
+    let at = stderr.find("daemon pid ").expect("ebb mount names its daemon") + "daemon pid ".len();
+    stderr[at..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn wait_unmounted(mnt: &Path) {
+    let start = Instant::now();
+    while is_mounted(mnt) {
+        assert!(start.elapsed() < Duration::from_secs(10), "{} is still mounted", mnt.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn cp_a(from: &Path, to: &Path) {
+    let ok = Command::new("cp").args(["-a", "--sparse=always"]).arg(from).arg(to).status().unwrap();
+    assert!(ok.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+fn sh(cmd: &str, dir: &Path) -> (bool, String, String) {
+    let o = Command::new("sh").arg("-c").arg(cmd).current_dir(dir).output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn point_times(repo: &TestRepo) -> Vec<String> {
+    let v: Vec<Value> = serde_json::from_str(&repo.ok(&["points", "--json"])).unwrap();
+    v.iter().map(|p| p["time"].as_str().unwrap().to_string()).collect()
+}
+
+fn shows_each_point(backend: Backend) {
+    let repo = TestRepo::new(backend);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let info = build_fidelity_tree(&src);
+    repo.ok(&["backup", "--source", "host", src.to_str().unwrap()]);
+    let v1 = work.path().join("v1");
+    cp_a(&src, &v1);
+    std::thread::sleep(Duration::from_millis(1100));
+
+    // Change the tree: content, a deletion, a new file.
+    fs::write(src.join("added.txt"), b"new in the second point\n").unwrap();
+    fs::remove_file(src.join(&info.tiny_file)).unwrap();
+    let text = src.join(&info.text_file);
+    let mut body = fs::read(&text).unwrap();
+    body.extend_from_slice(b"appended\n");
+    fs::write(&text, body).unwrap();
+    repo.ok(&["backup", "--source", "host", src.to_str().unwrap()]);
+    let v2 = work.path().join("v2");
+    cp_a(&src, &v2);
+    let times = point_times(&repo);
+    assert_eq!(times.len(), 2);
+
+    // Every point, through the timeline layout.
+    let mnt = work.path().join("all");
+    let (guard, _) = mount(&repo, &[], &mnt);
+    let root = fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name()).collect::<Vec<_>>();
+    assert_eq!(root, vec![std::ffi::OsString::from("host")]);
+    assert_trees_equal_with(&v1, &mnt.join("host/points").join(&times[0]), &mount_opts());
+    assert_trees_equal_with(&v2, &mnt.join("host/points").join(&times[1]), &mount_opts());
+    assert_eq!(fs::read_link(mnt.join("host/latest")).unwrap(), PathBuf::from(format!("points/{}", times[1])));
+    assert_trees_equal_with(&v2, &mnt.join("host/latest"), &mount_opts());
+    // at/<T> resolves any form of a time on lookup: just after the first point gives it.
+    let t1: jiff::Timestamp = times[0].parse().unwrap();
+    let between = (t1 + jiff::SignedDuration::from_millis(500)).to_string();
+    assert_trees_equal_with(&v1, &mnt.join("host/at").join(&between), &mount_opts());
+    assert_trees_equal_with(&v1, &mnt.join("host/at").join(format!("@{}", t1.as_second() + 1)), &mount_opts());
+    assert!(fs::metadata(mnt.join("host/at/2001-01-01T00:00:00Z")).is_err(), "before the first point there is nothing");
+    assert!(fs::read_dir(mnt.join("host/at")).unwrap().next().is_none(), "at/ is resolved on lookup, not listed");
+
+    // A point that arrives while mounted appears within seconds.
+    fs::write(src.join("third.txt"), b"3").unwrap();
+    repo.ok(&["backup", "--source", "host", src.to_str().unwrap()]);
+    let start = Instant::now();
+    loop {
+        let n = fs::read_dir(mnt.join("host/points")).unwrap().count();
+        if n == 3 && mnt.join("host/latest/third.txt").exists() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "the new point did not appear ({n} points shown)");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    repo.ok(&["umount", mnt.to_str().unwrap()]);
+    wait_unmounted(&mnt);
+    drop(guard);
+
+    // One moment, shown directly.
+    let at = work.path().join("at");
+    let (_guard, _) = mount(&repo, &["--at", &between], &at);
+    assert_trees_equal_with(&v1, &at, &mount_opts());
+
+    // The tools people use on it.
+    let (ok, out, err) = sh(&format!("cat '{}'", info.text_file.display()), &at);
+    assert!(ok, "{err}");
+    assert_eq!(out.as_bytes(), fs::read(v1.join(&info.text_file)).unwrap());
+    let copy = work.path().join("copy");
+    let (ok, _, err) = sh(&format!("cp -a . '{}'", copy.display()), &at);
+    assert!(ok, "cp -a from the mount: {err}");
+    assert_trees_equal_with(&v1, &copy, &CompareOptions { sparseness: false, ..CompareOptions::default() });
+    let count = |dir: &Path| sh("find . | wc -l", dir).1;
+    assert_eq!(count(&at), count(&v1), "find lists the same entries");
+    let (ok, out, err) = sh("du -s --apparent-size --block-size=1 .", &at);
+    assert!(ok, "du: {err}");
+    let (_, expect, _) = sh("du -s --apparent-size --block-size=1 .", &v1);
+    assert_eq!(out.split_whitespace().next(), expect.split_whitespace().next(), "du --apparent-size agrees");
+    let (ok, out, _) = sh(&format!("stat -c '%s %a %u %g %Y' '{}'", info.setuid_file.display()), &at);
+    let (_, expect, _) = sh(&format!("stat -c '%s %a %u %g %Y' '{}'", info.setuid_file.display()), &v1);
+    assert!(ok);
+    assert_eq!(out, expect);
+    if info.xattrs_supported {
+        let (ok, out, err) = sh(&format!("getfattr -d -e hex '{}'", info.xattr_file.display()), &at);
+        let (_, expect, _) = sh(&format!("getfattr -d -e hex '{}'", info.xattr_file.display()), &v1);
+        assert!(ok, "getfattr: {err}");
+        assert_eq!(out, expect);
+    }
+    // Hard links share one inode, with the right link count.
+    let inos: Vec<(u64, u64)> =
+        info.hardlinks.iter().map(|p| fs::metadata(at.join(p)).map(|m| (m.ino(), m.nlink())).unwrap()).collect();
+    assert!(inos.iter().all(|&i| i == inos[0]), "hard links: {inos:?}");
+    assert_eq!(inos[0].1, 3);
+    // Inode numbers stay the same within a mount.
+    let again = fs::metadata(at.join(&info.hardlinks[1])).unwrap().ino();
+    assert_eq!(again, inos[0].0);
+
+    // Every write is refused with EROFS.
+    for cmd in ["touch new", "mkdir d", "rm -f '{f}'", "echo x >> '{f}'", "chmod 0 '{f}'", "ln -s a b", "mv '{f}' z"] {
+        let cmd = cmd.replace("{f}", info.text_file.to_str().unwrap());
+        let (ok, _, err) = sh(&cmd, &at);
+        assert!(!ok && err.contains("Read-only file system"), "{cmd}: {err}");
+    }
+}
+
+#[test]
+fn shows_each_point_file() {
+    shows_each_point(Backend::File);
+}
+
+#[test]
+fn shows_each_point_s3() {
+    shows_each_point(Backend::S3);
+}
+
+/// The pack, offset and length of the only chunk of a small file in the newest point.
+fn chunk_of(repo: &TestRepo, name: &str) -> (String, u64, u64) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = catalog::Store::open(repo.url(), false).unwrap();
+        let secret = catalog::Secret::Password(common::TEST_PASSWORD.as_bytes().to_vec());
+        let r = catalog::Repository::open(store, &secret).await.unwrap();
+        let source = r.sources().await.unwrap().remove(0);
+        let p = r.points(&source).await.unwrap().pop().unwrap();
+        let m = r.manifest(&p).await.unwrap();
+        let top = r.read_tree(&m.root_ref().unwrap()).await.unwrap().entries.remove(0);
+        let tree = r.read_tree(&top.subtree.unwrap()).await.unwrap();
+        let entry = tree.find(name.as_bytes()).unwrap();
+        assert_eq!(entry.content.len(), 1);
+        let catalog::tree::Extent::Data(b) = entry.content[0] else { panic!("{name} is a hole") };
+        (catalog::pack_name(&b.pack), b.offset as u64, b.length as u64)
+    })
+}
+
+#[test]
+fn damaged_chunk_gives_eio_for_exactly_its_files() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    for i in 0..20u64 {
+        fs::write(src.join(format!("f{i:02}")), pseudo_random_bytes(i, 50_000)).unwrap();
+    }
+    fs::write(src.join("big"), pseudo_random_bytes(99, 12 << 20)).unwrap();
+    repo.ok(&["backup", src.to_str().unwrap()]);
+
+    let (pack, offset, length) = chunk_of(&repo, "f07");
+    let mut bytes = repo.read_object(&pack);
+    bytes[(offset + length / 2) as usize] ^= 0x40;
+    repo.write_object(&pack, &bytes);
+
+    let mnt = work.path().join("mnt");
+    let (_guard, _) = mount(&repo, &["--at", "latest"], &mnt);
+    for entry in fs::read_dir(&src).unwrap() {
+        let name = entry.unwrap().file_name();
+        let got = fs::read(mnt.join(&name));
+        if name == "f07" {
+            let err = got.expect_err("a damaged chunk must not be read");
+            assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+        } else {
+            let got = got.unwrap_or_else(|e| panic!("{name:?} shares nothing with the damaged chunk: {e}"));
+            assert!(got == fs::read(src.join(&name)).unwrap(), "{name:?} reads back different bytes");
+        }
+    }
+    // Metadata of the damaged file is still there: only its data is unreadable.
+    assert_eq!(fs::metadata(mnt.join("f07")).unwrap().len(), 50_000);
+}
+
+#[test]
+fn mountpoint_checks_and_lifecycle() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    repo.ok(&["backup", src.to_str().unwrap()]);
+
+    let missing = work.path().join("missing");
+    let err = repo.fails(&["mount", missing.to_str().unwrap()], 2);
+    assert!(err.contains("does not exist"), "{err}");
+    let file = work.path().join("file");
+    fs::write(&file, b"").unwrap();
+    let err = repo.fails(&["mount", file.to_str().unwrap()], 2);
+    assert!(err.contains("not a directory"), "{err}");
+    let full = work.path().join("full");
+    fs::create_dir(&full).unwrap();
+    fs::write(full.join("x"), b"").unwrap();
+    let err = repo.fails(&["mount", full.to_str().unwrap()], 2);
+    assert!(err.contains("not empty"), "{err}");
+    let err = repo.fails(&["umount", work.path().join("src").to_str().unwrap()], 2);
+    assert!(err.contains("not mounted"), "{err}");
+
+    // Already mounted.
+    let mnt = work.path().join("mnt");
+    let (_guard, stderr) = mount(&repo, &["--at", "latest"], &mnt);
+    let err = repo.fails(&["mount", mnt.to_str().unwrap()], 2);
+    assert!(err.contains("already"), "{err}");
+
+    // A killed daemon leaves a dead mountpoint: ebb says how to clear it, and clears it.
+    let pid = daemon_pid(&stderr);
+    assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    let start = Instant::now();
+    while fs::metadata(&mnt).map(|_| true).unwrap_or(false) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the mount outlived its daemon");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(fs::metadata(&mnt).unwrap_err().raw_os_error(), Some(libc::ENOTCONN));
+    let err = repo.fails(&["mount", mnt.to_str().unwrap()], 2);
+    assert!(err.contains(&format!("ebb umount {}", mnt.display())), "{err}");
+    repo.ok(&["umount", mnt.to_str().unwrap()]);
+    assert!(!is_mounted(&mnt));
+    assert!(fs::read_dir(&mnt).unwrap().next().is_none());
+
+    // SIGTERM unmounts cleanly.
+    let (_guard, stderr) = mount(&repo, &["--at", "latest"], &mnt);
+    assert_eq!(fs::read(mnt.join("f")).unwrap(), b"data");
+    let pid = daemon_pid(&stderr);
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    wait_unmounted(&mnt);
+    assert!(fs::read_dir(&mnt).unwrap().next().is_none(), "nothing is left mounted");
+}
