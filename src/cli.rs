@@ -107,6 +107,12 @@ while mounted appear within seconds. Data is fetched and decrypted only when rea
         /// Memory for decrypted chunks, e.g. 256MiB or 2GiB
         #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
         cache_size: u64,
+        /// Also keep fetched chunks (still encrypted) in this directory, across mounts
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// The most the --cache-dir may hold
+        #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size, requires = "cache_dir")]
+        cache_dir_size: u64,
         /// Stay in the foreground (otherwise ebb mount returns once the mount is ready)
         #[arg(long)]
         foreground: bool,

@@ -30,9 +30,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Points { source, since, until, json } => points(g, source, since, until, json).await,
         Command::Restore { at, source, path, target } => restore(g, at, source, path, target).await,
         Command::Verify { read_data, json } => verify(g, read_data, json).await,
-        Command::Mount { at, source, cache_size, foreground, mountpoint } => {
+        Command::Mount { at, source, cache_size, cache_dir, cache_dir_size, foreground, mountpoint } => {
             let repo = if foreground { Some(open(g).await?) } else { None };
-            crate::mount::mount(repo, at, source, cache_size, foreground, &mountpoint).await
+            let caches = crate::mount::Caches { memory: cache_size, dir: cache_dir, dir_size: cache_dir_size };
+            crate::mount::mount(repo, at, source, caches, foreground, &mountpoint).await
         }
         Command::Umount { mountpoint } => crate::mount::umount(&mountpoint),
     }

@@ -71,11 +71,20 @@ fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
     Ok(abs)
 }
 
+/// Where fetched chunks are kept.
+pub struct Caches {
+    /// Bytes of decrypted chunks in memory.
+    pub memory: u64,
+    /// An optional directory for sealed chunks, and its bound.
+    pub dir: Option<PathBuf>,
+    pub dir_size: u64,
+}
+
 pub async fn mount(
     repo: Option<Repository>,
     at: Option<TimeSpec>,
     source: Option<String>,
-    cache_size: u64,
+    caches: Caches,
     foreground: bool,
     mountpoint: &Path,
 ) -> Result<ExitCode> {
@@ -93,7 +102,14 @@ pub async fn mount(
         View::Timeline(Some(s)) => format!("every point of {s}"),
         View::Timeline(None) => "every point of every source".to_string(),
     };
-    let fs = Fs::new(repo.clone(), view, cache_size as usize).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let disk = match &caches.dir {
+        Some(dir) => Some(
+            mountd::DiskCache::open(dir, caches.dir_size)
+                .with_context(|| format!("open the cache directory {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let fs = Fs::new(repo.clone(), view, caches.memory as usize, disk).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let handle = mountd::mount(fs, tokio::runtime::Handle::current(), &abs, &format!("ebb:{}", repo.store().url()))
         .with_context(|| format!("mount {} (is fuse3 installed and /dev/fuse available?)", abs.display()))?;
     eprintln!("mounted {what} at {} (read-only); `ebb umount {}` to unmount", abs.display(), abs.display());

@@ -298,3 +298,69 @@ fn mountpoint_checks_and_lifecycle() {
     wait_unmounted(&mnt);
     assert!(fs::read_dir(&mnt).unwrap().next().is_none(), "nothing is left mounted");
 }
+
+#[test]
+fn disk_cache_serves_later_mounts_and_holds_no_plaintext() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let marker = b"plaintext-in-the-cache-would-be-a-leak ".repeat(2000);
+    fs::write(src.join("text"), &marker).unwrap();
+    fs::write(src.join("noise"), pseudo_random_bytes(5, 6 << 20)).unwrap();
+    repo.ok(&["backup", src.to_str().unwrap()]);
+
+    let cache = work.path().join("cache");
+    let mnt = work.path().join("mnt");
+    let args = ["--at", "latest", "--cache-dir", cache.to_str().unwrap(), "--cache-dir-size", "64MiB"];
+    let (guard, _) = mount(&repo, &args, &mnt);
+    assert_eq!(fs::read(mnt.join("text")).unwrap(), marker);
+    assert!(fs::read(mnt.join("noise")).unwrap() == pseudo_random_bytes(5, 6 << 20));
+    drop(guard);
+    wait_unmounted(&mnt);
+
+    let cached: Vec<PathBuf> = fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(cached.len() >= 2, "chunks were kept on disk: {cached:?}");
+    for f in &cached {
+        let bytes = fs::read(f).unwrap();
+        assert!(!bytes.windows(24).any(|w| w == &marker[..24]), "{} holds plaintext", f.display());
+    }
+
+    // With the data gone from the store, a new mount still reads from the cache.
+    let saved: Vec<(String, Vec<u8>)> = repo
+        .objects()
+        .into_iter()
+        .filter(|k| k.starts_with("packs/"))
+        .map(|k| (k.clone(), repo.read_object(&k)))
+        .collect();
+    let data_pack = chunk_of(&repo, "text").0;
+    repo.delete_object(&data_pack);
+    let (guard, _) = mount(&repo, &args, &mnt);
+    assert_eq!(fs::read(mnt.join("text")).unwrap(), marker, "served from the disk cache");
+    drop(guard);
+    wait_unmounted(&mnt);
+
+    // A tampered cache entry is never returned: with the store gone too, that is EIO.
+    for f in fs::read_dir(&cache).unwrap() {
+        let f = f.unwrap().path();
+        let mut b = fs::read(&f).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 1;
+        fs::write(&f, b).unwrap();
+    }
+    let (guard, _) = mount(&repo, &args, &mnt);
+    assert_eq!(fs::read(mnt.join("text")).unwrap_err().raw_os_error(), Some(libc::EIO));
+    drop(guard);
+    wait_unmounted(&mnt);
+
+    // The bound holds.
+    let small = ["--at", "latest", "--cache-dir", cache.to_str().unwrap(), "--cache-dir-size", "1MiB"];
+    for (k, v) in &saved {
+        repo.write_object(k, v);
+    }
+    let (_guard, _) = mount(&repo, &small, &mnt);
+    let _ = fs::read(mnt.join("noise")).unwrap();
+    let total: u64 = fs::read_dir(&cache).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(total <= 1 << 20, "the disk cache holds {total} bytes over its 1 MiB bound");
+}

@@ -15,7 +15,7 @@ use catalog::{BlobKind, BlobRef, Id, PointRef, Repository};
 use jiff::Timestamp;
 use tokio::sync::OnceCell;
 
-use crate::cache::ChunkCache;
+use crate::cache::{ChunkCache, DiskCache};
 use crate::error::FsError;
 
 pub const ROOT: u64 = 1;
@@ -106,6 +106,7 @@ pub struct Fs {
     view: View,
     table: Mutex<Table>,
     cache: ChunkCache,
+    disk: Option<DiskCache>,
     inflight: Mutex<HashMap<Id, Fetch>>,
     /// inode -> where the last read ended, to tell sequential readers.
     last_end: Mutex<HashMap<u64, u64>>,
@@ -137,12 +138,18 @@ fn kind_of(k: EntryKind) -> Kind {
 impl Fs {
     /// Prepares a mount. With one point in an `At` view, that point's top directory
     /// is the root, which costs one manifest and one tree fetch.
-    pub async fn new(repo: Repository, view: View, cache_bytes: usize) -> Result<Arc<Fs>, FsError> {
+    pub async fn new(
+        repo: Repository,
+        view: View,
+        cache_bytes: usize,
+        disk: Option<DiskCache>,
+    ) -> Result<Arc<Fs>, FsError> {
         let fs = Arc::new(Fs {
             repo,
             view: view.clone(),
             table: Mutex::new(Table { next: ROOT + 1, ..Default::default() }),
             cache: ChunkCache::new(cache_bytes),
+            disk,
             inflight: Mutex::new(HashMap::new()),
             last_end: Mutex::new(HashMap::new()),
             mounted: SystemTime::now(),
@@ -492,7 +499,7 @@ impl Fs {
         let cell = self.inflight.lock().expect("in-flight fetches").entry(b.id).or_default().clone();
         let result = cell
             .get_or_init(|| async {
-                match tokio::time::timeout(FETCH_TIMEOUT, self.repo.read_blob(BlobKind::Data, b)).await {
+                match tokio::time::timeout(FETCH_TIMEOUT, self.fetch(b)).await {
                     Ok(Ok(data)) => {
                         let data = Arc::new(data);
                         self.cache.insert(b.id, data.clone());
@@ -513,6 +520,25 @@ impl Fs {
             .clone();
         self.inflight.lock().expect("in-flight fetches").remove(&b.id);
         result.map_err(FsError::Io)
+    }
+
+    /// A chunk's plaintext from the disk cache if it is there and authentic, else
+    /// from the store (and then kept on disk).
+    async fn fetch(&self, b: &BlobRef) -> Result<Vec<u8>, catalog::RepoError> {
+        let Some(disk) = &self.disk else { return self.repo.read_blob(BlobKind::Data, b).await };
+        if let Some(sealed) = disk.get(b) {
+            match self.repo.open_blob(BlobKind::Data, b, &sealed) {
+                Ok(plain) => return Ok(plain),
+                Err(e) => {
+                    tracing::warn!("dropping a damaged entry of the disk cache: {e}");
+                    disk.remove(b);
+                }
+            }
+        }
+        let sealed = self.repo.store().get_range(&catalog::pack_name(&b.pack), b.range()).await?;
+        let plain = self.repo.open_blob(BlobKind::Data, b, &sealed)?;
+        disk.put(b, &sealed);
+        Ok(plain)
     }
 
     pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, FsError> {

@@ -6,6 +6,7 @@ mod error;
 mod fs;
 mod fuse;
 
+pub use cache::DiskCache;
 pub use error::FsError;
 pub use fs::{Attr, Fs, Kind, View, ROOT};
 pub use fuse::{mount, MountHandle};
