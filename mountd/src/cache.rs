@@ -39,24 +39,6 @@ impl ChunkCache {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn evicts_least_recent_beyond_the_limit() {
-        let c = ChunkCache::new(250);
-        for i in 0..3u8 {
-            c.insert(Id([i; 32]), Arc::new(vec![0; 100]));
-        }
-        assert!(c.get(&Id([0; 32])).is_none());
-        assert!(c.get(&Id([1; 32])).is_some());
-        c.insert(Id([3; 32]), Arc::new(vec![0; 100]));
-        assert!(c.get(&Id([2; 32])).is_none(), "2 was least recently used");
-        assert!(c.get(&Id([1; 32])).is_some());
-    }
-}
-
 /// The optional on-disk cache: sealed blob bytes exactly as the store holds them, so
 /// nothing decrypted ever reaches the local disk, and every hit is authenticated
 /// again when read. Bounded in bytes; the least recently used files go first.
@@ -155,5 +137,23 @@ impl DiskCache {
 
     pub fn bytes(&self) -> u64 {
         self.state.lock().expect("disk cache lock").bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_least_recent_beyond_the_limit() {
+        let c = ChunkCache::new(250);
+        for i in 0..3u8 {
+            c.insert(Id([i; 32]), Arc::new(vec![0; 100]));
+        }
+        assert!(c.get(&Id([0; 32])).is_none());
+        assert!(c.get(&Id([1; 32])).is_some());
+        c.insert(Id([3; 32]), Arc::new(vec![0; 100]));
+        assert!(c.get(&Id([2; 32])).is_none(), "2 was least recently used");
+        assert!(c.get(&Id([1; 32])).is_some());
     }
 }
