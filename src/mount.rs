@@ -202,7 +202,8 @@ fn spawn_daemon(abs: &Path) -> Result<ExitCode> {
             let _ = child.kill();
             bail!("the mount daemon did not get ready in {READY_TIMEOUT:?}; see {}", log.display());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // Short: this wait is part of the time a user waits for the mount.
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
