@@ -93,6 +93,20 @@ pub async fn mount(
         return spawn_daemon(&abs);
     }
     let repo = repo.expect("the repository is open in the foreground");
+    // Chunk buffers (0.25 to 4 MiB) come and go with the cache, and glibc keeps what
+    // is freed in per-thread arenas: few arenas, and a periodic trim that hands freed
+    // pages back, keep the daemon at the cache size plus a small constant.
+    // SAFETY: mallopt only tunes the allocator; any value is safe to pass.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+    tokio::spawn(async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            // SAFETY: malloc_trim only returns free memory to the system.
+            unsafe { libc::malloc_trim(0) };
+        }
+    });
     let view = match at {
         None => View::Timeline(source.clone()),
         Some(spec) => View::At(points_at(&repo, spec, source.as_deref()).await?),
@@ -159,7 +173,9 @@ async fn points_at(repo: &Repository, spec: TimeSpec, source: Option<&str>) -> R
 /// Runs `ebb ... mount --foreground` detached, and returns once the mount is ready.
 fn spawn_daemon(abs: &Path) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("find the ebb executable")?;
-    let log = std::env::temp_dir().join(format!("ebb-mount-{}.log", std::process::id()));
+    // One log per mountpoint, replaced by the next mount there, so logs do not pile up.
+    let tag: String = abs.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let log = std::env::temp_dir().join(format!("ebb-mount{tag}.log"));
     let log_file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
     let mut cmd = Command::new(exe);
     cmd.args(std::env::args_os().skip(1)).arg("--foreground");

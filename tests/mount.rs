@@ -23,7 +23,8 @@ struct Mounted(PathBuf);
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.0).status();
+        let _ =
+            Command::new("fusermount3").arg("-u").arg("-z").arg(&self.0).stderr(std::process::Stdio::null()).status();
     }
 }
 

@@ -178,18 +178,18 @@ pub enum PayloadError {
     TooLarge { got: usize, limit: usize },
 }
 
-/// Reverses `encode_payload`, refusing to produce more than `limit` bytes.
-pub fn decode_payload(mut payload: Vec<u8>, limit: usize) -> Result<Vec<u8>, PayloadError> {
+/// Reverses `encode_payload`, refusing to produce more than `limit` bytes. Raw
+/// payloads are returned as a slice of the input: no copy.
+pub fn decode_payload(payload: Vec<u8>, limit: usize) -> Result<bytes::Bytes, PayloadError> {
     match payload.first().copied() {
         None => Err(PayloadError::Empty),
         Some(RAW) => {
-            payload.remove(0);
-            if payload.len() > limit {
-                return Err(PayloadError::TooLarge { got: payload.len(), limit });
+            if payload.len() - 1 > limit {
+                return Err(PayloadError::TooLarge { got: payload.len() - 1, limit });
             }
-            Ok(payload)
+            Ok(bytes::Bytes::from(payload).slice(1..))
         }
-        Some(ZSTD) => zstd::bulk::decompress(&payload[1..], limit).map_err(PayloadError::Zstd),
+        Some(ZSTD) => zstd::bulk::decompress(&payload[1..], limit).map(bytes::Bytes::from).map_err(PayloadError::Zstd),
         Some(flag) => Err(PayloadError::UnknownFlag(flag)),
     }
 }
@@ -234,12 +234,12 @@ mod tests {
         let p = encode_payload(&text, Some(&mut compressor()));
         assert_eq!(p[0], ZSTD);
         assert!(p.len() < text.len() / 10);
-        assert_eq!(decode_payload(p.clone(), text.len()).unwrap(), text);
+        assert_eq!(decode_payload(p.clone(), text.len()).unwrap(), &text[..]);
         assert!(decode_payload(p, 100).is_err());
 
         let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         let p = encode_payload(&noise, Some(&mut compressor()));
-        assert_eq!(decode_payload(p, noise.len()).unwrap(), noise);
+        assert_eq!(decode_payload(p, noise.len()).unwrap(), &noise[..]);
         assert!(decode_payload(vec![9, 1, 2], 10).is_err());
     }
 }

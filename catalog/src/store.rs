@@ -221,15 +221,17 @@ impl Store {
     /// Objects under `dir/` whose names sort after `after`, in name order, at most
     /// `limit` of them: one narrow listing, not a scan of the repository.
     pub async fn list_after(&self, dir: &str, after: &str, limit: usize) -> Result<Vec<ObjectInfo>, StoreError> {
+        if let Some(root) = &self.local_root {
+            return list_after_local(root.join(dir), dir, after, limit).await;
+        }
         let prefix = self.path(dir);
         let offset = self.path(after);
         let mut stream = self.inner.list_with_offset(Some(&prefix), &offset);
         let mut out = Vec::new();
-        // Not every backend returns names in order (the local one walks directories),
-        // so keep the `limit` smallest seen rather than the first `limit`.
+        // Object stores list in name order: the first `limit` are the ones wanted.
         while let Some(m) = stream.try_next().await.map_err(|e| StoreError::from_backend("list", dir, e))? {
             out.push(ObjectInfo { name: self.name_of(&m.location), size: m.size });
-            if self.local_root.is_none() && out.len() >= limit {
+            if out.len() >= limit {
                 break;
             }
         }
@@ -250,6 +252,43 @@ impl Store {
         out.sort();
         Ok(out)
     }
+}
+
+/// `list_after` for a flat directory on the local filesystem: object_store's local
+/// backend stats every entry of the directory (several times), which made finding a
+/// point cost a stat per point. This reads names only and stats just the results.
+async fn list_after_local(path: PathBuf, dir: &str, after: &str, limit: usize) -> Result<Vec<ObjectInfo>, StoreError> {
+    let dir = dir.to_string();
+    let after = after.to_string();
+    tokio::task::spawn_blocking(move || {
+        let io = |cause| StoreError::Io { op: "list", name: dir.clone(), cause };
+        let mut names: Vec<String> = match std::fs::read_dir(&path) {
+            Ok(it) => it
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| !n.starts_with('.') && !n.contains('#'))
+                .map(|n| format!("{dir}/{n}"))
+                .filter(|n| n.as_str() > after.as_str())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(e)),
+        };
+        names.sort();
+        names.truncate(limit);
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let leaf = name.rsplit('/').next().unwrap_or_default();
+            match std::fs::metadata(path.join(leaf)) {
+                Ok(m) if m.is_file() => out.push(ObjectInfo { name, size: m.len() }),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // deleted meanwhile
+                Err(e) => return Err(io(e)),
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .expect("listing task panicked")
 }
 
 async fn sync_dir(dir: PathBuf, name: &str) -> Result<(), StoreError> {

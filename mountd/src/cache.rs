@@ -1,6 +1,8 @@
 //! The decrypted-chunk cache: an LRU bounded in bytes, shared by every reader.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+
+use bytes::Bytes;
 
 use catalog::Id;
 use lru::LruCache;
@@ -11,7 +13,7 @@ pub struct ChunkCache {
 }
 
 struct Inner {
-    lru: LruCache<Id, Arc<Vec<u8>>>,
+    lru: LruCache<Id, Bytes>,
     bytes: usize,
 }
 
@@ -20,11 +22,11 @@ impl ChunkCache {
         ChunkCache { inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0 }), limit }
     }
 
-    pub fn get(&self, id: &Id) -> Option<Arc<Vec<u8>>> {
+    pub fn get(&self, id: &Id) -> Option<Bytes> {
         self.inner.lock().expect("cache lock").lru.get(id).cloned()
     }
 
-    pub fn insert(&self, id: Id, data: Arc<Vec<u8>>) {
+    pub fn insert(&self, id: Id, data: Bytes) {
         let mut g = self.inner.lock().expect("cache lock");
         g.bytes += data.len();
         if let Some(old) = g.lru.put(id, data) {
@@ -148,11 +150,11 @@ mod tests {
     fn evicts_least_recent_beyond_the_limit() {
         let c = ChunkCache::new(250);
         for i in 0..3u8 {
-            c.insert(Id([i; 32]), Arc::new(vec![0; 100]));
+            c.insert(Id([i; 32]), Bytes::from(vec![0; 100]));
         }
         assert!(c.get(&Id([0; 32])).is_none());
         assert!(c.get(&Id([1; 32])).is_some());
-        c.insert(Id([3; 32]), Arc::new(vec![0; 100]));
+        c.insert(Id([3; 32]), Bytes::from(vec![0; 100]));
         assert!(c.get(&Id([2; 32])).is_none(), "2 was least recently used");
         assert!(c.get(&Id([1; 32])).is_some());
     }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use catalog::time::{parse_time, TimeSpec};
 use catalog::tree::{Entry, EntryKind, Extent, Timestamp as TreeTime, Tree};
 use catalog::{BlobKind, BlobRef, Id, PointRef, Repository};
@@ -20,11 +21,17 @@ use crate::error::FsError;
 
 pub const ROOT: u64 = 1;
 /// One fetch of a chunk, shared by every reader that asks while it runs.
-type Fetch = Arc<OnceCell<Result<Arc<Vec<u8>>, String>>>;
-/// Reads ahead of a sequential reader: this many chunks (about 1 MiB each).
-const READ_AHEAD_CHUNKS: usize = 4;
+type Fetch = Arc<OnceCell<Result<Bytes, String>>>;
+/// Reads ahead of a sequential reader: this many chunks (about 1 MiB each), enough
+/// to keep every core decrypting while the reader copies.
+const READ_AHEAD_CHUNKS: usize = 8;
 /// A fetch that takes longer than this fails the read with EIO instead of hanging.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Listing a directory prefetches its small files (one chunk each), since tools that
+/// list a tree (`find | xargs cat`, `cp -r`, `grep -r`) read them next: at most this
+/// many per directory, this many fetches at once.
+const LISTING_PREFETCH_FILES: usize = 1024;
+const LISTING_PREFETCH_CONCURRENCY: usize = 8;
 
 /// What the mount shows.
 #[derive(Debug, Clone)]
@@ -83,6 +90,8 @@ enum NodeKind {
         tree: OnceCell<Arc<Tree>>,
         /// Where each extent of a file starts.
         starts: OnceLock<Vec<u64>>,
+        /// Whether listing this directory already prefetched its small files.
+        prefetched: std::sync::atomic::AtomicBool,
     },
 }
 
@@ -111,6 +120,8 @@ pub struct Fs {
     /// inode -> where the last read ended, to tell sequential readers.
     last_end: Mutex<HashMap<u64, u64>>,
     mounted: SystemTime,
+    /// Where background fetches run (read-ahead may be started from a FUSE thread).
+    rt: tokio::runtime::Handle,
     uid: u32,
     gid: u32,
 }
@@ -121,6 +132,20 @@ fn to_system(t: TreeTime) -> SystemTime {
     } else {
         UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(t.nsec as u64)
     }
+}
+
+/// Where each extent of a file starts.
+fn extent_starts(entry: &Entry) -> Vec<u64> {
+    let mut pos = 0;
+    entry
+        .content
+        .iter()
+        .map(|x| {
+            let s = pos;
+            pos += x.len();
+            s
+        })
+        .collect()
 }
 
 fn kind_of(k: EntryKind) -> Kind {
@@ -153,6 +178,7 @@ impl Fs {
             inflight: Mutex::new(HashMap::new()),
             last_end: Mutex::new(HashMap::new()),
             mounted: SystemTime::now(),
+            rt: tokio::runtime::Handle::current(),
             uid: unsafe { libc::geteuid() },
             gid: unsafe { libc::getegid() },
         });
@@ -178,7 +204,14 @@ impl Fs {
         let tree = self.repo.read_tree(&root).await?;
         let entry =
             tree.entries.into_iter().next().ok_or_else(|| FsError::Io(format!("{}: empty root", point.name)))?;
-        Ok(Node { kind: NodeKind::Entry { entry: Arc::new(entry), tree: OnceCell::new(), starts: OnceLock::new() } })
+        Ok(Node {
+            kind: NodeKind::Entry {
+                entry: Arc::new(entry),
+                tree: OnceCell::new(),
+                starts: OnceLock::new(),
+                prefetched: Default::default(),
+            },
+        })
     }
 
     /// The inode of `name` in `parent`, made with `make` on first sight.
@@ -231,14 +264,39 @@ impl Fs {
         }
     }
 
+    /// `lookup` when the parent's tree is already here. `None`: use the async path.
+    pub fn lookup_now(&self, parent: u64, name: &[u8]) -> Option<Result<Attr, FsError>> {
+        let node = self.node(parent).ok()?;
+        let NodeKind::Entry { tree, .. } = &node.kind else { return None };
+        let tree = tree.get()?;
+        let Some(entry) = tree.find(name) else { return Some(Err(FsError::NotFound)) };
+        let ino = self.intern(parent, name, || Node {
+            kind: NodeKind::Entry {
+                entry: Arc::new(entry.clone()),
+                tree: OnceCell::new(),
+                starts: OnceLock::new(),
+                prefetched: Default::default(),
+            },
+        });
+        self.getattr_now(ino)
+    }
+
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        if let Some(r) = self.lookup_now(parent, name) {
+            return r;
+        }
         let node = self.node(parent)?;
         let ino = match &node.kind {
             NodeKind::Entry { .. } => {
                 let tree = self.tree(&node).await?;
                 let entry = tree.find(name).ok_or(FsError::NotFound)?.clone();
                 self.intern(parent, name, || Node {
-                    kind: NodeKind::Entry { entry: Arc::new(entry), tree: OnceCell::new(), starts: OnceLock::new() },
+                    kind: NodeKind::Entry {
+                        entry: Arc::new(entry),
+                        tree: OnceCell::new(),
+                        starts: OnceLock::new(),
+                        prefetched: Default::default(),
+                    },
                 })
             }
             NodeKind::Synthetic(s) => self.lookup_synthetic(parent, s, name).await?,
@@ -318,12 +376,28 @@ impl Fs {
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        if let Some(r) = self.getattr_now(ino) {
+            return r;
+        }
         let node = self.node(ino)?;
         match &node.kind {
             NodeKind::Synthetic(Synth::Latest(src)) => {
                 let target = self.latest_target(src).await?;
                 Ok(self.synthetic_attr(ino, Kind::Symlink, target.len() as u64))
             }
+            _ => unreachable!("getattr_now answers every other node"),
+        }
+    }
+
+    /// Attributes that need no fetch: every node but `latest`. `None` means "use
+    /// the async path".
+    pub fn getattr_now(&self, ino: u64) -> Option<Result<Attr, FsError>> {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(match &node.kind {
+            NodeKind::Synthetic(Synth::Latest(_)) => return None,
             NodeKind::Synthetic(_) => Ok(self.synthetic_attr(ino, Kind::Dir, 0)),
             NodeKind::Entry { entry: e, .. } => {
                 let data: u64 =
@@ -351,7 +425,7 @@ impl Fs {
                     volatile: false,
                 })
             }
-        }
+        })
     }
 
     async fn latest_target(&self, src: &str) -> Result<Vec<u8>, FsError> {
@@ -369,12 +443,15 @@ impl Fs {
     }
 
     /// A directory's entries (without `.` and `..`), with their inodes and kinds.
-    pub async fn readdir(&self, ino: u64) -> Result<Vec<(u64, Kind, Vec<u8>)>, FsError> {
+    pub async fn readdir(self: &Arc<Self>, ino: u64) -> Result<Vec<(u64, Kind, Vec<u8>)>, FsError> {
         let node = self.node(ino)?;
         let synth = |s: Synth| move || Node { kind: NodeKind::Synthetic(s) };
         match &node.kind {
-            NodeKind::Entry { .. } => {
+            NodeKind::Entry { prefetched, .. } => {
                 let tree = self.tree(&node).await?.clone();
+                if !prefetched.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    self.prefetch_small_files(&tree);
+                }
                 Ok(tree
                     .entries
                     .iter()
@@ -384,6 +461,7 @@ impl Fs {
                                 entry: Arc::new(e.clone()),
                                 tree: OnceCell::new(),
                                 starts: OnceLock::new(),
+                                prefetched: Default::default(),
                             },
                         });
                         (child, kind_of(e.kind), e.name.clone())
@@ -429,6 +507,36 @@ impl Fs {
         }
     }
 
+    /// `read` when every chunk it needs is cached. `None`: use the async path.
+    pub fn read_now(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>, FsError>> {
+        let node = self.node(ino).ok()?;
+        let NodeKind::Entry { entry, starts, .. } = &node.kind else { return None };
+        if entry.kind != EntryKind::File {
+            return None;
+        }
+        let starts = starts.get_or_init(|| extent_starts(entry));
+        let end = (offset + size as u64).min(entry.size);
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut pos = offset;
+        let mut idx = starts.partition_point(|&s| s <= offset).saturating_sub(1);
+        while pos < end && idx < entry.content.len() {
+            let ext = &entry.content[idx];
+            let (s, e) = (starts[idx], starts[idx] + ext.len());
+            let (from, to) = (pos.max(s), end.min(e));
+            match ext {
+                Extent::Hole(_) => out.resize(out.len() + (to - from) as usize, 0),
+                Extent::Data(b) => {
+                    let data = self.cache.get(&b.id)?;
+                    out.extend_from_slice(&data[(from - s) as usize..(to - s) as usize]);
+                }
+            }
+            pos = to;
+            idx += 1;
+        }
+        self.after_read(ino, entry, offset, end, idx);
+        Some(Ok(out))
+    }
+
     /// Reads up to `size` bytes at `offset`, fetching only the chunks they lie in.
     pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         let node = self.node(ino)?;
@@ -436,18 +544,7 @@ impl Fs {
         if entry.kind != EntryKind::File {
             return Err(FsError::IsDir);
         }
-        let starts = starts.get_or_init(|| {
-            let mut pos = 0;
-            entry
-                .content
-                .iter()
-                .map(|x| {
-                    let s = pos;
-                    pos += x.len();
-                    s
-                })
-                .collect()
-        });
+        let starts = starts.get_or_init(|| extent_starts(entry));
         let end = (offset + size as u64).min(entry.size);
         let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
         let mut pos = offset;
@@ -466,7 +563,14 @@ impl Fs {
             pos = to;
             idx += 1;
         }
-        // Sequential reader: fetch the next chunks now; a seek drops the read-ahead.
+        self.after_read(ino, entry, offset, end, idx);
+        Ok(out)
+    }
+
+    /// Sequential reader: fetch the next chunks now; a seek drops the read-ahead.
+    /// `next` is the index of the first extent after what was just read.
+    fn after_read(self: &Arc<Self>, ino: u64, entry: &Entry, offset: u64, end: u64, next: usize) {
+        let idx = next;
         let sequential = {
             let mut last = self.last_end.lock().expect("read positions");
             let seq = last.get(&ino).is_some_and(|&l| l == offset) || offset == 0;
@@ -482,17 +586,44 @@ impl Fs {
             for b in ahead {
                 if self.cache.get(&b.id).is_none() {
                     let fs = self.clone();
-                    tokio::spawn(async move {
+                    self.rt.spawn(async move {
                         let _ = fs.chunk(&b).await;
                     });
                 }
             }
         }
-        Ok(out)
+    }
+
+    fn prefetch_small_files(self: &Arc<Self>, tree: &Tree) {
+        let blobs: Vec<BlobRef> = tree
+            .entries
+            .iter()
+            .filter_map(|e| match e.content.as_slice() {
+                [Extent::Data(b)] if e.kind == EntryKind::File => Some(*b),
+                _ => None,
+            })
+            .filter(|b| self.cache.get(&b.id).is_none())
+            .take(LISTING_PREFETCH_FILES)
+            .collect();
+        if blobs.is_empty() {
+            return;
+        }
+        let fs = self.clone();
+        self.rt.spawn(async move {
+            use futures::StreamExt;
+            futures::stream::iter(blobs)
+                .for_each_concurrent(LISTING_PREFETCH_CONCURRENCY, |b| {
+                    let fs = fs.clone();
+                    async move {
+                        let _ = fs.chunk(&b).await;
+                    }
+                })
+                .await;
+        });
     }
 
     /// A chunk's plaintext, from the cache or fetched once however many ask at once.
-    async fn chunk(&self, b: &BlobRef) -> Result<Arc<Vec<u8>>, FsError> {
+    async fn chunk(&self, b: &BlobRef) -> Result<Bytes, FsError> {
         if let Some(c) = self.cache.get(&b.id) {
             return Ok(c);
         }
@@ -501,7 +632,6 @@ impl Fs {
             .get_or_init(|| async {
                 match tokio::time::timeout(FETCH_TIMEOUT, self.fetch(b)).await {
                     Ok(Ok(data)) => {
-                        let data = Arc::new(data);
                         self.cache.insert(b.id, data.clone());
                         Ok(data)
                     }
@@ -524,10 +654,10 @@ impl Fs {
 
     /// A chunk's plaintext from the disk cache if it is there and authentic, else
     /// from the store (and then kept on disk).
-    async fn fetch(&self, b: &BlobRef) -> Result<Vec<u8>, catalog::RepoError> {
-        let Some(disk) = &self.disk else { return self.repo.read_blob(BlobKind::Data, b).await };
+    async fn fetch(&self, b: &BlobRef) -> Result<Bytes, catalog::RepoError> {
+        let Some(disk) = &self.disk else { return self.repo.read_blob_authenticated(BlobKind::Data, b).await };
         if let Some(sealed) = disk.get(b) {
-            match self.repo.open_blob(BlobKind::Data, b, &sealed) {
+            match self.repo.open_blob_authenticated(BlobKind::Data, b, &sealed) {
                 Ok(plain) => return Ok(plain),
                 Err(e) => {
                     tracing::warn!("dropping a damaged entry of the disk cache: {e}");
@@ -536,7 +666,7 @@ impl Fs {
             }
         }
         let sealed = self.repo.store().get_range(&catalog::pack_name(&b.pack), b.range()).await?;
-        let plain = self.repo.open_blob(BlobKind::Data, b, &sealed)?;
+        let plain = self.repo.open_blob_authenticated(BlobKind::Data, b, &sealed)?;
         disk.put(b, &sealed);
         Ok(plain)
     }
@@ -558,6 +688,11 @@ impl Fs {
             }
         }
         Ok(out)
+    }
+
+    /// A file was closed: forget where its reader was.
+    pub fn forget_position(&self, ino: u64) {
+        self.last_end.lock().expect("read positions").remove(&ino);
     }
 
     /// Inodes handed out so far (for statfs).

@@ -93,6 +93,13 @@ impl Filesystem for Adapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        // Answered here when nothing needs fetching: a task hand-off costs more.
+        if let Some(r) = self.fs.lookup_now(parent.0, name.as_bytes()) {
+            return match r {
+                Ok(a) => reply.entry(&ttl(&a), &attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            };
+        }
         let (fs, name) = (self.fs.clone(), name.as_bytes().to_vec());
         self.rt.spawn(async move {
             match fs.lookup(parent.0, &name).await {
@@ -103,6 +110,12 @@ impl Filesystem for Adapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(r) = self.fs.getattr_now(ino.0) {
+            return match r {
+                Ok(a) => reply.attr(&ttl(&a), &attr(&a)),
+                Err(e) => reply.error(errno(&e)),
+            };
+        }
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.getattr(ino.0).await {
@@ -138,6 +151,12 @@ impl Filesystem for Adapter {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        if let Some(r) = self.fs.read_now(ino.0, offset, size) {
+            return match r {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            };
+        }
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.read(ino.0, offset, size).await {
@@ -145,6 +164,24 @@ impl Filesystem for Adapter {
                 Err(e) => reply.error(errno(&e)),
             }
         });
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.forget_position(ino.0);
+        reply.ok();
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
