@@ -134,6 +134,47 @@ fn to_system(t: TreeTime) -> SystemTime {
     }
 }
 
+/// What a read returns, piece by piece.
+enum Piece {
+    Zeros(usize),
+    /// These bytes of this chunk.
+    Chunk(BlobRef, std::ops::Range<usize>),
+}
+
+struct ReadPlan {
+    pieces: Vec<Piece>,
+    len: usize,
+    /// The index of the first extent after the read.
+    next: usize,
+}
+
+/// The pieces of `size` bytes at `offset` of the file `node`.
+fn read_plan(node: &Node, offset: u64, size: u32) -> Result<(&Entry, ReadPlan), FsError> {
+    let NodeKind::Entry { entry, starts, .. } = &node.kind else { return Err(FsError::IsDir) };
+    if entry.kind != EntryKind::File {
+        return Err(FsError::IsDir);
+    }
+    let starts = starts.get_or_init(|| extent_starts(entry));
+    let end = (offset + size as u64).min(entry.size);
+    let mut plan = ReadPlan { pieces: Vec::new(), len: 0, next: 0 };
+    let mut pos = offset;
+    let mut idx = starts.partition_point(|&s| s <= offset).saturating_sub(1);
+    while pos < end && idx < entry.content.len() {
+        let ext = &entry.content[idx];
+        let (s, e) = (starts[idx], starts[idx] + ext.len());
+        let (from, to) = (pos.max(s), end.min(e));
+        plan.pieces.push(match ext {
+            Extent::Hole(_) => Piece::Zeros((to - from) as usize),
+            Extent::Data(b) => Piece::Chunk(*b, (from - s) as usize..(to - s) as usize),
+        });
+        plan.len += (to - from) as usize;
+        pos = to;
+        idx += 1;
+    }
+    plan.next = idx;
+    Ok((entry, plan))
+}
+
 /// Where each extent of a file starts.
 fn extent_starts(entry: &Entry) -> Vec<u64> {
     let mut pos = 0;
@@ -510,60 +551,33 @@ impl Fs {
     /// `read` when every chunk it needs is cached. `None`: use the async path.
     pub fn read_now(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>, FsError>> {
         let node = self.node(ino).ok()?;
-        let NodeKind::Entry { entry, starts, .. } = &node.kind else { return None };
-        if entry.kind != EntryKind::File {
-            return None;
-        }
-        let starts = starts.get_or_init(|| extent_starts(entry));
-        let end = (offset + size as u64).min(entry.size);
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
-        let mut pos = offset;
-        let mut idx = starts.partition_point(|&s| s <= offset).saturating_sub(1);
-        while pos < end && idx < entry.content.len() {
-            let ext = &entry.content[idx];
-            let (s, e) = (starts[idx], starts[idx] + ext.len());
-            let (from, to) = (pos.max(s), end.min(e));
-            match ext {
-                Extent::Hole(_) => out.resize(out.len() + (to - from) as usize, 0),
-                Extent::Data(b) => {
-                    let data = self.cache.get(&b.id)?;
-                    out.extend_from_slice(&data[(from - s) as usize..(to - s) as usize]);
-                }
+        let (entry, plan) = match read_plan(&node, offset, size) {
+            Ok(p) => p,
+            Err(_) => return None,
+        };
+        let mut out = Vec::with_capacity(plan.len);
+        for piece in &plan.pieces {
+            match piece {
+                Piece::Zeros(n) => out.resize(out.len() + n, 0),
+                Piece::Chunk(b, range) => out.extend_from_slice(&self.cache.get(&b.id)?[range.clone()]),
             }
-            pos = to;
-            idx += 1;
         }
-        self.after_read(ino, entry, offset, end, idx);
+        self.after_read(ino, entry, offset, offset + plan.len as u64, plan.next);
         Some(Ok(out))
     }
 
     /// Reads up to `size` bytes at `offset`, fetching only the chunks they lie in.
     pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         let node = self.node(ino)?;
-        let NodeKind::Entry { entry, starts, .. } = &node.kind else { return Err(FsError::IsDir) };
-        if entry.kind != EntryKind::File {
-            return Err(FsError::IsDir);
-        }
-        let starts = starts.get_or_init(|| extent_starts(entry));
-        let end = (offset + size as u64).min(entry.size);
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
-        let mut pos = offset;
-        let mut idx = starts.partition_point(|&s| s <= offset).saturating_sub(1);
-        while pos < end && idx < entry.content.len() {
-            let ext = &entry.content[idx];
-            let (s, e) = (starts[idx], starts[idx] + ext.len());
-            let (from, to) = (pos.max(s), end.min(e));
-            match ext {
-                Extent::Hole(_) => out.resize(out.len() + (to - from) as usize, 0),
-                Extent::Data(b) => {
-                    let data = self.chunk(b).await?;
-                    out.extend_from_slice(&data[(from - s) as usize..(to - s) as usize]);
-                }
+        let (entry, plan) = read_plan(&node, offset, size)?;
+        let mut out = Vec::with_capacity(plan.len);
+        for piece in &plan.pieces {
+            match piece {
+                Piece::Zeros(n) => out.resize(out.len() + n, 0),
+                Piece::Chunk(b, range) => out.extend_from_slice(&self.chunk(b).await?[range.clone()]),
             }
-            pos = to;
-            idx += 1;
         }
-        self.after_read(ino, entry, offset, end, idx);
+        self.after_read(ino, entry, offset, offset + plan.len as u64, plan.next);
         Ok(out)
     }
 
