@@ -31,6 +31,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Restore { at, source, path, target } => restore(g, at, source, path, target).await,
         Command::Verify { read_data, json } => verify(g, read_data, json).await,
         Command::Mount { at, source, cache_size, cache_dir, cache_dir_size, foreground, mountpoint } => {
+            if foreground {
+                crate::mount::reexec_with_huge_pages();
+            }
             let repo = if foreground { Some(open(g).await?) } else { None };
             let caches = crate::mount::Caches { memory: cache_size, dir: cache_dir, dir_size: cache_dir_size };
             crate::mount::mount(repo, at, source, caches, foreground, &mountpoint).await

@@ -9,6 +9,7 @@
 
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use bytes::{Bytes, BytesMut};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -120,16 +121,29 @@ pub fn seal_into(cipher: &Aes256Gcm, counter: u64, aad: &[u8], plaintext: &[u8],
 
 /// Opens what `seal` produced; fails unless key, nonce, AAD and every byte match.
 pub fn open(cipher: &Aes256Gcm, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, AuthError> {
+    let (nonce, tag) = nonce_and_tag(sealed)?;
+    let mut buf = sealed[NONCE_LEN..sealed.len() - TAG_LEN].to_vec();
+    cipher.decrypt_inout_detached(&nonce.into(), aad, buf.as_mut_slice().into(), &tag).map_err(|_| AuthError)?;
+    Ok(buf)
+}
+
+/// `open` on a buffer the caller gives up: decrypts in place and returns the part
+/// of it that holds the plaintext, copying nothing.
+pub fn open_in_place(cipher: &Aes256Gcm, aad: &[u8], mut sealed: BytesMut) -> Result<BytesMut, AuthError> {
+    let (nonce, tag) = nonce_and_tag(&sealed)?;
+    sealed.truncate(sealed.len() - TAG_LEN);
+    let mut body = sealed.split_off(NONCE_LEN);
+    cipher.decrypt_inout_detached(&nonce.into(), aad, body.as_mut().into(), &tag).map_err(|_| AuthError)?;
+    Ok(body)
+}
+
+fn nonce_and_tag(sealed: &[u8]) -> Result<([u8; NONCE_LEN], Tag<aes_gcm::aead::consts::U16>), AuthError> {
     if sealed.len() < SEAL_OVERHEAD {
         return Err(AuthError);
     }
-    let (n, rest) = sealed.split_at(NONCE_LEN);
-    let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
-    let n: [u8; NONCE_LEN] = n.try_into().expect("12 bytes");
-    let tag = Tag::<aes_gcm::aead::consts::U16>::try_from(tag).map_err(|_| AuthError)?;
-    let mut buf = body.to_vec();
-    cipher.decrypt_inout_detached(&n.into(), aad, buf.as_mut_slice().into(), &tag).map_err(|_| AuthError)?;
-    Ok(buf)
+    let nonce = sealed[..NONCE_LEN].try_into().expect("12 bytes");
+    let tag = Tag::<aes_gcm::aead::consts::U16>::try_from(&sealed[sealed.len() - TAG_LEN..]).map_err(|_| AuthError)?;
+    Ok((nonce, tag))
 }
 
 /// Payload flag: the bytes follow as they are.
@@ -180,16 +194,16 @@ pub enum PayloadError {
 
 /// Reverses `encode_payload`, refusing to produce more than `limit` bytes. Raw
 /// payloads are returned as a slice of the input: no copy.
-pub fn decode_payload(payload: Vec<u8>, limit: usize) -> Result<bytes::Bytes, PayloadError> {
+pub fn decode_payload(payload: Bytes, limit: usize) -> Result<Bytes, PayloadError> {
     match payload.first().copied() {
         None => Err(PayloadError::Empty),
         Some(RAW) => {
             if payload.len() - 1 > limit {
                 return Err(PayloadError::TooLarge { got: payload.len() - 1, limit });
             }
-            Ok(bytes::Bytes::from(payload).slice(1..))
+            Ok(payload.slice(1..))
         }
-        Some(ZSTD) => zstd::bulk::decompress(&payload[1..], limit).map(bytes::Bytes::from).map_err(PayloadError::Zstd),
+        Some(ZSTD) => zstd::bulk::decompress(&payload[1..], limit).map(Bytes::from).map_err(PayloadError::Zstd),
         Some(flag) => Err(PayloadError::UnknownFlag(flag)),
     }
 }
@@ -234,12 +248,12 @@ mod tests {
         let p = encode_payload(&text, Some(&mut compressor()));
         assert_eq!(p[0], ZSTD);
         assert!(p.len() < text.len() / 10);
-        assert_eq!(decode_payload(p.clone(), text.len()).unwrap(), &text[..]);
-        assert!(decode_payload(p, 100).is_err());
+        assert_eq!(decode_payload(p.clone().into(), text.len()).unwrap(), &text[..]);
+        assert!(decode_payload(p.into(), 100).is_err());
 
         let noise: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         let p = encode_payload(&noise, Some(&mut compressor()));
-        assert_eq!(decode_payload(p, noise.len()).unwrap(), &noise[..]);
-        assert!(decode_payload(vec![9, 1, 2], 10).is_err());
+        assert_eq!(decode_payload(p.into(), noise.len()).unwrap(), &noise[..]);
+        assert!(decode_payload(vec![9, 1, 2].into(), 10).is_err());
     }
 }

@@ -36,7 +36,7 @@ pub fn open_object(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<u8>, Obj
     let body = bytes.strip_prefix(MAGIC).ok_or_else(|| ObjectError::Magic { name: name.to_string() })?;
     let payload = open(&keys.object_cipher(name), name.as_bytes(), body)
         .map_err(|_| ObjectError::Auth { name: name.to_string() })?;
-    decode_payload(payload, MAX_OBJECT)
+    decode_payload(payload.into(), MAX_OBJECT)
         .map(|b| b.to_vec())
         .map_err(|cause| ObjectError::Payload { name: name.to_string(), cause })
 }

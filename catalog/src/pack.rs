@@ -188,7 +188,7 @@ pub fn read_header(keys: &Keys, pack: &Id, bytes: &[u8]) -> Result<Vec<PackEntry
     }
     let sealed = &body[body.len() - hlen..];
     let payload = open(&keys.pack_cipher(pack), HEADER_AAD, sealed)?;
-    let plain = crate::crypto::decode_payload(payload, 64 << 20)?;
+    let plain = crate::crypto::decode_payload(payload.into(), 64 << 20)?;
     let mut d = Decoder::new("pack header", &plain);
     let n = d.count(HEADER_ENTRY_LEN)?;
     let mut out = Vec::with_capacity(n);

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use jiff::Timestamp;
 
 use crate::config::{Config, ConfigError, CONFIG_NAME};
-use crate::crypto::{decode_payload, open, Keys, MasterKey, PayloadError};
+use crate::crypto::{decode_payload, open_in_place, Keys, MasterKey, PayloadError};
 use crate::id::Id;
 use crate::index::{index_name, open_index, DedupIndex, INDEX_DIR};
 use crate::keyslot::{slot_name, KdfParams, KeySlot, Secret, SlotError, KEYS_DIR};
@@ -239,7 +239,8 @@ impl Repository {
     /// Like `read_blob`, with `open_blob_authenticated`.
     pub async fn read_blob_authenticated(&self, kind: BlobKind, blob: &BlobRef) -> Result<Bytes, RepoError> {
         let sealed = self.store.get_range(&pack_name(&blob.pack), blob.range()).await?;
-        Ok(self.open_blob_authenticated(kind, blob, &sealed)?)
+        let sealed = sealed.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        Ok(self.open_blob_in_place(kind, blob, sealed)?)
     }
 
     pub async fn read_blob(&self, kind: BlobKind, blob: &BlobRef) -> Result<Bytes, RepoError> {
@@ -264,9 +265,14 @@ impl Repository {
     /// writer's own mistakes, which `open_blob`, restore and `ebb verify` make), for
     /// the mount's read path, where that hash is a sixth of the work.
     pub fn open_blob_authenticated(&self, kind: BlobKind, blob: &BlobRef, sealed: &[u8]) -> Result<Bytes, BlobError> {
-        let payload = open(&self.keys.pack_cipher(&blob.pack), &blob_aad(kind, &blob.id), sealed)
+        self.open_blob_in_place(kind, blob, BytesMut::from(sealed))
+    }
+
+    /// `open_blob_authenticated` on bytes the caller gives up: decrypted in place.
+    pub fn open_blob_in_place(&self, kind: BlobKind, blob: &BlobRef, sealed: BytesMut) -> Result<Bytes, BlobError> {
+        let payload = open_in_place(&self.keys.pack_cipher(&blob.pack), &blob_aad(kind, &blob.id), sealed)
             .map_err(|e| BlobError::new(kind, blob, e.to_string()))?;
-        let plain = decode_payload(payload, blob.raw_len as usize)
+        let plain = decode_payload(payload.freeze(), blob.raw_len as usize)
             .map_err(|e: PayloadError| BlobError::new(kind, blob, e.to_string()))?;
         if plain.len() != blob.raw_len as usize {
             return Err(BlobError::new(kind, blob, "content has the wrong length"));

@@ -26,6 +26,11 @@ impl ChunkCache {
         self.inner.lock().expect("cache lock").lru.get(id).cloned()
     }
 
+    /// Whether the chunk is cached, without making it more recent.
+    pub fn contains(&self, id: &Id) -> bool {
+        self.inner.lock().expect("cache lock").lru.contains(id)
+    }
+
     pub fn insert(&self, id: Id, data: Bytes) {
         let mut g = self.inner.lock().expect("cache lock");
         g.bytes += data.len();
@@ -98,6 +103,10 @@ impl DiskCache {
                 None
             }
         }
+    }
+
+    pub fn contains(&self, blob: &catalog::BlobRef) -> bool {
+        self.state.lock().expect("disk cache lock").lru.contains(&Self::key(blob))
     }
 
     pub fn remove(&self, blob: &catalog::BlobRef) {

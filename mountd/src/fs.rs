@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use catalog::time::{parse_time, TimeSpec};
 use catalog::tree::{Entry, EntryKind, Extent, Timestamp as TreeTime, Tree};
 use catalog::{BlobKind, BlobRef, Id, PointRef, Repository};
+use futures::future::{BoxFuture, FutureExt, Shared};
 use jiff::Timestamp;
 use tokio::sync::OnceCell;
 
@@ -21,17 +22,26 @@ use crate::error::FsError;
 
 pub const ROOT: u64 = 1;
 /// One fetch of a chunk, shared by every reader that asks while it runs.
-type Fetch = Arc<OnceCell<Result<Bytes, String>>>;
-/// Reads ahead of a sequential reader: this many chunks (about 1 MiB each), enough
-/// to keep every core decrypting while the reader copies.
-const READ_AHEAD_CHUNKS: usize = 8;
+type Fetch = Shared<BoxFuture<'static, Result<Bytes, String>>>;
+/// A sequential reader has this many bytes fetched or in flight ahead of it, enough
+/// to keep the store busy and every core decrypting while the reader copies.
+const READ_AHEAD_BYTES: u64 = 32 << 20;
+/// Read-ahead and listing prefetch fetch neighbouring chunks of one pack with one
+/// ranged GET of at most this many bytes, reading over gaps of up to `SPAN_GAP`.
+const SPAN_BYTES: u64 = 8 << 20;
+const SPAN_GAP: u64 = 64 << 10;
+/// A read this close to where the last one ended continues it.
+const SEQUENTIAL_SLACK: u64 = 1 << 20;
 /// A fetch that takes longer than this fails the read with EIO instead of hanging.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Listing a directory prefetches its small files (one chunk each), since tools that
 /// list a tree (`find | xargs cat`, `cp -r`, `grep -r`) read them next: at most this
 /// many per directory, this many fetches at once.
 const LISTING_PREFETCH_FILES: usize = 1024;
-const LISTING_PREFETCH_CONCURRENCY: usize = 8;
+/// Store requests that read ahead or prefetch run at most this many at once, so
+/// that a burst of them holds neither many threads nor much memory; reads that a
+/// reader waits for do not queue behind them.
+const BACKGROUND_REQUESTS: usize = 16;
 
 /// What the mount shows.
 #[derive(Debug, Clone)]
@@ -99,6 +109,15 @@ struct Node {
     kind: NodeKind,
 }
 
+/// Where a file's reader is: where its reads ended, how many in a row were
+/// sequential, and the first extent not yet read ahead.
+#[derive(Default)]
+struct Reader {
+    end: u64,
+    streak: u32,
+    ahead: usize,
+}
+
 #[derive(Default)]
 struct Table {
     nodes: HashMap<u64, Arc<Node>>,
@@ -117,8 +136,9 @@ pub struct Fs {
     cache: ChunkCache,
     disk: Option<DiskCache>,
     inflight: Mutex<HashMap<Id, Fetch>>,
-    /// inode -> where the last read ended, to tell sequential readers.
-    last_end: Mutex<HashMap<u64, u64>>,
+    /// inode -> its reader's position and read-ahead.
+    readers: Mutex<HashMap<u64, Reader>>,
+    background: tokio::sync::Semaphore,
     mounted: SystemTime,
     /// Where background fetches run (read-ahead may be started from a FUSE thread).
     rt: tokio::runtime::Handle,
@@ -144,8 +164,8 @@ enum Piece {
 struct ReadPlan {
     pieces: Vec<Piece>,
     len: usize,
-    /// The index of the first extent after the read.
-    next: usize,
+    /// The index of the extent the read starts in.
+    first: usize,
 }
 
 /// The pieces of `size` bytes at `offset` of the file `node`.
@@ -156,9 +176,9 @@ fn read_plan(node: &Node, offset: u64, size: u32) -> Result<(&Entry, ReadPlan), 
     }
     let starts = starts.get_or_init(|| extent_starts(entry));
     let end = (offset + size as u64).min(entry.size);
-    let mut plan = ReadPlan { pieces: Vec::new(), len: 0, next: 0 };
-    let mut pos = offset;
     let mut idx = starts.partition_point(|&s| s <= offset).saturating_sub(1);
+    let mut plan = ReadPlan { pieces: Vec::new(), len: 0, first: idx };
+    let mut pos = offset;
     while pos < end && idx < entry.content.len() {
         let ext = &entry.content[idx];
         let (s, e) = (starts[idx], starts[idx] + ext.len());
@@ -171,8 +191,42 @@ fn read_plan(node: &Node, offset: u64, size: u32) -> Result<(&Entry, ReadPlan), 
         pos = to;
         idx += 1;
     }
-    plan.next = idx;
     Ok((entry, plan))
+}
+
+/// The bytes of a read, piece by piece: a read within one chunk, the usual case,
+/// is a slice of the cached chunk and copies nothing.
+struct Assembly {
+    len: usize,
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+}
+
+impl Assembly {
+    fn new(len: usize) -> Assembly {
+        Assembly { len, first: None, joined: None }
+    }
+
+    fn push(&mut self, piece: Bytes) {
+        if let Some(joined) = &mut self.joined {
+            joined.extend_from_slice(&piece);
+        } else if let Some(first) = self.first.take() {
+            let mut joined = BytesMut::with_capacity(self.len);
+            joined.extend_from_slice(&first);
+            joined.extend_from_slice(&piece);
+            self.joined = Some(joined);
+        } else {
+            self.first = Some(piece);
+        }
+    }
+
+    fn zeros(&mut self, n: usize) {
+        self.push(Bytes::from(vec![0; n]));
+    }
+
+    fn finish(self) -> Bytes {
+        self.joined.map(BytesMut::freeze).or(self.first).unwrap_or_default()
+    }
 }
 
 /// Where each extent of a file starts.
@@ -217,7 +271,8 @@ impl Fs {
             cache: ChunkCache::new(cache_bytes),
             disk,
             inflight: Mutex::new(HashMap::new()),
-            last_end: Mutex::new(HashMap::new()),
+            readers: Mutex::new(HashMap::new()),
+            background: tokio::sync::Semaphore::new(BACKGROUND_REQUESTS),
             mounted: SystemTime::now(),
             rt: tokio::runtime::Handle::current(),
             uid: unsafe { libc::geteuid() },
@@ -483,6 +538,18 @@ impl Fs {
         }
     }
 
+    /// A directory's entries with their attributes, `.` and `..` first.
+    pub async fn readdir_plus(self: &Arc<Self>, ino: u64) -> Result<Vec<(Attr, Vec<u8>)>, FsError> {
+        let entries = self.readdir(ino).await?;
+        let mut out = Vec::with_capacity(entries.len() + 2);
+        out.push((self.getattr(ino).await?, b".".to_vec()));
+        out.push((self.getattr(ROOT).await?, b"..".to_vec()));
+        for (child, _, name) in entries {
+            out.push((self.getattr(child).await?, name));
+        }
+        Ok(out)
+    }
+
     /// A directory's entries (without `.` and `..`), with their inodes and kinds.
     pub async fn readdir(self: &Arc<Self>, ino: u64) -> Result<Vec<(u64, Kind, Vec<u8>)>, FsError> {
         let node = self.node(ino)?;
@@ -549,121 +616,212 @@ impl Fs {
     }
 
     /// `read` when every chunk it needs is cached. `None`: use the async path.
-    pub fn read_now(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>, FsError>> {
+    pub fn read_now(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Option<Result<Bytes, FsError>> {
         let node = self.node(ino).ok()?;
-        let (entry, plan) = match read_plan(&node, offset, size) {
-            Ok(p) => p,
-            Err(_) => return None,
-        };
-        let mut out = Vec::with_capacity(plan.len);
+        let (entry, plan) = read_plan(&node, offset, size).ok()?;
+        let mut out = Assembly::new(plan.len);
         for piece in &plan.pieces {
             match piece {
-                Piece::Zeros(n) => out.resize(out.len() + n, 0),
-                Piece::Chunk(b, range) => out.extend_from_slice(&self.cache.get(&b.id)?[range.clone()]),
+                Piece::Zeros(n) => out.zeros(*n),
+                Piece::Chunk(b, range) => out.push(self.cache.get(&b.id)?.slice(range.clone())),
             }
         }
-        self.after_read(ino, entry, offset, offset + plan.len as u64, plan.next);
-        Some(Ok(out))
+        self.read_ahead(ino, &node, entry, offset, offset + plan.len as u64, plan.first);
+        Some(Ok(out.finish()))
     }
 
     /// Reads up to `size` bytes at `offset`, fetching only the chunks they lie in.
-    pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
         let node = self.node(ino)?;
         let (entry, plan) = read_plan(&node, offset, size)?;
-        let mut out = Vec::with_capacity(plan.len);
+        // Before waiting: the read-ahead also fetches this read's own chunks, in the
+        // same ranged GETs as the ones after them.
+        self.read_ahead(ino, &node, entry, offset, offset + plan.len as u64, plan.first);
+        let mut out = Assembly::new(plan.len);
         for piece in &plan.pieces {
             match piece {
-                Piece::Zeros(n) => out.resize(out.len() + n, 0),
-                Piece::Chunk(b, range) => out.extend_from_slice(&self.chunk(b).await?[range.clone()]),
+                Piece::Zeros(n) => out.zeros(*n),
+                Piece::Chunk(b, range) => out.push(self.chunk(b).await?.slice(range.clone())),
             }
         }
-        self.after_read(ino, entry, offset, offset + plan.len as u64, plan.next);
-        Ok(out)
+        Ok(out.finish())
     }
 
-    /// Sequential reader: fetch the next chunks now; a seek drops the read-ahead.
-    /// `next` is the index of the first extent after what was just read.
-    fn after_read(self: &Arc<Self>, ino: u64, entry: &Entry, offset: u64, end: u64, next: usize) {
-        let idx = next;
-        let sequential = {
-            let mut last = self.last_end.lock().expect("read positions");
-            let seq = last.get(&ino).is_some_and(|&l| l == offset) || offset == 0;
-            last.insert(ino, end);
-            seq
-        };
-        if sequential {
-            let ahead: Vec<BlobRef> = entry.content[idx.min(entry.content.len())..]
-                .iter()
-                .filter_map(|x| if let Extent::Data(b) = x { Some(*b) } else { None })
-                .take(READ_AHEAD_CHUNKS)
-                .collect();
-            for b in ahead {
-                if self.cache.get(&b.id).is_none() {
-                    let fs = self.clone();
-                    self.rt.spawn(async move {
-                        let _ = fs.chunk(&b).await;
-                    });
-                }
+    /// Keeps a sequential reader `READ_AHEAD_BYTES` ahead, refilling when half of it
+    /// is used, so that whole runs of chunks come in one ranged GET each. A seek
+    /// drops the read-ahead: nothing more is started until reads are sequential
+    /// again. `first` is the extent the read at `offset` starts in.
+    fn read_ahead(self: &Arc<Self>, ino: u64, node: &Node, entry: &Entry, offset: u64, end: u64, first: usize) {
+        let NodeKind::Entry { starts, .. } = &node.kind else { return };
+        let Some(starts) = starts.get() else { return };
+        let pos = |i: usize| starts.get(i).copied().unwrap_or(entry.size);
+        let (from, to) = {
+            let mut readers = self.readers.lock().expect("read positions");
+            let r = readers.entry(ino).or_default();
+            // The kernel sends a reader's requests in order, but they may be served
+            // out of order: near the last end counts as going on from it.
+            if offset.abs_diff(r.end) <= SEQUENTIAL_SLACK {
+                r.streak += 1;
+                r.end = r.end.max(end);
+            } else {
+                (r.streak, r.end) = (0, end);
             }
-        }
+            // Reading from the start is reading through; elsewhere it takes two reads in
+            // a row, so that random readers do not start read-ahead by chance.
+            if offset != 0 && r.streak < 2 {
+                r.ahead = first;
+                return;
+            }
+            r.ahead = r.ahead.max(first);
+            if pos(r.ahead) >= offset + READ_AHEAD_BYTES / 2 {
+                return;
+            }
+            let from = r.ahead;
+            let mut to = from;
+            while to < entry.content.len() && pos(to) < offset + READ_AHEAD_BYTES {
+                to += 1;
+            }
+            r.ahead = to;
+            (from, to)
+        };
+        let blobs =
+            entry.content[from..to].iter().filter_map(|x| if let Extent::Data(b) = x { Some(*b) } else { None });
+        self.fetch_ahead(blobs);
     }
 
     fn prefetch_small_files(self: &Arc<Self>, tree: &Tree) {
-        let blobs: Vec<BlobRef> = tree
+        let mut blobs: Vec<BlobRef> = tree
             .entries
             .iter()
             .filter_map(|e| match e.content.as_slice() {
                 [Extent::Data(b)] if e.kind == EntryKind::File => Some(*b),
                 _ => None,
             })
-            .filter(|b| self.cache.get(&b.id).is_none())
             .take(LISTING_PREFETCH_FILES)
             .collect();
-        if blobs.is_empty() {
-            return;
+        blobs.sort_by_key(|b| (b.pack, b.offset));
+        blobs.dedup_by_key(|b| b.id);
+        self.fetch_ahead(blobs.into_iter());
+    }
+
+    /// Starts fetching `blobs` in the background, each run of neighbours in one pack
+    /// with one ranged GET; those cached, in flight or on the disk cache are skipped
+    /// or fetched alone.
+    fn fetch_ahead(self: &Arc<Self>, blobs: impl Iterator<Item = BlobRef>) {
+        let mut run: Vec<BlobRef> = Vec::new();
+        for b in blobs {
+            if self.cache.contains(&b.id) || self.inflight.lock().expect("in-flight fetches").contains_key(&b.id) {
+                continue;
+            }
+            if self.disk.as_ref().is_some_and(|d| d.contains(&b)) {
+                let fs = self.clone();
+                self.rt.spawn(async move { fs.chunk(&b).await });
+                continue;
+            }
+            if let (Some(head), Some(last)) = (run.first(), run.last()) {
+                let last_end = last.offset as u64 + last.length as u64;
+                let joins = b.pack == last.pack
+                    && (last_end..=last_end + SPAN_GAP).contains(&(b.offset as u64))
+                    && b.offset as u64 + b.length as u64 - head.offset as u64 <= SPAN_BYTES;
+                if !joins {
+                    self.fetch_span(std::mem::take(&mut run));
+                }
+            }
+            run.push(b);
         }
-        let fs = self.clone();
-        self.rt.spawn(async move {
-            use futures::StreamExt;
-            futures::stream::iter(blobs)
-                .for_each_concurrent(LISTING_PREFETCH_CONCURRENCY, |b| {
-                    let fs = fs.clone();
-                    async move {
-                        let _ = fs.chunk(&b).await;
-                    }
-                })
-                .await;
-        });
+        if !run.is_empty() {
+            self.fetch_span(run);
+        }
+    }
+
+    /// Fetches neighbouring chunks of one pack with one ranged GET, in the
+    /// background, and decrypts each where it landed. Readers that want one of them
+    /// meanwhile wait for this fetch.
+    fn fetch_span(self: &Arc<Self>, mut blobs: Vec<BlobRef>) {
+        let mut inflight = self.inflight.lock().expect("in-flight fetches");
+        blobs.retain(|b| !inflight.contains_key(&b.id));
+        let (Some(head), Some(last)) = (blobs.first(), blobs.last()) else { return };
+        let (pack, start, end) = (head.pack, head.offset as u64, last.offset as u64 + last.length as u64);
+        let (fs, todo) = (self.clone(), blobs.clone());
+        let span = async move {
+            let sealed = async {
+                let _permit = fs.background.acquire().await.map_err(|e| e.to_string())?;
+                fs.bounded(&pack, fs.repo.store().get_range(&catalog::pack_name(&pack), start..end)).await
+            };
+            let mut all = match sealed.await {
+                Ok(all) => all.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..])),
+                Err(e) => return Arc::new(todo.iter().map(|b| fs.settle(b, Err(e.clone()))).collect()),
+            };
+            let mut at = start;
+            let opened = todo.iter().map(|b| {
+                all.advance((b.offset as u64 - at) as usize);
+                at = b.offset as u64 + b.length as u64;
+                let mine = all.split_to(b.length as usize);
+                if let Some(d) = &fs.disk {
+                    d.put(b, &mine);
+                }
+                let plain = fs.repo.open_blob_in_place(BlobKind::Data, b, mine).map_err(|e| e.to_string());
+                fs.settle(b, plain)
+            });
+            Arc::new(opened.collect::<Vec<_>>())
+        }
+        .boxed()
+        .shared();
+        for (i, b) in blobs.iter().enumerate() {
+            inflight.insert(b.id, span.clone().map(move |all| all[i].clone()).boxed().shared());
+        }
+        drop(inflight);
+        self.rt.spawn(span);
     }
 
     /// A chunk's plaintext, from the cache or fetched once however many ask at once.
-    async fn chunk(&self, b: &BlobRef) -> Result<Bytes, FsError> {
+    async fn chunk(self: &Arc<Self>, b: &BlobRef) -> Result<Bytes, FsError> {
         if let Some(c) = self.cache.get(&b.id) {
             return Ok(c);
         }
-        let cell = self.inflight.lock().expect("in-flight fetches").entry(b.id).or_default().clone();
-        let result = cell
-            .get_or_init(|| async {
-                match tokio::time::timeout(FETCH_TIMEOUT, self.fetch(b)).await {
-                    Ok(Ok(data)) => {
-                        self.cache.insert(b.id, data.clone());
-                        Ok(data)
+        let fetch = {
+            let mut inflight = self.inflight.lock().expect("in-flight fetches");
+            // A fetch that just ended put its chunk in the cache before leaving.
+            if let Some(c) = self.cache.get(&b.id) {
+                return Ok(c);
+            }
+            inflight
+                .entry(b.id)
+                .or_insert_with(|| {
+                    let (fs, b) = (self.clone(), *b);
+                    async move {
+                        let result = fs.bounded(&b.pack, fs.fetch(&b)).await;
+                        fs.settle(&b, result)
                     }
-                    Ok(Err(e)) => {
-                        tracing::error!("read failed: {e}");
-                        Err(e.to_string())
-                    }
-                    Err(_) => {
-                        let name = catalog::pack_name(&b.pack);
-                        tracing::error!("read of {name} timed out after {FETCH_TIMEOUT:?}");
-                        Err(format!("{name}: timed out"))
-                    }
-                }
-            })
-            .await
-            .clone();
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        fetch.await.map_err(FsError::Io)
+    }
+
+    /// Runs a store request against `FETCH_TIMEOUT`.
+    async fn bounded<T, E: std::fmt::Display>(
+        &self,
+        pack: &Id,
+        request: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(FETCH_TIMEOUT, request).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("read of {} timed out after {FETCH_TIMEOUT:?}", catalog::pack_name(pack))),
+        }
+    }
+
+    /// A fetch has ended: keep its chunk, or log why it failed, then let the next
+    /// reader start afresh.
+    fn settle(&self, b: &BlobRef, result: Result<Bytes, String>) -> Result<Bytes, String> {
+        match &result {
+            Ok(data) => self.cache.insert(b.id, data.clone()),
+            Err(e) => tracing::error!("read failed: {e}"),
+        }
         self.inflight.lock().expect("in-flight fetches").remove(&b.id);
-        result.map_err(FsError::Io)
+        result
     }
 
     /// A chunk's plaintext from the disk cache if it is there and authentic, else
@@ -680,9 +838,9 @@ impl Fs {
             }
         }
         let sealed = self.repo.store().get_range(&catalog::pack_name(&b.pack), b.range()).await?;
-        let plain = self.repo.open_blob_authenticated(BlobKind::Data, b, &sealed)?;
         disk.put(b, &sealed);
-        Ok(plain)
+        let sealed = sealed.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        Ok(self.repo.open_blob_in_place(BlobKind::Data, b, sealed)?)
     }
 
     pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, FsError> {
@@ -706,7 +864,7 @@ impl Fs {
 
     /// A file was closed: forget where its reader was.
     pub fn forget_position(&self, ino: u64) {
-        self.last_end.lock().expect("read positions").remove(&ino);
+        self.readers.lock().expect("read positions").remove(&ino);
     }
 
     /// Inodes handed out so far (for statfs).
