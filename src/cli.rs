@@ -55,6 +55,9 @@ pub enum Command {
         /// Source name: the timeline this point belongs to [default: the host name]
         #[arg(long, value_parser = parse_source)]
         source: Option<String>,
+        /// Leave out matching paths: a name at any depth (*.tmp), or a path below PATH (cache/**)
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
         /// Print the new point as JSON
         #[arg(long)]
         json: bool,
@@ -118,6 +121,18 @@ while mounted appear within seconds. Data is fetched and decrypted only when rea
         foreground: bool,
         mountpoint: PathBuf,
     },
+    /// Ship continuously, until SIGINT or SIGTERM
+    #[command(subcommand)]
+    Stream(StreamCommand),
+    /// For each source: its RPO, how far behind the repository is, the newest point and
+    /// the last error. Exits 1 when a source is past its RPO.
+    Status {
+        /// Where streams keep their state [default: /var/lib/ebb/state as root, else ~/.local/state/ebb]
+        #[arg(long, env = "EBB_STATE_DIR", value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Unmount what `ebb mount` mounted (also clears a mount left by a killed daemon)
     Umount { mountpoint: PathBuf },
     /// Check that every point can be read back
@@ -127,6 +142,33 @@ while mounted appear within seconds. Data is fetched and decrypted only when rea
         read_data: bool,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StreamCommand {
+    /// A directory tree: a new recovery point whenever something in it changed, so
+    /// that no change waits longer than the RPO
+    Dir {
+        /// Source name: the timeline the points belong to [default: the host name]
+        #[arg(long, value_parser = parse_source)]
+        source: Option<String>,
+        /// Recovery point objective: the most a change may wait to be durable (e.g. 30s, 1m, 15m)
+        #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+        rpo: std::time::Duration,
+        /// Leave out matching paths: a name at any depth (*.tmp), or a path below PATH (cache/**)
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
+        /// Walk the whole tree at least this often, even when no change was seen
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+        rescan: std::time::Duration,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9184)
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Where to keep the state `ebb status` reads [default: /var/lib/ebb/state as root, else ~/.local/state/ebb]
+        #[arg(long, env = "EBB_STATE_DIR", value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        path: PathBuf,
     },
 }
 
@@ -154,6 +196,17 @@ pub enum KeyCommand {
 fn parse_time_arg(s: &str) -> Result<TimeSpec, String> {
     let tz = jiff::tz::TimeZone::system();
     parse_time(s, jiff::Timestamp::now(), &tz).map_err(|e| e.to_string())
+}
+
+/// Durations like `30s`, `1m`, `1h30m` or `2 hours`, at least one second.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("invalid duration {s:?}: use e.g. 30s, 1m or 1h30m");
+    let d: jiff::SignedDuration = s.trim().parse().map_err(|_| bad())?;
+    let d = std::time::Duration::try_from(d).map_err(|_| bad())?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("duration {s:?} is too short: at least 1s"));
+    }
+    Ok(d)
 }
 
 /// Sizes like `512MiB`, `2GiB`, `1G`, `100M` or a number of bytes.

@@ -25,7 +25,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Init => init(g).await,
         Command::Key(k) => key(g, k).await,
-        Command::Backup { source, json, path } => backup(g, source, json, path).await,
+        Command::Backup { source, exclude, json, path } => backup(g, source, exclude, json, path).await,
         Command::Sources { json } => sources(g, json).await,
         Command::Points { source, since, until, json } => points(g, source, since, until, json).await,
         Command::Restore { at, source, path, target } => restore(g, at, source, path, target).await,
@@ -39,11 +39,24 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             crate::mount::mount(repo, at, source, caches, foreground, &mountpoint).await
         }
         Command::Umount { mountpoint } => crate::mount::umount(&mountpoint),
+        Command::Stream(crate::cli::StreamCommand::Dir {
+            source,
+            rpo,
+            exclude,
+            rescan,
+            metrics_addr,
+            state_dir,
+            path,
+        }) => {
+            let dir = crate::stream::DirStream { source, rpo, exclude, rescan, metrics_addr, state_dir, path };
+            crate::stream::stream_dir(g, dir).await
+        }
+        Command::Status { state_dir, json } => crate::stream::status(g, state_dir, json).await,
     }
 }
 
 /// The repository URL: --repo, EBB_REPOSITORY, or the default on the local disk.
-fn repo_url(g: &Global) -> Result<String> {
+pub fn repo_url(g: &Global) -> Result<String> {
     if let Some(url) = &g.repo {
         return Ok(url.clone());
     }
@@ -78,7 +91,7 @@ pub async fn open(g: &Global) -> Result<Repository> {
     Ok(Repository::open(store, &secret).await?)
 }
 
-fn host() -> String {
+pub fn host() -> String {
     nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into())
 }
 
@@ -163,8 +176,9 @@ fn rand_key() -> [u8; 32] {
     k
 }
 
-async fn backup(g: &Global, source: Option<String>, json: bool, path: std::path::PathBuf) -> Result<ExitCode> {
-    let source = match source {
+/// The source name given, or the host name made into one.
+pub fn source_or_host(source: Option<String>) -> Result<String> {
+    Ok(match source {
         Some(s) => s,
         None => {
             let h: String = host()
@@ -174,18 +188,30 @@ async fn backup(g: &Global, source: Option<String>, json: bool, path: std::path:
             catalog::validate_source(&h).map_err(|e| UsageError(format!("{e}; pass --source NAME")))?;
             h
         }
-    };
+    })
+}
+
+/// Threads reading files during a walk.
+pub fn file_workers() -> usize {
+    4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 4)
+}
+
+async fn backup(
+    g: &Global,
+    source: Option<String>,
+    exclude: Vec<String>,
+    json: bool,
+    path: std::path::PathBuf,
+) -> Result<ExitCode> {
+    let source = source_or_host(source)?;
     if let Err(e) = std::fs::symlink_metadata(&path) {
         return Err(UsageError(format!("cannot back up {}: {e}", path.display())).into());
     }
+    let excludes = Arc::new(streamer::Excludes::new(&exclude).map_err(|e| UsageError(e.to_string()))?);
     let repo = open(g).await?;
     let counters = Arc::new(streamer::Counters::default());
-    let opts = streamer::SnapshotOptions {
-        source: source.clone(),
-        path,
-        host: host(),
-        workers: 4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 4),
-    };
+    let opts =
+        streamer::SnapshotOptions { source: source.clone(), path, host: host(), workers: file_workers(), excludes };
     let pb = spinner(g.quiet);
     let ticker = {
         let pb = pb.clone();

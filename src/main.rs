@@ -5,6 +5,7 @@ mod commands;
 mod mount;
 mod output;
 mod secret;
+mod stream;
 
 use std::process::ExitCode;
 

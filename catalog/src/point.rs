@@ -146,6 +146,10 @@ pub struct Manifest {
     pub stats: Stats,
     /// Entries that could not be read and are missing from the point.
     pub skipped: Vec<Skipped>,
+    /// Files that kept changing while read: stored as last read, which may mix
+    /// versions. Empty in manifests written before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
     /// The index file written with this point.
     pub index: Option<String>,
 }
@@ -162,6 +166,7 @@ impl Manifest {
             root: root.into(),
             stats: Stats::default(),
             skipped: Vec::new(),
+            changed: Vec::new(),
             index: None,
         }
     }

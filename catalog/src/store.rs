@@ -98,7 +98,21 @@ impl Store {
             if bucket.is_empty() {
                 return Err(bad("an s3:// URL names a bucket, like s3://bucket/prefix"));
             }
-            let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+            // Every request is bounded: 30 s each, retried with backoff and jitter for at
+            // most a minute, after which the caller sees the error (and a stream
+            // retries on its own, for as long as it takes).
+            let retry = object_store::RetryConfig {
+                backoff: object_store::BackoffConfig::default(),
+                max_retries: 6,
+                retry_timeout: std::time::Duration::from_secs(60),
+            };
+            let client = object_store::ClientOptions::new()
+                .with_timeout(std::time::Duration::from_secs(30))
+                .with_connect_timeout(std::time::Duration::from_secs(5));
+            let mut builder = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_retry(retry)
+                .with_client_options(client);
             let endpoint = std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| std::env::var("AWS_ENDPOINT_URL"));
             if endpoint.as_deref().is_ok_and(|e| e.starts_with("http://")) {
                 builder = builder.with_allow_http(true);

@@ -3,15 +3,16 @@
 //! A `Writer` is shared by the threads of one backup; each thread stores blobs through
 //! its own `Packer` (compression and encryption run on that thread). Full packs go to
 //! one async uploader over a bounded channel, so memory stays bounded whatever the
-//! input. `finish` waits until every pack is durable, then writes the index file;
-//! only after that may a manifest reference any of it.
+//! input. `checkpoint` and `finish` wait until every pack is durable, then write the
+//! index file; only after that may a manifest reference any of it. A writer that
+//! reported an error must be dropped: its dedup map may name blobs never stored.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::crypto::{compressor, encode_payload};
@@ -53,7 +54,7 @@ pub struct Writer {
     repo: Repository,
     dedup: Mutex<DedupIndex>,
     written: Mutex<Vec<PackEntry>>,
-    tx: Mutex<Option<mpsc::Sender<(String, Bytes)>>>,
+    tx: Mutex<Option<mpsc::Sender<Upload>>>,
     uploader: Mutex<Option<JoinHandle<Result<(), StoreError>>>>,
     new_blobs: AtomicU64,
     new_data_blobs: AtomicU64,
@@ -107,16 +108,38 @@ impl Writer {
         if let Some(handle) = uploader {
             handle.await.expect("uploader panicked")?;
         }
+        self.write_index().await
+    }
+
+    /// Waits until every pack handed over so far is durable, then writes the index
+    /// file of the blobs stored since the last checkpoint. The writer goes on; the
+    /// summary counts what was stored since the last checkpoint. Every packer must
+    /// have been flushed.
+    pub async fn checkpoint(&self) -> Result<WriterSummary, WriteError> {
+        let tx = self.tx.lock().expect("tx lock").clone().ok_or(WriteError::UploaderStopped)?;
+        let (ack, done) = oneshot::channel();
+        if tx.send(Upload::Barrier(ack)).await.is_err() || done.await.is_err() {
+            // The uploader stopped: say why.
+            let uploader = self.uploader.lock().expect("uploader lock").take();
+            if let Some(handle) = uploader {
+                handle.await.expect("uploader panicked")?;
+            }
+            return Err(WriteError::UploaderStopped);
+        }
+        self.write_index().await
+    }
+
+    async fn write_index(&self) -> Result<WriterSummary, WriteError> {
         if self.lost.load(Ordering::SeqCst) || self.unflushed.load(Ordering::SeqCst) != 0 {
             return Err(WriteError::Unflushed);
         }
         let entries = std::mem::take(&mut *self.written.lock().expect("written lock"));
         let mut summary = WriterSummary {
             index: None,
-            new_blobs: self.new_blobs.load(Ordering::Relaxed),
-            new_data_blobs: self.new_data_blobs.load(Ordering::Relaxed),
-            new_bytes: self.new_bytes.load(Ordering::Relaxed),
-            packs: self.packs.load(Ordering::Relaxed),
+            new_blobs: self.new_blobs.swap(0, Ordering::Relaxed),
+            new_data_blobs: self.new_data_blobs.swap(0, Ordering::Relaxed),
+            new_bytes: self.new_bytes.swap(0, Ordering::Relaxed),
+            packs: self.packs.swap(0, Ordering::Relaxed),
         };
         if !entries.is_empty() {
             let name = Repository::new_index_name();
@@ -129,20 +152,32 @@ impl Writer {
 
     fn send(&self, name: String, bytes: Vec<u8>) -> Result<(), WriteError> {
         let tx = self.tx.lock().expect("tx lock").clone().ok_or(WriteError::UploaderStopped)?;
-        tx.blocking_send((name, Bytes::from(bytes))).map_err(|_| WriteError::UploaderStopped)
+        tx.blocking_send(Upload::Pack(name, Bytes::from(bytes))).map_err(|_| WriteError::UploaderStopped)
     }
 }
 
-async fn upload_loop(store: Store, mut rx: mpsc::Receiver<(String, Bytes)>) -> Result<(), StoreError> {
+enum Upload {
+    Pack(String, Bytes),
+    /// Acknowledged once every pack sent before it is durable.
+    Barrier(oneshot::Sender<()>),
+}
+
+async fn upload_loop(store: Store, mut rx: mpsc::Receiver<Upload>) -> Result<(), StoreError> {
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
         tokio::select! {
             Some(done) = in_flight.next(), if !in_flight.is_empty() => done?,
             msg = rx.recv(), if open && in_flight.len() < CONCURRENT_UPLOADS => match msg {
-                Some((name, bytes)) => {
+                Some(Upload::Pack(name, bytes)) => {
                     let store = store.clone();
                     in_flight.push(async move { store.put_new(&name, bytes).await });
+                }
+                Some(Upload::Barrier(ack)) => {
+                    while let Some(done) = in_flight.next().await {
+                        done?;
+                    }
+                    let _ = ack.send(());
                 }
                 None => open = false,
             },

@@ -154,6 +154,8 @@ start_moto() {
             # Any HTTP answer at all means the server is up.
             if curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$port/" 2>/dev/null; then
                 export EBB_TEST_S3_ENDPOINT="http://127.0.0.1:$port"
+                # Tests that stop and resume a server of their own start it from here.
+                export EBB_TEST_MOTO_SERVER="$EBB_VENV/bin/moto_server"
                 export AWS_ACCESS_KEY_ID=testing
                 export AWS_SECRET_ACCESS_KEY=testing
                 export AWS_DEFAULT_REGION=us-east-1

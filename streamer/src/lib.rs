@@ -1,8 +1,14 @@
 //! Sources that produce recovery points. Today: snapshots of a directory tree
 //! (`ebb backup`); continuous shipping and PostgreSQL come next.
 
+mod exclude;
 mod metadata;
+pub mod metrics;
 mod prefetch;
 mod snapshot;
+pub mod state;
+mod stream;
 
-pub use snapshot::{snapshot, Counters, SnapshotError, SnapshotOptions};
+pub use exclude::{ExcludeError, Excludes};
+pub use snapshot::{capture, previous_top, snapshot, Capture, Counters, SnapshotError, SnapshotOptions, TreeCache};
+pub use stream::{stream_dir, StreamError, StreamOptions};

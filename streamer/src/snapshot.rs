@@ -4,6 +4,11 @@
 //! workers reads, chunks, compresses and encrypts file contents. A file whose size,
 //! mtime, ctime and inode match the previous point of the source is not read again:
 //! its extents are reused, so an unchanged tree costs a walk and a few tree lookups.
+//!
+//! A file that changes while it is read is read again (up to `READ_ATTEMPTS` times);
+//! one that never holds still is stored as read and listed in the manifest's
+//! `changed`, never passed off as a consistent state. A file that only grew while
+//! read is stored as it was when the walk saw it: the bytes up to that size.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -16,11 +21,14 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use catalog::tree::{Entry, EntryKind, Extent, Tree};
-use catalog::{BlobKind, Manifest, Packer, PointRef, RepoError, Repository, Skipped, Stats, WriteError, Writer};
+use catalog::tree::{Entry, EntryKind, Extent, Timestamp as TreeTime, Tree};
+use catalog::{
+    BlobKind, Manifest, Packer, PointRef, RepoError, Repository, Skipped, Stats, WriteError, Writer, WriterSummary,
+};
 use jiff::Timestamp;
 use tokio::runtime::Handle;
 
+use crate::exclude::Excludes;
 use crate::metadata::{data_regions, entry_from, entry_from_stat, name_bytes, stat_at};
 use crate::prefetch::Prefetch;
 use catalog::chunker::{ChunkError, Chunker};
@@ -29,6 +37,8 @@ use catalog::chunker::{ChunkError, Chunker};
 const QUEUED_FILES: usize = 256;
 /// Threads reading metadata ahead of the walker.
 const PREFETCH_THREADS: usize = 4;
+/// Reads of a file that keeps changing before it is stored as read and listed.
+const READ_ATTEMPTS: usize = 3;
 
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
@@ -38,6 +48,8 @@ pub struct SnapshotOptions {
     /// Threads reading files; at least one. More than the cores pays on a cold disk,
     /// which answers several reads at once.
     pub workers: usize,
+    /// Paths left out, and not descended into.
+    pub excludes: Arc<Excludes>,
 }
 
 /// Live progress, for a progress bar.
@@ -66,23 +78,10 @@ pub async fn snapshot(
     opts: &SnapshotOptions,
     counters: Arc<Counters>,
 ) -> Result<(PointRef, Manifest), SnapshotError> {
-    let started = Timestamp::now();
-    let clock = Instant::now();
-    let path = fs::canonicalize(&opts.path).map_err(|cause| SnapshotError::Root { path: opts.path.clone(), cause })?;
-    let parent = previous_top(repo, &opts.source, started).await;
+    let parent = previous_top(repo, &opts.source, Timestamp::now()).await;
     let writer = Writer::new(repo.clone()).await?;
-
-    let walk = {
-        let writer = writer.clone();
-        let path = path.clone();
-        let workers = opts.workers.max(1);
-        let handle = Handle::current();
-        tokio::task::spawn_blocking(move || run_walk(writer, handle, &path, parent, workers, counters))
-            .await
-            .expect("snapshot walker panicked")
-    };
-    let (root, mut stats, skipped) = match walk {
-        Ok(r) => r,
+    let captured = match capture(&writer, opts, parent, TreeCache::default(), counters).await {
+        Ok(c) => c,
         Err(e) => {
             // Stop the uploader; what it already stored is unreferenced and harmless.
             let _ = writer.finish().await;
@@ -90,21 +89,92 @@ pub async fn snapshot(
         }
     };
     let summary = writer.finish().await?;
-    stats.new_blobs = summary.new_blobs;
-    stats.new_data_blobs = summary.new_data_blobs;
-    stats.new_bytes = summary.new_bytes;
-    stats.duration_ms = clock.elapsed().as_millis() as u64;
-    let mut manifest =
-        Manifest::new(&opts.source, started, opts.host.clone(), "dir", path.to_string_lossy().into_owned(), root);
-    manifest.stats = stats;
-    manifest.skipped = skipped;
-    manifest.index = summary.index;
-    let point = repo.commit_point(&manifest, started).await?;
+    let manifest = captured.manifest(opts, summary);
+    let point = repo.commit_point(&manifest, captured.started).await?;
     Ok((point, manifest))
 }
 
+/// What one walk of the tree stored: everything a point needs but the manifest.
+pub struct Capture {
+    /// When the walk began: the point's time.
+    pub started: Timestamp,
+    pub path: PathBuf,
+    pub root: catalog::BlobRef,
+    /// The top entry, to compare the next walk with.
+    pub top: Entry,
+    pub stats: Stats,
+    pub skipped: Vec<Skipped>,
+    pub changed: Vec<String>,
+    /// The trees of this walk, for the next one.
+    pub trees: TreeCache,
+    pub elapsed: std::time::Duration,
+}
+
+impl Capture {
+    /// The manifest of a point made of this capture, once `summary`'s blobs are durable.
+    pub fn manifest(&self, opts: &SnapshotOptions, summary: WriterSummary) -> Manifest {
+        let mut stats = self.stats.clone();
+        stats.new_blobs = summary.new_blobs;
+        stats.new_data_blobs = summary.new_data_blobs;
+        stats.new_bytes = summary.new_bytes;
+        stats.duration_ms = self.elapsed.as_millis() as u64;
+        let path = self.path.to_string_lossy().into_owned();
+        let mut manifest = Manifest::new(&opts.source, self.started, opts.host.clone(), "dir", path, self.root);
+        manifest.stats = stats;
+        manifest.skipped = self.skipped.clone();
+        manifest.changed = self.changed.clone();
+        manifest.index = summary.index;
+        manifest
+    }
+}
+
+/// The trees of the last walk by content id, so that the next walk compares with
+/// them without fetching them from the store.
+#[derive(Default)]
+pub struct TreeCache {
+    prev: HashMap<catalog::Id, Arc<Tree>>,
+    next: HashMap<catalog::Id, Arc<Tree>>,
+}
+
+/// Walks `opts.path` and stores, through `writer`, what differs from `parent` (the
+/// top entry of the previous point). Nothing is durable until the writer's next
+/// checkpoint or finish.
+pub async fn capture(
+    writer: &Arc<Writer>,
+    opts: &SnapshotOptions,
+    parent: Option<Entry>,
+    trees: TreeCache,
+    counters: Arc<Counters>,
+) -> Result<Capture, SnapshotError> {
+    let started = Timestamp::now();
+    let clock = Instant::now();
+    let path = fs::canonicalize(&opts.path).map_err(|cause| SnapshotError::Root { path: opts.path.clone(), cause })?;
+    let writer = writer.clone();
+    let walk_path = path.clone();
+    let workers = opts.workers.max(1);
+    let excludes = opts.excludes.clone();
+    let handle = Handle::current();
+    let trees = TreeCache { prev: trees.next, next: HashMap::new() };
+    let walked = tokio::task::spawn_blocking(move || {
+        run_walk(writer, handle, &walk_path, parent, workers, excludes, trees, counters)
+    })
+    .await
+    .expect("snapshot walker panicked")?;
+    Ok(Capture {
+        started,
+        path,
+        root: walked.root,
+        top: walked.top,
+        stats: walked.stats,
+        skipped: walked.skipped,
+        changed: walked.changed,
+        trees: walked.trees,
+        elapsed: clock.elapsed(),
+    })
+}
+
 /// The backed-up entry of the source's newest point, to skip unchanged files.
-async fn previous_top(repo: &Repository, source: &str, t: Timestamp) -> Option<Entry> {
+pub async fn previous_top(repo: &Repository, source: &str, t: Timestamp) -> Option<Entry> {
     let load = async {
         let Some(point) = repo.point_at(source, t).await? else { return Ok(None) };
         let m = repo.manifest(&point).await?;
@@ -129,20 +199,60 @@ enum FileError {
 
 struct Job {
     path: PathBuf,
-    size: u64,
-    reply: SyncSender<Result<Vec<Extent>, FileError>>,
+    /// What the walk saw: what the content read must still match.
+    seen: Seen,
+    reply: SyncSender<Result<FileRead, FileError>>,
 }
 
-type WalkResult = Result<(catalog::BlobRef, Stats, Vec<Skipped>), SnapshotError>;
+/// A file's size, mtime and ctime: what tells its versions apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    size: u64,
+    mtime: TreeTime,
+    ctime: TreeTime,
+}
 
+impl Seen {
+    fn of(e: &Entry) -> Seen {
+        Seen { size: e.size, mtime: e.mtime, ctime: e.ctime }
+    }
+
+    fn of_file(f: &File) -> std::io::Result<Seen> {
+        use std::os::unix::fs::MetadataExt;
+        let m = f.metadata()?;
+        let t = |sec: i64, nsec: i64| TreeTime { sec, nsec: nsec as u32 };
+        Ok(Seen { size: m.len(), mtime: t(m.mtime(), m.mtime_nsec()), ctime: t(m.ctime(), m.ctime_nsec()) })
+    }
+}
+
+/// A file's content as read, and the state it belongs to.
+struct FileRead {
+    extents: Vec<Extent>,
+    seen: Seen,
+    /// It kept changing while read: stored as read, and listed.
+    changed: bool,
+}
+
+struct Walked {
+    root: catalog::BlobRef,
+    top: Entry,
+    stats: Stats,
+    skipped: Vec<Skipped>,
+    changed: Vec<String>,
+    trees: TreeCache,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_walk(
     writer: Arc<Writer>,
     handle: Handle,
     path: &Path,
     parent: Option<Entry>,
     workers: usize,
+    excludes: Arc<Excludes>,
+    trees: TreeCache,
     counters: Arc<Counters>,
-) -> WalkResult {
+) -> Result<Walked, SnapshotError> {
     let (tx, rx) = mpsc::sync_channel::<Job>(QUEUED_FILES);
     let rx = Arc::new(Mutex::new(rx));
     let seed = writer.repo().keys().chunker_seed;
@@ -159,7 +269,7 @@ fn run_walk(
                         Ok(job) => job,
                         Err(_) => break,
                     };
-                    let r = read_file(&job.path, job.size, &mut chunker, &mut packer, &counters);
+                    let r = read_consistent(&job.path, job.seen, &mut chunker, &mut packer, &counters);
                     let fatal = matches!(r, Err(FileError::Write(_)));
                     let _ = job.reply.send(r);
                     if fatal {
@@ -179,7 +289,11 @@ fn run_walk(
         links: HashMap::new(),
         stats: Stats::default(),
         skipped: Vec::new(),
+        changed: Vec::new(),
         counters,
+        root: path.to_path_buf(),
+        excludes,
+        cache: trees,
     };
     let result = walk.top(path, parent);
     walk.jobs = None; // lets the workers finish
@@ -189,12 +303,12 @@ fn run_walk(
             worker_error.get_or_insert(e);
         }
     }
-    let root = result?;
+    let (root, top) = result?;
     if let Some(e) = worker_error {
         return Err(e.into());
     }
     walk.trees.flush()?;
-    Ok((root, walk.stats, walk.skipped))
+    Ok(Walked { root, top, stats: walk.stats, skipped: walk.skipped, changed: walk.changed, trees: walk.cache })
 }
 
 struct Walk {
@@ -206,18 +320,23 @@ struct Walk {
     links: HashMap<(u64, u64), u64>,
     stats: Stats,
     skipped: Vec<Skipped>,
+    changed: Vec<String>,
     counters: Arc<Counters>,
+    /// The walked path, which excludes are relative to.
+    root: PathBuf,
+    excludes: Arc<Excludes>,
+    cache: TreeCache,
 }
 
 enum Pending {
     Ready(Entry),
     Dir(Entry, PathBuf),
-    File(Entry, PathBuf, Receiver<Result<Vec<Extent>, FileError>>),
+    File(Entry, PathBuf, Receiver<Result<FileRead, FileError>>),
 }
 
 impl Walk {
     /// Backs up the root path and stores the one-entry tree that wraps it.
-    fn top(&mut self, path: &Path, parent: Option<Entry>) -> Result<catalog::BlobRef, SnapshotError> {
+    fn top(&mut self, path: &Path, parent: Option<Entry>) -> Result<(catalog::BlobRef, Entry), SnapshotError> {
         let m = fs::symlink_metadata(path).map_err(|cause| SnapshotError::Root { path: path.to_path_buf(), cause })?;
         let name = path.file_name().map(name_bytes).unwrap_or(b"root").to_vec();
         let entry = entry_from(&name, path, &m).ok_or_else(|| SnapshotError::RootKind(path.to_path_buf()))?;
@@ -240,11 +359,22 @@ impl Walk {
                 })?
             }
         };
-        self.store_tree(Tree { entries: vec![entry] })
+        let root = self.store_tree(Tree { entries: vec![entry.clone()] })?;
+        Ok((root, entry))
     }
 
     fn store_tree(&mut self, tree: Tree) -> Result<catalog::BlobRef, SnapshotError> {
-        Ok(self.trees.store(BlobKind::Tree, &tree.encode())?)
+        let blob = self.trees.store(BlobKind::Tree, &tree.encode())?;
+        self.cache.next.insert(blob.id, Arc::new(tree));
+        Ok(blob)
+    }
+
+    /// The tree of the previous point at this place: from the last walk, else fetched.
+    fn previous_tree(&mut self, blob: &catalog::BlobRef) -> Option<Arc<Tree>> {
+        if let Some(t) = self.cache.prev.get(&blob.id) {
+            return Some(t.clone());
+        }
+        self.handle.block_on(self.repo.read_tree(blob)).ok().map(Arc::new)
     }
 
     fn skip(&mut self, path: &Path, err: impl std::fmt::Display) {
@@ -254,10 +384,8 @@ impl Walk {
 
     /// Fills in `entry.subtree` for the directory at `path`.
     fn dir(&mut self, path: &Path, entry: &mut Entry, parent: Option<&Entry>) -> Result<(), SnapshotError> {
-        let parent_tree = parent
-            .filter(|p| p.kind == EntryKind::Dir)
-            .and_then(|p| p.subtree)
-            .and_then(|b| self.handle.block_on(self.repo.read_tree(&b)).ok());
+        let parent_tree =
+            parent.filter(|p| p.kind == EntryKind::Dir).and_then(|p| p.subtree).and_then(|b| self.previous_tree(&b));
         let mut names: Vec<_> = fs::read_dir(path)
             .and_then(|it| it.map(|e| e.map(|e| e.file_name())).collect::<Result<Vec<_>, _>>())
             .map_err(|cause| SnapshotError::Root { path: path.to_path_buf(), cause })?;
@@ -267,6 +395,9 @@ impl Walk {
         let mut pending = Vec::with_capacity(names.len());
         for name in &names {
             let child = path.join(name);
+            if self.excludes.excludes(child.strip_prefix(&self.root).unwrap_or(&child)) {
+                continue;
+            }
             let st = match stat_at(&dir_fd, name) {
                 Ok(st) => st,
                 Err(e) => {
@@ -334,7 +465,7 @@ impl Walk {
                     return Ok(Some(Pending::Ready(e)));
                 }
                 let (reply, rx) = mpsc::sync_channel(1);
-                let job = Job { path: path.to_path_buf(), size: e.size, reply };
+                let job = Job { path: path.to_path_buf(), seen: Seen::of(&e), reply };
                 let jobs = self.jobs.as_ref().expect("jobs open while walking");
                 if jobs.send(job).is_err() {
                     // Every worker stopped: one of them hit a repository error.
@@ -365,13 +496,17 @@ impl Walk {
         &mut self,
         mut e: Entry,
         path: &Path,
-        rx: Receiver<Result<Vec<Extent>, FileError>>,
+        rx: Receiver<Result<FileRead, FileError>>,
     ) -> Result<Option<Entry>, SnapshotError> {
         match rx.recv() {
-            Ok(Ok(extents)) => {
-                // A file that grew or shrank while read is stored as read.
-                e.size = extents.iter().map(Extent::len).sum();
-                e.content = extents;
+            Ok(Ok(read)) => {
+                if read.changed {
+                    tracing::warn!("{} kept changing while read: stored as read", path.display());
+                    self.changed.push(path.to_string_lossy().into_owned());
+                }
+                (e.mtime, e.ctime) = (read.seen.mtime, read.seen.ctime);
+                e.size = read.extents.iter().map(Extent::len).sum();
+                e.content = read.extents;
                 self.stats.files += 1;
                 self.stats.bytes += e.size;
                 self.stats.bytes_read += e.size;
@@ -400,15 +535,40 @@ fn open_noatime(path: &Path) -> std::io::Result<File> {
     fs::OpenOptions::new().read(true).custom_flags(libc::O_NOATIME).open(path).or_else(|_| File::open(path))
 }
 
-fn read_file(
+/// Reads a file until what was read matches one state of it (see the module doc).
+fn read_consistent(
     path: &Path,
+    mut seen: Seen,
+    chunker: &mut Chunker,
+    packer: &mut Packer,
+    counters: &Counters,
+) -> Result<FileRead, FileError> {
+    for attempt in 1..=READ_ATTEMPTS {
+        let mut f = open_noatime(path).map_err(FileError::Io)?;
+        let extents = read_file(&mut f, seen.size, chunker, packer, counters)?;
+        let after = Seen::of_file(&f).map_err(FileError::Io)?;
+        let read: u64 = extents.iter().map(Extent::len).sum();
+        // Unchanged; or it only grew, and the bytes up to the size seen are stored.
+        let grew_only = after.size > seen.size && read == seen.size;
+        if after == seen || grew_only {
+            return Ok(FileRead { extents, seen, changed: false });
+        }
+        if attempt == READ_ATTEMPTS {
+            return Ok(FileRead { extents, seen: after, changed: true });
+        }
+        seen = after;
+    }
+    unreachable!("the last attempt returns")
+}
+
+fn read_file(
+    f: &mut File,
     size: u64,
     chunker: &mut Chunker,
     packer: &mut Packer,
     counters: &Counters,
 ) -> Result<Vec<Extent>, FileError> {
-    let mut f = open_noatime(path).map_err(FileError::Io)?;
-    let regions = data_regions(&f, size).map_err(FileError::Io)?;
+    let regions = data_regions(f, size).map_err(FileError::Io)?;
     let mut extents = Vec::new();
     let mut pos = 0u64;
     for (start, len) in regions {
@@ -417,7 +577,7 @@ fn read_file(
         }
         f.seek(SeekFrom::Start(start)).map_err(FileError::Io)?;
         let read = chunker
-            .run((&mut f).take(len), |chunk| {
+            .run(f.take(len), |chunk| {
                 counters.bytes_read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 counters.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 extents.push(Extent::Data(packer.store(BlobKind::Data, chunk)?));

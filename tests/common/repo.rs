@@ -114,6 +114,15 @@ impl TestRepo {
         }
     }
 
+    /// An `s3://` repository on the S3 server at `endpoint` (not the shared one).
+    pub fn new_s3_at(endpoint: &str) -> TestRepo {
+        let endpoint = S3Endpoint::parse(endpoint);
+        ensure_bucket(&endpoint);
+        let prefix = unique_name();
+        let url = format!("s3://{S3_BUCKET}/{prefix}");
+        TestRepo { backend: Backend::S3, url, location: Location::S3 { endpoint, prefix } }
+    }
+
     /// The repository URL given to the binary as `EBB_REPOSITORY`.
     pub fn url(&self) -> &str {
         &self.url

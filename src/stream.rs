@@ -1,0 +1,154 @@
+//! `ebb stream dir` and `ebb status`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use jiff::Timestamp;
+use serde_json::json;
+use streamer::state::{self, StreamState};
+
+use crate::cli::Global;
+use crate::commands::{file_workers, host, open, repo_url, source_or_host};
+use crate::output::table;
+use crate::UsageError;
+
+pub struct DirStream {
+    pub source: Option<String>,
+    pub rpo: Duration,
+    pub exclude: Vec<String>,
+    pub rescan: Duration,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub state_dir: Option<PathBuf>,
+    pub path: PathBuf,
+}
+
+pub async fn stream_dir(g: &Global, d: DirStream) -> Result<ExitCode> {
+    let source = source_or_host(d.source)?;
+    match std::fs::metadata(&d.path) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(UsageError(format!("{} is not a directory", d.path.display())).into()),
+        Err(e) => return Err(UsageError(format!("cannot stream {}: {e}", d.path.display())).into()),
+    }
+    let excludes = Arc::new(streamer::Excludes::new(&d.exclude).map_err(|e| UsageError(e.to_string()))?);
+    let url = repo_url(g)?;
+    let state_file = d.state_dir.or_else(state::default_state_dir).map(|dir| state::state_file(&dir, &url, &source));
+    if let Some(f) = &state_file {
+        if let Some(other) = std::fs::read(f).ok().and_then(|b| serde_json::from_slice::<StreamState>(&b).ok()) {
+            if other.running(Timestamp::now()) && other.pid != std::process::id() {
+                anyhow::bail!(
+                    "a stream of {source} to {url} is already running (pid {}); one writer per source",
+                    other.pid
+                );
+            }
+        }
+    } else {
+        tracing::warn!("no state directory (set EBB_STATE_DIR or HOME): `ebb status` will not see this stream");
+    }
+    let metrics = Arc::new(streamer::metrics::Metrics::new(&source, d.rpo.as_secs()));
+    if let Some(addr) = d.metrics_addr {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen for metrics on {addr}"))?;
+        tokio::spawn(streamer::metrics::serve(listener, metrics.clone()));
+    }
+    let repo = open(g).await?;
+    let opts = streamer::StreamOptions {
+        snapshot: streamer::SnapshotOptions {
+            source: source.clone(),
+            path: d.path.clone(),
+            host: host(),
+            workers: file_workers(),
+            excludes,
+        },
+        repository: url.clone(),
+        rpo: d.rpo,
+        rescan: d.rescan,
+        state_file,
+    };
+    eprintln!(
+        "streaming {} as {source} to {url} (RPO {}); stop with Ctrl-C or SIGTERM",
+        d.path.display(),
+        humanize(d.rpo)
+    );
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    streamer::stream_dir(repo, opts, metrics, shutdown).await?;
+    eprintln!("stopped streaming {source}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn status(g: &Global, state_dir: Option<PathBuf>, json_out: bool) -> Result<ExitCode> {
+    let url = repo_url(g)?;
+    let dir = state_dir
+        .or_else(state::default_state_dir)
+        .context("no state directory: set EBB_STATE_DIR or HOME, or pass --state-dir")?;
+    let streams =
+        state::read_all(&dir, &url).with_context(|| format!("read the stream states in {}", dir.display()))?;
+    let now = Timestamp::now();
+    let breached = streams.iter().any(|s| s.breached(now));
+    if json_out {
+        let v: Vec<_> = streams
+            .iter()
+            .map(|s| {
+                json!({
+                    "source": s.source,
+                    "kind": s.kind,
+                    "path": s.path,
+                    "rpo_secs": s.rpo_secs,
+                    "lag_secs": s.lag(now).as_secs_f64(),
+                    "breached": s.breached(now),
+                    "running": s.running(now),
+                    "newest_point": s.newest_point.map(|t| t.to_string()),
+                    "durable_as_of": s.durable_as_of.to_string(),
+                    "last_error": s.last_error,
+                    "last_error_at": s.last_error_at.map(|t| t.to_string()),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if streams.is_empty() {
+        eprintln!("no stream of {url} has run on this host (state directory {})", dir.display());
+    } else {
+        let rows: Vec<Vec<String>> = streams
+            .iter()
+            .map(|s| {
+                let state = match (s.running(now), s.breached(now)) {
+                    (_, true) => "PAST RPO",
+                    (true, false) => "ok",
+                    (false, false) => "stopped",
+                };
+                vec![
+                    s.source.clone(),
+                    s.kind.clone(),
+                    humanize(Duration::from_secs(s.rpo_secs)),
+                    format!("{:.1}s", s.lag(now).as_secs_f64()),
+                    state.to_string(),
+                    s.newest_point.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                    s.last_error.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        table(&["SOURCE", "KIND", "RPO", "LAG", "STATE", "NEWEST POINT", "LAST ERROR"], &rows);
+    }
+    Ok(if breached { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// `90s` as `1m30s`.
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, 0) => format!("{h}h"),
+        (h, m, _) => format!("{h}h{m}m"),
+    }
+}

@@ -1,0 +1,114 @@
+//! What a running stream tells the rest of the host: one small JSON file per stream,
+//! rewritten (atomically) every second. `ebb status` reads it, so the lag and the
+//! last error are known even while the store is unreachable. A stream that stops
+//! writing it (killed, hung) goes on aging: its lag grows until the RPO alarm fires.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A stream whose file is older than this is not running.
+pub const STALE_AFTER: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamState {
+    pub source: String,
+    /// The repository URL, as given.
+    pub repository: String,
+    pub kind: String,
+    /// What is shipped: a directory.
+    pub path: String,
+    pub pid: u32,
+    pub rpo_secs: u64,
+    pub started: Timestamp,
+    /// When this file was last written: the stream's heartbeat.
+    pub updated: Timestamp,
+    /// Everything the source held at this time is durable in the repository.
+    pub durable_as_of: Timestamp,
+    /// The time of the newest point this stream made or found.
+    pub newest_point: Option<Timestamp>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<Timestamp>,
+}
+
+impl StreamState {
+    /// Now minus the newest durable state. A stream that stopped writing its file
+    /// vouches for nothing after its last heartbeat.
+    pub fn lag(&self, now: Timestamp) -> Duration {
+        let since = now.duration_since(self.durable_as_of);
+        Duration::try_from(since).unwrap_or_default()
+    }
+
+    pub fn running(&self, now: Timestamp) -> bool {
+        Duration::try_from(now.duration_since(self.updated)).unwrap_or_default() < STALE_AFTER && pid_alive(self.pid)
+    }
+
+    pub fn breached(&self, now: Timestamp) -> bool {
+        self.lag(now) > Duration::from_secs(self.rpo_secs)
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// The directory of stream state files: `EBB_STATE_DIR`, else `/var/lib/ebb/state`
+/// for root, else `$XDG_STATE_HOME/ebb` or `~/.local/state/ebb`.
+pub fn default_state_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("EBB_STATE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Some(PathBuf::from("/var/lib/ebb/state"));
+    }
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .map(|d| d.join("ebb"))
+}
+
+/// The file of one stream: per source and repository.
+pub fn state_file(dir: &Path, repository: &str, source: &str) -> PathBuf {
+    let h = Sha256::digest(repository.as_bytes());
+    dir.join(format!("{source}-{}.json", hex::encode(&h[..6])))
+}
+
+/// Writes the state beside its place, then renames it there.
+pub fn write(path: &Path, state: &StreamState) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state).expect("state serializes"))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Every stream state in `dir` that belongs to `repository`.
+pub fn read_all(dir: &Path, repository: &str) -> std::io::Result<Vec<StreamState>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let p = e?.path();
+        if p.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        match std::fs::read(&p).map(|b| serde_json::from_slice::<StreamState>(&b)) {
+            Ok(Ok(s)) if s.repository == repository => out.push(s),
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::warn!("ignoring {}: {err}", p.display()),
+            Err(err) => tracing::warn!("cannot read {}: {err}", p.display()),
+        }
+    }
+    out.sort_by(|a, b| a.source.cmp(&b.source));
+    Ok(out)
+}
