@@ -602,3 +602,86 @@ fn read_file(
     counters.files.fetch_add(1, Ordering::Relaxed);
     Ok(extents)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::AtomicBool;
+
+    /// The content ids of `data` as the writer would chunk it.
+    fn ids(repo: &Repository, data: &[u8]) -> Vec<catalog::Id> {
+        let mut out = Vec::new();
+        Chunker::new(repo.keys().chunker_seed)
+            .run(data, |c| -> Result<(), ()> {
+                out.push(repo.keys().content_id(c));
+                Ok(())
+            })
+            .unwrap();
+        out
+    }
+
+    /// A file rewritten in place, over and over, while it is read: every read is
+    /// either one whole version, or marked as changed. Never a silent mix.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_rewritten_while_read_is_never_a_silent_mix() {
+        let secret = catalog::Secret::KeyFile([3; 32]);
+        let repo = Repository::init(catalog::Store::memory(), &secret, catalog::DEFAULT_KDF, "t".into()).await.unwrap();
+        let writer = Writer::new(repo.clone()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let versions: Vec<Vec<u8>> = (0..2u8).map(|v| (0..6 << 20).map(|i| (i % 251) as u8 ^ v).collect()).collect();
+        let wanted: Vec<Vec<catalog::Id>> = versions.iter().map(|v| ids(&repo, v)).collect();
+        std::fs::write(&path, &versions[0]).unwrap();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let (path, stop, versions) = (path.clone(), stop.clone(), versions.clone());
+            std::thread::spawn(move || {
+                let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+                let mut v = 0;
+                let mut r = 7u64;
+                while !stop.load(Ordering::Relaxed) {
+                    v ^= 1;
+                    f.write_all_at(&versions[v], 0).unwrap();
+                    // Pauses of 0-7 ms: some reads overlap a rewrite, some do not.
+                    r = r.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    std::thread::sleep(std::time::Duration::from_micros((r >> 33) % 7000));
+                }
+            })
+        };
+        let (mut consistent, mut changed) = (0, 0);
+        for _ in 0..40 {
+            let (writer, path) = (writer.clone(), path.clone());
+            let read = tokio::task::spawn_blocking(move || {
+                let seen = Seen::of_file(&File::open(&path).unwrap()).unwrap();
+                let mut packer = writer.packer();
+                let mut chunker = Chunker::new(writer.repo().keys().chunker_seed);
+                let r = read_consistent(&path, seen, &mut chunker, &mut packer, &Counters::default());
+                packer.flush().unwrap();
+                r
+            })
+            .await
+            .unwrap();
+            let Ok(read) = read else { panic!("the read failed") };
+            let got: Vec<catalog::Id> = read
+                .extents
+                .iter()
+                .map(|x| match x {
+                    Extent::Data(b) => b.id,
+                    Extent::Hole(_) => panic!("no holes here"),
+                })
+                .collect();
+            if read.changed {
+                changed += 1;
+            } else {
+                assert!(wanted.contains(&got), "stored as consistent, but it is a mix of versions");
+                consistent += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert!(consistent > 0, "no read was consistent: the test proves nothing");
+        writer.finish().await.unwrap();
+    }
+}
