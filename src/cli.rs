@@ -148,7 +148,8 @@ while mounted appear within seconds. Data is fetched and decrypted only when rea
 #[derive(Subcommand, Debug)]
 pub enum StreamCommand {
     /// A directory tree: a new recovery point whenever something in it changed, so
-    /// that no change waits longer than the RPO
+    /// that no change waits longer than the RPO; bytes appended to logs (--append)
+    /// are shipped within --append-interval
     Dir {
         /// Source name: the timeline the points belong to [default: the host name]
         #[arg(long, value_parser = parse_source)]
@@ -159,6 +160,13 @@ pub enum StreamCommand {
         /// Leave out matching paths: a name at any depth (*.tmp), or a path below PATH (cache/**)
         #[arg(long, value_name = "GLOB")]
         exclude: Vec<String>,
+        /// Append-only files (logs): when one grew, only the new bytes are read and
+        /// shipped, within --append-interval; a name at any depth or a path below PATH
+        #[arg(long = "append", value_name = "GLOB", default_value = "*.log")]
+        appends: Vec<String>,
+        /// Bytes appended to an append-only file are shipped within this long, without a new point
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+        append_interval: std::time::Duration,
         /// Walk the whole tree at least this often, even when no change was seen
         #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
         rescan: std::time::Duration,

@@ -44,11 +44,23 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             rpo,
             exclude,
             rescan,
+            appends,
+            append_interval,
             metrics_addr,
             state_dir,
             path,
         }) => {
-            let dir = crate::stream::DirStream { source, rpo, exclude, rescan, metrics_addr, state_dir, path };
+            let dir = crate::stream::DirStream {
+                source,
+                rpo,
+                exclude,
+                rescan,
+                appends,
+                append_interval,
+                metrics_addr,
+                state_dir,
+                path,
+            };
             crate::stream::stream_dir(g, dir).await
         }
         Command::Status { state_dir, json } => crate::stream::status(g, state_dir, json).await,
@@ -210,8 +222,15 @@ async fn backup(
     let excludes = Arc::new(streamer::Excludes::new(&exclude).map_err(|e| UsageError(e.to_string()))?);
     let repo = open(g).await?;
     let counters = Arc::new(streamer::Counters::default());
-    let opts =
-        streamer::SnapshotOptions { source: source.clone(), path, host: host(), workers: file_workers(), excludes };
+    let opts = streamer::SnapshotOptions {
+        source: source.clone(),
+        path,
+        host: host(),
+        workers: file_workers(),
+        excludes,
+        appends: Default::default(),
+        tails: None,
+    };
     let pb = spinner(g.quiet);
     let ticker = {
         let pb = pb.clone();
@@ -404,11 +423,18 @@ async fn restore(
     }
     let repo = open(g).await?;
     let source = pick_source(&repo, source).await?;
-    let point = repo.resolve(&source, at, Timestamp::now()).await?;
+    let now = Timestamp::now();
+    let point = repo.resolve(&source, at, now).await?;
     let manifest = repo.manifest(&point).await?;
-    eprintln!("restoring point {} of source {} ({})", point.time, point.source, manifest.path);
-    let opts =
-        catalog::RestoreOptions { path: path.map(|p| p.as_os_str().as_bytes().to_vec()), target: target.clone() };
+    let overlay = repo.overlay(&point, at.instant(now)).await?;
+    let appends =
+        if overlay.is_empty() { String::new() } else { format!(" with the appends until {}", at.instant(now)) };
+    eprintln!("restoring point {} of source {} ({}){appends}", point.time, point.source, manifest.path);
+    let opts = catalog::RestoreOptions {
+        path: path.map(|p| p.as_os_str().as_bytes().to_vec()),
+        target: target.clone(),
+        overlay,
+    };
     let pb = spinner(g.quiet);
     pb.set_message(format!("restoring into {}", target.display()));
     let report = catalog::restore(&repo, &manifest, opts).await;
@@ -451,14 +477,15 @@ async fn verify(g: &Global, read_data: bool, json: bool) -> Result<ExitCode> {
             "{}",
             serde_json::to_string_pretty(&json!({
                 "points": r.points, "trees": r.trees, "data_blobs": r.data_blobs, "packs": r.packs,
-                "packs_read": r.packs_read, "index_files": r.index_files,
+                "packs_read": r.packs_read, "index_files": r.index_files, "fragments": r.fragments,
                 "unreferenced_packs": r.unreferenced_packs, "errors": r.errors,
             }))?
         );
     } else {
         println!(
-            "checked {} points, {} trees, {} data blobs, {} index files, {} packs{}",
+            "checked {} points, {} fragments, {} trees, {} data blobs, {} index files, {} packs{}",
             r.points,
+            r.fragments,
             r.trees,
             r.data_blobs,
             r.index_files,
@@ -467,7 +494,7 @@ async fn verify(g: &Global, read_data: bool, json: bool) -> Result<ExitCode> {
         );
         if r.unreferenced_packs > 0 {
             println!(
-                "{} packs are referenced by no point (left by an interrupted backup; harmless)",
+                "{} packs are referenced by no point or fragment (left by an interrupted backup; harmless)",
                 r.unreferenced_packs
             );
         }

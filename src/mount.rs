@@ -113,10 +113,16 @@ pub async fn mount(
     });
     let view = match at {
         None => View::Timeline(source.clone()),
-        Some(spec) => View::At(points_at(&repo, spec, source.as_deref()).await?),
+        Some(spec) => {
+            let now = Timestamp::now();
+            View::At(points_at(&repo, spec, source.as_deref(), now).await?, spec.instant(now))
+        }
     };
     let what = match &view {
-        View::At(points) => points.iter().map(|p| format!("{} at {}", p.source, p.time)).collect::<Vec<_>>().join(", "),
+        View::At(points, at) => {
+            let of = points.iter().map(|p| format!("{} (point {})", p.source, p.time)).collect::<Vec<_>>().join(", ");
+            format!("{of} as of {at}")
+        }
         View::Timeline(Some(s)) => format!("every point of {s}"),
         View::Timeline(None) => "every point of every source".to_string(),
     };
@@ -150,8 +156,12 @@ pub async fn mount(
 }
 
 /// The point of each selected source at `spec`. One source must be found.
-async fn points_at(repo: &Repository, spec: TimeSpec, source: Option<&str>) -> Result<Vec<catalog::PointRef>> {
-    let now = Timestamp::now();
+async fn points_at(
+    repo: &Repository,
+    spec: TimeSpec,
+    source: Option<&str>,
+    now: Timestamp,
+) -> Result<Vec<catalog::PointRef>> {
     if let Some(s) = source {
         return Ok(vec![repo.resolve(s, spec, now).await?]);
     }

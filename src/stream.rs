@@ -20,6 +20,8 @@ pub struct DirStream {
     pub rpo: Duration,
     pub exclude: Vec<String>,
     pub rescan: Duration,
+    pub appends: Vec<String>,
+    pub append_interval: Duration,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub state_dir: Option<PathBuf>,
     pub path: PathBuf,
@@ -33,6 +35,8 @@ pub async fn stream_dir(g: &Global, d: DirStream) -> Result<ExitCode> {
         Err(e) => return Err(UsageError(format!("cannot stream {}: {e}", d.path.display())).into()),
     }
     let excludes = Arc::new(streamer::Excludes::new(&d.exclude).map_err(|e| UsageError(e.to_string()))?);
+    let appends =
+        Arc::new(streamer::Excludes::for_flag("--append", &d.appends).map_err(|e| UsageError(e.to_string()))?);
     let url = repo_url(g)?;
     let state_file = d.state_dir.or_else(state::default_state_dir).map(|dir| state::state_file(&dir, &url, &source));
     if let Some(f) = &state_file {
@@ -61,10 +65,13 @@ pub async fn stream_dir(g: &Global, d: DirStream) -> Result<ExitCode> {
             host: host(),
             workers: file_workers(),
             excludes,
+            appends,
+            tails: None,
         },
         repository: url.clone(),
         rpo: d.rpo,
         rescan: d.rescan,
+        append_interval: d.append_interval,
         state_file,
     };
     eprintln!(

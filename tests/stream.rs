@@ -15,6 +15,13 @@ use common::tree::{pseudo_random_bytes, XorShift};
 
 static LOGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// The streams of these tests run one at a time: they measure what a stream does
+/// within seconds, which a neighbour's heavy workload would only blur.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A running `ebb stream dir`, killed when dropped.
 struct Stream {
     child: Child,
@@ -30,7 +37,17 @@ impl Stream {
         let log = state_dir.with_extension(format!("{}.log", LOGS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
         c.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         let child = c.spawn().expect("start ebb stream dir");
-        Stream { child, state_dir: state_dir.to_path_buf(), log }
+        let mut s = Stream { child, state_dir: state_dir.to_path_buf(), log };
+        // Up once its state names it: it watches the tree from then on.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while s.state().is_none_or(|v| v["pid"] != s.child.id()) {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("the stream exited with {status}: {}", s.stderr());
+            }
+            assert!(Instant::now() < deadline, "the stream did not start: {}", s.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
     }
 
     /// The stream's state file, once it has written one.
@@ -106,6 +123,7 @@ fn copy_tree(from: &Path, to: &Path) {
 /// the tree as it was then. Restoring each moment must give exactly that copy.
 #[test]
 fn restore_at_each_moment_gives_the_tree_of_that_moment() {
+    let _serial = serial();
     let repo = TestRepo::new(Backend::File);
     repo.init();
     let work = tempfile::tempdir().unwrap();
@@ -156,9 +174,131 @@ fn restore_at_each_moment_gives_the_tree_of_that_moment() {
     repo.ok(&["verify", "--read-data"]);
 }
 
+/// Restores `--at t` of the whole source into a fresh directory.
+fn restore_at(repo: &TestRepo, t: jiff::Timestamp, into: &Path) {
+    repo.ok(&["restore", "--source", "s", "--at", &t.to_string(), into.to_str().unwrap()]);
+}
+
+/// Logs are appended to line by line (each line names when it was written), rotated,
+/// truncated and rewritten in place, with a long RPO, so that appends travel as
+/// fragments; a file that is not a log is changed in the middle and grown. At many moments T: every line written 2 s (the default append
+/// interval) or more before T is in the tree restored at T, and every file restored
+/// is a state its file really had, never a mix of a rewritten file's versions.
+#[test]
+fn appended_lines_are_visible_at_t_once_the_interval_has_passed() {
+    let _serial = serial();
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let old: Vec<u8> = (0..3000).map(|i| b"abcdefghij"[i % 10]).collect();
+    let new: Vec<u8> = (0..3000).map(|i| b"ABCDEFGHIJ"[i % 10]).collect();
+    write(&src.join("rw.log"), &old);
+    write(&src.join("trunc.log"), &old);
+    write(&src.join("app.log"), b"");
+    write(&src.join("table.db"), &old);
+    let state_dir = work.path().join("state");
+    let mut stream = Stream::start(&repo, &state_dir, &src, &["--rpo", "10m"]);
+    stream.wait_durable(jiff::Timestamp::now(), Duration::from_secs(30));
+
+    // (line, when written); every line is unique.
+    let mut lines: Vec<(String, jiff::Timestamp)> = Vec::new();
+    let mut moments = Vec::new();
+    let begin = Instant::now();
+    let mut i = 0;
+    while begin.elapsed() < Duration::from_secs(9) {
+        let line = format!("line {i:05} {}\n", "x".repeat(i % 50));
+        append(&src.join("app.log"), line.as_bytes());
+        lines.push((line, jiff::Timestamp::now()));
+        match i {
+            30 => {
+                std::fs::rename(src.join("app.log"), src.join("app.log.1")).unwrap();
+                write(&src.join("app.log"), b"");
+            }
+            45 => {
+                // Rewritten in place, then grown: never "old then the new tail".
+                let f = std::fs::OpenOptions::new().write(true).open(src.join("rw.log")).unwrap();
+                std::os::unix::fs::FileExt::write_all_at(&f, &new, 0).unwrap();
+                append(&src.join("rw.log"), b"and more\n");
+            }
+            50 => {
+                // Not a log: changed in the middle and grown, it is never taken for an append.
+                let f = std::fs::OpenOptions::new().write(true).open(src.join("table.db")).unwrap();
+                std::os::unix::fs::FileExt::write_all_at(&f, b"CHANGED", 1000).unwrap();
+                append(&src.join("table.db"), b"grown\n");
+            }
+            60 => {
+                std::fs::OpenOptions::new().write(true).truncate(true).open(src.join("trunc.log")).unwrap();
+                append(&src.join("trunc.log"), b"after the truncation\n");
+            }
+            _ => {}
+        }
+        if i % 8 == 7 {
+            moments.push(jiff::Timestamp::now());
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stream.wait_durable(jiff::Timestamp::now(), Duration::from_secs(60));
+    let (status, err) = stream.stop();
+    assert!(status.success(), "{err}");
+    let fragments = std::fs::read_dir(repo.repo_dir().unwrap().join("frags/s")).map(|d| d.count()).unwrap_or(0);
+    assert!(fragments >= 5, "appends must travel as fragments, found {fragments}:\n{err}");
+
+    let interval = jiff::SignedDuration::from_secs(2);
+    let mut rw_new = new.clone();
+    rw_new.extend_from_slice(b"and more\n");
+    for (k, t) in moments.iter().enumerate() {
+        let out = work.path().join(format!("at-{k}"));
+        restore_at(&repo, *t, &out);
+        let read = |name: &str| std::fs::read(out.join(name)).unwrap_or_default();
+        let logs = [read("app.log.1"), read("app.log")].concat();
+        let logs = String::from_utf8(logs).unwrap();
+        for (line, written) in &lines {
+            if *written + interval <= *t {
+                assert!(logs.contains(line.as_str()), "at {t}: {line:?} written at {written} is missing");
+            }
+        }
+        // Every line present was written, whole, in order: the files are prefixes of what was written.
+        for name in ["app.log.1", "app.log"] {
+            let got = String::from_utf8(read(name)).unwrap();
+            assert!(got.is_empty() || got.ends_with('\n'), "at {t}: {name} ends mid-line: {got:?}");
+        }
+        let rw = read("rw.log");
+        assert!(
+            rw == old || (rw.len() >= new.len() && rw_new.starts_with(&rw)),
+            "at {t}: rw.log is a mix of versions ({} bytes)",
+            rw.len()
+        );
+        let db = read("table.db");
+        let mut db_new = old.clone();
+        db_new[1000..1007].copy_from_slice(b"CHANGED");
+        db_new.extend_from_slice(b"grown\n");
+        assert!(db == old || db == db_new, "at {t}: table.db is a mix of versions ({} bytes)", db.len());
+        let tr = read("trunc.log");
+        assert!(tr == old || b"after the truncation\n".starts_with(&tr[..]), "at {t}: trunc.log is {tr:?}");
+    }
+    // A mount at T shows what a restore at T gives, appends included.
+    for k in [moments.len() / 3, moments.len() - 1] {
+        let mnt = work.path().join(format!("mnt-{k}"));
+        std::fs::create_dir(&mnt).unwrap();
+        repo.ok(&["mount", "--source", "s", "--at", &moments[k].to_string(), mnt.to_str().unwrap()]);
+        let shown = work.path().join(format!("shown-{k}"));
+        copy_tree(&mnt, &shown);
+        repo.ok(&["umount", mnt.to_str().unwrap()]);
+        let opts = common::CompareOptions { sparseness: false, ..Default::default() };
+        common::assert_trees_equal_with(&work.path().join(format!("at-{k}")), &shown, &opts);
+    }
+    let out = work.path().join("latest");
+    restore_at(&repo, jiff::Timestamp::now(), &out);
+    assert_trees_equal(&src, &out);
+    repo.ok(&["verify", "--read-data"]);
+}
+
 /// Metrics are served while streaming, and `ebb status` names the source.
 #[test]
 fn metrics_and_status_while_streaming() {
+    let _serial = serial();
     let repo = TestRepo::new(Backend::File);
     repo.init();
     let work = tempfile::tempdir().unwrap();
@@ -225,6 +365,7 @@ fn bad_stream_input_is_refused() {
 /// with nothing changed adds nothing.
 #[test]
 fn kill_9_twenty_times_then_verify_and_compare() {
+    let _serial = serial();
     let repo = TestRepo::new(Backend::File);
     repo.init();
     let work = tempfile::tempdir().unwrap();
@@ -292,6 +433,7 @@ fn kill_9_twenty_times_then_verify_and_compare() {
 /// returns under the RPO and nothing is lost.
 #[test]
 fn outage_past_the_rpo_is_reported_and_caught_up() {
+    let _serial = serial();
     let Some(server) = std::env::var_os("EBB_TEST_MOTO_SERVER") else {
         panic!("EBB_TEST_MOTO_SERVER must name moto_server (scripts/test sets it)");
     };

@@ -35,13 +35,33 @@ pub fn source_dir(source: &str) -> String {
     format!("{POINTS_DIR}/{source}")
 }
 
-fn time_key(t: Timestamp) -> Option<String> {
+pub(crate) fn time_key(t: Timestamp) -> Option<String> {
     Some(format!("{:016x}", u64::MAX - unix_nanos(t)?))
+}
+
+/// `<dir>/<source>/<inverted time>-<random>`: the names of points and fragments.
+pub(crate) fn timed_name(dir: &str, source: &str, time: Timestamp) -> Option<String> {
+    Some(format!("{dir}/{source}/{}-{}", time_key(time)?, hex::encode(random_bytes::<8>())))
+}
+
+/// The source and time of a name made by `timed_name`.
+pub(crate) fn parse_timed(dir: &str, name: &str) -> Option<(String, Timestamp)> {
+    let rest = name.strip_prefix(dir)?.strip_prefix('/')?;
+    let (source, leaf) = rest.split_once('/')?;
+    validate_source(source).ok()?;
+    let (key, suffix) = leaf.split_once('-')?;
+    let lower_hex = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !lower_hex(key) || !lower_hex(suffix) {
+        return None;
+    }
+    let inv = u64::from_str_radix(key, 16).ok()?;
+    let time = Timestamp::from_nanosecond(i128::from(u64::MAX - inv)).ok()?;
+    Some((source.to_string(), time))
 }
 
 /// The name a new point of `source` at `time` gets.
 pub fn point_name(source: &str, time: Timestamp) -> Option<String> {
-    Some(format!("{}/{}-{}", source_dir(source), time_key(time)?, hex::encode(random_bytes::<8>())))
+    timed_name(POINTS_DIR, source, time)
 }
 
 /// The listing offset after which the newest point at or before `t` comes first.
@@ -59,18 +79,8 @@ pub struct PointRef {
 
 impl PointRef {
     pub fn parse(name: &str) -> Option<PointRef> {
-        let rest = name.strip_prefix(POINTS_DIR)?.strip_prefix('/')?;
-        let (source, leaf) = rest.split_once('/')?;
-        validate_source(source).ok()?;
-        let (key, suffix) = leaf.split_once('-')?;
-        let lower_hex = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if !lower_hex(key) || !lower_hex(suffix) {
-            return None;
-        }
-        let inv = u64::from_str_radix(key, 16).ok()?;
-        let nanos = i128::from(u64::MAX - inv);
-        let time = Timestamp::from_nanosecond(nanos).ok()?;
-        Some(PointRef { name: name.to_string(), source: source.to_string(), time })
+        let (source, time) = parse_timed(POINTS_DIR, name)?;
+        Some(PointRef { name: name.to_string(), source, time })
     }
 
     /// The random part of the name: a short handle for humans.

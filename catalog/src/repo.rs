@@ -308,11 +308,10 @@ impl Repository {
 
     /// "The state at T": the newest point of `source` at or before `spec`.
     pub async fn resolve(&self, source: &str, spec: TimeSpec, now: Timestamp) -> Result<PointRef, RepoError> {
-        let at = match spec {
-            TimeSpec::Latest => now,
-            TimeSpec::At(t) if t > now => return Err(RepoError::Future { at: t, now }),
-            TimeSpec::At(t) => t,
-        };
+        let at = spec.instant(now);
+        if at > now {
+            return Err(RepoError::Future { at, now });
+        }
         if let Some(p) = self.point_at(source, at).await? {
             return Ok(p);
         }

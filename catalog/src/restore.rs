@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use futures::stream::{self, StreamExt};
 use tokio::runtime::Handle;
 
+use crate::fragment::Overlay;
 use crate::pack::BlobKind;
 use crate::point::Manifest;
 use crate::repo::{BlobError, RepoError, Repository};
@@ -28,6 +29,8 @@ pub struct RestoreOptions {
     /// lands as `target/<its name>`.
     pub path: Option<Vec<u8>>,
     pub target: PathBuf,
+    /// The appends after the point, up to the moment restored (`Repository::overlay`).
+    pub overlay: Overlay,
 }
 
 #[derive(Debug, Default)]
@@ -65,7 +68,13 @@ pub async fn restore(
     let manifest = manifest.clone();
     let handle = Handle::current();
     tokio::task::spawn_blocking(move || {
-        let mut r = Restorer { repo, handle, links: HashMap::new(), report: RestoreReport::default() };
+        let mut r = Restorer {
+            repo,
+            handle,
+            overlay: opts.overlay.clone(),
+            links: HashMap::new(),
+            report: RestoreReport::default(),
+        };
         r.run(&manifest, &opts)?;
         Ok(r.report)
     })
@@ -76,6 +85,7 @@ pub async fn restore(
 struct Restorer {
     repo: Repository,
     handle: Handle,
+    overlay: Overlay,
     /// link group -> the path restored first, which later names link to.
     links: HashMap<u64, PathBuf>,
     report: RestoreReport,
@@ -148,6 +158,8 @@ impl Restorer {
                 self.report.dirs += 1;
             }
             EntryKind::File => {
+                let grown = self.overlay.applied(e);
+                let e = grown.as_ref();
                 if e.link_group != 0 {
                     if let Some(first) = self.links.get(&e.link_group) {
                         match fs::hard_link(first, path) {

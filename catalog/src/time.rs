@@ -16,6 +16,16 @@ pub enum TimeSpec {
     At(Timestamp),
 }
 
+impl TimeSpec {
+    /// The moment meant: `latest` is `now`.
+    pub fn instant(self, now: Timestamp) -> Timestamp {
+        match self {
+            TimeSpec::Latest => now,
+            TimeSpec::At(t) => t,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("cannot read {input:?} as a time\n{ACCEPTED_FORMS}")]
 pub struct TimeError {

@@ -1,12 +1,13 @@
 //! `ebb verify`: checks that every point can be read back. Without `read_data` it
 //! decrypts every manifest, index file and tree and checks that every data blob they
 //! reference lies inside an existing pack; with it, it also downloads every pack and
-//! authenticates every blob in it. Every problem names the object it was found in.
+//! authenticates every blob in it. Fragments are checked like points. Every problem names the object it was found in.
 
 use std::collections::{HashMap, HashSet};
 
 use futures::stream::{self, StreamExt};
 
+use crate::fragment::{FragmentRef, FRAGS_DIR};
 use crate::index::{open_index, INDEX_DIR};
 use crate::pack::{parse_pack_name, read_header, BlobKind, BlobRef, PACKS_DIR};
 use crate::repo::{RepoError, Repository};
@@ -23,6 +24,7 @@ pub struct VerifyReport {
     pub packs: u64,
     pub packs_read: u64,
     pub index_files: u64,
+    pub fragments: u64,
     /// Packs no point references (left by an interrupted backup): harmless.
     pub unreferenced_packs: u64,
     pub errors: Vec<String>,
@@ -117,6 +119,31 @@ pub async fn verify(
             }
         }
     }
+    for source in store.list_dirs(FRAGS_DIR).await? {
+        let mut names: Vec<String> =
+            store.list(&format!("{FRAGS_DIR}/{source}")).await?.into_iter().map(|o| o.name).collect();
+        names.sort();
+        progress(&format!("fragments of {source}"));
+        for name in names {
+            report.fragments += 1;
+            let Some(f) = FragmentRef::parse(&name) else {
+                report.errors.push(format!("{name}: not a fragment name"));
+                continue;
+            };
+            match repo.fragment(&f).await {
+                Ok(frag) => {
+                    for b in frag.growths.iter().flat_map(|g| &g.chunks) {
+                        if !in_pack(b) {
+                            report.errors.push(missing(BlobKind::Data, b, &name));
+                        } else if refs.entry(b.pack).or_default().insert((BlobKind::Data, *b)) {
+                            report.data_blobs += 1;
+                        }
+                    }
+                }
+                Err(e) => report.errors.push(e.to_string()),
+            }
+        }
+    }
     // Packs of unreadable points would look unreferenced: only count when every point was read.
     if report.errors.is_empty() {
         report.unreferenced_packs = pack_sizes.keys().filter(|p| !refs.contains_key(p)).count() as u64;
@@ -142,10 +169,11 @@ pub async fn verify(
     Ok(report)
 }
 
-fn missing(kind: BlobKind, b: &BlobRef, point: &str) -> String {
+/// A blob that `object` (a point or a fragment) references is not where it says.
+fn missing(kind: BlobKind, b: &BlobRef, object: &str) -> String {
     let kind = if kind == BlobKind::Tree { "tree" } else { "data" };
     format!(
-        "{kind} blob {} of point {point} should be at bytes {}..{} of {}, which is missing or shorter",
+        "{kind} blob {} of {object} should be at bytes {}..{} of {}, which is missing or shorter",
         b.id.short(),
         b.offset,
         b.range().end,

@@ -194,6 +194,10 @@ pub struct Packer {
 }
 
 impl Packer {
+    pub fn content_id(&self, data: &[u8]) -> crate::Id {
+        self.w.repo.keys().content_id(data)
+    }
+
     /// Stores `data` unless the repository has it already; returns where it is.
     pub fn store(&mut self, kind: BlobKind, data: &[u8]) -> Result<BlobRef, WriteError> {
         // Leave room for the payload flag and the seal in the 32-bit lengths.

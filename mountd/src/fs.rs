@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, Bytes, BytesMut};
 use catalog::time::{parse_time, TimeSpec};
 use catalog::tree::{Entry, EntryKind, Extent, Timestamp as TreeTime, Tree};
-use catalog::{BlobKind, BlobRef, Id, PointRef, Repository};
+use catalog::{BlobKind, BlobRef, Id, Overlay, PointRef, Repository};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use jiff::Timestamp;
 use tokio::sync::OnceCell;
@@ -46,9 +46,10 @@ const BACKGROUND_REQUESTS: usize = 16;
 /// What the mount shows.
 #[derive(Debug, Clone)]
 pub enum View {
-    /// The state at one moment: one point per source, shown directly when there is
-    /// one source, under `<source>/` otherwise.
-    At(Vec<PointRef>),
+    /// The state at one moment: the point of each source at or before it, with the
+    /// appends shipped after that point up to the moment. Shown directly when there
+    /// is one source, under `<source>/` otherwise.
+    At(Vec<PointRef>, Timestamp),
     /// Every point: `<source>/latest`, `<source>/points/<time>/`, `<source>/at/<T>/`.
     /// `Some(source)` limits it to one source.
     Timeline(Option<String>),
@@ -96,6 +97,9 @@ enum NodeKind {
     Synthetic(Synth),
     Entry {
         entry: Arc<Entry>,
+        /// The appends after the point, up to the moment shown (none for a point
+        /// shown as it is).
+        overlay: Option<Arc<Overlay>>,
         /// The tree of a directory, fetched on first use.
         tree: OnceCell<Arc<Tree>>,
         /// Where each extent of a file starts.
@@ -107,6 +111,25 @@ enum NodeKind {
 
 struct Node {
     kind: NodeKind,
+}
+
+impl Node {
+    /// The node of a tree entry, as of the overlay's moment.
+    fn entry(e: &Entry, overlay: &Option<Arc<Overlay>>) -> Node {
+        let entry = match overlay {
+            Some(o) => o.applied(e).into_owned(),
+            None => e.clone(),
+        };
+        Node {
+            kind: NodeKind::Entry {
+                entry: Arc::new(entry),
+                overlay: overlay.clone(),
+                tree: OnceCell::new(),
+                starts: OnceLock::new(),
+                prefetched: Default::default(),
+            },
+        }
+    }
 }
 
 /// Where a file's reader is: where its reads ended, how many in a row were
@@ -279,7 +302,7 @@ impl Fs {
             gid: unsafe { libc::getegid() },
         });
         let root = match &view {
-            View::At(points) if points.len() == 1 => fs.point_node(&points[0]).await?,
+            View::At(points, at) if points.len() == 1 => fs.point_node(&points[0], Some(*at)).await?,
             _ => Node { kind: NodeKind::Synthetic(Synth::Root) },
         };
         let mut t = fs.table.lock().expect("inode table");
@@ -293,21 +316,18 @@ impl Fs {
         self.table.lock().expect("inode table").nodes.get(&ino).cloned().ok_or(FsError::BadInode(ino))
     }
 
-    /// The node for the backed-up entry of a point (the one entry of its root tree).
-    async fn point_node(&self, point: &PointRef) -> Result<Node, FsError> {
+    /// The node for the backed-up entry of a point (the one entry of its root tree):
+    /// as of `at` if given, else as the point has it.
+    async fn point_node(&self, point: &PointRef, at: Option<Timestamp>) -> Result<Node, FsError> {
         let m = self.repo.manifest(point).await?;
         let root = m.root_ref().ok_or_else(|| FsError::Io(format!("{}: bad root reference", point.name)))?;
         let tree = self.repo.read_tree(&root).await?;
-        let entry =
-            tree.entries.into_iter().next().ok_or_else(|| FsError::Io(format!("{}: empty root", point.name)))?;
-        Ok(Node {
-            kind: NodeKind::Entry {
-                entry: Arc::new(entry),
-                tree: OnceCell::new(),
-                starts: OnceLock::new(),
-                prefetched: Default::default(),
-            },
-        })
+        let entry = tree.entries.first().ok_or_else(|| FsError::Io(format!("{}: empty root", point.name)))?;
+        let overlay = match at {
+            Some(at) => Some(self.repo.overlay(point, at).await?).filter(|o| !o.is_empty()).map(Arc::new),
+            None => None,
+        };
+        Ok(Node::entry(entry, &overlay))
     }
 
     /// The inode of `name` in `parent`, made with `make` on first sight.
@@ -354,7 +374,7 @@ impl Fs {
 
     fn sources_of_view(&self) -> Option<Vec<String>> {
         match &self.view {
-            View::At(points) => Some(points.iter().map(|p| p.source.clone()).collect()),
+            View::At(points, _) => Some(points.iter().map(|p| p.source.clone()).collect()),
             View::Timeline(Some(s)) => Some(vec![s.clone()]),
             View::Timeline(None) => None,
         }
@@ -363,17 +383,10 @@ impl Fs {
     /// `lookup` when the parent's tree is already here. `None`: use the async path.
     pub fn lookup_now(&self, parent: u64, name: &[u8]) -> Option<Result<Attr, FsError>> {
         let node = self.node(parent).ok()?;
-        let NodeKind::Entry { tree, .. } = &node.kind else { return None };
+        let NodeKind::Entry { tree, overlay, .. } = &node.kind else { return None };
         let tree = tree.get()?;
         let Some(entry) = tree.find(name) else { return Some(Err(FsError::NotFound)) };
-        let ino = self.intern(parent, name, || Node {
-            kind: NodeKind::Entry {
-                entry: Arc::new(entry.clone()),
-                tree: OnceCell::new(),
-                starts: OnceLock::new(),
-                prefetched: Default::default(),
-            },
-        });
+        let ino = self.intern(parent, name, || Node::entry(entry, overlay));
         self.getattr_now(ino)
     }
 
@@ -383,17 +396,10 @@ impl Fs {
         }
         let node = self.node(parent)?;
         let ino = match &node.kind {
-            NodeKind::Entry { .. } => {
+            NodeKind::Entry { overlay, .. } => {
                 let tree = self.tree(&node).await?;
-                let entry = tree.find(name).ok_or(FsError::NotFound)?.clone();
-                self.intern(parent, name, || Node {
-                    kind: NodeKind::Entry {
-                        entry: Arc::new(entry),
-                        tree: OnceCell::new(),
-                        starts: OnceLock::new(),
-                        prefetched: Default::default(),
-                    },
-                })
+                let entry = tree.find(name).ok_or(FsError::NotFound)?;
+                self.intern(parent, name, || Node::entry(entry, overlay))
             }
             NodeKind::Synthetic(s) => self.lookup_synthetic(parent, s, name).await?,
         };
@@ -405,9 +411,9 @@ impl Fs {
         let synth = |s: Synth| move || Node { kind: NodeKind::Synthetic(s) };
         match s {
             Synth::Root => match &self.view {
-                View::At(points) => {
+                View::At(points, at) => {
                     let p = points.iter().find(|p| p.source == name_str).ok_or(FsError::NotFound)?;
-                    let node = self.point_node(p).await?;
+                    let node = self.point_node(p, Some(*at)).await?;
                     Ok(self.intern(parent, name, || node))
                 }
                 View::Timeline(only) => {
@@ -432,7 +438,7 @@ impl Fs {
             Synth::Points(src) => {
                 let t: Timestamp = name_str.parse().map_err(|_| FsError::NotFound)?;
                 let p = self.repo.point_at(src, t).await?.filter(|p| p.time == t).ok_or(FsError::NotFound)?;
-                let node = self.point_node(&p).await?;
+                let node = self.point_node(&p, None).await?;
                 Ok(self.intern(parent, name, || node))
             }
             Synth::At(src) => {
@@ -448,7 +454,7 @@ impl Fs {
                 // `latest` moves: key it by the point it resolves to now.
                 let key =
                     if spec == TimeSpec::Latest { format!("latest@{}", p.name).into_bytes() } else { name.to_vec() };
-                let node = self.point_node(&p).await?;
+                let node = self.point_node(&p, Some(spec.instant(now))).await?;
                 Ok(self.intern(parent, &key, || node))
             }
             Synth::Latest(_) => Err(FsError::NotDir),
@@ -555,7 +561,7 @@ impl Fs {
         let node = self.node(ino)?;
         let synth = |s: Synth| move || Node { kind: NodeKind::Synthetic(s) };
         match &node.kind {
-            NodeKind::Entry { prefetched, .. } => {
+            NodeKind::Entry { prefetched, overlay, .. } => {
                 let tree = self.tree(&node).await?.clone();
                 if !prefetched.swap(true, std::sync::atomic::Ordering::Relaxed) {
                     self.prefetch_small_files(&tree);
@@ -564,14 +570,7 @@ impl Fs {
                     .entries
                     .iter()
                     .map(|e| {
-                        let child = self.intern(ino, &e.name, || Node {
-                            kind: NodeKind::Entry {
-                                entry: Arc::new(e.clone()),
-                                tree: OnceCell::new(),
-                                starts: OnceLock::new(),
-                                prefetched: Default::default(),
-                            },
-                        });
+                        let child = self.intern(ino, &e.name, || Node::entry(e, overlay));
                         (child, kind_of(e.kind), e.name.clone())
                     })
                     .collect())
@@ -602,7 +601,7 @@ impl Fs {
                     let child = match existing {
                         Some(c) => c,
                         None => {
-                            let n = self.point_node(&p).await?;
+                            let n = self.point_node(&p, None).await?;
                             self.intern(ino, &name, || n)
                         }
                     };

@@ -2,6 +2,7 @@
 //! (`*.tmp`, `node_modules`); one with a `/` matches the path below the backed-up
 //! directory (`cache/**`, `var/tmp`, a leading `/` allowed), where `*` stays within
 //! one component and `**` crosses them. An excluded directory is not descended into.
+//! `--append` patterns (append-only files) have the same form.
 
 use std::path::Path;
 
@@ -14,17 +15,23 @@ pub struct Excludes {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("bad --exclude pattern {pattern:?}: {problem}")]
+#[error("bad {flag} pattern {pattern:?}: {problem}")]
 pub struct ExcludeError {
+    flag: &'static str,
     pattern: String,
     problem: String,
 }
 
 impl Excludes {
     pub fn new(patterns: &[String]) -> Result<Excludes, ExcludeError> {
+        Excludes::for_flag("--exclude", patterns)
+    }
+
+    /// The same patterns for another option (`--append`): errors name `flag`.
+    pub fn for_flag(flag: &'static str, patterns: &[String]) -> Result<Excludes, ExcludeError> {
         let (mut names, mut paths) = (GlobSetBuilder::new(), GlobSetBuilder::new());
         for p in patterns {
-            let bad = |problem: String| ExcludeError { pattern: p.clone(), problem };
+            let bad = |problem: String| ExcludeError { flag, pattern: p.clone(), problem };
             let glob = |s: &str| -> Result<Glob, ExcludeError> {
                 GlobBuilder::new(s).literal_separator(true).build().map_err(|e| bad(e.kind().to_string()))
             };

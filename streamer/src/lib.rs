@@ -1,6 +1,7 @@
 //! Sources that produce recovery points. Today: snapshots of a directory tree
 //! (`ebb backup`); continuous shipping and PostgreSQL come next.
 
+mod appends;
 mod exclude;
 mod metadata;
 pub mod metrics;

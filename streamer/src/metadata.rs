@@ -121,13 +121,13 @@ pub fn name_bytes(name: &OsStr) -> &[u8] {
     name.as_bytes()
 }
 
-/// The data regions of a file, as (offset, length), found with SEEK_DATA/SEEK_HOLE;
+/// The data regions of a file from `from` on, as (offset, length), found with SEEK_DATA/SEEK_HOLE;
 /// everything between them is a hole. Filesystems without hole support report one
 /// region covering the whole file.
-pub fn data_regions(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+pub fn data_regions(f: &File, from: u64, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let fd = f.as_raw_fd();
     let mut out = Vec::new();
-    let mut pos: i64 = 0;
+    let mut pos = from as i64;
     let end = size as i64;
     while pos < end {
         // SAFETY: lseek on a file descriptor we own; it does not touch memory.
@@ -136,7 +136,7 @@ pub fn data_regions(f: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
             let err = std::io::Error::last_os_error();
             return match err.raw_os_error() {
                 Some(libc::ENXIO) => Ok(out), // only a hole remains
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if out.is_empty() => Ok(vec![(0, size)]),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if out.is_empty() => Ok(vec![(from, size - from)]),
                 _ => Err(err),
             };
         }

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub lag_ms: AtomicU64,
     pub breached: AtomicBool,
     pub points: AtomicU64,
+    pub fragments: AtomicU64,
     pub bytes_shipped: AtomicU64,
     pub errors: AtomicU64,
     /// Unix time of the newest durable state, in milliseconds.
@@ -49,6 +50,12 @@ impl Metrics {
             u8::from(self.breached.load(Ordering::Relaxed)).to_string(),
         );
         metric("ebb_stream_points_total", "counter", "Recovery points committed.", get(&self.points).to_string());
+        metric(
+            "ebb_stream_fragments_total",
+            "counter",
+            "Fragments committed (bytes appended to files, between points).",
+            get(&self.fragments).to_string(),
+        );
         metric(
             "ebb_stream_bytes_shipped_total",
             "counter",

@@ -28,6 +28,7 @@ use catalog::{
 use jiff::Timestamp;
 use tokio::runtime::Handle;
 
+use crate::appends::{Tail, Tails};
 use crate::exclude::Excludes;
 use crate::metadata::{data_regions, entry_from, entry_from_stat, name_bytes, stat_at};
 use crate::prefetch::Prefetch;
@@ -50,6 +51,12 @@ pub struct SnapshotOptions {
     pub workers: usize,
     /// Paths left out, and not descended into.
     pub excludes: Arc<Excludes>,
+    /// Append-only files (logs): when one grew, only its new bytes are read. Nothing
+    /// else is assumed to only grow.
+    pub appends: Arc<Excludes>,
+    /// Shared with the fragments of a stream: files they extend are stored at least
+    /// up to where the fragments have them.
+    pub tails: Option<Arc<Tails>>,
 }
 
 /// Live progress, for a progress bar.
@@ -130,11 +137,8 @@ impl Capture {
 
 /// The trees of the last walk by content id, so that the next walk compares with
 /// them without fetching them from the store.
-#[derive(Default)]
-pub struct TreeCache {
-    prev: HashMap<catalog::Id, Arc<Tree>>,
-    next: HashMap<catalog::Id, Arc<Tree>>,
-}
+#[derive(Default, Clone)]
+pub struct TreeCache(pub Arc<HashMap<catalog::Id, Arc<Tree>>>);
 
 /// Walks `opts.path` and stores, through `writer`, what differs from `parent` (the
 /// top entry of the previous point). Nothing is durable until the writer's next
@@ -151,15 +155,12 @@ pub async fn capture(
     let path = fs::canonicalize(&opts.path).map_err(|cause| SnapshotError::Root { path: opts.path.clone(), cause })?;
     let writer = writer.clone();
     let walk_path = path.clone();
-    let workers = opts.workers.max(1);
-    let excludes = opts.excludes.clone();
     let handle = Handle::current();
-    let trees = TreeCache { prev: trees.next, next: HashMap::new() };
-    let walked = tokio::task::spawn_blocking(move || {
-        run_walk(writer, handle, &walk_path, parent, workers, excludes, trees, counters)
-    })
-    .await
-    .expect("snapshot walker panicked")?;
+    let walk_opts = opts.clone();
+    let walked =
+        tokio::task::spawn_blocking(move || run_walk(writer, handle, &walk_path, parent, &walk_opts, trees, counters))
+            .await
+            .expect("snapshot walker panicked")?;
     Ok(Capture {
         started,
         path,
@@ -199,9 +200,35 @@ enum FileError {
 
 struct Job {
     path: PathBuf,
+    /// Device and inode.
+    ident: (u64, u64),
     /// What the walk saw: what the content read must still match.
     seen: Seen,
+    /// The previous point's content, if the file may only have grown since.
+    grown: Option<Grown>,
     reply: SyncSender<Result<FileRead, FileError>>,
+}
+
+/// An append-only file's content in the previous point, when the file is the same
+/// inode and longer: only its last chunk (cut where the file ended, not by content) and what
+/// follows are read again, once that chunk is found unchanged.
+struct Grown {
+    /// Every extent but the last chunk.
+    prefix: Vec<Extent>,
+    /// Where the last chunk starts, and its content id.
+    start: u64,
+    last: catalog::BlobRef,
+}
+
+impl Grown {
+    fn of(prev: &Entry, now: &Entry) -> Option<Grown> {
+        let same = prev.kind == EntryKind::File && (prev.device, prev.inode) == (now.device, now.inode);
+        if !same || now.size <= prev.size {
+            return None;
+        }
+        let Some((Extent::Data(last), prefix)) = prev.content.split_last() else { return None };
+        Some(Grown { prefix: prefix.to_vec(), start: prev.size - last.raw_len as u64, last: *last })
+    }
 }
 
 /// A file's size, mtime and ctime: what tells its versions apart.
@@ -248,11 +275,12 @@ fn run_walk(
     handle: Handle,
     path: &Path,
     parent: Option<Entry>,
-    workers: usize,
-    excludes: Arc<Excludes>,
+    opts: &SnapshotOptions,
     trees: TreeCache,
     counters: Arc<Counters>,
 ) -> Result<Walked, SnapshotError> {
+    let (workers, excludes, tails) = (opts.workers.max(1), opts.excludes.clone(), opts.tails.clone());
+    let appends = opts.appends.clone();
     let (tx, rx) = mpsc::sync_channel::<Job>(QUEUED_FILES);
     let rx = Arc::new(Mutex::new(rx));
     let seed = writer.repo().keys().chunker_seed;
@@ -263,13 +291,14 @@ fn run_walk(
             let mut packer = writer.packer();
             let mut chunker = Chunker::new(seed);
             let counters = counters.clone();
+            let tails = tails.clone();
             std::thread::spawn(move || -> Result<(), WriteError> {
                 loop {
                     let job = match rx.lock().expect("job queue lock").recv() {
                         Ok(job) => job,
                         Err(_) => break,
                     };
-                    let r = read_consistent(&job.path, job.seen, &mut chunker, &mut packer, &counters);
+                    let r = read_job(&job, tails.as_deref(), &mut chunker, &mut packer, &counters);
                     let fatal = matches!(r, Err(FileError::Write(_)));
                     let _ = job.reply.send(r);
                     if fatal {
@@ -293,7 +322,9 @@ fn run_walk(
         counters,
         root: path.to_path_buf(),
         excludes,
-        cache: trees,
+        appends,
+        prev: trees,
+        next: HashMap::new(),
     };
     let result = walk.top(path, parent);
     walk.jobs = None; // lets the workers finish
@@ -308,7 +339,8 @@ fn run_walk(
         return Err(e.into());
     }
     walk.trees.flush()?;
-    Ok(Walked { root, top, stats: walk.stats, skipped: walk.skipped, changed: walk.changed, trees: walk.cache })
+    let trees = TreeCache(Arc::new(walk.next));
+    Ok(Walked { root, top, stats: walk.stats, skipped: walk.skipped, changed: walk.changed, trees })
 }
 
 struct Walk {
@@ -325,7 +357,10 @@ struct Walk {
     /// The walked path, which excludes are relative to.
     root: PathBuf,
     excludes: Arc<Excludes>,
-    cache: TreeCache,
+    appends: Arc<Excludes>,
+    /// The trees of the last walk, and those of this one.
+    prev: TreeCache,
+    next: HashMap<catalog::Id, Arc<Tree>>,
 }
 
 enum Pending {
@@ -365,13 +400,13 @@ impl Walk {
 
     fn store_tree(&mut self, tree: Tree) -> Result<catalog::BlobRef, SnapshotError> {
         let blob = self.trees.store(BlobKind::Tree, &tree.encode())?;
-        self.cache.next.insert(blob.id, Arc::new(tree));
+        self.next.insert(blob.id, Arc::new(tree));
         Ok(blob)
     }
 
     /// The tree of the previous point at this place: from the last walk, else fetched.
     fn previous_tree(&mut self, blob: &catalog::BlobRef) -> Option<Arc<Tree>> {
-        if let Some(t) = self.cache.prev.get(&blob.id) {
+        if let Some(t) = self.prev.0.get(&blob.id) {
             return Some(t.clone());
         }
         self.handle.block_on(self.repo.read_tree(blob)).ok().map(Arc::new)
@@ -465,7 +500,15 @@ impl Walk {
                     return Ok(Some(Pending::Ready(e)));
                 }
                 let (reply, rx) = mpsc::sync_channel(1);
-                let job = Job { path: path.to_path_buf(), seen: Seen::of(&e), reply };
+                let job = Job {
+                    path: path.to_path_buf(),
+                    ident: (e.device, e.inode),
+                    seen: Seen::of(&e),
+                    grown: prev
+                        .filter(|_| self.appends.excludes(path.strip_prefix(&self.root).unwrap_or(path)))
+                        .and_then(|p| Grown::of(p, &e)),
+                    reply,
+                };
                 let jobs = self.jobs.as_ref().expect("jobs open while walking");
                 if jobs.send(job).is_err() {
                     // Every worker stopped: one of them hit a repository error.
@@ -535,17 +578,48 @@ fn open_noatime(path: &Path) -> std::io::Result<File> {
     fs::OpenOptions::new().read(true).custom_flags(libc::O_NOATIME).open(path).or_else(|_| File::open(path))
 }
 
+/// Reads a job's file. In a stream, the file is claimed from the fragments first, and
+/// stored at least up to where they have it (see `appends`).
+fn read_job(
+    job: &Job,
+    tails: Option<&Tails>,
+    chunker: &mut Chunker,
+    packer: &mut Packer,
+    counters: &Counters,
+) -> Result<FileRead, FileError> {
+    let Some(tails) = tails else {
+        return read_consistent(&job.path, job.seen, job.grown.as_ref(), chunker, packer, counters);
+    };
+    let tail = tails.claim(job.ident);
+    let mut seen = job.seen;
+    // Fragments shipped since the walk looked: the point must have those bytes too.
+    if let Some(t) = tail.filter(|t| t.size > seen.size) {
+        if fs::symlink_metadata(&job.path).is_ok_and(|m| t.size <= m.len()) {
+            seen.size = t.size;
+        }
+    }
+    let r = read_consistent(&job.path, seen, job.grown.as_ref(), chunker, packer, counters);
+    let after = match &r {
+        Ok(read) if !read.changed => Tail::of(&read.extents),
+        Ok(_) => None,
+        Err(_) => tail,
+    };
+    tails.release(job.ident, after);
+    r
+}
+
 /// Reads a file until what was read matches one state of it (see the module doc).
 fn read_consistent(
     path: &Path,
     mut seen: Seen,
+    grown: Option<&Grown>,
     chunker: &mut Chunker,
     packer: &mut Packer,
     counters: &Counters,
 ) -> Result<FileRead, FileError> {
     for attempt in 1..=READ_ATTEMPTS {
         let mut f = open_noatime(path).map_err(FileError::Io)?;
-        let extents = read_file(&mut f, seen.size, chunker, packer, counters)?;
+        let extents = read_content(&mut f, seen.size, grown, chunker, packer, counters)?;
         let after = Seen::of_file(&f).map_err(FileError::Io)?;
         let read: u64 = extents.iter().map(Extent::len).sum();
         // Unchanged; or it only grew, and the bytes up to the size seen are stored.
@@ -561,16 +635,40 @@ fn read_consistent(
     unreachable!("the last attempt returns")
 }
 
+/// A file's first `size` bytes as extents: read from the start, or, when it only
+/// grew since the previous point, from that point's last chunk on.
+fn read_content(
+    f: &mut File,
+    size: u64,
+    grown: Option<&Grown>,
+    chunker: &mut Chunker,
+    packer: &mut Packer,
+    counters: &Counters,
+) -> Result<Vec<Extent>, FileError> {
+    if let Some(g) = grown.filter(|g| size >= g.start + g.last.raw_len as u64) {
+        let mut last = vec![0; g.last.raw_len as usize];
+        let read = f.seek(SeekFrom::Start(g.start)).and_then(|_| f.read_exact(&mut last));
+        if read.is_ok() && packer.content_id(&last) == g.last.id {
+            let mut extents = g.prefix.clone();
+            extents.extend(read_file(f, g.start, size, chunker, packer, counters)?);
+            return Ok(extents);
+        }
+    }
+    read_file(f, 0, size, chunker, packer, counters)
+}
+
+/// Bytes `from..size` of a file as extents.
 fn read_file(
     f: &mut File,
+    from: u64,
     size: u64,
     chunker: &mut Chunker,
     packer: &mut Packer,
     counters: &Counters,
 ) -> Result<Vec<Extent>, FileError> {
-    let regions = data_regions(f, size).map_err(FileError::Io)?;
+    let regions = data_regions(f, from, size).map_err(FileError::Io)?;
     let mut extents = Vec::new();
-    let mut pos = 0u64;
+    let mut pos = from;
     for (start, len) in regions {
         if start > pos {
             extents.push(Extent::Hole(start - pos));
@@ -592,7 +690,7 @@ fn read_file(
             break; // the file shrank while being read
         }
     }
-    if pos < size && extents.iter().map(Extent::len).sum::<u64>() == pos {
+    if pos < size && from + extents.iter().map(Extent::len).sum::<u64>() == pos {
         // A trailing hole, unless the file shrank (then the data simply ended).
         let now = f.metadata().map(|m| m.len()).unwrap_or(pos);
         if now > pos {
@@ -657,7 +755,7 @@ mod tests {
                 let seen = Seen::of_file(&File::open(&path).unwrap()).unwrap();
                 let mut packer = writer.packer();
                 let mut chunker = Chunker::new(writer.repo().keys().chunker_seed);
-                let r = read_consistent(&path, seen, &mut chunker, &mut packer, &Counters::default());
+                let r = read_consistent(&path, seen, None, &mut chunker, &mut packer, &Counters::default());
                 packer.flush().unwrap();
                 r
             })

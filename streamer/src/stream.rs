@@ -9,23 +9,31 @@
 //! then their index) and then the point: a kill at any instant leaves a repository
 //! that verifies, and the next run starts from the newest point.
 //!
+//! A file that was only appended to needs no point: its new bytes go out as a
+//! fragment within `append_interval` (see `appends`). Points still follow every
+//! other change, and at least every `POINT_AFTER_APPENDS` while files grow, so that
+//! the fragments to apply after a point stay few.
+//!
 //! Store errors are retried with exponential backoff and jitter; nothing is lost
 //! meanwhile, because the source itself holds what is pending. The lag (now minus
 //! the newest durable state) is kept in the state file, the metrics and the log;
 //! past the RPO the alarm fires, and it clears once caught up.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use catalog::tree::Entry;
-use catalog::{Id, Repository, Writer};
+use catalog::{FragmentRef, Id, RepoError, Repository, Writer};
 use jiff::Timestamp;
+use notify::event::ModifyKind;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::appends::{self, Round, Tails, View};
 use crate::metrics::Metrics;
 use crate::snapshot::{capture, Counters, SnapshotError, SnapshotOptions, TreeCache};
 use crate::state::{self, StreamState};
@@ -40,6 +48,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// On SIGINT/SIGTERM a commit under way may finish for this long.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+/// While files only grow, a point still follows this long after the first fragment.
+const POINT_AFTER_APPENDS: Duration = Duration::from_secs(300);
+/// inotify events reach the stream within this long of the change.
+const EVENT_SLACK: Duration = Duration::from_millis(250);
+/// Files with pending appends kept by name; past this, a point takes them all.
+const MAX_DIRTY: usize = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct StreamOptions {
@@ -49,6 +63,8 @@ pub struct StreamOptions {
     pub rpo: Duration,
     /// A full walk at least this often, changes seen or not.
     pub rescan: Duration,
+    /// Appended bytes are shipped within this long.
+    pub append_interval: Duration,
     /// The state file; none to keep no state.
     pub state_file: Option<PathBuf>,
 }
@@ -69,10 +85,27 @@ pub enum StreamError {
 /// What the watcher reports: the first change not yet shipped, and the latest.
 #[derive(Default)]
 struct Changes {
+    /// Changes that need a point.
     first: Option<(Instant, Timestamp)>,
     last: Option<Instant>,
     /// inotify lost events: only a full walk can tell what changed.
     overflowed: bool,
+    /// Files written to, maybe only appended to, and when they first were.
+    written: HashMap<PathBuf, (Instant, Timestamp)>,
+}
+
+impl Changes {
+    fn need_point(&mut self, at: (Instant, Timestamp)) {
+        self.first = Some(match self.first {
+            Some(f) if f.0 <= at.0 => f,
+            _ => at,
+        });
+        self.last = Some(self.last.map_or(at.0, |l| l.max(at.0)));
+    }
+
+    fn written_since(&self) -> Option<(Instant, Timestamp)> {
+        self.written.values().min_by_key(|(i, _)| *i).copied()
+    }
 }
 
 /// The part of the stream that a commit runs with, handed to the commit's task and
@@ -156,14 +189,46 @@ async fn newest(repo: &Repository, source: &str) -> Result<Option<(Entry, Id)>, 
     Ok(tree.entries.into_iter().next().map(|top| (top, root.id)))
 }
 
+/// Fragments being shipped: the files they read, and when each was first written.
+struct Shipping {
+    task: JoinHandle<(Round, Result<Option<FragmentRef>, RepoError>)>,
+    carried: Vec<(PathBuf, (Instant, Timestamp))>,
+}
+
+/// Reads what was appended to `paths` and commits it as one fragment, if any.
+async fn ship_appends(
+    repo: Repository,
+    source: String,
+    root: PathBuf,
+    view: Arc<View>,
+    tails: Arc<Tails>,
+    paths: Vec<PathBuf>,
+) -> (Round, Result<Option<FragmentRef>, RepoError>) {
+    let r = repo.clone();
+    let mut round = tokio::task::spawn_blocking(move || appends::prepare(&r, &root, &view, &tails, paths))
+        .await
+        .expect("the append reader panicked");
+    if round.fragment.growths.is_empty() {
+        return (round, Ok(None));
+    }
+    // Every byte in it was on disk by now.
+    let time = Timestamp::now();
+    let fragment = std::mem::take(&mut round.fragment);
+    let result = round.builder.commit(&repo, &source, time, &fragment).await;
+    round.fragment = fragment;
+    (round, result.map(Some))
+}
+
 /// Ships `opts.snapshot.path` until `shutdown` resolves; a commit under way then
-/// finishes first.
+/// finishes first. The stream keeps its own `opts.snapshot.tails`.
 pub async fn stream_dir(
     repo: Repository,
-    opts: StreamOptions,
+    mut opts: StreamOptions,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), StreamError> {
+    let tails = Arc::new(Tails::default());
+    opts.snapshot.tails = Some(tails.clone());
     let opts = Arc::new(opts);
     let path = std::fs::canonicalize(&opts.snapshot.path)
         .map_err(|e| StreamError::Watch { path: opts.snapshot.path.clone(), cause: e.into() })?;
@@ -181,19 +246,28 @@ pub async fn stream_dir(
         rpo_secs: opts.rpo.as_secs(),
         started,
         updated: started,
-        // Nothing is known to be durable until the first walk says so.
         durable_as_of: started,
         newest_point: None,
         last_error: None,
         last_error_at: None,
     };
-    if let Some(p) = repo.point_at(&opts.snapshot.source, started).await.ok().flatten() {
-        state.durable_as_of = p.time;
-        state.newest_point = Some(p.time);
+    // Until the first walk is done, whatever changed since the newest point is pending.
+    let since = match repo.point_at(&opts.snapshot.source, started).await {
+        Ok(Some(p)) => {
+            state.newest_point = Some(p.time);
+            p.time
+        }
+        _ => started,
+    };
+    {
+        // The first walk runs at once: only a full walk can tell what changed while stopped.
+        let mut c = changes.lock().expect("changes lock");
+        c.need_point((Instant::now(), since));
+        c.overflowed = true;
     }
 
     let mut shipper = Some(Shipper {
-        repo,
+        repo: repo.clone(),
         opts: opts.clone(),
         writer: None,
         parent: None,
@@ -201,8 +275,14 @@ pub async fn stream_dir(
         counters: Arc::new(Counters::default()),
     });
     let mut running: Option<Running> = None;
-    // The first walk runs at once: it catches up with whatever changed while stopped.
-    let mut next_walk = Instant::now();
+    let mut shipping: Option<Shipping> = None;
+    // The newest point as the last walk saw it; fragments wait for the first walk.
+    let mut view: Option<Arc<View>> = None;
+    let mut next_walk = Instant::now() + opts.rescan;
+    // The first fragment since the last point: a point follows `POINT_AFTER_APPENDS` later.
+    let mut appended_since: Option<Instant> = None;
+    let mut next_fragment = Instant::now();
+    let append_delay = opts.append_interval / 2;
     let mut backoff = BACKOFF_MIN;
     let mut retry_at: Option<Instant> = None;
     let mut breached = false;
@@ -212,26 +292,49 @@ pub async fn stream_dir(
     let mut stop_by = Instant::now();
 
     loop {
-        // Start a commit when one is due and none is running.
-        if running.is_none() && !stopping {
-            let now = Instant::now();
+        let now = Instant::now();
+        let may_retry = retry_at.is_none_or(|t| now >= t);
+        // Start a walk when one is due and none is running.
+        if running.is_none() && !stopping && may_retry {
             let due = {
                 let c = changes.lock().expect("changes lock");
                 let change_due = c.first.is_some_and(|(first, _)| {
                     c.last.is_some_and(|last| now >= last + SETTLE) || now >= first + opts.max_delay()
                 });
-                change_due || c.overflowed || now >= next_walk
+                change_due
+                    || c.overflowed
+                    || now >= next_walk
+                    || appended_since.is_some_and(|a| now >= a + POINT_AFTER_APPENDS)
             };
-            if due && retry_at.is_none_or(|t| now >= t) {
+            if due {
                 let carried = {
                     let mut c = changes.lock().expect("changes lock");
                     c.overflowed = false;
                     c.last = None;
                     c.first.take()
                 };
-                let s = shipper.take().expect("the shipper is home when no commit runs");
+                let s = shipper.take().expect("the shipper is home when no walk runs");
                 running = Some(Running { task: tokio::spawn(s.ship()), carried, began: Timestamp::now() });
                 next_walk = now + opts.rescan;
+            }
+        }
+        // Ship appends when the oldest has waited `append_delay`.
+        if let (None, Some(v), false, true) = (&shipping, &view, stopping, may_retry) {
+            let mut c = changes.lock().expect("changes lock");
+            if c.written_since().is_some_and(|(first, _)| now >= first + append_delay) && now >= next_fragment {
+                let carried: Vec<_> = c.written.drain().collect();
+                drop(c);
+                let paths = carried.iter().map(|(p, _)| p.clone()).collect();
+                let task = tokio::spawn(ship_appends(
+                    repo.clone(),
+                    opts.snapshot.source.clone(),
+                    path.clone(),
+                    v.clone(),
+                    tails.clone(),
+                    paths,
+                ));
+                shipping = Some(Shipping { task, carried });
+                next_fragment = now + append_delay;
             }
         }
 
@@ -241,80 +344,143 @@ pub async fn stream_dir(
             if let Some((first, _)) = c.first {
                 t = t.min(first + opts.max_delay()).min(c.last.map_or(t, |l| l + SETTLE));
             }
+            if let Some(a) = appended_since {
+                t = t.min(a + POINT_AFTER_APPENDS);
+            }
+            if let Some((first, _)) = c.written_since() {
+                t = t.min((first + append_delay).max(next_fragment));
+            }
             retry_at.map_or(t, |r| t.max(r))
         };
 
+        let mut failure: Option<String> = None;
+        let mut succeeded = false;
         tokio::select! {
             _ = &mut shutdown, if !stopping => {
                 stopping = true;
-                if running.is_none() {
+                if running.is_none() && shipping.is_none() {
                     break;
                 }
-                tracing::info!("stopping once the commit under way is done (at most {} s)", STOP_GRACE.as_secs());
+                tracing::info!("stopping once the work under way is done (at most {} s)", STOP_GRACE.as_secs());
                 stop_by = Instant::now() + STOP_GRACE;
             }
             _ = tokio::time::sleep_until(stop_by.into()), if stopping => {
-                tracing::warn!("stopping without the commit under way; the next run redoes it");
+                tracing::warn!("stopping without the work under way; the next run redoes it");
                 if let Some(r) = running.take() {
                     r.task.abort();
+                }
+                if let Some(s) = shipping.take() {
+                    s.task.abort();
                 }
                 break;
             }
             _ = wake.notified() => {}
-            _ = tokio::time::sleep_until(wait_until.into()), if running.is_none() => {}
+            _ = tokio::time::sleep_until(wait_until.into()) => {}
             _ = heartbeat.tick() => {}
             done = async { (&mut running.as_mut().expect("guarded").task).await }, if running.is_some() => {
                 let Running { carried, began, .. } = running.take().expect("guarded");
-                let (s, result) = done.expect("the commit task panicked");
-                shipper = Some(s);
+                let (s, result) = done.expect("the walk task panicked");
                 match result {
                     Ok(shipped) => {
-                        // Everything the source held when the walk began is durable now.
-                        state.durable_as_of = state.durable_as_of.max(began);
                         if let Shipped::Point { time, bytes } = shipped {
                             state.newest_point = Some(time);
                             metrics.points.fetch_add(1, Ordering::Relaxed);
                             metrics.bytes_shipped.fetch_add(bytes, Ordering::Relaxed);
                         }
-                        if state.last_error.is_some() {
-                            tracing::info!("shipping works again");
+                        if let Some((top, _)) = &s.parent {
+                            view = Some(Arc::new(View { top: top.clone(), trees: s.trees.0.clone() }));
                         }
-                        state.last_error = None;
-                        backoff = BACKOFF_MIN;
-                        retry_at = None;
+                        appended_since = None;
+                        succeeded = true;
                     }
                     Err(e) => {
-                        metrics.errors.fetch_add(1, Ordering::Relaxed);
-                        let wait = jitter(backoff);
-                        tracing::error!("shipping {} failed, retrying in {:.1} s: {e}", path.display(), wait.as_secs_f64());
-                        state.last_error = Some(e.to_string());
-                        state.last_error_at = Some(Timestamp::now());
-                        retry_at = Some(Instant::now() + wait);
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                        // What the failed commit carried is still pending; a walk that
+                        failure = Some(format!("shipping {} failed: {e}", path.display()));
+                        // What the failed walk carried is still pending; a walk that
                         // had no change to carry may have had one to find.
-                        let carried = carried.or(Some((Instant::now(), began)));
-                        let mut c = changes.lock().expect("changes lock");
-                        c.first = match (carried, c.first) {
-                            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-                            (a, b) => a.or(b),
-                        };
+                        let carried = carried.unwrap_or((Instant::now(), began));
+                        changes.lock().expect("changes lock").need_point(carried);
                     }
                 }
-                if stopping {
-                    break;
+                shipper = Some(s);
+            }
+            done = async { (&mut shipping.as_mut().expect("guarded").task).await }, if shipping.is_some() => {
+                let Shipping { carried, .. } = shipping.take().expect("guarded");
+                let (round, result) = done.expect("the append task panicked");
+                let shipped = matches!(result, Ok(Some(_)));
+                round.release(&tails, shipped);
+                let when: HashMap<PathBuf, (Instant, Timestamp)> = carried.into_iter().collect();
+                let mut c = changes.lock().expect("changes lock");
+                for p in &round.needs_point {
+                    c.need_point(when.get(p).copied().unwrap_or((Instant::now(), Timestamp::now())));
+                }
+                let again: Vec<&PathBuf> = match &result {
+                    Ok(_) => round.busy.iter().collect(),
+                    Err(_) => when.keys().filter(|p| !round.needs_point.contains(p)).collect(),
+                };
+                for p in again {
+                    if let Some(t) = when.get(p) {
+                        let e = c.written.entry(p.clone()).or_insert(*t);
+                        *e = if e.0 <= t.0 { *e } else { *t };
+                    }
+                }
+                drop(c);
+                match result {
+                    Ok(Some(f)) => {
+                        tracing::debug!("fragment {}: {} bytes appended to {} files", f.time, round.bytes, round.fragment.growths.len());
+                        metrics.fragments.fetch_add(1, Ordering::Relaxed);
+                        metrics.bytes_shipped.fetch_add(round.builder.stored, Ordering::Relaxed);
+                        appended_since.get_or_insert(Instant::now());
+                    }
+                    Ok(None) => {}
+                    Err(e) => failure = Some(format!("shipping appends to {} failed: {e}", path.display())),
+                }
+                if failure.is_none() {
+                    succeeded = true;
                 }
             }
+        }
+        match failure {
+            Some(why) => {
+                metrics.errors.fetch_add(1, Ordering::Relaxed);
+                let wait = jitter(backoff);
+                tracing::error!("{why}; retrying in {:.1} s", wait.as_secs_f64());
+                state.last_error = Some(why);
+                state.last_error_at = Some(Timestamp::now());
+                retry_at = Some(Instant::now() + wait);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            None if succeeded => {
+                if state.last_error.take().is_some() {
+                    tracing::info!("shipping works again");
+                }
+                backoff = BACKOFF_MIN;
+                retry_at = None;
+            }
+            None => {}
+        }
+        if stopping && running.is_none() && shipping.is_none() {
+            break;
         }
 
         // Heartbeat: the lag, the alarm, the state file and the metrics.
         let now = Timestamp::now();
-        let pending = changes.lock().expect("changes lock").first.map(|(_, t)| t);
-        // Caught up: nothing pending and nothing being shipped, so the store holds the
-        // source as it is now.
-        if pending.is_none() && running.is_none() && state.last_error.is_none() {
-            state.durable_as_of = now;
-        }
+        // The oldest change not yet durable: the store holds everything before it.
+        let pending = {
+            let c = changes.lock().expect("changes lock");
+            [
+                c.first.map(|(_, t)| t),
+                c.written_since().map(|(_, t)| t),
+                running.as_ref().and_then(|r| r.carried.map(|(_, t)| t)),
+                shipping.as_ref().and_then(|s| s.carried.iter().map(|(_, (_, t))| *t).min()),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+        };
+        // With nothing pending, what happened until just now is durable; events take
+        // a moment to arrive, so "just now" is `EVENT_SLACK` ago.
+        let quiet = now.checked_sub(jiff::SignedDuration::try_from(EVENT_SLACK).expect("small")).unwrap_or(now);
+        state.durable_as_of = pending.map_or(quiet, |p| p.min(quiet));
         state.updated = now;
         let lag = state.lag(now);
         let over = lag > opts.rpo;
@@ -357,28 +523,47 @@ fn watch(
 ) -> Result<notify::RecommendedWatcher, StreamError> {
     let root = path.to_path_buf();
     let excludes = opts.snapshot.excludes.clone();
+    let appends = opts.snapshot.appends.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let relevant = match &res {
+        let now = (Instant::now(), Timestamp::now());
+        let mut c = changes.lock().expect("changes lock");
+        match res {
+            Ok(ev) if ev.need_rescan() || ev.paths.is_empty() => {
+                c.overflowed = true;
+                c.need_point(now);
+            }
             Ok(ev) => {
                 if matches!(ev.kind, EventKind::Access(_)) {
                     return;
                 }
-                ev.need_rescan()
-                    || ev.paths.is_empty()
-                    || ev.paths.iter().any(|p| !excludes.excludes(p.strip_prefix(&root).unwrap_or(p)))
+                let paths: Vec<PathBuf> =
+                    ev.paths.into_iter().filter(|p| !excludes.excludes(p.strip_prefix(&root).unwrap_or(p))).collect();
+                if paths.is_empty() {
+                    return;
+                }
+                // A write to an append-only file may be an append, which a fragment
+                // ships; anything else (other writes, create, delete, rename,
+                // attributes) needs a point.
+                let appended = |p: &PathBuf| appends.excludes(p.strip_prefix(&root).unwrap_or(p));
+                if matches!(ev.kind, EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any))
+                    && paths.iter().all(appended)
+                {
+                    for p in paths {
+                        if c.written.len() >= MAX_DIRTY && !c.written.contains_key(&p) {
+                            c.need_point(now);
+                            break;
+                        }
+                        c.written.entry(p).or_insert(now);
+                    }
+                } else {
+                    c.need_point(now);
+                }
             }
-            Err(_) => true,
-        };
-        if !relevant {
-            return;
+            Err(_) => {
+                c.overflowed = true;
+                c.need_point(now);
+            }
         }
-        let mut c = changes.lock().expect("changes lock");
-        let now = Instant::now();
-        if res.as_ref().map_or(true, |ev| ev.need_rescan()) {
-            c.overflowed = true;
-        }
-        c.first.get_or_insert((now, Timestamp::now()));
-        c.last = Some(now);
         drop(c);
         wake.notify_one();
     })
