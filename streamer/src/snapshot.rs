@@ -204,6 +204,8 @@ struct Job {
     ident: (u64, u64),
     /// What the walk saw: what the content read must still match.
     seen: Seen,
+    /// An append-only file (`SnapshotOptions::appends`).
+    append: bool,
     /// The previous point's content, if the file may only have grown since.
     grown: Option<Grown>,
     reply: SyncSender<Result<FileRead, FileError>>,
@@ -499,14 +501,14 @@ impl Walk {
                     self.counters.bytes.fetch_add(e.size, Ordering::Relaxed);
                     return Ok(Some(Pending::Ready(e)));
                 }
+                let append = self.appends.excludes(path.strip_prefix(&self.root).unwrap_or(path));
                 let (reply, rx) = mpsc::sync_channel(1);
                 let job = Job {
                     path: path.to_path_buf(),
                     ident: (e.device, e.inode),
                     seen: Seen::of(&e),
-                    grown: prev
-                        .filter(|_| self.appends.excludes(path.strip_prefix(&self.root).unwrap_or(path)))
-                        .and_then(|p| Grown::of(p, &e)),
+                    append,
+                    grown: prev.filter(|_| append).and_then(|p| Grown::of(p, &e)),
                     reply,
                 };
                 let jobs = self.jobs.as_ref().expect("jobs open while walking");
@@ -587,7 +589,7 @@ fn read_job(
     packer: &mut Packer,
     counters: &Counters,
 ) -> Result<FileRead, FileError> {
-    let Some(tails) = tails else {
+    let Some(tails) = tails.filter(|_| job.append) else {
         return read_consistent(&job.path, job.seen, job.grown.as_ref(), chunker, packer, counters);
     };
     let tail = tails.claim(job.ident);
