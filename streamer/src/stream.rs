@@ -338,16 +338,21 @@ pub async fn stream_dir(
             }
         }
 
+        // When the next walk or fragment that can start is due; the heartbeat wakes
+        // the loop every second anyway.
         let wait_until = {
             let c = changes.lock().expect("changes lock");
-            let mut t = next_walk;
-            if let Some((first, _)) = c.first {
-                t = t.min(first + opts.max_delay()).min(c.last.map_or(t, |l| l + SETTLE));
+            let mut t = Instant::now() + HEARTBEAT;
+            if running.is_none() {
+                t = t.min(next_walk);
+                if let Some((first, _)) = c.first {
+                    t = t.min(first + opts.max_delay()).min(c.last.map_or(t, |l| l + SETTLE));
+                }
+                if let Some(a) = appended_since {
+                    t = t.min(a + POINT_AFTER_APPENDS);
+                }
             }
-            if let Some(a) = appended_since {
-                t = t.min(a + POINT_AFTER_APPENDS);
-            }
-            if let Some((first, _)) = c.written_since() {
+            if let (None, Some(_), Some((first, _))) = (&shipping, &view, c.written_since()) {
                 t = t.min((first + append_delay).max(next_fragment));
             }
             retry_at.map_or(t, |r| t.max(r))
