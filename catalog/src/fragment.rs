@@ -3,7 +3,8 @@
 //!
 //! A fragment lists, per file it extends, the file's identity (device and inode),
 //! the offset the new bytes start at, and the chunks holding them. Its chunks live
-//! in packs that only fragments reference, written before the fragment itself.
+//! in packs of its own, written before the fragment itself; a stream lists them in
+//! the index file of its next point.
 //! Names sort like point names (newest first), so the fragments between a point
 //! and T are one narrow listing.
 //!
@@ -24,7 +25,7 @@ use jiff::Timestamp;
 use crate::codec::{DecodeError, Decoder, Encoder};
 use crate::crypto::{compressor, encode_payload, Keys};
 use crate::object::{open_object, seal_object, ObjectError};
-use crate::pack::{pack_name, BlobKind, BlobRef, PackBuilder};
+use crate::pack::{pack_name, BlobKind, BlobRef, PackBuilder, PackEntry};
 use crate::point::{parse_timed, time_key, timed_name, PointRef};
 use crate::repo::{RepoError, Repository};
 use crate::tree::{Entry, EntryKind, Extent, Timestamp as TreeTime};
@@ -139,6 +140,8 @@ pub struct FragmentBuilder {
     keys: Keys,
     pack: Option<PackBuilder>,
     packs: Vec<(String, Vec<u8>)>,
+    /// The blobs of its packs, for an index file once they are durable.
+    pub entries: Vec<PackEntry>,
     zstd: zstd::bulk::Compressor<'static>,
     /// Sealed bytes stored so far.
     pub stored: u64,
@@ -146,7 +149,14 @@ pub struct FragmentBuilder {
 
 impl FragmentBuilder {
     pub fn new(repo: &Repository) -> FragmentBuilder {
-        FragmentBuilder { keys: repo.keys().clone(), pack: None, packs: Vec::new(), zstd: compressor(), stored: 0 }
+        FragmentBuilder {
+            keys: repo.keys().clone(),
+            pack: None,
+            packs: Vec::new(),
+            entries: Vec::new(),
+            zstd: compressor(),
+            stored: 0,
+        }
     }
 
     pub fn store(&mut self, data: &[u8]) -> BlobRef {
@@ -164,8 +174,9 @@ impl FragmentBuilder {
 
     fn cut(&mut self) {
         if let Some(pack) = self.pack.take().filter(|p| !p.is_empty()) {
-            let (id, bytes, _) = pack.finish();
+            let (id, bytes, entries) = pack.finish();
             self.packs.push((pack_name(&id), bytes));
+            self.entries.extend(entries);
         }
     }
 

@@ -2,7 +2,7 @@
 //! deduplicate; readers never need them, since every reference in a tree already says
 //! where its blob is. One index file is written per recovery point, before its manifest.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::codec::{Decoder, Encoder};
 use crate::crypto::Keys;
@@ -57,11 +57,17 @@ pub fn open_index(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<PackEntry
 #[derive(Default)]
 pub struct DedupIndex {
     map: HashMap<(BlobKind, Id), BlobRef>,
+    /// Every pack some entry named, duplicates included.
+    packs: HashSet<Id>,
 }
 
 impl DedupIndex {
     pub fn insert(&mut self, kind: BlobKind, blob: BlobRef) {
+        self.packs.insert(blob.pack);
         self.map.entry((kind, blob.id)).or_insert(blob);
+    }
+    pub fn has_pack(&self, pack: &Id) -> bool {
+        self.packs.contains(pack)
     }
     pub fn get(&self, kind: BlobKind, id: &Id) -> Option<BlobRef> {
         self.map.get(&(kind, *id)).copied()

@@ -16,8 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::crypto::{compressor, encode_payload};
+use crate::id::Id;
 use crate::index::{seal_index, DedupIndex};
-use crate::pack::{pack_name, BlobKind, BlobRef, PackBuilder, PackEntry};
+use crate::pack::{pack_name, parse_pack_name, read_header, BlobKind, BlobRef, PackBuilder, PackEntry, PACKS_DIR};
 use crate::repo::{RepoError, Repository};
 use crate::store::{Store, StoreError};
 
@@ -26,6 +27,8 @@ pub const PACK_TARGET: usize = 8 << 20;
 /// Full packs waiting for the uploader, beyond those being uploaded.
 const QUEUED_PACKS: usize = 2;
 const CONCURRENT_UPLOADS: usize = 4;
+/// Orphan packs read at once when adopting them.
+const ADOPT_READS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -98,6 +101,47 @@ impl Writer {
     /// Whether a blob with this content id is already stored (or being stored).
     pub fn known(&self, kind: BlobKind, id: &crate::Id) -> Option<BlobRef> {
         self.dedup.lock().expect("dedup lock").get(kind, id)
+    }
+
+    /// Takes durable packs that no index file lists into deduplication, and into the
+    /// next index file: those a writer stopped by a crash uploaded but never
+    /// indexed. Each is read whole once; one that cannot be read is skipped. Returns
+    /// how many it took.
+    pub async fn adopt_orphans(&self) -> Result<usize, RepoError> {
+        let store = self.repo.store();
+        let packs = store.list(PACKS_DIR).await?;
+        let orphans: Vec<Id> = {
+            let dedup = self.dedup.lock().expect("dedup lock");
+            packs.iter().filter_map(|o| parse_pack_name(&o.name)).filter(|p| !dedup.has_pack(p)).collect()
+        };
+        let reads = orphans.into_iter().map(|pack| async move {
+            let bytes = store.get(&pack_name(&pack)).await?;
+            Ok::<_, StoreError>(read_header(self.repo.keys(), &pack, &bytes).map_err(|e| (pack, e.to_string())))
+        });
+        let mut adopted = 0;
+        let mut results = futures::stream::iter(reads).buffer_unordered(ADOPT_READS);
+        while let Some(r) = results.next().await {
+            match r? {
+                Ok(entries) => {
+                    self.adopt(entries);
+                    adopted += 1;
+                }
+                Err((pack, e)) => tracing::warn!("not adopting {}: {e}", pack_name(&pack)),
+            }
+        }
+        Ok(adopted)
+    }
+
+    /// Blobs in packs that are durable already (stored by someone else, such as a
+    /// stream's fragments): deduplicated against from now on, and listed in the next
+    /// index file.
+    pub fn adopt(&self, entries: Vec<PackEntry>) {
+        let mut dedup = self.dedup.lock().expect("dedup lock");
+        for e in &entries {
+            dedup.insert(e.kind, e.blob);
+        }
+        drop(dedup);
+        self.written.lock().expect("written lock").extend(entries);
     }
 
     /// Waits until every pack is durable, then writes the index file of the new blobs.
@@ -245,5 +289,52 @@ impl Drop for Packer {
             // Trees may already reference these blobs: the point must not be written.
             self.w.lost.store(true, Ordering::SeqCst);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keyslot::{Secret, DEFAULT_KDF};
+
+    /// A writer stopped after its pack was durable but before its index: the next
+    /// writer adopts the pack and stores nothing again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn orphan_packs_are_adopted_not_uploaded_again() {
+        let repo = Repository::init(Store::memory(), &Secret::KeyFile([5; 32]), DEFAULT_KDF, "t".into()).await.unwrap();
+        let data: Vec<Vec<u8>> = (0..3u8).map(|i| (0..300_000u32).map(|j| (j % 251) as u8 ^ i).collect()).collect();
+        let store_all = |w: Arc<Writer>, data: Vec<Vec<u8>>| {
+            tokio::task::spawn_blocking(move || {
+                let mut p = w.packer();
+                for d in &data {
+                    p.store(BlobKind::Data, d).unwrap();
+                }
+                p.flush().unwrap();
+            })
+        };
+
+        let crashed = Writer::new(repo.clone()).await.unwrap();
+        store_all(crashed.clone(), data.clone()).await.unwrap();
+        // Its pack lands; its index never does.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while repo.store().list(PACKS_DIR).await.unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the pack was never uploaded");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        drop(crashed);
+        assert!(repo.store().list(crate::index::INDEX_DIR).await.unwrap().is_empty());
+
+        let next = Writer::new(repo.clone()).await.unwrap();
+        assert_eq!(next.adopt_orphans().await.unwrap(), 1);
+        store_all(next.clone(), data.clone()).await.unwrap();
+        let summary = next.finish().await.unwrap();
+        assert_eq!((summary.new_blobs, summary.packs), (0, 0), "adopted blobs were stored again");
+        assert!(summary.index.is_some(), "the adopted pack goes into an index file");
+        assert_eq!(repo.store().list(PACKS_DIR).await.unwrap().len(), 1);
+
+        // Indexed now: nothing left to adopt.
+        let third = Writer::new(repo.clone()).await.unwrap();
+        assert_eq!(third.adopt_orphans().await.unwrap(), 0);
+        third.finish().await.unwrap();
     }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use catalog::tree::Entry;
-use catalog::{FragmentRef, Id, RepoError, Repository, Writer};
+use catalog::{FragmentRef, Id, PackEntry, RepoError, Repository, Writer};
 use jiff::Timestamp;
 use notify::event::ModifyKind;
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -51,7 +51,7 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 /// While files only grow, a point still follows this long after the first fragment.
 const POINT_AFTER_APPENDS: Duration = Duration::from_secs(300);
 /// inotify events reach the stream within this long of the change.
-const EVENT_SLACK: Duration = Duration::from_millis(250);
+const EVENT_SLACK: Duration = Duration::from_millis(500);
 /// Files with pending appends kept by name; past this, a point takes them all.
 const MAX_DIRTY: usize = 10_000;
 
@@ -118,6 +118,8 @@ struct Shipper {
     parent: Option<(Entry, Id)>,
     trees: TreeCache,
     counters: Arc<Counters>,
+    /// The blobs of the fragments shipped since the last index file.
+    fragment_packs: Arc<Mutex<Vec<PackEntry>>>,
 }
 
 /// A commit under way: the first change it carries, and when its walk began.
@@ -151,10 +153,17 @@ impl Shipper {
                     self.parent = newest(&self.repo, &self.opts.snapshot.source).await?;
                 }
                 let w = Writer::new(self.repo.clone()).await?;
+                // What a crash left uploaded but unindexed is not uploaded again.
+                let adopted = w.adopt_orphans().await?;
+                if adopted > 0 {
+                    tracing::info!("adopted {adopted} packs left unindexed by an earlier run");
+                }
                 self.writer = Some(w.clone());
                 w
             }
         };
+        // Fragments' packs are durable: the next index file lists them.
+        writer.adopt(std::mem::take(&mut *self.fragment_packs.lock().expect("fragment packs lock")));
         let trees = std::mem::take(&mut self.trees);
         let parent = self.parent.as_ref().map(|(e, _)| e.clone());
         let cap = capture(&writer, &self.opts.snapshot, parent, trees, self.counters.clone()).await?;
@@ -266,6 +275,7 @@ pub async fn stream_dir(
         c.overflowed = true;
     }
 
+    let fragment_packs = Arc::new(Mutex::new(Vec::new()));
     let mut shipper = Some(Shipper {
         repo: repo.clone(),
         opts: opts.clone(),
@@ -273,6 +283,7 @@ pub async fn stream_dir(
         parent: None,
         trees: TreeCache::default(),
         counters: Arc::new(Counters::default()),
+        fragment_packs: fragment_packs.clone(),
     });
     let mut running: Option<Running> = None;
     let mut shipping: Option<Shipping> = None;
@@ -410,7 +421,7 @@ pub async fn stream_dir(
             }
             done = async { (&mut shipping.as_mut().expect("guarded").task).await }, if shipping.is_some() => {
                 let Shipping { carried, .. } = shipping.take().expect("guarded");
-                let (round, result) = done.expect("the append task panicked");
+                let (mut round, result) = done.expect("the append task panicked");
                 let shipped = matches!(result, Ok(Some(_)));
                 round.release(&tails, shipped);
                 let when: HashMap<PathBuf, (Instant, Timestamp)> = carried.into_iter().collect();
@@ -433,6 +444,7 @@ pub async fn stream_dir(
                     Ok(Some(f)) => {
                         tracing::debug!("fragment {}: {} bytes appended to {} files", f.time, round.bytes, round.fragment.growths.len());
                         metrics.fragments.fetch_add(1, Ordering::Relaxed);
+                        fragment_packs.lock().expect("fragment packs lock").extend(round.builder.entries.drain(..));
                         metrics.bytes_shipped.fetch_add(round.builder.stored, Ordering::Relaxed);
                         appended_since.get_or_insert(Instant::now());
                     }
