@@ -150,9 +150,12 @@ fn shows_each_point(backend: Backend) {
     assert_trees_equal_with(&v1, &copy, &CompareOptions { sparseness: false, ..CompareOptions::default() });
     let count = |dir: &Path| sh("find . | wc -l", dir).1;
     assert_eq!(count(&at), count(&v1), "find lists the same entries");
-    let (ok, out, err) = sh("du -s --apparent-size --block-size=1 .", &at);
+    // Files only: a directory's size is an artefact of how it grew, and the copy grew
+    // differently from the source the point was made of.
+    let du = "find . -type f -print0 | du -c --apparent-size --block-size=1 --files0-from=- | tail -1";
+    let (ok, out, err) = sh(du, &at);
     assert!(ok, "du: {err}");
-    let (_, expect, _) = sh("du -s --apparent-size --block-size=1 .", &v1);
+    let (_, expect, _) = sh(du, &v1);
     assert_eq!(out.split_whitespace().next(), expect.split_whitespace().next(), "du --apparent-size agrees");
     let (ok, out, _) = sh(&format!("stat -c '%s %a %u %g %Y' '{}'", info.setuid_file.display()), &at);
     let (_, expect, _) = sh(&format!("stat -c '%s %a %u %g %Y' '{}'", info.setuid_file.display()), &v1);
