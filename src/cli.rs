@@ -145,39 +145,42 @@ while mounted appear within seconds. Data is fetched and decrypted only when rea
     },
 }
 
+#[derive(clap::Args, Debug)]
+pub struct DirArgs {
+    /// Source name: the timeline the points belong to [default: the host name]
+    #[arg(long, value_parser = parse_source)]
+    pub source: Option<String>,
+    /// Recovery point objective: the most a change may wait to be durable (e.g. 30s, 1m, 15m)
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+    pub rpo: std::time::Duration,
+    /// Leave out matching paths: a name at any depth (*.tmp), or a path below PATH (cache/**)
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Append-only files (logs): when one grew, only the new bytes are read and
+    /// shipped, within --append-interval; a name at any depth or a path below PATH
+    #[arg(long = "append", value_name = "GLOB", default_value = "*.log")]
+    pub appends: Vec<String>,
+    /// Bytes appended to an append-only file are shipped within this long, without a new point
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub append_interval: std::time::Duration,
+    /// Walk the whole tree at least this often, even when no change was seen
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub rescan: std::time::Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9184)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where to keep the state `ebb status` reads [default: /var/lib/ebb/state as root, else ~/.local/state/ebb]
+    #[arg(long, env = "EBB_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    pub path: PathBuf,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum StreamCommand {
     /// A directory tree: a new recovery point whenever something in it changed, so
     /// that no change waits longer than the RPO; bytes appended to logs (--append)
     /// are shipped within --append-interval
-    Dir {
-        /// Source name: the timeline the points belong to [default: the host name]
-        #[arg(long, value_parser = parse_source)]
-        source: Option<String>,
-        /// Recovery point objective: the most a change may wait to be durable (e.g. 30s, 1m, 15m)
-        #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
-        rpo: std::time::Duration,
-        /// Leave out matching paths: a name at any depth (*.tmp), or a path below PATH (cache/**)
-        #[arg(long, value_name = "GLOB")]
-        exclude: Vec<String>,
-        /// Append-only files (logs): when one grew, only the new bytes are read and
-        /// shipped, within --append-interval; a name at any depth or a path below PATH
-        #[arg(long = "append", value_name = "GLOB", default_value = "*.log")]
-        appends: Vec<String>,
-        /// Bytes appended to an append-only file are shipped within this long, without a new point
-        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
-        append_interval: std::time::Duration,
-        /// Walk the whole tree at least this often, even when no change was seen
-        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
-        rescan: std::time::Duration,
-        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9184)
-        #[arg(long, value_name = "ADDR")]
-        metrics_addr: Option<std::net::SocketAddr>,
-        /// Where to keep the state `ebb status` reads [default: /var/lib/ebb/state as root, else ~/.local/state/ebb]
-        #[arg(long, env = "EBB_STATE_DIR", value_name = "DIR")]
-        state_dir: Option<PathBuf>,
-        path: PathBuf,
-    },
+    Dir(DirArgs),
 }
 
 #[derive(Subcommand, Debug)]

@@ -39,30 +39,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             crate::mount::mount(repo, at, source, caches, foreground, &mountpoint).await
         }
         Command::Umount { mountpoint } => crate::mount::umount(&mountpoint),
-        Command::Stream(crate::cli::StreamCommand::Dir {
-            source,
-            rpo,
-            exclude,
-            rescan,
-            appends,
-            append_interval,
-            metrics_addr,
-            state_dir,
-            path,
-        }) => {
-            let dir = crate::stream::DirStream {
-                source,
-                rpo,
-                exclude,
-                rescan,
-                appends,
-                append_interval,
-                metrics_addr,
-                state_dir,
-                path,
-            };
-            crate::stream::stream_dir(g, dir).await
-        }
+        Command::Stream(crate::cli::StreamCommand::Dir(dir)) => crate::stream::stream_dir(g, dir).await,
         Command::Status { state_dir, json } => crate::stream::status(g, state_dir, json).await,
     }
 }

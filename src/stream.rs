@@ -10,24 +10,12 @@ use jiff::Timestamp;
 use serde_json::json;
 use streamer::state::{self, StreamState};
 
-use crate::cli::Global;
+use crate::cli::{DirArgs, Global};
 use crate::commands::{file_workers, host, open, repo_url, source_or_host};
 use crate::output::table;
 use crate::UsageError;
 
-pub struct DirStream {
-    pub source: Option<String>,
-    pub rpo: Duration,
-    pub exclude: Vec<String>,
-    pub rescan: Duration,
-    pub appends: Vec<String>,
-    pub append_interval: Duration,
-    pub metrics_addr: Option<std::net::SocketAddr>,
-    pub state_dir: Option<PathBuf>,
-    pub path: PathBuf,
-}
-
-pub async fn stream_dir(g: &Global, d: DirStream) -> Result<ExitCode> {
+pub async fn stream_dir(g: &Global, d: DirArgs) -> Result<ExitCode> {
     let source = source_or_host(d.source)?;
     match std::fs::metadata(&d.path) {
         Ok(m) if m.is_dir() => {}

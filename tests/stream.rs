@@ -103,6 +103,25 @@ impl Drop for Stream {
     }
 }
 
+/// A file repository, and a work directory holding an empty `src/` to stream and
+/// the path of the stream's state directory.
+struct Setup {
+    repo: TestRepo,
+    work: tempfile::TempDir,
+    src: PathBuf,
+    state_dir: PathBuf,
+}
+
+fn setup() -> Setup {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let state_dir = work.path().join("state");
+    Setup { repo, work, src, state_dir }
+}
+
 fn write(path: &Path, data: &[u8]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, data).unwrap();
@@ -124,13 +143,8 @@ fn copy_tree(from: &Path, to: &Path) {
 #[test]
 fn restore_at_each_moment_gives_the_tree_of_that_moment() {
     let _serial = serial();
-    let repo = TestRepo::new(Backend::File);
-    repo.init();
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    std::fs::create_dir(&src).unwrap();
+    let Setup { repo, work, src, state_dir } = setup();
     write(&src.join("keep/base.txt"), b"base\n");
-    let state_dir = work.path().join("state");
     let mut stream = Stream::start(&repo, &state_dir, &src, &["--rpo", "4s", "--metrics-addr", "127.0.0.1:0"]);
 
     let mut moments = Vec::new();
@@ -187,17 +201,13 @@ fn restore_at(repo: &TestRepo, t: jiff::Timestamp, into: &Path) {
 #[test]
 fn appended_lines_are_visible_at_t_once_the_interval_has_passed() {
     let _serial = serial();
-    let repo = TestRepo::new(Backend::File);
-    repo.init();
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
+    let Setup { repo, work, src, state_dir } = setup();
     let old: Vec<u8> = (0..3000).map(|i| b"abcdefghij"[i % 10]).collect();
     let new: Vec<u8> = (0..3000).map(|i| b"ABCDEFGHIJ"[i % 10]).collect();
     write(&src.join("rw.log"), &old);
     write(&src.join("trunc.log"), &old);
     write(&src.join("app.log"), b"");
     write(&src.join("table.db"), &old);
-    let state_dir = work.path().join("state");
     let mut stream = Stream::start(&repo, &state_dir, &src, &["--rpo", "10m"]);
     stream.wait_durable(jiff::Timestamp::now(), Duration::from_secs(30));
 
@@ -299,12 +309,8 @@ fn appended_lines_are_visible_at_t_once_the_interval_has_passed() {
 #[test]
 fn metrics_and_status_while_streaming() {
     let _serial = serial();
-    let repo = TestRepo::new(Backend::File);
-    repo.init();
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
+    let Setup { repo, work: _work, src, state_dir } = setup();
     write(&src.join("a"), b"a");
-    let state_dir = work.path().join("state");
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -366,12 +372,7 @@ fn bad_stream_input_is_refused() {
 #[test]
 fn kill_9_twenty_times_then_verify_and_compare() {
     let _serial = serial();
-    let repo = TestRepo::new(Backend::File);
-    repo.init();
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    let state_dir = work.path().join("state");
+    let Setup { repo, work, src, state_dir } = setup();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workload = {
         let (src, stop) = (src.clone(), stop.clone());
