@@ -124,6 +124,9 @@ while mounted appear within seconds. Data is fetched and decrypted only when rea
     /// Ship continuously, until SIGINT or SIGTERM
     #[command(subcommand)]
     Stream(StreamCommand),
+    /// PostgreSQL: base backups, archive_command and restore_command, point-in-time restore
+    #[command(subcommand)]
+    Pg(PgCommand),
     /// For each source: its RPO, how far behind the repository is, the newest point and
     /// the last error. Exits 1 when a source is past its RPO.
     Status {
@@ -181,6 +184,77 @@ pub enum StreamCommand {
     /// that no change waits longer than the RPO; bytes appended to logs (--append)
     /// are shipped within --append-interval
     Dir(DirArgs),
+    /// PostgreSQL WAL, as a replica receives it: durable in the repository within
+    /// --flush-interval, and confirmed to the server (the slot advances) only then
+    Pg(PgStreamArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PgStreamArgs {
+    /// Source name [default: the host name]
+    #[arg(long, value_parser = parse_source)]
+    pub source: Option<String>,
+    /// The server: a libpq connection string or URL. Give the password through
+    /// PGPASSWORD, or the whole DSN through EBB_PG_DSN, not on the command line
+    #[arg(long, env = "EBB_PG_DSN", value_name = "DSN", hide_env_values = true)]
+    pub dsn: String,
+    /// Physical replication slot; created when missing [default: ebb_<source>]
+    #[arg(long, value_name = "NAME", value_parser = parse_slot)]
+    pub slot: Option<String>,
+    /// Received WAL is durable in the repository within this long
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_flush_interval)]
+    pub flush_interval: std::time::Duration,
+    /// Also take a base backup this often (e.g. 1d), the first at start
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub base_backup_every: Option<std::time::Duration>,
+    /// The lag past which `ebb status` and the metrics raise the alarm
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = parse_duration)]
+    pub rpo: std::time::Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9184)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where to keep the state `ebb status` reads [default: /var/lib/ebb/state as root, else ~/.local/state/ebb]
+    #[arg(long, env = "EBB_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PgCommand {
+    /// A base backup over the replication protocol, deduplicated against earlier ones
+    BaseBackup {
+        /// Source name [default: the host name]
+        #[arg(long, value_parser = parse_source)]
+        source: Option<String>,
+        /// The server: a libpq connection string or URL (password through PGPASSWORD or EBB_PG_DSN)
+        #[arg(long, env = "EBB_PG_DSN", value_name = "DSN", hide_env_values = true)]
+        dsn: String,
+    },
+    /// For archive_command: store a WAL file ('ebb pg archive-push --source NAME %p').
+    /// Exits 0 only once it is durable
+    ArchivePush {
+        #[arg(long, value_parser = parse_source)]
+        source: Option<String>,
+        path: PathBuf,
+    },
+    /// For restore_command: fetch a WAL file ('ebb pg archive-get --source NAME %f %p').
+    /// Exits 1 when the repository does not have it
+    ArchiveGet {
+        #[arg(long, value_parser = parse_source)]
+        source: Option<String>,
+        walname: String,
+        dest: PathBuf,
+    },
+    /// Write the newest base backup at or before T into DATADIR, configured so that
+    /// PostgreSQL started on it recovers to exactly T
+    Restore {
+        /// The moment: RFC 3339, 'YYYY-MM-DD HH:MM[:SS]' (local), @UNIX, '15m ago', or latest
+        #[arg(long, value_parser = parse_time_arg)]
+        at: TimeSpec,
+        #[arg(long, value_parser = parse_source)]
+        source: Option<String>,
+        /// An empty or missing directory
+        datadir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -235,6 +309,21 @@ fn parse_size(s: &str) -> Result<u64, String> {
         _ => return Err(format!("invalid size {s:?}: use e.g. 512MiB or 2GiB")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// The flush interval: 100 ms at least.
+fn parse_flush_interval(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("invalid duration {s:?}: use e.g. 500ms, 1s or 5s");
+    let d: jiff::SignedDuration = s.trim().parse().map_err(|_| bad())?;
+    let d = std::time::Duration::try_from(d).map_err(|_| bad())?;
+    if d < std::time::Duration::from_millis(100) {
+        return Err(format!("flush interval {s:?} is too short: at least 100ms"));
+    }
+    Ok(d)
+}
+
+fn parse_slot(s: &str) -> Result<String, String> {
+    streamer::pg::validate_slot(s).map(|()| s.to_string())
 }
 
 fn parse_source(s: &str) -> Result<String, String> {

@@ -40,6 +40,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Umount { mountpoint } => crate::mount::umount(&mountpoint),
         Command::Stream(crate::cli::StreamCommand::Dir(dir)) => crate::stream::stream_dir(g, dir).await,
+        Command::Stream(crate::cli::StreamCommand::Pg(a)) => crate::pg::stream_pg(g, a).await,
+        Command::Pg(cmd) => crate::pg::pg(g, cmd).await,
         Command::Status { state_dir, json } => crate::stream::status(g, state_dir, json).await,
     }
 }

@@ -4,6 +4,7 @@ mod cli;
 mod commands;
 mod mount;
 mod output;
+mod pg;
 mod secret;
 mod stream;
 

@@ -1,6 +1,6 @@
 //! The ebb repository: object layout, keys and encryption, chunking, packs and index,
 //! trees, recovery points and time resolution, restore and verification. Both writers
-//! and readers use it; it knows nothing of FUSE or PostgreSQL. The byte format is
+//! and readers use it; it knows nothing of FUSE and never talks to PostgreSQL. The byte format is
 //! specified in `FORMAT.md`.
 
 pub mod chunker;
@@ -20,6 +20,7 @@ mod store;
 pub mod time;
 pub mod tree;
 mod verify;
+pub mod wal;
 mod writer;
 
 pub use codec::DecodeError;
@@ -29,7 +30,7 @@ pub use fragment::{Fragment, FragmentBuilder, FragmentRef, Growth, Overlay, FRAG
 pub use id::Id;
 pub use keyslot::{decode_key_file, encode_key_file, KdfParams, KeySlot, Secret, SlotKind, DEFAULT_KDF};
 pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef, PackEntry};
-pub use point::{validate_source, Manifest, PointRef, Skipped, Stats};
+pub use point::{validate_source, Manifest, PgInfo, PointRef, Skipped, Stats};
 pub use repo::{BlobError, RepoError, Repository};
 pub use restore::{restore, RestoreError, RestoreOptions, RestoreReport};
 pub use store::{ObjectInfo, Store, StoreError};

@@ -162,6 +162,22 @@ pub struct Manifest {
     pub changed: Vec<String>,
     /// The index file written with this point.
     pub index: Option<String>,
+    /// For a PostgreSQL base backup: where its WAL starts and ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pg: Option<PgInfo>,
+}
+
+/// What a base backup needs of the WAL, and of which cluster it is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PgInfo {
+    pub system_id: u64,
+    pub timeline: u32,
+    /// The checkpoint's redo position, where recovery starts (`16/B374D848`).
+    pub start_lsn: String,
+    /// Recovery must reach this position before the copy is consistent.
+    pub stop_lsn: String,
+    pub server_version: String,
+    pub segment_size: u64,
 }
 
 impl Manifest {
@@ -178,6 +194,7 @@ impl Manifest {
             skipped: Vec::new(),
             changed: Vec::new(),
             index: None,
+            pg: None,
         }
     }
 

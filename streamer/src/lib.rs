@@ -5,6 +5,7 @@ mod appends;
 mod exclude;
 mod metadata;
 pub mod metrics;
+pub mod pg;
 mod prefetch;
 mod snapshot;
 pub mod state;

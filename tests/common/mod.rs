@@ -12,6 +12,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod compare;
+pub mod pg;
 pub mod repo;
 pub mod tree;
 

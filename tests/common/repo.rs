@@ -155,7 +155,12 @@ impl TestRepo {
     /// `EBB_PASSWORD` (and no `EBB_PASSWORD_FILE`), for S3 the `AWS_*` variables for
     /// the test server. `RUST_LOG` is inherited. Stdin is null (override if needed).
     pub fn cmd(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_ebb"));
+        self.cmd_at(Path::new(env!("CARGO_BIN_EXE_ebb")))
+    }
+
+    /// `cmd` for a copy of the binary at `exe`.
+    pub fn cmd_at(&self, exe: &Path) -> Command {
+        let mut c = Command::new(exe);
         c.env("EBB_REPOSITORY", &self.url)
             .env("EBB_PASSWORD", TEST_PASSWORD)
             .env_remove("EBB_PASSWORD_FILE")

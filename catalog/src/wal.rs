@@ -1,0 +1,458 @@
+//! PostgreSQL WAL in the repository, by timeline and LSN (FORMAT.md §9b):
+//!
+//! - `wal/<source>/system`: the cluster's system identifier and WAL segment size,
+//!   written by the first writer; every later writer must match it.
+//! - `wal/<source>/<TLI 8 hex>/<start 16 hex>-<end 16 hex>`: the WAL bytes of
+//!   `[start, end)` on that timeline, with the time they were received. Pieces never
+//!   cross a segment boundary, so one segment's pieces are one narrow listing.
+//! - `wal/<source>/history/<TLI 8 hex>`: a timeline history file.
+//! - `wal/<source>/files/<name>`: other files PostgreSQL archives (`.backup`,
+//!   `.partial`), kept as they are.
+//!
+//! The same timeline and LSN always hold the same bytes, so a piece stored twice
+//! (a restart after a crash) is stored once; different bytes under one name are an
+//! error, never an overwrite.
+
+use std::fmt;
+use std::str::FromStr;
+
+use bytes::Bytes;
+use jiff::Timestamp;
+
+use crate::codec::{DecodeError, Decoder, Encoder};
+use crate::object::{open_object, seal_object};
+use crate::repo::{RepoError, Repository};
+use crate::time::unix_nanos;
+
+pub const WAL_DIR: &str = "wal";
+const VERSION: u8 = 1;
+const LIST_PAGE: usize = 1000;
+/// PostgreSQL allows segments of 1 MiB to 1 GiB.
+const MAX_SEGMENT: u64 = 1 << 30;
+
+/// A WAL position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    /// As PostgreSQL writes it: `16/B374D848`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Lsn, String> {
+        let bad = || format!("invalid LSN {s:?} (expected the form 16/B374D848)");
+        let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
+        let hi = u32::from_str_radix(hi, 16).map_err(|_| bad())?;
+        let lo = u32::from_str_radix(lo, 16).map_err(|_| bad())?;
+        Ok(Lsn((u64::from(hi) << 32) | u64::from(lo)))
+    }
+}
+
+/// A file name PostgreSQL archives or asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WalFile {
+    /// `000000010000000A000000FF`: a whole segment.
+    Segment { tli: u32, segno: u64 },
+    /// `00000002.history`.
+    History { tli: u32 },
+    /// `….partial`, `….backup`: stored and served as they are.
+    Other,
+}
+
+fn hex_u32(s: &str) -> Option<u32> {
+    (s.len() == 8 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| u32::from_str_radix(s, 16).ok()).flatten()
+}
+
+impl WalFile {
+    /// What `name` is, for segments of `segment_size` bytes; `None` for a name
+    /// PostgreSQL never archives.
+    pub fn parse(name: &str, segment_size: u64) -> Option<WalFile> {
+        let per_id = 0x1_0000_0000 / segment_size;
+        if name.len() == 24 {
+            let (tli, log, seg) = (hex_u32(&name[..8])?, hex_u32(&name[8..16])?, hex_u32(&name[16..])?);
+            if u64::from(seg) >= per_id {
+                return None;
+            }
+            return Some(WalFile::Segment { tli, segno: u64::from(log) * per_id + u64::from(seg) });
+        }
+        if let Some(tli) = name.strip_suffix(".history").and_then(hex_u32) {
+            return Some(WalFile::History { tli });
+        }
+        let stem = name.split('.').next()?;
+        let ok = name.len() <= 64
+            && stem.len() == 24
+            && stem.bytes().all(|b| b.is_ascii_hexdigit())
+            && (name.ends_with(".partial") || name.ends_with(".backup"));
+        ok.then_some(WalFile::Other)
+    }
+}
+
+/// The file name of segment `segno` on timeline `tli`.
+pub fn segment_file_name(tli: u32, segno: u64, segment_size: u64) -> String {
+    let per_id = 0x1_0000_0000 / segment_size;
+    format!("{tli:08X}{:08X}{:08X}", segno / per_id, segno % per_id)
+}
+
+/// One stored piece of WAL, known from its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalPiece {
+    pub tli: u32,
+    pub start: Lsn,
+    pub end: Lsn,
+}
+
+fn tli_dir(source: &str, tli: u32) -> String {
+    format!("{WAL_DIR}/{source}/{tli:08x}")
+}
+
+impl WalPiece {
+    pub fn name(&self, source: &str) -> String {
+        format!("{}/{:016x}-{:016x}", tli_dir(source, self.tli), self.start.0, self.end.0)
+    }
+
+    fn parse(tli: u32, name: &str) -> Option<WalPiece> {
+        let leaf = name.rsplit('/').next()?;
+        let (s, e) = leaf.split_once('-')?;
+        let hex16 = |x: &str| (x.len() == 16).then(|| u64::from_str_radix(x, 16).ok()).flatten();
+        let (start, end) = (hex16(s)?, hex16(e)?);
+        (start < end).then_some(WalPiece { tli, start: Lsn(start), end: Lsn(end) })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.end.0 - self.start.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+}
+
+/// The cluster a source's WAL comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalSystem {
+    pub system_id: u64,
+    pub segment_size: u64,
+}
+
+impl WalSystem {
+    fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::default();
+        e.u8(VERSION);
+        e.u64(self.system_id);
+        e.u64(self.segment_size);
+        e.buf
+    }
+
+    fn decode(bytes: &[u8]) -> Result<WalSystem, DecodeError> {
+        let mut d = Decoder::new("WAL system", bytes);
+        if d.u8()? != VERSION {
+            return Err(d.error("unknown version"));
+        }
+        let s = WalSystem { system_id: d.u64()?, segment_size: d.u64()? };
+        d.finish()?;
+        if !s.segment_size.is_power_of_two() || !(1 << 20..=MAX_SEGMENT).contains(&s.segment_size) {
+            return Err(DecodeError::new("WAL system", format!("bad segment size {}", s.segment_size)));
+        }
+        Ok(s)
+    }
+
+    pub fn segment_start(&self, lsn: Lsn) -> Lsn {
+        Lsn(lsn.0 - lsn.0 % self.segment_size)
+    }
+}
+
+/// The timelines a timeline descends from: `(tli, begin, end)`, oldest first, the
+/// last one `tli` itself with no end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimelinePath(pub Vec<(u32, Lsn, Option<Lsn>)>);
+
+impl TimelinePath {
+    /// From the content of `<tli>.history` (lines `parent<TAB>switchpoint<TAB>reason`);
+    /// timeline 1 has no history file.
+    pub fn parse(tli: u32, history: Option<&str>) -> Result<TimelinePath, String> {
+        let mut out = Vec::new();
+        let mut begin = Lsn(0);
+        for line in history.unwrap_or_default().lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut f = line.split_whitespace();
+            let parent: u32 = f.next().and_then(|s| s.parse().ok()).ok_or(format!("bad history line {line:?}"))?;
+            let switch: Lsn = f.next().ok_or(format!("bad history line {line:?}"))?.parse()?;
+            out.push((parent, begin, Some(switch)));
+            begin = switch;
+        }
+        out.push((tli, begin, None));
+        Ok(TimelinePath(out))
+    }
+
+    /// The timeline whose WAL is at `lsn` when following this path.
+    pub fn tli_at(&self, lsn: Lsn) -> u32 {
+        self.0.iter().find(|(_, b, e)| *b <= lsn && e.is_none_or(|e| lsn < e)).map_or(0, |(t, _, _)| *t)
+    }
+
+    /// Where on the path a later timeline branches off, if after `lsn`.
+    pub fn end_of(&self, tli: u32) -> Option<Lsn> {
+        self.0.iter().find(|(t, _, _)| *t == tli).and_then(|(_, _, e)| *e)
+    }
+}
+
+fn encode_piece(received: Timestamp, wal: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(wal.len() + 9);
+    out.push(VERSION);
+    out.extend_from_slice(&unix_nanos(received).unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(wal);
+    out
+}
+
+fn decode_piece(name: &str, plain: Vec<u8>, len: u64) -> Result<(Timestamp, Bytes), RepoError> {
+    let bad =
+        |p: &str| crate::object::ObjectError::Decode { name: name.into(), cause: DecodeError::new("WAL piece", p) };
+    if plain.len() < 9 || plain[0] != VERSION {
+        return Err(bad("bad header").into());
+    }
+    let nanos = u64::from_le_bytes(plain[1..9].try_into().expect("8 bytes"));
+    let received = Timestamp::from_nanosecond(i128::from(nanos)).map_err(|_| bad("bad time"))?;
+    let wal = Bytes::from(plain).slice(9..);
+    if wal.len() as u64 != len {
+        return Err(bad("length does not match the name").into());
+    }
+    Ok((received, wal))
+}
+
+impl Repository {
+    /// The cluster of `source`'s WAL, if any was stored.
+    pub async fn wal_system(&self, source: &str) -> Result<Option<WalSystem>, RepoError> {
+        let name = format!("{WAL_DIR}/{source}/system");
+        match self.store().get(&name).await {
+            Ok(b) => {
+                let plain = open_object(self.keys(), &name, &b)?;
+                let s = WalSystem::decode(&plain)
+                    .map_err(|cause| crate::object::ObjectError::Decode { name: name.clone(), cause })?;
+                Ok(Some(s))
+            }
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records the cluster of `source`'s WAL, or checks that it is the one recorded.
+    pub async fn claim_wal_system(&self, source: &str, system: WalSystem) -> Result<(), RepoError> {
+        let name = format!("{WAL_DIR}/{source}/system");
+        if self.wal_system(source).await?.is_none() {
+            let sealed = seal_object(self.keys(), &name, &system.encode());
+            match self.store().put_new(&name, sealed.into()).await {
+                Ok(()) => return Ok(()),
+                Err(crate::StoreError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match self.wal_system(source).await? {
+            Some(s) if s == system => Ok(()),
+            Some(s) => Err(RepoError::BadSource {
+                problem: format!(
+                    "source {source:?} holds WAL of PostgreSQL system {} (segments of {} bytes), not of system {} \
+                     (segments of {} bytes): use another --source for another cluster",
+                    s.system_id, s.segment_size, system.system_id, system.segment_size
+                ),
+            }),
+            None => Err(RepoError::BadSource { problem: format!("{name} vanished while being written") }),
+        }
+    }
+
+    /// Stores `wal` as the piece `piece` of `source`. A piece already stored with the
+    /// same bytes is success; with other bytes, an error.
+    pub async fn put_wal(
+        &self,
+        source: &str,
+        piece: &WalPiece,
+        received: Timestamp,
+        wal: &[u8],
+    ) -> Result<(), RepoError> {
+        assert_eq!(piece.len(), wal.len() as u64, "a piece's name gives its length");
+        let name = piece.name(source);
+        let sealed = seal_object(self.keys(), &name, &encode_piece(received, wal));
+        match self.store().put_new(&name, sealed.into()).await {
+            Ok(()) => Ok(()),
+            Err(crate::StoreError::AlreadyExists { .. }) => {
+                let (_, stored) = self.read_wal(source, piece).await?;
+                if stored.as_ref() == wal {
+                    Ok(())
+                } else {
+                    Err(RepoError::BadSource {
+                        problem: format!(
+                            "{name} already holds different WAL for timeline {} at {}..{}: is another cluster \
+                             writing to source {source:?}?",
+                            piece.tli, piece.start, piece.end
+                        ),
+                    })
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The bytes of a piece and when they were received.
+    pub async fn read_wal(&self, source: &str, piece: &WalPiece) -> Result<(Timestamp, Bytes), RepoError> {
+        let name = piece.name(source);
+        let bytes = self.store().get(&name).await?;
+        decode_piece(&name, open_object(self.keys(), &name, &bytes)?, piece.len())
+    }
+
+    /// The pieces of timeline `tli` that hold WAL in `[from, to)`, by start. Pieces
+    /// never cross a segment boundary, so the listing starts at `from`'s segment.
+    pub async fn wal_pieces(
+        &self,
+        source: &str,
+        system: &WalSystem,
+        tli: u32,
+        from: Lsn,
+        to: Lsn,
+    ) -> Result<Vec<WalPiece>, RepoError> {
+        let dir = tli_dir(source, tli);
+        let mut offset = format!("{dir}/{:016x}", system.segment_start(from).0);
+        let mut out = Vec::new();
+        loop {
+            let page = self.store().list_after(&dir, &offset, LIST_PAGE).await?;
+            let full = page.len() == LIST_PAGE;
+            for o in &page {
+                let Some(p) = WalPiece::parse(tli, &o.name) else { continue };
+                if p.start >= to {
+                    return Ok(out);
+                }
+                if p.end > from {
+                    out.push(p);
+                }
+            }
+            match page.last() {
+                Some(last) if full => offset = last.name.clone(),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Where the stored WAL of timeline `tli` ends: the end of the piece that starts
+    /// last, found with about 64 one-name listings (a binary search on names).
+    pub async fn wal_end(&self, source: &str, system: &WalSystem, tli: u32) -> Result<Option<Lsn>, RepoError> {
+        let dir = tli_dir(source, tli);
+        // Whether some piece starts at or after `at`.
+        let starts_from = |at: u64| {
+            let dir = dir.clone();
+            async move {
+                let offset = format!("{dir}/{at:016x}");
+                Ok::<_, RepoError>(!self.store().list_after(&dir, &offset, 1).await?.is_empty())
+            }
+        };
+        if !starts_from(0).await? {
+            return Ok(None);
+        }
+        let (mut lo, mut hi) = (0u64, u64::MAX);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if starts_from(mid).await? {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        let seg = system.segment_start(Lsn(lo));
+        let pieces = self.wal_pieces(source, system, tli, seg, Lsn(seg.0 + system.segment_size)).await?;
+        Ok(pieces.iter().map(|p| p.end).max())
+    }
+
+    /// The contiguous WAL of `path` from `from` up to at most `to`: shorter when a
+    /// piece is missing. Each range comes from the timeline the path has there.
+    pub async fn wal_bytes(
+        &self,
+        source: &str,
+        system: &WalSystem,
+        path: &TimelinePath,
+        from: Lsn,
+        to: Lsn,
+    ) -> Result<Vec<u8>, RepoError> {
+        let mut out = Vec::with_capacity((to.0 - from.0) as usize);
+        let mut at = from;
+        for &(tli, begin, end) in &path.0 {
+            let (lo, hi) = (at.max(begin), end.map_or(to, |e| e.min(to)));
+            if lo >= hi || lo != at {
+                continue;
+            }
+            let pieces = self.wal_pieces(source, system, tli, lo, hi).await?;
+            // Every piece starting at or before `at` holds it if it ends after it, so
+            // the one reaching furthest among them is taken, until a gap.
+            let (mut i, mut best): (usize, Option<&WalPiece>) = (0, None);
+            while at < hi {
+                while i < pieces.len() && pieces[i].start <= at {
+                    if best.is_none_or(|b| pieces[i].end > b.end) {
+                        best = Some(&pieces[i]);
+                    }
+                    i += 1;
+                }
+                let Some(p) = best.filter(|b| b.end > at) else { return Ok(out) };
+                let (_, wal) = self.read_wal(source, p).await?;
+                let take_to = p.end.min(hi);
+                out.extend_from_slice(&wal[(at.0 - p.start.0) as usize..(take_to.0 - p.start.0) as usize]);
+                at = take_to;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A timeline history file of `source`, if stored.
+    pub async fn wal_history(&self, source: &str, tli: u32) -> Result<Option<Vec<u8>>, RepoError> {
+        self.wal_file(source, &format!("{tli:08X}.history")).await
+    }
+
+    /// The path that leads to timeline `tli`, from its history file.
+    pub async fn timeline_path(&self, source: &str, tli: u32) -> Result<TimelinePath, RepoError> {
+        let history = if tli == 1 { None } else { self.wal_history(source, tli).await? };
+        let text = history.map(|h| String::from_utf8_lossy(&h).into_owned());
+        if tli != 1 && text.is_none() {
+            return Err(RepoError::BadSource {
+                problem: format!("source {source:?} has no history file for timeline {tli}"),
+            });
+        }
+        TimelinePath::parse(tli, text.as_deref()).map_err(|problem| RepoError::BadSource {
+            problem: format!("history file of timeline {tli} of source {source:?}: {problem}"),
+        })
+    }
+
+    fn wal_file_name(source: &str, name: &str) -> String {
+        match name.strip_suffix(".history") {
+            Some(tli) => format!("{WAL_DIR}/{source}/history/{}", tli.to_ascii_lowercase()),
+            None => format!("{WAL_DIR}/{source}/files/{name}"),
+        }
+    }
+
+    /// A history, `.backup` or `.partial` file of `source`, as archived.
+    pub async fn wal_file(&self, source: &str, name: &str) -> Result<Option<Vec<u8>>, RepoError> {
+        let object = Self::wal_file_name(source, name);
+        match self.store().get(&object).await {
+            Ok(b) => Ok(Some(open_object(self.keys(), &object, &b)?)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stores a history, `.backup` or `.partial` file. The same content again is
+    /// success; other content under the same name is an error.
+    pub async fn put_wal_file(&self, source: &str, name: &str, data: &[u8]) -> Result<(), RepoError> {
+        let object = Self::wal_file_name(source, name);
+        let sealed = seal_object(self.keys(), &object, data);
+        match self.store().put_new(&object, sealed.into()).await {
+            Ok(()) => Ok(()),
+            Err(crate::StoreError::AlreadyExists { .. }) => match self.wal_file(source, name).await? {
+                Some(stored) if stored == data => Ok(()),
+                _ => Err(RepoError::BadSource {
+                    problem: format!("{name} is already archived for source {source:?} with different content"),
+                }),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+}

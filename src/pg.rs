@@ -1,0 +1,228 @@
+//! `ebb stream pg` and `ebb pg ...`: PostgreSQL sources.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use jiff::Timestamp;
+use streamer::pg::walstream::PgStreamOptions;
+use streamer::state::{self, StreamState};
+
+use crate::cli::{Global, PgCommand, PgStreamArgs};
+use crate::commands::{host, open, repo_url, source_or_host};
+use crate::UsageError;
+
+/// The DSN parsed, with the password from PGPASSWORD when it gives none, and how to
+/// show it (without the password).
+fn dsn(text: &str) -> Result<(streamer::pg::tokio_postgres::Config, String)> {
+    let mut cfg = streamer::pg::parse_dsn(text).map_err(|e| UsageError(e.to_string()))?;
+    if cfg.get_password().is_none() {
+        if let Ok(pw) = std::env::var("PGPASSWORD") {
+            cfg.password(pw);
+        }
+    }
+    let hosts: Vec<String> = cfg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            streamer::pg::tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            streamer::pg::tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    let mut shown = format!("host={}", if hosts.is_empty() { "(default socket)".into() } else { hosts.join(",") });
+    if let Some(p) = cfg.get_ports().first() {
+        shown.push_str(&format!(" port={p}"));
+    }
+    shown.push_str(&format!(" user={}", streamer::pg::wire::dsn_user(&cfg)));
+    Ok((cfg, shown))
+}
+
+pub async fn stream_pg(g: &Global, a: PgStreamArgs) -> Result<ExitCode> {
+    let source = source_or_host(a.source)?;
+    let (cfg, shown) = dsn(&a.dsn)?;
+    let slot = a.slot.unwrap_or_else(|| streamer::pg::default_slot(&source));
+    let url = repo_url(g)?;
+    let state_file = a.state_dir.or_else(state::default_state_dir).map(|dir| state::state_file(&dir, &url, &source));
+    if let Some(f) = &state_file {
+        if let Some(other) = std::fs::read(f).ok().and_then(|b| serde_json::from_slice::<StreamState>(&b).ok()) {
+            if other.running(Timestamp::now()) && other.pid != std::process::id() {
+                anyhow::bail!(
+                    "a stream of {source} to {url} is already running (pid {}); one writer per source",
+                    other.pid
+                );
+            }
+        }
+    }
+    let metrics = Arc::new(streamer::metrics::Metrics::new(&source, a.rpo.as_secs()));
+    if let Some(addr) = a.metrics_addr {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen for metrics on {addr}"))?;
+        tokio::spawn(streamer::metrics::serve(listener, metrics.clone()));
+    }
+    let repo = open(g).await?;
+    let opts = PgStreamOptions {
+        source: source.clone(),
+        dsn: cfg.clone(),
+        dsn_display: shown.clone(),
+        slot: slot.clone(),
+        flush_interval: a.flush_interval,
+        rpo: a.rpo,
+        repository: url.clone(),
+        state_file,
+    };
+    if let Some(every) = a.base_backup_every {
+        let (repo, bb) = (repo.clone(), base_backup_options(&source, cfg, shown.clone()));
+        tokio::spawn(async move {
+            loop {
+                match streamer::pg::basebackup::base_backup(&repo, &bb).await {
+                    Ok((point, _)) => tracing::info!("base backup {} of {} saved", point.time, bb.source),
+                    Err(e) => tracing::error!("base backup of {} failed: {e}", bb.source),
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+    eprintln!("streaming WAL of {shown} as {source} to {url} (slot {slot}); stop with Ctrl-C or SIGTERM");
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    streamer::pg::walstream::stream_pg(repo, opts, metrics, shutdown).await?;
+    eprintln!("stopped streaming {source}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn base_backup_options(
+    source: &str,
+    dsn: streamer::pg::tokio_postgres::Config,
+    shown: String,
+) -> streamer::pg::basebackup::BaseBackupOptions {
+    streamer::pg::basebackup::BaseBackupOptions { source: source.to_string(), dsn, dsn_display: shown, host: host() }
+}
+
+/// A word for `sh -c`.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The restore_command a restored server runs: this ebb, this repository, the same
+/// key or password file, so nothing secret is written into the data directory.
+fn archive_get_command(g: &Global, source: &str) -> Result<String> {
+    let exe = std::env::current_exe().context("find the ebb executable")?;
+    let mut cmd = vec![shell_quote(&exe.to_string_lossy()), "--repo".into(), shell_quote(&repo_url(g)?)];
+    let absolute = |p: &Path| std::path::absolute(p).map(|p| shell_quote(&p.to_string_lossy()));
+    if let Some(k) = &g.key_file {
+        cmd.extend(["--key-file".into(), absolute(k)?]);
+    } else if let Some(p) = &g.password_file {
+        cmd.extend(["--password-file".into(), absolute(p)?]);
+    } else {
+        return Err(UsageError(
+            "PostgreSQL fetches WAL by running ebb itself (restore_command), as the server's user: give the \
+             secret as --key-file or --password-file (EBB_KEY_FILE, EBB_PASSWORD_FILE), a file that user can read"
+                .into(),
+        )
+        .into());
+    }
+    cmd.extend(["pg".into(), "archive-get".into(), "--source".into(), shell_quote(source)]);
+    Ok(cmd.join(" "))
+}
+
+pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
+    match cmd {
+        PgCommand::BaseBackup { source, dsn: text } => {
+            let source = source_or_host(source)?;
+            let (cfg, shown) = dsn(&text)?;
+            let repo = open(g).await?;
+            let (point, m) =
+                streamer::pg::basebackup::base_backup(&repo, &base_backup_options(&source, cfg, shown)).await?;
+            let pg = m.pg.as_ref().expect("a base backup records its WAL");
+            println!(
+                "base backup {} of source {source} saved: timeline {}, WAL {} to {}, {} files, {} added",
+                point.time,
+                pg.timeline,
+                pg.start_lsn,
+                pg.stop_lsn,
+                m.stats.files,
+                crate::output::bytes(m.stats.new_bytes)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PgCommand::ArchivePush { source, path } => {
+            let source = source_or_host(source)?;
+            let repo = open(g).await?;
+            let said = streamer::pg::archive::archive_push(&repo, &source, &path).await?;
+            if !g.quiet {
+                eprintln!("{said}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PgCommand::ArchiveGet { source, walname, dest } => {
+            let source = source_or_host(source)?;
+            let got = async {
+                let repo = open(g).await?;
+                Ok::<_, anyhow::Error>(streamer::pg::archive::archive_get(&repo, &source, &walname, &dest).await?)
+            }
+            .await;
+            match got {
+                Ok(true) => Ok(ExitCode::SUCCESS),
+                Ok(false) => {
+                    if !g.quiet {
+                        eprintln!("ebb: {walname} is not in the repository (source {source})");
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+                // Not "missing": PostgreSQL would end recovery early. An exit status
+                // above 125 makes it stop recovery instead, to be started again.
+                Err(e) => {
+                    eprintln!("ebb: cannot fetch {walname}: {e:#}");
+                    Ok(ExitCode::from(126))
+                }
+            }
+        }
+        PgCommand::Restore { at, source, datadir } => {
+            let source = source_or_host(source)?;
+            let archive_get = archive_get_command(g, &source)?;
+            match std::fs::read_dir(&datadir).map(|mut d| d.next().is_some()) {
+                Ok(true) => return Err(UsageError(format!("{} is not empty", datadir.display())).into()),
+                Ok(false) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(UsageError(format!("{}: {e}", datadir.display())).into()),
+            }
+            let now = Timestamp::now();
+            let at = at.instant(now);
+            if at > now {
+                return Err(UsageError(format!("{at} is in the future (it is now {now})")).into());
+            }
+            let repo = open(g).await?;
+            let opts = streamer::pg::restore::PgRestoreOptions {
+                source: source.clone(),
+                at,
+                target: datadir.clone(),
+                archive_get,
+            };
+            let r = streamer::pg::restore::pg_restore(&repo, &opts).await?;
+            for w in &r.files.warnings {
+                eprintln!("warning: {w}");
+            }
+            let how = if r.target_time {
+                format!("recovers to {at}")
+            } else {
+                format!("replays all stored WAL (to {}): no transaction ended after {at}", r.wal_end)
+            };
+            println!(
+                "restored base backup {} of source {source} into {} ({} files); starting PostgreSQL on it {how}, \
+                 on timeline {}",
+                r.point.time,
+                datadir.display(),
+                r.files.files,
+                r.timeline
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

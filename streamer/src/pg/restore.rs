@@ -1,0 +1,193 @@
+//! `ebb pg restore --at T`: the newest base backup at or before T, written to a data
+//! directory configured to recover to exactly T: `restore_command` through `ebb pg
+//! archive-get`, `recovery_target_time`, and `recovery.signal`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use catalog::wal::{Lsn, TimelinePath, WalSystem, WAL_DIR};
+use catalog::{Manifest, PointRef, RepoError, Repository, RestoreOptions};
+use jiff::Timestamp;
+
+use super::walscan::{Scanner, Step};
+use super::wire::PG_EPOCH_MICROS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgRestoreError {
+    #[error("{0}")]
+    Bad(String),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Restore(#[from] catalog::RestoreError),
+    #[error("{path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
+}
+
+pub struct PgRestoreOptions {
+    pub source: String,
+    pub at: Timestamp,
+    pub target: PathBuf,
+    /// The command PostgreSQL runs to fetch WAL, up to ` %f %p`.
+    pub archive_get: String,
+}
+
+pub struct PgRestoreReport {
+    pub point: PointRef,
+    pub manifest: Manifest,
+    pub timeline: u32,
+    /// Whether recovery stops at T (a transaction ended after T), or replays all the
+    /// WAL there is (every transaction in it ended at or before T).
+    pub target_time: bool,
+    /// How far the stored WAL reaches from the backup on.
+    pub wal_end: Lsn,
+    pub files: catalog::RestoreReport,
+}
+
+/// The newest timeline of `source`: the highest one with a history file, or 1.
+pub async fn latest_timeline(repo: &Repository, source: &str) -> Result<u32, RepoError> {
+    let dir = format!("{WAL_DIR}/{source}/history");
+    let names = repo.store().list(&dir).await?;
+    Ok(names
+        .iter()
+        .filter_map(|o| o.name.rsplit('/').next().and_then(|n| u32::from_str_radix(n, 16).ok()))
+        .max()
+        .unwrap_or(1))
+}
+
+pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<PgRestoreReport, PgRestoreError> {
+    let point = repo.point_at(&opts.source, opts.at).await?.ok_or_else(|| {
+        PgRestoreError::Bad(format!("source {} has no base backup at or before {}", opts.source, opts.at))
+    })?;
+    let manifest = repo.manifest(&point).await?;
+    let pg = manifest.pg.clone().ok_or_else(|| {
+        PgRestoreError::Bad(format!(
+            "source {} is not a PostgreSQL source (its points are not base backups)",
+            opts.source
+        ))
+    })?;
+    let bad_lsn = |e: String| PgRestoreError::Bad(format!("point {}: {e}", point.name));
+    let (start, stop): (Lsn, Lsn) = (pg.start_lsn.parse().map_err(bad_lsn)?, pg.stop_lsn.parse().map_err(bad_lsn)?);
+    let system = repo
+        .wal_system(&opts.source)
+        .await?
+        .unwrap_or(WalSystem { system_id: pg.system_id, segment_size: pg.segment_size });
+    let tli = latest_timeline(repo, &opts.source).await?;
+    let path = repo.timeline_path(&opts.source, tli).await?;
+    if path.tli_at(start) != pg.timeline {
+        return Err(PgRestoreError::Bad(format!(
+            "the base backup of {} is on timeline {}, which timeline {tli} does not descend from at {start}",
+            point.time, pg.timeline
+        )));
+    }
+    let (target_time, wal_end) = ends_after(repo, &opts.source, &system, &path, start, opts.at).await?;
+    if wal_end < stop {
+        return Err(PgRestoreError::Bad(format!(
+            "the base backup of {} needs the WAL from {start} to {stop}, and the repository has it only to {wal_end}: \
+             is `ebb stream pg` or archive_command shipping WAL for source {}?",
+            point.time, opts.source
+        )));
+    }
+    let files = catalog::restore(
+        repo,
+        &manifest,
+        RestoreOptions { path: None, target: opts.target.clone(), overlay: Default::default() },
+    )
+    .await?;
+    configure(&opts.target, opts, target_time)?;
+    Ok(PgRestoreReport { point, manifest, timeline: tli, target_time, wal_end, files })
+}
+
+/// Scans the WAL from `start` along `path`: whether a transaction ended after `at`,
+/// and where the contiguous WAL ends.
+async fn ends_after(
+    repo: &Repository,
+    source: &str,
+    system: &WalSystem,
+    path: &TimelinePath,
+    start: Lsn,
+    at: Timestamp,
+) -> Result<(bool, Lsn), PgRestoreError> {
+    let at_pg = at.as_microsecond() - PG_EPOCH_MICROS;
+    let mut scanner = Scanner::new(start, system.segment_size);
+    let mut next = start;
+    loop {
+        match scanner.next_record() {
+            Step::End(x) if x.time > at_pg => return Ok((true, wal_end_from(repo, source, system, path, next).await?)),
+            Step::End(_) | Step::Other => {}
+            Step::Finished => return Ok((false, scanner.buffered_end())),
+            Step::NeedMore => {
+                let seg_end = Lsn(system.segment_start(next).0 + system.segment_size);
+                let wal = repo.wal_bytes(source, system, path, next, seg_end).await?;
+                let full = next.0 + wal.len() as u64 == seg_end.0;
+                next = Lsn(next.0 + wal.len() as u64);
+                scanner.push(&wal, !full);
+            }
+        }
+    }
+}
+
+/// How far the contiguous WAL reaches from `from` on (reading it segment by segment).
+async fn wal_end_from(
+    repo: &Repository,
+    source: &str,
+    system: &WalSystem,
+    path: &TimelinePath,
+    mut from: Lsn,
+) -> Result<Lsn, RepoError> {
+    loop {
+        let seg_end = Lsn(system.segment_start(from).0 + system.segment_size);
+        let n = repo.wal_bytes(source, system, path, from, seg_end).await?.len() as u64;
+        from = Lsn(from.0 + n);
+        if from < seg_end {
+            return Ok(from);
+        }
+    }
+}
+
+/// `recovery_target_time` as PostgreSQL reads it: UTC, microseconds, truncated so
+/// that a transaction at T itself is included.
+pub fn pg_time(t: Timestamp) -> String {
+    let micros = t.as_microsecond();
+    let t = Timestamp::from_microsecond(micros).unwrap_or(t);
+    format!("{}+00", t.strftime("%Y-%m-%d %H:%M:%S%.6f"))
+}
+
+fn configure(dir: &Path, opts: &PgRestoreOptions, target_time: bool) -> Result<(), PgRestoreError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |cause| PgRestoreError::Io { path, cause }
+    };
+    let conf = dir.join("postgresql.auto.conf");
+    let mut text = format!(
+        "\n# Added by `ebb pg restore`: recover source {} to {}.\nrestore_command = '{} %f %p'\n\
+         recovery_target_timeline = 'latest'\n",
+        opts.source,
+        opts.at,
+        opts.archive_get.replace('\'', "''")
+    );
+    if target_time {
+        text.push_str(&format!(
+            "recovery_target_time = '{}'\nrecovery_target_inclusive = on\nrecovery_target_action = 'promote'\n",
+            pg_time(opts.at)
+        ));
+    } else {
+        text.push_str("# Every transaction in the repository's WAL ended at or before that time: recover it all.\n");
+    }
+    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&conf).map_err(io(&conf))?;
+    f.write_all(text.as_bytes()).map_err(io(&conf))?;
+    let signal = dir.join("recovery.signal");
+    std::fs::write(&signal, b"").map_err(io(&signal))?;
+    let _ = std::fs::remove_file(dir.join("standby.signal"));
+    // The new files belong to whoever owns the data directory.
+    let meta = std::fs::metadata(dir).map_err(io(dir))?;
+    for p in [&conf, &signal] {
+        use std::os::unix::fs::MetadataExt;
+        let _ = std::os::unix::fs::chown(p, Some(meta.uid()), Some(meta.gid()));
+    }
+    let wal = dir.join("pg_wal");
+    if !wal.exists() {
+        std::fs::create_dir(&wal).map_err(io(&wal))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,499 @@
+//! `ebb stream pg`: WAL streamed like a replica. WAL arrives over a physical
+//! replication connection, is cut into pieces (never across a segment boundary, at
+//! the latest half a flush interval after its first byte arrived), and each piece is
+//! put in the repository. The slot's flush position is advanced only to the end of
+//! the pieces the store has accepted, contiguously: PostgreSQL keeps everything
+//! ebb has not made durable.
+//!
+//! Any failure drops the connection and what was not durable, waits with backoff
+//! and starts again from the end of the stored WAL: kill -9, a store outage and a
+//! lost connection all recover the same way.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use catalog::wal::{Lsn, TimelinePath, WalPiece, WalSystem};
+use catalog::{RepoError, Repository};
+use jiff::Timestamp;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::wire::{CopyEvent, PgError, ReplConn};
+use crate::metrics::Metrics;
+use crate::state::{self, StreamState};
+
+/// Pieces uploading at once; past this, reading from the server waits.
+const MAX_INFLIGHT: usize = 8;
+/// Retries after a failure wait from this long, doubling up to `BACKOFF_MAX`.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often the server is asked where its WAL ends, and the state file rewritten.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// On SIGINT/SIGTERM, uploads under way may finish for this long.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+/// The largest piece, for clusters with segments larger than this.
+const MAX_PIECE: usize = 16 << 20;
+
+#[derive(Debug, Clone)]
+pub struct PgStreamOptions {
+    pub source: String,
+    pub dsn: tokio_postgres::Config,
+    /// The DSN as shown to people: no password.
+    pub dsn_display: String,
+    pub slot: String,
+    /// Received WAL is durable within this long.
+    pub flush_interval: Duration,
+    pub rpo: Duration,
+    pub repository: String,
+    pub state_file: Option<PathBuf>,
+}
+
+/// Errors that retrying cannot mend: the stream stops with them.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+}
+
+/// Why one session with the server ended.
+enum Ended {
+    /// Asked to stop.
+    Stopped,
+    /// The server ended the timeline: reconnect and follow the next one.
+    TimelineEnded,
+}
+
+enum SessionError {
+    Fatal(Fatal),
+    Retry(String),
+}
+
+impl From<PgError> for SessionError {
+    fn from(e: PgError) -> SessionError {
+        match classify(&e) {
+            Some(msg) => SessionError::Fatal(Fatal::Setup(msg)),
+            None => SessionError::Retry(e.to_string()),
+        }
+    }
+}
+
+impl From<RepoError> for SessionError {
+    fn from(e: RepoError) -> SessionError {
+        match e {
+            RepoError::Store(e) => SessionError::Retry(e.to_string()),
+            e => SessionError::Fatal(Fatal::Repo(e)),
+        }
+    }
+}
+
+/// A clear message for the server errors that retrying cannot mend.
+pub fn classify(e: &PgError) -> Option<String> {
+    match e {
+        PgError::BadDsn(_) | PgError::UnsupportedAuth(_) | PgError::NoPassword => Some(e.to_string()),
+        PgError::Server { code, message, .. } => match code.as_str() {
+            "28P01" => Some(format!("{message}: check the user and password in --dsn")),
+            "28000" if message.contains("pg_hba.conf") => Some(format!(
+                "{message}: PostgreSQL's pg_hba.conf must allow replication connections for this user \
+                 (a line `host replication USER ADDRESS scram-sha-256`), then reload PostgreSQL"
+            )),
+            "28000" | "42501" => Some(format!(
+                "{message}: the user needs the REPLICATION privilege (ALTER ROLE ... REPLICATION) or superuser"
+            )),
+            "53300" => Some(format!(
+                "{message}: streaming needs max_wal_senders > 0 and wal_level = replica or logical \
+                 (set both in postgresql.conf and restart PostgreSQL)"
+            )),
+            "3D000" => Some(format!("{message}: check dbname in --dsn")),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// What the stream knows, shared with the heartbeat.
+struct Progress {
+    started: Timestamp,
+    /// Everything the server had at this time is durable.
+    durable_as_of: Timestamp,
+    last_error: Option<(String, Timestamp)>,
+    newest_point: Option<Timestamp>,
+}
+
+/// Streams until `shutdown` completes or a fatal error.
+pub async fn stream_pg(
+    repo: Repository,
+    opts: PgStreamOptions,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Fatal> {
+    tokio::pin!(shutdown);
+    let mut progress =
+        Progress { started: Timestamp::now(), durable_as_of: Timestamp::now(), last_error: None, newest_point: None };
+    let mut backoff = BACKOFF_MIN;
+    let mut connected_once = false;
+    loop {
+        let r = session(&repo, &opts, &metrics, &mut progress, &mut shutdown, &mut connected_once).await;
+        match r {
+            Ok(Ended::Stopped) => {
+                write_state(&opts, &progress, &metrics);
+                return Ok(());
+            }
+            Ok(Ended::TimelineEnded) => {
+                backoff = BACKOFF_MIN;
+                continue;
+            }
+            Err(SessionError::Fatal(f)) => {
+                progress.last_error = Some((f.to_string(), Timestamp::now()));
+                write_state(&opts, &progress, &metrics);
+                return Err(f);
+            }
+            Err(SessionError::Retry(msg)) => {
+                tracing::warn!("stream of {}: {msg}; retrying in {backoff:?}", opts.source);
+                metrics.errors.fetch_add(1, Ordering::Relaxed);
+                progress.last_error = Some((msg, Timestamp::now()));
+            }
+        }
+        let wait = backoff.mul_f64(0.5 + rand::random::<f64>());
+        let until = Instant::now() + wait;
+        // Keep the state file fresh while waiting: the lag keeps growing.
+        loop {
+            write_state(&opts, &progress, &metrics);
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep_until(until.min(Instant::now() + HEARTBEAT)) => {}
+            }
+            if Instant::now() >= until {
+                break;
+            }
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+fn write_state(opts: &PgStreamOptions, p: &Progress, metrics: &Metrics) {
+    let now = Timestamp::now();
+    let lag = Duration::try_from(now.duration_since(p.durable_as_of)).unwrap_or_default();
+    metrics.lag_ms.store(lag.as_millis() as u64, Ordering::Relaxed);
+    metrics.breached.store(lag > opts.rpo, Ordering::Relaxed);
+    metrics.durable_ms.store(p.durable_as_of.as_millisecond().max(0) as u64, Ordering::Relaxed);
+    let Some(file) = &opts.state_file else { return };
+    let s = StreamState {
+        source: opts.source.clone(),
+        repository: opts.repository.clone(),
+        kind: "pg".into(),
+        path: opts.dsn_display.clone(),
+        pid: std::process::id(),
+        rpo_secs: opts.rpo.as_secs(),
+        started: p.started,
+        updated: now,
+        durable_as_of: p.durable_as_of,
+        newest_point: p.newest_point,
+        last_error: p.last_error.as_ref().map(|e| e.0.clone()),
+        last_error_at: p.last_error.as_ref().map(|e| e.1),
+    };
+    if let Err(e) = state::write(file, &s) {
+        tracing::warn!("cannot write {}: {e}", file.display());
+    }
+}
+
+/// Connects, finds where to start, and streams until the connection ends.
+async fn session(
+    repo: &Repository,
+    opts: &PgStreamOptions,
+    metrics: &Arc<Metrics>,
+    progress: &mut Progress,
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    connected_once: &mut bool,
+) -> Result<Ended, SessionError> {
+    let mut conn = match ReplConn::connect(&opts.dsn).await {
+        Ok(c) => c,
+        Err(e) if !*connected_once => {
+            return Err(SessionError::Fatal(Fatal::Setup(classify(&e).unwrap_or_else(|| e.to_string()))))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (system_id, tli, _) = conn.identify_system().await?;
+    let seg = conn.query("SHOW wal_segment_size").await?;
+    let segment_size = seg
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|s| super::parse_size(&s))
+        .ok_or_else(|| SessionError::Retry("cannot read wal_segment_size".into()))?;
+    let system = WalSystem { system_id, segment_size };
+    repo.claim_wal_system(&opts.source, system).await?;
+    *connected_once = true;
+
+    // Timeline history files: PostgreSQL asks for them when it recovers.
+    let path = if tli > 1 {
+        let (name, content) = conn.timeline_history(tli).await?;
+        repo.put_wal_file(&opts.source, &name, &content).await?;
+        let path = TimelinePath::parse(tli, Some(&String::from_utf8_lossy(&content)))
+            .map_err(|e| SessionError::Retry(format!("{name}: {e}")))?;
+        for &(t, _, _) in path.0.iter().filter(|(t, _, _)| *t > 1 && *t != tli) {
+            if let Ok((name, content)) = conn.timeline_history(t).await {
+                repo.put_wal_file(&opts.source, &name, &content).await?;
+            }
+        }
+        path
+    } else {
+        TimelinePath::parse(1, None).map_err(SessionError::Retry)?
+    };
+
+    let restart = match conn.read_slot(&opts.slot).await? {
+        None => {
+            conn.create_slot(&opts.slot).await?;
+            tracing::info!("created replication slot {}", opts.slot);
+            conn.read_slot(&opts.slot).await?.flatten()
+        }
+        Some(None) => {
+            return Err(SessionError::Fatal(Fatal::Setup(format!(
+                "replication slot {slot} was invalidated: PostgreSQL removed WAL ebb had not received \
+                 (max_slot_wal_keep_size), so the restorable time of {source} has a gap from the end of its stored \
+                 WAL to now. Drop the slot (SELECT pg_drop_replication_slot('{slot}')), start `ebb stream pg` again \
+                 and take a new base backup with `ebb pg base-backup`",
+                slot = opts.slot,
+                source = opts.source
+            ))))
+        }
+        Some(Some(r)) => Some(r),
+    };
+    let stored = repo.wal_end(&opts.source, &system, tli).await?;
+    let begin = path.0.last().map_or(Lsn(0), |(_, b, _)| *b);
+    let mut start = match (stored, restart) {
+        (Some(end), _) => end,
+        // A new timeline: from where it branched off, if the server still has it.
+        (None, _) if tli > 1 => begin,
+        (None, Some(r)) => system.segment_start(r),
+        (None, None) => return Err(SessionError::Retry(format!("slot {} reserves no WAL", opts.slot))),
+    };
+    if let Err(e) = conn.start_replication(&opts.slot, start, tli).await {
+        // WAL already removed: start where the slot still has it, and say so.
+        let Some(r) = restart.filter(|r| *r > start && e.code() == Some("58P01")) else { return Err(e.into()) };
+        let gap = format!("WAL from {start} to {r} on timeline {tli} was removed before ebb received it: a gap");
+        tracing::error!("{gap}");
+        progress.last_error = Some((gap, Timestamp::now()));
+        start = system.segment_start(r).max(start);
+        conn.start_replication(&opts.slot, start, tli).await?;
+    }
+    tracing::info!("streaming WAL of {} from {start} on timeline {tli}", opts.source);
+    Receiver::new(repo, opts, metrics, system, tli, start).run(&mut conn, progress, shutdown).await
+}
+
+/// WAL received and not yet cut into a piece.
+struct Pending {
+    start: Lsn,
+    buf: Vec<u8>,
+    first_at: Instant,
+    first_time: Timestamp,
+}
+
+struct Receiver<'a> {
+    repo: &'a Repository,
+    opts: &'a PgStreamOptions,
+    metrics: &'a Arc<Metrics>,
+    system: WalSystem,
+    tli: u32,
+    /// The next byte expected from the server.
+    received: Lsn,
+    pending: Option<Pending>,
+    /// Pieces cut, by start: their end, when their first byte arrived, and whether
+    /// the store has them.
+    inflight: BTreeMap<Lsn, (Lsn, Timestamp, bool)>,
+    uploads: JoinSet<Result<Lsn, RepoError>>,
+    /// Everything before this is durable.
+    durable: Lsn,
+    /// Where the server's WAL ended when it last said, and when we heard it.
+    server_end: Lsn,
+    heard_at: Timestamp,
+    caught_up_at: Timestamp,
+}
+
+impl<'a> Receiver<'a> {
+    fn new(
+        repo: &'a Repository,
+        opts: &'a PgStreamOptions,
+        metrics: &'a Arc<Metrics>,
+        system: WalSystem,
+        tli: u32,
+        start: Lsn,
+    ) -> Self {
+        Receiver {
+            repo,
+            opts,
+            metrics,
+            system,
+            tli,
+            received: start,
+            pending: None,
+            inflight: BTreeMap::new(),
+            uploads: JoinSet::new(),
+            durable: start,
+            server_end: start,
+            heard_at: Timestamp::now(),
+            caught_up_at: Timestamp::now(),
+        }
+    }
+
+    async fn run(
+        mut self,
+        conn: &mut ReplConn,
+        progress: &mut Progress,
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<Ended, SessionError> {
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let wait = self.opts.flush_interval / 2;
+        loop {
+            let cut_at = self.pending.as_ref().map(|p| p.first_at + wait);
+            let can_read = self.uploads.len() < MAX_INFLIGHT;
+            tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => {
+                    self.cut();
+                    let _ = tokio::time::timeout(STOP_GRACE, self.drain(conn)).await;
+                    let _ = conn.send_status(self.received, self.durable, false).await;
+                    self.update(progress);
+                    return Ok(Ended::Stopped);
+                }
+                Some(done) = self.uploads.join_next(), if !self.uploads.is_empty() => {
+                    let start = done.map_err(|e| SessionError::Retry(format!("upload task failed: {e}")))??;
+                    self.finished(start);
+                    conn.send_status(self.received, self.durable, false).await?;
+                    self.update(progress);
+                }
+                _ = tokio::time::sleep_until(cut_at.unwrap_or_else(Instant::now)), if cut_at.is_some() => self.cut(),
+                _ = heartbeat.tick() => {
+                    conn.send_status(self.received, self.durable, true).await?;
+                    self.update(progress);
+                    write_state(self.opts, progress, self.metrics);
+                }
+                ev = conn.copy_recv(), if can_read => match ev? {
+                    CopyEvent::Data(msg) => {
+                        if let Some(reply) = self.message(msg)? {
+                            conn.send_status(self.received, self.durable, reply).await?;
+                        }
+                    }
+                    CopyEvent::Done => {
+                        // The server ended this timeline: keep what came, then follow.
+                        self.cut();
+                        self.drain(conn).await?;
+                        conn.copy_done().await?;
+                        let next = conn.copy_finish().await?;
+                        tracing::info!("timeline {} ended; next: {next:?}", self.tli);
+                        self.update(progress);
+                        return Ok(Ended::TimelineEnded);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Handles one CopyData message; `Some(reply)` when a status update is due.
+    fn message(&mut self, msg: Bytes) -> Result<Option<bool>, SessionError> {
+        let bad = |what: &str| SessionError::Retry(format!("malformed replication message: {what}"));
+        let u64_at = |i: usize| msg.get(i..i + 8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+        self.heard_at = Timestamp::now();
+        match msg.first() {
+            Some(b'w') => {
+                let start = Lsn(u64_at(1).ok_or_else(|| bad("short XLogData"))?);
+                let end = Lsn(u64_at(9).ok_or_else(|| bad("short XLogData"))?);
+                let data = msg.slice(25..);
+                if start != self.received {
+                    return Err(bad(&format!("WAL at {start}, expected {}", self.received)));
+                }
+                self.server_end = self.server_end.max(end);
+                self.take(&data);
+                self.metrics.bytes_shipped.fetch_add(data.len() as u64, Ordering::Relaxed);
+                Ok(None)
+            }
+            Some(b'k') => {
+                let end = Lsn(u64_at(1).ok_or_else(|| bad("short keepalive"))?);
+                let reply = msg.get(17).copied().ok_or_else(|| bad("short keepalive"))? != 0;
+                self.server_end = self.server_end.max(end);
+                Ok(reply.then_some(false))
+            }
+            _ => Err(bad("unknown message type")),
+        }
+    }
+
+    /// Adds received WAL to the pending piece, cutting at segment boundaries.
+    fn take(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let p = self.pending.get_or_insert_with(|| Pending {
+                start: self.received,
+                buf: Vec::new(),
+                first_at: Instant::now(),
+                first_time: Timestamp::now(),
+            });
+            let seg_end = self.system.segment_start(self.received).0 + self.system.segment_size;
+            let room = ((seg_end - self.received.0) as usize).min(MAX_PIECE - p.buf.len());
+            let n = room.min(data.len());
+            p.buf.extend_from_slice(&data[..n]);
+            self.received = Lsn(self.received.0 + n as u64);
+            data = &data[n..];
+            if n == room {
+                self.cut();
+            }
+        }
+    }
+
+    /// Starts uploading the pending piece.
+    fn cut(&mut self) {
+        let Some(p) = self.pending.take() else { return };
+        if p.buf.is_empty() {
+            return;
+        }
+        let piece = WalPiece { tli: self.tli, start: p.start, end: Lsn(p.start.0 + p.buf.len() as u64) };
+        self.inflight.insert(piece.start, (piece.end, p.first_time, false));
+        let (repo, source) = (self.repo.clone(), self.opts.source.clone());
+        let received = Timestamp::now();
+        self.uploads.spawn(async move {
+            repo.put_wal(&source, &piece, received, &p.buf).await?;
+            Ok(piece.start)
+        });
+    }
+
+    /// Marks a piece durable and advances the durable position over the done prefix.
+    fn finished(&mut self, start: Lsn) {
+        if let Some(e) = self.inflight.get_mut(&start) {
+            e.2 = true;
+        }
+        while let Some((&s, &(end, _, done))) = self.inflight.first_key_value() {
+            if !done || s != self.durable {
+                break;
+            }
+            self.inflight.remove(&s);
+            self.durable = end;
+        }
+    }
+
+    /// Waits for every upload under way.
+    async fn drain(&mut self, conn: &mut ReplConn) -> Result<(), SessionError> {
+        while let Some(done) = self.uploads.join_next().await {
+            let start = done.map_err(|e| SessionError::Retry(format!("upload task failed: {e}")))??;
+            self.finished(start);
+        }
+        conn.send_status(self.received, self.durable, false).await?;
+        Ok(())
+    }
+
+    /// Brings the durable time up to date.
+    fn update(&mut self, progress: &mut Progress) {
+        let oldest = self.inflight.values().map(|v| v.1).chain(self.pending.as_ref().map(|p| p.first_time)).min();
+        progress.durable_as_of = match oldest {
+            Some(t) => t,
+            // All the server had when it last spoke is durable.
+            None if self.durable >= self.server_end => {
+                self.caught_up_at = self.heard_at.max(self.caught_up_at);
+                self.caught_up_at
+            }
+            None => self.caught_up_at,
+        };
+    }
+}
