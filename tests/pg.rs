@@ -30,8 +30,11 @@ struct Setup {
 
 impl Setup {
     fn new(backend: Backend) -> Setup {
+        Setup::with_repo(TestRepo::new(backend))
+    }
+
+    fn with_repo(repo: TestRepo) -> Setup {
         let work = tempfile::tempdir().unwrap();
-        let repo = TestRepo::new(backend);
         repo.init();
         let key = work.path().join("ebb.key");
         repo.ok(&["key", "add", "--new-key-file", key.to_str().unwrap()]);
@@ -209,4 +212,269 @@ fn stream_pg_restores_exactly_the_transactions_committed_by_t() {
     let out = s.ok(&["pg", "base-backup", "--source", "db", "--dsn", &pg.dsn()]);
     let added = out.rsplit(", ").next().unwrap_or_default().to_string();
     assert!(added.contains("KiB") || added.ends_with(" B added\n"), "second base backup added too much: {out}");
+}
+
+/// The AWS variables `TestRepo::cmd` sets for an `s3://` repository, for servers
+/// whose archive_command or restore_command runs ebb.
+fn s3_env(repo: &TestRepo) -> Vec<(String, String)> {
+    let c = repo.cmd();
+    c.get_envs()
+        .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v?.to_str()?.to_string())))
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .collect()
+}
+
+/// A moto server of the test's own, which it can freeze and thaw.
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let server = std::env::var_os("EBB_TEST_MOTO_SERVER")
+            .expect("EBB_TEST_MOTO_SERVER must name moto_server (scripts/test sets it)");
+        let port = common::pg::free_port();
+        let child = Command::new(server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto { child, endpoint: format!("http://127.0.0.1:{port}") }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn archive_push_and_get_restore_exactly_and_refuse_a_different_segment() {
+    let _serial = serial();
+    let s = Setup::new(Backend::S3);
+    let push = format!("{} --key-file {} pg archive-push --source arch %p", s.ebb.display(), s.key.display());
+    let mut env = s3_env(&s.repo);
+    env.push(("EBB_REPOSITORY".into(), s.repo.url().to_string()));
+    let dir = s.path("primary");
+    let pg = {
+        // The archiver runs ebb with the server's environment.
+        let mut pg = Pg::init(&dir, "");
+        pg.stop();
+        pg.env = env.clone();
+        let conf = pg.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(&format!("archive_mode = on\narchive_command = '{push}'\n"));
+        std::fs::write(&conf, text).unwrap();
+        pg.start();
+        pg
+    };
+    pg.sql("create table t (id int primary key, pad text)");
+    pg.sql("insert into t select g, 'before' from generate_series(0, 9) g");
+    s.ok(&["pg", "base-backup", "--source", "arch", "--dsn", &pg.dsn()]);
+    let commits = commit_rows(&pg, 100, 124, Duration::from_millis(30));
+    let last = pg.sql("select pg_walfile_name(pg_switch_wal())");
+    pg.wait_for(
+        "the archiver",
+        &format!("select coalesce(last_archived_wal >= '{last}', false) from pg_stat_archiver"),
+        Duration::from_secs(60),
+    );
+    check_moments(&s, "arch", &commits, &env);
+
+    // archive-get of a segment that is not there: exit 1, PostgreSQL's "not found".
+    let dest = s.path("got");
+    let out = s.run(&["pg", "archive-get", "--source", "arch", "0000000100000009000000AA", dest.to_str().unwrap()]);
+    check_exit("archive-get of a missing segment", &out, 1);
+    // The same segment again: success; other bytes under its name: refused.
+    let seg = s.path(&last);
+    s.ok(&["pg", "archive-get", "--source", "arch", &last, seg.to_str().unwrap()]);
+    let out = s.run(&["pg", "archive-push", "--source", "arch", seg.to_str().unwrap()]);
+    check_exit("archive-push of the same segment again", &out, 0);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[100_000] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+    let out = s.run(&["pg", "archive-push", "--source", "arch", seg.to_str().unwrap()]);
+    check_exit("archive-push of a different segment under the same name", &out, 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("different content"), "{err}");
+    // And what is stored did not change.
+    let again = s.path("again");
+    s.ok(&["pg", "archive-get", "--source", "arch", &last, again.to_str().unwrap()]);
+    bytes[100_000] ^= 0xff;
+    assert!(std::fs::read(&again).unwrap() == bytes, "the stored segment changed");
+}
+
+#[test]
+fn clear_errors_for_bad_connections_privileges_wal_level_and_a_lost_slot() {
+    let _serial = serial();
+    let s = Setup::new(Backend::File);
+    let pg = Pg::init(&s.path("primary"), "max_slot_wal_keep_size = 1MB\nmax_wal_size = 64MB");
+    let stream = |dsn: &str, password: &str| {
+        let out = s
+            .cmd()
+            .env("PGPASSWORD", password)
+            .args(["stream", "pg", "--source", "e", "--dsn", dsn, "--state-dir"])
+            .arg(s.path("state"))
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let closed = common::pg::free_port();
+    let (code, err) = stream(&format!("host=127.0.0.1 port={closed} user=postgres"), PASSWORD);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot connect") && err.contains(&closed.to_string()), "{err}");
+    let (code, err) = stream("host=127.0.0.1 port=notaport", PASSWORD);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--dsn"), "{err}");
+    let (code, err) = stream(&pg.dsn(), "wrong");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("password authentication failed"), "{err}");
+    pg.sql("create role norep login password 'norep'");
+    let (code, err) = stream(&format!("host=127.0.0.1 port={} user=norep dbname=postgres", pg.port), "norep");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("REPLICATION"), "{err}");
+
+    // wal_level too low: no WAL senders at all.
+    let mut low = Pg::init(&s.path("minimal"), "wal_level = minimal\nmax_wal_senders = 0");
+    let (code, err) = stream(&low.dsn(), PASSWORD);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("wal_level") && err.contains("max_wal_senders"), "{err}");
+    low.stop();
+
+    // A slot PostgreSQL invalidated while the stream was away.
+    let mut streamer = Streamer::start(&s, &pg, "e", &[]);
+    pg.wait_for(
+        "the slot",
+        "select count(*) = 1 from pg_replication_slots where slot_name = 'ebb_e' and active",
+        Duration::from_secs(30),
+    );
+    streamer.kill9();
+    pg.sql("create table w (x text)");
+    for _ in 0..4 {
+        pg.sql("insert into w select repeat('z', 1000) from generate_series(1, 3000)");
+        pg.sql("select pg_switch_wal()");
+    }
+    pg.sql("checkpoint");
+    pg.wait_for(
+        "the slot to be invalidated",
+        "select wal_status = 'lost' from pg_replication_slots where slot_name = 'ebb_e'",
+        Duration::from_secs(30),
+    );
+    let (code, err) = stream(&pg.dsn(), PASSWORD);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("invalidated") && err.contains("pg_drop_replication_slot"), "{err}");
+}
+
+#[test]
+fn pitr_works_on_both_timelines_after_a_restored_copy_is_promoted_and_streamed() {
+    let _serial = serial();
+    let s = Setup::new(Backend::File);
+    let pg = Pg::init(&s.path("primary"), "");
+    pg.sql("create table t (id int primary key, pad text)");
+    pg.sql("insert into t select g, 'before' from generate_series(0, 9) g");
+    let mut first = Streamer::start(&s, &pg, "tl", &[]);
+    s.ok(&["pg", "base-backup", "--source", "tl", "--dsn", &pg.dsn()]);
+    let old = commit_rows(&pg, 100, 120, Duration::from_millis(30));
+    wait_slot_caught_up(&pg, "ebb_tl", &first);
+    first.kill9();
+
+    // Failover: a copy restored to a moment on timeline 1 is promoted (timeline 2)
+    // and becomes the primary that ebb streams from, into the same source.
+    let branch = micro(old[10].1, 1);
+    let mut copy = s.restore("tl", &branch.to_string(), Vec::new());
+    copy.stop();
+    std::fs::write(
+        copy.data.join("postgresql.auto.conf"),
+        std::fs::read_to_string(copy.data.join("postgresql.auto.conf")).unwrap() + "archive_mode = 'off'\n",
+    )
+    .unwrap();
+    copy.start();
+    assert_eq!(copy.sql("select timeline_id from pg_control_checkpoint()"), "2");
+    let second = Streamer::start(&s, &copy, "tl", &[]);
+    let new = commit_rows(&copy, 200, 220, Duration::from_millis(30));
+    wait_slot_caught_up(&copy, "ebb_tl", &second);
+    let err = second.log();
+    assert!(!err.contains("gap"), "{err}");
+
+    // A moment on timeline 1 before the branch: the old primary's rows.
+    let at = Timestamp::from_microsecond((old[4].1.as_microsecond() + old[5].1.as_microsecond()) / 2).unwrap();
+    let r = s.restore("tl", &at.to_string(), Vec::new());
+    assert_eq!(ids(&r), (0..10).chain(expected(&old, at)).collect::<Vec<_>>(), "{}", r.log());
+    drop(r);
+    // Moments on timeline 2: timeline 1 up to the branch, then the new primary's rows.
+    for at in [new[5].1, micro(new[15].1, -1), micro(new[19].1, 300_000)] {
+        let r = s.restore("tl", &at.to_string(), Vec::new());
+        let want: Vec<u32> = (0..10).chain(expected(&old, branch)).chain(expected(&new, at)).collect();
+        let wal: Vec<String> = s.repo.objects().into_iter().filter(|o| o.starts_with("wal/")).collect();
+        assert_eq!(ids(&r), want, "restored at {at}\n{}\n{wal:#?}\n{}", r.log(), second.log());
+    }
+}
+
+#[test]
+fn kill_9_under_heavy_wal_and_a_store_outage_lose_nothing() {
+    let _serial = serial();
+    let moto = Moto::start();
+    let repo = TestRepo::new_s3_at(&moto.endpoint);
+    let s = Setup::with_repo(repo);
+    let env = s3_env(&s.repo);
+    let pg = Pg::init(&s.path("primary"), "max_wal_size = 1GB");
+    pg.sql("create table t (id int primary key, pad text)");
+    pg.sql("insert into t select g, 'before' from generate_series(0, 9) g");
+    pg.sql("create table big (id int, pad text)");
+    let mut streamer = Streamer::start(&s, &pg, "dur", &[]);
+    s.ok(&["pg", "base-backup", "--source", "dur", "--dsn", &pg.dsn()]);
+
+    // Heavy WAL, and the streamer killed with -9 twice in the middle of it.
+    let load = Command::new(common::pg::bin("psql"))
+        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "postgres", "-qAt", "-c"])
+        .arg("insert into big select g, md5(g::text) || repeat('w', 300) from generate_series(1, 300000) g")
+        .env("PGPASSWORD", PASSWORD)
+        .spawn()
+        .unwrap();
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(1500));
+        streamer.kill9();
+        streamer = Streamer::start(&s, &pg, "dur", &[]);
+    }
+    let out = load.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let commits = commit_rows(&pg, 100, 120, Duration::from_millis(20));
+    wait_slot_caught_up(&pg, "ebb_dur", &streamer);
+
+    // The store stops answering: the slot must not move past what is durable.
+    moto.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(2));
+    let slot = "select restart_lsn from pg_replication_slots where slot_name = 'ebb_dur'";
+    let before = pg.sql(slot);
+    let during = commit_rows(&pg, 300, 310, Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(pg.sql(slot), before, "the slot advanced while the store was down");
+    let behind = pg.sql(&format!("select pg_current_wal_flush_lsn() > '{before}'"));
+    assert_eq!(behind, "t", "the server must have WAL the store could not take");
+    moto.signal(libc::SIGCONT);
+    wait_slot_caught_up(&pg, "ebb_dur", &streamer);
+
+    let all: Vec<(u32, Timestamp)> = commits.iter().chain(during.iter()).cloned().collect();
+    let r = s.restore("dur", "latest", env.clone());
+    assert_eq!(ids(&r), (0..10).chain(all.iter().map(|c| c.0)).collect::<Vec<_>>(), "{}", r.log());
+    assert_eq!(r.sql("select count(*) from big"), "300000");
+    drop(r);
+    let at = micro(commits[7].1, 0);
+    let r = s.restore("dur", &at.to_string(), env);
+    assert_eq!(ids(&r), (0..10).chain(expected(&all, at)).collect::<Vec<_>>(), "{}", r.log());
+    assert_eq!(r.sql("select count(*) from big"), "300000");
 }

@@ -3,7 +3,8 @@
 //! - `wal/<source>/system`: the cluster's system identifier and WAL segment size,
 //!   written by the first writer; every later writer must match it.
 //! - `wal/<source>/<TLI 8 hex>/<start 16 hex>-<end 16 hex>`: the WAL bytes of
-//!   `[start, end)` on that timeline, with the time they were received. Pieces never
+//!   `[start, end)` on that timeline, with when its first byte was received and when
+//!   it was sent to the store. Pieces never
 //!   cross a segment boundary, so one segment's pieces are one narrow listing.
 //! - `wal/<source>/history/<TLI 8 hex>`: a timeline history file.
 //! - `wal/<source>/files/<name>`: other files PostgreSQL archives (`.backup`,
@@ -202,27 +203,38 @@ impl TimelinePath {
     }
 }
 
-fn encode_piece(received: Timestamp, wal: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(wal.len() + 9);
+/// When a piece's first byte reached ebb, and when the piece was sent to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PieceTimes {
+    pub received: Timestamp,
+    pub stored: Timestamp,
+}
+
+fn encode_piece(times: PieceTimes, wal: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(wal.len() + 17);
     out.push(VERSION);
-    out.extend_from_slice(&unix_nanos(received).unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&unix_nanos(times.received).unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&unix_nanos(times.stored).unwrap_or(0).to_le_bytes());
     out.extend_from_slice(wal);
     out
 }
 
-fn decode_piece(name: &str, plain: Vec<u8>, len: u64) -> Result<(Timestamp, Bytes), RepoError> {
+fn decode_piece(name: &str, plain: Vec<u8>, len: u64) -> Result<(PieceTimes, Bytes), RepoError> {
     let bad =
         |p: &str| crate::object::ObjectError::Decode { name: name.into(), cause: DecodeError::new("WAL piece", p) };
-    if plain.len() < 9 || plain[0] != VERSION {
+    if plain.len() < 17 || plain[0] != VERSION {
         return Err(bad("bad header").into());
     }
-    let nanos = u64::from_le_bytes(plain[1..9].try_into().expect("8 bytes"));
-    let received = Timestamp::from_nanosecond(i128::from(nanos)).map_err(|_| bad("bad time"))?;
-    let wal = Bytes::from(plain).slice(9..);
+    let time = |at: usize| {
+        let nanos = u64::from_le_bytes(plain[at..at + 8].try_into().expect("8 bytes"));
+        Timestamp::from_nanosecond(i128::from(nanos)).map_err(|_| bad("bad time"))
+    };
+    let times = PieceTimes { received: time(1)?, stored: time(9)? };
+    let wal = Bytes::from(plain).slice(17..);
     if wal.len() as u64 != len {
         return Err(bad("length does not match the name").into());
     }
-    Ok((received, wal))
+    Ok((times, wal))
 }
 
 impl Repository {
@@ -265,8 +277,9 @@ impl Repository {
         }
     }
 
-    /// Stores `wal` as the piece `piece` of `source`. A piece already stored with the
-    /// same bytes is success; with other bytes, an error.
+    /// Stores `wal` as the piece `piece` of `source`, whose first byte was received
+    /// at `received`. A piece already stored with the same bytes is success; with
+    /// other bytes, an error.
     pub async fn put_wal(
         &self,
         source: &str,
@@ -276,7 +289,8 @@ impl Repository {
     ) -> Result<(), RepoError> {
         assert_eq!(piece.len(), wal.len() as u64, "a piece's name gives its length");
         let name = piece.name(source);
-        let sealed = seal_object(self.keys(), &name, &encode_piece(received, wal));
+        let times = PieceTimes { received, stored: Timestamp::now() };
+        let sealed = seal_object(self.keys(), &name, &encode_piece(times, wal));
         match self.store().put_new(&name, sealed.into()).await {
             Ok(()) => Ok(()),
             Err(crate::StoreError::AlreadyExists { .. }) => {
@@ -297,8 +311,8 @@ impl Repository {
         }
     }
 
-    /// The bytes of a piece and when they were received.
-    pub async fn read_wal(&self, source: &str, piece: &WalPiece) -> Result<(Timestamp, Bytes), RepoError> {
+    /// The bytes of a piece and its times.
+    pub async fn read_wal(&self, source: &str, piece: &WalPiece) -> Result<(PieceTimes, Bytes), RepoError> {
         let name = piece.name(source);
         let bytes = self.store().get(&name).await?;
         decode_piece(&name, open_object(self.keys(), &name, &bytes)?, piece.len())

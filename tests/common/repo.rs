@@ -354,9 +354,17 @@ fn walk_files(base: &Path, dir: &Path, out: &mut Vec<String>) {
 // Raw HTTP/1.1 against the S3 test server.
 
 /// Creates `S3_BUCKET` once per process (200, or 409 when it already exists).
+/// Creates the test bucket once per S3 server (tests may start servers of their own).
 fn ensure_bucket(endpoint: &S3Endpoint) {
-    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    let r = DONE.get_or_init(|| {
+    static DONE: std::sync::Mutex<Vec<(String, Result<(), String>)>> = std::sync::Mutex::new(Vec::new());
+    let mut done = DONE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, r)) = done.iter().find(|(url, _)| *url == endpoint.url) {
+        if let Err(e) = r {
+            panic!("{e}");
+        }
+        return;
+    }
+    let r = (|| {
         let r = http_request(endpoint, "PUT", &format!("/{S3_BUCKET}"), b"").map_err(|e| {
             format!(
                 "cannot reach the S3 server at {} ({S3_ENDPOINT_ENV}): {e}; run scripts/test, \
@@ -370,7 +378,8 @@ fn ensure_bucket(endpoint: &S3Endpoint) {
             409 if body.contains("BucketAlreadyOwnedByYou") || body.contains("BucketAlreadyExists") => Ok(()),
             s => Err(format!("creating bucket {S3_BUCKET} at {}: HTTP {s}: {body}", endpoint.url)),
         }
-    });
+    })();
+    done.push((endpoint.url.clone(), r.clone()));
     if let Err(e) = r {
         panic!("{e}");
     }

@@ -9,7 +9,7 @@ use catalog::wal::{Lsn, TimelinePath, WalSystem, WAL_DIR};
 use catalog::{Manifest, PointRef, RepoError, Repository, RestoreOptions};
 use jiff::Timestamp;
 
-use super::walscan::{Scanner, Step};
+use super::walscan::{Scanner, Step, XactEnd};
 use super::wire::PG_EPOCH_MICROS;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,15 +44,34 @@ pub struct PgRestoreReport {
     pub files: catalog::RestoreReport,
 }
 
-/// The newest timeline of `source`: the highest one with a history file, or 1.
-pub async fn latest_timeline(repo: &Repository, source: &str) -> Result<u32, RepoError> {
+/// The timeline `source` was on at `at`: the newest one whose first WAL was
+/// received at or before `at`. A timeline born later (a copy restored and promoted
+/// after `at`) is not the history of that moment.
+pub async fn timeline_at(repo: &Repository, source: &str, system: &WalSystem, at: Timestamp) -> Result<u32, RepoError> {
     let dir = format!("{WAL_DIR}/{source}/history");
-    let names = repo.store().list(&dir).await?;
-    Ok(names
+    let mut tlis: Vec<u32> = repo
+        .store()
+        .list(&dir)
+        .await?
         .iter()
         .filter_map(|o| o.name.rsplit('/').next().and_then(|n| u32::from_str_radix(n, 16).ok()))
-        .max()
-        .unwrap_or(1))
+        .collect();
+    tlis.sort_unstable_by(|a, b| b.cmp(a));
+    for tli in tlis {
+        let path = repo.timeline_path(source, tli).await?;
+        let begin = path.0.last().map_or(Lsn(0), |(_, b, _)| *b);
+        let first = repo.wal_pieces(source, system, tli, begin, Lsn(begin.0 + 1)).await?;
+        let Some(piece) = first.first() else { continue };
+        // Born when its first WAL reached ebb, or earlier if a transaction on it
+        // ended earlier (WAL streamed only after the promotion).
+        let (times, _) = repo.read_wal(source, piece).await?;
+        let (first_end, _) = scan(repo, source, system, &path, begin, |_| true).await?;
+        let first_end = first_end.and_then(|x| Timestamp::from_microsecond(x.time + PG_EPOCH_MICROS).ok());
+        if first_end.map_or(times.received, |t| t.min(times.received)) <= at {
+            return Ok(tli);
+        }
+    }
+    Ok(1)
 }
 
 pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<PgRestoreReport, PgRestoreError> {
@@ -72,7 +91,7 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
         .wal_system(&opts.source)
         .await?
         .unwrap_or(WalSystem { system_id: pg.system_id, segment_size: pg.segment_size });
-    let tli = latest_timeline(repo, &opts.source).await?;
+    let tli = timeline_at(repo, &opts.source, &system, opts.at).await?;
     let path = repo.timeline_path(&opts.source, tli).await?;
     if path.tli_at(start) != pg.timeline {
         return Err(PgRestoreError::Bad(format!(
@@ -94,12 +113,12 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
         RestoreOptions { path: None, target: opts.target.clone(), overlay: Default::default() },
     )
     .await?;
-    configure(&opts.target, opts, target_time)?;
+    configure(&opts.target, opts, tli, target_time)?;
     Ok(PgRestoreReport { point, manifest, timeline: tli, target_time, wal_end, files })
 }
 
-/// Scans the WAL from `start` along `path`: whether a transaction ended after `at`,
-/// and where the contiguous WAL ends.
+/// Whether a transaction ended after `at` in the WAL from `start` along `path`, and
+/// where the contiguous WAL ends.
 async fn ends_after(
     repo: &Repository,
     source: &str,
@@ -109,13 +128,31 @@ async fn ends_after(
     at: Timestamp,
 ) -> Result<(bool, Lsn), PgRestoreError> {
     let at_pg = at.as_microsecond() - PG_EPOCH_MICROS;
+    let (found, end) = scan(repo, source, system, path, start, |x| x.time > at_pg).await?;
+    match found {
+        Some(_) => Ok((true, wal_end_from(repo, source, system, path, end).await?)),
+        None => Ok((false, end)),
+    }
+}
+
+/// Reads the WAL from `start` (a record start) along `path` until a transaction end
+/// that `stop` accepts: returns it, or none at the end of the contiguous WAL, and
+/// how far the WAL was read.
+async fn scan(
+    repo: &Repository,
+    source: &str,
+    system: &WalSystem,
+    path: &TimelinePath,
+    start: Lsn,
+    mut stop: impl FnMut(&XactEnd) -> bool,
+) -> Result<(Option<XactEnd>, Lsn), RepoError> {
     let mut scanner = Scanner::new(start, system.segment_size);
     let mut next = start;
     loop {
         match scanner.next_record() {
-            Step::End(x) if x.time > at_pg => return Ok((true, wal_end_from(repo, source, system, path, next).await?)),
+            Step::End(x) if stop(&x) => return Ok((Some(x), next)),
             Step::End(_) | Step::Other => {}
-            Step::Finished => return Ok((false, scanner.buffered_end())),
+            Step::Finished => return Ok((None, scanner.buffered_end())),
             Step::NeedMore => {
                 let seg_end = Lsn(system.segment_start(next).0 + system.segment_size);
                 let wal = repo.wal_bytes(source, system, path, next, seg_end).await?;
@@ -153,15 +190,19 @@ pub fn pg_time(t: Timestamp) -> String {
     format!("{}+00", t.strftime("%Y-%m-%d %H:%M:%S%.6f"))
 }
 
-fn configure(dir: &Path, opts: &PgRestoreOptions, target_time: bool) -> Result<(), PgRestoreError> {
+fn configure(dir: &Path, opts: &PgRestoreOptions, tli: u32, target_time: bool) -> Result<(), PgRestoreError> {
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |cause| PgRestoreError::Io { path, cause }
     };
     let conf = dir.join("postgresql.auto.conf");
+    // A copy that archived into the source it came from would start a timeline
+    // there, which later restores would take for the source's history.
     let mut text = format!(
         "\n# Added by `ebb pg restore`: recover source {} to {}.\nrestore_command = '{} %f %p'\n\
-         recovery_target_timeline = 'latest'\n",
+         recovery_target_timeline = '{tli}'\n\
+         # Not archiving into the source this copy came from; to make this copy a new primary,\n\
+         # enable archiving again or run `ebb stream pg` on it.\narchive_mode = 'off'\n",
         opts.source,
         opts.at,
         opts.archive_get.replace('\'', "''")

@@ -452,9 +452,8 @@ impl<'a> Receiver<'a> {
         let piece = WalPiece { tli: self.tli, start: p.start, end: Lsn(p.start.0 + p.buf.len() as u64) };
         self.inflight.insert(piece.start, (piece.end, p.first_time, false));
         let (repo, source) = (self.repo.clone(), self.opts.source.clone());
-        let received = Timestamp::now();
         self.uploads.spawn(async move {
-            repo.put_wal(&source, &piece, received, &p.buf).await?;
+            repo.put_wal(&source, &piece, p.first_time, &p.buf).await?;
             Ok(piece.start)
         });
     }
