@@ -271,6 +271,9 @@ fn point_json(p: &PointRef, m: Option<&Manifest>) -> serde_json::Value {
         v["path"] = json!(m.path);
         v["stats"] = serde_json::to_value(&m.stats).expect("stats serialize");
         v["skipped"] = serde_json::to_value(&m.skipped).expect("skipped serializes");
+        if let Some(pg) = &m.pg {
+            v["pg"] = serde_json::to_value(pg).expect("pg info serializes");
+        }
     }
     v
 }
@@ -355,6 +358,9 @@ async fn points(
             if !m.skipped.is_empty() {
                 note = format!("{} skipped", m.skipped.len());
             }
+            if let Some(pg) = &m.pg {
+                note = format!("base backup, timeline {}, WAL {}..{}", pg.timeline, pg.start_lsn, pg.stop_lsn);
+            }
             vec![
                 p.time.to_string(),
                 p.source.clone(),
@@ -368,7 +374,40 @@ async fn points(
         })
         .collect();
     table(&["TIME", "SOURCE", "ID", "FILES", "SIZE", "ADDED", "PATH", "NOTE"], &rows);
+    pg_ranges(&repo, &selected, &manifests).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// For each PostgreSQL source listed: the times it can be restored to, and any gap.
+async fn pg_ranges(repo: &Repository, points: &[PointRef], manifests: &[Manifest]) -> Result<()> {
+    let mut backups: std::collections::BTreeMap<&str, Vec<(Timestamp, catalog::wal::Lsn)>> = Default::default();
+    for (p, m) in points.iter().zip(manifests) {
+        if let Some(lsn) = m.pg.as_ref().and_then(|pg| pg.start_lsn.parse().ok()) {
+            backups.entry(&p.source).or_default().push((p.time, lsn));
+        }
+    }
+    for (source, b) in backups {
+        let r = streamer::pg::restore::restorable(repo, source, &b).await?;
+        let show = |t: Option<Timestamp>| t.map_or("-".to_string(), |t| t.to_string());
+        println!(
+            "{source}: restorable from {} to {} (timeline {}, WAL to {})",
+            show(r.from),
+            show(r.to),
+            r.timeline,
+            r.wal_end.as_deref().unwrap_or("-")
+        );
+        for g in &r.gaps {
+            println!(
+                "{source}: GAP in the WAL of timeline {} from {} to {} (WAL resumes from {}): restoring past it needs \
+                 a base backup taken after it",
+                g.timeline,
+                g.from,
+                g.to,
+                show(g.until)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The source a reading command works on: the one given, or the only one there is.

@@ -322,7 +322,7 @@ fn archive_push_and_get_restore_exactly_and_refuse_a_different_segment() {
 fn clear_errors_for_bad_connections_privileges_wal_level_and_a_lost_slot() {
     let _serial = serial();
     let s = Setup::new(Backend::File);
-    let pg = Pg::init(&s.path("primary"), "max_slot_wal_keep_size = 1MB\nmax_wal_size = 64MB");
+    let pg = Pg::init(&s.path("primary"), "max_slot_wal_keep_size = 32MB\nmax_wal_size = 64MB");
     let stream = |dsn: &str, password: &str| {
         let out = s
             .cmd()
@@ -357,14 +357,11 @@ fn clear_errors_for_bad_connections_privileges_wal_level_and_a_lost_slot() {
 
     // A slot PostgreSQL invalidated while the stream was away.
     let mut streamer = Streamer::start(&s, &pg, "e", &[]);
-    pg.wait_for(
-        "the slot",
-        "select count(*) = 1 from pg_replication_slots where slot_name = 'ebb_e' and active",
-        Duration::from_secs(30),
-    );
+    s.ok(&["pg", "base-backup", "--source", "e", "--dsn", &pg.dsn()]);
+    wait_slot_caught_up(&pg, "ebb_e", &streamer);
     streamer.kill9();
     pg.sql("create table w (x text)");
-    for _ in 0..4 {
+    for _ in 0..6 {
         pg.sql("insert into w select repeat('z', 1000) from generate_series(1, 3000)");
         pg.sql("select pg_switch_wal()");
     }
@@ -377,6 +374,14 @@ fn clear_errors_for_bad_connections_privileges_wal_level_and_a_lost_slot() {
     let (code, err) = stream(&pg.dsn(), PASSWORD);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("invalidated") && err.contains("pg_drop_replication_slot"), "{err}");
+    // Once the slot is recreated, the WAL PostgreSQL removed is a gap, shown as one.
+    pg.sql("select pg_drop_replication_slot('ebb_e')");
+    let streamer = Streamer::start(&s, &pg, "e", &[]);
+    pg.sql("insert into w values ('after')");
+    wait_slot_caught_up(&pg, "ebb_e", &streamer);
+    let out = s.ok(&["points", "--source", "e"]);
+    assert!(out.contains("e: restorable from") && out.contains("GAP in the WAL of timeline 1"), "{out}");
+    assert!(streamer.log().contains("gap"), "{}", streamer.log());
 }
 
 #[test]

@@ -232,3 +232,73 @@ fn configure(dir: &Path, opts: &PgRestoreOptions, tli: u32, target_time: bool) -
     }
     Ok(())
 }
+
+/// What of a PostgreSQL source can be restored: from its oldest base backup to
+/// the newest stored WAL, except across gaps in the WAL.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Restorable {
+    pub source: String,
+    pub timeline: u32,
+    /// The oldest base backup's time.
+    pub from: Option<Timestamp>,
+    /// When the newest stored WAL was received.
+    pub to: Option<Timestamp>,
+    pub wal_end: Option<String>,
+    /// WAL that is missing (a lost slot, a store emptied by hand): restores to times
+    /// after a gap need a base backup taken after it.
+    pub gaps: Vec<Gap>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Gap {
+    pub timeline: u32,
+    pub from: String,
+    pub to: String,
+    /// When the WAL after the gap was received.
+    pub until: Option<Timestamp>,
+}
+
+/// The restorable range of `source`, from listings and a read of the pieces at its
+/// ends and around each gap.
+pub async fn restorable(repo: &Repository, source: &str, backups: &[(Timestamp, Lsn)]) -> Result<Restorable, RepoError> {
+    let mut r = Restorable {
+        source: source.to_string(),
+        timeline: 1,
+        from: backups.iter().map(|b| b.0).min(),
+        to: None,
+        wal_end: None,
+        gaps: Vec::new(),
+    };
+    let Some(system) = repo.wal_system(source).await? else { return Ok(r) };
+    r.timeline = timeline_at(repo, source, &system, Timestamp::now()).await?;
+    let path = repo.timeline_path(source, r.timeline).await?;
+    let Some(start) = backups.iter().map(|b| b.1).min() else { return Ok(r) };
+    let mut at = start;
+    let mut last = None;
+    for &(tli, begin, end) in &path.0 {
+        let hi = end.unwrap_or(Lsn(u64::MAX));
+        if hi <= at {
+            continue;
+        }
+        let lo = at.max(begin);
+        let mut pieces = repo.wal_pieces(source, &system, tli, lo, hi).await?;
+        pieces.sort_by_key(|p| p.start);
+        for p in pieces {
+            if p.end <= at {
+                continue;
+            }
+            if p.start > at {
+                let (times, _) = repo.read_wal(source, &p).await?;
+                r.gaps.push(Gap { timeline: tli, from: at.to_string(), to: p.start.to_string(), until: Some(times.received) });
+            }
+            at = p.end.min(hi);
+            last = Some(p);
+        }
+    }
+    if let Some(p) = last {
+        let (times, _) = repo.read_wal(source, &p).await?;
+        r.to = Some(times.stored);
+        r.wal_end = Some(at.to_string());
+    }
+    Ok(r)
+}

@@ -72,10 +72,15 @@ enum Ended {
 enum SessionError {
     Fatal(Fatal),
     Retry(String),
+    /// The server has removed WAL that was asked for.
+    WalRemoved(String),
 }
 
 impl From<PgError> for SessionError {
     fn from(e: PgError) -> SessionError {
+        if e.code() == Some("58P01") {
+            return SessionError::WalRemoved(e.to_string());
+        }
         match classify(&e) {
             Some(msg) => SessionError::Fatal(Fatal::Setup(msg)),
             None => SessionError::Retry(e.to_string()),
@@ -137,8 +142,10 @@ pub async fn stream_pg(
         Progress { started: Timestamp::now(), durable_as_of: Timestamp::now(), last_error: None, newest_point: None };
     let mut backoff = BACKOFF_MIN;
     let mut connected_once = false;
+    // Where to resume after WAL the server removed: past a gap.
+    let mut skip_to = None;
     loop {
-        let r = session(&repo, &opts, &metrics, &mut progress, &mut shutdown, &mut connected_once).await;
+        let r = session(&repo, &opts, &metrics, &mut progress, &mut shutdown, &mut connected_once, &mut skip_to).await;
         match r {
             Ok(Ended::Stopped) => {
                 write_state(&opts, &progress, &metrics);
@@ -153,7 +160,7 @@ pub async fn stream_pg(
                 write_state(&opts, &progress, &metrics);
                 return Err(f);
             }
-            Err(SessionError::Retry(msg)) => {
+            Err(SessionError::Retry(msg) | SessionError::WalRemoved(msg)) => {
                 tracing::warn!("stream of {}: {msg}; retrying in {backoff:?}", opts.source);
                 metrics.errors.fetch_add(1, Ordering::Relaxed);
                 progress.last_error = Some((msg, Timestamp::now()));
@@ -210,6 +217,7 @@ async fn session(
     progress: &mut Progress,
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     connected_once: &mut bool,
+    skip_to: &mut Option<Lsn>,
 ) -> Result<Ended, SessionError> {
     let mut conn = match ReplConn::connect(&opts.dsn).await {
         Ok(c) => c,
@@ -272,17 +280,30 @@ async fn session(
         (None, Some(r)) => system.segment_start(r),
         (None, None) => return Err(SessionError::Retry(format!("slot {} reserves no WAL", opts.slot))),
     };
-    if let Err(e) = conn.start_replication(&opts.slot, start, tli).await {
-        // WAL already removed: start where the slot still has it, and say so.
-        let Some(r) = restart.filter(|r| *r > start && e.code() == Some("58P01")) else { return Err(e.into()) };
-        let gap = format!("WAL from {start} to {r} on timeline {tli} was removed before ebb received it: a gap");
-        tracing::error!("{gap}");
-        progress.last_error = Some((gap, Timestamp::now()));
-        start = system.segment_start(r).max(start);
-        conn.start_replication(&opts.slot, start, tli).await?;
+    if let Some(skip) = skip_to.take().filter(|s| *s > start) {
+        start = skip;
     }
-    tracing::info!("streaming WAL of {} from {start} on timeline {tli}", opts.source);
-    Receiver::new(repo, opts, metrics, system, tli, start).run(&mut conn, progress, shutdown).await
+    let streamed = match conn.start_replication(&opts.slot, start, tli).await {
+        Ok(()) => {
+            tracing::info!("streaming WAL of {} from {start} on timeline {tli}", opts.source);
+            Receiver::new(repo, opts, metrics, system, tli, start).run(&mut conn, progress, shutdown).await
+        }
+        Err(e) => Err(e.into()),
+    };
+    match streamed {
+        // The server no longer has the WAL from `start`: go on from where the slot
+        // still has it, and say there is a gap (it shows in `ebb points`).
+        Err(SessionError::WalRemoved(msg)) => {
+            if let Some(r) = restart.map(|r| system.segment_start(r)).filter(|r| *r > start) {
+                let gap = format!("WAL from {start} to {r} on timeline {tli} was removed before ebb received it: a gap");
+                tracing::error!("{gap}");
+                progress.last_error = Some((gap, Timestamp::now()));
+                *skip_to = Some(r);
+            }
+            Err(SessionError::Retry(msg))
+        }
+        other => other,
+    }
 }
 
 /// WAL received and not yet cut into a piece.
