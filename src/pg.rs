@@ -152,10 +152,15 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        PgCommand::ArchivePush { source, path } => {
+        PgCommand::ArchivePush { source, read_ahead, state_dir, path } => {
             let source = source_or_host(source)?;
+            let url = repo_url(g)?;
+            let ahead = state_dir.or_else(state::default_state_dir).filter(|_| read_ahead > 0).map(|dir| {
+                let file = state::state_file(&dir, &url, &source);
+                streamer::pg::archive::ReadAhead { dir: file.with_extension("pushed"), segments: read_ahead }
+            });
             let repo = open(g).await?;
-            let said = streamer::pg::archive::archive_push(&repo, &source, &path).await?;
+            let said = streamer::pg::archive::archive_push_ahead(&repo, &source, &path, ahead.as_ref()).await?;
             if !g.quiet {
                 eprintln!("{said}");
             }

@@ -206,6 +206,17 @@ fn stream_pg_restores_exactly_the_transactions_committed_by_t() {
     assert!(out.contains("base backup"), "{out}");
     let commits = commit_rows(&pg, 100, 140, Duration::from_millis(30));
     wait_slot_caught_up(&pg, "ebb_db", &streamer);
+    // `ebb status` shows the stream, caught up; `ebb points` the base backup and
+    // the restorable range, up to the WAL just streamed.
+    let status = s.ok(&["status", "--json", "--state-dir", s.path("state").to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!((v[0]["source"].as_str(), v[0]["kind"].as_str()), (Some("db"), Some("pg")), "{v}");
+    assert!(v[0]["lag_secs"].as_f64().unwrap() < 5.0 && v[0]["breached"] == false, "{v}");
+    let points = s.ok(&["points", "--source", "db"]);
+    assert!(points.contains("base backup, timeline 1"), "{points}");
+    let range = points.lines().find(|l| l.starts_with("db: restorable from")).unwrap_or_default();
+    let to: Timestamp = range.split(" to ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    assert!(to >= commits.last().unwrap().1, "{points}");
     check_moments(&s, "db", &commits, &[]);
 
     // A second base backup of a mostly unchanged database stores little.
@@ -267,7 +278,17 @@ impl Drop for Moto {
 fn archive_push_and_get_restore_exactly_and_refuse_a_different_segment() {
     let _serial = serial();
     let s = Setup::new(Backend::S3);
-    let push = format!("{} --key-file {} pg archive-push --source arch %p", s.ebb.display(), s.key.display());
+    // Pushing ahead: the next ready segments go with each call, noted in a
+    // directory of the archiver's own.
+    let pushed = s.path("pushed");
+    std::fs::create_dir(&pushed).unwrap();
+    assert!(Command::new("chown").arg("postgres").arg(&pushed).status().unwrap().success());
+    let push = format!(
+        "{} --key-file {} pg archive-push --source arch --state-dir {} %p",
+        s.ebb.display(),
+        s.key.display(),
+        pushed.display()
+    );
     let mut env = s3_env(&s.repo);
     env.push(("EBB_REPOSITORY".into(), s.repo.url().to_string()));
     let dir = s.path("primary");

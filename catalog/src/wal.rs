@@ -470,3 +470,96 @@ impl Repository {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_wal() {
+        let piece = WalPiece { tli: 2, start: Lsn(0x1_0300_0028), end: Lsn(0x1_0300_1000) };
+        assert_eq!(piece.name("db"), "wal/db/00000002/0000000103000028-0000000103001000");
+        assert_eq!(WalPiece::parse(2, &piece.name("db")), Some(piece.clone()));
+        assert_eq!(WalPiece::parse(2, "wal/db/00000002/0000000103001000-0000000103001000"), None);
+        let times = PieceTimes {
+            received: Timestamp::from_second(1_763_720_100).unwrap(),
+            stored: Timestamp::from_second(1_763_720_101).unwrap(),
+        };
+        let plain = encode_piece(times, b"wal");
+        // Cross-checked with Python's struct.pack('<Q', ...) of the nanoseconds.
+        assert_eq!(hex::encode(&plain), "010068b71b16fe79180032525716fe791877616c");
+        let (t, wal) = decode_piece("x", plain.clone(), 3).unwrap();
+        assert_eq!((t, wal.as_ref()), (times, &b"wal"[..]));
+        assert!(decode_piece("x", plain.clone(), 4).is_err(), "the length comes from the name");
+        assert!(decode_piece("x", plain[..10].to_vec(), 3).is_err());
+
+        let system = WalSystem { system_id: 7_300_000_000_000_000_001, segment_size: 16 << 20 };
+        assert_eq!(hex::encode(system.encode()), "0101005aac52cf4e650000000100000000");
+        assert_eq!(WalSystem::decode(&system.encode()).unwrap(), system);
+        assert!(WalSystem::decode(&WalSystem { segment_size: 3 << 20, ..system }.encode()).is_err());
+
+        assert_eq!(segment_file_name(1, 0x1_03, 16 << 20), "000000010000000100000003");
+        assert_eq!(
+            WalFile::parse("000000010000000100000003", 16 << 20),
+            Some(WalFile::Segment { tli: 1, segno: 0x103 })
+        );
+        assert_eq!(WalFile::parse("00000001000000010000FF03", 16 << 20), None, "no such segment of 16 MiB");
+        assert_eq!(WalFile::parse("0000000A.history", 16 << 20), Some(WalFile::History { tli: 10 }));
+        assert_eq!(WalFile::parse("000000010000000100000003.00000028.backup", 16 << 20), Some(WalFile::Other));
+        assert_eq!(WalFile::parse("../etc/passwd", 16 << 20), None);
+        assert_eq!("16/B374D848".parse::<Lsn>().unwrap(), Lsn(0x16_B374_D848));
+        assert_eq!(Lsn(0x16_B374_D848).to_string(), "16/B374D848");
+
+        let path =
+            TimelinePath::parse(3, Some("1\t0/3001430\tno recovery target specified\n\n2\t0/5000000\tbefore 2026\n"))
+                .unwrap();
+        assert_eq!(
+            path.0,
+            vec![
+                (1, Lsn(0), Some(Lsn(0x3001430))),
+                (2, Lsn(0x3001430), Some(Lsn(0x5000000))),
+                (3, Lsn(0x5000000), None)
+            ]
+        );
+        assert_eq!((path.tli_at(Lsn(0x3001429)), path.tli_at(Lsn(0x3001430)), path.tli_at(Lsn(0x6000000))), (1, 2, 3));
+        assert!(TimelinePath::parse(2, Some("x\t0/1\n")).is_err());
+    }
+
+    #[tokio::test]
+    async fn wal_bytes_follow_the_timeline_path_and_stop_at_a_gap() {
+        let store = crate::Store::open("memory://", true).unwrap();
+        let secret = crate::Secret::Password(b"pw".to_vec());
+        let kdf = crate::KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(store, &secret, kdf, "h".into()).await.unwrap();
+        let system = WalSystem { system_id: 1, segment_size: 1 << 20 };
+        repo.claim_wal_system("db", system).await.unwrap();
+        let other = WalSystem { system_id: 2, ..system };
+        assert!(repo.claim_wal_system("db", other).await.is_err(), "another cluster in the same source");
+        let now = Timestamp::now();
+        let bytes = |n: u8, len: usize| vec![n; len];
+        let put = |tli, s: u64, e: u64, n| {
+            let repo = repo.clone();
+            async move {
+                let p = WalPiece { tli, start: Lsn(s), end: Lsn(e) };
+                repo.put_wal("db", &p, now, &bytes(n, (e - s) as usize)).await
+            }
+        };
+        put(1, 0, 100, 1).await.unwrap();
+        put(1, 50, 300, 1).await.unwrap();
+        put(1, 300, 400, 1).await.unwrap();
+        put(1, 500, 600, 1).await.unwrap();
+        put(2, 200, 450, 2).await.unwrap();
+        // The same bytes again are fine; others under the same name are refused.
+        put(1, 300, 400, 1).await.unwrap();
+        assert!(put(1, 300, 400, 9).await.is_err());
+        let one = TimelinePath::parse(1, None).unwrap();
+        let wal = repo.wal_bytes("db", &system, &one, Lsn(10), Lsn(1000)).await.unwrap();
+        assert_eq!(wal, bytes(1, 390), "from 10 to the gap at 400");
+        let two = TimelinePath::parse(2, Some("1\t0/C8\n")).unwrap();
+        let wal = repo.wal_bytes("db", &system, &two, Lsn(100), Lsn(1000)).await.unwrap();
+        assert_eq!(wal, [bytes(1, 100), bytes(2, 250)].concat(), "timeline 1 to 0xC8, then timeline 2");
+        assert_eq!(repo.wal_end("db", &system, 1).await.unwrap(), Some(Lsn(600)));
+        assert_eq!(repo.wal_end("db", &system, 2).await.unwrap(), Some(Lsn(450)));
+        assert_eq!(repo.wal_end("db", &system, 3).await.unwrap(), None);
+    }
+}

@@ -47,6 +47,86 @@ fn segment_header(b: &[u8]) -> Option<SegmentHeader> {
     })
 }
 
+/// Segments pushed ahead of PostgreSQL's calls: one file per segment in `dir`, saying
+/// which file (device, inode, size, mtime) was made durable. PostgreSQL archives one
+/// segment at a time; pushing the next ready ones at once, in parallel, and answering
+/// their own calls from here, keeps both cores busy (pgBackRest's async mode does the
+/// same).
+pub struct ReadAhead {
+    pub dir: std::path::PathBuf,
+    /// How many ready segments after the one asked for are pushed with it.
+    pub segments: usize,
+}
+
+fn identity(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!("{} {} {} {}.{}", m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Stores the file at `path` and, with `ahead`, the next segments PostgreSQL has
+/// ready. Returns once `path` is durable. The same content again is success;
+/// different content under the same name fails.
+pub async fn archive_push_ahead(
+    repo: &Repository,
+    source: &str,
+    path: &Path,
+    ahead: Option<&ReadAhead>,
+) -> Result<String, ArchiveError> {
+    let Some(ra) = ahead else { return archive_push(repo, source, path).await };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+        return archive_push(repo, source, path).await;
+    };
+    let marker = |n: &str| ra.dir.join(n);
+    let pushed = |p: &Path, n: &str| identity(p).is_some_and(|id| std::fs::read_to_string(marker(n)).ok() == Some(id));
+    if pushed(path, &name) {
+        return Ok(format!("{name} was already archived (pushed ahead)"));
+    }
+    // The ready segments after this one, in order.
+    let status = path.parent().map(|d| d.join("archive_status"));
+    let mut next: Vec<String> = status
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_suffix(".ready").map(str::to_string))
+        .filter(|n| n.len() == 24 && n.as_str() > name.as_str() && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    next.sort();
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let batch: Vec<std::path::PathBuf> = std::iter::once(path.to_path_buf())
+        .chain(
+            next.iter()
+                .map(|n| parent.join(n))
+                .filter(|p| !pushed(p, &p.file_name().unwrap_or_default().to_string_lossy())),
+        )
+        .take(ra.segments + 1)
+        .collect();
+    let _ = std::fs::create_dir_all(&ra.dir);
+    let pushes = batch.iter().map(|p| async move {
+        let id = identity(p);
+        let r = archive_push(repo, source, p).await;
+        if let (Ok(_), Some(id), Some(n)) = (&r, id, p.file_name()) {
+            // Only what is durable is marked, and only as the file it was.
+            let tmp = ra.dir.join(format!(".{}.tmp", n.to_string_lossy()));
+            if std::fs::write(&tmp, id).and_then(|()| std::fs::rename(&tmp, ra.dir.join(n))).is_err() {
+                tracing::debug!("cannot mark {} as pushed in {}", p.display(), ra.dir.display());
+            }
+        }
+        r
+    });
+    let mut results = futures::future::join_all(pushes).await;
+    // Markers of segments PostgreSQL has archived since (no .ready, no file) go.
+    if let Ok(entries) = std::fs::read_dir(&ra.dir) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.len() == 24 && n.as_str() < name.as_str() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    results.swap_remove(0)
+}
+
 /// Stores the file at `path` (named as PostgreSQL names it). Returns once durable.
 /// The same content again is success; different content under the same name fails.
 pub async fn archive_push(repo: &Repository, source: &str, path: &Path) -> Result<String, ArchiveError> {

@@ -260,7 +260,11 @@ pub struct Gap {
 
 /// The restorable range of `source`, from listings and a read of the pieces at its
 /// ends and around each gap.
-pub async fn restorable(repo: &Repository, source: &str, backups: &[(Timestamp, Lsn)]) -> Result<Restorable, RepoError> {
+pub async fn restorable(
+    repo: &Repository,
+    source: &str,
+    backups: &[(Timestamp, Lsn)],
+) -> Result<Restorable, RepoError> {
     let mut r = Restorable {
         source: source.to_string(),
         timeline: 1,
@@ -289,7 +293,12 @@ pub async fn restorable(repo: &Repository, source: &str, backups: &[(Timestamp, 
             }
             if p.start > at {
                 let (times, _) = repo.read_wal(source, &p).await?;
-                r.gaps.push(Gap { timeline: tli, from: at.to_string(), to: p.start.to_string(), until: Some(times.received) });
+                r.gaps.push(Gap {
+                    timeline: tli,
+                    from: at.to_string(),
+                    to: p.start.to_string(),
+                    until: Some(times.received),
+                });
             }
             at = p.end.min(hi);
             last = Some(p);

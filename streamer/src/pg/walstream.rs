@@ -295,7 +295,8 @@ async fn session(
         // still has it, and say there is a gap (it shows in `ebb points`).
         Err(SessionError::WalRemoved(msg)) => {
             if let Some(r) = restart.map(|r| system.segment_start(r)).filter(|r| *r > start) {
-                let gap = format!("WAL from {start} to {r} on timeline {tli} was removed before ebb received it: a gap");
+                let gap =
+                    format!("WAL from {start} to {r} on timeline {tli} was removed before ebb received it: a gap");
                 tracing::error!("{gap}");
                 progress.last_error = Some((gap, Timestamp::now()));
                 *skip_to = Some(r);

@@ -30,7 +30,7 @@ pub enum PgError {
     Server { code: String, message: String, hint: Option<String> },
     #[error("PostgreSQL asks for {0} authentication, which ebb does not support (use scram-sha-256, md5, password or trust)")]
     UnsupportedAuth(&'static str),
-    #[error("PostgreSQL asks for a password and the --dsn gives none (add password=... or use a .pgpass-free method)")]
+    #[error("PostgreSQL asks for a password and none was given: set PGPASSWORD, or password=... in EBB_PG_DSN")]
     NoPassword,
     #[error("replication protocol: {0}")]
     Protocol(String),
@@ -215,8 +215,8 @@ impl ReplConn {
         Ok(())
     }
 
-    /// The next message. CopyBothResponse, which `postgres-protocol` does not know,
-    /// comes back as a CopyOutResponse-like `None` marker through `recv_raw`.
+    /// The next message; a CopyBothResponse here is a protocol error (only
+    /// `start_replication` expects one, through `recv_raw`).
     async fn recv(&mut self) -> Result<Message, PgError> {
         match self.recv_raw().await? {
             Raw::Message(m) => Ok(m),
@@ -292,7 +292,7 @@ impl ReplConn {
     }
 
     /// READ_REPLICATION_SLOT: `None` when there is no such slot, else its restart
-    /// position (`None` when it reserves no WAL).
+    /// position (`None` when it reserves no WAL: PostgreSQL invalidated it).
     pub async fn read_slot(&mut self, slot: &str) -> Result<Option<Option<Lsn>>, PgError> {
         let rows = self.query(&format!("READ_REPLICATION_SLOT {}", quote_ident(slot))).await?;
         let Some(row) = rows.first() else { return Ok(None) };
