@@ -2,12 +2,11 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use jiff::Timestamp;
 use streamer::pg::walstream::PgStreamOptions;
-use streamer::state::{self, StreamState};
+use streamer::state;
 
 use crate::cli::{Global, PgCommand, PgStreamArgs};
 use crate::commands::{host, open, repo_url, source_or_host};
@@ -43,23 +42,8 @@ pub async fn stream_pg(g: &Global, a: PgStreamArgs) -> Result<ExitCode> {
     let (cfg, shown) = dsn(&a.dsn)?;
     let slot = a.slot.unwrap_or_else(|| streamer::pg::default_slot(&source));
     let url = repo_url(g)?;
-    let state_file = a.state_dir.or_else(state::default_state_dir).map(|dir| state::state_file(&dir, &url, &source));
-    if let Some(f) = &state_file {
-        if let Some(other) = std::fs::read(f).ok().and_then(|b| serde_json::from_slice::<StreamState>(&b).ok()) {
-            if other.running(Timestamp::now()) && other.pid != std::process::id() {
-                anyhow::bail!(
-                    "a stream of {source} to {url} is already running (pid {}); one writer per source",
-                    other.pid
-                );
-            }
-        }
-    }
-    let metrics = Arc::new(streamer::metrics::Metrics::new(&source, a.rpo.as_secs()));
-    if let Some(addr) = a.metrics_addr {
-        let listener =
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen for metrics on {addr}"))?;
-        tokio::spawn(streamer::metrics::serve(listener, metrics.clone()));
-    }
+    let state_file = crate::stream::claim_stream(a.state_dir, &url, &source)?;
+    let metrics = crate::stream::serve_metrics(&source, a.rpo, a.metrics_addr).await?;
     let repo = open(g).await?;
     let opts = PgStreamOptions {
         source: source.clone(),
@@ -84,15 +68,7 @@ pub async fn stream_pg(g: &Global, a: PgStreamArgs) -> Result<ExitCode> {
         });
     }
     eprintln!("streaming WAL of {shown} as {source} to {url} (slot {slot}); stop with Ctrl-C or SIGTERM");
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install a SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    };
-    streamer::pg::walstream::stream_pg(repo, opts, metrics, shutdown).await?;
+    streamer::pg::walstream::stream_pg(repo, opts, metrics, crate::stream::stop_requested()).await?;
     eprintln!("stopped streaming {source}");
     Ok(ExitCode::SUCCESS)
 }

@@ -26,25 +26,8 @@ pub async fn stream_dir(g: &Global, d: DirArgs) -> Result<ExitCode> {
     let appends =
         Arc::new(streamer::Excludes::for_flag("--append", &d.appends).map_err(|e| UsageError(e.to_string()))?);
     let url = repo_url(g)?;
-    let state_file = d.state_dir.or_else(state::default_state_dir).map(|dir| state::state_file(&dir, &url, &source));
-    if let Some(f) = &state_file {
-        if let Some(other) = std::fs::read(f).ok().and_then(|b| serde_json::from_slice::<StreamState>(&b).ok()) {
-            if other.running(Timestamp::now()) && other.pid != std::process::id() {
-                anyhow::bail!(
-                    "a stream of {source} to {url} is already running (pid {}); one writer per source",
-                    other.pid
-                );
-            }
-        }
-    } else {
-        tracing::warn!("no state directory (set EBB_STATE_DIR or HOME): `ebb status` will not see this stream");
-    }
-    let metrics = Arc::new(streamer::metrics::Metrics::new(&source, d.rpo.as_secs()));
-    if let Some(addr) = d.metrics_addr {
-        let listener =
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen for metrics on {addr}"))?;
-        tokio::spawn(streamer::metrics::serve(listener, metrics.clone()));
-    }
+    let state_file = claim_stream(d.state_dir, &url, &source)?;
+    let metrics = serve_metrics(&source, d.rpo, d.metrics_addr).await?;
     let repo = open(g).await?;
     let opts = streamer::StreamOptions {
         snapshot: streamer::SnapshotOptions {
@@ -67,17 +50,53 @@ pub async fn stream_dir(g: &Global, d: DirArgs) -> Result<ExitCode> {
         d.path.display(),
         humanize(d.rpo)
     );
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install a SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    };
-    streamer::stream_dir(repo, opts, metrics, shutdown).await?;
+    streamer::stream_dir(repo, opts, metrics, stop_requested()).await?;
     eprintln!("stopped streaming {source}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The state file of a stream of `source` to `url`, after checking that no other
+/// stream of it runs: one writer per source.
+pub fn claim_stream(state_dir: Option<PathBuf>, url: &str, source: &str) -> Result<Option<PathBuf>> {
+    let state_file = state_dir.or_else(state::default_state_dir).map(|dir| state::state_file(&dir, url, source));
+    if let Some(f) = &state_file {
+        if let Some(other) = std::fs::read(f).ok().and_then(|b| serde_json::from_slice::<StreamState>(&b).ok()) {
+            if other.running(Timestamp::now()) && other.pid != std::process::id() {
+                anyhow::bail!(
+                    "a stream of {source} to {url} is already running (pid {}); one writer per source",
+                    other.pid
+                );
+            }
+        }
+    } else {
+        tracing::warn!("no state directory (set EBB_STATE_DIR or HOME): `ebb status` will not see this stream");
+    }
+    Ok(state_file)
+}
+
+/// A stream's metrics, served at `addr` when given.
+pub async fn serve_metrics(
+    source: &str,
+    rpo: Duration,
+    addr: Option<std::net::SocketAddr>,
+) -> Result<Arc<streamer::metrics::Metrics>> {
+    let metrics = Arc::new(streamer::metrics::Metrics::new(source, rpo.as_secs()));
+    if let Some(addr) = addr {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen for metrics on {addr}"))?;
+        tokio::spawn(streamer::metrics::serve(listener, metrics.clone()));
+    }
+    Ok(metrics)
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn stop_requested() {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 pub async fn status(g: &Global, state_dir: Option<PathBuf>, json_out: bool) -> Result<ExitCode> {

@@ -289,7 +289,7 @@ impl Store {
 /// not crowd the cache of what a mount decrypted from them. The disk reads straight
 /// into memory. Filesystems without O_DIRECT (tmpfs) are read the ordinary way.
 fn read_range_direct(path: &std::path::Path, range: Range<u64>) -> std::io::Result<Bytes> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     const ALIGN: u64 = 4096;
     let start = range.start & !(ALIGN - 1);
     let end = range.end.div_ceil(ALIGN) * ALIGN;
@@ -300,37 +300,36 @@ fn read_range_direct(path: &std::path::Path, range: Range<u64>) -> std::io::Resu
     // Zeroed memory fresh from the system (calloc), aligned within for the device.
     let mut buf = vec![0u8; (end - start + ALIGN) as usize];
     let skew = buf.as_ptr().align_offset(ALIGN as usize);
-    let window = &mut buf[skew..skew + (end - start) as usize];
-    let mut got = 0;
-    while got < window.len() {
-        match file.read_at(&mut window[got..], start + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return read_range_buffered(path, range),
-            Err(e) => return Err(e),
-        }
-    }
+    let got = match read_full_at(&file, &mut buf[skew..skew + (end - start) as usize], start) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return read_range_buffered(path, range),
+        r => r?,
+    };
     let from = skew + (range.start - start) as usize;
     let to = (skew + got).min(from + (range.end - range.start) as usize);
     Ok(Bytes::from(buf).slice(from..to.max(from)))
 }
 
 fn read_range_buffered(path: &std::path::Path, range: Range<u64>) -> std::io::Result<Bytes> {
-    use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(path)?;
     let mut buf = vec![0u8; (range.end - range.start) as usize];
+    let got = read_full_at(&file, &mut buf, range.start)?;
+    buf.truncate(got);
+    Ok(Bytes::from(buf))
+}
+
+/// Fills `buf` from `offset`, short only at the end of the file; returns how much.
+fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
     let mut got = 0;
     while got < buf.len() {
-        match file.read_at(&mut buf[got..], range.start + got as u64) {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    buf.truncate(got);
-    Ok(Bytes::from(buf))
+    Ok(got)
 }
 
 /// `list_after` for a flat directory on the local filesystem: object_store's local

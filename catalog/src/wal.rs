@@ -379,17 +379,18 @@ impl Repository {
         Ok(pieces.iter().map(|p| p.end).max())
     }
 
-    /// The contiguous WAL of `path` from `from` up to at most `to`: shorter when a
-    /// piece is missing. Each range comes from the timeline the path has there.
-    pub async fn wal_bytes(
+    /// Which pieces hold the contiguous WAL of `path` from `from` up to at most `to`,
+    /// and which range of each: from listings alone. Shorter when a piece is
+    /// missing. Each range comes from the timeline the path has there.
+    async fn wal_plan(
         &self,
         source: &str,
         system: &WalSystem,
         path: &TimelinePath,
         from: Lsn,
         to: Lsn,
-    ) -> Result<Vec<u8>, RepoError> {
-        let mut out = Vec::with_capacity((to.0 - from.0) as usize);
+    ) -> Result<Vec<(WalPiece, Lsn, Lsn)>, RepoError> {
+        let mut plan = Vec::new();
         let mut at = from;
         for &(tli, begin, end) in &path.0 {
             let (lo, hi) = (at.max(begin), end.map_or(to, |e| e.min(to)));
@@ -407,14 +408,44 @@ impl Repository {
                     }
                     i += 1;
                 }
-                let Some(p) = best.filter(|b| b.end > at) else { return Ok(out) };
-                let (_, wal) = self.read_wal(source, p).await?;
+                let Some(p) = best.filter(|b| b.end > at) else { return Ok(plan) };
                 let take_to = p.end.min(hi);
-                out.extend_from_slice(&wal[(at.0 - p.start.0) as usize..(take_to.0 - p.start.0) as usize]);
+                plan.push((p.clone(), at, take_to));
                 at = take_to;
             }
         }
+        Ok(plan)
+    }
+
+    /// The contiguous WAL of `path` from `from` up to at most `to`: shorter when a
+    /// piece is missing.
+    pub async fn wal_bytes(
+        &self,
+        source: &str,
+        system: &WalSystem,
+        path: &TimelinePath,
+        from: Lsn,
+        to: Lsn,
+    ) -> Result<Vec<u8>, RepoError> {
+        let mut out = Vec::with_capacity((to.0 - from.0) as usize);
+        for (p, lo, hi) in self.wal_plan(source, system, path, from, to).await? {
+            let (_, wal) = self.read_wal(source, &p).await?;
+            out.extend_from_slice(&wal[(lo.0 - p.start.0) as usize..(hi.0 - p.start.0) as usize]);
+        }
         Ok(out)
+    }
+
+    /// How far the contiguous WAL of `path` reaches from `from` (up to `to`), from
+    /// listings alone: nothing is read.
+    pub async fn wal_covered(
+        &self,
+        source: &str,
+        system: &WalSystem,
+        path: &TimelinePath,
+        from: Lsn,
+        to: Lsn,
+    ) -> Result<Lsn, RepoError> {
+        Ok(self.wal_plan(source, system, path, from, to).await?.last().map_or(from, |(_, _, hi)| *hi))
     }
 
     /// A timeline history file of `source`, if stored.
@@ -558,6 +589,8 @@ mod tests {
         let two = TimelinePath::parse(2, Some("1\t0/C8\n")).unwrap();
         let wal = repo.wal_bytes("db", &system, &two, Lsn(100), Lsn(1000)).await.unwrap();
         assert_eq!(wal, [bytes(1, 100), bytes(2, 250)].concat(), "timeline 1 to 0xC8, then timeline 2");
+        assert_eq!(repo.wal_covered("db", &system, &one, Lsn(10), Lsn(u64::MAX)).await.unwrap(), Lsn(400));
+        assert_eq!(repo.wal_covered("db", &system, &two, Lsn(100), Lsn(u64::MAX)).await.unwrap(), Lsn(450));
         assert_eq!(repo.wal_end("db", &system, 1).await.unwrap(), Some(Lsn(600)));
         assert_eq!(repo.wal_end("db", &system, 2).await.unwrap(), Some(Lsn(450)));
         assert_eq!(repo.wal_end("db", &system, 3).await.unwrap(), None);

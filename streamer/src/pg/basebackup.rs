@@ -57,12 +57,7 @@ pub async fn base_backup(repo: &Repository, opts: &BaseBackupOptions) -> Result<
     let started = std::time::Instant::now();
     let mut conn = ReplConn::connect(&opts.dsn).await?;
     let (system_id, _, _) = conn.identify_system().await?;
-    let seg = conn.query("SHOW wal_segment_size").await?;
-    let segment_size = seg
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .and_then(|s| super::parse_size(&s))
-        .ok_or_else(|| BaseBackupError::Pg("cannot read wal_segment_size".into()))?;
+    let segment_size = conn.segment_size().await?;
     repo.claim_wal_system(&opts.source, WalSystem { system_id, segment_size }).await?;
     let server_version = conn.server_version.clone();
 
@@ -248,6 +243,28 @@ impl DirNode {
     }
 }
 
+/// Chunks what `content` yields into the repository as the content of `e`.
+fn store_content(
+    e: &mut Entry,
+    content: impl Read,
+    chunker: &mut Chunker,
+    packer: &mut catalog::Packer,
+) -> Result<(), BaseBackupError> {
+    let mut extents = Vec::new();
+    let size = chunker
+        .run(content, |chunk| {
+            extents.push(Extent::Data(packer.store(BlobKind::Data, chunk)?));
+            Ok::<(), WriteError>(())
+        })
+        .map_err(|e| match e {
+            ChunkError::Read(e) => BaseBackupError::Tar(e),
+            ChunkError::Emit(e) => BaseBackupError::Write(e),
+        })?;
+    e.content = extents;
+    e.size = size;
+    Ok(())
+}
+
 /// Reads the tar archive of the data directory, storing file contents as they
 /// come, then the manifest, then the trees.
 fn read_archive(
@@ -287,21 +304,10 @@ fn read_archive(
         e.ctime = e.mtime;
         match kind {
             EntryKind::File => {
-                let mut extents = Vec::new();
-                let size = chunker
-                    .run(&mut entry, |chunk| {
-                        extents.push(Extent::Data(packer.store(BlobKind::Data, chunk)?));
-                        Ok::<(), WriteError>(())
-                    })
-                    .map_err(|e| match e {
-                        ChunkError::Read(e) => BaseBackupError::Tar(e),
-                        ChunkError::Emit(e) => BaseBackupError::Write(e),
-                    })?;
-                e.content = extents;
-                e.size = size;
+                store_content(&mut e, &mut entry, &mut chunker, &mut packer)?;
                 stats.files += 1;
-                stats.bytes += size;
-                stats.bytes_read += size;
+                stats.bytes += e.size;
+                stats.bytes_read += e.size;
             }
             EntryKind::Symlink => {
                 e.target = entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
@@ -320,18 +326,7 @@ fn read_archive(
         let now = Timestamp::now();
         e.mtime = TreeTime { sec: now.as_second(), nsec: 0 };
         e.ctime = e.mtime;
-        let mut extents = Vec::new();
-        chunker
-            .run(m.as_slice(), |chunk| {
-                extents.push(Extent::Data(packer.store(BlobKind::Data, chunk)?));
-                Ok::<(), WriteError>(())
-            })
-            .map_err(|e| match e {
-                ChunkError::Read(e) => BaseBackupError::Tar(e),
-                ChunkError::Emit(e) => BaseBackupError::Write(e),
-            })?;
-        e.content = extents;
-        e.size = m.len() as u64;
+        store_content(&mut e, m.as_slice(), &mut chunker, &mut packer)?;
         stats.files += 1;
         stats.bytes += e.size;
         root.insert(&[b"backup_manifest"], e);

@@ -62,12 +62,15 @@ pub async fn timeline_at(repo: &Repository, source: &str, system: &WalSystem, at
         let begin = path.0.last().map_or(Lsn(0), |(_, b, _)| *b);
         let first = repo.wal_pieces(source, system, tli, begin, Lsn(begin.0 + 1)).await?;
         let Some(piece) = first.first() else { continue };
-        // Born when its first WAL reached ebb, or earlier if a transaction on it
-        // ended earlier (WAL streamed only after the promotion).
+        // Born when its first WAL reached ebb, or when its first transaction ended.
         let (times, _) = repo.read_wal(source, piece).await?;
+        if times.received <= at {
+            return Ok(tli);
+        }
+        // WAL streamed only after the promotion: the first transaction on the
+        // timeline says when it was already there.
         let (first_end, _) = scan(repo, source, system, &path, begin, |_| true).await?;
-        let first_end = first_end.and_then(|x| Timestamp::from_microsecond(x.time + PG_EPOCH_MICROS).ok());
-        if first_end.map_or(times.received, |t| t.min(times.received)) <= at {
+        if first_end.is_some_and(|x| x.time + PG_EPOCH_MICROS <= at.as_microsecond()) {
             return Ok(tli);
         }
     }
@@ -130,7 +133,7 @@ async fn ends_after(
     let at_pg = at.as_microsecond() - PG_EPOCH_MICROS;
     let (found, end) = scan(repo, source, system, path, start, |x| x.time > at_pg).await?;
     match found {
-        Some(_) => Ok((true, wal_end_from(repo, source, system, path, end).await?)),
+        Some(_) => Ok((true, repo.wal_covered(source, system, path, end, Lsn(u64::MAX)).await?)),
         None => Ok((false, end)),
     }
 }
@@ -160,24 +163,6 @@ async fn scan(
                 next = Lsn(next.0 + wal.len() as u64);
                 scanner.push(&wal, !full);
             }
-        }
-    }
-}
-
-/// How far the contiguous WAL reaches from `from` on (reading it segment by segment).
-async fn wal_end_from(
-    repo: &Repository,
-    source: &str,
-    system: &WalSystem,
-    path: &TimelinePath,
-    mut from: Lsn,
-) -> Result<Lsn, RepoError> {
-    loop {
-        let seg_end = Lsn(system.segment_start(from).0 + system.segment_size);
-        let n = repo.wal_bytes(source, system, path, from, seg_end).await?.len() as u64;
-        from = Lsn(from.0 + n);
-        if from < seg_end {
-            return Ok(from);
         }
     }
 }

@@ -227,12 +227,7 @@ async fn session(
         Err(e) => return Err(e.into()),
     };
     let (system_id, tli, _) = conn.identify_system().await?;
-    let seg = conn.query("SHOW wal_segment_size").await?;
-    let segment_size = seg
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .and_then(|s| super::parse_size(&s))
-        .ok_or_else(|| SessionError::Retry("cannot read wal_segment_size".into()))?;
+    let segment_size = conn.segment_size().await?;
     let system = WalSystem { system_id, segment_size };
     repo.claim_wal_system(&opts.source, system).await?;
     *connected_once = true;

@@ -282,6 +282,15 @@ impl ReplConn {
         Ok((sysid, tli, pos))
     }
 
+    /// The server's WAL segment size (`SHOW wal_segment_size`), in bytes.
+    pub async fn segment_size(&mut self) -> Result<u64, PgError> {
+        let rows = self.query("SHOW wal_segment_size").await?;
+        rows.first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|s| super::parse_size(&s))
+            .ok_or_else(|| PgError::protocol("SHOW wal_segment_size gave no size"))
+    }
+
     /// TIMELINE_HISTORY: the history file of timeline `tli` (name, content).
     pub async fn timeline_history(&mut self, tli: u32) -> Result<(String, Vec<u8>), PgError> {
         let rows = self.query(&format!("TIMELINE_HISTORY {tli}")).await?;
