@@ -286,8 +286,7 @@ pub enum KeyCommand {
 }
 
 fn parse_time_arg(s: &str) -> Result<TimeSpec, String> {
-    let tz = jiff::tz::TimeZone::system();
-    parse_time(s, jiff::Timestamp::now(), &tz).map_err(|e| e.to_string())
+    parse_time(s, jiff::Timestamp::now(), jiff::tz::TimeZone::system).map_err(|e| e.to_string())
 }
 
 /// Durations like `30s`, `1m`, `1h30m` or `2 hours`, at least one second.

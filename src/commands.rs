@@ -31,12 +31,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Restore { at, source, path, target } => restore(g, at, source, path, target).await,
         Command::Verify { read_data, json } => verify(g, read_data, json).await,
         Command::Mount { at, source, cache_size, cache_dir, cache_dir_size, foreground, mountpoint } => {
+            let caches = crate::mount::Caches { memory: cache_size, dir: cache_dir, dir_size: cache_dir_size };
             if foreground {
                 crate::mount::reexec_with_huge_pages();
+                crate::mount::mount(g, at, source, caches, &mountpoint).await
+            } else {
+                crate::mount::start_daemon(g, &mountpoint).await
             }
-            let repo = if foreground { Some(open(g).await?) } else { None };
-            let caches = crate::mount::Caches { memory: cache_size, dir: cache_dir, dir_size: cache_dir_size };
-            crate::mount::mount(repo, at, source, caches, foreground, &mountpoint).await
         }
         Command::Umount { mountpoint } => crate::mount::umount(&mountpoint),
         Command::Stream(crate::cli::StreamCommand::Dir(dir)) => crate::stream::stream_dir(g, dir).await,
@@ -64,6 +65,14 @@ pub fn repo_url(g: &Global) -> Result<String> {
 }
 
 pub async fn open(g: &Global) -> Result<Repository> {
+    let store = open_store(g).await?;
+    let secret = secret(g, false)?;
+    Ok(Repository::open(store, &secret).await?)
+}
+
+/// The repository's store, once its header object is known to be there and sound:
+/// no password is asked for a repository that does not exist.
+pub async fn open_store(g: &Global) -> Result<Store> {
     let url = repo_url(g)?;
     let store = Store::open(&url, false).map_err(|e| match e {
         catalog::StoreError::NotFound { .. } => anyhow::anyhow!(RepoError::NoRepository { url: url.clone() }),
@@ -78,8 +87,7 @@ pub async fn open(g: &Global) -> Result<Repository> {
         }
         r => r?,
     };
-    let secret = secret(g, false)?;
-    Ok(Repository::open(store, &secret).await?)
+    Ok(store)
 }
 
 pub fn host() -> String {

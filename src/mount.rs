@@ -1,11 +1,12 @@
 //! `ebb mount` and `ebb umount`: checks on the mountpoint, running in the foreground
 //! or as a detached daemon, and clean unmounting on SIGINT, SIGTERM or `ebb umount`.
 
-use std::io::{ErrorKind, IsTerminal};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use catalog::time::TimeSpec;
@@ -13,6 +14,7 @@ use catalog::{RepoError, Repository};
 use jiff::Timestamp;
 use mountd::{Fs, View};
 
+use crate::cli::Global;
 use crate::UsageError;
 
 /// How long `ebb mount` waits for its daemon to have the mount ready.
@@ -80,19 +82,20 @@ pub struct Caches {
     pub dir_size: u64,
 }
 
+/// Serves the mount in this process until it is unmounted or signalled.
 pub async fn mount(
-    repo: Option<Repository>,
+    g: &Global,
     at: Option<TimeSpec>,
     source: Option<String>,
     caches: Caches,
-    foreground: bool,
     mountpoint: &Path,
 ) -> Result<ExitCode> {
     let abs = check_mountpoint(mountpoint)?;
-    if !foreground {
-        return spawn_daemon(&abs);
-    }
-    let repo = repo.expect("the repository is open in the foreground");
+    let handoff = Handoff::from_env()?;
+    let repo = match &handoff {
+        Some(h) => h.repository(g).await?,
+        None => crate::commands::open(g).await?,
+    };
     // Chunk buffers (0.25 to 4 MiB, and 8 MiB runs read ahead) come and go with the
     // cache. glibc would serve them from its arenas once the first is freed, and keep
     // what is freed there, fragmented: RSS grew to the cache size and as much again.
@@ -137,6 +140,9 @@ pub async fn mount(
     let handle = mountd::mount(fs, tokio::runtime::Handle::current(), &abs, &format!("ebb:{}", repo.store().url()))
         .with_context(|| format!("mount {} (is fuse3 installed and /dev/fuse available?)", abs.display()))?;
     eprintln!("mounted {what} at {} (read-only); `ebb umount {}` to unmount", abs.display(), abs.display());
+    if let Some(h) = handoff {
+        h.ready();
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -211,59 +217,176 @@ pub fn reexec_with_huge_pages() {
     tracing::debug!("running without huge pages: cannot execute ebb again: {err}");
 }
 
-/// Runs `ebb ... mount --foreground` detached, and returns once the mount is ready.
-fn spawn_daemon(abs: &Path) -> Result<ExitCode> {
-    let exe = std::env::current_exe().context("find the ebb executable")?;
-    // One log per mountpoint, replaced by the next mount there, so logs do not pile up.
-    let tag: String = abs.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    let log = std::env::temp_dir().join(format!("ebb-mount{tag}.log"));
-    let log_file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-    let mut cmd = Command::new(exe);
-    cmd.args(std::env::args_os().skip(1)).arg("--foreground");
-    if let Some(tunables) = tunables_with_huge_pages() {
-        cmd.env("GLIBC_TUNABLES", tunables);
+/// The environment variables naming the pipes between `ebb mount` and its daemon:
+/// the unlocked key comes in on one, and "ready" goes out on the other.
+const HANDOFF_FD: &str = "EBB_MOUNT_HANDOFF_FD";
+const READY_FD: &str = "EBB_MOUNT_READY_FD";
+const READY: &[u8] = b"ready\n";
+
+/// Starts `ebb ... mount --foreground` detached, and returns once its mount is ready.
+/// The daemon starts while this process derives the key, and gets it over a pipe:
+/// the derivation, a deliberate cost, overlaps the daemon's start-up, and no secret
+/// is left in the daemon's environment.
+pub async fn start_daemon(g: &Global, mountpoint: &Path) -> Result<ExitCode> {
+    let abs = check_mountpoint(mountpoint)?;
+    let store = crate::commands::open_store(g).await?;
+    let secret = crate::secret::secret(g, false)?;
+    let mut daemon = Daemon::spawn(&abs)?;
+    let repo = match Repository::open(store, &secret).await {
+        Ok(repo) => repo,
+        Err(e) => {
+            // The daemon sees the pipe close and exits without mounting.
+            daemon.abandon();
+            return Err(e.into());
+        }
+    };
+    daemon.hand_over(&repo.handoff());
+    daemon.wait_ready(&abs)
+}
+
+/// A mount daemon being started.
+struct Daemon {
+    child: std::process::Child,
+    log: PathBuf,
+    key: Option<std::io::PipeWriter>,
+    ready: std::io::PipeReader,
+}
+
+impl Daemon {
+    fn spawn(abs: &Path) -> Result<Daemon> {
+        let exe = std::env::current_exe().context("find the ebb executable")?;
+        // One log per mountpoint, replaced by the next mount there, so logs do not pile up.
+        let tag: String =
+            abs.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        let log = std::env::temp_dir().join(format!("ebb-mount{tag}.log"));
+        let log_file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        // Both ends are close-on-exec; the daemon's two are kept open for it below.
+        let (key_rx, key_tx) = std::io::pipe().context("create a pipe")?;
+        let (ready_rx, ready_tx) = std::io::pipe().context("create a pipe")?;
+        let inherited = [key_rx.as_raw_fd(), ready_tx.as_raw_fd()];
+        let mut cmd = Command::new(exe);
+        cmd.args(std::env::args_os().skip(1)).arg("--foreground");
+        if let Some(tunables) = tunables_with_huge_pages() {
+            cmd.env("GLIBC_TUNABLES", tunables);
+        }
+        cmd.env(HANDOFF_FD, inherited[0].to_string()).env(READY_FD, inherited[1].to_string());
+        cmd.env_remove("EBB_PASSWORD");
+        cmd.stdin(Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
+        // SAFETY: setsid and fcntl are async-signal-safe. The daemon leaves our session,
+        // and keeps its ends of the two pipes across exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setsid();
+                for fd in inherited {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().context("start the mount daemon")?;
+        Ok(Daemon { child, log, key: Some(key_tx), ready: ready_rx })
     }
-    // A password typed at the prompt must reach the daemon, which has no terminal.
-    let have_secret =
-        ["EBB_PASSWORD", "EBB_PASSWORD_FILE", "EBB_KEY_FILE"].iter().any(|v| std::env::var_os(v).is_some())
-            || std::env::args().any(|a| a.starts_with("--password-file") || a.starts_with("--key-file"));
-    if !have_secret && std::io::stdin().is_terminal() {
-        let pw = rpassword::prompt_password("Repository password: ").context("read password from the terminal")?;
-        cmd.env("EBB_PASSWORD", pw);
+
+    fn hand_over(&mut self, handoff: &[u8]) {
+        if let Some(mut key) = self.key.take() {
+            // A daemon that died already is reported by wait_ready, with its log.
+            let _ = key.write_all(handoff);
+        }
     }
-    cmd.stdin(Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
-    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
+
+    /// Lets the daemon go without a key: it exits, mounting nothing.
+    fn abandon(mut self) {
+        self.key = None;
+        if self.child.wait().is_ok() {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+
+    fn wait_ready(self, abs: &Path) -> Result<ExitCode> {
+        let Daemon { mut child, log, ready, .. } = self;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut said = Vec::new();
+            let _ = ready.take(READY.len() as u64).read_to_end(&mut said);
+            let _ = tx.send(said);
         });
+        match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(said) if said == READY => {
+                eprintln!(
+                    "mounted at {} by daemon pid {} (log: {}); `ebb umount {}` to unmount",
+                    abs.display(),
+                    child.id(),
+                    log.display(),
+                    abs.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            // The pipe closed without "ready": the daemon failed, and said why in its log.
+            Ok(_) => {
+                let status = child.wait().context("wait for the mount daemon")?;
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let _ = std::fs::remove_file(&log);
+                eprint!("{text}");
+                Ok(ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8))
+            }
+            Err(_) => {
+                let _ = child.kill();
+                bail!("the mount daemon did not get ready in {READY_TIMEOUT:?}; see {}", log.display());
+            }
+        }
     }
-    let mut child = cmd.spawn().context("start the mount daemon")?;
-    let start = Instant::now();
-    loop {
-        if is_mounted(abs) {
-            eprintln!(
-                "mounted at {} by daemon pid {} (log: {}); `ebb umount {}` to unmount",
-                abs.display(),
-                child.id(),
-                log.display(),
-                abs.display()
-            );
-            return Ok(ExitCode::SUCCESS);
+}
+
+/// The daemon's end of the pipes from `ebb mount`.
+struct Handoff {
+    key: std::fs::File,
+    ready: std::fs::File,
+}
+
+impl Handoff {
+    /// The pipes `Daemon::spawn` left open for this process, if it started it.
+    fn from_env() -> Result<Option<Handoff>> {
+        let fd = |var: &str| -> Result<Option<OwnedFd>> {
+            let Some(v) = std::env::var_os(var) else { return Ok(None) };
+            let fd: RawFd =
+                v.to_str().and_then(|v| v.parse().ok()).with_context(|| format!("{var} is not a file descriptor"))?;
+            // SAFETY: the descriptor is checked to be open, and is this process's alone:
+            // `ebb mount` opened it for the daemon it started, and nothing else uses it.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                bail!("{var}: descriptor {fd} is not open");
+            }
+            Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+        };
+        match (fd(HANDOFF_FD)?, fd(READY_FD)?) {
+            (Some(key), Some(ready)) => Ok(Some(Handoff { key: key.into(), ready: ready.into() })),
+            (None, None) => Ok(None),
+            _ => bail!("{HANDOFF_FD} and {READY_FD} go together"),
         }
-        if let Some(status) = child.try_wait()? {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let _ = std::fs::remove_file(&log);
-            eprint!("{text}");
-            return Ok(ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8));
+    }
+
+    /// The repository, unlocked with the key `ebb mount` sends once it has derived it.
+    async fn repository(&self, g: &Global) -> Result<Repository> {
+        let mut key = self.key.try_clone().context("read the key from ebb mount")?;
+        let handoff = tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::new();
+            key.read_to_end(&mut buf).map(|_| buf)
+        })
+        .await
+        .expect("reading the key panicked")
+        .context("read the key from ebb mount")?;
+        if handoff.is_empty() {
+            bail!("ebb mount did not unlock the repository; nothing mounted");
         }
-        if start.elapsed() > READY_TIMEOUT {
-            let _ = child.kill();
-            bail!("the mount daemon did not get ready in {READY_TIMEOUT:?}; see {}", log.display());
-        }
-        // Short: this wait is part of the time a user waits for the mount.
-        std::thread::sleep(Duration::from_millis(5));
+        let store = crate::commands::open_store(g).await?;
+        Ok(Repository::open_handed(store, &handoff).await?)
+    }
+
+    /// Tells `ebb mount` the mount is ready.
+    fn ready(mut self) {
+        // Nobody to tell if it has gone; the mount serves all the same.
+        let _ = self.ready.write_all(READY);
     }
 }
 

@@ -273,9 +273,32 @@ fn mountpoint_checks_and_lifecycle() {
     let err = repo.fails(&["umount", work.path().join("src").to_str().unwrap()], 2);
     assert!(err.contains("not mounted"), "{err}");
 
-    // Already mounted.
+    // A wrong password: refused by `ebb mount` itself, and no daemon is left behind.
     let mnt = work.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let log = std::env::temp_dir().join(format!(
+        "ebb-mount{}.log",
+        mnt.to_str().unwrap().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect::<String>()
+    ));
+    let out =
+        repo.cmd().env("EBB_PASSWORD", "not the password").args(["mount", mnt.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("opens none of the"), "{err}");
+    assert!(!is_mounted(&mnt));
+    assert!(!log.exists(), "the daemon that got no key is gone, with its log");
+    // A point before the first: the daemon, which resolves it, fails after the key
+    // reached it; ebb mount shows its message and exit status.
+    let err = repo.fails(&["mount", "--at", "2001-01-01T00:00:00Z", mnt.to_str().unwrap()], 1);
+    assert!(err.contains("before the first point"), "{err}");
+    assert!(!is_mounted(&mnt));
+
+    // Already mounted.
     let (_guard, stderr) = mount(&repo, &["--at", "latest"], &mnt);
+    // The daemon got the unlocked key over a pipe: no secret in its environment.
+    let environ = fs::read(format!("/proc/{}/environ", daemon_pid(&stderr))).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(!environ.contains(common::TEST_PASSWORD), "the password is in the mount daemon's environment");
     let err = repo.fails(&["mount", mnt.to_str().unwrap()], 2);
     assert!(err.contains("already"), "{err}");
 

@@ -28,6 +28,8 @@ pub enum RepoError {
     WrongSecret { url: String, slots: usize },
     #[error("the repository at {url} has no readable key slot: {problems}")]
     NoSlots { url: String, problems: String },
+    #[error("the key handed over by the ebb that started this process is malformed")]
+    Handoff,
     #[error("key slot {slot} not found (see `ebb key list`)")]
     NoSuchSlot { slot: String },
     #[error("refusing to remove key slot {slot}: it is the last one, and without it no one can open the repository")]
@@ -170,6 +172,31 @@ impl Repository {
             tracing::warn!("{p}");
         }
         Err(RepoError::WrongSecret { url: store.url().to_string(), slots: slots.len() + problems.len() })
+    }
+
+    /// The unlocked key, to hand to a process of ebb's own over a pipe (the mount
+    /// daemon) so that it need not derive it again: the master key, then the id of
+    /// the slot that unlocked it. Never to be stored or shown.
+    pub fn handoff(&self) -> Vec<u8> {
+        let mut out = self.master.0.to_vec();
+        out.extend_from_slice(self.slot.as_bytes());
+        out
+    }
+
+    /// Opens the repository with the key another ebb process unlocked (`handoff`).
+    pub async fn open_handed(store: Store, handoff: &[u8]) -> Result<Repository, RepoError> {
+        let bad = || RepoError::Handoff;
+        let (key, slot) = handoff.split_first_chunk::<32>().ok_or_else(bad)?;
+        let slot = std::str::from_utf8(slot).map_err(|_| bad())?.to_string();
+        let config = Self::read_config(&store).await?;
+        let master = MasterKey(*key);
+        Ok(Repository {
+            keys: Arc::new(Keys::derive(&master, &config.repo_id())),
+            master: Arc::new(master),
+            config: Arc::new(config),
+            store,
+            slot,
+        })
     }
 
     /// Every key slot that parses, and a message for each that does not.

@@ -32,8 +32,10 @@ pub struct TimeError {
     pub input: String,
 }
 
-/// Parses `input` against the clock `now`, in the time zone `tz` for local times.
-pub fn parse_time(input: &str, now: Timestamp, tz: &TimeZone) -> Result<TimeSpec, TimeError> {
+/// Parses `input` against the clock `now`, in the time zone `tz` gives for local times
+/// and calendar spans. `tz` is called only for those: finding the system's time zone
+/// reads the time zone database, which costs a start-up that needs none.
+pub fn parse_time(input: &str, now: Timestamp, tz: impl FnOnce() -> TimeZone) -> Result<TimeSpec, TimeError> {
     let s = input.trim();
     let err = || TimeError { input: input.to_string() };
     if s == "latest" {
@@ -47,7 +49,7 @@ pub fn parse_time(input: &str, now: Timestamp, tz: &TimeZone) -> Result<TimeSpec
         if span.is_negative() {
             return Err(err());
         }
-        let then = now.to_zoned(tz.clone()).checked_sub(span).map_err(|_| err())?;
+        let then = now.to_zoned(tz()).checked_sub(span).map_err(|_| err())?;
         return Ok(TimeSpec::At(then.timestamp()));
     }
     if let Ok(t) = s.parse::<Timestamp>() {
@@ -56,7 +58,7 @@ pub fn parse_time(input: &str, now: Timestamp, tz: &TimeZone) -> Result<TimeSpec
     // Local time: a date and a time of day without an offset.
     if s.len() >= 16 && (s.as_bytes()[10] == b' ' || s.as_bytes()[10] == b'T') {
         if let Ok(dt) = s.replacen(' ', "T", 1).parse::<civil::DateTime>() {
-            let z = dt.to_zoned(tz.clone()).map_err(|_| err())?;
+            let z = dt.to_zoned(tz()).map_err(|_| err())?;
             return Ok(TimeSpec::At(z.timestamp()));
         }
     }
@@ -92,7 +94,7 @@ mod tests {
     fn every_form() {
         let now = at("2026-11-22T12:00:00Z");
         let tz = TimeZone::fixed(jiff::tz::offset(1));
-        let p = |s: &str| parse_time(s, now, &tz);
+        let p = |s: &str| parse_time(s, now, || tz.clone());
         assert_eq!(p("latest"), Ok(TimeSpec::Latest));
         assert_eq!(p("2026-11-21T10:15:00Z"), Ok(TimeSpec::At(at("2026-11-21T10:15:00Z"))));
         assert_eq!(p("2026-11-21T10:15:00.250+01:00"), Ok(TimeSpec::At(at("2026-11-21T09:15:00.25Z"))));

@@ -443,7 +443,7 @@ impl Fs {
             }
             Synth::At(src) => {
                 let now = Timestamp::now();
-                let spec = parse_time(name_str, now, &jiff::tz::TimeZone::system()).map_err(|_| FsError::NotFound)?;
+                let spec = parse_time(name_str, now, jiff::tz::TimeZone::system).map_err(|_| FsError::NotFound)?;
                 let p = match self.repo.resolve(src, spec, now).await {
                     Ok(p) => p,
                     Err(catalog::RepoError::BeforeFirst { .. } | catalog::RepoError::Future { .. }) => {
