@@ -234,13 +234,17 @@ pub enum PgCommand {
     ArchivePush {
         #[arg(long, value_parser = parse_source)]
         source: Option<String>,
-        /// Also push up to N of the next segments PostgreSQL has ready, in parallel;
-        /// their own calls then return at once (0 to push one at a time)
+        /// Push the segments PostgreSQL has ready from a background process, N at a
+        /// time; each call returns once its segment is durable (0: each call pushes
+        /// its own segment)
         #[arg(long, value_name = "N", default_value_t = 4)]
         read_ahead: usize,
-        /// Where pushed-ahead segments are noted [default: under the state directory]
+        /// Where pushed segments are noted [default: under the state directory]
         #[arg(long, env = "EBB_STATE_DIR", value_name = "DIR")]
         state_dir: Option<PathBuf>,
+        /// Run as the background pusher (started by archive-push itself)
+        #[arg(long, hide = true)]
+        pusher: bool,
         path: PathBuf,
     },
     /// For restore_command: fetch a WAL file ('ebb pg archive-get --source NAME %f %p').

@@ -3,8 +3,9 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use jiff::Timestamp;
+use streamer::pg::archive::Delegated;
 use streamer::pg::walstream::PgStreamOptions;
 use streamer::state;
 
@@ -108,6 +109,32 @@ fn archive_get_command(g: &Global, source: &str) -> Result<String> {
     Ok(cmd.join(" "))
 }
 
+/// Starts this same `archive-push` again as the background pusher, detached, with
+/// its messages in `pusher.log` (of the last pusher) where it notes segments.
+fn start_pusher(dir: &Path) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("find the ebb executable")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let log = dir.join("pusher.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&log)
+        .with_context(|| format!("open {}", log.display()))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1)).arg("--pusher");
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
+    // SAFETY: setsid is async-signal-safe; the pusher outlives this call.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().context("start the archive pusher")
+}
+
 pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
     match cmd {
         PgCommand::BaseBackup { source, dsn: text } => {
@@ -128,15 +155,40 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        PgCommand::ArchivePush { source, read_ahead, state_dir, path } => {
+        PgCommand::ArchivePush { source, read_ahead, state_dir, pusher, path } => {
             let source = source_or_host(source)?;
             let url = repo_url(g)?;
             let ahead = state_dir.or_else(state::default_state_dir).filter(|_| read_ahead > 0).map(|dir| {
                 let file = state::state_file(&dir, &url, &source);
                 streamer::pg::archive::ReadAhead { dir: file.with_extension("pushed"), segments: read_ahead }
             });
-            let repo = open(g).await?;
-            let said = streamer::pg::archive::archive_push_ahead(&repo, &source, &path, ahead.as_ref()).await?;
+            if pusher {
+                let ra = ahead.context("the pusher needs --read-ahead above 0 and a state directory")?;
+                let repo = open(g).await?;
+                let wal_dir = path.parent().unwrap_or(Path::new("."));
+                streamer::pg::archive::run_pusher(&repo, &source, wal_dir, &ra).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let said = match &ahead {
+                // Pushed ahead: answered without opening the repository.
+                Some(ra) if ra.pushed(&path) => Some(format!("{} was already archived (pushed ahead)", path.display())),
+                Some(ra) if ra.takes(&path) => {
+                    let started = if ra.pusher_running() { None } else { Some(start_pusher(&ra.dir)?) };
+                    match ra.wait(&path, started).await {
+                        Delegated::Pushed => Some(format!("archived {}", path.display())),
+                        Delegated::Failed(why) => bail!("{why}"),
+                        Delegated::PusherGone => None,
+                    }
+                }
+                _ => None,
+            };
+            let said = match said {
+                Some(said) => said,
+                None => {
+                    let repo = open(g).await?;
+                    streamer::pg::archive::archive_push(&repo, &source, &path).await?
+                }
+            };
             if !g.quiet {
                 eprintln!("{said}");
             }

@@ -332,11 +332,40 @@ fn archive_push_and_get_restore_exactly_and_refuse_a_different_segment() {
     check_exit("archive-push of a different segment under the same name", &out, 1);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("different content"), "{err}");
+    // The same through the background pusher: a segment marked ready, as
+    // PostgreSQL marks it. The pusher's failure is the call's failure.
+    let wal = s.path("wal");
+    std::fs::create_dir_all(wal.join("archive_status")).unwrap();
+    std::fs::write(wal.join(&last), &bytes).unwrap();
+    std::fs::write(wal.join("archive_status").join(format!("{last}.ready")), b"").unwrap();
+    let state = s.path("pusher-state");
+    let out = s.run(&[
+        "pg",
+        "archive-push",
+        "--source",
+        "arch",
+        "--state-dir",
+        state.to_str().unwrap(),
+        wal.join(&last).to_str().unwrap(),
+    ]);
+    check_exit("archive-push of a different segment, through the pusher", &out, 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("different content"), "{err}");
     // And what is stored did not change.
     let again = s.path("again");
     s.ok(&["pg", "archive-get", "--source", "arch", &last, again.to_str().unwrap()]);
     bytes[100_000] ^= 0xff;
     assert!(std::fs::read(&again).unwrap() == bytes, "the stored segment changed");
+    // Pushers exit once nothing has been ready for a while: none is left behind.
+    let start = std::time::Instant::now();
+    loop {
+        let left = Command::new("pgrep").args(["-f", "archive-push.*--pusher"]).output().unwrap();
+        if !left.status.success() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "a pusher is still running: {left:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

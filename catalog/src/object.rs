@@ -2,7 +2,7 @@
 //! sealed under a key derived from the object's name, with the name as AAD. A renamed
 //! or swapped object therefore fails to open instead of being read as another.
 
-use crate::crypto::{decode_payload, encode_payload, open, seal, Keys, PayloadError};
+use crate::crypto::{decode_payload, encode_payload, open, seal_into, Keys, PayloadError};
 
 const MAGIC: &[u8; 4] = b"EBO1";
 /// Objects are small (manifests) or bounded (an index of one point); refuse to
@@ -22,13 +22,18 @@ pub enum ObjectError {
 }
 
 pub fn seal_object(keys: &Keys, name: &str, plain: &[u8]) -> Vec<u8> {
+    seal_object_with(keys, name, plain, &mut crate::crypto::compressor())
+}
+
+/// `seal_object` with a compressor of the caller's choice.
+pub fn seal_object_with(
+    keys: &Keys,
+    name: &str,
+    plain: &[u8],
+    compressor: &mut zstd::bulk::Compressor<'static>,
+) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
-    out.extend(seal(
-        &keys.object_cipher(name),
-        0,
-        name.as_bytes(),
-        &encode_payload(plain, Some(&mut crate::crypto::compressor())),
-    ));
+    seal_into(&keys.object_cipher(name), 0, name.as_bytes(), &encode_payload(plain, Some(compressor)), &mut out);
     out
 }
 

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use jiff::Timestamp;
 
 use crate::codec::{DecodeError, Decoder, Encoder};
-use crate::object::{open_object, seal_object};
+use crate::object::{open_object, seal_object, seal_object_with};
 use crate::repo::{RepoError, Repository};
 use crate::time::unix_nanos;
 
@@ -210,19 +210,20 @@ pub struct PieceTimes {
     pub stored: Timestamp,
 }
 
-fn encode_piece(times: PieceTimes, wal: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(wal.len() + 17);
-    out.push(VERSION);
-    out.extend_from_slice(&unix_nanos(times.received).unwrap_or(0).to_le_bytes());
-    out.extend_from_slice(&unix_nanos(times.stored).unwrap_or(0).to_le_bytes());
-    out.extend_from_slice(wal);
-    out
+/// Bytes before the WAL in a piece's plaintext: a version, then when its first byte
+/// was received and when it was stored.
+pub const PIECE_HEADER: usize = 17;
+
+fn write_piece_header(plain: &mut [u8], times: PieceTimes) {
+    plain[0] = VERSION;
+    plain[1..9].copy_from_slice(&unix_nanos(times.received).unwrap_or(0).to_le_bytes());
+    plain[9..17].copy_from_slice(&unix_nanos(times.stored).unwrap_or(0).to_le_bytes());
 }
 
 fn decode_piece(name: &str, plain: Vec<u8>, len: u64) -> Result<(PieceTimes, Bytes), RepoError> {
     let bad =
         |p: &str| crate::object::ObjectError::Decode { name: name.into(), cause: DecodeError::new("WAL piece", p) };
-    if plain.len() < 17 || plain[0] != VERSION {
+    if plain.len() < PIECE_HEADER || plain[0] != VERSION {
         return Err(bad("bad header").into());
     }
     let time = |at: usize| {
@@ -230,7 +231,7 @@ fn decode_piece(name: &str, plain: Vec<u8>, len: u64) -> Result<(PieceTimes, Byt
         Timestamp::from_nanosecond(i128::from(nanos)).map_err(|_| bad("bad time"))
     };
     let times = PieceTimes { received: time(1)?, stored: time(9)? };
-    let wal = Bytes::from(plain).slice(17..);
+    let wal = Bytes::from(plain).slice(PIECE_HEADER..);
     if wal.len() as u64 != len {
         return Err(bad("length does not match the name").into());
     }
@@ -287,15 +288,30 @@ impl Repository {
         received: Timestamp,
         wal: &[u8],
     ) -> Result<(), RepoError> {
-        assert_eq!(piece.len(), wal.len() as u64, "a piece's name gives its length");
+        let mut plain = Vec::with_capacity(PIECE_HEADER + wal.len());
+        plain.resize(PIECE_HEADER, 0);
+        plain.extend_from_slice(wal);
+        self.put_wal_buf(source, piece, received, &mut plain).await
+    }
+
+    /// `put_wal` for WAL already in a buffer after `PIECE_HEADER` bytes of room, where
+    /// the header is written: no copy of the WAL, and the buffer can be used again.
+    pub async fn put_wal_buf(
+        &self,
+        source: &str,
+        piece: &WalPiece,
+        received: Timestamp,
+        plain: &mut [u8],
+    ) -> Result<(), RepoError> {
+        assert_eq!(piece.len(), (plain.len() - PIECE_HEADER) as u64, "a piece's name gives its length");
         let name = piece.name(source);
-        let times = PieceTimes { received, stored: Timestamp::now() };
-        let sealed = seal_object(self.keys(), &name, &encode_piece(times, wal));
+        write_piece_header(plain, PieceTimes { received, stored: Timestamp::now() });
+        let sealed = seal_object_with(self.keys(), &name, plain, &mut crate::crypto::wal_compressor());
         match self.store().put_new(&name, sealed.into()).await {
             Ok(()) => Ok(()),
             Err(crate::StoreError::AlreadyExists { .. }) => {
                 let (_, stored) = self.read_wal(source, piece).await?;
-                if stored.as_ref() == wal {
+                if stored.as_ref() == &plain[PIECE_HEADER..] {
                     Ok(())
                 } else {
                     Err(RepoError::BadSource {
@@ -516,7 +532,9 @@ mod tests {
             received: Timestamp::from_second(1_763_720_100).unwrap(),
             stored: Timestamp::from_second(1_763_720_101).unwrap(),
         };
-        let plain = encode_piece(times, b"wal");
+        let mut plain = [0u8; PIECE_HEADER].to_vec();
+        plain.extend_from_slice(b"wal");
+        write_piece_header(&mut plain, times);
         // Cross-checked with Python's struct.pack('<Q', ...) of the nanoseconds.
         assert_eq!(hex::encode(&plain), "010068b71b16fe79180032525716fe791877616c");
         let (t, wal) = decode_piece("x", plain.clone(), 3).unwrap();

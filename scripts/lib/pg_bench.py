@@ -27,7 +27,8 @@ import psycopg
 
 EBB, PGBIN, WORK = sys.argv[1], sys.argv[2], sys.argv[3]
 SECONDS = int(os.environ.get("EBB_BENCH_SECONDS", "30"))
-SCALE = int(os.environ.get("EBB_BENCH_PG_SCALE", "40"))
+SCALE = int(os.environ.get("EBB_BENCH_PG_SCALE", "100"))
+PARTS = os.environ.get("EBB_BENCH_PG_PARTS", "lag,throughput,archive").split(",")
 PASSWORD = "bench"
 
 
@@ -314,31 +315,36 @@ def pct(xs, p):
 
 
 def main():
-    lags = {t: lag_run(t) for t in ("ebb", "pg_receivewal", "pgbackrest")}
-    tps = {t: throughput_run(t) for t in ("ebb", "pg_receivewal")}
-    arch = {t: archive_run(t) for t in ("ebb", "pgbackrest")}
+    lags = {t: lag_run(t) for t in ("ebb", "pg_receivewal", "pgbackrest")} if "lag" in PARTS else None
+    tps = {t: throughput_run(t) for t in ("ebb", "pg_receivewal")} if "throughput" in PARTS else None
+    arch = {t: archive_run(t) for t in ("ebb", "pgbackrest")} if "archive" in PARTS else None
     cores = os.cpu_count()
     print(f"\nbench pg — {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {cores} cores, PostgreSQL 15")
-    print(f"\n1. lag from commit to durable, under pgbench -c 2 -R 400 for {SECONDS} s, a marker every 250 ms, ms")
-    print(f"   {'':32} {'p50':>8} {'p99':>8} {'max':>8} {'probes':>7}")
-    for t, name in (("ebb", "ebb stream pg (file://)"), ("pg_receivewal", "pg_receivewal --synchronous"),
-                    ("pgbackrest", "pgbackrest archive-push async")):
-        xs = lags[t]
-        print(f"   {name:32} {pct(xs, 50) * 1e3:8.0f} {pct(xs, 99) * 1e3:8.0f} {max(xs) * 1e3:8.0f} {len(xs):7}")
-    print(f"   target: ebb p99 at most 1000 ms: {'met' if pct(lags['ebb'], 99) <= 1.0 else 'NOT met'}")
-    print(f"   ratio p99 (pgbackrest / ebb): {pct(lags['pgbackrest'], 99) / pct(lags['ebb'], 99):.1f}")
-    print(f"\n2. WAL throughput: catching up on the WAL of pgbench -i -s {SCALE}, MB/s")
-    for t, name in (("ebb", "ebb stream pg (zstd + AES-256-GCM, file://)"), ("pg_receivewal", "pg_receivewal --synchronous")):
-        size, secs = tps[t]
-        print(f"   {name:48} {size / secs / 1e6:8.1f}  ({size / 1e6:.0f} MB in {secs:.1f} s)")
-    rate = tps["ebb"][0] / tps["ebb"][1] / 1e6
-    print(f"   target: ebb at least 100 MB/s: {'met' if rate >= 100 else 'NOT met'} ({rate:.0f} MB/s)")
-    print("\n3. archive_command on a backlog of full segments (pgbench -i), segments per second")
-    for t, name in (("ebb", "ebb pg archive-push (zstd + AES-256-GCM)"), ("pgbackrest", "pgbackrest archive-push async (zst, aes-256-cbc, process-max 2)")):
-        n, secs, _ = arch[t]
-        print(f"   {name:66} {n / secs:8.1f}  ({n} in {secs:.1f} s)")
-    ratio = (arch["ebb"][0] / arch["ebb"][1]) / (arch["pgbackrest"][0] / arch["pgbackrest"][1])
-    print(f"   ratio (ebb / pgbackrest): {ratio:.2f}; target at least 2: {'met' if ratio >= 2 else 'NOT met'}")
+    if lags:
+        print(f"\n1. lag from commit to durable, under pgbench -c 2 -R 400 for {SECONDS} s, a marker every 250 ms, ms")
+        print(f"   {'':32} {'p50':>8} {'p99':>8} {'max':>8} {'probes':>7}")
+        for t, name in (("ebb", "ebb stream pg (file://)"), ("pg_receivewal", "pg_receivewal --synchronous"),
+                        ("pgbackrest", "pgbackrest archive-push async")):
+            xs = lags[t]
+            print(f"   {name:32} {pct(xs, 50) * 1e3:8.0f} {pct(xs, 99) * 1e3:8.0f} {max(xs) * 1e3:8.0f} {len(xs):7}")
+        print(f"   target: ebb p99 at most 1000 ms: {'met' if pct(lags['ebb'], 99) <= 1.0 else 'NOT met'}")
+        print(f"   ratio p99 (pgbackrest / ebb): {pct(lags['pgbackrest'], 99) / pct(lags['ebb'], 99):.1f}")
+    if tps:
+        print(f"\n2. WAL throughput: catching up on the WAL of pgbench -i -s {SCALE}, MB/s")
+        for t, name in (("ebb", "ebb stream pg (zstd + AES-256-GCM, file://)"),
+                        ("pg_receivewal", "pg_receivewal --synchronous")):
+            size, secs = tps[t]
+            print(f"   {name:48} {size / secs / 1e6:8.1f}  ({size / 1e6:.0f} MB in {secs:.1f} s)")
+        rate = tps["ebb"][0] / tps["ebb"][1] / 1e6
+        print(f"   target: ebb at least 100 MB/s: {'met' if rate >= 100 else 'NOT met'} ({rate:.0f} MB/s)")
+    if arch:
+        print(f"\n3. archive_command on a backlog of full segments (pgbench -i -s {SCALE}), segments per second")
+        for t, name in (("ebb", "ebb pg archive-push (zstd + AES-256-GCM)"),
+                        ("pgbackrest", "pgbackrest archive-push async (zst, aes-256-cbc, process-max 2)")):
+            n, secs, _ = arch[t]
+            print(f"   {name:66} {n / secs:8.1f}  ({n} in {secs:.1f} s)")
+        ratio = (arch["ebb"][0] / arch["ebb"][1]) / (arch["pgbackrest"][0] / arch["pgbackrest"][1])
+        print(f"   ratio (ebb / pgbackrest): {ratio:.2f}; target at least 2: {'met' if ratio >= 2 else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@
 //! whatever pieces cover it, along the timeline's history.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use catalog::wal::{segment_file_name, Lsn, WalFile, WalPiece, WalSystem};
+use catalog::wal::{segment_file_name, Lsn, WalFile, WalPiece, WalSystem, PIECE_HEADER};
 use catalog::{RepoError, Repository};
 use jiff::Timestamp;
 
@@ -47,15 +47,126 @@ fn segment_header(b: &[u8]) -> Option<SegmentHeader> {
     })
 }
 
-/// Segments pushed ahead of PostgreSQL's calls: one file per segment in `dir`, saying
-/// which file (device, inode, size, mtime) was made durable. PostgreSQL archives one
-/// segment at a time; pushing the next ready ones at once, in parallel, and answering
-/// their own calls from here, keeps both cores busy (pgBackRest's async mode does the
-/// same).
+/// Pushing ahead of PostgreSQL's calls, as pgBackRest's async mode does. PostgreSQL
+/// archives one segment at a time; a background pusher (one per repository and
+/// source, under a lock) pushes the segments PostgreSQL has ready, several at once,
+/// and notes each in `dir` once durable, by file identity (device, inode, size,
+/// mtime). PostgreSQL's call for a segment returns as soon as its note is there. A
+/// failure is noted too, and that call reports it.
+#[derive(Debug, Clone)]
 pub struct ReadAhead {
-    pub dir: std::path::PathBuf,
-    /// How many ready segments after the one asked for are pushed with it.
+    pub dir: PathBuf,
+    /// How many segments the pusher pushes at once.
     pub segments: usize,
+}
+
+/// How a call that left its segment to the pusher ended.
+pub enum Delegated {
+    Pushed,
+    Failed(String),
+    /// The pusher exited without pushing it: the call pushes it itself.
+    PusherGone,
+}
+
+/// A pusher exits after this long with nothing to push.
+const PUSHER_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl ReadAhead {
+    /// Whether the file at `path` was pushed ahead, and is durable, as the file it is
+    /// now. Needs no repository: the call PostgreSQL makes for it returns at once.
+    pub fn pushed(&self, path: &Path) -> bool {
+        let Some(name) = path.file_name() else { return false };
+        identity(path).is_some_and(|id| std::fs::read_to_string(self.dir.join(name)).ok() == Some(id))
+    }
+
+    /// Whether the pusher takes `path`: a segment PostgreSQL has marked ready.
+    pub fn takes(&self, path: &Path) -> bool {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        self.segments > 0
+            && is_segment_name(name)
+            && path.parent().is_some_and(|d| d.join("archive_status").join(format!("{name}.ready")).exists())
+    }
+
+    fn lock_file(&self) -> std::io::Result<std::fs::File> {
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.dir.join("lock"))
+    }
+
+    /// Whether a pusher holds the lock.
+    pub fn pusher_running(&self) -> bool {
+        match self.lock_file() {
+            Ok(f) => f.try_lock().is_err(),
+            Err(_) => false,
+        }
+    }
+
+    fn error_file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.error"))
+    }
+
+    /// Waits until the pusher has pushed `path`, or failed to. `pusher` is the one
+    /// this call started, if it did.
+    pub async fn wait(&self, path: &Path, mut pusher: Option<std::process::Child>) -> Delegated {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let mut polls = 0u32;
+        loop {
+            if self.pushed(path) {
+                return Delegated::Pushed;
+            }
+            if let Ok(said) = std::fs::read_to_string(self.error_file(&name)) {
+                // Said once: PostgreSQL's next try starts afresh.
+                let _ = std::fs::remove_file(self.error_file(&name));
+                return Delegated::Failed(said);
+            }
+            polls += 1;
+            if polls.is_multiple_of(100) {
+                let gone = match &mut pusher {
+                    Some(child) => !matches!(child.try_wait(), Ok(None)),
+                    None => !self.pusher_running(),
+                };
+                if gone && !self.pushed(path) {
+                    return Delegated::PusherGone;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Notes that the file at `path`, as it was when `id` was taken, is durable.
+    fn mark(&self, path: &Path, id: String) {
+        let Some(name) = path.file_name() else { return };
+        let tmp = self.dir.join(format!(".{}.tmp", name.to_string_lossy()));
+        if std::fs::write(&tmp, id).and_then(|()| std::fs::rename(&tmp, self.dir.join(name))).is_err() {
+            tracing::warn!("cannot note {} as pushed in {}", path.display(), self.dir.display());
+        }
+    }
+
+    /// The segments PostgreSQL has ready in `wal_dir`, oldest first.
+    fn ready(&self, wal_dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(wal_dir.join("archive_status"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_suffix(".ready").map(str::to_string))
+            .filter(|n| is_segment_name(n))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Notes of segments before `oldest` go: PostgreSQL has archived them.
+    fn forget_before(&self, oldest: &str) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.len() >= 24 && is_segment_name(&n[..24]) && &n[..24] < oldest {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+fn is_segment_name(name: &str) -> bool {
+    name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn identity(path: &Path) -> Option<String> {
@@ -64,80 +175,94 @@ fn identity(path: &Path) -> Option<String> {
     Some(format!("{} {} {} {}.{}", m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }
 
-/// Stores the file at `path` and, with `ahead`, the next segments PostgreSQL has
-/// ready. Returns once `path` is durable. The same content again is success;
-/// different content under the same name fails.
-pub async fn archive_push_ahead(
-    repo: &Repository,
-    source: &str,
-    path: &Path,
-    ahead: Option<&ReadAhead>,
-) -> Result<String, ArchiveError> {
-    let Some(ra) = ahead else { return archive_push(repo, source, path).await };
-    let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
-        return archive_push(repo, source, path).await;
-    };
-    let marker = |n: &str| ra.dir.join(n);
-    let pushed = |p: &Path, n: &str| identity(p).is_some_and(|id| std::fs::read_to_string(marker(n)).ok() == Some(id));
-    if pushed(path, &name) {
-        return Ok(format!("{name} was already archived (pushed ahead)"));
+/// The background pusher: pushes the segments ready in `wal_dir`, `ra.segments` at a
+/// time, each on a task of its own (compressing and sealing is CPU work), until none
+/// has been ready for a while. Returns at once if another pusher holds the lock.
+pub async fn run_pusher(repo: &Repository, source: &str, wal_dir: &Path, ra: &ReadAhead) -> Result<(), ArchiveError> {
+    let io = |cause| ArchiveError::Io { path: ra.dir.display().to_string(), cause };
+    let lock = ra.lock_file().map_err(io)?;
+    if lock.try_lock().is_err() {
+        return Ok(());
     }
-    // The ready segments after this one, in order.
-    let status = path.parent().map(|d| d.join("archive_status"));
-    let mut next: Vec<String> = status
-        .and_then(|d| std::fs::read_dir(d).ok())
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_suffix(".ready").map(str::to_string))
-        .filter(|n| n.len() == 24 && n.as_str() > name.as_str() && n.bytes().all(|b| b.is_ascii_hexdigit()))
-        .collect();
-    next.sort();
-    let parent = path.parent().unwrap_or(Path::new("."));
-    let batch: Vec<std::path::PathBuf> = std::iter::once(path.to_path_buf())
-        .chain(
-            next.iter()
-                .map(|n| parent.join(n))
-                .filter(|p| !pushed(p, &p.file_name().unwrap_or_default().to_string_lossy())),
-        )
-        .take(ra.segments + 1)
-        .collect();
-    let _ = std::fs::create_dir_all(&ra.dir);
-    let pushes = batch.iter().map(|p| async move {
-        let id = identity(p);
-        let r = archive_push(repo, source, p).await;
-        if let (Ok(_), Some(id), Some(n)) = (&r, id, p.file_name()) {
-            // Only what is durable is marked, and only as the file it was.
-            let tmp = ra.dir.join(format!(".{}.tmp", n.to_string_lossy()));
-            if std::fs::write(&tmp, id).and_then(|()| std::fs::rename(&tmp, ra.dir.join(n))).is_err() {
-                tracing::debug!("cannot mark {} as pushed in {}", p.display(), ra.dir.display());
-            }
+    // Buffers of a segment each, used again: a fresh 16 MiB is 4,096 page faults.
+    let buffers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut busy = std::collections::BTreeSet::new();
+    let mut idle_since = std::time::Instant::now();
+    loop {
+        let ready = ra.ready(wal_dir);
+        if let Some(oldest) = ready.first() {
+            ra.forget_before(oldest);
         }
-        r
-    });
-    let mut results = futures::future::join_all(pushes).await;
-    // Markers of segments PostgreSQL has archived since (no .ready, no file) go.
-    if let Ok(entries) = std::fs::read_dir(&ra.dir) {
-        for e in entries.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.len() == 24 && n.as_str() < name.as_str() {
-                let _ = std::fs::remove_file(e.path());
+        for name in ready {
+            if tasks.len() >= ra.segments.max(1) {
+                break;
             }
+            let path = wal_dir.join(&name);
+            if busy.contains(&name) || ra.pushed(&path) || ra.error_file(&name).exists() {
+                continue;
+            }
+            busy.insert(name.clone());
+            let (repo, source, ra, buffers) = (repo.clone(), source.to_string(), ra.clone(), buffers.clone());
+            tasks.spawn(async move {
+                let mut buf = buffers.lock().expect("buffer pool").pop().unwrap_or_default();
+                let id = identity(&path);
+                match (archive_push_buf(&repo, &source, &path, &mut buf).await, id) {
+                    (Ok(_), Some(id)) => ra.mark(&path, id),
+                    (Ok(_), None) => {}
+                    (Err(e), _) => {
+                        tracing::warn!("{e}");
+                        if std::fs::write(ra.error_file(&name), format!("{e}")).is_err() {
+                            tracing::warn!("cannot note the failure of {name} in {}", ra.dir.display());
+                        }
+                    }
+                }
+                buffers.lock().expect("buffer pool").push(buf);
+                name
+            });
+        }
+        if tasks.is_empty() {
+            if idle_since.elapsed() > PUSHER_IDLE {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        }
+        idle_since = std::time::Instant::now();
+        if let Some(done) = tasks.join_next().await {
+            busy.remove(&done.expect("an archive push panicked"));
         }
     }
-    results.swap_remove(0)
 }
 
 /// Stores the file at `path` (named as PostgreSQL names it). Returns once durable.
 /// The same content again is success; different content under the same name fails.
 pub async fn archive_push(repo: &Repository, source: &str, path: &Path) -> Result<String, ArchiveError> {
+    archive_push_buf(repo, source, path, &mut Vec::new()).await
+}
+
+/// `archive_push`, reading the file into `buf`, which is kept for the next one.
+async fn archive_push_buf(
+    repo: &Repository,
+    source: &str,
+    path: &Path,
+    buf: &mut Vec<u8>,
+) -> Result<String, ArchiveError> {
+    use std::io::Read;
     let shown = path.display().to_string();
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| ArchiveError::Bad(format!("{shown}: not a WAL file name")))?
         .to_string();
-    let data = tokio::fs::read(path).await.map_err(|cause| ArchiveError::Io { path: shown.clone(), cause })?;
-    if let Some(h) = (name.len() == 24).then(|| segment_header(&data)).flatten() {
+    // Room for a WAL piece's header, then the file.
+    buf.clear();
+    buf.resize(PIECE_HEADER, 0);
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(buf))
+        .map_err(|cause| ArchiveError::Io { path: shown.clone(), cause })?;
+    let data = &buf[PIECE_HEADER..];
+    if let Some(h) = (name.len() == 24).then(|| segment_header(data)).flatten() {
         let system = WalSystem { system_id: h.system_id, segment_size: h.segment_size };
         let Some(WalFile::Segment { tli, segno }) = WalFile::parse(&name, h.segment_size) else {
             return Err(ArchiveError::Bad(format!("{shown}: not a WAL segment name")));
@@ -164,12 +289,12 @@ pub async fn archive_push(repo: &Repository, source: &str, path: &Path) -> Resul
         if stored.len() as u64 == h.segment_size {
             return Ok(format!("{name} was already archived, with the same content"));
         }
-        repo.put_wal(source, &piece, Timestamp::now(), &data).await?;
+        repo.put_wal_buf(source, &piece, Timestamp::now(), buf).await?;
         return Ok(format!("archived {name}"));
     }
     match WalFile::parse(&name, 16 << 20) {
         Some(WalFile::History { .. }) | Some(WalFile::Other) => {
-            repo.put_wal_file(source, &name, &data).await?;
+            repo.put_wal_file(source, &name, data).await?;
             Ok(format!("archived {name}"))
         }
         _ => Err(ArchiveError::Bad(format!(
