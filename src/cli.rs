@@ -24,6 +24,24 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Whether this command is about to derive a key from a password, which is worth
+    /// preparing for while it starts (`catalog::prepare_kdf_memory`).
+    pub fn unlocks_with_password(&self) -> bool {
+        if self.global.key_file.is_some() {
+            return false;
+        }
+        match &self.command {
+            Command::Umount { .. } => false,
+            // Its key comes from `ebb mount`, which derived it.
+            Command::Mount { handoff, .. } => !handoff,
+            // Most calls answer from what the pusher noted, without unlocking.
+            Command::Pg(PgCommand::ArchivePush { pusher, .. }) => *pusher,
+            _ => true,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct Global {
     /// Repository URL: file:///path or s3://bucket/prefix
@@ -119,6 +137,9 @@ while mounted appear within seconds. Data is fetched and decrypted only when rea
         /// Stay in the foreground (otherwise ebb mount returns once the mount is ready)
         #[arg(long)]
         foreground: bool,
+        /// Started by `ebb mount`: the key comes on stdin, and "ready" goes out on stdout
+        #[arg(long, hide = true, requires = "foreground")]
+        handoff: bool,
         mountpoint: PathBuf,
     },
     /// Ship continuously, until SIGINT or SIGTERM

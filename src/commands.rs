@@ -30,11 +30,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Points { source, since, until, json } => points(g, source, since, until, json).await,
         Command::Restore { at, source, path, target } => restore(g, at, source, path, target).await,
         Command::Verify { read_data, json } => verify(g, read_data, json).await,
-        Command::Mount { at, source, cache_size, cache_dir, cache_dir_size, foreground, mountpoint } => {
+        Command::Mount { at, source, cache_size, cache_dir, cache_dir_size, foreground, handoff, mountpoint } => {
             let caches = crate::mount::Caches { memory: cache_size, dir: cache_dir, dir_size: cache_dir_size };
             if foreground {
                 crate::mount::reexec_with_huge_pages();
-                crate::mount::mount(g, at, source, caches, &mountpoint).await
+                crate::mount::mount(g, at, source, caches, &mountpoint, handoff).await
             } else {
                 crate::mount::start_daemon(g, &mountpoint).await
             }

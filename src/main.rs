@@ -20,6 +20,9 @@ pub struct UsageError(pub String);
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if cli.unlocks_with_password() {
+        catalog::prepare_kdf_memory();
+    }
     let level = match (cli.global.quiet, cli.global.verbose) {
         (true, _) => "error",
         (false, 0) => "warn",

@@ -2,7 +2,6 @@
 //! or as a detached daemon, and clean unmounting on SIGINT, SIGTERM or `ebb umount`.
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -89,9 +88,10 @@ pub async fn mount(
     source: Option<String>,
     caches: Caches,
     mountpoint: &Path,
+    handoff: bool,
 ) -> Result<ExitCode> {
+    let handoff = handoff.then(Handoff::begin);
     let abs = check_mountpoint(mountpoint)?;
-    let handoff = Handoff::from_env()?;
     let repo = match &handoff {
         Some(h) => h.repository(g).await?,
         None => crate::commands::open(g).await?,
@@ -217,16 +217,13 @@ pub fn reexec_with_huge_pages() {
     tracing::debug!("running without huge pages: cannot execute ebb again: {err}");
 }
 
-/// The environment variables naming the pipes between `ebb mount` and its daemon:
-/// the unlocked key comes in on one, and "ready" goes out on the other.
-const HANDOFF_FD: &str = "EBB_MOUNT_HANDOFF_FD";
-const READY_FD: &str = "EBB_MOUNT_READY_FD";
+/// What the daemon says on its stdout once the mount serves.
 const READY: &[u8] = b"ready\n";
 
-/// Starts `ebb ... mount --foreground` detached, and returns once its mount is ready.
-/// The daemon starts while this process derives the key, and gets it over a pipe:
-/// the derivation, a deliberate cost, overlaps the daemon's start-up, and no secret
-/// is left in the daemon's environment.
+/// Starts `ebb ... mount --foreground --handoff` detached, and returns once its mount
+/// is ready. The daemon starts while this process derives the key, and gets it on its
+/// stdin: the derivation, a deliberate cost, overlaps the daemon's start-up, and no
+/// secret is left in the daemon's environment. The daemon says "ready" on its stdout.
 pub async fn start_daemon(g: &Global, mountpoint: &Path) -> Result<ExitCode> {
     let abs = check_mountpoint(mountpoint)?;
     let store = crate::commands::open_store(g).await?;
@@ -235,7 +232,7 @@ pub async fn start_daemon(g: &Global, mountpoint: &Path) -> Result<ExitCode> {
     let repo = match Repository::open(store, &secret).await {
         Ok(repo) => repo,
         Err(e) => {
-            // The daemon sees the pipe close and exits without mounting.
+            // The daemon sees its stdin close and exits without mounting.
             daemon.abandon();
             return Err(e.into());
         }
@@ -248,8 +245,6 @@ pub async fn start_daemon(g: &Global, mountpoint: &Path) -> Result<ExitCode> {
 struct Daemon {
     child: std::process::Child,
     log: PathBuf,
-    key: Option<std::io::PipeWriter>,
-    ready: std::io::PipeReader,
 }
 
 impl Daemon {
@@ -260,37 +255,21 @@ impl Daemon {
             abs.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
         let log = std::env::temp_dir().join(format!("ebb-mount{tag}.log"));
         let log_file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        // Both ends are close-on-exec; the daemon's two are kept open for it below.
-        let (key_rx, key_tx) = std::io::pipe().context("create a pipe")?;
-        let (ready_rx, ready_tx) = std::io::pipe().context("create a pipe")?;
-        let inherited = [key_rx.as_raw_fd(), ready_tx.as_raw_fd()];
         let mut cmd = Command::new(exe);
-        cmd.args(std::env::args_os().skip(1)).arg("--foreground");
+        cmd.args(std::env::args_os().skip(1)).args(["--foreground", "--handoff"]);
         if let Some(tunables) = tunables_with_huge_pages() {
             cmd.env("GLIBC_TUNABLES", tunables);
         }
-        cmd.env(HANDOFF_FD, inherited[0].to_string()).env(READY_FD, inherited[1].to_string());
         cmd.env_remove("EBB_PASSWORD");
-        cmd.stdin(Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
-        // SAFETY: setsid and fcntl are async-signal-safe. The daemon leaves our session,
-        // and keeps its ends of the two pipes across exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::setsid();
-                for fd in inherited {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        // Without a pre-exec hook the child is spawned without copying this process's
+        // page tables, which hold the key derivation's 64 MiB by now.
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(log_file);
         let child = cmd.spawn().context("start the mount daemon")?;
-        Ok(Daemon { child, log, key: Some(key_tx), ready: ready_rx })
+        Ok(Daemon { child, log })
     }
 
     fn hand_over(&mut self, handoff: &[u8]) {
-        if let Some(mut key) = self.key.take() {
+        if let Some(mut key) = self.child.stdin.take() {
             // A daemon that died already is reported by wait_ready, with its log.
             let _ = key.write_all(handoff);
         }
@@ -298,14 +277,15 @@ impl Daemon {
 
     /// Lets the daemon go without a key: it exits, mounting nothing.
     fn abandon(mut self) {
-        self.key = None;
+        drop(self.child.stdin.take());
         if self.child.wait().is_ok() {
             let _ = std::fs::remove_file(&self.log);
         }
     }
 
     fn wait_ready(self, abs: &Path) -> Result<ExitCode> {
-        let Daemon { mut child, log, ready, .. } = self;
+        let Daemon { mut child, log } = self;
+        let ready = child.stdout.take().context("the mount daemon's stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut said = Vec::new();
@@ -323,7 +303,7 @@ impl Daemon {
                 );
                 Ok(ExitCode::SUCCESS)
             }
-            // The pipe closed without "ready": the daemon failed, and said why in its log.
+            // Its stdout closed without "ready": the daemon failed, and said why in its log.
             Ok(_) => {
                 let status = child.wait().context("wait for the mount daemon")?;
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -339,39 +319,24 @@ impl Daemon {
     }
 }
 
-/// The daemon's end of the pipes from `ebb mount`.
-struct Handoff {
-    key: std::fs::File,
-    ready: std::fs::File,
-}
+/// The daemon's side of `Daemon::spawn`: the key comes in on stdin, and "ready" goes
+/// out on stdout.
+struct Handoff;
 
 impl Handoff {
-    /// The pipes `Daemon::spawn` left open for this process, if it started it.
-    fn from_env() -> Result<Option<Handoff>> {
-        let fd = |var: &str| -> Result<Option<OwnedFd>> {
-            let Some(v) = std::env::var_os(var) else { return Ok(None) };
-            let fd: RawFd =
-                v.to_str().and_then(|v| v.parse().ok()).with_context(|| format!("{var} is not a file descriptor"))?;
-            // SAFETY: the descriptor is checked to be open, and is this process's alone:
-            // `ebb mount` opened it for the daemon it started, and nothing else uses it.
-            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-                bail!("{var}: descriptor {fd} is not open");
-            }
-            Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
-        };
-        match (fd(HANDOFF_FD)?, fd(READY_FD)?) {
-            (Some(key), Some(ready)) => Ok(Some(Handoff { key: key.into(), ready: ready.into() })),
-            (None, None) => Ok(None),
-            _ => bail!("{HANDOFF_FD} and {READY_FD} go together"),
-        }
+    /// Leaves the session of `ebb mount`, so that its terminal's signals do not reach
+    /// the daemon.
+    fn begin() -> Handoff {
+        // It fails only for a process group leader, which a spawned child is not.
+        let _ = nix::unistd::setsid();
+        Handoff
     }
 
     /// The repository, unlocked with the key `ebb mount` sends once it has derived it.
     async fn repository(&self, g: &Global) -> Result<Repository> {
-        let mut key = self.key.try_clone().context("read the key from ebb mount")?;
-        let handoff = tokio::task::spawn_blocking(move || {
+        let handoff = tokio::task::spawn_blocking(|| {
             let mut buf = Vec::new();
-            key.read_to_end(&mut buf).map(|_| buf)
+            std::io::stdin().lock().read_to_end(&mut buf).map(|_| buf)
         })
         .await
         .expect("reading the key panicked")
@@ -383,10 +348,15 @@ impl Handoff {
         Ok(Repository::open_handed(store, &handoff).await?)
     }
 
-    /// Tells `ebb mount` the mount is ready.
-    fn ready(mut self) {
+    /// Tells `ebb mount` the mount is ready, and sends stdout to the log from then on.
+    fn ready(self) {
+        let mut out = std::io::stdout().lock();
         // Nobody to tell if it has gone; the mount serves all the same.
-        let _ = self.ready.write_all(READY);
+        let _ = out.write_all(READY).and_then(|()| out.flush());
+        let _ = nix::unistd::dup2_stdout(std::io::stderr());
+        if let Ok(null) = std::fs::File::open("/dev/null") {
+            let _ = nix::unistd::dup2_stdin(null);
+        }
     }
 }
 

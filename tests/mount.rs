@@ -39,7 +39,8 @@ fn mount(repo: &TestRepo, args: &[&str], mnt: &Path) -> (Mounted, String) {
     let mut all = vec!["mount"];
     all.extend_from_slice(args);
     all.push(mnt.to_str().unwrap());
-    let out = repo.run(&all);
+    // The daemon's log goes beside the mountpoint, into the test's own directory.
+    let out = repo.cmd().env("TMPDIR", mnt.parent().unwrap()).args(&all).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "ebb {all:?} failed: {stderr}");
     assert!(is_mounted(mnt), "ebb mount returned before the mount was ready: {stderr}");
@@ -276,12 +277,17 @@ fn mountpoint_checks_and_lifecycle() {
     // A wrong password: refused by `ebb mount` itself, and no daemon is left behind.
     let mnt = work.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let log = std::env::temp_dir().join(format!(
+    let log = work.path().join(format!(
         "ebb-mount{}.log",
         mnt.to_str().unwrap().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect::<String>()
     ));
-    let out =
-        repo.cmd().env("EBB_PASSWORD", "not the password").args(["mount", mnt.to_str().unwrap()]).output().unwrap();
+    let out = repo
+        .cmd()
+        .env("EBB_PASSWORD", "not the password")
+        .env("TMPDIR", work.path())
+        .args(["mount", mnt.to_str().unwrap()])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("opens none of the"), "{err}");

@@ -292,7 +292,15 @@ fn appended_lines_are_visible_at_t_once_the_interval_has_passed() {
     for k in [moments.len() / 3, moments.len() - 1] {
         let mnt = work.path().join(format!("mnt-{k}"));
         std::fs::create_dir(&mnt).unwrap();
-        repo.ok(&["mount", "--source", "s", "--at", &moments[k].to_string(), mnt.to_str().unwrap()]);
+        let at = moments[k].to_string();
+        // The daemon's log goes into the test's own directory.
+        let out = repo
+            .cmd()
+            .env("TMPDIR", work.path())
+            .args(["mount", "--source", "s", "--at", &at, mnt.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ebb mount --at {at}: {}", String::from_utf8_lossy(&out.stderr));
         let shown = work.path().join(format!("shown-{k}"));
         copy_tree(&mnt, &shown);
         repo.ok(&["umount", mnt.to_str().unwrap()]);

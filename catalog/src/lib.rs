@@ -28,7 +28,9 @@ pub use config::{Config, FORMAT_VERSION};
 pub use crypto::Keys;
 pub use fragment::{Fragment, FragmentBuilder, FragmentRef, Growth, Overlay, FRAGS_DIR};
 pub use id::Id;
-pub use keyslot::{decode_key_file, encode_key_file, KdfParams, KeySlot, Secret, SlotKind, DEFAULT_KDF};
+pub use keyslot::{
+    decode_key_file, encode_key_file, prepare_kdf_memory, KdfParams, KeySlot, Secret, SlotKind, DEFAULT_KDF,
+};
 pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef, PackEntry};
 pub use point::{validate_source, Manifest, PgInfo, PointRef, Skipped, Stats};
 pub use repo::{BlobError, RepoError, Repository};
