@@ -2,7 +2,7 @@
 //! sealed under a key derived from the object's name, with the name as AAD. A renamed
 //! or swapped object therefore fails to open instead of being read as another.
 
-use crate::crypto::{decode_payload, encode_payload, open, seal_into, Keys, PayloadError};
+use crate::crypto::{decode_payload, open, seal_payload, Keys, PayloadError};
 
 const MAGIC: &[u8; 4] = b"EBO1";
 /// Objects are small (manifests) or bounded (an index of one point); refuse to
@@ -32,9 +32,7 @@ pub fn seal_object_with(
     plain: &[u8],
     compressor: &mut zstd::bulk::Compressor<'static>,
 ) -> Vec<u8> {
-    let mut out = MAGIC.to_vec();
-    seal_into(&keys.object_cipher(name), 0, name.as_bytes(), &encode_payload(plain, Some(compressor)), &mut out);
-    out
+    seal_payload(&keys.object_cipher(name), 0, name.as_bytes(), MAGIC, plain, Some(compressor))
 }
 
 pub fn open_object(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<u8>, ObjectError> {

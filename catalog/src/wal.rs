@@ -214,6 +214,13 @@ pub struct PieceTimes {
 /// was received and when it was stored.
 pub const PIECE_HEADER: usize = 17;
 
+thread_local! {
+    /// Each thread's WAL compressor, kept from piece to piece: a context made per
+    /// piece costs its allocation and set-up every time.
+    static WAL_COMPRESSOR: std::cell::RefCell<zstd::bulk::Compressor<'static>> =
+        std::cell::RefCell::new(crate::crypto::wal_compressor());
+}
+
 fn write_piece_header(plain: &mut [u8], times: PieceTimes) {
     plain[0] = VERSION;
     plain[1..9].copy_from_slice(&unix_nanos(times.received).unwrap_or(0).to_le_bytes());
@@ -306,7 +313,7 @@ impl Repository {
         assert_eq!(piece.len(), (plain.len() - PIECE_HEADER) as u64, "a piece's name gives its length");
         let name = piece.name(source);
         write_piece_header(plain, PieceTimes { received, stored: Timestamp::now() });
-        let sealed = seal_object_with(self.keys(), &name, plain, &mut crate::crypto::wal_compressor());
+        let sealed = WAL_COMPRESSOR.with_borrow_mut(|c| seal_object_with(self.keys(), &name, plain, c));
         match self.store().put_new(&name, sealed.into()).await {
             Ok(()) => Ok(()),
             Err(crate::StoreError::AlreadyExists { .. }) => {

@@ -187,19 +187,33 @@ pub async fn run_pusher(repo: &Repository, source: &str, wal_dir: &Path, ra: &Re
     // Buffers of a segment each, used again: a fresh 16 MiB is 4,096 page faults.
     let buffers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
     let mut tasks = tokio::task::JoinSet::new();
-    let mut busy = std::collections::BTreeSet::new();
+    let mut busy = std::collections::HashSet::new();
+    // Segments pushed, by this pusher or before it: not looked at again while
+    // PostgreSQL works through its calls for them.
+    let mut settled = std::collections::HashSet::new();
+    let mut oldest = String::new();
     let mut idle_since = std::time::Instant::now();
     loop {
         let ready = ra.ready(wal_dir);
-        if let Some(oldest) = ready.first() {
-            ra.forget_before(oldest);
+        if let Some(first) = ready.first().filter(|&first| *first != oldest) {
+            ra.forget_before(first);
+            settled.retain(|name: &String| name >= first);
+            oldest.clone_from(first);
         }
         for name in ready {
             if tasks.len() >= ra.segments.max(1) {
                 break;
             }
+            if busy.contains(&name) || settled.contains(&name) {
+                continue;
+            }
             let path = wal_dir.join(&name);
-            if busy.contains(&name) || ra.pushed(&path) || ra.error_file(&name).exists() {
+            if ra.pushed(&path) {
+                settled.insert(name);
+                continue;
+            }
+            // Tried again once PostgreSQL's call has taken the failure.
+            if ra.error_file(&name).exists() {
                 continue;
             }
             busy.insert(name.clone());
@@ -207,18 +221,22 @@ pub async fn run_pusher(repo: &Repository, source: &str, wal_dir: &Path, ra: &Re
             tasks.spawn(async move {
                 let mut buf = buffers.lock().expect("buffer pool").pop().unwrap_or_default();
                 let id = identity(&path);
-                match (archive_push_buf(&repo, &source, &path, &mut buf).await, id) {
-                    (Ok(_), Some(id)) => ra.mark(&path, id),
-                    (Ok(_), None) => {}
+                let pushed = match (archive_push_buf(&repo, &source, &path, &mut buf).await, id) {
+                    (Ok(_), Some(id)) => {
+                        ra.mark(&path, id);
+                        true
+                    }
+                    (Ok(_), None) => false,
                     (Err(e), _) => {
                         tracing::warn!("{e}");
                         if std::fs::write(ra.error_file(&name), format!("{e}")).is_err() {
                             tracing::warn!("cannot note the failure of {name} in {}", ra.dir.display());
                         }
+                        false
                     }
-                }
+                };
                 buffers.lock().expect("buffer pool").push(buf);
-                name
+                (name, pushed)
             });
         }
         if tasks.is_empty() {
@@ -230,7 +248,11 @@ pub async fn run_pusher(repo: &Repository, source: &str, wal_dir: &Path, ra: &Re
         }
         idle_since = std::time::Instant::now();
         if let Some(done) = tasks.join_next().await {
-            busy.remove(&done.expect("an archive push panicked"));
+            let (name, pushed) = done.expect("an archive push panicked");
+            busy.remove(&name);
+            if pushed {
+                settled.insert(name);
+            }
         }
     }
 }
