@@ -225,6 +225,29 @@ fn stream_pg_restores_exactly_the_transactions_committed_by_t() {
     assert!(added.contains("KiB") || added.ends_with(" B added\n"), "second base backup added too much: {out}");
 }
 
+#[test]
+fn stream_pg_takes_a_base_backup_every_interval() {
+    let _serial = serial();
+    let s = Setup::new(Backend::File);
+    let pg = Pg::init(&s.path("primary"), "");
+    pg.sql("create table t (id int primary key, pad text)");
+    pg.sql("insert into t select g, 'before' from generate_series(0, 9) g");
+    let streamer = Streamer::start(&s, &pg, "db", &["--base-backup-every", "2s"]);
+    // One base backup when the stream starts, then one every 2 s.
+    let base_backups = || s.ok(&["points", "--source", "db"]).matches("base backup, timeline 1").count();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while base_backups() < 3 {
+        assert!(Instant::now() < deadline, "fewer than 3 base backups after 120 s\n{}", streamer.log());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let commits = commit_rows(&pg, 100, 110, Duration::from_millis(30));
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+    // The newest base backup and the WAL after it give every row.
+    let (_, last) = *commits.last().unwrap();
+    let restored = s.restore("db", &last.to_string(), Vec::new());
+    assert_eq!(ids(&restored), (0..10).chain(100..110).collect::<Vec<u32>>(), "{}", restored.log());
+}
+
 /// The AWS variables `TestRepo::cmd` sets for an `s3://` repository, for servers
 /// whose archive_command or restore_command runs ebb.
 fn s3_env(repo: &TestRepo) -> Vec<(String, String)> {
