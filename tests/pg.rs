@@ -158,6 +158,13 @@ fn commit_times(pg: &Pg, from: u32, to: u32) -> Vec<(u32, Timestamp)> {
         .collect()
 }
 
+/// The table the tests commit to, with rows 0 to 9 from before any backup: every
+/// restore holds them (the `0..10` the checks expect).
+fn seed(pg: &Pg) {
+    pg.sql("create table t (id int primary key, pad text)");
+    pg.sql("insert into t select g, 'before' from generate_series(0, 9) g");
+}
+
 /// The ids in `t` of a restored server.
 fn ids(pg: &Pg) -> Vec<u32> {
     pg.sql("select id from t order by id").lines().map(|l| l.parse().unwrap()).collect()
@@ -199,8 +206,7 @@ fn stream_pg_restores_exactly_the_transactions_committed_by_t() {
     let _serial = serial();
     let s = Setup::new(Backend::File);
     let pg = Pg::init(&s.path("primary"), "");
-    pg.sql("create table t (id int primary key, pad text)");
-    pg.sql("insert into t select g, 'before' from generate_series(0, 9) g");
+    seed(&pg);
     let streamer = Streamer::start(&s, &pg, "db", &[]);
     let out = s.ok(&["pg", "base-backup", "--source", "db", "--dsn", &pg.dsn()]);
     assert!(out.contains("base backup"), "{out}");
@@ -230,8 +236,7 @@ fn stream_pg_takes_a_base_backup_every_interval() {
     let _serial = serial();
     let s = Setup::new(Backend::File);
     let pg = Pg::init(&s.path("primary"), "");
-    pg.sql("create table t (id int primary key, pad text)");
-    pg.sql("insert into t select g, 'before' from generate_series(0, 9) g");
+    seed(&pg);
     let streamer = Streamer::start(&s, &pg, "db", &["--base-backup-every", "2s"]);
     // One base backup when the stream starts, then one every 2 s.
     let base_backups = || s.ok(&["points", "--source", "db"]).matches("base backup, timeline 1").count();
@@ -327,8 +332,7 @@ fn archive_push_and_get_restore_exactly_and_refuse_a_different_segment() {
         pg.start();
         pg
     };
-    pg.sql("create table t (id int primary key, pad text)");
-    pg.sql("insert into t select g, 'before' from generate_series(0, 9) g");
+    seed(&pg);
     s.ok(&["pg", "base-backup", "--source", "arch", "--dsn", &pg.dsn()]);
     let commits = commit_rows(&pg, 100, 124, Duration::from_millis(30));
     let last = pg.sql("select pg_walfile_name(pg_switch_wal())");
@@ -462,8 +466,7 @@ fn pitr_works_on_both_timelines_after_a_restored_copy_is_promoted_and_streamed()
     let _serial = serial();
     let s = Setup::new(Backend::File);
     let pg = Pg::init(&s.path("primary"), "");
-    pg.sql("create table t (id int primary key, pad text)");
-    pg.sql("insert into t select g, 'before' from generate_series(0, 9) g");
+    seed(&pg);
     let mut first = Streamer::start(&s, &pg, "tl", &[]);
     s.ok(&["pg", "base-backup", "--source", "tl", "--dsn", &pg.dsn()]);
     let old = commit_rows(&pg, 100, 120, Duration::from_millis(30));
@@ -510,8 +513,7 @@ fn kill_9_under_heavy_wal_and_a_store_outage_lose_nothing() {
     let s = Setup::with_repo(repo);
     let env = s3_env(&s.repo);
     let pg = Pg::init(&s.path("primary"), "max_wal_size = 1GB");
-    pg.sql("create table t (id int primary key, pad text)");
-    pg.sql("insert into t select g, 'before' from generate_series(0, 9) g");
+    seed(&pg);
     pg.sql("create table big (id int, pad text)");
     let mut streamer = Streamer::start(&s, &pg, "dur", &[]);
     s.ok(&["pg", "base-backup", "--source", "dur", "--dsn", &pg.dsn()]);

@@ -172,24 +172,33 @@ pub fn wal_compressor() -> zstd::bulk::Compressor<'static> {
 
 /// Frames `data` for sealing, compressed when that saves at least 1/32 of its size.
 pub fn encode_payload(data: &[u8], compressor: Option<&mut zstd::bulk::Compressor<'static>>) -> Vec<u8> {
-    if let Some(c) = compressor.filter(|_| data.len() >= 64) {
-        // Room for 31/32 of the input only: if zstd needs more, it does not pay.
-        let mut out = vec![0u8; 1 + data.len() - data.len() / 32];
-        if let Ok(n) = c.compress_to_buffer(data, &mut out[1..]) {
-            out[0] = ZSTD;
-            out.truncate(1 + n);
-            return out;
-        }
-    }
-    let mut out = Vec::with_capacity(data.len() + 1);
-    out.push(RAW);
-    out.extend_from_slice(data);
+    let mut out = Vec::new();
+    append_payload(&mut out, data, compressor);
     out
 }
 
+/// Appends the framing of `data` to `out`: the zstd flag and `data` compressed straight
+/// into `out`, when that saves at least 1/32 of its size; otherwise the raw flag and
+/// `data`. No buffer the input's size is zeroed for zstd to write into.
+fn append_payload(out: &mut Vec<u8>, data: &[u8], compressor: Option<&mut zstd::bulk::Compressor<'static>>) {
+    let start = out.len();
+    out.reserve(1 + data.len());
+    let compressed = compressor.filter(|_| data.len() >= 64).is_some_and(|c| {
+        out.push(ZSTD);
+        let mut after_flag = std::io::Cursor::new(&mut *out);
+        after_flag.set_position(start as u64 + 1);
+        c.compress_to_buffer(data, &mut after_flag).is_ok_and(|len| len <= data.len() - data.len() / 32)
+    });
+    if !compressed {
+        out.truncate(start);
+        out.push(RAW);
+        out.extend_from_slice(data);
+    }
+}
+
 /// `prefix` followed by what `seal(cipher, counter, aad, &encode_payload(data,
-/// compressor))` gives, built in one buffer: zstd writes straight into place and the
-/// payload is encrypted there. No copy of it, and no zeroed buffer the input's size.
+/// compressor))` gives, built in one buffer: the payload is framed in place and
+/// encrypted there, with no copy of it.
 pub fn seal_payload(
     cipher: &Aes256Gcm,
     counter: u64,
@@ -203,18 +212,7 @@ pub fn seal_payload(
     out.extend_from_slice(prefix);
     out.extend_from_slice(&n);
     let body = out.len();
-    let compressed = compressor.filter(|_| data.len() >= 64).is_some_and(|c| {
-        out.push(ZSTD);
-        let mut after_flag = std::io::Cursor::new(&mut out);
-        after_flag.set_position(body as u64 + 1);
-        // Compressed to at most 31/32 of the input, or it does not pay.
-        c.compress_to_buffer(data, &mut after_flag).is_ok_and(|len| len <= data.len() - data.len() / 32)
-    });
-    if !compressed {
-        out.truncate(body);
-        out.push(RAW);
-        out.extend_from_slice(data);
-    }
+    append_payload(&mut out, data, compressor);
     let tag = cipher
         .encrypt_inout_detached(&n, aad, out[body..].as_mut().into())
         .expect("AES-GCM accepts messages of this size");
@@ -296,6 +294,9 @@ mod tests {
             assert_eq!(got, expected, "{} bytes", data.len());
             let payload = open(&c, b"aad", &got[4..]).unwrap();
             assert_eq!(payload[0], flag);
+            if flag == ZSTD {
+                assert!(payload.len() - 1 <= data.len() - data.len() / 32);
+            }
             assert_eq!(decode_payload(payload.into(), data.len()).unwrap(), data);
         }
         let raw = seal_payload(&c, 0, b"aad", b"", &text, None);
