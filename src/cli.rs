@@ -32,7 +32,8 @@ impl Cli {
             return false;
         }
         match &self.command {
-            Command::Umount { .. } => false,
+            // Neither opens the repository: status reads this host's stream states.
+            Command::Umount { .. } | Command::Status { .. } => false,
             // Its key comes from `ebb mount`, which derived it.
             Command::Mount { handoff, .. } => !handoff,
             // Most calls answer from what the pusher noted, without unlocking.
@@ -359,4 +360,25 @@ fn parse_slot(s: &str) -> Result<String, String> {
 
 fn parse_source(s: &str) -> Result<String, String> {
     catalog::validate_source(s).map(|()| s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unlocks(args: &[&str]) -> bool {
+        Cli::try_parse_from([&["ebb"], args].concat()).expect("parses").unlocks_with_password()
+    }
+
+    #[test]
+    fn only_commands_that_derive_a_key_prepare_for_it() {
+        assert!(unlocks(&["points"]));
+        assert!(unlocks(&["mount", "/mnt/x"]));
+        assert!(unlocks(&["pg", "archive-get", "--source", "db", "000000010000000000000001", "/tmp/x"]));
+        assert!(!unlocks(&["--key-file", "/k", "points"]));
+        assert!(!unlocks(&["status"]));
+        assert!(!unlocks(&["umount", "/mnt/x"]));
+        assert!(!unlocks(&["mount", "--foreground", "--handoff", "/mnt/x"]));
+        assert!(!unlocks(&["pg", "archive-push", "--source", "db", "pg_wal/000000010000000000000001"]));
+    }
 }
