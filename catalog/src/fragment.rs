@@ -327,7 +327,7 @@ mod tests {
     use crate::id::Id;
 
     fn blob(n: u8, raw_len: u32) -> BlobRef {
-        BlobRef { id: Id([n; 32]), pack: Id([n + 100; 32]), offset: 0, length: raw_len + 29, raw_len }
+        BlobRef { id: Id([n; 32]), pack: Id([n.wrapping_add(100); 32]), offset: 0, length: raw_len + 29, raw_len }
     }
 
     fn growth(from: u64, lens: &[u32], mtime: i64) -> Growth {
