@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use catalog::time::TimeSpec;
-use catalog::{Manifest, PointRef, RepoError, Repository, Secret, Store};
+use catalog::{Found, Manifest, PointRef, RepoError, Repository, Secret, Store};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use serde_json::json;
@@ -65,29 +65,25 @@ pub fn repo_url(g: &Global) -> Result<String> {
 }
 
 pub async fn open(g: &Global) -> Result<Repository> {
-    let store = open_store(g).await?;
+    let found = find(g).await?;
     let secret = secret(g, false)?;
-    Ok(Repository::open(store, &secret).await?)
+    Ok(found.unlock(&secret).await?)
 }
 
-/// The repository's store, once its header object is known to be there and sound:
-/// no password is asked for a repository that does not exist.
-pub async fn open_store(g: &Global) -> Result<Store> {
+/// The repository, once its header object is known to be there and sound: no
+/// password is asked for a repository that does not exist.
+pub async fn find(g: &Global) -> Result<Found> {
     let url = repo_url(g)?;
     let store = Store::open(&url, false).map_err(|e| match e {
         catalog::StoreError::NotFound { .. } => anyhow::anyhow!(RepoError::NoRepository { url: url.clone() }),
         other => anyhow::anyhow!(other),
     })?;
-    // Check the repository exists before asking for a password.
-    match Repository::read_config(&store).await {
-        Err(e @ RepoError::Config(_)) => {
-            return Err(anyhow::anyhow!(e).context(format!(
-                "open repository {url}: its header object is damaged; restore `config` from a copy of the repository"
-            )))
-        }
-        r => r?,
-    };
-    Ok(store)
+    Repository::find(store).await.map_err(|e| match e {
+        e @ RepoError::Config(_) => anyhow::anyhow!(e).context(format!(
+            "open repository {url}: its header object is damaged; restore `config` from a copy of the repository"
+        )),
+        e => e.into(),
+    })
 }
 
 pub fn host() -> String {

@@ -226,10 +226,12 @@ const READY: &[u8] = b"ready\n";
 /// secret is left in the daemon's environment. The daemon says "ready" on its stdout.
 pub async fn start_daemon(g: &Global, mountpoint: &Path) -> Result<ExitCode> {
     let abs = check_mountpoint(mountpoint)?;
-    let store = crate::commands::open_store(g).await?;
+    let found = crate::commands::find(g).await?;
     let secret = crate::secret::secret(g, false)?;
+    // The derivation starts first; the daemon is started while it runs.
+    let unlock = tokio::spawn(async move { found.unlock(&secret).await });
     let mut daemon = Daemon::spawn(&abs)?;
-    let repo = match Repository::open(store, &secret).await {
+    let repo = match unlock.await.expect("unlocking panicked") {
         Ok(repo) => repo,
         Err(e) => {
             // The daemon sees its stdin close and exits without mounting.
@@ -333,19 +335,18 @@ impl Handoff {
     }
 
     /// The repository, unlocked with the key `ebb mount` sends once it has derived it.
+    /// Its header is read while the key is still being derived.
     async fn repository(&self, g: &Global) -> Result<Repository> {
-        let handoff = tokio::task::spawn_blocking(|| {
+        let key = tokio::task::spawn_blocking(|| {
             let mut buf = Vec::new();
             std::io::stdin().lock().read_to_end(&mut buf).map(|_| buf)
-        })
-        .await
-        .expect("reading the key panicked")
-        .context("read the key from ebb mount")?;
+        });
+        let found = crate::commands::find(g).await?;
+        let handoff = key.await.expect("reading the key panicked").context("read the key from ebb mount")?;
         if handoff.is_empty() {
             bail!("ebb mount did not unlock the repository; nothing mounted");
         }
-        let store = crate::commands::open_store(g).await?;
-        Ok(Repository::open_handed(store, &handoff).await?)
+        Ok(found.unlock_handed(&handoff)?)
     }
 
     /// Tells `ebb mount` the mount is ready, and sends stdout to the log from then on.

@@ -134,44 +134,16 @@ impl Repository {
         }
     }
 
+    /// Reads the repository's header: it is there and sound. Nothing needs a key yet,
+    /// so a password is asked for only after this.
+    pub async fn find(store: Store) -> Result<Found, RepoError> {
+        let config = Self::read_config(&store).await?;
+        Ok(Found { store, config })
+    }
+
     /// Opens the repository with the first key slot the secret unlocks.
     pub async fn open(store: Store, secret: &Secret) -> Result<Repository, RepoError> {
-        let config = Self::read_config(&store).await?;
-        let repo_id = config.repo_id();
-        let (slots, problems) = Self::load_slots(&store, &repo_id).await?;
-        if slots.is_empty() {
-            let problems = if problems.is_empty() { "no objects under keys/".to_string() } else { problems.join("; ") };
-            return Err(RepoError::NoSlots { url: store.url().to_string(), problems });
-        }
-        let mut problems = problems;
-        for slot in &slots {
-            let s = slot.clone();
-            let secret = clone_secret(secret);
-            let unwrapped = tokio::task::spawn_blocking(move || s.unwrap_key(&repo_id, &secret))
-                .await
-                .expect("key derivation panicked");
-            let unwrapped = match unwrapped {
-                Ok(u) => u,
-                Err(e) => {
-                    problems.push(e.to_string());
-                    continue;
-                }
-            };
-            if let Some(master) = unwrapped {
-                return Ok(Repository {
-                    keys: Arc::new(Keys::derive(&master, &repo_id)),
-                    master: Arc::new(master),
-                    config: Arc::new(config),
-                    store,
-                    slot: slot.slot.clone(),
-                });
-            }
-        }
-        if let Some(p) = problems.first() {
-            // A damaged slot could be the one this secret was meant for: say so.
-            tracing::warn!("{p}");
-        }
-        Err(RepoError::WrongSecret { url: store.url().to_string(), slots: slots.len() + problems.len() })
+        Self::find(store).await?.unlock(secret).await
     }
 
     /// The unlocked key, to hand to a process of ebb's own over a pipe (the mount
@@ -181,22 +153,6 @@ impl Repository {
         let mut out = self.master.0.to_vec();
         out.extend_from_slice(self.slot.as_bytes());
         out
-    }
-
-    /// Opens the repository with the key another ebb process unlocked (`handoff`).
-    pub async fn open_handed(store: Store, handoff: &[u8]) -> Result<Repository, RepoError> {
-        let bad = || RepoError::Handoff;
-        let (key, slot) = handoff.split_first_chunk::<32>().ok_or_else(bad)?;
-        let slot = std::str::from_utf8(slot).map_err(|_| bad())?.to_string();
-        let config = Self::read_config(&store).await?;
-        let master = MasterKey(*key);
-        Ok(Repository {
-            keys: Arc::new(Keys::derive(&master, &config.repo_id())),
-            master: Arc::new(master),
-            config: Arc::new(config),
-            store,
-            slot,
-        })
     }
 
     /// Every key slot that parses, and a message for each that does not.
@@ -384,6 +340,70 @@ impl Repository {
 
     pub fn new_index_name() -> String {
         index_name(&Id::random())
+    }
+}
+
+/// A repository whose header has been read, still locked: what `ebb mount` holds
+/// while the key is derived (or, in its daemon, handed over).
+pub struct Found {
+    store: Store,
+    config: Config,
+}
+
+impl Found {
+    /// Unlocks with the first key slot the secret opens.
+    pub async fn unlock(self, secret: &Secret) -> Result<Repository, RepoError> {
+        let Found { store, config } = self;
+        let repo_id = config.repo_id();
+        let (slots, problems) = Repository::load_slots(&store, &repo_id).await?;
+        if slots.is_empty() {
+            let problems = if problems.is_empty() { "no objects under keys/".to_string() } else { problems.join("; ") };
+            return Err(RepoError::NoSlots { url: store.url().to_string(), problems });
+        }
+        let mut problems = problems;
+        for slot in &slots {
+            let s = slot.clone();
+            let secret = clone_secret(secret);
+            let unwrapped = tokio::task::spawn_blocking(move || s.unwrap_key(&repo_id, &secret))
+                .await
+                .expect("key derivation panicked");
+            let unwrapped = match unwrapped {
+                Ok(u) => u,
+                Err(e) => {
+                    problems.push(e.to_string());
+                    continue;
+                }
+            };
+            if let Some(master) = unwrapped {
+                return Ok(Repository {
+                    keys: Arc::new(Keys::derive(&master, &repo_id)),
+                    master: Arc::new(master),
+                    config: Arc::new(config),
+                    store,
+                    slot: slot.slot.clone(),
+                });
+            }
+        }
+        if let Some(p) = problems.first() {
+            // A damaged slot could be the one this secret was meant for: say so.
+            tracing::warn!("{p}");
+        }
+        Err(RepoError::WrongSecret { url: store.url().to_string(), slots: slots.len() + problems.len() })
+    }
+
+    /// Unlocks with the key another ebb process unlocked (`Repository::handoff`).
+    pub fn unlock_handed(self, handoff: &[u8]) -> Result<Repository, RepoError> {
+        let bad = || RepoError::Handoff;
+        let (key, slot) = handoff.split_first_chunk::<32>().ok_or_else(bad)?;
+        let slot = std::str::from_utf8(slot).map_err(|_| bad())?.to_string();
+        let master = MasterKey(*key);
+        Ok(Repository {
+            keys: Arc::new(Keys::derive(&master, &self.config.repo_id())),
+            master: Arc::new(master),
+            config: Arc::new(self.config),
+            store: self.store,
+            slot,
+        })
     }
 }
 
