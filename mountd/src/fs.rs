@@ -219,36 +219,36 @@ fn read_plan(node: &Node, offset: u64, size: u32) -> Result<(&Entry, ReadPlan), 
 
 /// The bytes of a read, piece by piece: a read within one chunk, the usual case,
 /// is a slice of the cached chunk and copies nothing.
-struct Assembly {
-    len: usize,
-    first: Option<Bytes>,
-    joined: Option<BytesMut>,
+/// The bytes of one read, as the pieces they lie in: one slice of a cached chunk when
+/// the range lies inside one chunk, several when it crosses chunks or holes.
+#[derive(Debug, Default)]
+pub struct Data {
+    pieces: Vec<Bytes>,
 }
 
-impl Assembly {
-    fn new(len: usize) -> Assembly {
-        Assembly { len, first: None, joined: None }
-    }
+thread_local! {
+    /// Where this thread joins the pieces of a read, kept from one read to the next.
+    static JOINED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
-    fn push(&mut self, piece: Bytes) {
-        if let Some(joined) = &mut self.joined {
-            joined.extend_from_slice(&piece);
-        } else if let Some(first) = self.first.take() {
-            let mut joined = BytesMut::with_capacity(self.len);
-            joined.extend_from_slice(&first);
-            joined.extend_from_slice(&piece);
-            self.joined = Some(joined);
-        } else {
-            self.first = Some(piece);
-        }
-    }
-
+impl Data {
     fn zeros(&mut self, n: usize) {
-        self.push(Bytes::from(vec![0; n]));
+        self.pieces.push(Bytes::from(vec![0; n]));
     }
 
-    fn finish(self) -> Bytes {
-        self.joined.map(BytesMut::freeze).or(self.first).unwrap_or_default()
+    /// Calls `f` with the bytes in one slice: the piece itself, or the pieces copied
+    /// into a buffer this thread keeps. A buffer of its own for each read (mapped
+    /// afresh, reads being large) had every page faulted in and zeroed every time.
+    pub fn with_slice<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        match self.pieces.as_slice() {
+            [] => f(&[]),
+            [one] => f(one),
+            pieces => JOINED.with_borrow_mut(|buf| {
+                buf.clear();
+                pieces.iter().for_each(|p| buf.extend_from_slice(p));
+                f(buf)
+            }),
+        }
     }
 }
 
@@ -615,35 +615,35 @@ impl Fs {
     }
 
     /// `read` when every chunk it needs is cached. `None`: use the async path.
-    pub fn read_now(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Option<Result<Bytes, FsError>> {
+    pub fn read_now(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Option<Result<Data, FsError>> {
         let node = self.node(ino).ok()?;
         let (entry, plan) = read_plan(&node, offset, size).ok()?;
-        let mut out = Assembly::new(plan.len);
+        let mut out = Data::default();
         for piece in &plan.pieces {
             match piece {
                 Piece::Zeros(n) => out.zeros(*n),
-                Piece::Chunk(b, range) => out.push(self.cache.get(&b.id)?.slice(range.clone())),
+                Piece::Chunk(b, range) => out.pieces.push(self.cache.get(&b.id)?.slice(range.clone())),
             }
         }
         self.read_ahead(ino, &node, entry, offset, offset + plan.len as u64, plan.first);
-        Some(Ok(out.finish()))
+        Some(Ok(out))
     }
 
     /// Reads up to `size` bytes at `offset`, fetching only the chunks they lie in.
-    pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
+    pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Data, FsError> {
         let node = self.node(ino)?;
         let (entry, plan) = read_plan(&node, offset, size)?;
         // Before waiting: the read-ahead also fetches this read's own chunks, in the
         // same ranged GETs as the ones after them.
         self.read_ahead(ino, &node, entry, offset, offset + plan.len as u64, plan.first);
-        let mut out = Assembly::new(plan.len);
+        let mut out = Data::default();
         for piece in &plan.pieces {
             match piece {
                 Piece::Zeros(n) => out.zeros(*n),
-                Piece::Chunk(b, range) => out.push(self.chunk(b).await?.slice(range.clone())),
+                Piece::Chunk(b, range) => out.pieces.push(self.chunk(b).await?.slice(range.clone())),
             }
         }
-        Ok(out.finish())
+        Ok(out)
     }
 
     /// Keeps a sequential reader `READ_AHEAD_BYTES` ahead, refilling when half of it

@@ -156,14 +156,14 @@ impl Filesystem for Adapter {
     ) {
         if let Some(r) = self.fs.read_now(ino.0, offset, size) {
             return match r {
-                Ok(data) => reply.data(&data),
+                Ok(data) => data.with_slice(|d| reply.data(d)),
                 Err(e) => reply.error(errno(&e)),
             };
         }
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.read(ino.0, offset, size).await {
-                Ok(data) => reply.data(&data),
+                Ok(data) => data.with_slice(|d| reply.data(d)),
                 Err(e) => reply.error(errno(&e)),
             }
         });

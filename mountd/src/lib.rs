@@ -8,5 +8,5 @@ mod fuse;
 
 pub use cache::DiskCache;
 pub use error::FsError;
-pub use fs::{Attr, Fs, Kind, View, ROOT};
+pub use fs::{Attr, Data, Fs, Kind, View, ROOT};
 pub use fuse::{mount, MountHandle};
