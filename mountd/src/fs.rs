@@ -217,10 +217,9 @@ fn read_plan(node: &Node, offset: u64, size: u32) -> Result<(&Entry, ReadPlan), 
     Ok((entry, plan))
 }
 
-/// The bytes of a read, piece by piece: a read within one chunk, the usual case,
-/// is a slice of the cached chunk and copies nothing.
-/// The bytes of one read, as the pieces they lie in: one slice of a cached chunk when
-/// the range lies inside one chunk, several when it crosses chunks or holes.
+/// The bytes of one read, as the pieces they lie in: a read within one chunk, the
+/// usual case, is one slice of the cached chunk and copies nothing; a read across
+/// chunks or holes has several, joined only when replying (`with_slice`).
 #[derive(Debug, Default)]
 pub struct Data {
     pieces: Vec<Bytes>,
