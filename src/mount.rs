@@ -26,6 +26,13 @@ fn is_mounted(path: &Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == want))
 }
 
+/// Whether an error from a path under a FUSE mount means its daemon is gone. The
+/// kernel answers ENOTCONN once it has aborted the connection; a request caught
+/// while the daemon's device files are being closed gets ECONNABORTED.
+fn daemon_gone(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
+}
+
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape(s: &str) -> String {
     s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
@@ -35,7 +42,7 @@ fn unescape(s: &str) -> String {
 fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
     let abs = match std::fs::canonicalize(mountpoint) {
         Ok(p) => p,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if daemon_gone(&e) => {
             return Err(UsageError(format!(
                 "{} is left over from a mount whose daemon is gone; clear it with `ebb umount {}`",
                 mountpoint.display(),
@@ -362,7 +369,7 @@ impl Handoff {
 }
 
 pub fn umount(mountpoint: &Path) -> Result<ExitCode> {
-    let stale = matches!(std::fs::metadata(mountpoint), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    let stale = std::fs::metadata(mountpoint).is_err_and(|e| daemon_gone(&e));
     let abs = std::path::absolute(mountpoint).with_context(|| format!("resolve {}", mountpoint.display()))?;
     if !stale && !is_mounted(&abs) {
         return Err(UsageError(format!("{} is not mounted", abs.display())).into());
