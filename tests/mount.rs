@@ -108,6 +108,9 @@ fn shows_each_point(backend: Backend) {
     let (guard, _) = mount(&repo, &[], &mnt);
     let root = fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name()).collect::<Vec<_>>();
     assert_eq!(root, vec![std::ffi::OsString::from("host")]);
+    let listed: Vec<String> =
+        fs::read_dir(mnt.join("host/points")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(listed, times, "points/ lists every point, oldest first");
     assert_trees_equal_with(&v1, &mnt.join("host/points").join(&times[0]), &mount_opts());
     assert_trees_equal_with(&v2, &mnt.join("host/points").join(&times[1]), &mount_opts());
     assert_eq!(fs::read_link(mnt.join("host/latest")).unwrap(), PathBuf::from(format!("points/{}", times[1])));

@@ -14,6 +14,7 @@ use catalog::time::{parse_time, TimeSpec};
 use catalog::tree::{Entry, EntryKind, Extent, Timestamp as TreeTime, Tree};
 use catalog::{BlobKind, BlobRef, Id, Overlay, PointRef, Repository};
 use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use tokio::sync::OnceCell;
 
@@ -42,6 +43,13 @@ const LISTING_PREFETCH_FILES: usize = 1024;
 /// that a burst of them holds neither many threads nor much memory; reads that a
 /// reader waits for do not queue behind them.
 const BACKGROUND_REQUESTS: usize = 16;
+/// How long the newest point of a source, once listed, is taken as still the newest.
+/// One `ls <source>/latest/` asks for it several times (the source, the link, its
+/// target); the kernel keeps timeline entries for as long, so new points still
+/// appear within seconds.
+const NEWEST_TTL: Duration = Duration::from_secs(1);
+/// Listing `<source>/points/` fetches this many points' manifests and trees at once.
+const POINT_FETCHES: usize = 16;
 
 /// What the mount shows.
 #[derive(Debug, Clone)]
@@ -162,6 +170,8 @@ pub struct Fs {
     /// inode -> its reader's position and read-ahead.
     readers: Mutex<HashMap<u64, Reader>>,
     background: tokio::sync::Semaphore,
+    /// source -> its newest point, and when that was listed.
+    newest: Mutex<HashMap<String, (std::time::Instant, Option<PointRef>)>>,
     mounted: SystemTime,
     /// Where background fetches run (read-ahead may be started from a FUSE thread).
     rt: tokio::runtime::Handle,
@@ -295,6 +305,7 @@ impl Fs {
             inflight: Mutex::new(HashMap::new()),
             readers: Mutex::new(HashMap::new()),
             background: tokio::sync::Semaphore::new(BACKGROUND_REQUESTS),
+            newest: Mutex::new(HashMap::new()),
             mounted: SystemTime::now(),
             rt: tokio::runtime::Handle::current(),
             uid: unsafe { libc::geteuid() },
@@ -313,6 +324,18 @@ impl Fs {
 
     fn node(&self, ino: u64) -> Result<Arc<Node>, FsError> {
         self.table.lock().expect("inode table").nodes.get(&ino).cloned().ok_or(FsError::BadInode(ino))
+    }
+
+    /// The newest point of `src`, listed at most `NEWEST_TTL` ago.
+    async fn newest(&self, src: &str) -> Result<Option<PointRef>, FsError> {
+        if let Some((when, p)) = self.newest.lock().expect("newest points").get(src) {
+            if when.elapsed() < NEWEST_TTL {
+                return Ok(p.clone());
+            }
+        }
+        let p = self.repo.point_at(src, Timestamp::now()).await?;
+        self.newest.lock().expect("newest points").insert(src.to_string(), (std::time::Instant::now(), p.clone()));
+        Ok(p)
     }
 
     /// The node for the backed-up entry of a point (the one entry of its root tree):
@@ -419,7 +442,7 @@ impl Fs {
                     if only.as_deref().is_some_and(|o| o != name_str) || catalog::validate_source(name_str).is_err() {
                         return Err(FsError::NotFound);
                     }
-                    if self.repo.point_at(name_str, Timestamp::now()).await?.is_none() {
+                    if self.newest(name_str).await?.is_none() {
                         return Err(FsError::NotFound);
                     }
                     Ok(self.intern(parent, name, synth(Synth::Source(name_str.to_string()))))
@@ -436,7 +459,11 @@ impl Fs {
             }
             Synth::Points(src) => {
                 let t: Timestamp = name_str.parse().map_err(|_| FsError::NotFound)?;
-                let p = self.repo.point_at(src, t).await?.filter(|p| p.time == t).ok_or(FsError::NotFound)?;
+                // Usually the target of `latest`, just read.
+                let p = match self.newest(src).await?.filter(|p| p.time == t) {
+                    Some(p) => p,
+                    None => self.repo.point_at(src, t).await?.filter(|p| p.time == t).ok_or(FsError::NotFound)?,
+                };
                 let node = self.point_node(&p, None).await?;
                 Ok(self.intern(parent, name, || node))
             }
@@ -530,7 +557,7 @@ impl Fs {
     }
 
     async fn latest_target(&self, src: &str) -> Result<Vec<u8>, FsError> {
-        let p = self.repo.point_at(src, Timestamp::now()).await?.ok_or(FsError::NotFound)?;
+        let p = self.newest(src).await?.ok_or(FsError::NotFound)?;
         Ok(format!("points/{}", p.time).into_bytes())
     }
 
@@ -593,20 +620,22 @@ impl Fs {
                 (self.intern(ino, b"at", synth(Synth::At(src.clone()))), Kind::Dir, b"at".to_vec()),
             ]),
             NodeKind::Synthetic(Synth::Points(src)) => {
-                let mut out = Vec::new();
-                for p in self.repo.points(src).await? {
-                    let name = p.time.to_string().into_bytes();
-                    let existing = self.table.lock().expect("inode table").names.get(&(ino, name.clone())).copied();
-                    let child = match existing {
-                        Some(c) => c,
-                        None => {
-                            let n = self.point_node(&p, None).await?;
-                            self.intern(ino, &name, || n)
-                        }
-                    };
-                    out.push((child, Kind::Dir, name));
-                }
-                Ok(out)
+                let points = self.repo.points(src).await?;
+                let children = futures::stream::iter(points)
+                    .map(|p| async move {
+                        let name = p.time.to_string().into_bytes();
+                        let existing = self.table.lock().expect("inode table").names.get(&(ino, name.clone())).copied();
+                        let child = match existing {
+                            Some(c) => c,
+                            None => {
+                                let n = self.point_node(&p, None).await?;
+                                self.intern(ino, &name, || n)
+                            }
+                        };
+                        Ok::<_, FsError>((child, Kind::Dir, name))
+                    })
+                    .buffered(POINT_FETCHES);
+                children.try_collect().await
             }
             NodeKind::Synthetic(Synth::At(_)) => Ok(Vec::new()),
             NodeKind::Synthetic(Synth::Latest(_)) => Err(FsError::NotDir),
