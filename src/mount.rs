@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use catalog::time::TimeSpec;
-use catalog::{RepoError, Repository};
+use catalog::{RepoError, Timeline};
 use jiff::Timestamp;
 use mountd::{Fs, View};
 
@@ -99,9 +99,20 @@ pub async fn mount(
 ) -> Result<ExitCode> {
     let handoff = handoff.then(Handoff::begin);
     let abs = check_mountpoint(mountpoint)?;
-    let repo = match &handoff {
-        Some(h) => h.repository(g).await?,
-        None => crate::commands::open(g).await?,
+    // The key is still on its way (being derived by `ebb mount`, or asked for) while
+    // the header is read and the moment resolved: those need object names only.
+    let key = handoff.as_ref().map(Handoff::key);
+    let found = crate::commands::find(g).await?;
+    let view = match at {
+        None => View::Timeline(source.clone()),
+        Some(spec) => {
+            let now = Timestamp::now();
+            View::At(points_at(&found.timeline(), spec, source.as_deref(), now).await?, spec.instant(now))
+        }
+    };
+    let repo = match key {
+        Some(key) => found.unlock_handed(&key.await?)?,
+        None => found.unlock(&crate::secret::secret(g, false)?).await?,
     };
     // Chunk buffers (0.25 to 4 MiB, and 8 MiB runs read ahead) come and go with the
     // cache. glibc would serve them from its arenas once the first is freed, and keep
@@ -121,13 +132,6 @@ pub async fn mount(
             unsafe { libc::malloc_trim(0) };
         }
     });
-    let view = match at {
-        None => View::Timeline(source.clone()),
-        Some(spec) => {
-            let now = Timestamp::now();
-            View::At(points_at(&repo, spec, source.as_deref(), now).await?, spec.instant(now))
-        }
-    };
     let what = match &view {
         View::At(points, at) => {
             let of = points.iter().map(|p| format!("{} (point {})", p.source, p.time)).collect::<Vec<_>>().join(", ");
@@ -170,22 +174,22 @@ pub async fn mount(
 
 /// The point of each selected source at `spec`. One source must be found.
 async fn points_at(
-    repo: &Repository,
+    timeline: &Timeline,
     spec: TimeSpec,
     source: Option<&str>,
     now: Timestamp,
 ) -> Result<Vec<catalog::PointRef>> {
     if let Some(s) = source {
-        return Ok(vec![repo.resolve(s, spec, now).await?]);
+        return Ok(vec![timeline.resolve(s, spec, now).await?]);
     }
-    let sources = repo.sources().await?;
+    let sources = timeline.sources().await?;
     if sources.is_empty() {
         bail!("the repository has no points yet: make one with `ebb backup PATH`");
     }
     let mut out = Vec::new();
     let mut last_err = None;
     for s in &sources {
-        match repo.resolve(s, spec, now).await {
+        match timeline.resolve(s, spec, now).await {
             Ok(p) => out.push(p),
             Err(e @ (RepoError::BeforeFirst { .. } | RepoError::NoPoints { .. })) => last_err = Some(e),
             Err(e) => return Err(e.into()),
@@ -341,19 +345,20 @@ impl Handoff {
         Handoff
     }
 
-    /// The repository, unlocked with the key `ebb mount` sends once it has derived it.
-    /// Its header is read while the key is still being derived.
-    async fn repository(&self, g: &Global) -> Result<Repository> {
-        let key = tokio::task::spawn_blocking(|| {
+    /// The key `ebb mount` sends once it has derived it, read in the background from
+    /// the moment this is called.
+    fn key(&self) -> impl std::future::Future<Output = Result<Vec<u8>>> {
+        let read = tokio::task::spawn_blocking(|| {
             let mut buf = Vec::new();
             std::io::stdin().lock().read_to_end(&mut buf).map(|_| buf)
         });
-        let found = crate::commands::find(g).await?;
-        let handoff = key.await.expect("reading the key panicked").context("read the key from ebb mount")?;
-        if handoff.is_empty() {
-            bail!("ebb mount did not unlock the repository; nothing mounted");
+        async {
+            let key = read.await.expect("reading the key panicked").context("read the key from ebb mount")?;
+            if key.is_empty() {
+                bail!("ebb mount did not unlock the repository; nothing mounted");
+            }
+            Ok(key)
         }
-        Ok(found.unlock_handed(&handoff)?)
     }
 
     /// Tells `ebb mount` the mount is ready, and sends stdout to the log from then on.

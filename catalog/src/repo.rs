@@ -268,45 +268,25 @@ impl Repository {
         Tree::decode(&plain).map_err(|e| BlobError::new(BlobKind::Tree, blob, e.to_string()).into())
     }
 
-    /// Source names, from one delimited listing of `points/`.
+    /// The points, known from their names: no key needed.
+    pub fn timeline(&self) -> Timeline {
+        Timeline { store: self.store.clone() }
+    }
+
     pub async fn sources(&self) -> Result<Vec<String>, RepoError> {
-        Ok(self.store.list_dirs(POINTS_DIR).await?)
+        self.timeline().sources().await
     }
 
-    /// Every point of a source, oldest first, known from names alone.
     pub async fn points(&self, source: &str) -> Result<Vec<PointRef>, RepoError> {
-        let mut out: Vec<PointRef> =
-            self.store.list(&source_dir(source)).await?.iter().filter_map(|o| PointRef::parse(&o.name)).collect();
-        out.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.name.cmp(&b.name)));
-        Ok(out)
+        self.timeline().points(source).await
     }
 
-    /// The newest point of `source` at or before `t`: one narrow listing.
     pub async fn point_at(&self, source: &str, t: Timestamp) -> Result<Option<PointRef>, RepoError> {
-        let Some(offset) = offset_for(source, t) else { return Ok(None) };
-        // A few names, in case a stray object sorts first.
-        let found = self.store.list_after(&source_dir(source), &offset, 16).await?;
-        Ok(found.iter().find_map(|o| PointRef::parse(&o.name)))
+        self.timeline().point_at(source, t).await
     }
 
-    /// "The state at T": the newest point of `source` at or before `spec`.
     pub async fn resolve(&self, source: &str, spec: TimeSpec, now: Timestamp) -> Result<PointRef, RepoError> {
-        let at = spec.instant(now);
-        if at > now {
-            return Err(RepoError::Future { at, now });
-        }
-        if let Some(p) = self.point_at(source, at).await? {
-            return Ok(p);
-        }
-        // Nothing at or before T: name the earliest point, or say there is none.
-        match self.points(source).await?.first() {
-            Some(first) => Err(RepoError::BeforeFirst { name: source.to_string(), at, earliest: first.time }),
-            None => {
-                let known = self.sources().await?.join(", ");
-                let known = if known.is_empty() { "none yet".to_string() } else { known };
-                Err(RepoError::NoPoints { name: source.to_string(), known })
-            }
-        }
+        self.timeline().resolve(source, spec, now).await
     }
 
     pub async fn manifest(&self, point: &PointRef) -> Result<Manifest, RepoError> {
@@ -351,6 +331,11 @@ pub struct Found {
 }
 
 impl Found {
+    /// The points, known from their names: no key needed.
+    pub fn timeline(&self) -> Timeline {
+        Timeline { store: self.store.clone() }
+    }
+
     /// Unlocks with the first key slot the secret opens.
     pub async fn unlock(self, secret: &Secret) -> Result<Repository, RepoError> {
         let Found { store, config } = self;
@@ -404,6 +389,56 @@ impl Found {
             store: self.store,
             slot,
         })
+    }
+}
+
+/// The sources and points of a repository, from object names alone: what a locked
+/// repository can already answer.
+#[derive(Clone)]
+pub struct Timeline {
+    store: Store,
+}
+
+impl Timeline {
+    /// Source names, from one delimited listing of `points/`.
+    pub async fn sources(&self) -> Result<Vec<String>, RepoError> {
+        Ok(self.store.list_dirs(POINTS_DIR).await?)
+    }
+
+    /// Every point of a source, oldest first, known from names alone.
+    pub async fn points(&self, source: &str) -> Result<Vec<PointRef>, RepoError> {
+        let mut out: Vec<PointRef> =
+            self.store.list(&source_dir(source)).await?.iter().filter_map(|o| PointRef::parse(&o.name)).collect();
+        out.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.name.cmp(&b.name)));
+        Ok(out)
+    }
+
+    /// The newest point of `source` at or before `t`: one narrow listing.
+    pub async fn point_at(&self, source: &str, t: Timestamp) -> Result<Option<PointRef>, RepoError> {
+        let Some(offset) = offset_for(source, t) else { return Ok(None) };
+        // A few names, in case a stray object sorts first.
+        let found = self.store.list_after(&source_dir(source), &offset, 16).await?;
+        Ok(found.iter().find_map(|o| PointRef::parse(&o.name)))
+    }
+
+    /// "The state at T": the newest point of `source` at or before `spec`.
+    pub async fn resolve(&self, source: &str, spec: TimeSpec, now: Timestamp) -> Result<PointRef, RepoError> {
+        let at = spec.instant(now);
+        if at > now {
+            return Err(RepoError::Future { at, now });
+        }
+        if let Some(p) = self.point_at(source, at).await? {
+            return Ok(p);
+        }
+        // Nothing at or before T: name the earliest point, or say there is none.
+        match self.points(source).await?.first() {
+            Some(first) => Err(RepoError::BeforeFirst { name: source.to_string(), at, earliest: first.time }),
+            None => {
+                let known = self.sources().await?.join(", ");
+                let known = if known.is_empty() { "none yet".to_string() } else { known };
+                Err(RepoError::NoPoints { name: source.to_string(), known })
+            }
+        }
     }
 }
 
