@@ -107,7 +107,7 @@ pub async fn mount(
         None => View::Timeline(source.clone()),
         Some(spec) => {
             let now = Timestamp::now();
-            View::At(points_at(&found.timeline(), spec, source.as_deref(), now).await?, spec.instant(now))
+            View::At(points_at(found.timeline(), spec, source.as_deref(), now).await?, spec.instant(now))
         }
     };
     let repo = match key {
@@ -174,7 +174,7 @@ pub async fn mount(
 
 /// The point of each selected source at `spec`. One source must be found.
 async fn points_at(
-    timeline: &Timeline,
+    timeline: Timeline<'_>,
     spec: TimeSpec,
     source: Option<&str>,
     now: Timestamp,

@@ -269,8 +269,8 @@ impl Repository {
     }
 
     /// The points, known from their names: no key needed.
-    pub fn timeline(&self) -> Timeline {
-        Timeline { store: self.store.clone() }
+    pub fn timeline(&self) -> Timeline<'_> {
+        Timeline { store: &self.store }
     }
 
     pub async fn sources(&self) -> Result<Vec<String>, RepoError> {
@@ -332,18 +332,17 @@ pub struct Found {
 
 impl Found {
     /// The points, known from their names: no key needed.
-    pub fn timeline(&self) -> Timeline {
-        Timeline { store: self.store.clone() }
+    pub fn timeline(&self) -> Timeline<'_> {
+        Timeline { store: &self.store }
     }
 
     /// Unlocks with the first key slot the secret opens.
     pub async fn unlock(self, secret: &Secret) -> Result<Repository, RepoError> {
-        let Found { store, config } = self;
-        let repo_id = config.repo_id();
-        let (slots, problems) = Repository::load_slots(&store, &repo_id).await?;
+        let repo_id = self.config.repo_id();
+        let (slots, problems) = Repository::load_slots(&self.store, &repo_id).await?;
         if slots.is_empty() {
             let problems = if problems.is_empty() { "no objects under keys/".to_string() } else { problems.join("; ") };
-            return Err(RepoError::NoSlots { url: store.url().to_string(), problems });
+            return Err(RepoError::NoSlots { url: self.store.url().to_string(), problems });
         }
         let mut problems = problems;
         for slot in &slots {
@@ -360,20 +359,14 @@ impl Found {
                 }
             };
             if let Some(master) = unwrapped {
-                return Ok(Repository {
-                    keys: Arc::new(Keys::derive(&master, &repo_id)),
-                    master: Arc::new(master),
-                    config: Arc::new(config),
-                    store,
-                    slot: slot.slot.clone(),
-                });
+                return Ok(self.with_key(master, slot.slot.clone()));
             }
         }
         if let Some(p) = problems.first() {
             // A damaged slot could be the one this secret was meant for: say so.
             tracing::warn!("{p}");
         }
-        Err(RepoError::WrongSecret { url: store.url().to_string(), slots: slots.len() + problems.len() })
+        Err(RepoError::WrongSecret { url: self.store.url().to_string(), slots: slots.len() + problems.len() })
     }
 
     /// Unlocks with the key another ebb process unlocked (`Repository::handoff`).
@@ -381,25 +374,29 @@ impl Found {
         let bad = || RepoError::Handoff;
         let (key, slot) = handoff.split_first_chunk::<32>().ok_or_else(bad)?;
         let slot = std::str::from_utf8(slot).map_err(|_| bad())?.to_string();
-        let master = MasterKey(*key);
-        Ok(Repository {
+        Ok(self.with_key(MasterKey(*key), slot))
+    }
+
+    /// The repository, unlocked with `master` from key slot `slot`.
+    fn with_key(self, master: MasterKey, slot: String) -> Repository {
+        Repository {
             keys: Arc::new(Keys::derive(&master, &self.config.repo_id())),
             master: Arc::new(master),
             config: Arc::new(self.config),
             store: self.store,
             slot,
-        })
+        }
     }
 }
 
 /// The sources and points of a repository, from object names alone: what a locked
 /// repository can already answer.
-#[derive(Clone)]
-pub struct Timeline {
-    store: Store,
+#[derive(Clone, Copy)]
+pub struct Timeline<'a> {
+    store: &'a Store,
 }
 
-impl Timeline {
+impl Timeline<'_> {
     /// Source names, from one delimited listing of `points/`.
     pub async fn sources(&self) -> Result<Vec<String>, RepoError> {
         Ok(self.store.list_dirs(POINTS_DIR).await?)

@@ -326,12 +326,16 @@ impl Fs {
         self.table.lock().expect("inode table").nodes.get(&ino).cloned().ok_or(FsError::BadInode(ino))
     }
 
+    /// The newest point of `src` if it was listed less than `NEWEST_TTL` ago.
+    fn newest_known(&self, src: &str) -> Option<Option<PointRef>> {
+        let newest = self.newest.lock().expect("newest points");
+        newest.get(src).filter(|(when, _)| when.elapsed() < NEWEST_TTL).map(|(_, p)| p.clone())
+    }
+
     /// The newest point of `src`, listed at most `NEWEST_TTL` ago.
     async fn newest(&self, src: &str) -> Result<Option<PointRef>, FsError> {
-        if let Some((when, p)) = self.newest.lock().expect("newest points").get(src) {
-            if when.elapsed() < NEWEST_TTL {
-                return Ok(p.clone());
-            }
+        if let Some(p) = self.newest_known(src) {
+            return Ok(p);
         }
         let p = self.repo.point_at(src, Timestamp::now()).await?;
         self.newest.lock().expect("newest points").insert(src.to_string(), (std::time::Instant::now(), p.clone()));
@@ -460,7 +464,7 @@ impl Fs {
             Synth::Points(src) => {
                 let t: Timestamp = name_str.parse().map_err(|_| FsError::NotFound)?;
                 // Usually the target of `latest`, just read.
-                let p = match self.newest(src).await?.filter(|p| p.time == t) {
+                let p = match self.newest_known(src).flatten().filter(|p| p.time == t) {
                     Some(p) => p,
                     None => self.repo.point_at(src, t).await?.filter(|p| p.time == t).ok_or(FsError::NotFound)?,
                 };
