@@ -160,6 +160,9 @@ while mounted appear within seconds. Data is fetched and decrypted only when rea
     },
     /// Unmount what `ebb mount` mounted (also clears a mount left by a killed daemon)
     Umount { mountpoint: PathBuf },
+    /// Repair what can be rebuilt: the index (from the packs' own headers), a lost config (from the key slots)
+    #[command(subcommand)]
+    Repair(RepairCommand),
     /// Check that every point can be read back
     Verify {
         /// Also download and authenticate every stored blob
@@ -288,6 +291,16 @@ pub enum PgCommand {
         /// An empty or missing directory
         datadir: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepairCommand {
+    /// Make the index say what the packs hold: drop entries whose pack is missing,
+    /// so that new backups store that content again, and index packs no index names
+    Index,
+    /// Write the repository's lost `config` again, from the key slot your password
+    /// or key file opens
+    Config,
 }
 
 #[derive(Subcommand, Debug)]

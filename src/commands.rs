@@ -1,8 +1,6 @@
 //! One function per command: open the repository, call the library, print the result.
 
-use std::io::Write as _;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,7 +13,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use serde_json::json;
 
-use crate::cli::{Cli, Command, Global, KeyCommand};
+use crate::cli::{Cli, Command, Global, KeyCommand, RepairCommand};
 use crate::output::{bytes, spinner, table};
 use crate::secret::{new_password, secret};
 use crate::UsageError;
@@ -30,6 +28,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Points { source, since, until, json } => points(g, source, since, until, json).await,
         Command::Restore { at, source, path, target } => restore(g, at, source, path, target).await,
         Command::Verify { read_data, json } => verify(g, read_data, json).await,
+        Command::Repair(RepairCommand::Index) => repair_index(g).await,
+        Command::Repair(RepairCommand::Config) => repair_config(g).await,
         Command::Mount { at, source, cache_size, cache_dir, cache_dir_size, foreground, handoff, mountpoint } => {
             let caches = crate::mount::Caches { memory: cache_size, dir: cache_dir, dir_size: cache_dir_size };
             if foreground {
@@ -92,13 +92,25 @@ pub fn host() -> String {
 
 async fn init(g: &Global) -> Result<ExitCode> {
     let url = repo_url(g)?;
-    let store = Store::open(&url, true)?;
-    if Repository::read_config(&store).await.is_ok() {
-        return Err(RepoError::AlreadyExists { url }.into());
+    if url.starts_with("memory://") {
+        return Err(UsageError(
+            "memory:// is for ebb's own tests: a repository there would vanish when ebb exits; \
+             use file:///path or s3://bucket/prefix"
+                .into(),
+        )
+        .into());
     }
+    let store = Store::open(&url, true)?;
+    // Refused before a password is asked for: a repository, or data, is there.
+    Repository::init_plan(&store).await?;
     let secret = secret(g, true)?;
-    let repo = Repository::init(store, &secret, catalog::DEFAULT_KDF, host()).await?;
-    eprintln!("created ebb repository {} at {url}", repo.id().short());
+    let (repo, created) = Repository::init(store, &secret, catalog::DEFAULT_KDF, host()).await?;
+    match created {
+        catalog::Created::New => eprintln!("created ebb repository {} at {url}", repo.id().short()),
+        catalog::Created::Finished => {
+            eprintln!("finished the interrupted creation of ebb repository {} at {url}", repo.id().short())
+        }
+    }
     eprintln!("keep the password safe: without it the data cannot be read, by you or anyone");
     Ok(ExitCode::SUCCESS)
 }
@@ -135,22 +147,16 @@ async fn key(g: &Global, cmd: KeyCommand) -> Result<ExitCode> {
         KeyCommand::Add { new_password_file, new_key_file } => {
             let slot = if let Some(path) = new_key_file {
                 let key: [u8; 32] = rand_key();
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
+                // Named only once its slot is durable: never a key file that opens nothing.
+                let pending = catalog::PendingKeyFile::create(&path, &key)
                     .with_context(|| format!("create key file {}", path.display()))?;
-                f.write_all(catalog::encode_key_file(&key).as_bytes())
-                    .and_then(|()| f.sync_all())
-                    .with_context(|| format!("write key file {}", path.display()))?;
-                match repo.add_slot(Secret::KeyFile(key), catalog::DEFAULT_KDF, host()).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&path);
-                        return Err(e.into());
-                    }
+                let slot = repo.add_slot(Secret::KeyFile(key), catalog::DEFAULT_KDF, host()).await?;
+                if let Err(e) = pending.publish() {
+                    let _ = repo.remove_slot(&slot.slot).await;
+                    return Err(anyhow::Error::from(e)
+                        .context(format!("write key file {} (the key slot made for it is removed)", path.display())));
                 }
+                slot
             } else {
                 let pw = new_password(new_password_file.as_deref())?;
                 repo.add_slot(Secret::Password(pw), catalog::DEFAULT_KDF, host()).await?
@@ -233,7 +239,17 @@ async fn backup(
     let result = streamer::snapshot(&repo, &opts, counters).await;
     ticker.abort();
     pb.finish_and_clear();
-    let (point, m) = result?;
+    let (point, m) = result.map_err(|e| {
+        let full = e.is_no_space();
+        let e = anyhow::Error::from(e);
+        if full {
+            e.context(
+                "the repository's filesystem is full: free space there and run the backup again; no point was saved",
+            )
+        } else {
+            e
+        }
+    })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&point_json(&point, Some(&m)))?);
     } else {
@@ -484,6 +500,39 @@ async fn restore(
     Ok(ExitCode::SUCCESS)
 }
 
+async fn repair_config(g: &Global) -> Result<ExitCode> {
+    let url = repo_url(g)?;
+    let store = Store::open(&url, false)?;
+    let secret = secret(g, false)?;
+    let repo = Repository::repair_config(store, &secret).await?;
+    println!("wrote the config of repository {} at {url} again, from key slot {}", repo.id().short(), repo.slot());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn repair_index(g: &Global) -> Result<ExitCode> {
+    let repo = open(g).await?;
+    let pb = spinner(g.quiet);
+    pb.set_message("reading the index and listing the packs");
+    let r = catalog::repair_index(&repo).await;
+    pb.finish_and_clear();
+    let r = r?;
+    println!(
+        "index repaired: {} index files kept, {} rewritten, {} removed; {} entries of missing packs dropped; \
+         {} packs indexed from their headers",
+        r.kept, r.rewritten, r.removed, r.dropped_entries, r.indexed_packs
+    );
+    if r.dropped_entries > 0 {
+        println!(
+            "new backups store the content of the missing packs again; points that used it stay damaged \
+             (`ebb verify` names them)"
+        );
+    }
+    for p in &r.unreadable_packs {
+        eprintln!("warning: pack header unreadable, so its pack stays unindexed: {p}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn verify(g: &Global, read_data: bool, json: bool) -> Result<ExitCode> {
     let repo = open(g).await?;
     let pb = spinner(g.quiet);
@@ -500,7 +549,8 @@ async fn verify(g: &Global, read_data: bool, json: bool) -> Result<ExitCode> {
             serde_json::to_string_pretty(&json!({
                 "points": r.points, "trees": r.trees, "data_blobs": r.data_blobs, "packs": r.packs,
                 "packs_read": r.packs_read, "index_files": r.index_files, "fragments": r.fragments,
-                "unreferenced_packs": r.unreferenced_packs, "errors": r.errors,
+                "unreferenced_packs": r.unreferenced_packs,
+                "packs_of_missing_points": r.packs_of_missing_points, "errors": r.errors,
             }))?
         );
     } else {

@@ -19,6 +19,12 @@ use tracing_subscriber::EnvFilter;
 pub struct UsageError(pub String);
 
 fn main() -> ExitCode {
+    // Everything ebb creates is the user's alone: repository objects on file:// (key
+    // slots among them, which other users could otherwise copy and attack offline),
+    // state, logs and caches are 0600, their directories 0700. Restore sets each
+    // entry's own mode after creating it.
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe { libc::umask(0o077) };
     let cli = cli::Cli::parse();
     if cli.unlocks_with_password() {
         catalog::prepare_kdf_memory();

@@ -19,11 +19,30 @@ use crate::UsageError;
 /// How long `ebb mount` waits for its daemon to have the mount ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Whether `path` is a mountpoint, from /proc/self/mountinfo.
-fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+/// The filesystem type and source of what is mounted at `path` (the last mount
+/// there), from /proc/self/mountinfo.
+fn mounted_at(path: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.to_string_lossy();
-    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == want))
+    info.lines().rev().find_map(|l| {
+        let mut fields = l.split(' ');
+        if fields.clone().nth(4).is_none_or(|m| unescape(m) != want) {
+            return None;
+        }
+        // After the optional fields, " - " then the type and the source.
+        let mut after = fields.by_ref().skip_while(|f| *f != "-").skip(1);
+        Some((unescape(after.next()?), unescape(after.next()?)))
+    })
+}
+
+/// Whether `path` is a mountpoint.
+fn is_mounted(path: &Path) -> bool {
+    mounted_at(path).is_some()
+}
+
+/// Whether a mount is one of ebb's: a FUSE filesystem whose source `ebb mount` named.
+fn is_ebb(fstype: &str, source: &str) -> bool {
+    fstype.starts_with("fuse") && source.starts_with("ebb:")
 }
 
 /// Whether an error from a path under a FUSE mount means its daemon is gone. The
@@ -263,11 +282,17 @@ struct Daemon {
 impl Daemon {
     fn spawn(abs: &Path) -> Result<Daemon> {
         let exe = std::env::current_exe().context("find the ebb executable")?;
-        // One log per mountpoint, replaced by the next mount there, so logs do not pile up.
+        // One log per mountpoint, replaced by the next mount there, so logs do not pile
+        // up; in a directory only this user can write to, so no one can plant a link
+        // that has the daemon write elsewhere.
         let tag: String =
             abs.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-        let log = std::env::temp_dir().join(format!("ebb-mount{tag}.log"));
-        let log_file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let dir = streamer::state::default_state_dir()
+            .context("no directory for the mount daemon's log: set EBB_STATE_DIR or HOME")?
+            .join("mounts");
+        let dir = streamer::state::private_dir(&dir).with_context(|| format!("the log directory {}", dir.display()))?;
+        let log = dir.join(format!("mount{tag}.log"));
+        let log_file = streamer::state::create_private(&log).with_context(|| format!("create {}", log.display()))?;
         let mut cmd = Command::new(exe);
         cmd.args(std::env::args_os().skip(1)).args(["--foreground", "--handoff"]);
         if let Some(tunables) = tunables_with_huge_pages() {
@@ -374,10 +399,18 @@ impl Handoff {
 }
 
 pub fn umount(mountpoint: &Path) -> Result<ExitCode> {
-    let stale = std::fs::metadata(mountpoint).is_err_and(|e| daemon_gone(&e));
     let abs = std::path::absolute(mountpoint).with_context(|| format!("resolve {}", mountpoint.display()))?;
-    if !stale && !is_mounted(&abs) {
-        return Err(UsageError(format!("{} is not mounted", abs.display())).into());
+    match mounted_at(&abs) {
+        None => return Err(UsageError(format!("{} is not mounted", abs.display())).into()),
+        Some((fstype, source)) if !is_ebb(&fstype, &source) => {
+            return Err(UsageError(format!(
+                "{} is not an ebb mount (it is {fstype} from {source}); `ebb umount` only unmounts what \
+                 `ebb mount` mounted",
+                abs.display()
+            ))
+            .into())
+        }
+        Some(_) => {}
     }
     let status = Command::new("fusermount3")
         .arg("-u")

@@ -114,14 +114,9 @@ fn archive_get_command(g: &Global, source: &str) -> Result<String> {
 fn start_pusher(dir: &Path) -> Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("find the ebb executable")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    streamer::state::private_dir(dir).with_context(|| format!("create {}", dir.display()))?;
     let log = dir.join("pusher.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&log)
-        .with_context(|| format!("open {}", log.display()))?;
+    let log = streamer::state::create_private(&log).with_context(|| format!("open {}", log.display()))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(std::env::args_os().skip(1)).arg("--pusher");
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);

@@ -255,7 +255,7 @@ fn unreadable_files_are_skipped_and_reported() {
     }
     let as_nobody = |args: &[&str]| {
         let mut c = std::process::Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_ebb")])
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", common::repo::ebb_exe().to_str().unwrap()])
             .args(args)
             .env("EBB_REPOSITORY", &repo_url)
             .env("EBB_PASSWORD", "pw")
@@ -308,4 +308,151 @@ fn bad_input_changes_nothing() {
     let sources: Vec<Value> = serde_json::from_str(&repo.ok(&["sources", "--json"])).unwrap();
     assert_eq!(sources.len(), 2);
     assert_eq!(sources[0]["points"], 1);
+}
+
+// ---------------------------------------------------------------- a full disk
+
+/// A small tmpfs, mounted for one test and unmounted after it (CI runs as root).
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: &str) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mounting a tmpfs needs root: run the tests as root, as CI does");
+        SmallFs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// Runs `ebb ARGS` and kills it if it has not ended within `limit`.
+fn run_within(repo: &TestRepo, args: &[&str], limit: std::time::Duration) -> std::process::Output {
+    let mut child = repo
+        .cmd()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!("`ebb {}` still ran after {limit:?}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Item 13 of issue 15: a backup onto a full filesystem fails at once with the
+/// store's error, naming ENOSPC (it used to hang for ever, waiting for files queued
+/// for workers that had stopped). Once there is room, the next backup succeeds and
+/// does not store again what the failed one already made durable.
+#[test]
+fn a_backup_onto_a_full_filesystem_fails_promptly_and_says_why() {
+    let small = SmallFs::mount("16m");
+    let repo = TestRepo::at_dir(&small.path().join("repo"));
+    repo.init();
+    // Two levels of directories, and files read in parallel: the walk has files
+    // queued for the workers when the store fills up.
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(src.join("a/b")).unwrap();
+    for i in 0..20u64 {
+        let data = pseudo_random_bytes(i, 3 << 20);
+        fs::write(src.join(format!("a/b/f{i}")), &data).unwrap();
+        fs::write(src.join(format!("a/g{i}")), &data).unwrap();
+    }
+    let limit = std::time::Duration::from_secs(120);
+    let out = run_within(&repo, &["backup", "--source", "full", src.to_str().unwrap()], limit);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "the store's error is named: {err}");
+    assert!(err.contains("is full"), "the user is told the repository's filesystem is full: {err}");
+    assert_eq!(points(&repo, "full").len(), 0, "no point was committed");
+
+    small.resize("256m");
+    let first = backup(&repo, "full", &src);
+    let added = first["stats"]["new_bytes"].as_u64().unwrap();
+    // 60 MiB of distinct content; the failed run made at least 8 MiB of it durable.
+    assert!(added < 56 << 20, "what the failed run stored is not stored again ({added} bytes added)");
+    repo.ok(&["verify"]);
+    let restored = work.path().join("restored");
+    repo.ok(&["restore", "--at", "latest", restored.to_str().unwrap()]);
+    assert_trees_equal(&src, &restored);
+}
+
+// ---------------------------------------------------------------- a lost pack
+
+/// Item 3 of issue 15: after a pack is lost, a backup does not reference what it
+/// held (it used to deduplicate against the index, report success and be
+/// unrestorable): it stores that content again. `ebb verify` names the damaged
+/// point and `ebb repair index`, which drops the lost pack from the index.
+fn a_lost_pack_is_stored_again(backend: Backend) {
+    let repo = TestRepo::new(backend);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..4u64 {
+        fs::write(src.join(format!("f{i}")), pseudo_random_bytes(i, 3 << 20)).unwrap();
+    }
+    backup(&repo, "lost", &src);
+    let packs: Vec<String> = repo.objects().into_iter().filter(|o| o.starts_with("packs/")).collect();
+    assert!(packs.len() >= 2, "{packs:?}");
+    repo.delete_object(&packs[0]);
+
+    // The same tree again: nothing changed on disk, but the lost chunks are read again.
+    let out = repo.cmd().args(["backup", "--source", "lost", "--json", src.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ebb repair index"), "the user hears of the lost pack and what to do: {stderr}");
+    let restored = work.path().join("restored");
+    repo.ok(&["restore", "--at", "latest", restored.to_str().unwrap()]);
+    assert_trees_equal(&src, &restored);
+
+    let err = repo.fails(&["verify"], 1);
+    assert!(err.contains(&packs[0]) && err.contains("ebb repair index"), "{err}");
+    let said = repo.ok(&["repair", "index"]);
+    assert!(said.contains("entries of missing packs dropped"), "{said}");
+    // Nothing of the lost pack is left in the index: no warning on the next backup.
+    let out = repo.cmd().args(["backup", "--source", "lost", src.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("missing"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_lost_pack_is_stored_again_file() {
+    a_lost_pack_is_stored_again(Backend::File);
+}
+
+#[test]
+fn a_lost_pack_is_stored_again_s3() {
+    a_lost_pack_is_stored_again(Backend::S3);
 }

@@ -39,7 +39,7 @@ impl Setup {
         let key = work.path().join("ebb.key");
         repo.ok(&["key", "add", "--new-key-file", key.to_str().unwrap()]);
         let ebb = work.path().join("ebb");
-        std::fs::copy(env!("CARGO_BIN_EXE_ebb"), &ebb).unwrap();
+        std::fs::copy(common::repo::ebb_exe(), &ebb).unwrap();
         let st = Command::new("chown").arg("postgres").arg(&key).status().unwrap();
         assert!(st.success());
         if let Some(dir) = repo.repo_dir() {

@@ -1,8 +1,11 @@
 //! Index files (`index/<64 hex>`): which blobs each pack holds. Writers load them to
 //! deduplicate; readers never need them, since every reference in a tree already says
-//! where its blob is. One index file is written per recovery point, before its manifest.
+//! where its blob is. A writer writes one index file per recovery point, just after
+//! the point's manifest, naming the point: an index file whose point does not exist
+//! tells `ebb verify` that a manifest was deleted. `ebb repair index` writes index
+//! files of no point, for packs that no index file lists.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::codec::{Decoder, Encoder};
 use crate::crypto::Keys;
@@ -11,15 +14,28 @@ use crate::object::{open_object, seal_object, ObjectError};
 use crate::pack::{BlobKind, BlobRef, PackEntry, BLOB_REF_LEN};
 
 pub const INDEX_DIR: &str = "index";
-const VERSION: u8 = 1;
+/// Version 1 lists entries only; version 2 also names the point it was written with.
+const VERSION_1: u8 = 1;
+const VERSION: u8 = 2;
+/// Point names are `points/<source>/<33 chars>`, well under this.
+const MAX_POINT_NAME: usize = 256;
 
 pub fn index_name(id: &Id) -> String {
     format!("{INDEX_DIR}/{}", id.to_hex())
 }
 
-pub fn encode_index(entries: &[PackEntry]) -> Vec<u8> {
+/// One index file's contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexFile {
+    /// The point written with it; none for version 1 and for `ebb repair index`.
+    pub point: Option<String>,
+    pub entries: Vec<PackEntry>,
+}
+
+pub fn encode_index(point: Option<&str>, entries: &[PackEntry]) -> Vec<u8> {
     let mut e = Encoder::default();
     e.u8(VERSION);
+    e.bytes(point.unwrap_or_default().as_bytes());
     e.u32(entries.len() as u32);
     for entry in entries {
         e.u8(entry.kind as u8);
@@ -28,27 +44,36 @@ pub fn encode_index(entries: &[PackEntry]) -> Vec<u8> {
     e.buf
 }
 
-pub fn decode_index(bytes: &[u8]) -> Result<Vec<PackEntry>, crate::codec::DecodeError> {
+pub fn decode_index(bytes: &[u8]) -> Result<IndexFile, crate::codec::DecodeError> {
     let mut d = Decoder::new("index", bytes);
     let v = d.u8()?;
-    if v != VERSION {
-        return Err(d.error(format!("unknown index version {v}")));
-    }
+    let point = match v {
+        VERSION_1 => None,
+        VERSION => {
+            let name = d.bytes()?;
+            if name.len() > MAX_POINT_NAME {
+                return Err(d.error("the point name is too long"));
+            }
+            let name = std::str::from_utf8(name).map_err(|_| d.error("the point name is not UTF-8"))?;
+            (!name.is_empty()).then(|| name.to_string())
+        }
+        _ => return Err(d.error(format!("unknown index version {v}"))),
+    };
     let n = d.count(1 + BLOB_REF_LEN)?;
-    let mut out = Vec::with_capacity(n);
+    let mut entries = Vec::with_capacity(n);
     for _ in 0..n {
         let kind = BlobKind::from_u8(d.u8()?).ok_or_else(|| d.error("unknown blob kind"))?;
-        out.push(PackEntry { kind, blob: BlobRef::decode(&mut d)? });
+        entries.push(PackEntry { kind, blob: BlobRef::decode(&mut d)? });
     }
     d.finish()?;
-    Ok(out)
+    Ok(IndexFile { point, entries })
 }
 
-pub fn seal_index(keys: &Keys, name: &str, entries: &[PackEntry]) -> Vec<u8> {
-    seal_object(keys, name, &encode_index(entries))
+pub fn seal_index(keys: &Keys, name: &str, point: Option<&str>, entries: &[PackEntry]) -> Vec<u8> {
+    seal_object(keys, name, &encode_index(point, entries))
 }
 
-pub fn open_index(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<PackEntry>, ObjectError> {
+pub fn open_index(keys: &Keys, name: &str, bytes: &[u8]) -> Result<IndexFile, ObjectError> {
     let plain = open_object(keys, name, bytes)?;
     decode_index(&plain).map_err(|e| ObjectError::Decode { name: name.to_string(), cause: e })
 }
@@ -57,26 +82,14 @@ pub fn open_index(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<PackEntry
 #[derive(Default)]
 pub struct DedupIndex {
     map: HashMap<(BlobKind, Id), BlobRef>,
-    /// Every pack some entry named, duplicates included.
-    packs: HashSet<Id>,
 }
 
 impl DedupIndex {
     pub fn insert(&mut self, kind: BlobKind, blob: BlobRef) {
-        self.packs.insert(blob.pack);
         self.map.entry((kind, blob.id)).or_insert(blob);
-    }
-    pub fn has_pack(&self, pack: &Id) -> bool {
-        self.packs.contains(pack)
     }
     pub fn get(&self, kind: BlobKind, id: &Id) -> Option<BlobRef> {
         self.map.get(&(kind, *id)).copied()
-    }
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 }
 
@@ -86,17 +99,30 @@ mod tests {
 
     #[test]
     fn golden_index() {
+        // Version 1, as repositories before version 2 hold them: still read.
         let entries = vec![PackEntry {
             kind: BlobKind::Tree,
             blob: BlobRef { id: Id([1; 32]), pack: Id([2; 32]), offset: 3, length: 4, raw_len: 5 },
         }];
-        let bytes = encode_index(&entries);
-        let mut expect = vec![1u8, 1, 0, 0, 0, 1];
-        expect.extend([1u8; 32]);
-        expect.extend([2u8; 32]);
-        expect.extend([3, 0, 0, 0, 4, 0, 0, 0, 5, 0, 0, 0]);
-        assert_eq!(bytes, expect);
-        assert_eq!(decode_index(&bytes).unwrap(), entries);
-        assert!(decode_index(&bytes[..bytes.len() - 1]).is_err());
+        let mut v1 = vec![1u8, 1, 0, 0, 0, 1];
+        v1.extend([1u8; 32]);
+        v1.extend([2u8; 32]);
+        v1.extend([3, 0, 0, 0, 4, 0, 0, 0, 5, 0, 0, 0]);
+        assert_eq!(decode_index(&v1).unwrap(), IndexFile { point: None, entries: entries.clone() });
+        assert!(decode_index(&v1[..v1.len() - 1]).is_err());
+
+        // Version 2: the point's name (u32 length and bytes), then as version 1.
+        let bytes = encode_index(Some("points/db/x"), &entries);
+        let mut v2 = vec![2u8, 11, 0, 0, 0];
+        v2.extend(b"points/db/x");
+        v2.extend(&v1[1..]);
+        assert_eq!(bytes, v2);
+        assert_eq!(decode_index(&bytes).unwrap(), IndexFile { point: Some("points/db/x".into()), entries });
+        for cut in 0..bytes.len() {
+            assert!(decode_index(&bytes[..cut]).is_err(), "an index cut at {cut} decoded");
+        }
+        let none = encode_index(None, &[]);
+        assert_eq!(none, [2, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(decode_index(&none).unwrap(), IndexFile { point: None, entries: vec![] });
     }
 }

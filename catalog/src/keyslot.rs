@@ -122,6 +122,17 @@ impl KeySlot {
         checksummed(&serde_json::to_vec(self).expect("key slot serializes"))
     }
 
+    /// The repository a slot's bytes say it belongs to, unchecked: where the
+    /// repository id must be learnt from the slots themselves (a lost `config`).
+    pub fn claimed_repo(bytes: &[u8]) -> Option<Id> {
+        #[derive(Deserialize)]
+        struct Claim {
+            repo: String,
+        }
+        let body = verify_checksummed(bytes).ok()?;
+        Id::from_hex(&serde_json::from_slice::<Claim>(body).ok()?.repo)
+    }
+
     /// Parses a slot stored under `name`, checking it belongs there and to `repo`.
     pub fn decode(name: &str, repo: &Id, bytes: &[u8]) -> Result<KeySlot, SlotError> {
         let corrupt = |problem: String| SlotError::Corrupt { name: name.to_string(), problem };

@@ -5,7 +5,7 @@
 //! Layout: blob_0 .. blob_n-1 || sealed header || header length (u32 LE) || "EBP1".
 
 use crate::codec::{DecodeError, Decoder, Encoder};
-use crate::crypto::{encode_payload, open, seal, seal_into, AuthError, Keys};
+use crate::crypto::{encode_payload, open, seal, seal_into, AuthError, Keys, SEAL_OVERHEAD};
 use crate::id::Id;
 
 pub const PACKS_DIR: &str = "packs";
@@ -121,18 +121,24 @@ impl PackBuilder {
         self.entries.is_empty()
     }
 
-    /// Seals an already framed payload (see `crypto::encode_payload`) as the next blob.
-    pub fn add(&mut self, kind: BlobKind, id: Id, raw_len: u32, payload: &[u8]) -> BlobRef {
-        let counter = self.entries.len() as u64;
-        let offset = self.buf.len();
-        seal_into(&self.cipher, counter, &blob_aad(kind, &id), payload, &mut self.buf);
-        let blob = BlobRef {
+    /// Where `add` will put a blob of this payload length: known before it is sealed,
+    /// so that a writer can claim the content id first.
+    pub fn next_ref(&self, id: Id, raw_len: u32, payload_len: usize) -> BlobRef {
+        BlobRef {
             id,
             pack: self.id,
-            offset: u32::try_from(offset).expect("packs stay far below 4 GiB"),
-            length: u32::try_from(self.buf.len() - offset).expect("the writer refuses blobs over 4 GiB"),
+            offset: u32::try_from(self.buf.len()).expect("packs stay far below 4 GiB"),
+            length: u32::try_from(payload_len + SEAL_OVERHEAD).expect("the writer refuses blobs over 4 GiB"),
             raw_len,
-        };
+        }
+    }
+
+    /// Seals an already framed payload (see `crypto::encode_payload`) as the next blob.
+    pub fn add(&mut self, kind: BlobKind, id: Id, raw_len: u32, payload: &[u8]) -> BlobRef {
+        let blob = self.next_ref(id, raw_len, payload.len());
+        let counter = self.entries.len() as u64;
+        seal_into(&self.cipher, counter, &blob_aad(kind, &id), payload, &mut self.buf);
+        debug_assert_eq!(self.buf.len() as u64, blob.range().end, "a sealed blob is its payload and the seal");
         self.entries.push(PackEntry { kind, blob });
         blob
     }
@@ -175,18 +181,31 @@ pub enum PackError {
 
 /// Reads the header of a whole pack's bytes.
 pub fn read_header(keys: &Keys, pack: &Id, bytes: &[u8]) -> Result<Vec<PackEntry>, PackError> {
-    if bytes.len() < TRAILER_LEN {
+    let hlen = header_len(bytes.len() as u64, bytes)?;
+    let body = bytes.len() - TRAILER_LEN;
+    decode_header(keys, pack, &bytes[body - hlen as usize..body], (body - hlen as usize) as u64)
+}
+
+/// The length of the sealed header, from a pack's size and its trailer (its last
+/// `TRAILER_LEN` bytes, or the whole pack).
+fn header_len(size: u64, tail: &[u8]) -> Result<u64, PackError> {
+    if size < TRAILER_LEN as u64 || tail.len() < TRAILER_LEN {
         return Err(PackError::Trailer("shorter than its trailer"));
     }
-    let (body, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
+    let trailer = &tail[tail.len() - TRAILER_LEN..];
     if &trailer[4..] != TRAILER_MAGIC {
         return Err(PackError::Trailer("magic is not EBP1"));
     }
-    let hlen = u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes")) as usize;
-    if hlen > body.len() {
+    let hlen = u64::from(u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes")));
+    if hlen > size - TRAILER_LEN as u64 {
         return Err(PackError::Trailer("header length exceeds the pack"));
     }
-    let sealed = &body[body.len() - hlen..];
+    Ok(hlen)
+}
+
+/// Opens a sealed header; every blob it lists must end within `blobs_end`, where
+/// the header begins.
+fn decode_header(keys: &Keys, pack: &Id, sealed: &[u8], blobs_end: u64) -> Result<Vec<PackEntry>, PackError> {
     let payload = open(&keys.pack_cipher(pack), HEADER_AAD, sealed)?;
     let plain = crate::crypto::decode_payload(payload.into(), 64 << 20)?;
     let mut d = Decoder::new("pack header", &plain);
@@ -196,13 +215,35 @@ pub fn read_header(keys: &Keys, pack: &Id, bytes: &[u8]) -> Result<Vec<PackEntry
         let kind = BlobKind::from_u8(d.u8()?).ok_or_else(|| d.error("unknown blob kind"))?;
         let id = d.id()?;
         let blob = BlobRef { id, pack: *pack, offset: d.u32()?, length: d.u32()?, raw_len: d.u32()? };
-        if blob.range().end > (body.len() - hlen) as u64 {
+        if blob.range().end > blobs_end {
             return Err(d.error("a blob lies outside the pack").into());
         }
         out.push(PackEntry { kind, blob });
     }
     d.finish()?;
     Ok(out)
+}
+
+/// Reads the header of the pack `pack`, `size` bytes long, with two ranged reads
+/// (its trailer, then its header) rather than the whole pack.
+pub async fn fetch_header(
+    store: &crate::store::Store,
+    keys: &Keys,
+    pack: &Id,
+    size: u64,
+) -> Result<Result<Vec<PackEntry>, PackError>, crate::store::StoreError> {
+    let name = pack_name(pack);
+    if size < TRAILER_LEN as u64 {
+        return Ok(Err(PackError::Trailer("shorter than its trailer")));
+    }
+    let trailer = store.get_range(&name, size - TRAILER_LEN as u64..size).await?;
+    let hlen = match header_len(size, &trailer) {
+        Ok(h) => h,
+        Err(e) => return Ok(Err(e)),
+    };
+    let start = size - TRAILER_LEN as u64 - hlen;
+    let sealed = store.get_range(&name, start..size - TRAILER_LEN as u64).await?;
+    Ok(decode_header(keys, pack, &sealed, start))
 }
 
 #[cfg(test)]
@@ -259,5 +300,20 @@ mod tests {
         bad[n - 20] ^= 1;
         assert!(read_header(&keys, &id, &bad).is_err());
         assert!(read_header(&keys, &Id([9; 32]), &bytes).is_err());
+        assert!(read_header(&keys, &id, &bytes[..7]).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_header_is_read_with_ranged_reads() {
+        let keys = Keys::derive(&MasterKey([1; 32]), &Id([2; 32]));
+        let mut b = PackBuilder::new(&keys);
+        b.add(BlobKind::Data, Id([3; 32]), 5, &encode_payload(b"hello", None));
+        let (id, bytes, entries) = b.finish();
+        let store = crate::store::Store::memory();
+        store.put_new(&pack_name(&id), bytes.clone().into()).await.unwrap();
+        let got = fetch_header(&store, &keys, &id, bytes.len() as u64).await.unwrap().unwrap();
+        assert_eq!(got, entries);
+        // A size that does not match the pack's is never a silent success.
+        assert!(fetch_header(&store, &keys, &id, bytes.len() as u64 - 1).await.map_or(true, |r| r.is_err()));
     }
 }

@@ -9,7 +9,7 @@ use jiff::Timestamp;
 use crate::config::{Config, ConfigError, CONFIG_NAME};
 use crate::crypto::{decode_payload, open_in_place, Keys, MasterKey, PayloadError};
 use crate::id::Id;
-use crate::index::{index_name, open_index, DedupIndex, INDEX_DIR};
+use crate::index::index_name;
 use crate::keyslot::{slot_name, KdfParams, KeySlot, Secret, SlotError, KEYS_DIR};
 use crate::object::ObjectError;
 use crate::pack::{blob_aad, pack_name, BlobKind, BlobRef};
@@ -24,6 +24,26 @@ pub enum RepoError {
     NoRepository { url: String },
     #[error("a repository already exists at {url}")]
     AlreadyExists { url: String },
+    #[error(
+        "the repository at {url} has no `config` object, but it holds data ({holds}): its header was lost. \
+         Do not run `ebb init` there; `ebb repair config` writes it again from the key slots (it needs a \
+         password or key file of the repository)"
+    )]
+    ConfigMissing { url: String, holds: String },
+    #[error(
+        "{url} holds a key slot but no `config`: an `ebb init` was interrupted. Run `ebb init` again with the \
+         same password or key file to finish it"
+    )]
+    InterruptedInit { url: String },
+    #[error(
+        "{url} holds key slots of an `ebb init` that was interrupted, and this password or key file opens none \
+         of them: run `ebb init` with the one given then, or remove keys/ there and run `ebb init` again"
+    )]
+    InterruptedInitOtherSecret { url: String },
+    #[error("the repository at {url} has its `config`: nothing to repair")]
+    ConfigPresent { url: String },
+    #[error("the password or key file opens none of the key slots of {url}, so its `config` cannot be rebuilt")]
+    WrongSecretForSlots { url: String },
     #[error("the password or key file opens none of the {slots} key slots of {url}")]
     WrongSecret { url: String, slots: usize },
     #[error("the repository at {url} has no readable key slot: {problems}")]
@@ -34,6 +54,11 @@ pub enum RepoError {
     NoSuchSlot { slot: String },
     #[error("refusing to remove key slot {slot}: it is the last one, and without it no one can open the repository")]
     LastSlot { slot: String },
+    #[error(
+        "key slot {slot} was put back: other slots were removed at the same time, and without it none would be \
+         left (see `ebb key list`)"
+    )]
+    RemovalRace { slot: String },
     #[error("source {name:?} has no points (sources: {known})")]
     NoPoints { name: String, known: String },
     #[error("{at} is before the first point of source {name:?}; the earliest is {earliest}")]
@@ -96,40 +121,10 @@ impl std::fmt::Debug for Repository {
 }
 
 impl Repository {
-    /// Creates a repository: `config` first (a conditional put, so two `init`s cannot
-    /// both win), then the first key slot.
-    pub async fn init(store: Store, secret: &Secret, kdf: KdfParams, host: String) -> Result<Repository, RepoError> {
-        let id = Id::random();
-        let now = Timestamp::now().to_string();
-        let config = Config::new(id, now.clone());
-        let master = MasterKey::generate();
-        let secret_slot = {
-            let master = master.clone();
-            let secret = clone_secret(secret);
-            tokio::task::spawn_blocking(move || KeySlot::create(&master, &id, &secret, kdf, now, host))
-                .await
-                .expect("key derivation panicked")?
-        };
-        match store.put_new(CONFIG_NAME, Bytes::from(config.encode())).await {
-            Err(StoreError::AlreadyExists { .. }) => {
-                return Err(RepoError::AlreadyExists { url: store.url().to_string() })
-            }
-            r => r?,
-        }
-        store.put_new(&secret_slot.name(), Bytes::from(secret_slot.encode())).await?;
-        Ok(Repository {
-            keys: Arc::new(Keys::derive(&master, &id)),
-            master: Arc::new(master),
-            config: Arc::new(config),
-            store,
-            slot: secret_slot.slot,
-        })
-    }
-
     pub async fn read_config(store: &Store) -> Result<Config, RepoError> {
         match store.get(CONFIG_NAME).await {
             Ok(b) => Ok(Config::decode(&b)?),
-            Err(e) if e.is_not_found() => Err(RepoError::NoRepository { url: store.url().to_string() }),
+            Err(e) if e.is_not_found() => Err(crate::init::missing_config(store).await),
             Err(e) => Err(e.into()),
         }
     }
@@ -205,6 +200,10 @@ impl Repository {
         Ok(slot)
     }
 
+    /// Removes a key slot, never the last one that works. Removals may run at once
+    /// (on several hosts): each looks again after its delete, and one that finds no
+    /// slot left puts its own back. Of the removals whose second look comes last,
+    /// the last either sees a slot or puts one back, so some slot always remains.
     pub async fn remove_slot(&self, slot: &str) -> Result<(), RepoError> {
         let (slots, _) = self.key_slots().await?;
         if !slots.iter().any(|s| s.slot == slot) {
@@ -213,7 +212,17 @@ impl Repository {
         if slots.len() == 1 {
             return Err(RepoError::LastSlot { slot: slot.to_string() });
         }
-        self.store.delete(&slot_name(slot)).await?;
+        let name = slot_name(slot);
+        let bytes = self.store.get(&name).await?;
+        self.store.delete(&name).await?;
+        let (left, _) = self.key_slots().await?;
+        if left.is_empty() {
+            match self.store.put_new(&name, bytes).await {
+                Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            return Err(RepoError::RemovalRace { slot: slot.to_string() });
+        }
         Ok(())
     }
 
@@ -304,20 +313,6 @@ impl Repository {
         Ok(PointRef::parse(&name).expect("a name we just built parses"))
     }
 
-    /// Loads every index file into a dedup map. Writers only: readers never need it.
-    pub async fn load_index(&self) -> Result<DedupIndex, RepoError> {
-        let mut index = DedupIndex::default();
-        for obj in self.store.list(INDEX_DIR).await? {
-            let bytes = self.store.get(&obj.name).await?;
-            match open_index(&self.keys, &obj.name, &bytes) {
-                Ok(entries) => entries.into_iter().for_each(|e| index.insert(e.kind, e.blob)),
-                // A damaged index only costs dedup; `ebb verify` reports it.
-                Err(e) => tracing::warn!("skipping index file: {e}"),
-            }
-        }
-        Ok(index)
-    }
-
     pub fn new_index_name() -> String {
         index_name(&Id::random())
     }
@@ -331,6 +326,10 @@ pub struct Found {
 }
 
 impl Found {
+    pub(crate) fn new(store: Store, config: Config) -> Found {
+        Found { store, config }
+    }
+
     /// The points, known from their names: no key needed.
     pub fn timeline(&self) -> Timeline<'_> {
         Timeline { store: &self.store }
@@ -378,7 +377,7 @@ impl Found {
     }
 
     /// The repository, unlocked with `master` from key slot `slot`.
-    fn with_key(self, master: MasterKey, slot: String) -> Repository {
+    pub(crate) fn with_key(self, master: MasterKey, slot: String) -> Repository {
         Repository {
             keys: Arc::new(Keys::derive(&master, &self.config.repo_id())),
             master: Arc::new(master),
@@ -439,7 +438,7 @@ impl Timeline<'_> {
     }
 }
 
-fn clone_secret(s: &Secret) -> Secret {
+pub(crate) fn clone_secret(s: &Secret) -> Secret {
     match s {
         Secret::Password(p) => Secret::Password(p.clone()),
         Secret::KeyFile(k) => Secret::KeyFile(*k),

@@ -35,6 +35,27 @@ impl StoreError {
         matches!(self, StoreError::NotFound { .. })
     }
 
+    /// Whether the store's filesystem is full (ENOSPC or a quota), so that the
+    /// user is told that rather than a generic write failure.
+    pub fn is_no_space(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = match self {
+            StoreError::Backend { cause, .. } => Some(cause),
+            StoreError::Io { cause, .. } => Some(cause),
+            _ => None,
+        };
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+                    || io.raw_os_error() == Some(libc::ENOSPC)
+                {
+                    return true;
+                }
+            }
+            cause = e.source();
+        }
+        false
+    }
+
     fn from_backend(op: &'static str, name: &str, e: object_store::Error) -> StoreError {
         match e {
             object_store::Error::NotFound { .. } => StoreError::NotFound { name: name.to_string() },
@@ -246,6 +267,21 @@ impl Store {
         let metas: Vec<_> =
             self.inner.list(Some(&prefix)).try_collect().await.map_err(|e| StoreError::from_backend("list", dir, e))?;
         Ok(metas.into_iter().map(|m| ObjectInfo { name: self.name_of(&m.location), size: m.size }).collect())
+    }
+
+    /// At most `limit` object names from anywhere in the repository: enough to tell
+    /// an empty prefix from one that holds something.
+    pub async fn sample(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        let prefix = (!self.prefix.is_empty()).then(|| Path::from(self.prefix.as_str()));
+        let mut stream = self.inner.list(prefix.as_ref());
+        let mut out = Vec::new();
+        while out.len() < limit {
+            match stream.try_next().await.map_err(|e| StoreError::from_backend("list", "", e))? {
+                Some(m) => out.push(self.name_of(&m.location)),
+                None => break,
+            }
+        }
+        Ok(out)
     }
 
     /// Objects under `dir/` whose names sort after `after`, in name order, at most

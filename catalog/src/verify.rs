@@ -25,8 +25,11 @@ pub struct VerifyReport {
     pub packs_read: u64,
     pub index_files: u64,
     pub fragments: u64,
-    /// Packs no point references (left by an interrupted backup): harmless.
+    /// Packs no point or fragment references, left by interrupted backups (not
+    /// those of a point found missing, which are errors).
     pub unreferenced_packs: u64,
+    /// Packs that only points found missing referenced.
+    pub packs_of_missing_points: u64,
     pub errors: Vec<String>,
 }
 
@@ -41,15 +44,21 @@ pub async fn verify(
     let (_, slot_problems) = repo.key_slots().await?;
     report.errors.extend(slot_problems);
 
+    // Index files are listed before points: each is written after its point's
+    // manifest, so a point an index file names exists by the time points are listed.
     progress("index files");
+    let mut indexed: Vec<(String, String, HashSet<Id>)> = Vec::new();
     for obj in store.list(INDEX_DIR).await? {
         report.index_files += 1;
         match store.get(&obj.name).await {
-            Ok(bytes) => {
-                if let Err(e) = open_index(repo.keys(), &obj.name, &bytes) {
-                    report.errors.push(e.to_string());
+            Ok(bytes) => match open_index(repo.keys(), &obj.name, &bytes) {
+                Ok(file) => {
+                    if let Some(point) = file.point {
+                        indexed.push((obj.name, point, file.entries.iter().map(|e| e.blob.pack).collect()));
+                    }
                 }
-            }
+                Err(e) => report.errors.push(e.to_string()),
+            },
             Err(e) => report.errors.push(e.to_string()),
         }
     }
@@ -70,8 +79,10 @@ pub async fn verify(
     let mut seen_trees: HashSet<Id> = HashSet::new();
     let mut refs: HashMap<Id, HashSet<(BlobKind, BlobRef)>> = HashMap::new();
     let in_pack = |b: &BlobRef| pack_sizes.get(&b.pack).is_some_and(|&size| b.range().end <= size);
+    let mut points_seen: HashSet<String> = HashSet::new();
     for source in repo.sources().await? {
         for point in repo.points(&source).await? {
+            points_seen.insert(point.name.clone());
             progress(&format!("point {}", point.name));
             report.points += 1;
             let manifest = match repo.manifest(&point).await {
@@ -144,10 +155,22 @@ pub async fn verify(
             }
         }
     }
+    // A point whose index file is there but whose manifest is not was deleted (or
+    // lost): what it held is no longer restorable.
+    let mut of_missing_points: HashSet<Id> = HashSet::new();
+    for (index, point, packs) in &indexed {
+        if !points_seen.contains(point) {
+            report.errors.push(format!(
+                "point {point} is missing: its manifest was deleted or lost (index file {index} was written with it)"
+            ));
+            of_missing_points.extend(packs.iter().filter(|p| !refs.contains_key(p)));
+        }
+    }
     // Packs of unreadable points would look unreferenced: only count when every point was read.
     if report.errors.is_empty() {
         report.unreferenced_packs = pack_sizes.keys().filter(|p| !refs.contains_key(p)).count() as u64;
     }
+    report.packs_of_missing_points = of_missing_points.len() as u64;
 
     if read_data {
         let mut packs: Vec<Id> = pack_sizes.keys().copied().collect();
@@ -173,7 +196,8 @@ pub async fn verify(
 fn missing(kind: BlobKind, b: &BlobRef, object: &str) -> String {
     let kind = if kind == BlobKind::Tree { "tree" } else { "data" };
     format!(
-        "{kind} blob {} of {object} should be at bytes {}..{} of {}, which is missing or shorter",
+        "{kind} blob {} of {object} should be at bytes {}..{} of {}, which is missing or shorter \
+         (`ebb repair index` makes new backups store its content again)",
         b.id.short(),
         b.offset,
         b.range().end,

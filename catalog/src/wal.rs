@@ -586,7 +586,7 @@ mod tests {
         let store = crate::Store::open("memory://", true).unwrap();
         let secret = crate::Secret::Password(b"pw".to_vec());
         let kdf = crate::KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
-        let repo = Repository::init(store, &secret, kdf, "h".into()).await.unwrap();
+        let repo = Repository::init(store, &secret, kdf, "h".into()).await.unwrap().0;
         let system = WalSystem { system_id: 1, segment_size: 1 << 20 };
         repo.claim_wal_system("db", system).await.unwrap();
         let other = WalSystem { system_id: 2, ..system };

@@ -3,12 +3,16 @@
 //! A `Writer` is shared by the threads of one backup; each thread stores blobs through
 //! its own `Packer` (compression and encryption run on that thread). Full packs go to
 //! one async uploader over a bounded channel, so memory stays bounded whatever the
-//! input. `checkpoint` and `finish` wait until every pack is durable, then write the
-//! index file; only after that may a manifest reference any of it. A writer that
-//! reported an error must be dropped: its dedup map may name blobs never stored.
+//! input. `checkpoint` and `finish` wait until every pack is durable; only after that
+//! may a manifest reference any of it. The point's manifest goes first, then the
+//! index file that names it (`Durable::commit`). A writer that reported an error
+//! must be dropped: its dedup map may name blobs never stored.
+//!
+//! A writer deduplicates only against blobs it has confirmed exist: those of index
+//! files whose pack is listed and long enough (`Inventory`), and its own.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -18,7 +22,9 @@ use tokio::task::JoinHandle;
 use crate::crypto::{compressor, encode_payload};
 use crate::id::Id;
 use crate::index::{seal_index, DedupIndex};
-use crate::pack::{pack_name, parse_pack_name, read_header, BlobKind, BlobRef, PackBuilder, PackEntry, PACKS_DIR};
+use crate::inventory::Inventory;
+use crate::pack::{fetch_header, pack_name, BlobKind, BlobRef, PackBuilder, PackEntry};
+use crate::point::{Manifest, PointRef};
 use crate::repo::{RepoError, Repository};
 use crate::store::{Store, StoreError};
 
@@ -36,7 +42,10 @@ pub enum WriteError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Repo(#[from] RepoError),
-    #[error("the uploader stopped after an error")]
+    /// An upload failed: the store's error, which every later call reports too.
+    #[error("{0}")]
+    Upload(Arc<StoreError>),
+    #[error("the uploader stopped")]
     UploaderStopped,
     #[error("blobs were packed but never handed to the uploader (a packer was not flushed)")]
     Unflushed,
@@ -44,8 +53,20 @@ pub enum WriteError {
     TooLarge(usize),
 }
 
+impl WriteError {
+    /// Whether the store's filesystem is full.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            WriteError::Store(e) | WriteError::Repo(RepoError::Store(e)) => e.is_no_space(),
+            WriteError::Upload(e) => e.is_no_space(),
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct WriterSummary {
+    /// The index file the point's blobs go into, written after its manifest.
     pub index: Option<String>,
     pub new_blobs: u64,
     pub new_data_blobs: u64,
@@ -56,9 +77,15 @@ pub struct WriterSummary {
 pub struct Writer {
     repo: Repository,
     dedup: Mutex<DedupIndex>,
+    /// Packs listed when the writer started: what existed then, and how long.
+    listed: std::collections::HashMap<Id, u64>,
+    /// Listed packs that no index file names, not yet adopted.
+    orphans: Mutex<Vec<(Id, u64)>>,
     written: Mutex<Vec<PackEntry>>,
     tx: Mutex<Option<mpsc::Sender<Upload>>>,
-    uploader: Mutex<Option<JoinHandle<Result<(), StoreError>>>>,
+    uploader: Mutex<Option<JoinHandle<()>>>,
+    /// The first upload that failed; the uploader stops there.
+    failure: Arc<OnceLock<Arc<StoreError>>>,
     new_blobs: AtomicU64,
     new_data_blobs: AtomicU64,
     new_bytes: AtomicU64,
@@ -69,17 +96,42 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Loads the repository's index and starts the uploader on the current runtime.
+    /// Loads the repository's index, keeps what exists of it for deduplication, and
+    /// starts the uploader on the current runtime.
     pub async fn new(repo: Repository) -> Result<Arc<Writer>, RepoError> {
-        let dedup = repo.load_index().await?;
+        let inventory = Inventory::load(&repo).await?;
+        for (name, why) in &inventory.unreadable {
+            // A damaged index only costs dedup; `ebb verify` reports it.
+            tracing::warn!("skipping index file {name}: {why}");
+        }
+        let (missing, lost) = inventory.missing();
+        if missing > 0 {
+            tracing::warn!(
+                "the index lists {missing} blobs in {} packs that are missing or cut short: they are stored again. \
+                 Points that use them cannot be restored in full (`ebb verify` names them); \
+                 `ebb repair index` drops them from the index",
+                lost.len()
+            );
+        }
+        let mut dedup = DedupIndex::default();
+        for e in inventory.index_files.iter().flat_map(|(_, f)| &f.entries) {
+            if inventory.holds(&e.blob) {
+                dedup.insert(e.kind, e.blob);
+            }
+        }
+        let orphans = inventory.unindexed();
         let (tx, rx) = mpsc::channel(QUEUED_PACKS);
-        let uploader = tokio::spawn(upload_loop(repo.store().clone(), rx));
+        let failure = Arc::new(OnceLock::new());
+        let uploader = tokio::spawn(upload_loop(repo.store().clone(), rx, failure.clone()));
         Ok(Arc::new(Writer {
             repo,
             dedup: Mutex::new(dedup),
+            listed: inventory.packs,
+            orphans: Mutex::new(orphans),
             written: Mutex::new(Vec::new()),
             tx: Mutex::new(Some(tx)),
             uploader: Mutex::new(Some(uploader)),
+            failure,
             new_blobs: AtomicU64::new(0),
             new_data_blobs: AtomicU64::new(0),
             new_bytes: AtomicU64::new(0),
@@ -103,20 +155,23 @@ impl Writer {
         self.dedup.lock().expect("dedup lock").get(kind, id)
     }
 
+    /// Whether a reference taken from an earlier point may be used again: its pack
+    /// was listed, long enough, when the writer started, or this writer stored it.
+    pub fn exists(&self, kind: BlobKind, blob: &BlobRef) -> bool {
+        self.listed.get(&blob.pack).is_some_and(|&size| blob.range().end <= size)
+            || self.known(kind, &blob.id) == Some(*blob)
+    }
+
     /// Takes durable packs that no index file lists into deduplication, and into the
-    /// next index file: those a writer stopped by a crash uploaded but never
-    /// indexed. Each is read whole once; one that cannot be read is skipped. Returns
-    /// how many it took.
+    /// next index file: those a writer stopped by a crash or a failure uploaded but
+    /// never indexed. Each pack's header is read (two ranged reads); one that cannot
+    /// be read is skipped. Returns how many it took.
     pub async fn adopt_orphans(&self) -> Result<usize, RepoError> {
         let store = self.repo.store();
-        let packs = store.list(PACKS_DIR).await?;
-        let orphans: Vec<Id> = {
-            let dedup = self.dedup.lock().expect("dedup lock");
-            packs.iter().filter_map(|o| parse_pack_name(&o.name)).filter(|p| !dedup.has_pack(p)).collect()
-        };
-        let reads = orphans.into_iter().map(|pack| async move {
-            let bytes = store.get(&pack_name(&pack)).await?;
-            Ok::<_, StoreError>(read_header(self.repo.keys(), &pack, &bytes).map_err(|e| (pack, e.to_string())))
+        let orphans = std::mem::take(&mut *self.orphans.lock().expect("orphans lock"));
+        let reads = orphans.into_iter().map(|(pack, size)| async move {
+            let header = fetch_header(store, self.repo.keys(), &pack, size).await?;
+            Ok::<_, StoreError>(header.map_err(|e| (pack, e.to_string())))
         });
         let mut adopted = 0;
         let mut results = futures::stream::iter(reads).buffer_unordered(ADOPT_READS);
@@ -144,59 +199,87 @@ impl Writer {
         self.written.lock().expect("written lock").extend(entries);
     }
 
-    /// Waits until every pack is durable, then writes the index file of the new blobs.
-    /// Every packer must have been flushed.
-    pub async fn finish(&self) -> Result<WriterSummary, WriteError> {
+    /// Waits until every pack is durable. Every packer must have been flushed.
+    pub async fn finish(&self) -> Result<Durable, WriteError> {
         drop(self.tx.lock().expect("tx lock").take());
         let uploader = self.uploader.lock().expect("uploader lock").take();
         if let Some(handle) = uploader {
-            handle.await.expect("uploader panicked")?;
+            handle.await.expect("uploader panicked");
         }
-        self.write_index().await
+        if let Some(e) = self.failure.get() {
+            return Err(WriteError::Upload(e.clone()));
+        }
+        self.durable()
     }
 
-    /// Waits until every pack handed over so far is durable, then writes the index
-    /// file of the blobs stored since the last checkpoint. The writer goes on; the
+    /// Why the writer stopped taking blobs: the upload that failed, if one did.
+    pub fn stopped(&self) -> WriteError {
+        match self.failure.get() {
+            Some(e) => WriteError::Upload(e.clone()),
+            None => WriteError::UploaderStopped,
+        }
+    }
+
+    /// Waits until every pack handed over so far is durable. The writer goes on; the
     /// summary counts what was stored since the last checkpoint. Every packer must
     /// have been flushed.
-    pub async fn checkpoint(&self) -> Result<WriterSummary, WriteError> {
-        let tx = self.tx.lock().expect("tx lock").clone().ok_or(WriteError::UploaderStopped)?;
+    pub async fn checkpoint(&self) -> Result<Durable, WriteError> {
+        let tx = self.tx.lock().expect("tx lock").clone().ok_or_else(|| self.stopped())?;
         let (ack, done) = oneshot::channel();
         if tx.send(Upload::Barrier(ack)).await.is_err() || done.await.is_err() {
-            // The uploader stopped: say why.
-            let uploader = self.uploader.lock().expect("uploader lock").take();
-            if let Some(handle) = uploader {
-                handle.await.expect("uploader panicked")?;
-            }
-            return Err(WriteError::UploaderStopped);
+            return Err(self.stopped());
         }
-        self.write_index().await
+        self.durable()
     }
 
-    async fn write_index(&self) -> Result<WriterSummary, WriteError> {
+    /// What was stored since the last checkpoint, now durable.
+    fn durable(&self) -> Result<Durable, WriteError> {
         if self.lost.load(Ordering::SeqCst) || self.unflushed.load(Ordering::SeqCst) != 0 {
             return Err(WriteError::Unflushed);
         }
         let entries = std::mem::take(&mut *self.written.lock().expect("written lock"));
-        let mut summary = WriterSummary {
-            index: None,
+        let summary = WriterSummary {
+            index: (!entries.is_empty()).then(Repository::new_index_name),
             new_blobs: self.new_blobs.swap(0, Ordering::Relaxed),
             new_data_blobs: self.new_data_blobs.swap(0, Ordering::Relaxed),
             new_bytes: self.new_bytes.swap(0, Ordering::Relaxed),
             packs: self.packs.swap(0, Ordering::Relaxed),
         };
-        if !entries.is_empty() {
-            let name = Repository::new_index_name();
-            let sealed = seal_index(self.repo.keys(), &name, &entries);
-            self.repo.store().put_new(&name, Bytes::from(sealed)).await?;
-            summary.index = Some(name);
-        }
-        Ok(summary)
+        Ok(Durable { repo: self.repo.clone(), summary, entries })
     }
 
     fn send(&self, name: String, bytes: Vec<u8>) -> Result<(), WriteError> {
-        let tx = self.tx.lock().expect("tx lock").clone().ok_or(WriteError::UploaderStopped)?;
-        tx.blocking_send(Upload::Pack(name, Bytes::from(bytes))).map_err(|_| WriteError::UploaderStopped)
+        let tx = self.tx.lock().expect("tx lock").clone().ok_or_else(|| self.stopped())?;
+        tx.blocking_send(Upload::Pack(name, Bytes::from(bytes))).map_err(|_| self.stopped())
+    }
+}
+
+/// Blobs that are durable: what a point may now reference (`Writer::finish`,
+/// `Writer::checkpoint`).
+pub struct Durable {
+    repo: Repository,
+    pub summary: WriterSummary,
+    entries: Vec<PackEntry>,
+}
+
+impl Durable {
+    /// Writes `manifest` as a point at `time`, which makes it visible, then the
+    /// index file of the blobs stored for it (`summary.index`), naming the point.
+    /// The manifest must say `summary.index`. A point whose index file could not
+    /// be written is whole all the same: its packs are adopted by a later writer.
+    pub async fn commit(self, manifest: &Manifest, time: jiff::Timestamp) -> Result<PointRef, RepoError> {
+        let point = self.repo.commit_point(manifest, time).await?;
+        if let Err(e) = self.write_index(Some(&point.name)).await {
+            tracing::warn!("point {} is saved, but not its index file: {e}", point.name);
+        }
+        Ok(point)
+    }
+
+    /// Writes the index file of these blobs, naming `point` if they belong to one.
+    pub(crate) async fn write_index(&self, point: Option<&str>) -> Result<(), StoreError> {
+        let Some(name) = &self.summary.index else { return Ok(()) };
+        let sealed = seal_index(self.repo.keys(), name, point, &self.entries);
+        self.repo.store().put_new(name, Bytes::from(sealed)).await
     }
 }
 
@@ -206,7 +289,15 @@ enum Upload {
     Barrier(oneshot::Sender<()>),
 }
 
-async fn upload_loop(store: Store, mut rx: mpsc::Receiver<Upload>) -> Result<(), StoreError> {
+/// Uploads packs until the channel closes or a put fails; a failure is recorded in
+/// `failure` and ends the loop, so that every sender learns of it at once.
+async fn upload_loop(store: Store, rx: mpsc::Receiver<Upload>, failure: Arc<OnceLock<Arc<StoreError>>>) {
+    if let Err(e) = upload_all(store, rx).await {
+        let _ = failure.set(Arc::new(e));
+    }
+}
+
+async fn upload_all(store: Store, mut rx: mpsc::Receiver<Upload>) -> Result<(), StoreError> {
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
@@ -255,9 +346,21 @@ impl Packer {
         }
         let payload = encode_payload(data, Some(&mut self.zstd));
         let pack = self.pack.get_or_insert_with(|| PackBuilder::new(keys));
-        let blob = pack.add(kind, id, data.len() as u32, &payload);
-        self.w.dedup.lock().expect("dedup lock").insert(kind, blob);
-        self.w.unflushed.fetch_add(1, Ordering::SeqCst);
+        // Claim the content id before sealing: of several threads that meet the same
+        // content at once (identical files read in parallel), one stores it and the
+        // others take its reference.
+        let blob = {
+            let mut dedup = self.w.dedup.lock().expect("dedup lock");
+            if let Some(b) = dedup.get(kind, &id) {
+                return Ok(b);
+            }
+            let blob = pack.next_ref(id, data.len() as u32, payload.len());
+            dedup.insert(kind, blob);
+            self.w.unflushed.fetch_add(1, Ordering::SeqCst);
+            blob
+        };
+        let added = pack.add(kind, id, data.len() as u32, &payload);
+        debug_assert_eq!(added, blob);
         self.w.new_blobs.fetch_add(1, Ordering::Relaxed);
         if kind == BlobKind::Data {
             self.w.new_data_blobs.fetch_add(1, Ordering::Relaxed);
@@ -297,11 +400,44 @@ mod tests {
     use super::*;
     use crate::keyslot::{Secret, DEFAULT_KDF};
 
+    /// Item 23 of issue 15: threads that meet the same content at the same moment
+    /// (identical files read in parallel) store it once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_same_content_met_by_parallel_packers_is_stored_once() {
+        let repo =
+            Repository::init(Store::memory(), &Secret::KeyFile([6; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
+        let writer = Writer::new(repo.clone()).await.unwrap();
+        let blobs: Arc<Vec<Vec<u8>>> = Arc::new(
+            (0..64u32).map(|i| (0..65_536u32).map(|j| (j.wrapping_mul(i + 7) % 253) as u8).collect()).collect(),
+        );
+        let start = Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (w, blobs, start) = (writer.clone(), blobs.clone(), start.clone());
+                tokio::task::spawn_blocking(move || {
+                    let mut p = w.packer();
+                    start.wait();
+                    let refs: Vec<BlobRef> = blobs.iter().map(|b| p.store(BlobKind::Data, b).unwrap()).collect();
+                    p.flush().unwrap();
+                    refs
+                })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for t in threads {
+            seen.push(t.await.unwrap());
+        }
+        let summary = writer.finish().await.unwrap().summary;
+        assert_eq!(summary.new_blobs, 64, "content stored more than once");
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "every thread got the one stored copy");
+    }
+
     /// A writer stopped after its pack was durable but before its index: the next
     /// writer adopts the pack and stores nothing again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn orphan_packs_are_adopted_not_uploaded_again() {
-        let repo = Repository::init(Store::memory(), &Secret::KeyFile([5; 32]), DEFAULT_KDF, "t".into()).await.unwrap();
+        let repo =
+            Repository::init(Store::memory(), &Secret::KeyFile([5; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
         let data: Vec<Vec<u8>> = (0..3u8).map(|i| (0..300_000u32).map(|j| (j % 251) as u8 ^ i).collect()).collect();
         let store_all = |w: Arc<Writer>, data: Vec<Vec<u8>>| {
             tokio::task::spawn_blocking(move || {
@@ -317,7 +453,7 @@ mod tests {
         store_all(crashed.clone(), data.clone()).await.unwrap();
         // Its pack lands; its index never does.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while repo.store().list(PACKS_DIR).await.unwrap().is_empty() {
+        while repo.store().list(crate::pack::PACKS_DIR).await.unwrap().is_empty() {
             assert!(std::time::Instant::now() < deadline, "the pack was never uploaded");
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
@@ -327,10 +463,12 @@ mod tests {
         let next = Writer::new(repo.clone()).await.unwrap();
         assert_eq!(next.adopt_orphans().await.unwrap(), 1);
         store_all(next.clone(), data.clone()).await.unwrap();
-        let summary = next.finish().await.unwrap();
+        let durable = next.finish().await.unwrap();
+        let summary = &durable.summary;
         assert_eq!((summary.new_blobs, summary.packs), (0, 0), "adopted blobs were stored again");
         assert!(summary.index.is_some(), "the adopted pack goes into an index file");
-        assert_eq!(repo.store().list(PACKS_DIR).await.unwrap().len(), 1);
+        durable.write_index(None).await.unwrap();
+        assert_eq!(repo.store().list(crate::pack::PACKS_DIR).await.unwrap().len(), 1);
 
         // Indexed now: nothing left to adopt.
         let third = Writer::new(repo.clone()).await.unwrap();

@@ -253,9 +253,15 @@ impl MountHandle {
         self.session.as_ref().is_none_or(|s| s.guard.is_finished())
     }
 
+    /// Unmounts, unless someone did already (`ebb umount`): the kernel may have let
+    /// go of the mountpoint before the session's threads have noticed, and then the
+    /// unmount finds nothing there (EINVAL), which is the outcome wanted.
     pub fn unmount(mut self) -> std::io::Result<()> {
         match self.session.take() {
-            Some(s) if !s.guard.is_finished() => s.umount_and_join(),
+            Some(s) if !s.guard.is_finished() => match s.umount_and_join() {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+                r => r,
+            },
             _ => Ok(()),
         }
     }

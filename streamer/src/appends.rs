@@ -169,7 +169,7 @@ pub fn prepare(repo: &Repository, root: &Path, view: &View, tails: &Tails, paths
     };
     let mut chunker = Chunker::new(repo.keys().chunker_seed);
     for path in paths {
-        let Ok(f) = File::open(&path) else {
+        let Ok(f) = crate::metadata::open_file(&path) else {
             round.needs_point.push(path);
             continue;
         };

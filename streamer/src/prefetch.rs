@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use crate::metadata::stat_at;
+use crate::metadata::{open_dir, stat_at};
 
 /// Directories waiting to be read ahead; beyond this the read-ahead stops growing.
 const MAX_QUEUED: usize = 100_000;
@@ -70,7 +70,7 @@ fn work(stop: &AtomicBool, state: &(Mutex<Queue>, Condvar)) {
             }
         };
         let mut subdirs = Vec::new();
-        if let (Ok(entries), Ok(fd)) = (fs::read_dir(&dir), fs::File::open(&dir)) {
+        if let (Ok(entries), Ok(fd)) = (fs::read_dir(&dir), open_dir(&dir)) {
             for e in entries.flatten() {
                 if stop.load(Ordering::Relaxed) {
                     break;

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
@@ -30,7 +29,7 @@ use tokio::runtime::Handle;
 
 use crate::appends::{Tail, Tails};
 use crate::exclude::Excludes;
-use crate::metadata::{data_regions, entry_from, entry_from_stat, name_bytes, stat_at};
+use crate::metadata::{data_regions, entry_from, entry_from_stat, name_bytes, open_dir, open_file, stat_at};
 use crate::prefetch::Prefetch;
 use catalog::chunker::{ChunkError, Chunker};
 
@@ -79,6 +78,17 @@ pub enum SnapshotError {
     Write(#[from] WriteError),
 }
 
+impl SnapshotError {
+    /// Whether the repository's filesystem is full.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            SnapshotError::Write(e) => e.is_no_space(),
+            SnapshotError::Repo(RepoError::Store(e)) => e.is_no_space(),
+            _ => false,
+        }
+    }
+}
+
 /// Backs up `opts.path` as a new point of `opts.source` and returns it.
 pub async fn snapshot(
     repo: &Repository,
@@ -87,17 +97,23 @@ pub async fn snapshot(
 ) -> Result<(PointRef, Manifest), SnapshotError> {
     let parent = previous_top(repo, &opts.source, Timestamp::now()).await;
     let writer = Writer::new(repo.clone()).await?;
+    // What an interrupted or failed backup made durable is taken, not stored again.
+    let adopted = writer.adopt_orphans().await?;
+    if adopted > 0 {
+        tracing::info!("adopted {adopted} packs left unindexed by an earlier run");
+    }
     let captured = match capture(&writer, opts, parent, TreeCache::default(), counters).await {
         Ok(c) => c,
         Err(e) => {
-            // Stop the uploader; what it already stored is unreferenced and harmless.
+            // Stop the uploader; what it already stored is unreferenced, and the
+            // next writer adopts it.
             let _ = writer.finish().await;
             return Err(e);
         }
     };
-    let summary = writer.finish().await?;
-    let manifest = captured.manifest(opts, summary);
-    let point = repo.commit_point(&manifest, captured.started).await?;
+    let durable = writer.finish().await?;
+    let manifest = captured.manifest(opts, durable.summary.clone());
+    let point = durable.commit(&manifest, captured.started).await?;
     Ok((point, manifest))
 }
 
@@ -311,9 +327,15 @@ fn run_walk(
             })
         })
         .collect();
+    // Only the workers hold the queue: once they have all stopped (after a
+    // repository error), the walk's next send fails, and the files left in the
+    // queue drop their reply channels, so the walk never waits on a file that no
+    // worker will read.
+    drop(rx);
 
     let mut walk = Walk {
         repo: writer.repo().clone(),
+        writer: writer.clone(),
         handle,
         trees: writer.packer(),
         jobs: Some(tx),
@@ -347,6 +369,7 @@ fn run_walk(
 
 struct Walk {
     repo: Repository,
+    writer: Arc<Writer>,
     handle: Handle,
     trees: Packer,
     jobs: Option<SyncSender<Job>>,
@@ -428,7 +451,7 @@ impl Walk {
             .map_err(|cause| SnapshotError::Root { path: path.to_path_buf(), cause })?;
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
 
-        let dir_fd = File::open(path).map_err(|cause| SnapshotError::Root { path: path.to_path_buf(), cause })?;
+        let dir_fd = open_dir(path).map_err(|cause| SnapshotError::Root { path: path.to_path_buf(), cause })?;
         let mut pending = Vec::with_capacity(names.len());
         for name in &names {
             let child = path.join(name);
@@ -493,6 +516,9 @@ impl Walk {
                     let next = self.links.len() as u64 + 1;
                     e.link_group = *self.links.entry((e.device, e.inode)).or_insert(next);
                 }
+                // Only what is still stored may be used again: a lost pack's chunks
+                // are read and stored anew.
+                let prev = prev.filter(|p| self.all_stored(&p.content));
                 if let Some(prev) = prev.filter(|p| unchanged(p, &e)) {
                     e.content = prev.content.clone();
                     self.stats.files += 1;
@@ -514,7 +540,7 @@ impl Walk {
                 let jobs = self.jobs.as_ref().expect("jobs open while walking");
                 if jobs.send(job).is_err() {
                     // Every worker stopped: one of them hit a repository error.
-                    return Err(WriteError::UploaderStopped.into());
+                    return Err(self.writer.stopped().into());
                 }
                 Ok(Some(Pending::File(e, path.to_path_buf(), rx)))
             }
@@ -534,6 +560,14 @@ impl Walk {
                 Ok(Some(Pending::Ready(e)))
             }
         }
+    }
+
+    /// Whether every chunk of these extents is in a pack that exists.
+    fn all_stored(&self, content: &[Extent]) -> bool {
+        content.iter().all(|x| match x {
+            Extent::Data(b) => self.writer.exists(BlobKind::Data, b),
+            Extent::Hole(_) => true,
+        })
     }
 
     /// Waits for a worker's result; `None` if the file could not be read.
@@ -562,7 +596,7 @@ impl Walk {
                 Ok(None)
             }
             Ok(Err(FileError::Write(err))) => Err(err.into()),
-            Err(_) => Err(WriteError::UploaderStopped.into()),
+            Err(_) => Err(self.writer.stopped().into()),
         }
     }
 }
@@ -573,11 +607,6 @@ fn unchanged(prev: &Entry, now: &Entry) -> bool {
         && prev.mtime == now.mtime
         && prev.ctime == now.ctime
         && prev.inode == now.inode
-}
-
-fn open_noatime(path: &Path) -> std::io::Result<File> {
-    // O_NOATIME keeps backups from touching access times; only the owner (or root) may ask.
-    fs::OpenOptions::new().read(true).custom_flags(libc::O_NOATIME).open(path).or_else(|_| File::open(path))
 }
 
 /// Reads a job's file. In a stream, the file is claimed from the fragments first, and
@@ -620,7 +649,7 @@ fn read_consistent(
     counters: &Counters,
 ) -> Result<FileRead, FileError> {
     for attempt in 1..=READ_ATTEMPTS {
-        let mut f = open_noatime(path).map_err(FileError::Io)?;
+        let mut f = open_file(path).map_err(FileError::Io)?;
         let extents = read_content(&mut f, seen.size, grown, chunker, packer, counters)?;
         let after = Seen::of_file(&f).map_err(FileError::Io)?;
         let read: u64 = extents.iter().map(Extent::len).sum();
@@ -726,7 +755,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_file_rewritten_while_read_is_never_a_silent_mix() {
         let secret = catalog::Secret::KeyFile([3; 32]);
-        let repo = Repository::init(catalog::Store::memory(), &secret, catalog::DEFAULT_KDF, "t".into()).await.unwrap();
+        let repo =
+            Repository::init(catalog::Store::memory(), &secret, catalog::DEFAULT_KDF, "t".into()).await.unwrap().0;
         let writer = Writer::new(repo.clone()).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");

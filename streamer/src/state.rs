@@ -73,19 +73,66 @@ pub fn default_state_dir() -> Option<PathBuf> {
         .map(|d| d.join("ebb"))
 }
 
+/// `dir`, created if needed with mode 0700, checked to be a directory of this
+/// user's that no one else can write to: where this host's ebb keeps files that a
+/// local user must not be able to plant or read (logs, state).
+pub fn private_dir(dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    create_dirs(dir)?;
+    let m = std::fs::symlink_metadata(dir)?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !m.is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a directory of this user's that only it can write to (owner {}, mode {:o})",
+                dir.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// Creates `dir` and its missing parents, mode 0700.
+fn create_dirs(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Creates `path` afresh (mode 0600), replacing a file there but never following a
+/// symlink or writing into a file someone else planted: what was at the name is
+/// unlinked, and the new file must be the one created.
+pub fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
 /// The file of one stream: per source and repository.
 pub fn state_file(dir: &Path, repository: &str, source: &str) -> PathBuf {
     let h = Sha256::digest(repository.as_bytes());
     dir.join(format!("{source}-{}.json", hex::encode(&h[..6])))
 }
 
-/// Writes the state beside its place, then renames it there.
+/// Writes the state beside its place (a file of its own, mode 0600), then renames
+/// it there.
 pub fn write(path: &Path, state: &StreamState) -> std::io::Result<()> {
+    use std::io::Write;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        create_dirs(dir)?;
     }
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(state).expect("state serializes"))?;
+    create_private(&tmp)?.write_all(&serde_json::to_vec_pretty(state).expect("state serializes"))?;
     std::fs::rename(&tmp, path)
 }
 

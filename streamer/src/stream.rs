@@ -171,10 +171,10 @@ impl Shipper {
             self.trees = cap.trees;
             return Ok(Shipped::Unchanged);
         }
-        let summary = writer.checkpoint().await?;
-        let bytes = summary.new_bytes;
-        let manifest = cap.manifest(&self.opts.snapshot, summary);
-        let point = self.repo.commit_point(&manifest, cap.started).await?;
+        let durable = writer.checkpoint().await?;
+        let bytes = durable.summary.new_bytes;
+        let manifest = cap.manifest(&self.opts.snapshot, durable.summary.clone());
+        let point = durable.commit(&manifest, cap.started).await?;
         tracing::info!(
             "point {} of {}: {} files, {} new bytes, walk {} ms",
             point.time,

@@ -74,7 +74,7 @@ impl S3Endpoint {
 }
 
 enum Location {
-    File { _tmp: tempfile::TempDir, dir: PathBuf },
+    File { _tmp: Option<tempfile::TempDir>, dir: PathBuf },
     S3 { endpoint: S3Endpoint, prefix: String },
 }
 
@@ -83,6 +83,12 @@ pub struct TestRepo {
     pub backend: Backend,
     url: String,
     location: Location,
+}
+
+/// The `ebb` binary under test: this build's, or `EBB_TEST_EXE` (to check that a
+/// regression test fails against another build).
+pub fn ebb_exe() -> PathBuf {
+    env::var_os("EBB_TEST_EXE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ebb")))
 }
 
 static UNIQUE: AtomicUsize = AtomicUsize::new(0);
@@ -102,7 +108,7 @@ impl TestRepo {
                     .expect("creating a temp dir for a file:// repo");
                 let dir = tmp.path().join("repo");
                 let url = format!("file://{}", dir.display());
-                TestRepo { backend, url, location: Location::File { _tmp: tmp, dir } }
+                TestRepo { backend, url, location: Location::File { _tmp: Some(tmp), dir } }
             }
             Backend::S3 => {
                 let endpoint = S3Endpoint::from_env();
@@ -112,6 +118,12 @@ impl TestRepo {
                 TestRepo { backend, url, location: Location::S3 { endpoint, prefix } }
             }
         }
+    }
+
+    /// A `file://` repository in `dir` (which the caller owns and cleans up).
+    pub fn at_dir(dir: &Path) -> TestRepo {
+        let url = format!("file://{}", dir.display());
+        TestRepo { backend: Backend::File, url, location: Location::File { _tmp: None, dir: dir.to_path_buf() } }
     }
 
     /// An `s3://` repository on the S3 server at `endpoint` (not the shared one).
@@ -155,7 +167,7 @@ impl TestRepo {
     /// `EBB_PASSWORD` (and no `EBB_PASSWORD_FILE`), for S3 the `AWS_*` variables for
     /// the test server. `RUST_LOG` is inherited. Stdin is null (override if needed).
     pub fn cmd(&self) -> Command {
-        self.cmd_at(Path::new(env!("CARGO_BIN_EXE_ebb")))
+        self.cmd_at(&ebb_exe())
     }
 
     /// `cmd` for a copy of the binary at `exe`.

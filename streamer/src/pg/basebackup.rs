@@ -126,10 +126,11 @@ pub async fn base_backup(repo: &Repository, opts: &BaseBackupOptions) -> Result<
     }
     drop(manifest_tx);
     let stored = reader.await.expect("base backup reader panicked");
-    let summary = writer.finish().await;
+    let durable = writer.finish().await;
     let end = received?;
     let stored = stored?;
-    let summary = summary?;
+    let durable = durable?;
+    let summary = durable.summary.clone();
     let (stop_lsn, _) = lsn_and_tli(&end)?;
     conn.close().await;
 
@@ -150,7 +151,7 @@ pub async fn base_backup(repo: &Repository, opts: &BaseBackupOptions) -> Result<
         server_version,
         segment_size,
     });
-    let point = repo.commit_point(&manifest, time).await?;
+    let point = durable.commit(&manifest, time).await?;
     Ok((point, manifest))
 }
 
