@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use common::{assert_trees_equal_with, build_fidelity_tree, pseudo_random_bytes, Backend, CompareOptions, TestRepo};
 use serde_json::Value;
 
-/// Compare options for a mount: FUSE cannot report holes through SEEK_DATA.
+/// Compare options for a mount: everything, holes included (the mount answers
+/// SEEK_DATA and SEEK_HOLE from the stored extents, item 22 of issue 15).
 fn mount_opts() -> CompareOptions {
-    CompareOptions { sparseness: false, ..CompareOptions::default() }
+    CompareOptions::default()
 }
 
 /// A mount that is undone when the test ends, however it ends.
@@ -40,11 +41,22 @@ fn mount(repo: &TestRepo, args: &[&str], mnt: &Path) -> (Mounted, String) {
     all.extend_from_slice(args);
     all.push(mnt.to_str().unwrap());
     // The daemon's log goes beside the mountpoint, into the test's own directory.
-    let out = repo.cmd().env("TMPDIR", mnt.parent().unwrap()).args(&all).output().unwrap();
+    let out = repo.cmd().env("EBB_STATE_DIR", state_dir(mnt)).args(&all).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "ebb {all:?} failed: {stderr}");
     assert!(is_mounted(mnt), "ebb mount returned before the mount was ready: {stderr}");
     (Mounted(mnt.to_path_buf()), stderr)
+}
+
+/// Where a test's mount daemons keep their logs: beside the mountpoint.
+fn state_dir(mnt: &Path) -> PathBuf {
+    mnt.parent().unwrap().join("state")
+}
+
+/// The log of the mount daemon of `mnt`.
+fn daemon_log(mnt: &Path) -> PathBuf {
+    let tag: String = mnt.to_str().unwrap().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    state_dir(mnt).join("mounts").join(format!("mount{tag}.log"))
 }
 
 fn daemon_pid(stderr: &str) -> i32 {
@@ -151,7 +163,8 @@ fn shows_each_point(backend: Backend) {
     let copy = work.path().join("copy");
     let (ok, _, err) = sh(&format!("cp -a . '{}'", copy.display()), &at);
     assert!(ok, "cp -a from the mount: {err}");
-    assert_trees_equal_with(&v1, &copy, &CompareOptions { sparseness: false, ..CompareOptions::default() });
+    // cp finds the holes with SEEK_HOLE and keeps them.
+    assert_trees_equal_with(&v1, &copy, &CompareOptions::default());
     let count = |dir: &Path| sh("find . | wc -l", dir).1;
     assert_eq!(count(&at), count(&v1), "find lists the same entries");
     // Files only: a directory's size is an artefact of how it grew, and the copy grew
@@ -280,14 +293,11 @@ fn mountpoint_checks_and_lifecycle() {
     // A wrong password: refused by `ebb mount` itself, and no daemon is left behind.
     let mnt = work.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let log = work.path().join(format!(
-        "ebb-mount{}.log",
-        mnt.to_str().unwrap().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect::<String>()
-    ));
+    let log = daemon_log(&mnt);
     let out = repo
         .cmd()
         .env("EBB_PASSWORD", "not the password")
-        .env("TMPDIR", work.path())
+        .env("EBB_STATE_DIR", state_dir(&mnt))
         .args(["mount", mnt.to_str().unwrap()])
         .output()
         .unwrap();
@@ -405,4 +415,117 @@ fn disk_cache_serves_later_mounts_and_holds_no_plaintext() {
     let _ = fs::read(mnt.join("noise")).unwrap();
     let total: u64 = fs::read_dir(&cache).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
     assert!(total <= 1 << 20, "the disk cache holds {total} bytes over its 1 MiB bound");
+}
+
+/// Item 1 of issue 15: the names of one hard-linked file share an inode within one
+/// point shown, and only there. Link groups are numbered afresh in every point, so
+/// hard links of another source or another point are other files: reading one
+/// first used to make the others show its size and bytes.
+#[test]
+fn hard_links_of_other_points_and_sources_are_other_files() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(b.join("d")).unwrap();
+    let (a1, a2, b1) = (pseudo_random_bytes(1, 1000), pseudo_random_bytes(2, 2000), pseudo_random_bytes(3, 3000));
+    fs::write(a.join("x"), &a1).unwrap();
+    fs::hard_link(a.join("x"), a.join("x2")).unwrap();
+    fs::write(b.join("d/y"), &b1).unwrap();
+    fs::hard_link(b.join("d/y"), b.join("d/y2")).unwrap();
+    repo.ok(&["backup", "--source", "a", a.to_str().unwrap()]);
+    repo.ok(&["backup", "--source", "b", b.to_str().unwrap()]);
+    // Rewritten in place: the same inode, new content, a new point.
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(a.join("x"), &a2).unwrap();
+    repo.ok(&["backup", "--source", "a", a.to_str().unwrap()]);
+    let v: Vec<Value> = serde_json::from_str(&repo.ok(&["points", "--source", "a", "--json"])).unwrap();
+    let old = v[0]["time"].as_str().unwrap().to_string();
+
+    let mnt = work.path().join("mnt");
+    let (_guard, _) = mount(&repo, &[], &mnt);
+    // The newest first, then the others, which must not take its inode.
+    let shows = |p: &str, want: &[u8], what: &str| {
+        let got = fs::read(mnt.join(p)).unwrap();
+        assert!(got == want, "{p}: {what} ({} bytes shown, {} wanted)", got.len(), want.len());
+    };
+    shows("a/latest/x", &a2, "the newest point");
+    shows("b/latest/d/y", &b1, "source b shows its own file, not a's");
+    shows("b/latest/d/y2", &b1, "source b shows its own file, not a's");
+    shows(&format!("a/points/{old}/x"), &a1, "the older point shows its own bytes");
+    shows(&format!("a/points/{old}/x2"), &a1, "the older point shows its own bytes");
+    shows(&format!("a/at/{old}/x"), &a1, "the older moment shows its own bytes");
+    let ino = |p: &str| fs::metadata(mnt.join(p)).unwrap().ino();
+    assert_eq!(ino("a/latest/x"), ino("a/latest/x2"), "one file's names share its inode");
+    assert_eq!(ino("b/latest/d/y"), ino("b/latest/d/y2"));
+    assert_ne!(ino("a/latest/x"), ino("b/latest/d/y"));
+    assert_ne!(ino("a/latest/x"), ino(&format!("a/points/{old}/x")));
+}
+
+/// Items 8, 9 and 25 of issue 15: `ebb umount` refuses what ebb did not mount; the
+/// mount daemon's log is a file of its own in a private directory (a link planted
+/// where it used to go, or where it goes, makes it write nowhere else); and a clean
+/// `ebb umount` leaves no error in that log.
+#[test]
+fn umount_refuses_other_mounts_and_the_daemon_log_is_private_and_clean() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    repo.ok(&["backup", src.to_str().unwrap()]);
+
+    // A tmpfs with a file: not ebb's, left alone.
+    let other = work.path().join("other");
+    fs::create_dir(&other).unwrap();
+    assert!(Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(&other).status().unwrap().success());
+    let _other = Mounted(other.clone());
+    fs::write(other.join("keep"), b"mine").unwrap();
+    let err = repo.fails(&["umount", other.to_str().unwrap()], 2);
+    assert!(err.contains("not an ebb mount"), "{err}");
+    assert_eq!(fs::read(other.join("keep")).unwrap(), b"mine", "the tmpfs is still mounted, as it was");
+
+    // Links planted where the log went (a predictable name in TMPDIR) and where it
+    // goes now: neither victim is written.
+    let mnt = work.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let tag: String = mnt.to_str().unwrap().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let victims = [work.path().join("victim1"), work.path().join("victim2")];
+    for v in &victims {
+        fs::write(v, b"precious").unwrap();
+    }
+    std::os::unix::fs::symlink(&victims[0], work.path().join(format!("ebb-mount{tag}.log"))).unwrap();
+    std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+        .create(daemon_log(&mnt).parent().unwrap())
+        .unwrap();
+    std::os::unix::fs::symlink(&victims[1], daemon_log(&mnt)).unwrap();
+    let out = repo
+        .cmd()
+        .env("TMPDIR", work.path())
+        .env("EBB_STATE_DIR", state_dir(&mnt))
+        .args(["mount", mnt.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _guard = Mounted(mnt.clone());
+    let pid = daemon_pid(&String::from_utf8_lossy(&out.stderr));
+    for v in &victims {
+        assert_eq!(fs::read(v).unwrap(), b"precious", "the daemon wrote through a planted link into {}", v.display());
+    }
+    let log = fs::symlink_metadata(daemon_log(&mnt)).unwrap();
+    assert!(log.is_file(), "the log is a file of its own");
+    assert_eq!(log.mode() & 0o777, 0o600);
+    assert_eq!(fs::metadata(daemon_log(&mnt).parent().unwrap()).unwrap().mode() & 0o777, 0o700);
+
+    repo.ok(&["umount", mnt.to_str().unwrap()]);
+    let start = Instant::now();
+    // SAFETY: signal 0 only asks whether the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the daemon outlived its mount");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = fs::read_to_string(daemon_log(&mnt)).unwrap();
+    assert!(!text.contains("Invalid argument") && !text.contains("rror"), "a clean unmount logs no error: {text}");
 }

@@ -17,6 +17,11 @@ pub enum FsError {
     Range,
     #[error("unknown inode {0}")]
     BadInode(u64),
+    /// SEEK_DATA or SEEK_HOLE past the end of the file, or SEEK_DATA in a final hole.
+    #[error("no data or hole there")]
+    NoSuchOffset,
+    #[error("invalid argument")]
+    Invalid,
     /// Data could not be fetched or failed authentication: never answer with wrong bytes.
     #[error("{0}")]
     Io(String),
@@ -32,6 +37,8 @@ impl FsError {
             FsError::NoAttr => libc::ENODATA,
             FsError::Range => libc::ERANGE,
             FsError::BadInode(_) => libc::ESTALE,
+            FsError::NoSuchOffset => libc::ENXIO,
+            FsError::Invalid => libc::EINVAL,
             FsError::Io(_) => libc::EIO,
         }
     }

@@ -155,7 +155,8 @@ struct Table {
     names: HashMap<(u64, Vec<u8>), u64>,
     /// (inode of the point's root, link group) -> inode
     links: HashMap<(u64, u64), u64>,
-    /// inode -> inode of the root of the point it belongs to
+    /// inode of an entry -> inode of the root of the point it belongs to (each point
+    /// shown, under `points/`, `at/` or a source, is a point of its own)
     point_of: HashMap<u64, u64>,
     next: u64,
 }
@@ -316,8 +317,10 @@ impl Fs {
             _ => Node { kind: NodeKind::Synthetic(Synth::Root) },
         };
         let mut t = fs.table.lock().expect("inode table");
+        if matches!(root.kind, NodeKind::Entry { .. }) {
+            t.point_of.insert(ROOT, ROOT);
+        }
         t.nodes.insert(ROOT, Arc::new(root));
-        t.point_of.insert(ROOT, ROOT);
         drop(t);
         Ok(fs)
     }
@@ -363,8 +366,11 @@ impl Fs {
             return ino;
         }
         let node = make();
+        // The point an entry belongs to: its parent's, or, below a synthetic
+        // directory (`points/`, `at/`, the root of several sources), its own.
         let point = t.point_of.get(&parent).copied();
-        // Names of one inode within one point share the inode number.
+        // Names of one inode within one point share the inode number; link groups
+        // are numbered afresh in every point, so they mean nothing across points.
         let link = match (&node.kind, point) {
             (NodeKind::Entry { entry, .. }, Some(p)) if entry.kind == EntryKind::File && entry.link_group != 0 => {
                 Some((p, entry.link_group))
@@ -379,10 +385,12 @@ impl Fs {
         }
         let ino = t.next;
         t.next += 1;
-        let is_point_root = matches!(node.kind, NodeKind::Entry { .. }) && point.is_none();
+        let is_entry = matches!(node.kind, NodeKind::Entry { .. });
         t.nodes.insert(ino, Arc::new(node));
         t.names.insert((parent, name.to_vec()), ino);
-        t.point_of.insert(ino, if is_point_root { ino } else { point.unwrap_or(ino) });
+        if is_entry {
+            t.point_of.insert(ino, point.unwrap_or(ino));
+        }
         if let Some(key) = link {
             t.links.insert(key, ino);
         }
@@ -872,6 +880,34 @@ impl Fs {
         disk.put(b, &sealed);
         let sealed = sealed.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         Ok(self.repo.open_blob_in_place(BlobKind::Data, b, sealed)?)
+    }
+
+    /// Where the next data (`SEEK_DATA`) or hole (`SEEK_HOLE`) is at or after
+    /// `offset`, from the stored extents, so that `cp --sparse`, `rsync -S` and
+    /// `tar -S` skip holes instead of reading zeros. The end of the file counts as
+    /// a hole, as on every filesystem.
+    pub fn seek(&self, ino: u64, offset: u64, data: bool) -> Result<u64, FsError> {
+        let node = self.node(ino)?;
+        let NodeKind::Entry { entry, starts, .. } = &node.kind else { return Err(FsError::Invalid) };
+        if entry.kind != EntryKind::File {
+            return Err(FsError::Invalid);
+        }
+        if offset >= entry.size {
+            return Err(FsError::NoSuchOffset);
+        }
+        let starts = starts.get_or_init(|| extent_starts(entry));
+        let first = starts.partition_point(|&s| s <= offset).saturating_sub(1);
+        for (i, ext) in entry.content.iter().enumerate().skip(first) {
+            let is_data = matches!(ext, Extent::Data(_)) && !ext.is_empty();
+            if is_data == data {
+                return Ok(starts[i].max(offset));
+            }
+        }
+        if data {
+            Err(FsError::NoSuchOffset)
+        } else {
+            Ok(entry.size)
+        }
     }
 
     pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, FsError> {

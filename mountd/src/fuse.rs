@@ -12,7 +12,7 @@ use std::time::Duration;
 use fuser::{
     AccessFlags, BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
 
@@ -221,6 +221,19 @@ impl Filesystem for Adapter {
             }
             reply.ok();
         });
+    }
+
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let r = match (u64::try_from(offset), whence) {
+            (Ok(offset), libc::SEEK_DATA) => self.fs.seek(ino.0, offset, true),
+            (Ok(offset), libc::SEEK_HOLE) => self.fs.seek(ino.0, offset, false),
+            (Err(_), libc::SEEK_DATA | libc::SEEK_HOLE) => Err(FsError::NoSuchOffset),
+            _ => Err(FsError::Invalid),
+        };
+        match r {
+            Ok(at) => reply.offset(at as i64),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
