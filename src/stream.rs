@@ -134,10 +134,12 @@ pub async fn status(g: &Global, state_dir: Option<PathBuf>, json_out: bool) -> R
         let rows: Vec<Vec<String>> = streams
             .iter()
             .map(|s| {
-                let state = match (s.running(now), s.breached(now)) {
-                    (_, true) => "PAST RPO",
-                    (true, false) => "ok",
-                    (false, false) => "stopped",
+                let state = match (s.running(now), s.breached(now), &s.last_error) {
+                    (_, true, _) => "PAST RPO",
+                    // Within the RPO, but not shipping: say so before the alarm fires.
+                    (true, false, Some(_)) => "failing",
+                    (true, false, None) => "ok",
+                    (false, false, _) => "stopped",
                 };
                 vec![
                     s.source.clone(),

@@ -500,3 +500,73 @@ fn outage_past_the_rpo_is_reported_and_caught_up() {
     let _ = moto.kill();
     let _ = moto.wait();
 }
+
+/// The newest point, restored into a fresh directory under `work`.
+fn restore_latest(repo: &TestRepo, work: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let out = work.join(format!("latest-{}", N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+    repo.ok(&["restore", "--source", "s", "--at", "latest", out.to_str().unwrap()]);
+    out
+}
+
+/// Waits until the stream has made durable what the tree held just now, then
+/// checks that the newest point has `name` with `data`.
+fn shipped(stream: &mut Stream, repo: &TestRepo, work: &Path, name: &str, data: &[u8]) {
+    stream.wait_durable(jiff::Timestamp::now(), Duration::from_secs(60));
+    let got = std::fs::read(restore_latest(repo, work).join(name));
+    assert_eq!(got.ok().as_deref(), Some(data), "the newest point has {name}: {}", stream.stderr());
+}
+
+/// Item 4 of issue 15: a stream follows its PATH when the directory there is deleted
+/// and made again, renamed away and replaced, or (PATH a symlink) pointed elsewhere;
+/// while PATH names nothing, `ebb status` says the stream is failing, never ok. (It
+/// used to keep watching the old directory: no point ever again, status ok.)
+#[test]
+fn a_replaced_root_is_followed_and_a_missing_one_reported() {
+    let _serial = serial();
+    let Setup { repo, work, src: _, state_dir } = setup();
+    let d1 = work.path().join("d1");
+    write(&d1.join("a"), b"first");
+    let link = work.path().join("link");
+    std::os::unix::fs::symlink(&d1, &link).unwrap();
+    let mut stream = Stream::start(&repo, &state_dir, &link, &["--rpo", "10m"]);
+    shipped(&mut stream, &repo, work.path(), "a", b"first");
+
+    // Deleted: reported at once, not merely once the RPO has passed.
+    std::fs::remove_dir_all(&d1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = repo.run(&["status", "--state-dir", state_dir.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("failing") && text.contains("is gone") {
+            assert!(!text.contains(" ok "), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "status never said the stream fails: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ... and made again.
+    write(&d1.join("b"), b"second");
+    shipped(&mut stream, &repo, work.path(), "b", b"second");
+
+    // Renamed away, and replaced.
+    std::fs::rename(&d1, work.path().join("d1.old")).unwrap();
+    write(&d1.join("c"), b"third");
+    shipped(&mut stream, &repo, work.path(), "c", b"third");
+    write(&d1.join("c2"), b"and later");
+    shipped(&mut stream, &repo, work.path(), "c2", b"and later");
+
+    // The symlink pointed elsewhere.
+    let d2 = work.path().join("d2");
+    write(&d2.join("e"), b"fourth");
+    let tmp_link = work.path().join("link.new");
+    std::os::unix::fs::symlink(&d2, &tmp_link).unwrap();
+    std::fs::rename(&tmp_link, &link).unwrap();
+    shipped(&mut stream, &repo, work.path(), "e", b"fourth");
+    write(&d2.join("e2"), b"and then");
+    shipped(&mut stream, &repo, work.path(), "e2", b"and then");
+    let out = repo.run(&["status", "--state-dir", state_dir.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(" ok "), "{}", String::from_utf8_lossy(&out.stdout));
+    let (status, err) = stream.stop();
+    assert!(status.success(), "{err}");
+}

@@ -710,6 +710,10 @@ fn read_file(
                 counters.bytes_read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 counters.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 extents.push(Extent::Data(packer.store(BlobKind::Data, chunk)?));
+                #[cfg(test)]
+                if extents.len() == 1 {
+                    tests::mid_read();
+                }
                 Ok(())
             })
             .map_err(|e| match e {
@@ -736,7 +740,6 @@ fn read_file(
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
-    use std::sync::atomic::AtomicBool;
 
     /// The content ids of `data` as the writer would chunk it.
     fn ids(repo: &Repository, data: &[u8]) -> Vec<catalog::Id> {
@@ -750,8 +753,26 @@ mod tests {
         out
     }
 
-    /// A file rewritten in place, over and over, while it is read: every read is
-    /// either one whole version, or marked as changed. Never a silent mix.
+    thread_local! {
+        /// What a test does in the middle of a read, on the reading thread: after a
+        /// read's first chunk, while the rest of the file is still to be read.
+        static MID_READ: std::cell::RefCell<Option<Box<dyn FnMut()>>> = const { std::cell::RefCell::new(None) };
+    }
+
+    pub(super) fn mid_read() {
+        MID_READ.with_borrow_mut(|hook| {
+            if let Some(h) = hook {
+                h()
+            }
+        });
+    }
+
+    /// Item 0 of issue 15: a file rewritten in place while it is read is stored
+    /// either as one whole version, or marked as changed: never a silent mix. Which
+    /// reads overlap a rewrite is decided here, not by timing: a hook rewrites the
+    /// file after the first chunk of chosen attempts, when most of it is still to
+    /// be read (it is longer than the chunker's window, so the rest comes from the
+    /// new version).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_file_rewritten_while_read_is_never_a_silent_mix() {
         let secret = catalog::Secret::KeyFile([3; 32]);
@@ -760,40 +781,54 @@ mod tests {
         let writer = Writer::new(repo.clone()).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let versions: Vec<Vec<u8>> = (0..2u8).map(|v| (0..6 << 20).map(|i| (i % 251) as u8 ^ v).collect()).collect();
+        let versions: Vec<Vec<u8>> = (0..2u8).map(|v| (0..10 << 20).map(|i| (i % 251) as u8 ^ v).collect()).collect();
         let wanted: Vec<Vec<catalog::Id>> = versions.iter().map(|v| ids(&repo, v)).collect();
         std::fs::write(&path, &versions[0]).unwrap();
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let flipper = {
-            let (path, stop, versions) = (path.clone(), stop.clone(), versions.clone());
-            std::thread::spawn(move || {
-                let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
-                let mut v = 0;
-                let mut r = 7u64;
-                while !stop.load(Ordering::Relaxed) {
-                    v ^= 1;
-                    f.write_all_at(&versions[v], 0).unwrap();
-                    // Pauses of 0-7 ms: some reads overlap a rewrite, some do not.
-                    r = r.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    std::thread::sleep(std::time::Duration::from_micros((r >> 33) % 7000));
-                }
-            })
-        };
-        let mut consistent = 0;
-        for _ in 0..40 {
-            let (writer, path) = (writer.clone(), path.clone());
-            let read = tokio::task::spawn_blocking(move || {
-                let seen = Seen::of_file(&File::open(&path).unwrap()).unwrap();
+        // For each read, the attempts (1 to 3) during which the file is rewritten.
+        let schedules: Vec<Vec<usize>> =
+            vec![vec![], vec![1], vec![], vec![1, 2], vec![2], vec![1, 2, 3], vec![], vec![1, 2, 3], vec![3], vec![1]];
+        let mut current = 0usize;
+        let mut stamp = 1_000_000i64;
+        for (n, schedule) in schedules.iter().enumerate() {
+            let (writer, path2, versions2) = (writer.clone(), path.clone(), versions.clone());
+            let schedule2 = schedule.clone();
+            let (read, now) = tokio::task::spawn_blocking(move || {
+                let mut attempt = 0;
+                let mut version = current;
+                let hook_path = path2.clone();
+                let state = std::rc::Rc::new(std::cell::Cell::new(version));
+                let seen_state = state.clone();
+                MID_READ.with_borrow_mut(|h| {
+                    *h = Some(Box::new(move || {
+                        attempt += 1;
+                        if schedule2.contains(&attempt) {
+                            let v = seen_state.get() ^ 1;
+                            let f = fs::OpenOptions::new().write(true).open(&hook_path).unwrap();
+                            f.write_all_at(&versions2[v], 0).unwrap();
+                            // A distinct mtime, whatever the clock's granularity.
+                            stamp += 1;
+                            let t = std::fs::FileTimes::new()
+                                .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(stamp as u64));
+                            f.set_times(t).unwrap();
+                            seen_state.set(v);
+                        }
+                    }))
+                });
+                let seen = Seen::of_file(&File::open(&path2).unwrap()).unwrap();
                 let mut packer = writer.packer();
                 let mut chunker = Chunker::new(writer.repo().keys().chunker_seed);
-                let r = read_consistent(&path, seen, None, &mut chunker, &mut packer, &Counters::default());
+                let r = read_consistent(&path2, seen, None, &mut chunker, &mut packer, &Counters::default());
                 packer.flush().unwrap();
-                r
+                MID_READ.with_borrow_mut(|h| *h = None);
+                version = state.get();
+                (r, version)
             })
             .await
             .unwrap();
-            let Ok(read) = read else { panic!("the read failed") };
+            stamp += 10;
+            current = now;
+            let Ok(read) = read else { panic!("read {n} failed") };
             let got: Vec<catalog::Id> = read
                 .extents
                 .iter()
@@ -802,15 +837,19 @@ mod tests {
                     Extent::Hole(_) => panic!("no holes here"),
                 })
                 .collect();
-            // A read marked changed may mix versions; one that is not must not.
-            if !read.changed {
-                assert!(wanted.contains(&got), "stored as consistent, but it is a mix of versions");
-                consistent += 1;
+            if schedule.len() == READ_ATTEMPTS {
+                // Rewritten during every attempt: it never held still, and says so.
+                assert!(read.changed, "read {n} overlapped a rewrite in every attempt but is not marked changed");
+                assert!(
+                    !wanted.contains(&got),
+                    "read {n}: every attempt was disturbed, yet one whole version was read"
+                );
+            } else {
+                // Some attempt ran undisturbed: that one is stored, the version then.
+                assert!(!read.changed, "read {n} had an undisturbed attempt");
+                assert!(got == wanted[current], "read {n} is not the file's version {current}");
             }
         }
-        stop.store(true, Ordering::Relaxed);
-        flipper.join().unwrap();
-        assert!(consistent > 0, "no read was consistent: the test proves nothing");
         writer.finish().await.unwrap();
     }
 }

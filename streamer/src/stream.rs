@@ -239,11 +239,17 @@ pub async fn stream_dir(
     let tails = Arc::new(Tails::default());
     opts.snapshot.tails = Some(tails.clone());
     let opts = Arc::new(opts);
-    let path = std::fs::canonicalize(&opts.snapshot.path)
+    let mut root = Root::find(&opts.snapshot.path)
         .map_err(|e| StreamError::Watch { path: opts.snapshot.path.clone(), cause: e.into() })?;
+    let mut path = root.path.clone();
     let changes = Arc::new(Mutex::new(Changes::default()));
     let wake = Arc::new(Notify::new());
-    let _watcher = watch(&path, &opts, changes.clone(), wake.clone())?;
+    let mut _watcher = Some(watch(&path, &opts, changes.clone(), wake.clone())?);
+    // Why nothing can be shipped right now, when PATH is gone.
+    let mut root_gone: Option<String> = None;
+    // When PATH last named the directory watched: a change of directory after it
+    // may have gone unseen, so nothing after it counts as durable.
+    let mut root_confirmed = Timestamp::now();
 
     let started = Timestamp::now();
     let mut state = StreamState {
@@ -479,6 +485,49 @@ pub async fn stream_dir(
             break;
         }
 
+        // PATH still names the directory watched? It may have been deleted and made
+        // again, renamed away and replaced, or (a symlink) pointed elsewhere: watch
+        // what it names now, and walk it whole. While it names nothing, say so.
+        // (A path lookup and a stat, each time the loop wakes.)
+        let checked_at = Timestamp::now();
+        match Root::find(&opts.snapshot.path) {
+            Ok(now_root) if now_root == root && root_gone.is_none() => root_confirmed = checked_at,
+            Ok(now_root) => match watch(&now_root.path, &opts, changes.clone(), wake.clone()) {
+                Ok(w) => {
+                    tracing::warn!(
+                        "{} is another directory now ({}): watching it, and walking it whole",
+                        opts.snapshot.path.display(),
+                        now_root.path.display()
+                    );
+                    _watcher = Some(w);
+                    path = now_root.path.clone();
+                    state.path = path.to_string_lossy().into_owned();
+                    root = now_root;
+                    root_gone = None;
+                    let mut c = changes.lock().expect("changes lock");
+                    c.overflowed = true;
+                    c.need_point((Instant::now(), root_confirmed));
+                    root_confirmed = checked_at;
+                }
+                Err(e) => root_gone = Some(format!("cannot watch {}: {e}", now_root.path.display())),
+            },
+            Err(e) => {
+                if root_gone.is_none() {
+                    tracing::error!(
+                        "{} is gone ({e}): nothing is shipped until it is back",
+                        opts.snapshot.path.display()
+                    );
+                    changes.lock().expect("changes lock").need_point((Instant::now(), root_confirmed));
+                    _watcher = None;
+                }
+                root_gone = Some(format!("{} is gone ({e}): nothing is being shipped", opts.snapshot.path.display()));
+            }
+        }
+        if let Some(why) = &root_gone {
+            state.last_error = Some(why.clone());
+            state.last_error_at.get_or_insert_with(Timestamp::now);
+        }
+
         // Heartbeat: the lag, the alarm, the state file and the metrics.
         let now = Timestamp::now();
         // The oldest change not yet durable: the store holds everything before it.
@@ -497,6 +546,7 @@ pub async fn stream_dir(
         // With nothing pending, what happened until just now is durable; events take
         // a moment to arrive, so "just now" is `EVENT_SLACK` ago.
         let quiet = now.checked_sub(jiff::SignedDuration::try_from(EVENT_SLACK).expect("small")).unwrap_or(now);
+        let quiet = quiet.min(root_confirmed);
         state.durable_as_of = pending.map_or(quiet, |p| p.min(quiet));
         state.updated = now;
         let lag = state.lag(now);
@@ -523,6 +573,26 @@ pub async fn stream_dir(
         }
     }
     Ok(())
+}
+
+/// The directory a stream ships: what PATH resolves to, and which inode that is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Root {
+    path: PathBuf,
+    device: u64,
+    inode: u64,
+}
+
+impl Root {
+    fn find(given: &std::path::Path) -> std::io::Result<Root> {
+        use std::os::unix::fs::MetadataExt;
+        let path = std::fs::canonicalize(given)?;
+        let m = std::fs::metadata(&path)?;
+        if !m.is_dir() {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"));
+        }
+        Ok(Root { path, device: m.dev(), inode: m.ino() })
+    }
 }
 
 /// `d` scaled by a random factor in [0.5, 1.5), so that many streams that failed
