@@ -70,10 +70,25 @@ pub async fn open(g: &Global) -> Result<Repository> {
     Ok(found.unlock(&secret).await?)
 }
 
+/// A file:// repository whose `config` its group may read is shared with that
+/// group (the PostgreSQL server's user running restore_command, say): what ebb
+/// adds to it is group-readable too, 0640 and 0750, as restic does. Any other
+/// repository gets files 0600 and directories 0700 (the umask `main` sets).
+fn share_with_group_if_config_is(url: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(dir) = url.strip_prefix("file://") else { return };
+    let config = std::path::Path::new(dir).join("config");
+    if std::fs::metadata(config).is_ok_and(|m| m.permissions().mode() & 0o040 != 0) {
+        // SAFETY: umask has no preconditions and cannot fail.
+        unsafe { libc::umask(0o027) };
+    }
+}
+
 /// The repository, once its header object is known to be there and sound: no
 /// password is asked for a repository that does not exist.
 pub async fn find(g: &Global) -> Result<Found> {
     let url = repo_url(g)?;
+    share_with_group_if_config_is(&url);
     let store = Store::open(&url, false).map_err(|e| match e {
         catalog::StoreError::NotFound { .. } => anyhow::anyhow!(RepoError::NoRepository { url: url.clone() }),
         other => anyhow::anyhow!(other),

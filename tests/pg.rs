@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::pg::{open_up, Pg, PASSWORD};
+use common::pg::{open_up, share_with_postgres, Pg, PASSWORD};
 use common::repo::{check_exit, Backend, TestRepo};
 use jiff::Timestamp;
 
@@ -43,7 +43,7 @@ impl Setup {
         let st = Command::new("chown").arg("postgres").arg(&key).status().unwrap();
         assert!(st.success());
         if let Some(dir) = repo.repo_dir() {
-            open_up(dir);
+            share_with_postgres(dir);
         }
         open_up(work.path());
         Setup { work, repo, key, ebb }
@@ -557,4 +557,108 @@ fn kill_9_under_heavy_wal_and_a_store_outage_lose_nothing() {
     let r = s.restore("dur", &at.to_string(), env);
     assert_eq!(ids(&r), (0..10).chain(expected(&all, at)).collect::<Vec<_>>(), "{}", r.log());
     assert_eq!(r.sql("select count(*) from big"), "300000");
+}
+
+/// A WAL segment as archive_command hands it over, made up: a first page header
+/// that names the timeline, the position, a cluster and 16 MiB segments, and
+/// `fill` after it. No server needed.
+fn fake_segment(tli: u32, segno: u64, fill: u8) -> Vec<u8> {
+    let size: u64 = 16 << 20;
+    let mut seg = vec![fill; size as usize];
+    seg[..40].fill(0);
+    seg[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+    seg[2..4].copy_from_slice(&2u16.to_le_bytes());
+    seg[4..8].copy_from_slice(&tli.to_le_bytes());
+    seg[8..16].copy_from_slice(&(segno * size).to_le_bytes());
+    seg[24..32].copy_from_slice(&7_300_000_000_000_000_001u64.to_le_bytes());
+    seg[32..36].copy_from_slice(&(size as u32).to_le_bytes());
+    seg
+}
+
+/// Item 16 of issue 15: a malformed timeline history file is answered to
+/// PostgreSQL as "cannot read" (exit 126, which stops recovery to be started
+/// again), not as "missing" (exit 1, which would end recovery early on a damaged
+/// object); a history that is not there at all is missing.
+#[test]
+fn a_malformed_history_file_is_an_error_not_missing() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let seg = work.path().join("000000010000000000000001");
+    std::fs::write(&seg, fake_segment(1, 1, 0)).unwrap();
+    repo.ok(&["pg", "archive-push", "--read-ahead", "0", "--source", "db", seg.to_str().unwrap()]);
+    let history = work.path().join("00000002.history");
+    std::fs::write(&history, b"this is not a history file\n").unwrap();
+    repo.ok(&["pg", "archive-push", "--read-ahead", "0", "--source", "db", history.to_str().unwrap()]);
+
+    let dest = work.path().join("got");
+    let out = repo.run(&["pg", "archive-get", "--source", "db", "000000020000000000000001", dest.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(126), "{err}");
+    assert!(err.contains("history file of timeline 2") && err.contains("malformed"), "{err}");
+    assert!(!dest.exists());
+    let out = repo.run(&["pg", "archive-get", "--source", "db", "000000030000000000000001", dest.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    repo.ok(&["pg", "archive-get", "--source", "db", "000000010000000000000001", dest.to_str().unwrap()]);
+    assert!(std::fs::read(&dest).unwrap() == std::fs::read(&seg).unwrap());
+}
+
+/// Item 17 of issue 15: a segment that conflicts with what is archived, pushed
+/// through the background pusher, fails with the pusher's whole message (its note
+/// of the failure used to be read while still being written, giving `ebb: ` alone).
+/// strace holds up every write to the note's name, so that the reader always
+/// comes while it is being written.
+#[test]
+fn a_conflicting_segment_fails_with_its_reason() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let wal = work.path().join("pg_wal");
+    std::fs::create_dir_all(wal.join("archive_status")).unwrap();
+    let name = "000000010000000000000001";
+    let seg = wal.join(name);
+    let ready = wal.join("archive_status").join(format!("{name}.ready"));
+    let put = |content: u8| {
+        // As PostgreSQL does it: the segment whole in its place, then marked ready.
+        let _ = std::fs::remove_file(&ready);
+        let tmp = wal.join("xlogtemp");
+        std::fs::write(&tmp, fake_segment(1, 1, content)).unwrap();
+        std::fs::rename(&tmp, &seg).unwrap();
+        std::fs::write(&ready, b"").unwrap();
+    };
+    put(1);
+    let state = work.path().join("state0");
+    let first =
+        repo.cmd().env("EBB_STATE_DIR", &state).args(["pg", "archive-push", "--source", "db"]).arg(&seg).output();
+    let first = first.unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    // Where the pusher keeps its notes, below a state directory.
+    let notes = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .find(|n| n.to_string_lossy().ends_with(".pushed"))
+        .expect("the pusher's notes");
+
+    for round in 1..3u8 {
+        put(1 + round);
+        // A state directory of its own, so that this call starts its own pusher, traced.
+        let state = work.path().join(format!("state{round}"));
+        let note = state.join(&notes).join(format!("{name}.error"));
+        let mut c = Command::new("strace");
+        c.args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=write", "--inject=write:delay_enter=300000", "-P"])
+            .arg(&note)
+            .arg(common::repo::ebb_exe())
+            .args(["pg", "archive-push", "--source", "db"])
+            .arg(&seg);
+        for (k, v) in repo.cmd().get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        let out = c.env("EBB_STATE_DIR", &state).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "round {round}: {err}");
+        assert!(err.contains("different content"), "round {round}: the failure says why: {err:?}");
+    }
 }

@@ -188,7 +188,7 @@ impl FragmentBuilder {
         time: Timestamp,
         fragment: &Fragment,
     ) -> Result<FragmentRef, RepoError> {
-        crate::point::validate_source(source).map_err(|problem| RepoError::BadSource { problem })?;
+        crate::point::validate_source(source).map_err(|problem| RepoError::InvalidSource { problem })?;
         let name = timed_name(FRAGS_DIR, source, time).ok_or_else(|| RepoError::BadTime { time: time.to_string() })?;
         self.cut();
         let store = repo.store();

@@ -66,7 +66,22 @@ pub enum RepoError {
     #[error("{at} is in the future (it is now {now})")]
     Future { at: Timestamp, now: Timestamp },
     #[error("{problem}")]
-    BadSource { problem: String },
+    InvalidSource { problem: String },
+    #[error(
+        "source {source_name:?} holds WAL of PostgreSQL system {} (segments of {} bytes), not of system {} (segments of \
+         {} bytes): use another --source for another cluster",
+        stored.0, stored.1, given.0, given.1
+    )]
+    OtherCluster { source_name: String, stored: (u64, u64), given: (u64, u64) },
+    /// The repository holds other bytes under a name that must always hold the same.
+    #[error(
+        "{name} already holds different content ({what}) for source {source_name:?}: is another cluster writing to it?"
+    )]
+    WalConflict { name: String, source_name: String, what: String },
+    #[error("source {source_name:?} has no history file for timeline {tli}")]
+    NoHistory { source_name: String, tli: u32 },
+    #[error("the history file of timeline {tli} of source {source_name:?} is malformed: {problem}")]
+    BadHistory { source_name: String, tli: u32, problem: String },
     #[error("time {time} is before 1970 and cannot name a point")]
     BadTime { time: String },
     #[error(transparent)]
@@ -306,7 +321,7 @@ impl Repository {
     /// Writes a point's manifest, which makes the point visible. Everything it
     /// references must already be durable (see `Writer::finish`).
     pub async fn commit_point(&self, manifest: &Manifest, time: Timestamp) -> Result<PointRef, RepoError> {
-        crate::point::validate_source(&manifest.source).map_err(|problem| RepoError::BadSource { problem })?;
+        crate::point::validate_source(&manifest.source).map_err(|problem| RepoError::InvalidSource { problem })?;
         let name = crate::point::point_name(&manifest.source, time)
             .ok_or_else(|| RepoError::BadTime { time: time.to_string() })?;
         self.store.put_new(&name, Bytes::from(manifest.seal(&self.keys, &name))).await?;

@@ -72,6 +72,9 @@ impl WalFile {
     /// What `name` is, for segments of `segment_size` bytes; `None` for a name
     /// PostgreSQL never archives.
     pub fn parse(name: &str, segment_size: u64) -> Option<WalFile> {
+        if !valid_segment_size(segment_size) || !name.is_ascii() {
+            return None;
+        }
         let per_id = 0x1_0000_0000 / segment_size;
         if name.len() == 24 {
             let (tli, log, seg) = (hex_u32(&name[..8])?, hex_u32(&name[8..16])?, hex_u32(&name[16..])?);
@@ -90,6 +93,12 @@ impl WalFile {
             && (name.ends_with(".partial") || name.ends_with(".backup"));
         ok.then_some(WalFile::Other)
     }
+}
+
+/// Whether PostgreSQL can have segments of this size: a power of two from 1 MiB
+/// to 1 GiB.
+pub fn valid_segment_size(size: u64) -> bool {
+    size.is_power_of_two() && (1 << 20..=MAX_SEGMENT).contains(&size)
 }
 
 /// The file name of segment `segno` on timeline `tli`.
@@ -155,7 +164,7 @@ impl WalSystem {
         }
         let s = WalSystem { system_id: d.u64()?, segment_size: d.u64()? };
         d.finish()?;
-        if !s.segment_size.is_power_of_two() || !(1 << 20..=MAX_SEGMENT).contains(&s.segment_size) {
+        if !valid_segment_size(s.segment_size) {
             return Err(DecodeError::new("WAL system", format!("bad segment size {}", s.segment_size)));
         }
         Ok(s)
@@ -274,14 +283,12 @@ impl Repository {
         }
         match self.wal_system(source).await? {
             Some(s) if s == system => Ok(()),
-            Some(s) => Err(RepoError::BadSource {
-                problem: format!(
-                    "source {source:?} holds WAL of PostgreSQL system {} (segments of {} bytes), not of system {} \
-                     (segments of {} bytes): use another --source for another cluster",
-                    s.system_id, s.segment_size, system.system_id, system.segment_size
-                ),
+            Some(s) => Err(RepoError::OtherCluster {
+                source_name: source.to_string(),
+                stored: (s.system_id, s.segment_size),
+                given: (system.system_id, system.segment_size),
             }),
-            None => Err(RepoError::BadSource { problem: format!("{name} vanished while being written") }),
+            None => Err(crate::StoreError::NotFound { name }.into()),
         }
     }
 
@@ -321,12 +328,10 @@ impl Repository {
                 if stored.as_ref() == &plain[PIECE_HEADER..] {
                     Ok(())
                 } else {
-                    Err(RepoError::BadSource {
-                        problem: format!(
-                            "{name} already holds different WAL for timeline {} at {}..{}: is another cluster \
-                             writing to source {source:?}?",
-                            piece.tli, piece.start, piece.end
-                        ),
+                    Err(RepoError::WalConflict {
+                        name,
+                        source_name: source.to_string(),
+                        what: format!("WAL of timeline {} at {}..{}", piece.tli, piece.start, piece.end),
                     })
                 }
             }
@@ -481,12 +486,12 @@ impl Repository {
         let history = if tli == 1 { None } else { self.wal_history(source, tli).await? };
         let text = history.map(|h| String::from_utf8_lossy(&h).into_owned());
         if tli != 1 && text.is_none() {
-            return Err(RepoError::BadSource {
-                problem: format!("source {source:?} has no history file for timeline {tli}"),
-            });
+            return Err(RepoError::NoHistory { source_name: source.to_string(), tli });
         }
-        TimelinePath::parse(tli, text.as_deref()).map_err(|problem| RepoError::BadSource {
-            problem: format!("history file of timeline {tli} of source {source:?}: {problem}"),
+        TimelinePath::parse(tli, text.as_deref()).map_err(|problem| RepoError::BadHistory {
+            source_name: source.to_string(),
+            tli,
+            problem,
         })
     }
 
@@ -516,8 +521,10 @@ impl Repository {
             Ok(()) => Ok(()),
             Err(crate::StoreError::AlreadyExists { .. }) => match self.wal_file(source, name).await? {
                 Some(stored) if stored == data => Ok(()),
-                _ => Err(RepoError::BadSource {
-                    problem: format!("{name} is already archived for source {source:?} with different content"),
+                _ => Err(RepoError::WalConflict {
+                    name: object,
+                    source_name: source.to_string(),
+                    what: name.to_string(),
                 }),
             },
             Err(e) => Err(e.into()),
@@ -563,6 +570,11 @@ mod tests {
         assert_eq!(WalFile::parse("0000000A.history", 16 << 20), Some(WalFile::History { tli: 10 }));
         assert_eq!(WalFile::parse("000000010000000100000003.00000028.backup", 16 << 20), Some(WalFile::Other));
         assert_eq!(WalFile::parse("../etc/passwd", 16 << 20), None);
+        // Item 15 of issue 15: 24 bytes that are not 24 characters, and a segment
+        // size no cluster has, are no WAL names (they used to panic).
+        assert_eq!(WalFile::parse("0000000100000001000000é", 16 << 20), None);
+        assert_eq!(WalFile::parse("000000010000000100000003", 0), None);
+        assert_eq!(WalFile::parse("000000010000000100000003", 3 << 20), None);
         assert_eq!("16/B374D848".parse::<Lsn>().unwrap(), Lsn(0x16_B374_D848));
         assert_eq!(Lsn(0x16_B374_D848).to_string(), "16/B374D848");
 

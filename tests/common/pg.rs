@@ -47,6 +47,23 @@ pub fn open_up(path: &Path) {
     }
 }
 
+/// Shares a file:// repository with the postgres user, as a user of ebb would for
+/// restore_command: group postgres, group-readable, directories setgid so that
+/// what ebb adds keeps the group; ebb keeps it group-readable from then on.
+pub fn share_with_postgres(dir: &Path) {
+    open_up(dir);
+    for args in [vec!["chgrp", "-R", "postgres"], vec!["chmod", "-R", "g+rX"]] {
+        let st = std::process::Command::new(args[0]).args(&args[1..]).arg(dir).status().unwrap();
+        assert!(st.success(), "{args:?}");
+    }
+    let st = std::process::Command::new("find")
+        .arg(dir)
+        .args(["-type", "d", "-exec", "chmod", "g+s", "{}", "+"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
 fn check(what: &str, out: &Output) {
     assert!(
         out.status.success(),

@@ -39,12 +39,14 @@ fn segment_header(b: &[u8]) -> Option<SegmentHeader> {
     if b.len() < 40 || u16_at(0) != XLOG_PAGE_MAGIC || u16_at(2) & XLP_LONG_HEADER == 0 {
         return None;
     }
-    Some(SegmentHeader {
+    let h = SegmentHeader {
         tli: u32_at(4),
         pageaddr: u64_at(8),
         system_id: u64_at(24),
         segment_size: u64::from(u32_at(32)),
-    })
+    };
+    // A size no cluster has (a damaged or foreign file) is not a segment header.
+    catalog::wal::valid_segment_size(h.segment_size).then_some(h)
 }
 
 /// Pushing ahead of PostgreSQL's calls, as pgBackRest's async mode does. PostgreSQL
@@ -130,6 +132,15 @@ impl ReadAhead {
             }
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
+    }
+
+    /// Notes why pushing `name` failed, for the call PostgreSQL makes for it. The
+    /// note appears whole (written aside, then renamed), since that call reads and
+    /// removes it as soon as it is there.
+    fn note_failure(&self, name: &str, why: &str) -> std::io::Result<()> {
+        let tmp = self.dir.join(format!(".{name}.error.tmp"));
+        std::fs::write(&tmp, why)?;
+        std::fs::rename(&tmp, self.error_file(name))
     }
 
     /// Notes that the file at `path`, as it was when `id` was taken, is durable.
@@ -229,7 +240,7 @@ pub async fn run_pusher(repo: &Repository, source: &str, wal_dir: &Path, ra: &Re
                     (Ok(_), None) => false,
                     (Err(e), _) => {
                         tracing::warn!("{e}");
-                        if std::fs::write(ra.error_file(&name), format!("{e}")).is_err() {
+                        if ra.note_failure(&name, &e.to_string()).is_err() {
                             tracing::warn!("cannot note the failure of {name} in {}", ra.dir.display());
                         }
                         false
@@ -333,7 +344,9 @@ pub async fn archive_get(repo: &Repository, source: &str, name: &str, dest: &Pat
         Some(WalFile::Segment { tli, segno }) => {
             let path = match repo.timeline_path(source, tli).await {
                 Ok(p) => p,
-                Err(RepoError::BadSource { .. }) => return Ok(false),
+                // Missing, so not archived (yet); a malformed one is an error, which
+                // stops recovery rather than ending it early.
+                Err(RepoError::NoHistory { .. }) => return Ok(false),
                 Err(e) => return Err(e.into()),
             };
             let start = Lsn(segno * system.segment_size);

@@ -418,6 +418,10 @@ impl<'a> Receiver<'a> {
         self.heard_at = Timestamp::now();
         match msg.first() {
             Some(b'w') => {
+                // 'w', the start, the server's end, its clock, then the WAL.
+                if msg.len() < 25 {
+                    return Err(bad("short XLogData"));
+                }
                 let start = Lsn(u64_at(1).ok_or_else(|| bad("short XLogData"))?);
                 let end = Lsn(u64_at(9).ok_or_else(|| bad("short XLogData"))?);
                 let data = msg.slice(25..);
