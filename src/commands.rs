@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use catalog::time::TimeSpec;
 use catalog::{Found, Manifest, PointRef, RepoError, Repository, Secret, Store};
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::{self, StreamExt};
 use jiff::Timestamp;
 use serde_json::json;
 
@@ -317,23 +317,35 @@ async fn sources(g: &Global, json: bool) -> Result<ExitCode> {
     let repo = open(g).await?;
     let mut rows = Vec::new();
     let mut out = Vec::new();
+    let now = Timestamp::now();
     for source in repo.sources().await? {
         let points = repo.points(&source).await?;
-        let (Some(first), Some(last)) = (points.first(), points.last()) else { continue };
-        let lag = Timestamp::now().duration_since(last.time);
+        let Some(first) = points.first() else { continue };
+        // The newest point that can be read, at or before now: a damaged or garbage
+        // object is not taken for the source's state.
+        let newest = repo.readable_point_at(&source, now).await?;
+        for (p, why) in newest.iter().flat_map(|r| &r.damaged) {
+            eprintln!("warning: point {} of {source} cannot be read: {why}", p.time);
+        }
+        let newest = newest.map(|r| r.point.time);
+        // A PostgreSQL source is as recent as its newest WAL, not its last base backup.
+        let wal = streamer::pg::restore::wal_newest(&repo, &source).await?;
+        let durable = newest.max(wal);
+        let lag = durable.map(|t| now.duration_since(t).as_secs_f64());
         out.push(json!({
             "source": source,
             "points": points.len(),
             "oldest": first.time.to_string(),
-            "newest": last.time.to_string(),
-            "lag_seconds": lag.as_secs_f64(),
+            "newest": newest.map(|t| t.to_string()),
+            "wal_newest": wal.map(|t| t.to_string()),
+            "lag_seconds": lag,
         }));
         rows.push(vec![
             source.clone(),
             points.len().to_string(),
             first.time.to_string(),
-            last.time.to_string(),
-            format!("{:.0} s", lag.as_secs_f64()),
+            newest.map_or("-".into(), |t| t.to_string()),
+            lag.map_or("-".into(), |l| format!("{l:.0} s")),
         ]);
     }
     if json {
@@ -360,9 +372,14 @@ async fn points(
     until: Option<TimeSpec>,
     json: bool,
 ) -> Result<ExitCode> {
-    let repo = open(g).await?;
     let now = Timestamp::now();
     let (since, until) = (bound(since, now), bound(until, now));
+    if let (Some(s), Some(u)) = (since, until) {
+        if s > u {
+            return Err(UsageError(format!("--since {s} is after --until {u}: no point can be both")).into());
+        }
+    }
+    let repo = open(g).await?;
     let sources = match source {
         Some(s) => vec![s],
         None => repo.sources().await?,
@@ -377,11 +394,34 @@ async fn points(
         }
     }
     selected.sort_by_key(|p| p.time);
-    // Manifests are small and independent: fetch several at once.
-    let manifests: Vec<Manifest> =
-        stream::iter(selected.iter().map(|p| repo.manifest(p))).buffered(16).try_collect().await?;
+    // Manifests are small and independent: fetch several at once. One that cannot
+    // be read (damaged, foreign, gone) is listed as such; the others are listed.
+    let fetched: Vec<Result<Manifest, RepoError>> =
+        stream::iter(selected.iter().map(|p| repo.manifest(p))).buffered(16).collect().await;
+    let mut manifests = Vec::with_capacity(fetched.len());
+    for (p, r) in selected.iter().zip(fetched) {
+        match r {
+            Ok(m) => manifests.push(Ok(m)),
+            Err(e) if e.is_damage() => {
+                eprintln!("warning: point {} of {} cannot be read: {e}", p.time, p.source);
+                manifests.push(Err(e.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     if json {
-        let v: Vec<_> = selected.iter().zip(&manifests).map(|(p, m)| point_json(p, Some(m))).collect();
+        let v: Vec<_> = selected
+            .iter()
+            .zip(&manifests)
+            .map(|(p, m)| match m {
+                Ok(m) => point_json(p, Some(m)),
+                Err(e) => {
+                    let mut v = point_json(p, None);
+                    v["damaged"] = json!(e);
+                    v
+                }
+            })
+            .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -389,6 +429,19 @@ async fn points(
         .iter()
         .zip(&manifests)
         .map(|(p, m)| {
+            let Ok(m) = m else {
+                let dash = || "-".to_string();
+                return vec![
+                    p.time.to_string(),
+                    p.source.clone(),
+                    p.short_id().to_string(),
+                    dash(),
+                    dash(),
+                    dash(),
+                    dash(),
+                    "DAMAGED: cannot be read (`ebb verify` says more)".into(),
+                ];
+            };
             let mut note = String::new();
             if !m.skipped.is_empty() {
                 note = format!("{} skipped", m.skipped.len());
@@ -414,9 +467,10 @@ async fn points(
 }
 
 /// For each PostgreSQL source listed: the times it can be restored to, and any gap.
-async fn pg_ranges(repo: &Repository, points: &[PointRef], manifests: &[Manifest]) -> Result<()> {
+async fn pg_ranges(repo: &Repository, points: &[PointRef], manifests: &[Result<Manifest, String>]) -> Result<()> {
     let mut backups: std::collections::BTreeMap<&str, Vec<(Timestamp, catalog::wal::Lsn)>> = Default::default();
     for (p, m) in points.iter().zip(manifests) {
+        let Ok(m) = m else { continue };
         if let Some(lsn) = m.pg.as_ref().and_then(|pg| pg.start_lsn.parse().ok()) {
             backups.entry(&p.source).or_default().push((p.time, lsn));
         }
@@ -477,8 +531,18 @@ async fn restore(
     let repo = open(g).await?;
     let source = pick_source(&repo, source).await?;
     let now = Timestamp::now();
-    let point = repo.resolve(&source, at, now).await?;
-    let manifest = repo.manifest(&point).await?;
+    let named = repo.resolve(&source, at, now).await?;
+    // A point that cannot be read is passed over for the one before it, with a warning.
+    let catalog::Readable { point, manifest, damaged } =
+        repo.readable_point_at(&source, named.time).await?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no point of source {source} at or before {} can be read (`ebb verify` says what is damaged)",
+                at.instant(now)
+            )
+        })?;
+    for (p, why) in &damaged {
+        eprintln!("warning: point {} cannot be read ({why}); restoring the one before it, {}", p.time, point.time);
+    }
     let overlay = repo.overlay(&point, at.instant(now)).await?;
     let appends =
         if overlay.is_empty() { String::new() } else { format!(" with the appends until {}", at.instant(now)) };
@@ -509,7 +573,9 @@ async fn restore(
         for (p, why) in &report.failed {
             eprintln!("  {}: {why}", p.display());
         }
-        eprintln!("run `ebb verify --read-data` to see what is damaged in the repository");
+        if report.unreadable > 0 {
+            eprintln!("run `ebb verify --read-data` to see what is damaged in the repository");
+        }
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)

@@ -133,6 +133,36 @@ pub async fn mount(
         Some(key) => found.unlock_handed(&key.await?)?,
         None => found.unlock(&crate::secret::secret(g, false)?).await?,
     };
+    // A point that cannot be read is passed over for the one before it, with a
+    // warning (to `ebb mount`, through the daemon's stdout, as well).
+    let view = match view {
+        View::At(points, at) => {
+            let mut readable = Vec::new();
+            for p in points {
+                match repo.readable_point_at(&p.source, p.time).await? {
+                    Some(r) => {
+                        for (d, why) in &r.damaged {
+                            let said = format!(
+                                "point {} of {} cannot be read ({why}); showing the one before it, {}",
+                                d.time, d.source, r.point.time
+                            );
+                            eprintln!("warning: {said}");
+                            if let Some(h) = &handoff {
+                                h.warn(&said);
+                            }
+                        }
+                        readable.push(r.point);
+                    }
+                    None => bail!(
+                        "no point of source {} at or before {at} can be read (`ebb verify` says what is damaged)",
+                        p.source
+                    ),
+                }
+            }
+            View::At(readable, at)
+        }
+        v => v,
+    };
     // Chunk buffers (0.25 to 4 MiB, and 8 MiB runs read ahead) come and go with the
     // cache. glibc would serve them from its arenas once the first is freed, and keep
     // what is freed there, fragmented: RSS grew to the cache size and as much again.
@@ -210,7 +240,9 @@ async fn points_at(
     for s in &sources {
         match timeline.resolve(s, spec, now).await {
             Ok(p) => out.push(p),
-            Err(e @ (RepoError::BeforeFirst { .. } | RepoError::NoPoints { .. })) => last_err = Some(e),
+            Err(e @ (RepoError::BeforeFirst { .. } | RepoError::NoPoints { .. } | RepoError::UnknownSource { .. })) => {
+                last_err = Some(e)
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -247,8 +279,10 @@ pub fn reexec_with_huge_pages() {
     tracing::debug!("running without huge pages: cannot execute ebb again: {err}");
 }
 
-/// What the daemon says on its stdout once the mount serves.
-const READY: &[u8] = b"ready\n";
+/// What the daemon says on its stdout once the mount serves: this line, after
+/// warnings for the user, each a line that starts with `WARNING`.
+const READY: &str = "ready";
+const WARNING: &str = "warning: ";
 
 /// Starts `ebb ... mount --foreground --handoff` detached, and returns once its mount
 /// is ready. The daemon starts while this process derives the key, and gets it on its
@@ -323,15 +357,34 @@ impl Daemon {
 
     fn wait_ready(self, abs: &Path) -> Result<ExitCode> {
         let Daemon { mut child, log } = self;
-        let ready = child.stdout.take().context("the mount daemon's stdout")?;
+        let said = child.stdout.take().context("the mount daemon's stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut said = Vec::new();
-            let _ = ready.take(READY.len() as u64).read_to_end(&mut said);
-            let _ = tx.send(said);
+            for line in std::io::BufRead::lines(std::io::BufReader::new(said)) {
+                let Ok(line) = line else { break };
+                let ready = line == READY;
+                let _ = tx.send(line);
+                if ready {
+                    return;
+                }
+            }
         });
-        match rx.recv_timeout(READY_TIMEOUT) {
-            Ok(said) if said == READY => {
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        let outcome = loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                Ok(line) if line == READY => break Ok(true),
+                Ok(line) => {
+                    if let Some(w) = line.strip_prefix(WARNING) {
+                        eprintln!("warning: {w}");
+                    }
+                }
+                // Its stdout closed without "ready": the daemon failed, and said why in its log.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Ok(false),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break Err(()),
+            }
+        };
+        match outcome {
+            Ok(true) => {
                 eprintln!(
                     "mounted at {} by daemon pid {} (log: {}); `ebb umount {}` to unmount",
                     abs.display(),
@@ -341,8 +394,7 @@ impl Daemon {
                 );
                 Ok(ExitCode::SUCCESS)
             }
-            // Its stdout closed without "ready": the daemon failed, and said why in its log.
-            Ok(_) => {
+            Ok(false) => {
                 let status = child.wait().context("wait for the mount daemon")?;
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
                 let _ = std::fs::remove_file(&log);
@@ -386,11 +438,17 @@ impl Handoff {
         }
     }
 
+    /// Passes a warning to `ebb mount`, which shows it.
+    fn warn(&self, text: &str) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{WARNING}{}", text.replace('\n', " ")).and_then(|()| out.flush());
+    }
+
     /// Tells `ebb mount` the mount is ready, and sends stdout to the log from then on.
     fn ready(self) {
         let mut out = std::io::stdout().lock();
         // Nobody to tell if it has gone; the mount serves all the same.
-        let _ = out.write_all(READY).and_then(|()| out.flush());
+        let _ = writeln!(out, "{READY}").and_then(|()| out.flush());
         let _ = nix::unistd::dup2_stdout(std::io::stderr());
         if let Ok(null) = std::fs::File::open("/dev/null") {
             let _ = nix::unistd::dup2_stdin(null);

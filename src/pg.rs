@@ -58,10 +58,14 @@ pub async fn stream_pg(g: &Global, a: PgStreamArgs) -> Result<ExitCode> {
     };
     if let Some(every) = a.base_backup_every {
         let (repo, bb) = (repo.clone(), base_backup_options(&source, cfg, shown.clone()));
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             loop {
                 match streamer::pg::basebackup::base_backup(&repo, &bb).await {
-                    Ok((point, _)) => tracing::info!("base backup {} of {} saved", point.time, bb.source),
+                    Ok((point, _)) => {
+                        metrics.newest_point(point.time);
+                        tracing::info!("base backup {} of {} saved", point.time, bb.source)
+                    }
                     Err(e) => tracing::error!("base backup of {} failed: {e}", bb.source),
                 }
                 tokio::time::sleep(every).await;

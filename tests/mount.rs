@@ -529,3 +529,68 @@ fn umount_refuses_other_mounts_and_the_daemon_log_is_private_and_clean() {
     let text = fs::read_to_string(daemon_log(&mnt)).unwrap();
     assert!(!text.contains("Invalid argument") && !text.contains("rror"), "a clean unmount logs no error: {text}");
 }
+
+/// Item 19 of issue 15: one damaged manifest, and a garbage object named like a
+/// point, hide nothing else: `ebb points` lists every point and marks those that
+/// cannot be read; `restore --at` and `mount --at` fall back to the point before
+/// with a warning naming the damaged one; `ebb sources` shows the newest readable
+/// point (not the garbage's year 2554); the mount lists every point and gives EIO
+/// only inside the damaged ones, and `latest` leads to a readable one.
+#[test]
+fn damaged_points_are_passed_over_and_marked() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    for round in 0..3u8 {
+        fs::write(src.join("f"), [b'0' + round]).unwrap();
+        repo.ok(&["backup", "--source", "s", src.to_str().unwrap()]);
+    }
+    let v: Vec<Value> = serde_json::from_str(&repo.ok(&["points", "--json"])).unwrap();
+    let names: Vec<String> = v.iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
+    let times: Vec<String> = v.iter().map(|p| p["time"].as_str().unwrap().to_string()).collect();
+    // The newest manifest damaged, and a garbage object named like a point of 2554.
+    let mut newest = repo.read_object(&names[2]);
+    let mid = newest.len() / 2;
+    newest[mid] ^= 1;
+    repo.write_object(&names[2], &newest);
+    repo.write_object("points/s/0000000000000000-0123456789abcdef", b"garbage");
+
+    let out = repo.run(&["points", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.len(), 4, "every point is listed: {listed:?}");
+    let damaged: Vec<&str> =
+        listed.iter().filter(|p| p["damaged"].is_string()).map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(damaged, vec![names[2].as_str(), "points/s/0000000000000000-0123456789abcdef"]);
+    let table = repo.ok(&["points"]);
+    assert_eq!(table.matches("DAMAGED").count(), 2, "{table}");
+
+    let out = repo.run(&["restore", "--at", "latest", work.path().join("r").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&times[2]) && err.contains("cannot be read"), "the warning names the damaged point: {err}");
+    assert_eq!(fs::read(work.path().join("r/f")).unwrap(), b"1", "the point before the damaged one");
+
+    let sources: Vec<Value> = serde_json::from_str(&repo.ok(&["sources", "--json"])).unwrap();
+    assert_eq!(sources[0]["newest"].as_str(), Some(times[1].as_str()), "{sources:?}");
+    assert!(sources[0]["lag_seconds"].as_f64().unwrap() >= 0.0);
+
+    let mnt = work.path().join("all");
+    let (_all, _) = mount(&repo, &[], &mnt);
+    let shown: Vec<String> =
+        fs::read_dir(mnt.join("s/points")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(shown.len(), 4, "every point is listed: {shown:?}");
+    assert_eq!(fs::read(mnt.join("s/points").join(&times[0]).join("f")).unwrap(), b"0");
+    let inside =
+        fs::read_dir(mnt.join("s/points").join(&times[2])).and_then(|d| d.collect::<Result<Vec<_>, _>>()).unwrap_err();
+    assert_eq!(inside.raw_os_error(), Some(libc::EIO), "a damaged point is EIO inside");
+    assert_eq!(fs::read_link(mnt.join("s/latest")).unwrap(), PathBuf::from(format!("points/{}", times[1])));
+    assert_eq!(fs::read(mnt.join("s/latest/f")).unwrap(), b"1");
+
+    let at = work.path().join("at");
+    let (_at, stderr) = mount(&repo, &["--at", "latest"], &at);
+    assert!(stderr.contains(&times[2]) && stderr.contains("cannot be read"), "{stderr}");
+    assert_eq!(fs::read(at.join("f")).unwrap(), b"1");
+}

@@ -662,3 +662,62 @@ fn a_conflicting_segment_fails_with_its_reason() {
         assert!(err.contains("different content"), "round {round}: the failure says why: {err:?}");
     }
 }
+
+/// Item 18 of issue 15: for a PostgreSQL source, `ebb sources` measures the lag by
+/// its newest WAL (not its last base backup), `ebb status` shows the newest base
+/// backup, and `ebb pg restore` says what is missing: an unknown source is called
+/// unknown, a source with WAL but no base backup says so, and a moment before the
+/// first base backup names the earliest one can restore to.
+#[test]
+fn pg_sources_status_and_restore_say_what_there_is() {
+    let _serial = serial();
+    let s = Setup::new(Backend::File);
+    let pg = Pg::init(&s.path("primary"), "");
+    seed(&pg);
+    let target = s.path("never").to_str().unwrap().to_string();
+    let out = s.run(&["pg", "restore", "--source", "nosuch", "--at", "latest", &target]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("unknown source \"nosuch\""), "{err}");
+
+    let mut streamer = Streamer::start(&s, &pg, "db", &[]);
+    commit_rows(&pg, 100, 103, Duration::ZERO);
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+    let out = s.run(&["pg", "restore", "--source", "db", "--at", "latest", &target]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("has WAL but no base backup yet"), "{err}");
+    streamer.kill9();
+
+    s.ok(&["pg", "base-backup", "--source", "db", "--dsn", &pg.dsn()]);
+    let points: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&["points", "--source", "db", "--json"])).unwrap();
+    let backup: Timestamp = points[0]["time"].as_str().unwrap().parse().unwrap();
+    let streamer = Streamer::start(&s, &pg, "db", &[]);
+    commit_rows(&pg, 103, 106, Duration::ZERO);
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+
+    let sources: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&["sources", "--json"])).unwrap();
+    let age_of_backup = Timestamp::now().duration_since(backup).as_secs_f64();
+    let wal: Timestamp = sources[0]["wal_newest"].as_str().expect("the newest WAL's time").parse().unwrap();
+    assert!(wal > backup, "WAL was stored after the base backup: {sources:?}");
+    let lag = sources[0]["lag_seconds"].as_f64().unwrap();
+    assert!(lag < age_of_backup, "the lag is the WAL's ({lag} s), not the base backup's age ({age_of_backup} s)");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = s.ok(&["status", "--json", "--state-dir", s.path("state").to_str().unwrap()]);
+        let v: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        if v.iter().any(|st| st["source"] == "db" && st["newest_point"] == backup.to_string()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "status never showed the base backup as the newest point: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let before = (backup - jiff::SignedDuration::from_secs(1)).to_string();
+    let out = s.run(&["pg", "restore", "--source", "db", "--at", &before, &target]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("earliest moment") && err.contains(&backup.to_string()), "{err}");
+    drop(streamer);
+}

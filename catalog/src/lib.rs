@@ -40,7 +40,7 @@ pub use keyslot::{
 pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef, PackEntry};
 pub use point::{validate_source, Manifest, PgInfo, PointRef, Skipped, Stats};
 pub use repair::{repair_index, IndexRepair};
-pub use repo::{BlobError, Found, RepoError, Repository, Timeline};
+pub use repo::{BlobError, Found, Readable, RepoError, Repository, Timeline};
 pub use restore::{restore, RestoreError, RestoreOptions, RestoreReport};
 pub use store::{ObjectInfo, Store, StoreError};
 pub use verify::{verify, VerifyReport};

@@ -61,6 +61,8 @@ pub enum RepoError {
     RemovalRace { slot: String },
     #[error("source {name:?} has no points (sources: {known})")]
     NoPoints { name: String, known: String },
+    #[error("unknown source {name:?}: the repository has no point of it (sources: {known})")]
+    UnknownSource { name: String, known: String },
     #[error("{at} is before the first point of source {name:?}; the earliest is {earliest}")]
     BeforeFirst { name: String, at: Timestamp, earliest: Timestamp },
     #[error("{at} is in the future (it is now {now})")]
@@ -94,6 +96,27 @@ pub enum RepoError {
     Object(#[from] ObjectError),
     #[error(transparent)]
     Blob(#[from] BlobError),
+}
+
+impl RepoError {
+    /// Whether this says an object is damaged, foreign or gone, rather than that
+    /// the store could not be asked (which retrying may mend).
+    pub fn is_damage(&self) -> bool {
+        match self {
+            RepoError::Object(_) | RepoError::Blob(_) => true,
+            RepoError::Store(e) => e.is_not_found(),
+            _ => false,
+        }
+    }
+}
+
+/// A point whose manifest opened (`Repository::readable_point_at`).
+#[derive(Debug, Clone)]
+pub struct Readable {
+    pub point: PointRef,
+    pub manifest: Manifest,
+    /// Newer points that could not be read, and why, newest first.
+    pub damaged: Vec<(PointRef, String)>,
 }
 
 /// A blob that could not be read: names the pack object, so the user and
@@ -318,6 +341,30 @@ impl Repository {
         Ok(Manifest::open(&self.keys, &point.name, &bytes)?)
     }
 
+    /// The newest point of `source` at or before `t` whose manifest can be read,
+    /// and the newer ones at or before `t` that cannot (damaged, foreign or gone),
+    /// so that one bad object does not hide the whole history. `None` if no point
+    /// at or before `t` can be read.
+    pub async fn readable_point_at(&self, source: &str, t: Timestamp) -> Result<Option<Readable>, RepoError> {
+        let mut at = t;
+        let mut damaged = Vec::new();
+        while let Some(point) = self.point_at(source, at).await? {
+            match self.manifest(&point).await {
+                Ok(manifest) => return Ok(Some(Readable { point, manifest, damaged })),
+                Err(e) if e.is_damage() => {
+                    tracing::warn!("point {} cannot be read, so the one before it is used: {e}", point.name);
+                    at = point
+                        .time
+                        .checked_sub(jiff::SignedDuration::from_nanos(1))
+                        .map_err(|_| RepoError::BadTime { time: point.time.to_string() })?;
+                    damaged.push((point, e.to_string()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
     /// Writes a point's manifest, which makes the point visible. Everything it
     /// references must already be durable (see `Writer::finish`).
     pub async fn commit_point(&self, manifest: &Manifest, time: Timestamp) -> Result<PointRef, RepoError> {
@@ -445,9 +492,14 @@ impl Timeline<'_> {
         match self.points(source).await?.first() {
             Some(first) => Err(RepoError::BeforeFirst { name: source.to_string(), at, earliest: first.time }),
             None => {
-                let known = self.sources().await?.join(", ");
-                let known = if known.is_empty() { "none yet".to_string() } else { known };
-                Err(RepoError::NoPoints { name: source.to_string(), known })
+                let sources = self.sources().await?;
+                let listed = sources.iter().any(|s| s == source);
+                let known = if sources.is_empty() { "none yet".to_string() } else { sources.join(", ") };
+                if listed {
+                    Err(RepoError::NoPoints { name: source.to_string(), known })
+                } else {
+                    Err(RepoError::UnknownSource { name: source.to_string(), known })
+                }
             }
         }
     }

@@ -41,6 +41,9 @@ pub struct RestoreReport {
     pub bytes: u64,
     /// Entries that could not be restored: (path, reason). Their files are not left behind.
     pub failed: Vec<(PathBuf, String)>,
+    /// How many of those failed because the repository could not give their data
+    /// (damaged or missing), rather than because of the target.
+    pub unreadable: usize,
     /// Metadata that could not be applied (e.g. ownership when not root).
     pub warnings: Vec<String>,
 }
@@ -57,6 +60,8 @@ pub enum RestoreError {
     Io { op: &'static str, path: PathBuf, cause: std::io::Error },
     #[error("the point's root tree is malformed: {0}")]
     BadRoot(String),
+    #[error("the target's filesystem is full (writing {}: {cause}); free space there, or restore elsewhere", path.display())]
+    TargetFull { path: PathBuf, cause: std::io::Error },
 }
 
 pub async fn restore(
@@ -186,7 +191,19 @@ impl Restorer {
                     }
                     Err(err) => {
                         let _ = fs::remove_file(path);
-                        self.report.failed.push((path.to_path_buf(), err));
+                        match err {
+                            // Every file after it would fail the same way: stop here.
+                            FileFailure::Target(cause) if no_space(&cause) => {
+                                return Err(RestoreError::TargetFull { path: path.to_path_buf(), cause })
+                            }
+                            FileFailure::Target(cause) => {
+                                self.report.failed.push((path.to_path_buf(), cause.to_string()))
+                            }
+                            FileFailure::Repository(why) => {
+                                self.report.unreadable += 1;
+                                self.report.failed.push((path.to_path_buf(), why));
+                            }
+                        }
                     }
                 }
             }
@@ -217,8 +234,8 @@ impl Restorer {
         Ok(())
     }
 
-    fn file(&mut self, e: &Entry, path: &Path) -> Result<(), String> {
-        let f = fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(|err| err.to_string())?;
+    fn file(&mut self, e: &Entry, path: &Path) -> Result<(), FileFailure> {
+        let f = fs::OpenOptions::new().write(true).create_new(true).open(path).map_err(FileFailure::Target)?;
         let mut offsets = Vec::with_capacity(e.content.len());
         let mut pos = 0u64;
         for ext in &e.content {
@@ -228,7 +245,7 @@ impl Restorer {
             pos += ext.len();
         }
         let repo = &self.repo;
-        let result: Result<(), String> = self.handle.block_on(async {
+        let result: Result<(), FileFailure> = self.handle.block_on(async {
             let mut fetched = stream::iter(
                 offsets
                     .iter()
@@ -236,14 +253,14 @@ impl Restorer {
             )
             .buffered(FETCH_AHEAD);
             while let Some(r) = fetched.next().await {
-                let (off, data) = r.map_err(|err: RepoError| err.to_string())?;
-                f.write_all_at(&data, off).map_err(|err| err.to_string())?;
+                let (off, data) = r.map_err(|err: RepoError| FileFailure::Repository(err.to_string()))?;
+                f.write_all_at(&data, off).map_err(FileFailure::Target)?;
             }
             Ok(())
         });
         result?;
         // Holes are never written: extending the length leaves them as holes.
-        f.set_len(e.size).map_err(|err| err.to_string())?;
+        f.set_len(e.size).map_err(FileFailure::Target)?;
         Ok(())
     }
 
@@ -276,6 +293,18 @@ impl Restorer {
             self.report.warnings.push(format!("{}: set times: {err}", path.display()));
         }
     }
+}
+
+/// Why one file could not be restored.
+enum FileFailure {
+    /// Its data could not be read from the repository.
+    Repository(String),
+    /// The target would not take it.
+    Target(std::io::Error),
+}
+
+fn no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
 fn cpath(path: &Path) -> CString {

@@ -22,9 +22,13 @@ pub enum FsError {
     NoSuchOffset,
     #[error("invalid argument")]
     Invalid,
-    /// Data could not be fetched or failed authentication: never answer with wrong bytes.
+    /// Data could not be fetched: never answer with wrong bytes.
     #[error("{0}")]
     Io(String),
+    /// What was read is damaged, foreign or gone (failed authentication or
+    /// decoding, or a missing object): asking again will not mend it.
+    #[error("{0}")]
+    Damaged(String),
 }
 
 impl FsError {
@@ -39,7 +43,7 @@ impl FsError {
             FsError::BadInode(_) => libc::ESTALE,
             FsError::NoSuchOffset => libc::ENXIO,
             FsError::Invalid => libc::EINVAL,
-            FsError::Io(_) => libc::EIO,
+            FsError::Io(_) | FsError::Damaged(_) => libc::EIO,
         }
     }
 }
@@ -47,6 +51,10 @@ impl FsError {
 impl From<catalog::RepoError> for FsError {
     fn from(e: catalog::RepoError) -> FsError {
         tracing::error!("{e}");
-        FsError::Io(e.to_string())
+        if e.is_damage() {
+            FsError::Damaged(e.to_string())
+        } else {
+            FsError::Io(e.to_string())
+        }
     }
 }

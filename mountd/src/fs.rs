@@ -99,6 +99,9 @@ enum Synth {
     Points(String),
     At(String),
     Latest(String),
+    /// A point whose manifest or root cannot be read: listed, so that the others
+    /// are, and EIO inside.
+    Damaged(String),
 }
 
 enum NodeKind {
@@ -173,6 +176,8 @@ pub struct Fs {
     background: tokio::sync::Semaphore,
     /// source -> its newest point, and when that was listed.
     newest: Mutex<HashMap<String, (std::time::Instant, Option<PointRef>)>>,
+    /// Points whose manifest was read: candidates for `latest` without a read.
+    readable: Mutex<std::collections::HashSet<String>>,
     mounted: SystemTime,
     /// Where background fetches run (read-ahead may be started from a FUSE thread).
     rt: tokio::runtime::Handle,
@@ -307,6 +312,7 @@ impl Fs {
             readers: Mutex::new(HashMap::new()),
             background: tokio::sync::Semaphore::new(BACKGROUND_REQUESTS),
             newest: Mutex::new(HashMap::new()),
+            readable: Mutex::new(Default::default()),
             mounted: SystemTime::now(),
             rt: tokio::runtime::Handle::current(),
             uid: unsafe { libc::geteuid() },
@@ -335,23 +341,59 @@ impl Fs {
         newest.get(src).filter(|(when, _)| when.elapsed() < NEWEST_TTL).map(|(_, p)| p.clone())
     }
 
-    /// The newest point of `src`, listed at most `NEWEST_TTL` ago.
+    /// The newest point of `src` that can be read, listed at most `NEWEST_TTL` ago.
+    /// Each point is read once to know that: `latest` never leads to a damaged one.
     async fn newest(&self, src: &str) -> Result<Option<PointRef>, FsError> {
         if let Some(p) = self.newest_known(src) {
             return Ok(p);
         }
-        let p = self.repo.point_at(src, Timestamp::now()).await?;
+        let mut at = Timestamp::now();
+        let p = loop {
+            let Some(p) = self.repo.point_at(src, at).await? else { break None };
+            if self.readable.lock().expect("readable points").contains(&p.name) {
+                break Some(p);
+            }
+            match self.repo.manifest(&p).await {
+                Ok(_) => {
+                    self.readable.lock().expect("readable points").insert(p.name.clone());
+                    break Some(p);
+                }
+                Err(e) if e.is_damage() => {
+                    tracing::error!("{} is not shown as latest: {e}", p.name);
+                    at = p
+                        .time
+                        .checked_sub(jiff::SignedDuration::from_nanos(1))
+                        .map_err(|e| FsError::Io(e.to_string()))?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         self.newest.lock().expect("newest points").insert(src.to_string(), (std::time::Instant::now(), p.clone()));
         Ok(p)
+    }
+
+    /// The node of a point shown under `points/` or `at/`: a damaged one is shown
+    /// as such, so that it does not hide the others.
+    async fn point_or_damaged(&self, point: &PointRef, at: Option<Timestamp>) -> Result<Node, FsError> {
+        match self.point_node(point, at).await {
+            Ok(n) => Ok(n),
+            Err(FsError::Damaged(why)) => {
+                tracing::error!("point {} cannot be read: {why}", point.name);
+                Ok(Node { kind: NodeKind::Synthetic(Synth::Damaged(why)) })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The node for the backed-up entry of a point (the one entry of its root tree):
     /// as of `at` if given, else as the point has it.
     async fn point_node(&self, point: &PointRef, at: Option<Timestamp>) -> Result<Node, FsError> {
         let m = self.repo.manifest(point).await?;
-        let root = m.root_ref().ok_or_else(|| FsError::Io(format!("{}: bad root reference", point.name)))?;
+        let root = m.root_ref().ok_or_else(|| FsError::Damaged(format!("{}: bad root reference", point.name)))?;
         let tree = self.repo.read_tree(&root).await?;
-        let entry = tree.entries.first().ok_or_else(|| FsError::Io(format!("{}: empty root", point.name)))?;
+        let [entry] = tree.entries.as_slice() else {
+            return Err(FsError::Damaged(format!("{}: the root tree does not hold one entry", point.name)));
+        };
         let overlay = match at {
             Some(at) => Some(self.repo.overlay(point, at).await?).filter(|o| !o.is_empty()).map(Arc::new),
             None => None,
@@ -476,7 +518,7 @@ impl Fs {
                     Some(p) => p,
                     None => self.repo.point_at(src, t).await?.filter(|p| p.time == t).ok_or(FsError::NotFound)?,
                 };
-                let node = self.point_node(&p, None).await?;
+                let node = self.point_or_damaged(&p, None).await?;
                 Ok(self.intern(parent, name, || node))
             }
             Synth::At(src) => {
@@ -492,10 +534,11 @@ impl Fs {
                 // `latest` moves: key it by the point it resolves to now.
                 let key =
                     if spec == TimeSpec::Latest { format!("latest@{}", p.name).into_bytes() } else { name.to_vec() };
-                let node = self.point_node(&p, Some(spec.instant(now))).await?;
+                let node = self.point_or_damaged(&p, Some(spec.instant(now))).await?;
                 Ok(self.intern(parent, &key, || node))
             }
             Synth::Latest(_) => Err(FsError::NotDir),
+            Synth::Damaged(why) => Err(FsError::Damaged(why.clone())),
         }
     }
 
@@ -640,7 +683,7 @@ impl Fs {
                         let child = match existing {
                             Some(c) => c,
                             None => {
-                                let n = self.point_node(&p, None).await?;
+                                let n = self.point_or_damaged(&p, None).await?;
                                 self.intern(ino, &name, || n)
                             }
                         };
@@ -651,6 +694,7 @@ impl Fs {
             }
             NodeKind::Synthetic(Synth::At(_)) => Ok(Vec::new()),
             NodeKind::Synthetic(Synth::Latest(_)) => Err(FsError::NotDir),
+            NodeKind::Synthetic(Synth::Damaged(why)) => Err(FsError::Damaged(why.clone())),
         }
     }
 

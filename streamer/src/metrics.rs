@@ -21,11 +21,28 @@ pub struct Metrics {
     pub errors: AtomicU64,
     /// Unix time of the newest durable state, in milliseconds.
     pub durable_ms: AtomicU64,
+    /// Unix time of the source's newest point (a base backup, for PostgreSQL), in
+    /// nanoseconds (its exact time, which names it); 0 when there is none.
+    pub newest_point_ns: AtomicU64,
 }
 
 impl Metrics {
     pub fn new(source: &str, rpo_secs: u64) -> Metrics {
         Metrics { source: source.to_string(), rpo_secs: AtomicU64::new(rpo_secs), ..Default::default() }
+    }
+
+    /// Notes a new newest point of the source.
+    pub fn newest_point(&self, time: jiff::Timestamp) {
+        let ns = u64::try_from(time.as_nanosecond()).unwrap_or(0).max(1);
+        self.newest_point_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    /// The newest point noted, if any.
+    pub fn newest_point_time(&self) -> Option<jiff::Timestamp> {
+        match self.newest_point_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => jiff::Timestamp::from_nanosecond(i128::from(ns)).ok(),
+        }
     }
 
     /// The exposition text.
@@ -63,6 +80,12 @@ impl Metrics {
             get(&self.bytes_shipped).to_string(),
         );
         metric("ebb_stream_errors_total", "counter", "Failed attempts to ship.", get(&self.errors).to_string());
+        metric(
+            "ebb_stream_newest_point_timestamp_seconds",
+            "gauge",
+            "Unix time of the source's newest recovery point (0: none yet).",
+            format!("{:.3}", get(&self.newest_point_ns) as f64 / 1e9),
+        );
         metric(
             "ebb_stream_durable_timestamp_seconds",
             "gauge",

@@ -78,10 +78,36 @@ pub async fn timeline_at(repo: &Repository, source: &str, system: &WalSystem, at
 }
 
 pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<PgRestoreReport, PgRestoreError> {
-    let point = repo.point_at(&opts.source, opts.at).await?.ok_or_else(|| {
-        PgRestoreError::Bad(format!("source {} has no base backup at or before {}", opts.source, opts.at))
-    })?;
-    let manifest = repo.manifest(&point).await?;
+    let named = match repo.resolve(&opts.source, catalog::time::TimeSpec::At(opts.at), Timestamp::now()).await {
+        Ok(p) => p,
+        Err(RepoError::BeforeFirst { earliest, .. }) => {
+            return Err(PgRestoreError::Bad(format!(
+                "{} is before the earliest moment source {} can be restored to: {earliest}, its first base backup",
+                opts.at, opts.source
+            )))
+        }
+        Err(e @ (RepoError::NoPoints { .. } | RepoError::UnknownSource { .. })) => {
+            return Err(match repo.wal_system(&opts.source).await? {
+                Some(_) => PgRestoreError::Bad(format!(
+                    "source {} has WAL but no base backup yet: take one with `ebb pg base-backup --source {}`",
+                    opts.source, opts.source
+                )),
+                None => e.into(),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // A base backup that cannot be read is passed over for the one before it.
+    let catalog::Readable { point, manifest, damaged } =
+        repo.readable_point_at(&opts.source, named.time).await?.ok_or_else(|| {
+            PgRestoreError::Bad(format!(
+                "no base backup of source {} at or before {} can be read (`ebb verify` says what is damaged)",
+                opts.source, opts.at
+            ))
+        })?;
+    for (p, why) in &damaged {
+        tracing::warn!("base backup {} cannot be read ({why}); using the one before it, {}", p.time, point.time);
+    }
     let pg = manifest.pg.clone().ok_or_else(|| {
         PgRestoreError::Bad(format!(
             "source {} is not a PostgreSQL source (its points are not base backups)",
@@ -241,6 +267,19 @@ pub struct Gap {
     pub to: String,
     /// When the WAL after the gap was received.
     pub until: Option<Timestamp>,
+}
+
+/// When the newest WAL of `source` was stored, if it has any: how far behind the
+/// repository is for a PostgreSQL source, whose points (base backups) are rare.
+/// About 64 one-name listings and one read.
+pub async fn wal_newest(repo: &Repository, source: &str) -> Result<Option<Timestamp>, RepoError> {
+    let Some(system) = repo.wal_system(source).await? else { return Ok(None) };
+    let tli = timeline_at(repo, source, &system, Timestamp::now()).await?;
+    let Some(end) = repo.wal_end(source, &system, tli).await? else { return Ok(None) };
+    let seg = system.segment_start(Lsn(end.0 - 1));
+    let pieces = repo.wal_pieces(source, &system, tli, seg, end).await?;
+    let Some(last) = pieces.iter().max_by_key(|p| p.end) else { return Ok(None) };
+    Ok(Some(repo.read_wal(source, last).await?.0.stored))
 }
 
 /// The restorable range of `source`, from listings and a read of the pieces at its

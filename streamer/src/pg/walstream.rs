@@ -121,13 +121,24 @@ pub fn classify(e: &PgError) -> Option<String> {
     }
 }
 
+/// How often the stream looks for base backups made by others.
+const NEWEST_POINT_EVERY: Duration = Duration::from_secs(60);
+
+/// Stops a background task when the stream ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What the stream knows, shared with the heartbeat.
 struct Progress {
     started: Timestamp,
     /// Everything the server had at this time is durable.
     durable_as_of: Timestamp,
     last_error: Option<(String, Timestamp)>,
-    newest_point: Option<Timestamp>,
 }
 
 /// Streams until `shutdown` completes or a fatal error.
@@ -138,8 +149,23 @@ pub async fn stream_pg(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Fatal> {
     tokio::pin!(shutdown);
-    let mut progress =
-        Progress { started: Timestamp::now(), durable_as_of: Timestamp::now(), last_error: None, newest_point: None };
+    let mut progress = Progress { started: Timestamp::now(), durable_as_of: Timestamp::now(), last_error: None };
+    // The newest base backup, for `ebb status`: the stream's own are noted as they
+    // are made, others (`ebb pg base-backup`) by looking now and then.
+    let newest = {
+        let (repo, source, metrics) = (repo.clone(), opts.source.clone(), metrics.clone());
+        tokio::spawn(async move {
+            loop {
+                match repo.point_at(&source, Timestamp::now()).await {
+                    Ok(Some(p)) => metrics.newest_point(p.time),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!("cannot list the points of {source}: {e}"),
+                }
+                tokio::time::sleep(NEWEST_POINT_EVERY).await;
+            }
+        })
+    };
+    let _stop_looking = AbortOnDrop(newest);
     let mut backoff = BACKOFF_MIN;
     let mut connected_once = false;
     // Where to resume after WAL the server removed: past a gap.
@@ -200,7 +226,7 @@ fn write_state(opts: &PgStreamOptions, p: &Progress, metrics: &Metrics) {
         started: p.started,
         updated: now,
         durable_as_of: p.durable_as_of,
-        newest_point: p.newest_point,
+        newest_point: metrics.newest_point_time(),
         last_error: p.last_error.as_ref().map(|e| e.0.clone()),
         last_error_at: p.last_error.as_ref().map(|e| e.1),
     };
