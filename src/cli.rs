@@ -69,7 +69,8 @@ pub enum Command {
     /// Manage the key slots that unlock the repository
     #[command(subcommand)]
     Key(KeyCommand),
-    /// Store one recovery point of a file or directory tree
+    /// Store one recovery point of a file or directory tree. Exits 3 when the point
+    /// was saved without some entries that could not be read (see --allow-skipped)
     Backup {
         /// Source name: the timeline this point belongs to [default: the host name]
         #[arg(long, value_parser = parse_source)]
@@ -80,6 +81,10 @@ pub enum Command {
         /// Print the new point as JSON
         #[arg(long)]
         json: bool,
+        /// Exit 0 even when some entries could not be read (they are left out of the
+        /// point and listed); without it such a backup exits 3
+        #[arg(long)]
+        allow_skipped: bool,
         path: PathBuf,
     },
     /// List sources with their newest point

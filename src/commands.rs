@@ -1,6 +1,7 @@
 //! One function per command: open the repository, call the library, print the result.
 
 use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,7 +24,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Init => init(g).await,
         Command::Key(k) => key(g, k).await,
-        Command::Backup { source, exclude, json, path } => backup(g, source, exclude, json, path).await,
+        Command::Backup { source, exclude, json, allow_skipped, path } => {
+            backup(g, source, exclude, json, allow_skipped, path).await
+        }
         Command::Sources { json } => sources(g, json).await,
         Command::Points { source, since, until, json } => points(g, source, since, until, json).await,
         Command::Restore { at, source, path, target } => restore(g, at, source, path, target).await,
@@ -207,23 +210,48 @@ pub fn source_or_host(source: Option<String>) -> Result<String> {
     })
 }
 
+/// The `--exclude` set of a walk of `path`: the user's patterns, and the directories
+/// of ebb's own that lie inside it (the repository, which a backup of it would copy
+/// into itself, growing every run; a stream's state, which changes every second).
+pub fn walk_excludes(g: &Global, patterns: &[String], path: &Path, own: &[PathBuf]) -> Result<Arc<streamer::Excludes>> {
+    let root = std::fs::canonicalize(path).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
+    let mut excludes =
+        streamer::Excludes::below("--exclude", patterns, Some(&root)).map_err(|e| UsageError(e.to_string()))?;
+    let repo = repo_url(g)?.strip_prefix("file://").map(PathBuf::from);
+    for dir in repo.iter().chain(own) {
+        let Ok(dir) = std::fs::canonicalize(dir) else { continue };
+        if let Ok(rel) = dir.strip_prefix(&root) {
+            if rel.as_os_str().is_empty() {
+                return Err(UsageError(format!("{} is ebb's own {} itself", root.display(), dir.display())).into());
+            }
+            eprintln!("warning: {} lies inside {}: it is left out", dir.display(), root.display());
+            excludes.skip(rel.to_path_buf());
+        }
+    }
+    Ok(Arc::new(excludes))
+}
+
 /// Threads reading files during a walk.
 pub fn file_workers() -> usize {
     4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 4)
 }
+
+/// The exit status of a backup that saved its point without some entries.
+pub const EXIT_SKIPPED: u8 = 3;
 
 async fn backup(
     g: &Global,
     source: Option<String>,
     exclude: Vec<String>,
     json: bool,
+    allow_skipped: bool,
     path: std::path::PathBuf,
 ) -> Result<ExitCode> {
     let source = source_or_host(source)?;
     if let Err(e) = std::fs::symlink_metadata(&path) {
         return Err(UsageError(format!("cannot back up {}: {e}", path.display())).into());
     }
-    let excludes = Arc::new(streamer::Excludes::new(&exclude).map_err(|e| UsageError(e.to_string()))?);
+    let excludes = walk_excludes(g, &exclude, &path, &[])?;
     let repo = open(g).await?;
     let counters = Arc::new(streamer::Counters::default());
     let opts = streamer::SnapshotOptions {
@@ -288,6 +316,9 @@ async fn backup(
         }
         if m.skipped.len() > 20 {
             eprintln!("  … and {} more (see `ebb points --json`)", m.skipped.len() - 20);
+        }
+        if !allow_skipped {
+            return Ok(ExitCode::from(EXIT_SKIPPED));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -11,7 +11,7 @@ use serde_json::json;
 use streamer::state::{self, StreamState};
 
 use crate::cli::{DirArgs, Global};
-use crate::commands::{file_workers, host, open, repo_url, source_or_host};
+use crate::commands::{file_workers, host, open, repo_url, source_or_host, walk_excludes};
 use crate::output::table;
 use crate::UsageError;
 
@@ -22,11 +22,14 @@ pub async fn stream_dir(g: &Global, d: DirArgs) -> Result<ExitCode> {
         Ok(_) => return Err(UsageError(format!("{} is not a directory", d.path.display())).into()),
         Err(e) => return Err(UsageError(format!("cannot stream {}: {e}", d.path.display())).into()),
     }
-    let excludes = Arc::new(streamer::Excludes::new(&d.exclude).map_err(|e| UsageError(e.to_string()))?);
-    let appends =
-        Arc::new(streamer::Excludes::for_flag("--append", &d.appends).map_err(|e| UsageError(e.to_string()))?);
     let url = repo_url(g)?;
     let state_file = claim_stream(d.state_dir, &url, &source)?;
+    let state_dir: Vec<PathBuf> = state_file.iter().filter_map(|f| f.parent().map(PathBuf::from)).collect();
+    let excludes = walk_excludes(g, &d.exclude, &d.path, &state_dir)?;
+    let root = std::fs::canonicalize(&d.path).map_err(|e| UsageError(format!("{}: {e}", d.path.display())))?;
+    let appends = Arc::new(
+        streamer::Excludes::below("--append", &d.appends, Some(&root)).map_err(|e| UsageError(e.to_string()))?,
+    );
     let metrics = serve_metrics(&source, d.rpo, d.metrics_addr).await?;
     let repo = open(g).await?;
     let opts = streamer::StreamOptions {

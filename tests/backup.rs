@@ -264,14 +264,18 @@ fn unreadable_files_are_skipped_and_reported() {
     };
     let o = as_nobody(&["init"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A backup with unreadable files still makes a point, and exits 3 (item 20 of
+    // issue 15): a script sees the point is incomplete.
     let o = as_nobody(&["backup", "--source", "s", src.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "a backup with unreadable files still makes a point: {stderr}");
+    assert_eq!(o.status.code(), Some(3), "a backup that skipped entries says so in its exit status: {stderr}");
     assert!(stderr.contains("could not be read") && stderr.contains("secret") && stderr.contains("closed"), "{stderr}");
     let o = as_nobody(&["points", "--json"]);
     let pts: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
     let skipped = pts[0]["skipped"].as_array().unwrap();
     assert_eq!(skipped.len(), 2, "the point says what it lacks: {}", pts[0]);
+    let o = as_nobody(&["backup", "--allow-skipped", "--source", "s", src.to_str().unwrap()]);
+    assert!(o.status.success(), "told that skipped entries are fine: {}", String::from_utf8_lossy(&o.stderr));
     let out = work.path().join("out");
     let o = as_nobody(&["restore", "--at", "latest", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -455,4 +459,98 @@ fn a_lost_pack_is_stored_again_file() {
 #[test]
 fn a_lost_pack_is_stored_again_s3() {
     a_lost_pack_is_stored_again(Backend::S3);
+}
+
+// ---------------------------------------------------------------- mistakes and special files
+
+/// Items 14, 20 and 23 of issue 15: patterns that can never match and --since
+/// after --until are usage errors that change nothing; a tree that holds its own
+/// repository leaves it out, with a warning; a FIFO given as PATH is stored as a
+/// FIFO, never opened (which blocked for ever); identical files read in parallel
+/// are stored once.
+#[test]
+fn mistakes_are_refused_and_special_cases_handled() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    // The repository lives inside the tree that is backed up.
+    let repo = TestRepo::at_dir(&tree.join("repo"));
+    repo.init();
+    let before = repo.objects();
+    let t = tree.to_str().unwrap();
+    for bad in ["../outside", "a/../b", "/etc/passwd"] {
+        let err = repo.fails(&["backup", "--source", "m", "--exclude", bad, t], 2);
+        assert!(err.contains("never match"), "{bad}: {err}");
+    }
+    let err = repo.fails(&["points", "--since", "@2000000000", "--until", "@1000000000"], 2);
+    assert!(err.contains("--since") && err.contains("--until"), "{err}");
+    assert_eq!(repo.objects(), before, "refused commands change nothing");
+
+    // Three identical files of 4 MiB, and the repository inside the tree.
+    let same = pseudo_random_bytes(23, 4 << 20);
+    for i in 0..3 {
+        fs::write(tree.join(format!("copy{i}")), &same).unwrap();
+    }
+    let out = repo.cmd().args(["backup", "--source", "m", "--json", t]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("lies inside") && err.contains("left out"), "the user is told: {err}");
+    let point: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let added = point["stats"]["new_bytes"].as_u64().unwrap();
+    assert!(added < 5 << 20, "4 MiB stored once, not three times: {added} bytes added");
+    let restored = work.path().join("restored");
+    repo.ok(&["restore", "--at", "latest", restored.to_str().unwrap()]);
+    assert!(!restored.join("repo").exists(), "the repository was not backed up into itself");
+    assert!(fs::read(restored.join("copy2")).unwrap() == same);
+
+    // A FIFO as PATH: stored as what it is, without waiting for a writer.
+    let fifo = work.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let out =
+        run_within(&repo, &["backup", "--source", "f", fifo.to_str().unwrap()], std::time::Duration::from_secs(60));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let back = work.path().join("fifo-back");
+    repo.ok(&["restore", "--source", "f", "--at", "latest", back.to_str().unwrap()]);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::symlink_metadata(back.join("fifo")).unwrap().file_type().is_fifo());
+}
+
+/// Item 20 of issue 15: a restore that runs out of space says the target is full,
+/// and stops (it used to go on, and send the user to `ebb verify`).
+#[test]
+fn a_restore_onto_a_full_filesystem_says_so() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..8u64 {
+        fs::write(src.join(format!("f{i}")), pseudo_random_bytes(i, 3 << 20)).unwrap();
+    }
+    backup(&repo, "s", &src);
+    let small = SmallFs::mount("8m");
+    let out = run_within(
+        &repo,
+        &["restore", "--at", "latest", small.path().join("r").to_str().unwrap()],
+        std::time::Duration::from_secs(120),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("filesystem is full"), "{err}");
+    assert!(!err.contains("ebb verify"), "nothing is wrong with the repository: {err}");
+}
+
+/// Item 20 of issue 15: an S3 repository without credentials says so, and which
+/// variables to set, instead of showing the instance metadata service's answer.
+#[test]
+fn s3_without_credentials_says_what_to_set() {
+    let repo = TestRepo::new(Backend::S3);
+    let mut c = repo.cmd();
+    for v in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"] {
+        c.env_remove(v);
+    }
+    let out = c.args(["points"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no AWS credentials") && err.contains("AWS_ACCESS_KEY_ID"), "{err}");
 }

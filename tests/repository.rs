@@ -335,3 +335,25 @@ fn a_memory_repository_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(!stderr(&out).contains("created"), "{}", stderr(&out));
 }
+
+/// Item 20 of issue 15: `ebb verify` reports a point whose manifest was deleted (its
+/// index file names it), and does not call that point's packs harmless leftovers.
+#[test]
+fn verify_reports_a_deleted_manifest() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    backup_and_check(&repo, work.path(), "a");
+    let src = work.path().join("src-b");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("other"), pseudo_random_bytes(9, 200_000)).unwrap();
+    repo.ok(&["backup", "--source", "s", src.to_str().unwrap()]);
+    let v: Vec<serde_json::Value> = serde_json::from_str(&repo.ok(&["points", "--json"])).unwrap();
+    let deleted = v[1]["name"].as_str().unwrap().to_string();
+    repo.delete_object(&deleted);
+    let out = ebb(&repo, &["verify"]).output().unwrap();
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains(&deleted) && all.contains("manifest was deleted"), "{all}");
+    assert!(!all.contains("harmless"), "{all}");
+}

@@ -26,6 +26,11 @@ pub enum StoreError {
     Backend { op: &'static str, name: String, cause: object_store::Error },
     #[error("invalid repository URL {url:?}: {problem}")]
     BadUrl { url: String, problem: String },
+    #[error(
+        "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for \
+         temporary ones), or run where the instance metadata service gives a role ({cause})"
+    )]
+    NoCredentials { cause: String },
     #[error("{op} {name}: {cause}")]
     Io { op: &'static str, name: String, cause: std::io::Error },
 }
@@ -57,6 +62,11 @@ impl StoreError {
     }
 
     fn from_backend(op: &'static str, name: &str, e: object_store::Error) -> StoreError {
+        // With no credentials in the environment, the S3 client asks the instance
+        // metadata service for a role's: its refusal is no help to the user.
+        if e.to_string().contains("169.254.169.254") {
+            return StoreError::NoCredentials { cause: e.to_string() };
+        }
         match e {
             object_store::Error::NotFound { .. } => StoreError::NotFound { name: name.to_string() },
             object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {

@@ -12,6 +12,8 @@ use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 pub struct Excludes {
     names: GlobSet,
     paths: GlobSet,
+    /// Paths below the backed-up directory left out whatever the patterns say.
+    skipped: Vec<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,13 +31,40 @@ impl Excludes {
 
     /// The same patterns for another option (`--append`): errors name `flag`.
     pub fn for_flag(flag: &'static str, patterns: &[String]) -> Result<Excludes, ExcludeError> {
+        Excludes::below(flag, patterns, None)
+    }
+
+    /// The patterns for a walk of `root` (the backed-up directory, canonical): an
+    /// absolute path below it is taken relative to it; an absolute path elsewhere
+    /// on the host can never match, and is an error, as is `..`.
+    pub fn below(flag: &'static str, patterns: &[String], root: Option<&Path>) -> Result<Excludes, ExcludeError> {
         let (mut names, mut paths) = (GlobSetBuilder::new(), GlobSetBuilder::new());
         for p in patterns {
             let bad = |problem: String| ExcludeError { flag, pattern: p.clone(), problem };
             let glob = |s: &str| -> Result<Glob, ExcludeError> {
                 GlobBuilder::new(s).literal_separator(true).build().map_err(|e| bad(e.kind().to_string()))
             };
-            let p = p.trim_end_matches('/');
+            let mut p = p.trim_end_matches('/');
+            if p.split('/').any(|c| c == "..") {
+                return Err(bad("paths below the backed-up directory have no `..`: it can never match".into()));
+            }
+            if let (Some(root), true) = (root, p.starts_with('/')) {
+                let first = p.trim_start_matches('/').split('/').next().unwrap_or_default();
+                match Path::new(p).strip_prefix(root) {
+                    Ok(rel) if !rel.as_os_str().is_empty() => p = &p[p.len() - rel.as_os_str().len()..],
+                    Ok(_) => return Err(bad("it is the backed-up directory itself".into())),
+                    // `/x` is `x` at the top of the backed-up directory, unless /x is
+                    // a path on this host outside it: that can never match.
+                    Err(_) if root != Path::new("/") && !first.is_empty() && Path::new("/").join(first).exists() => {
+                        return Err(bad(format!(
+                            "it is a path on this host outside {}, so it can never match: patterns are relative to the backed-up \
+                             directory (a leading / anchors them there)",
+                            root.display()
+                        )))
+                    }
+                    Err(_) => {}
+                }
+            }
             if p.trim_start_matches('/').is_empty() {
                 return Err(bad("it matches nothing".into()));
             } else if p.contains('/') {
@@ -45,17 +74,22 @@ impl Excludes {
             }
         }
         let build = |b: GlobSetBuilder| b.build().expect("each glob compiled on its own");
-        Ok(Excludes { names: build(names), paths: build(paths) })
+        Ok(Excludes { names: build(names), paths: build(paths), skipped: Vec::new() })
+    }
+
+    /// Leaves out `rel`, a path below the backed-up directory, exactly.
+    pub fn skip(&mut self, rel: std::path::PathBuf) {
+        self.skipped.push(rel);
     }
 
     /// Whether `rel`, a path below the backed-up directory, is left out.
     pub fn excludes(&self, rel: &Path) -> bool {
         let name_hit = rel.file_name().is_some_and(|n| self.names.is_match(Path::new(n)));
-        name_hit || (!self.paths.is_empty() && self.paths.is_match(rel))
+        name_hit || (!self.paths.is_empty() && self.paths.is_match(rel)) || self.skipped.iter().any(|s| s == rel)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty() && self.paths.is_empty()
+        self.names.is_empty() && self.paths.is_empty() && self.skipped.is_empty()
     }
 }
 
@@ -79,6 +113,24 @@ mod tests {
         assert!(e.excludes(Path::new("var/tmp")));
         assert!(!e.excludes(Path::new("var/tmpx")));
         assert!(!e.excludes(Path::new("keep.txt")));
+    }
+
+    /// Item 20 of issue 15: patterns that could never match are errors; an absolute
+    /// path below the backed-up directory is taken relative to it.
+    #[test]
+    fn patterns_that_can_never_match_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let below = |p: &str| Excludes::below("--exclude", &[p.to_string()], Some(root.path()));
+        for never in ["../x", "a/../b", "/etc/passwd", "/usr/**"] {
+            let err = below(never).unwrap_err().to_string();
+            assert!(err.contains(never) && err.contains("never match"), "{never}: {err}");
+        }
+        let abs = format!("{}/cache/**", root.path().display());
+        let e = below(&abs).unwrap();
+        assert!(e.excludes(Path::new("cache/a")), "an absolute path below the root is relative to it");
+        assert!(!e.excludes(Path::new("other")));
+        // A leading / anchors at the top, when it names nothing else on the host.
+        assert!(below("/cache-of-the-tree/**").unwrap().excludes(Path::new("cache-of-the-tree/x")));
     }
 
     #[test]
