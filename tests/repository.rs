@@ -22,8 +22,14 @@ fn stderr(out: &Output) -> String {
 /// command just as an object would appear. `at` names the link's target; without
 /// it, the first link of all.
 fn killed_at_link(cmd: Command, at: Option<&Path>) {
+    killed_at(cmd, "linkat", at)
+}
+
+/// `cmd` under strace, killed (SIGKILL) at its first `syscall` on `at` (any path
+/// without it).
+fn killed_at(cmd: Command, syscall: &str, at: Option<&Path>) {
     let mut c = Command::new("strace");
-    c.args(["-f", "-qq", "-o", "/dev/null", "--inject=linkat:signal=KILL:when=1"]);
+    c.args(["-f", "-qq", "-o", "/dev/null"]).arg(format!("--inject={syscall}:signal=KILL:when=1"));
     if let Some(p) = at {
         c.arg("-P").arg(p);
     }
@@ -37,7 +43,7 @@ fn killed_at_link(cmd: Command, at: Option<&Path>) {
     let out = c.output().expect("strace runs (scripts/test installs it)");
     assert!(
         !out.status.success(),
-        "{:?} was meant to be killed at a link to {at:?}, but it finished: {}",
+        "{:?} was meant to be killed at {syscall} of {at:?}, but it finished: {}",
         cmd.get_args().collect::<Vec<_>>(),
         stderr(&out)
     );
@@ -356,4 +362,65 @@ fn verify_reports_a_deleted_manifest() {
     assert_eq!(out.status.code(), Some(1), "{all}");
     assert!(all.contains(&deleted) && all.contains("manifest was deleted"), "{all}");
     assert!(!all.contains("harmless"), "{all}");
+}
+
+/// Item 24 of issue 15: a backup killed as its pack appears leaves a half-written
+/// upload; the next backup removes it (once it is old enough that no live writer
+/// can own it) and adopts what was durable, storing nothing twice.
+#[test]
+fn what_a_killed_backup_left_is_cleaned_and_adopted() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..4u64 {
+        fs::write(src.join(format!("f{i}")), pseudo_random_bytes(i, 3 << 20)).unwrap();
+    }
+    let dir = repo.repo_dir().unwrap().to_path_buf();
+    killed_at_link(ebb(&repo, &["backup", "--source", "s", src.to_str().unwrap()]), None);
+    let staged = |dir: &Path| -> Vec<std::path::PathBuf> {
+        let mut found = Vec::new();
+        let mut stack = vec![dir.join("packs")];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                } else if e.file_name().to_string_lossy().contains('#') {
+                    found.push(e.path());
+                }
+            }
+        }
+        found
+    };
+    let left = staged(&dir);
+    assert!(!left.is_empty(), "the kill left a half-written pack");
+    // Old enough that no running writer can still own it.
+    for f in &left {
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        fs::File::options().write(true).open(f).unwrap().set_modified(hour_ago).unwrap();
+    }
+    // A second backup killed once its packs are durable, as its point is about to
+    // be written (the first point of the source makes its directory).
+    let points_dir = dir.join("points/s");
+    killed_at(ebb(&repo, &["backup", "--source", "s", src.to_str().unwrap()]), "mkdir", Some(&points_dir));
+    let durable = repo.objects().into_iter().filter(|o| o.starts_with("packs/")).count();
+    assert!(durable >= 2, "the killed backup's packs are durable: {durable}");
+    assert!(!repo.objects().iter().any(|o| o.starts_with("points/") || o.starts_with("index/")));
+
+    let out = ebb(&repo, &["backup", "--source", "s", "--json", src.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for f in &left {
+        assert!(!f.exists(), "{} is still there", f.display());
+    }
+    let point: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let added = point["stats"]["new_bytes"].as_u64().unwrap();
+    assert!(added < 1 << 20, "what the killed backup made durable is adopted, not stored again: {added} bytes");
+    assert_eq!(repo.objects().into_iter().filter(|o| o.starts_with("packs/")).count(), durable);
+    repo.ok(&["verify", "--read-data"]);
+    let out = work.path().join("out");
+    repo.ok(&["restore", "--at", "latest", out.to_str().unwrap()]);
+    for i in 0..4 {
+        assert!(fs::read(out.join(format!("f{i}"))).unwrap() == fs::read(src.join(format!("f{i}"))).unwrap());
+    }
 }

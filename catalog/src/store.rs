@@ -279,6 +279,46 @@ impl Store {
         Ok(metas.into_iter().map(|m| ObjectInfo { name: self.name_of(&m.location), size: m.size }).collect())
     }
 
+    /// Removes what interrupted puts left on a file:// store under `dir/`: staged
+    /// files (`<name>#<n>`) older than `min_age`. A writer still using one loses
+    /// nothing: its put fails to publish it, and says so. Returns how many went.
+    pub async fn sweep_staged(&self, dir: &str, min_age: std::time::Duration) -> Result<usize, StoreError> {
+        let Some(root) = &self.local_root else { return Ok(0) };
+        let (top, dir) = (root.join(dir), dir.to_string());
+        tokio::task::spawn_blocking(move || {
+            let io = |cause| StoreError::Io { op: "sweep staged uploads in", name: dir.clone(), cause };
+            let mut stack = vec![top];
+            let mut removed = 0;
+            while let Some(d) = stack.pop() {
+                let entries = match std::fs::read_dir(&d) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io(e)),
+                };
+                for e in entries {
+                    let e = e.map_err(io)?;
+                    let Ok(kind) = e.file_type() else { continue };
+                    if kind.is_dir() {
+                        stack.push(e.path());
+                        continue;
+                    }
+                    let name = e.file_name();
+                    let staged = name
+                        .to_str()
+                        .and_then(|n| n.rsplit_once('#'))
+                        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                    let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+                    if staged && old.is_some_and(|age| age >= min_age) && std::fs::remove_file(e.path()).is_ok() {
+                        removed += 1;
+                    }
+                }
+            }
+            Ok(removed)
+        })
+        .await
+        .expect("sweep task panicked")
+    }
+
     /// At most `limit` object names from anywhere in the repository: enough to tell
     /// an empty prefix from one that holds something.
     pub async fn sample(&self, limit: usize) -> Result<Vec<String>, StoreError> {

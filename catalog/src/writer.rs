@@ -21,9 +21,9 @@ use tokio::task::JoinHandle;
 
 use crate::crypto::{compressor, encode_payload};
 use crate::id::Id;
-use crate::index::{seal_index, DedupIndex};
+use crate::index::{seal_index, DedupIndex, INDEX_DIR};
 use crate::inventory::Inventory;
-use crate::pack::{fetch_header, pack_name, BlobKind, BlobRef, PackBuilder, PackEntry};
+use crate::pack::{fetch_header, pack_name, BlobKind, BlobRef, PackBuilder, PackEntry, PACKS_DIR};
 use crate::point::{Manifest, PointRef};
 use crate::repo::{RepoError, Repository};
 use crate::store::{Store, StoreError};
@@ -33,6 +33,8 @@ pub const PACK_TARGET: usize = 8 << 20;
 /// Full packs waiting for the uploader, beyond those being uploaded.
 const QUEUED_PACKS: usize = 2;
 const CONCURRENT_UPLOADS: usize = 4;
+/// Staged uploads older than this were left by a writer that was killed.
+const STAGED_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 /// Orphan packs read at once when adopting them.
 const ADOPT_READS: usize = 8;
 
@@ -99,6 +101,14 @@ impl Writer {
     /// Loads the repository's index, keeps what exists of it for deduplication, and
     /// starts the uploader on the current runtime.
     pub async fn new(repo: Repository) -> Result<Arc<Writer>, RepoError> {
+        // What a killed writer left half-written is removed, not kept for ever.
+        for dir in [PACKS_DIR, INDEX_DIR] {
+            match repo.store().sweep_staged(dir, STAGED_AGE).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("removed {n} half-written uploads left in {dir}/ by interrupted runs"),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
         let inventory = Inventory::load(&repo).await?;
         for (name, why) in &inventory.unreadable {
             // A damaged index only costs dedup; `ebb verify` reports it.
