@@ -594,3 +594,61 @@ fn damaged_points_are_passed_over_and_marked() {
     assert!(stderr.contains(&times[2]) && stderr.contains("cannot be read"), "{stderr}");
     assert_eq!(fs::read(at.join("f")).unwrap(), b"1");
 }
+
+/// `lsattr -d` of each path: the flags column.
+fn lsattr(root: &Path, rels: &[&str]) -> Vec<String> {
+    rels.iter()
+        .map(|r| {
+            let out = Command::new("lsattr").arg("-d").arg(root.join(r)).output().unwrap();
+            assert!(out.status.success(), "lsattr {r}: {}", String::from_utf8_lossy(&out.stderr));
+            // The filesystem's own flags (e: extents) are not kept.
+            String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().replace('e', "-")
+        })
+        .collect()
+}
+
+/// Takes the immutable and append-only flags off a tree, so that it can be removed.
+struct Unflag(PathBuf);
+
+impl Drop for Unflag {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").args(["-R", "-i", "-a"]).arg(&self.0).status();
+    }
+}
+
+/// Item 21 of issue 15: inode flags (`chattr +i`, `+a`, `+A`, `+d`) are kept,
+/// restored last (an immutable file is still hard-linked, an append-only one still
+/// gets its times), and shown in the mount to `lsattr`.
+#[test]
+fn inode_flags_are_kept_restored_and_shown() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let _unflag = Unflag(work.path().to_path_buf());
+    let src = work.path().join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    for (name, data) in [("imm", "a"), ("app", "b"), ("d/noatime", "c"), ("plain", "d")] {
+        fs::write(src.join(name), data).unwrap();
+    }
+    fs::hard_link(src.join("imm"), src.join("imm2")).unwrap();
+    for (flag, name) in [("+i", "imm"), ("+a", "app"), ("+A", "d/noatime"), ("+d", "d")] {
+        let ok = Command::new("chattr").arg(flag).arg(src.join(name)).status().unwrap().success();
+        assert!(ok, "chattr {flag} {name} (the tests need a filesystem with inode flags, as ext4)");
+    }
+    let paths = ["imm", "imm2", "app", "d", "d/noatime", "plain"];
+    let want = lsattr(&src, &paths);
+    assert!(want[0].contains('i') && want[2].contains('a'), "{want:?}");
+    repo.ok(&["backup", "--source", "s", src.to_str().unwrap()]);
+
+    let out = work.path().join("out");
+    repo.ok(&["restore", "--at", "latest", out.to_str().unwrap()]);
+    assert_eq!(lsattr(&out, &paths), want, "restored with their flags");
+    assert_eq!(fs::metadata(out.join("imm")).unwrap().ino(), fs::metadata(out.join("imm2")).unwrap().ino());
+    let mtime = |p: &Path| fs::metadata(p).unwrap().mtime();
+    assert_eq!(mtime(&out.join("app")), mtime(&src.join("app")), "times are set before append-only");
+    assert_eq!(fs::read(out.join("d/noatime")).unwrap(), b"c");
+
+    let mnt = work.path().join("mnt");
+    let (_guard, _) = mount(&repo, &["--at", "latest"], &mnt);
+    assert_eq!(lsattr(&mnt, &paths), want, "the mount shows them");
+}

@@ -214,6 +214,13 @@ pub struct Overlay {
 }
 
 impl Overlay {
+    /// Adds a fragment's growths after those already there.
+    pub(crate) fn add(&mut self, fragment: Fragment) {
+        for g in fragment.growths {
+            self.growths.entry((g.device, g.inode)).or_default().push(g);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.growths.is_empty()
     }
@@ -304,11 +311,7 @@ impl Repository {
         let mut overlay = Overlay::default();
         for (f, r) in refs.iter().zip(fetched) {
             match r {
-                Ok(frag) => {
-                    for g in frag.growths {
-                        overlay.growths.entry((g.device, g.inode)).or_default().push(g);
-                    }
-                }
+                Ok(frag) => overlay.add(frag),
                 Err(RepoError::Store(e)) if !e.is_not_found() => return Err(RepoError::Store(e)),
                 Err(e) => {
                     tracing::warn!("ignoring {} and the fragments after it: {e}", f.name);

@@ -8,6 +8,8 @@ mod codec;
 mod config;
 mod crypto;
 mod fragment;
+#[doc(hidden)]
+pub mod fuzzing;
 mod id;
 mod index;
 mod init;

@@ -188,7 +188,7 @@ pub fn read_header(keys: &Keys, pack: &Id, bytes: &[u8]) -> Result<Vec<PackEntry
 
 /// The length of the sealed header, from a pack's size and its trailer (its last
 /// `TRAILER_LEN` bytes, or the whole pack).
-fn header_len(size: u64, tail: &[u8]) -> Result<u64, PackError> {
+pub(crate) fn header_len(size: u64, tail: &[u8]) -> Result<u64, PackError> {
     if size < TRAILER_LEN as u64 || tail.len() < TRAILER_LEN {
         return Err(PackError::Trailer("shorter than its trailer"));
     }
@@ -208,7 +208,12 @@ fn header_len(size: u64, tail: &[u8]) -> Result<u64, PackError> {
 fn decode_header(keys: &Keys, pack: &Id, sealed: &[u8], blobs_end: u64) -> Result<Vec<PackEntry>, PackError> {
     let payload = open(&keys.pack_cipher(pack), HEADER_AAD, sealed)?;
     let plain = crate::crypto::decode_payload(payload.into(), 64 << 20)?;
-    let mut d = Decoder::new("pack header", &plain);
+    parse_header(pack, &plain, blobs_end)
+}
+
+/// The entries of an opened pack header.
+pub(crate) fn parse_header(pack: &Id, plain: &[u8], blobs_end: u64) -> Result<Vec<PackEntry>, PackError> {
+    let mut d = Decoder::new("pack header", plain);
     let n = d.count(HEADER_ENTRY_LEN)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {

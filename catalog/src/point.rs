@@ -207,12 +207,16 @@ impl Manifest {
     }
 
     pub fn open(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Manifest, ObjectError> {
-        let plain = open_object(keys, name, bytes)?;
+        Manifest::decode(name, &open_object(keys, name, bytes)?)
+    }
+
+    /// A manifest from its plaintext (the object `name`, opened).
+    pub(crate) fn decode(name: &str, plain: &[u8]) -> Result<Manifest, ObjectError> {
         let bad = |problem: String| ObjectError::Decode {
             name: name.to_string(),
             cause: crate::codec::DecodeError::new("point manifest", problem),
         };
-        let m: Manifest = serde_json::from_slice(&plain).map_err(|e| bad(e.to_string()))?;
+        let m: Manifest = serde_json::from_slice(plain).map_err(|e| bad(e.to_string()))?;
         if m.version != VERSION {
             return Err(bad(format!("unknown manifest version {}", m.version)));
         }

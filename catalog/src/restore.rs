@@ -1,6 +1,8 @@
 //! Restore: writes a point's tree (or one path of it) to the local filesystem with its
 //! metadata: holes stay holes, hard links stay links, and ownership, modes, times and
 //! extended attributes are applied after content (directories after their children).
+//! Inode flags (`chattr`) come last of all, once nothing more is written: an
+//! immutable file could not be linked to, an immutable directory not filled.
 //! A file whose data cannot be read is reported and removed, never left with wrong
 //! bytes; the rest of the restore goes on.
 
@@ -78,9 +80,11 @@ pub async fn restore(
             handle,
             overlay: opts.overlay.clone(),
             links: HashMap::new(),
+            flagged: Vec::new(),
             report: RestoreReport::default(),
         };
         r.run(&manifest, &opts)?;
+        r.apply_flags();
         Ok(r.report)
     })
     .await
@@ -93,6 +97,8 @@ struct Restorer {
     overlay: Overlay,
     /// link group -> the path restored first, which later names link to.
     links: HashMap<u64, PathBuf>,
+    /// Files and directories with inode flags, set once all else is done.
+    flagged: Vec<(PathBuf, u32)>,
     report: RestoreReport,
 }
 
@@ -264,7 +270,25 @@ impl Restorer {
         Ok(())
     }
 
+    /// Sets the inode flags noted, keeping those the target's filesystem manages.
+    fn apply_flags(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        for (path, flags) in std::mem::take(&mut self.flagged) {
+            let set = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+                .open(&path)
+                .and_then(|f| set_inode_flags(&f, flags));
+            if let Err(err) = set {
+                self.report.warnings.push(format!("{}: inode flags {flags:#x}: {err}", path.display()));
+            }
+        }
+    }
+
     fn apply_meta(&mut self, path: &Path, e: &Entry) {
+        if e.flags != 0 && matches!(e.kind, EntryKind::File | EntryKind::Dir) {
+            self.flagged.push((path.to_path_buf(), e.flags));
+        }
         let symlink = e.kind == EntryKind::Symlink;
         for (k, v) in &e.xattrs {
             if let Err(err) = xattr::set(path, OsStr::from_bytes(k), v) {
@@ -305,6 +329,23 @@ enum FileFailure {
 
 fn no_space(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+/// Sets an open file's inode flags to `flags` (within `KEPT_FLAGS`), keeping the
+/// others as they are.
+fn set_inode_flags(f: &fs::File, flags: u32) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let mut current: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes at most a long into `current`, which we own.
+    if unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut current) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let new: libc::c_long = (current & !(crate::tree::KEPT_FLAGS as libc::c_long)) | flags as libc::c_long;
+    // SAFETY: FS_IOC_SETFLAGS reads a long from `new`.
+    if unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &new) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn cpath(path: &Path) -> CString {

@@ -6,7 +6,32 @@
 use crate::codec::{DecodeError, Decoder, Encoder};
 use crate::pack::BlobRef;
 
-const VERSION: u8 = 1;
+/// Version 1 has no inode flags; version 2 adds them after `rdev`. A tree whose
+/// entries all have no flags is written as version 1, so that what did not change
+/// keeps its bytes, and its content id, across the change of format.
+const VERSION_1: u8 = 1;
+const VERSION_2: u8 = 2;
+
+/// The inode flags (`FS_IOC_GETFLAGS`, as `lsattr` shows them) a user can set and
+/// that are kept: s u c S i a d A m j t D T C x P F. Those the filesystem manages
+/// itself (extents, indexes, inline data, encryption, verity) are not.
+pub const KEPT_FLAGS: u32 = 0x1
+    | 0x2
+    | 0x4
+    | 0x8
+    | 0x10
+    | 0x20
+    | 0x40
+    | 0x80
+    | 0x400
+    | 0x4000
+    | 0x8000
+    | 0x1_0000
+    | 0x2_0000
+    | 0x80_0000
+    | 0x200_0000
+    | 0x2000_0000
+    | 0x4000_0000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
@@ -84,6 +109,8 @@ pub struct Entry {
     pub link_group: u64,
     /// Device number of character and block devices.
     pub rdev: u64,
+    /// Inode flags (`chattr`), within `KEPT_FLAGS`; 0 for most entries.
+    pub flags: u32,
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// Symlink target.
     pub target: Vec<u8>,
@@ -109,6 +136,7 @@ impl Entry {
             nlink: 1,
             link_group: 0,
             rdev: 0,
+            flags: 0,
             xattrs: Vec::new(),
             target: Vec::new(),
             subtree: None,
@@ -134,10 +162,11 @@ impl Tree {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::default();
-        e.u8(VERSION);
+        let version = if self.entries.iter().any(|x| x.flags != 0) { VERSION_2 } else { VERSION_1 };
+        e.u8(version);
         e.u32(self.entries.len() as u32);
         for entry in &self.entries {
-            encode_entry(&mut e, entry);
+            encode_entry(&mut e, entry, version);
         }
         e.buf
     }
@@ -145,13 +174,13 @@ impl Tree {
     pub fn decode(bytes: &[u8]) -> Result<Tree, DecodeError> {
         let mut d = Decoder::new("tree", bytes);
         let v = d.u8()?;
-        if v != VERSION {
+        if v != VERSION_1 && v != VERSION_2 {
             return Err(d.error(format!("unknown tree version {v}")));
         }
         let n = d.count(MIN_ENTRY_LEN)?;
         let mut entries: Vec<Entry> = Vec::with_capacity(n);
         for _ in 0..n {
-            let entry = decode_entry(&mut d)?;
+            let entry = decode_entry(&mut d, v)?;
             if entry.name.is_empty() || entry.name.contains(&b'/') || entry.name.contains(&0) {
                 return Err(d.error("an entry name is empty or contains '/' or NUL"));
             }
@@ -173,7 +202,7 @@ impl Tree {
 /// Fixed-size part of an encoded entry (all fields but the variable-length ones).
 const MIN_ENTRY_LEN: usize = 4 + 1 + 4 * 3 + 8 + 12 + 12 + 8 + 8 + 4 + 8 + 8 + 4;
 
-fn encode_entry(e: &mut Encoder, x: &Entry) {
+fn encode_entry(e: &mut Encoder, x: &Entry, version: u8) {
     e.bytes(&x.name);
     e.u8(x.kind as u8);
     e.u32(x.mode);
@@ -189,6 +218,9 @@ fn encode_entry(e: &mut Encoder, x: &Entry) {
     e.u32(x.nlink);
     e.u64(x.link_group);
     e.u64(x.rdev);
+    if version >= VERSION_2 {
+        e.u32(x.flags);
+    }
     e.u32(x.xattrs.len() as u32);
     for (k, v) in &x.xattrs {
         e.bytes(k);
@@ -216,7 +248,7 @@ fn encode_entry(e: &mut Encoder, x: &Entry) {
     }
 }
 
-fn decode_entry(d: &mut Decoder) -> Result<Entry, DecodeError> {
+fn decode_entry(d: &mut Decoder, version: u8) -> Result<Entry, DecodeError> {
     let name = d.bytes()?.to_vec();
     let kind = EntryKind::from_u8(d.u8()?).ok_or_else(|| d.error("unknown entry kind"))?;
     let mut x = Entry::new(name, kind);
@@ -237,6 +269,12 @@ fn decode_entry(d: &mut Decoder) -> Result<Entry, DecodeError> {
     x.nlink = d.u32()?;
     x.link_group = d.u64()?;
     x.rdev = d.u64()?;
+    if version >= VERSION_2 {
+        x.flags = d.u32()?;
+        if x.flags & !KEPT_FLAGS != 0 {
+            return Err(d.error("inode flags beyond those kept"));
+        }
+    }
     let nx = d.count(8)?;
     for _ in 0..nx {
         let k = d.bytes()?.to_vec();
@@ -267,33 +305,37 @@ fn decode_entry(d: &mut Decoder) -> Result<Entry, DecodeError> {
     Ok(x)
 }
 
+/// A tree with one entry of each interesting shape: the golden test pins its
+/// encoding, and the fuzzers start from it.
+#[doc(hidden)]
+pub fn sample() -> Tree {
+    let blob =
+        BlobRef { id: crate::id::Id([1; 32]), pack: crate::id::Id([2; 32]), offset: 10, length: 40, raw_len: 12 };
+    let mut file = Entry::new(b"a\nfile\xff".to_vec(), EntryKind::File);
+    file.mode = 0o4755;
+    file.uid = 12345;
+    file.gid = 54321;
+    file.size = 112;
+    file.mtime = Timestamp { sec: 1_700_000_000, nsec: 123_456_789 };
+    file.xattrs = vec![(b"user.k".to_vec(), b"\x00v".to_vec())];
+    file.content = vec![Extent::Data(blob), Extent::Hole(100)];
+    let mut dir = Entry::new(b"d".to_vec(), EntryKind::Dir);
+    dir.mode = 0o1777;
+    dir.subtree = Some(blob);
+    let mut link = Entry::new(b"l".to_vec(), EntryKind::Symlink);
+    link.mode = 0o777;
+    link.target = b"../nowhere".to_vec();
+    let mut dev = Entry::new(b"null".to_vec(), EntryKind::CharDevice);
+    dev.rdev = 0x103;
+    let mut t = Tree { entries: vec![link, file, dir, dev] };
+    t.sort();
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::id::Id;
-
-    pub fn sample() -> Tree {
-        let blob = BlobRef { id: Id([1; 32]), pack: Id([2; 32]), offset: 10, length: 40, raw_len: 12 };
-        let mut file = Entry::new(b"a\nfile\xff".to_vec(), EntryKind::File);
-        file.mode = 0o4755;
-        file.uid = 12345;
-        file.gid = 54321;
-        file.size = 112;
-        file.mtime = Timestamp { sec: 1_700_000_000, nsec: 123_456_789 };
-        file.xattrs = vec![(b"user.k".to_vec(), b"\x00v".to_vec())];
-        file.content = vec![Extent::Data(blob), Extent::Hole(100)];
-        let mut dir = Entry::new(b"d".to_vec(), EntryKind::Dir);
-        dir.mode = 0o1777;
-        dir.subtree = Some(blob);
-        let mut link = Entry::new(b"l".to_vec(), EntryKind::Symlink);
-        link.mode = 0o777;
-        link.target = b"../nowhere".to_vec();
-        let mut dev = Entry::new(b"null".to_vec(), EntryKind::CharDevice);
-        dev.rdev = 0x103;
-        let mut t = Tree { entries: vec![link, file, dir, dev] };
-        t.sort();
-        t
-    }
 
     #[test]
     fn round_trip_and_corruption() {
@@ -316,6 +358,30 @@ mod tests {
             (bytes.len(), digest.as_str()),
             (570, "2916e8c7b252ed77d196e1618b763cab6b3a989e851fb0de5d6ebe5f629f94d9")
         );
+    }
+
+    #[test]
+    fn golden_tree_v2() {
+        // Version 2: the same tree with inode flags on two entries (immutable on the
+        // file, append-only and no-dump on the directory), a u32 after rdev.
+        let mut t = sample();
+        t.entries.iter_mut().find(|e| e.kind == EntryKind::File).unwrap().flags = 0x10;
+        t.entries.iter_mut().find(|e| e.kind == EntryKind::Dir).unwrap().flags = 0x20 | 0x40;
+        let bytes = t.encode();
+        assert_eq!(bytes[0], 2);
+        // Four bytes more than version 1 per entry, nothing else.
+        assert_eq!(bytes.len(), sample().encode().len() + 4 * t.entries.len());
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        assert_eq!(
+            (bytes.len(), digest.as_str()),
+            (586, "dfd47b44cedaa6407dd3ccc674cf8b09feb7e92650e10049a66483f8fe33f9d7")
+        );
+        assert_eq!(Tree::decode(&bytes).unwrap(), t);
+        // Without flags, a tree is written as version 1, as before: the same bytes.
+        assert_eq!(sample().encode()[0], 1);
+        let mut beyond = t.clone();
+        beyond.entries[0].flags = 0x80000; // extents: the filesystem's, not kept
+        assert!(Tree::decode(&beyond.encode()).is_err());
     }
 
     #[test]

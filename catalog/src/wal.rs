@@ -124,7 +124,7 @@ impl WalPiece {
         format!("{}/{:016x}-{:016x}", tli_dir(source, self.tli), self.start.0, self.end.0)
     }
 
-    fn parse(tli: u32, name: &str) -> Option<WalPiece> {
+    pub(crate) fn parse(tli: u32, name: &str) -> Option<WalPiece> {
         let leaf = name.rsplit('/').next()?;
         let (s, e) = leaf.split_once('-')?;
         let hex16 = |x: &str| (x.len() == 16).then(|| u64::from_str_radix(x, 16).ok()).flatten();
@@ -149,7 +149,7 @@ pub struct WalSystem {
 }
 
 impl WalSystem {
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::default();
         e.u8(VERSION);
         e.u64(self.system_id);
@@ -157,7 +157,7 @@ impl WalSystem {
         e.buf
     }
 
-    fn decode(bytes: &[u8]) -> Result<WalSystem, DecodeError> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<WalSystem, DecodeError> {
         let mut d = Decoder::new("WAL system", bytes);
         if d.u8()? != VERSION {
             return Err(d.error("unknown version"));
@@ -236,7 +236,7 @@ fn write_piece_header(plain: &mut [u8], times: PieceTimes) {
     plain[9..17].copy_from_slice(&unix_nanos(times.stored).unwrap_or(0).to_le_bytes());
 }
 
-fn decode_piece(name: &str, plain: Vec<u8>, len: u64) -> Result<(PieceTimes, Bytes), RepoError> {
+pub(crate) fn decode_piece(name: &str, plain: Vec<u8>, len: u64) -> Result<(PieceTimes, Bytes), RepoError> {
     let bad =
         |p: &str| crate::object::ObjectError::Decode { name: name.into(), cause: DecodeError::new("WAL piece", p) };
     if plain.len() < PIECE_HEADER || plain[0] != VERSION {

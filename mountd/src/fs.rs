@@ -954,6 +954,15 @@ impl Fs {
         }
     }
 
+    /// The inode flags (`lsattr`) of an entry; none for synthetic directories.
+    pub fn inode_flags(&self, ino: u64) -> Result<u32, FsError> {
+        let node = self.node(ino)?;
+        Ok(match &node.kind {
+            NodeKind::Entry { entry, .. } => entry.flags,
+            NodeKind::Synthetic(_) => 0,
+        })
+    }
+
     pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, FsError> {
         let node = self.node(ino)?;
         let NodeKind::Entry { entry, .. } = &node.kind else { return Err(FsError::NoAttr) };

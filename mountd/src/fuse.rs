@@ -12,7 +12,7 @@ use std::time::Duration;
 use fuser::{
     AccessFlags, BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
 
@@ -221,6 +221,28 @@ impl Filesystem for Adapter {
             }
             reply.ok();
         });
+    }
+
+    /// `lsattr`: FS_IOC_GETFLAGS gives the stored inode flags. Nothing else.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        if cmd != libc::FS_IOC_GETFLAGS as u32 {
+            return reply.error(Errno::from_i32(libc::ENOTTY));
+        }
+        match self.fs.inode_flags(ino.0) {
+            // As the kernel asks: an int, or a long.
+            Ok(flags) => reply.ioctl(0, &u64::from(flags).to_ne_bytes()[..(out_size as usize).min(8)]),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {

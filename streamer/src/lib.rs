@@ -3,6 +3,8 @@
 
 mod appends;
 mod exclude;
+#[doc(hidden)]
+pub mod fuzzing;
 mod metadata;
 pub mod metrics;
 pub mod pg;

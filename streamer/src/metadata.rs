@@ -137,6 +137,19 @@ pub fn open_dir(path: &Path) -> std::io::Result<File> {
     std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK).open(path)
 }
 
+/// The inode flags of an open file or directory (`FS_IOC_GETFLAGS`, what `lsattr`
+/// shows) that a tree keeps; 0 where the filesystem has none.
+pub fn inode_flags(f: &File) -> u32 {
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes at most a long into `flags`, which we own.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+    if rc == 0 {
+        flags as u32 & catalog::tree::KEPT_FLAGS
+    } else {
+        0
+    }
+}
+
 pub fn name_bytes(name: &OsStr) -> &[u8] {
     name.as_bytes()
 }

@@ -29,7 +29,9 @@ use tokio::runtime::Handle;
 
 use crate::appends::{Tail, Tails};
 use crate::exclude::Excludes;
-use crate::metadata::{data_regions, entry_from, entry_from_stat, name_bytes, open_dir, open_file, stat_at};
+use crate::metadata::{
+    data_regions, entry_from, entry_from_stat, inode_flags, name_bytes, open_dir, open_file, stat_at,
+};
 use crate::prefetch::Prefetch;
 use catalog::chunker::{ChunkError, Chunker};
 
@@ -274,6 +276,8 @@ impl Seen {
 struct FileRead {
     extents: Vec<Extent>,
     seen: Seen,
+    /// Its inode flags (`chattr`), read from the file as it was read.
+    flags: u32,
     /// It kept changing while read: stored as read, and listed.
     changed: bool,
 }
@@ -452,6 +456,7 @@ impl Walk {
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
 
         let dir_fd = open_dir(path).map_err(|cause| SnapshotError::Root { path: path.to_path_buf(), cause })?;
+        entry.flags = inode_flags(&dir_fd);
         let mut pending = Vec::with_capacity(names.len());
         for name in &names {
             let child = path.join(name);
@@ -521,6 +526,8 @@ impl Walk {
                 let prev = prev.filter(|p| self.all_stored(&p.content));
                 if let Some(prev) = prev.filter(|p| unchanged(p, &e)) {
                     e.content = prev.content.clone();
+                    // Changing them changes the ctime: the same ctime, the same flags.
+                    e.flags = prev.flags;
                     self.stats.files += 1;
                     self.stats.bytes += e.size;
                     self.counters.files.fetch_add(1, Ordering::Relaxed);
@@ -584,6 +591,7 @@ impl Walk {
                     self.changed.push(path.to_string_lossy().into_owned());
                 }
                 (e.mtime, e.ctime) = (read.seen.mtime, read.seen.ctime);
+                e.flags = read.flags;
                 e.size = read.extents.iter().map(Extent::len).sum();
                 e.content = read.extents;
                 self.stats.files += 1;
@@ -656,10 +664,10 @@ fn read_consistent(
         // Unchanged; or it only grew, and the bytes up to the size seen are stored.
         let grew_only = after.size > seen.size && read == seen.size;
         if after == seen || grew_only {
-            return Ok(FileRead { extents, seen, changed: false });
+            return Ok(FileRead { extents, seen, flags: inode_flags(&f), changed: false });
         }
         if attempt == READ_ATTEMPTS {
-            return Ok(FileRead { extents, seen: after, changed: true });
+            return Ok(FileRead { extents, seen: after, flags: inode_flags(&f), changed: true });
         }
         seen = after;
     }

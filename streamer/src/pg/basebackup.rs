@@ -48,8 +48,8 @@ pub struct BaseBackupOptions {
 }
 
 /// What the tar reader hands back: the data directory's entries, stored.
-struct Stored {
-    root: BlobRef,
+pub(crate) struct Stored {
+    pub(crate) root: BlobRef,
     stats: Stats,
 }
 
@@ -268,9 +268,9 @@ fn store_content(
 
 /// Reads the tar archive of the data directory, storing file contents as they
 /// come, then the manifest, then the trees.
-fn read_archive(
+pub(crate) fn read_archive(
     writer: &Arc<Writer>,
-    input: ChannelReader,
+    input: impl std::io::Read,
     manifest: std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<Stored, BaseBackupError> {
     let mut packer = writer.packer();
@@ -317,6 +317,13 @@ fn read_archive(
             _ => {}
         }
         let comps: Vec<&[u8]> = path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".").collect();
+        // A name a tree cannot hold: the server sent something no data directory has.
+        if comps.iter().any(|c| *c == b".." || c.contains(&0)) {
+            return Err(BaseBackupError::Unsupported(format!(
+                "the server sent a path with `..` or NUL in it: {}",
+                String::from_utf8_lossy(&path)
+            )));
+        }
         root.insert(&comps, e);
     }
     // The manifest comes after the archive: kept as pg_basebackup keeps it.

@@ -22,7 +22,7 @@ use jiff::Timestamp;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::wire::{CopyEvent, PgError, ReplConn};
+use super::wire::{CopyData, CopyEvent, PgError, ReplConn};
 use crate::metrics::Metrics;
 use crate::state::{self, StreamState};
 
@@ -439,33 +439,22 @@ impl<'a> Receiver<'a> {
 
     /// Handles one CopyData message; `Some(reply)` when a status update is due.
     fn message(&mut self, msg: Bytes) -> Result<Option<bool>, SessionError> {
-        let bad = |what: &str| SessionError::Retry(format!("malformed replication message: {what}"));
-        let u64_at = |i: usize| msg.get(i..i + 8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+        let bad = |what: String| SessionError::Retry(format!("malformed replication message: {what}"));
         self.heard_at = Timestamp::now();
-        match msg.first() {
-            Some(b'w') => {
-                // 'w', the start, the server's end, its clock, then the WAL.
-                if msg.len() < 25 {
-                    return Err(bad("short XLogData"));
-                }
-                let start = Lsn(u64_at(1).ok_or_else(|| bad("short XLogData"))?);
-                let end = Lsn(u64_at(9).ok_or_else(|| bad("short XLogData"))?);
-                let data = msg.slice(25..);
+        match super::wire::parse_copy_data(msg).map_err(bad)? {
+            CopyData::XLogData { start, end, data } => {
                 if start != self.received {
-                    return Err(bad(&format!("WAL at {start}, expected {}", self.received)));
+                    return Err(bad(format!("WAL at {start}, expected {}", self.received)));
                 }
                 self.server_end = self.server_end.max(end);
                 self.take(&data);
                 self.metrics.bytes_shipped.fetch_add(data.len() as u64, Ordering::Relaxed);
                 Ok(None)
             }
-            Some(b'k') => {
-                let end = Lsn(u64_at(1).ok_or_else(|| bad("short keepalive"))?);
-                let reply = msg.get(17).copied().ok_or_else(|| bad("short keepalive"))? != 0;
+            CopyData::Keepalive { end, reply } => {
                 self.server_end = self.server_end.max(end);
                 Ok(reply.then_some(false))
             }
-            _ => Err(bad("unknown message type")),
         }
     }
 

@@ -433,7 +433,35 @@ enum Raw {
     CopyBoth,
 }
 
-fn data_row(body: &backend::DataRowBody) -> Result<Vec<Option<String>>, PgError> {
+/// A message of the replication stream (a CopyData body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyData {
+    /// WAL from `start`; the server has WAL up to `end`.
+    XLogData { start: Lsn, end: Lsn, data: Bytes },
+    /// The server has WAL up to `end`, and wants a status update if `reply`.
+    Keepalive { end: Lsn, reply: bool },
+}
+
+/// Parses a replication message: `w` (start, end, clock, WAL) or `k` (end, clock,
+/// reply), big-endian. Anything short or unknown is an error, never a panic.
+pub fn parse_copy_data(msg: Bytes) -> Result<CopyData, String> {
+    let u64_at = |i: usize| msg.get(i..i + 8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+    match msg.first() {
+        Some(b'w') if msg.len() >= 25 => {
+            let (start, end) = (u64_at(1).expect("checked length"), u64_at(9).expect("checked length"));
+            Ok(CopyData::XLogData { start: Lsn(start), end: Lsn(end), data: msg.slice(25..) })
+        }
+        Some(b'w') => Err("short XLogData".into()),
+        Some(b'k') => {
+            let end = u64_at(1).ok_or("short keepalive")?;
+            let reply = *msg.get(17).ok_or("short keepalive")? != 0;
+            Ok(CopyData::Keepalive { end: Lsn(end), reply })
+        }
+        _ => Err("unknown message type".into()),
+    }
+}
+
+pub(crate) fn data_row(body: &backend::DataRowBody) -> Result<Vec<Option<String>>, PgError> {
     let buf = body.buffer();
     let mut out = Vec::new();
     let mut ranges = body.ranges();
@@ -443,7 +471,7 @@ fn data_row(body: &backend::DataRowBody) -> Result<Vec<Option<String>>, PgError>
     Ok(out)
 }
 
-fn server_error(body: backend::ErrorResponseBody) -> PgError {
+pub(crate) fn server_error(body: backend::ErrorResponseBody) -> PgError {
     let (mut code, mut message, mut hint) = (String::new(), String::new(), None);
     let mut fields = body.fields();
     while let Ok(Some(f)) = fields.next() {
@@ -457,7 +485,7 @@ fn server_error(body: backend::ErrorResponseBody) -> PgError {
     PgError::Server { code, message, hint }
 }
 
-fn notice_text(body: backend::NoticeResponseBody) -> String {
+pub(crate) fn notice_text(body: backend::NoticeResponseBody) -> String {
     let mut fields = body.fields();
     let mut text = String::new();
     while let Ok(Some(f)) = fields.next() {

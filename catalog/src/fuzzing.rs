@@ -1,0 +1,240 @@
+//! Entry points for fuzzing every decoder of bytes that come from disk or the store:
+//! each takes arbitrary bytes and must never panic (nor loop, nor allocate beyond
+//! what the bytes justify). Decoders behind encryption get the plaintext directly,
+//! so that the fuzzer reaches them. `tests/fuzz` runs them under libFuzzer
+//! (`scripts/fuzz`); `tests/fuzz_replay.rs` replays every corpus and crash input
+//! through them as an ordinary test. Not part of the API.
+
+use bytes::Bytes;
+use jiff::Timestamp;
+
+use crate::config::Config;
+use crate::crypto::{decode_payload, Keys, MasterKey};
+use crate::fragment::{Fragment, FragmentRef, Overlay};
+use crate::id::Id;
+use crate::index::{decode_index, encode_index};
+use crate::keyslot::{decode_key_file, KeySlot, Secret, SlotKind};
+use crate::object::open_object;
+use crate::pack::{header_len, parse_header, parse_pack_name};
+use crate::point::{validate_source, Manifest, PointRef};
+use crate::time::parse_time;
+use crate::tree::{Entry, EntryKind, Tree};
+use crate::wal::{decode_piece, Lsn, TimelinePath, WalFile, WalPiece, WalSystem};
+
+/// Every target: its name (the directory of its corpus) and its function.
+pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+    ("config", config),
+    ("key_slot", key_slot),
+    ("key_file", key_file),
+    ("object", object),
+    ("payload", payload),
+    ("pack_header", pack_header),
+    ("index", index),
+    ("tree", tree),
+    ("manifest", manifest),
+    ("fragment", fragment),
+    ("wal_piece", wal_piece),
+    ("wal_system", wal_system),
+    ("history", history),
+    ("names", names),
+    ("time", time),
+];
+
+fn keys() -> Keys {
+    Keys::derive(&MasterKey([7; 32]), &Id([9; 32]))
+}
+
+pub fn config(data: &[u8]) {
+    if let Ok(c) = Config::decode(data) {
+        assert_eq!(Config::decode(&c.encode()).ok(), Some(c));
+    }
+}
+
+pub fn key_slot(data: &[u8]) {
+    let _ = KeySlot::claimed_repo(data);
+    let repo = Id([1; 32]);
+    if let Ok(slot) = KeySlot::decode("keys/0011223344556677", &repo, data) {
+        // Key files only: a password slot may ask for gigabytes of Argon2 memory,
+        // which decode bounds but a fuzzer cannot afford per input.
+        if slot.kind == SlotKind::Keyfile {
+            let _ = slot.unwrap_key(&repo, &Secret::KeyFile([3; 32]));
+        }
+    }
+}
+
+pub fn key_file(data: &[u8]) {
+    let _ = decode_key_file(&String::from_utf8_lossy(data));
+}
+
+pub fn object(data: &[u8]) {
+    let _ = open_object(&keys(), "index/0", data);
+}
+
+pub fn payload(data: &[u8]) {
+    let _ = decode_payload(Bytes::copy_from_slice(data), 16 << 20);
+}
+
+pub fn pack_header(data: &[u8]) {
+    let _ = header_len(data.len() as u64, data);
+    let _ = parse_header(&Id([2; 32]), data, 1 << 30);
+}
+
+pub fn index(data: &[u8]) {
+    if let Ok(file) = decode_index(data) {
+        let again = encode_index(file.point.as_deref(), &file.entries);
+        assert_eq!(decode_index(&again).ok(), Some(file));
+    }
+}
+
+pub fn tree(data: &[u8]) {
+    if let Ok(t) = Tree::decode(data) {
+        // What decodes encodes to bytes that decode to the same tree (version 2 with
+        // no flags is written as version 1; otherwise to the same bytes).
+        let again = t.encode();
+        assert_eq!(Tree::decode(&again).ok().as_ref(), Some(&t));
+        if data.first() == Some(&1) || t.entries.iter().any(|e| e.flags != 0) {
+            assert_eq!(again, data);
+        }
+    }
+}
+
+pub fn manifest(data: &[u8]) {
+    let _ = Manifest::decode("points/s/0000000000000000-0000000000000000", data);
+}
+
+pub fn fragment(data: &[u8]) {
+    if let Ok(f) = Fragment::decode(data) {
+        assert_eq!(f.encode(), data);
+        let mut overlay = Overlay::default();
+        overlay.add(f);
+        let mut e = Entry::new(b"log".to_vec(), EntryKind::File);
+        (e.device, e.inode) = (1, 7);
+        overlay.apply(&mut e);
+    }
+}
+
+pub fn wal_piece(data: &[u8]) {
+    let len = data.len().saturating_sub(crate::wal::PIECE_HEADER) as u64;
+    let _ = decode_piece("wal/s/00000001/0-1", data.to_vec(), len);
+}
+
+pub fn wal_system(data: &[u8]) {
+    let _ = WalSystem::decode(data);
+}
+
+pub fn history(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    for tli in [1, 2, u32::MAX] {
+        if let Ok(path) = TimelinePath::parse(tli, Some(&text)) {
+            for lsn in [0, 1, 0x3001430, u64::MAX] {
+                let _ = path.tli_at(Lsn(lsn));
+            }
+            let _ = path.end_of(tli);
+        }
+    }
+}
+
+pub fn names(data: &[u8]) {
+    let s = String::from_utf8_lossy(data);
+    let _ = PointRef::parse(&s);
+    let _ = FragmentRef::parse(&s);
+    let _ = parse_pack_name(&s);
+    let _ = WalPiece::parse(1, &s);
+    let _ = validate_source(&s);
+    let _ = s.parse::<Lsn>();
+    for size in [0, 1 << 20, 16 << 20, 1 << 30, 3 << 20] {
+        let _ = WalFile::parse(&s, size);
+    }
+}
+
+pub fn time(data: &[u8]) {
+    let now = Timestamp::from_second(1_763_720_100).expect("a valid time");
+    let _ = parse_time(&String::from_utf8_lossy(data), now, || jiff::tz::TimeZone::UTC);
+}
+
+/// A few valid inputs of each target, made by the encoders themselves: the corpora
+/// start from them (`scripts/fuzz` writes them there), and the replay test runs
+/// them too.
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::codec::Encoder;
+    use crate::crypto::{compressor, encode_payload};
+    use crate::keyslot::{encode_key_file, KdfParams};
+    use crate::object::seal_object;
+    use crate::pack::{BlobKind, BlobRef, PackEntry};
+    use crate::point::PgInfo;
+
+    let blob = BlobRef { id: Id([1; 32]), pack: Id([2; 32]), offset: 10, length: 40, raw_len: 12 };
+    let mut out: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    out.push(("config", Config::new(Id([0xab; 32]), "2026-11-22T00:00:00Z".into()).encode()));
+    let master = MasterKey([5; 32]);
+    let weak = KdfParams { memory_kib: 8, iterations: 1, parallelism: 1 };
+    for secret in [Secret::KeyFile([3; 32]), Secret::Password(b"pw".to_vec())] {
+        let mut slot = KeySlot::create(&master, &Id([1; 32]), &secret, weak, "t".into(), "h".into()).expect("a slot");
+        slot.slot = "0011223344556677".into();
+        out.push(("key_slot", slot.encode()));
+    }
+    out.push(("key_file", encode_key_file(&[3; 32]).into_bytes()));
+    out.push(("object", seal_object(&keys(), "index/0", b"abc")));
+    let text = b"a payload that compresses: a payload that compresses: a payload that compresses".to_vec();
+    out.push(("payload", encode_payload(&text, None)));
+    out.push(("payload", encode_payload(&text, Some(&mut compressor()))));
+    let mut header = Encoder::default();
+    header.u32(2);
+    for (kind, id, offset) in [(0u8, 3u8, 0u32), (1, 4, 40)] {
+        header.u8(kind);
+        header.id(&Id([id; 32]));
+        header.u32(offset);
+        header.u32(40);
+        header.u32(12);
+    }
+    out.push(("pack_header", header.buf));
+    let entries = [PackEntry { kind: BlobKind::Data, blob }, PackEntry { kind: BlobKind::Tree, blob }];
+    out.push(("index", encode_index(Some("points/s/e78601e9e44897ff-0123456789abcdef"), &entries)));
+    out.push(("index", encode_index(None, &entries[..1])));
+    out.push(("tree", crate::tree::sample().encode()));
+    let mut flagged = crate::tree::sample();
+    flagged.entries[0].flags = 0x10;
+    out.push(("tree", flagged.encode()));
+    let mut m =
+        Manifest::new("s", Timestamp::from_second(1_763_720_100).expect("a time"), "h".into(), "pg", "/p".into(), blob);
+    m.pg = Some(PgInfo {
+        system_id: 7,
+        timeline: 1,
+        start_lsn: "0/2000028".into(),
+        stop_lsn: "0/2000100".into(),
+        server_version: "15.18".into(),
+        segment_size: 16 << 20,
+    });
+    out.push(("manifest", serde_json::to_vec(&m).expect("a manifest serializes")));
+    let growth = crate::fragment::Growth {
+        device: 1,
+        inode: 7,
+        from: 0,
+        mtime: crate::tree::Timestamp { sec: 9, nsec: 0 },
+        chunks: vec![blob, blob],
+    };
+    out.push(("fragment", Fragment { growths: vec![growth] }.encode()));
+    let mut piece = vec![1u8];
+    piece.extend(1_763_720_100_000_000_000u64.to_le_bytes());
+    piece.extend(1_763_720_101_000_000_000u64.to_le_bytes());
+    piece.extend(b"wal");
+    out.push(("wal_piece", piece));
+    out.push(("wal_system", WalSystem { system_id: 7, segment_size: 16 << 20 }.encode()));
+    out.push(("history", b"1\t0/3001430\tno recovery target specified\n\n2\t0/5000000\tbefore 2026\n".to_vec()));
+    for name in [
+        "points/web/e78601e9e44897ff-0123456789abcdef",
+        "frags/web/e78601e9e44897ff-0123456789abcdef",
+        "packs/ab/abababababababababababababababababababababababababababababababab",
+        "wal/db/00000002/0000000103000028-0000000103001000",
+        "000000010000000100000003",
+        "0000000A.history",
+        "000000010000000100000003.00000028.backup",
+        "16/B374D848",
+    ] {
+        out.push(("names", name.as_bytes().to_vec()));
+    }
+    for t in ["2026-11-21 10:15", "2026-11-21T10:15:00.250+01:00", "@1763720100.25", "2h30m ago", "latest"] {
+        out.push(("time", t.as_bytes().to_vec()));
+    }
+    out
+}
