@@ -53,7 +53,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 /// The repository URL: --repo, EBB_REPOSITORY, or the default on the local disk.
 pub fn repo_url(g: &Global) -> Result<String> {
     if let Some(url) = &g.repo {
-        return Ok(url.clone());
+        return Ok(catalog::canonical_url(url));
     }
     let dir = if nix::unistd::geteuid().is_root() {
         std::path::PathBuf::from("/var/lib/ebb/repository")

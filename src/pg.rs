@@ -73,7 +73,12 @@ pub async fn stream_pg(g: &Global, a: PgStreamArgs) -> Result<ExitCode> {
         });
     }
     eprintln!("streaming WAL of {shown} as {source} to {url} (slot {slot}); stop with Ctrl-C or SIGTERM");
-    streamer::pg::walstream::stream_pg(repo, opts, metrics, crate::stream::stop_requested()).await?;
+    crate::stream::holding(&repo, &source, "stream pg", async {
+        streamer::pg::walstream::stream_pg(repo.clone(), opts, metrics, crate::stream::stop_requested())
+            .await
+            .map_err(anyhow::Error::from)
+    })
+    .await?;
     eprintln!("stopped streaming {source}");
     Ok(ExitCode::SUCCESS)
 }

@@ -53,7 +53,10 @@ pub async fn stream_dir(g: &Global, d: DirArgs) -> Result<ExitCode> {
         d.path.display(),
         humanize(d.rpo)
     );
-    streamer::stream_dir(repo, opts, metrics, stop_requested()).await?;
+    holding(&repo, &source, "stream dir", async {
+        streamer::stream_dir(repo.clone(), opts, metrics, stop_requested()).await.map_err(anyhow::Error::from)
+    })
+    .await?;
     eprintln!("stopped streaming {source}");
     Ok(ExitCode::SUCCESS)
 }
@@ -75,6 +78,38 @@ pub fn claim_stream(state_dir: Option<PathBuf>, url: &str, source: &str) -> Resu
         tracing::warn!("no state directory (set EBB_STATE_DIR or HOME): `ebb status` will not see this stream");
     }
     Ok(state_file)
+}
+
+/// Runs `work` holding `source`: its lease in the repository, which no other stream
+/// of the source can take meanwhile, on any host, whatever URL or state directory
+/// it uses. Renewed in the background, released at the end.
+pub async fn holding<T>(
+    repo: &catalog::Repository,
+    source: &str,
+    what: &str,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let holder = catalog::Holder { host: host(), pid: std::process::id(), what: what.into(), since: Timestamp::now() };
+    let lease = catalog::Lease::acquire(repo, source, holder, state::pid_alive).await?;
+    let lease = Arc::new(tokio::sync::Mutex::new(lease));
+    let renewing = {
+        let lease = lease.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(catalog::lease::RENEW).await;
+                if let Err(e) = lease.lock().await.renew().await {
+                    tracing::warn!("cannot renew this stream's lease: {e}");
+                }
+            }
+        })
+    };
+    let r = work.await;
+    renewing.abort();
+    let _ = renewing.await;
+    if let Ok(lease) = Arc::try_unwrap(lease) {
+        lease.into_inner().release().await;
+    }
+    r
 }
 
 /// A stream's metrics, served at `addr` when given.

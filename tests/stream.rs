@@ -570,3 +570,44 @@ fn a_replaced_root_is_followed_and_a_missing_one_reported() {
     let (status, err) = stream.stop();
     assert!(status.success(), "{err}");
 }
+
+/// Item 12 of issue 15: one stream per source, whatever the spelling of the
+/// repository URL or the state directory each is given (three streams of one
+/// source used to run at once); the repository itself says who holds it. A stream
+/// killed on this host does not block the next.
+#[test]
+fn one_stream_per_source_whatever_the_url_or_state_directory() {
+    let _serial = serial();
+    let Setup { repo, work, src, state_dir } = setup();
+    write(&src.join("a"), b"a");
+    let first = Stream::start(&repo, &state_dir, &src, &[]);
+    let pid = first.child.id();
+    for (n, url) in [format!("{}/", repo.url()), format!("{}//", repo.url()), repo.url().to_string()].iter().enumerate()
+    {
+        let other_state = work.path().join(format!("state-{n}"));
+        let mut c = repo.cmd();
+        c.env("EBB_REPOSITORY", url)
+            .args(["stream", "dir", "--source", "s", "--state-dir"])
+            .arg(&other_state)
+            .arg(&src)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("a second stream of source s runs beside the first ({url}, {})", other_state.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("(pid {pid})")) && err.contains("one writer per source"), "{err}");
+    }
+    first.kill9();
+    let again = Stream::start(&repo, &state_dir, &src, &[]);
+    let (status, err) = again.stop();
+    assert!(status.success(), "{err}");
+}

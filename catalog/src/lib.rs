@@ -16,6 +16,7 @@ mod init;
 mod inventory;
 mod keyfile;
 mod keyslot;
+pub mod lease;
 mod object;
 mod pack;
 mod point;
@@ -39,11 +40,12 @@ pub use keyfile::PendingKeyFile;
 pub use keyslot::{
     decode_key_file, encode_key_file, prepare_kdf_memory, KdfParams, KeySlot, Secret, SlotKind, DEFAULT_KDF,
 };
+pub use lease::{Holder, Lease};
 pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef, PackEntry};
 pub use point::{validate_source, Manifest, PgInfo, PointRef, Skipped, Stats};
 pub use repair::{repair_index, IndexRepair};
 pub use repo::{BlobError, Found, Readable, RepoError, Repository, Timeline};
 pub use restore::{restore, RestoreError, RestoreOptions, RestoreReport};
-pub use store::{ObjectInfo, Store, StoreError};
+pub use store::{canonical_url, ObjectInfo, Store, StoreError};
 pub use verify::{verify, VerifyReport};
 pub use writer::{Durable, Packer, WriteError, Writer, WriterSummary};

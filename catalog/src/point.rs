@@ -44,6 +44,11 @@ pub(crate) fn timed_name(dir: &str, source: &str, time: Timestamp) -> Option<Str
     Some(format!("{dir}/{source}/{}-{}", time_key(time)?, hex::encode(random_bytes::<8>())))
 }
 
+/// `<dir>/<source>/<inverted time>-<suffix>`, `suffix` being 16 hex digits.
+pub(crate) fn timed_name_with(dir: &str, source: &str, time: Timestamp, suffix: &str) -> Option<String> {
+    Some(format!("{dir}/{source}/{}-{suffix}", time_key(time)?))
+}
+
 /// The source and time of a name made by `timed_name`.
 pub(crate) fn parse_timed(dir: &str, name: &str) -> Option<(String, Timestamp)> {
     let rest = name.strip_prefix(dir)?.strip_prefix('/')?;

@@ -69,6 +69,8 @@ pub enum RepoError {
     Future { at: Timestamp, now: Timestamp },
     #[error("{problem}")]
     InvalidSource { problem: String },
+    #[error("source {source_name:?} is already written by {holder}: one writer per source")]
+    SourceBusy { source_name: String, holder: String },
     #[error(
         "source {source_name:?} holds WAL of PostgreSQL system {} (segments of {} bytes), not of system {} (segments of \
          {} bytes): use another --source for another cluster",

@@ -84,6 +84,31 @@ impl StoreError {
     }
 }
 
+/// The one spelling of a repository URL: `file:///r`, `file:///r/` and
+/// `file:///r//x/..` name one directory (resolved, symlinks too, when it exists),
+/// `s3://b/p/` and `s3://b//p` one prefix. State kept per repository is keyed by it.
+pub fn canonical_url(url: &str) -> String {
+    let squash = |path: &str| {
+        let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+        parts.join("/")
+    };
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return url.to_string();
+        }
+        return match std::fs::canonicalize(path) {
+            Ok(p) => format!("file://{}", p.display()),
+            Err(_) => format!("file:///{}", squash(path)),
+        };
+    }
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let prefix = squash(prefix);
+        return if prefix.is_empty() { format!("s3://{bucket}") } else { format!("s3://{bucket}/{prefix}") };
+    }
+    url.to_string()
+}
+
 /// One object found by a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {

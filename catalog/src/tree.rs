@@ -335,7 +335,6 @@ pub fn sample() -> Tree {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::id::Id;
 
     #[test]
     fn round_trip_and_corruption() {

@@ -51,7 +51,8 @@ impl StreamState {
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Whether a process of this host still runs.
+pub fn pid_alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)

@@ -1,0 +1,176 @@
+//! Leases (`leases/<source>/<K>-<holder>`): which process writes a source, known to
+//! every host through the repository itself, whatever URL spelling or state
+//! directory each uses. `<K>` is the inverted time of the lease's last renewal (as
+//! for points, so names sort newest first), `<holder>` 16 hex digits of the holding
+//! process. The object (`EBO1`, named) says who holds it: host, pid, what runs.
+//!
+//! A writer takes a source by writing its lease, then listing the others: a lease
+//! of another holder renewed within `TTL` wins, unless it was taken on this host by
+//! a process that is gone (a stream killed and started again). Two that start at
+//! once may both see each other and both give up; never do both go on. The holder
+//! renews every `RENEW` and removes its older leases where it may delete (a writer
+//! without delete permission leaves them to expire).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::id::random_bytes;
+use crate::object::{open_object, seal_object};
+use crate::point::{parse_timed, timed_name_with};
+use crate::repo::{RepoError, Repository};
+
+pub(crate) const LEASES_DIR: &str = "leases";
+/// A holder writes its lease again this often...
+pub const RENEW: Duration = Duration::from_secs(60);
+/// ...and a lease not renewed for this long is over.
+pub const TTL: Duration = Duration::from_secs(300);
+
+/// Who holds a source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Holder {
+    pub host: String,
+    pub pid: u32,
+    /// What holds it: `stream dir`, `stream pg`.
+    pub what: String,
+    pub since: Timestamp,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} on {} (pid {}) since {}", self.what, self.host, self.pid, self.since)
+    }
+}
+
+/// A source held by this process. Renew it with `renew`, give it up with `release`.
+#[derive(Debug)]
+pub struct Lease {
+    repo: Repository,
+    source: String,
+    holder_id: String,
+    holder: Holder,
+    /// The name of the newest lease object written.
+    current: String,
+}
+
+fn dir(source: &str) -> String {
+    format!("{LEASES_DIR}/{source}")
+}
+
+impl Lease {
+    /// Takes `source` for `holder`, or says who has it (`RepoError::SourceBusy`).
+    /// `alive` tells whether a process of this host still runs.
+    pub async fn acquire(
+        repo: &Repository,
+        source: &str,
+        holder: Holder,
+        alive: impl Fn(u32) -> bool,
+    ) -> Result<Lease, RepoError> {
+        crate::point::validate_source(source).map_err(|problem| RepoError::InvalidSource { problem })?;
+        let holder_id = hex::encode(random_bytes::<8>());
+        let mut lease =
+            Lease { repo: repo.clone(), source: source.to_string(), holder_id, holder, current: String::new() };
+        lease.current = lease.write(Timestamp::now()).await?;
+        match lease.other_holder(&alive).await {
+            Ok(None) => Ok(lease),
+            Ok(Some(other)) => {
+                lease.release().await;
+                Err(RepoError::SourceBusy { source_name: source.to_string(), holder: other.to_string() })
+            }
+            Err(e) => {
+                lease.release().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn write(&self, at: Timestamp) -> Result<String, RepoError> {
+        let name = timed_name_with(LEASES_DIR, &self.source, at, &self.holder_id)
+            .ok_or_else(|| RepoError::BadTime { time: at.to_string() })?;
+        let body = serde_json::to_vec(&self.holder).expect("a holder serializes");
+        self.repo.store().put_new(&name, Bytes::from(seal_object(self.repo.keys(), &name, &body))).await?;
+        Ok(name)
+    }
+
+    /// The holder of another lease of the source that is still in force.
+    async fn other_holder(&self, alive: &impl Fn(u32) -> bool) -> Result<Option<Holder>, RepoError> {
+        let now = Timestamp::now();
+        let ttl = jiff::SignedDuration::try_from(TTL).expect("a small duration");
+        for o in self.repo.store().list(&dir(&self.source)).await? {
+            let Some((_, renewed)) = parse_timed(LEASES_DIR, &o.name) else { continue };
+            if o.name.ends_with(&self.holder_id) || renewed.checked_add(ttl).is_ok_and(|until| until < now) {
+                continue;
+            }
+            let holder = match self.repo.store().get(&o.name).await {
+                Ok(bytes) => open_object(self.repo.keys(), &o.name, &bytes)
+                    .ok()
+                    .and_then(|plain| serde_json::from_slice::<Holder>(&plain).ok()),
+                Err(e) if e.is_not_found() => continue, // released meanwhile
+                Err(e) => return Err(e.into()),
+            };
+            let Some(holder) = holder else {
+                tracing::warn!("ignoring the unreadable lease {}", o.name);
+                continue;
+            };
+            // Killed on this host: its pid is gone, its lease with it.
+            if holder.host == self.holder.host && !alive(holder.pid) {
+                continue;
+            }
+            return Ok(Some(holder));
+        }
+        Ok(None)
+    }
+
+    /// Writes the lease again, and removes the one before where it may.
+    pub async fn renew(&mut self) -> Result<(), RepoError> {
+        let name = self.write(Timestamp::now()).await?;
+        let old = std::mem::replace(&mut self.current, name);
+        if let Err(e) = self.repo.store().delete(&old).await {
+            tracing::debug!("keeping the old lease {old}: {e}");
+        }
+        Ok(())
+    }
+
+    /// Gives the source up: removes this holder's leases where it may (otherwise
+    /// they expire).
+    pub async fn release(self) {
+        let Ok(all) = self.repo.store().list(&dir(&self.source)).await else { return };
+        for o in all.iter().filter(|o| o.name.ends_with(&self.holder_id)) {
+            if let Err(e) = self.repo.store().delete(&o.name).await {
+                tracing::debug!("leaving the lease {} to expire: {e}", o.name);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keyslot::{Secret, DEFAULT_KDF};
+    use crate::store::Store;
+
+    fn holder(host: &str, pid: u32) -> Holder {
+        Holder { host: host.into(), pid, what: "stream dir".into(), since: Timestamp::now() }
+    }
+
+    #[tokio::test]
+    async fn one_holder_per_source_and_a_dead_local_one_is_passed_over() {
+        let repo =
+            Repository::init(Store::memory(), &Secret::KeyFile([1; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
+        let mut first = Lease::acquire(&repo, "web", holder("a", 10), |_| true).await.unwrap();
+        let busy = Lease::acquire(&repo, "web", holder("b", 20), |_| true).await.unwrap_err();
+        assert!(busy.to_string().contains("on a (pid 10)"), "{busy}");
+        // Another source is free.
+        Lease::acquire(&repo, "db", holder("b", 20), |_| true).await.unwrap().release().await;
+        first.renew().await.unwrap();
+        assert_eq!(repo.store().list("leases/web").await.unwrap().len(), 1, "the old lease went on renewal");
+        // Host a again, with pid 10 gone: a stream killed and started again.
+        let again = Lease::acquire(&repo, "web", holder("a", 11), |pid| pid != 10).await.unwrap();
+        again.release().await;
+        first.release().await;
+        assert!(repo.store().list("leases/web").await.unwrap().is_empty());
+        Lease::acquire(&repo, "web", holder("b", 20), |_| true).await.unwrap().release().await;
+    }
+}
