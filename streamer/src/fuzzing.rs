@@ -9,10 +9,10 @@ use std::sync::{Arc, OnceLock};
 use bytes::{Bytes, BytesMut};
 use catalog::wal::Lsn;
 use catalog::{Repository, Secret, Store, Writer};
-use postgres_protocol::message::backend::{Header, Message};
+use postgres_protocol::message::backend::Message;
 
 use crate::pg::walscan::{Scanner, Step};
-use crate::pg::wire::{data_row, notice_text, parse_copy_data, server_error};
+use crate::pg::wire::{data_row, notice_text, parse_copy_data, parse_message, server_error};
 
 /// Every target: its name (the directory of its corpus) and its function.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
@@ -31,8 +31,7 @@ pub fn replication(data: &[u8]) {
 pub fn backend_message(data: &[u8]) {
     let mut buf = BytesMut::from(data);
     for _ in 0..64 {
-        let _ = Header::parse(&buf);
-        match Message::parse(&mut buf) {
+        match parse_message(&mut buf) {
             Ok(Some(Message::DataRow(body))) => {
                 let _ = data_row(&body);
             }

@@ -233,7 +233,7 @@ impl ReplConn {
                     return Ok(Raw::CopyBoth);
                 }
             }
-            if let Some(m) = Message::parse(&mut self.rbuf)? {
+            if let Some(m) = parse_message(&mut self.rbuf)? {
                 return Ok(Raw::Message(m));
             }
             if self.io.read_buf(&mut self.rbuf).await? == 0 {
@@ -431,6 +431,25 @@ impl ReplConn {
 enum Raw {
     Message(Message),
     CopyBoth,
+}
+
+/// The largest message ebb takes from a server: far above any it sends (WAL comes
+/// in messages of at most a few hundred KiB), far below what a bad length could make
+/// it allocate (the parser reserves the length a header claims, up to 4 GiB).
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// The next whole message in `buf`, if it holds one.
+pub(crate) fn parse_message(buf: &mut BytesMut) -> Result<Option<Message>, PgError> {
+    if let Some(h) = backend::Header::parse(buf)? {
+        if h.len() as usize > MAX_MESSAGE {
+            return Err(PgError::protocol(format!(
+                "the server sent a message of {} bytes (type {:?}), more than any it sends",
+                h.len(),
+                h.tag() as char
+            )));
+        }
+    }
+    Ok(Message::parse(buf)?)
 }
 
 /// A message of the replication stream (a CopyData body).
