@@ -644,19 +644,10 @@ fn a_conflicting_segment_fails_with_its_reason() {
         // A state directory of its own, so that this call starts its own pusher, traced.
         let state = work.path().join(format!("state{round}"));
         let note = state.join(&notes).join(format!("{name}.error"));
-        let mut c = Command::new("strace");
-        c.args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=write", "--inject=write:delay_enter=300000", "-P"])
-            .arg(&note)
-            .arg(common::repo::ebb_exe())
-            .args(["pg", "archive-push", "--source", "db"])
-            .arg(&seg);
-        for (k, v) in repo.cmd().get_envs() {
-            match v {
-                Some(v) => c.env(k, v),
-                None => c.env_remove(k),
-            };
-        }
-        let out = c.env("EBB_STATE_DIR", &state).output().unwrap();
+        let mut push = repo.cmd();
+        push.env("EBB_STATE_DIR", &state).args(["pg", "archive-push", "--source", "db"]).arg(&seg);
+        let options = ["--inject=write:delay_enter=300000", "-P", note.to_str().unwrap()];
+        let out = common::repo::under_strace(&push, &options).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "round {round}: {err}");
         assert!(err.contains("different content"), "round {round}: the failure says why: {err:?}");

@@ -28,19 +28,13 @@ fn killed_at_link(cmd: Command, at: Option<&Path>) {
 /// `cmd` under strace, killed (SIGKILL) at its first `syscall` on `at` (any path
 /// without it).
 fn killed_at(cmd: Command, syscall: &str, at: Option<&Path>) {
-    let mut c = Command::new("strace");
-    c.args(["-f", "-qq", "-o", "/dev/null"]).arg(format!("--inject={syscall}:signal=KILL:when=1"));
-    if let Some(p) = at {
-        c.arg("-P").arg(p);
+    let inject = format!("--inject={syscall}:signal=KILL:when=1");
+    let path = at.map(|p| p.to_str().unwrap().to_string());
+    let mut options = vec![inject.as_str()];
+    if let Some(p) = &path {
+        options.extend(["-P", p.as_str()]);
     }
-    c.arg(cmd.get_program()).args(cmd.get_args());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
-    let out = c.output().expect("strace runs (scripts/test installs it)");
+    let out = common::repo::under_strace(&cmd, &options).output().expect("strace runs (scripts/test installs it)");
     assert!(
         !out.status.success(),
         "{:?} was meant to be killed at {syscall} of {at:?}, but it finished: {}",

@@ -85,6 +85,21 @@ pub struct TestRepo {
     location: Location,
 }
 
+/// `cmd` run under strace with `options` (e.g. `--inject=linkat:signal=KILL:when=1`
+/// and `-P PATH`): a real signal or delay at an exact system call. Following forks,
+/// quiet, with `cmd`'s environment.
+pub fn under_strace(cmd: &Command, options: &[&str]) -> Command {
+    let mut c = Command::new("strace");
+    c.args(["-f", "-qq", "-o", "/dev/null"]).args(options).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
 /// The `ebb` binary under test: this build's, or `EBB_TEST_EXE` (to check that a
 /// regression test fails against another build).
 pub fn ebb_exe() -> PathBuf {

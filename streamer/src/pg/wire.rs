@@ -529,3 +529,28 @@ pub fn pg_now() -> i64 {
 
 /// 2000-01-01T00:00:00Z in Unix microseconds.
 pub const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Item 15 of issue 15: an XLogData message shorter than its header is an error
+    /// (it used to panic, slicing past its end), as is a message longer than any a
+    /// server sends, before anything is allocated for it.
+    #[test]
+    fn short_and_huge_messages_are_errors() {
+        let mut w = vec![b'w'];
+        w.extend(0x28u64.to_be_bytes());
+        w.extend(0x1000u64.to_be_bytes());
+        assert!(parse_copy_data(Bytes::from(w.clone())).is_err(), "17 bytes: no clock, no WAL");
+        w.extend(0u64.to_be_bytes());
+        w.extend(b"wal");
+        let parsed = parse_copy_data(Bytes::from(w)).unwrap();
+        assert_eq!(parsed, CopyData::XLogData { start: Lsn(0x28), end: Lsn(0x1000), data: Bytes::from_static(b"wal") });
+        assert!(parse_copy_data(Bytes::from_static(b"k\0\0")).is_err());
+
+        let mut huge = BytesMut::from(&b"d\xff\xff\xff\xff"[..]);
+        assert!(parse_message(&mut huge).is_err());
+        assert!(huge.capacity() < 1 << 20, "nothing was reserved for it");
+    }
+}
