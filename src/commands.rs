@@ -75,23 +75,35 @@ pub async fn open(g: &Global) -> Result<Repository> {
 
 /// A file:// repository whose `config` its group may read is shared with that
 /// group (the PostgreSQL server's user running restore_command, say): what ebb
-/// adds to it is group-readable too, 0640 and 0750, as restic does. Any other
+/// adds to it is group-readable too, 0640 and 0750, as restic does. One whose
+/// `config` every user may read (made before ebb kept repositories private) stays
+/// as it is, with a warning: other users may rely on reading it. Any other
 /// repository gets files 0600 and directories 0700 (the umask `main` sets).
-fn share_with_group_if_config_is(url: &str) {
+fn follow_repository_modes(url: &str) {
     use std::os::unix::fs::PermissionsExt;
     let Some(dir) = url.strip_prefix("file://") else { return };
-    let config = std::path::Path::new(dir).join("config");
-    if std::fs::metadata(config).is_ok_and(|m| m.permissions().mode() & 0o040 != 0) {
-        // SAFETY: umask has no preconditions and cannot fail.
-        unsafe { libc::umask(0o027) };
-    }
+    let Ok(m) = std::fs::metadata(std::path::Path::new(dir).join("config")) else { return };
+    let mode = m.permissions().mode();
+    let umask = if mode & 0o004 != 0 {
+        tracing::warn!(
+            "the repository at {dir} can be read by every user of this host, key slots included: \
+             `chmod -R go-rwx {dir}` makes it private (or `chmod -R o-rwx {dir}` shares it with its group only)"
+        );
+        0o022
+    } else if mode & 0o040 != 0 {
+        0o027
+    } else {
+        return;
+    };
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe { libc::umask(umask) };
 }
 
 /// The repository, once its header object is known to be there and sound: no
 /// password is asked for a repository that does not exist.
 pub async fn find(g: &Global) -> Result<Found> {
     let url = repo_url(g)?;
-    share_with_group_if_config_is(&url);
+    follow_repository_modes(&url);
     let store = Store::open(&url, false).map_err(|e| match e {
         catalog::StoreError::NotFound { .. } => anyhow::anyhow!(RepoError::NoRepository { url: url.clone() }),
         other => anyhow::anyhow!(other),
@@ -360,7 +372,13 @@ async fn sources(g: &Global, json: bool) -> Result<ExitCode> {
         }
         let newest = newest.map(|r| r.point.time);
         // A PostgreSQL source is as recent as its newest WAL, not its last base backup.
-        let wal = streamer::pg::restore::wal_newest(&repo, &source).await?;
+        let wal = match streamer::pg::restore::wal_newest(&repo, &source).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("warning: the newest WAL of {source} cannot be read: {e}");
+                None
+            }
+        };
         let durable = newest.max(wal);
         let lag = durable.map(|t| now.duration_since(t).as_secs_f64());
         out.push(json!({

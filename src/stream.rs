@@ -89,26 +89,28 @@ pub async fn holding<T>(
     what: &str,
     work: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
-    let holder = catalog::Holder { host: host(), pid: std::process::id(), what: what.into(), since: Timestamp::now() };
-    let lease = catalog::Lease::acquire(repo, source, holder, state::pid_alive).await?;
-    let lease = Arc::new(tokio::sync::Mutex::new(lease));
-    let renewing = {
-        let lease = lease.clone();
-        tokio::spawn(async move {
+    let holder = catalog::Holder::this_process(host(), what);
+    let mut lease = catalog::Lease::acquire(repo, source, holder, state::pid_alive).await?;
+    let r = {
+        let renewing = async {
             loop {
                 tokio::time::sleep(catalog::lease::RENEW).await;
-                if let Err(e) = lease.lock().await.renew().await {
-                    tracing::warn!("cannot renew this stream's lease: {e}");
+                match lease.renew(state::pid_alive).await {
+                    Ok(()) => {}
+                    // Another stream took the source while this one could not renew: stop.
+                    Err(e @ catalog::RepoError::SourceBusy { .. }) => {
+                        return anyhow::Error::from(e).context("this stream lost its lease, and stops");
+                    }
+                    Err(e) => tracing::warn!("cannot renew this stream's lease: {e}"),
                 }
             }
-        })
+        };
+        tokio::select! {
+            r = work => r,
+            lost = renewing => Err(lost),
+        }
     };
-    let r = work.await;
-    renewing.abort();
-    let _ = renewing.await;
-    if let Ok(lease) = Arc::try_unwrap(lease) {
-        lease.into_inner().release().await;
-    }
+    lease.release().await;
     r
 }
 

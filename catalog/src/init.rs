@@ -118,7 +118,12 @@ impl Repository {
         match store.put_new(CONFIG_NAME, Bytes::from(config.encode())).await {
             Ok(()) => {}
             Err(StoreError::AlreadyExists { .. }) => {
-                // Another init won the race: its repository stands, without this slot.
+                // Another init wrote `config` first: with this slot's repository id if
+                // it finished this init (it found the slot and the same secret), and
+                // then this repository stands; else its own, without this slot.
+                if Repository::read_config(&store).await?.repo_id() == id {
+                    return Ok((with_key(store, config, master, slot.slot), Created::New));
+                }
                 let _ = store.delete(&slot.name()).await;
                 return Err(RepoError::AlreadyExists { url });
             }

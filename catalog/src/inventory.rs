@@ -26,24 +26,30 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// Lists the packs and reads every index file, both at once.
+    /// Lists the index files, then the packs while reading the index files. In that
+    /// order: every index file is written after its packs were durable, so the packs
+    /// of every index file listed are in the pack listing, unless they are lost.
     pub async fn load(repo: &Repository) -> Result<Inventory, RepoError> {
         let store = repo.store();
+        let names = store.list(INDEX_DIR).await?;
         let packs = async {
             let listed = store.list(PACKS_DIR).await?;
             Ok::<_, RepoError>(listed.iter().filter_map(|o| Some((parse_pack_name(&o.name)?, o.size))).collect())
         };
         let index = async {
-            let names = store.list(INDEX_DIR).await?;
             let reads = names.into_iter().map(|o| async move {
-                let bytes = store.get(&o.name).await?;
-                Ok::<_, RepoError>((o.name.clone(), open_index(repo.keys(), &o.name, &bytes)))
+                match store.get(&o.name).await {
+                    Ok(bytes) => Ok(Some((o.name.clone(), open_index(repo.keys(), &o.name, &bytes)))),
+                    // Replaced by `ebb repair index` since the listing.
+                    Err(e) if e.is_not_found() => Ok(None),
+                    Err(e) => Err(RepoError::from(e)),
+                }
             });
             futures::stream::iter(reads).buffer_unordered(CONCURRENT_READS).try_collect::<Vec<_>>().await
         };
         let (packs, opened) = futures::future::try_join(packs, index).await?;
         let mut inventory = Inventory { packs, index_files: Vec::new(), unreadable: Vec::new() };
-        for (name, r) in opened {
+        for (name, r) in opened.into_iter().flatten() {
             match r {
                 Ok(file) => inventory.index_files.push((name, file)),
                 Err(e) => inventory.unreadable.push((name, e.to_string())),

@@ -5,11 +5,13 @@
 //! process. The object (`EBO1`, named) says who holds it: host, pid, what runs.
 //!
 //! A writer takes a source by writing its lease, then listing the others: a lease
-//! of another holder renewed within `TTL` wins, unless it was taken on this host by
-//! a process that is gone (a stream killed and started again). Two that start at
-//! once may both see each other and both give up; never do both go on. The holder
-//! renews every `RENEW` and removes its older leases where it may delete (a writer
-//! without delete permission leaves them to expire).
+//! of another holder renewed within `TTL` wins, unless it was taken by a process
+//! that is gone in this very pid namespace of this boot (a stream killed and
+//! started again). Two that start at once may both see each other and both give
+//! up; never do both go on. The holder renews every `RENEW` and removes its older
+//! leases where it may delete (a writer without delete permission leaves them to
+//! expire); one that could not renew for `TTL` looks again before going on, and
+//! stops if another has taken the source meanwhile.
 
 use std::time::Duration;
 
@@ -36,6 +38,34 @@ pub struct Holder {
     /// What holds it: `stream dir`, `stream pg`.
     pub what: String,
     pub since: Timestamp,
+    /// The boot and pid namespace the pid is of (`local_identity`): a pid says
+    /// something only where these are the same. Empty when unknown.
+    #[serde(default)]
+    pub pids_of: String,
+}
+
+impl Holder {
+    /// This process, holding for `what`.
+    pub fn this_process(host: String, what: &str) -> Holder {
+        Holder {
+            host,
+            pid: std::process::id(),
+            what: what.to_string(),
+            since: Timestamp::now(),
+            pids_of: local_identity(),
+        }
+    }
+}
+
+/// This boot of the kernel and this process's pid namespace: where pids mean the
+/// same processes. Hostnames do not say it (cloned machines, containers).
+fn local_identity() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string()).unwrap_or_default();
+    if boot.trim().is_empty() || ns.is_empty() {
+        return String::new();
+    }
+    format!("{} {ns}", boot.trim())
 }
 
 impl std::fmt::Display for Holder {
@@ -51,8 +81,17 @@ pub struct Lease {
     source: String,
     holder_id: String,
     holder: Holder,
-    /// The name of the newest lease object written.
+    /// The name of the newest lease object written, and when it was.
     current: String,
+    renewed: Timestamp,
+}
+
+/// What a scan of the leases found.
+enum Scan {
+    Held(Holder),
+    Free,
+    /// A lease went between the listing and its read.
+    Vanished,
 }
 
 fn dir(source: &str) -> String {
@@ -70,9 +109,16 @@ impl Lease {
     ) -> Result<Lease, RepoError> {
         crate::point::validate_source(source).map_err(|problem| RepoError::InvalidSource { problem })?;
         let holder_id = hex::encode(random_bytes::<8>());
-        let mut lease =
-            Lease { repo: repo.clone(), source: source.to_string(), holder_id, holder, current: String::new() };
-        lease.current = lease.write(Timestamp::now()).await?;
+        let now = Timestamp::now();
+        let mut lease = Lease {
+            repo: repo.clone(),
+            source: source.to_string(),
+            holder_id,
+            holder,
+            current: String::new(),
+            renewed: now,
+        };
+        lease.current = lease.write(now).await?;
         match lease.other_holder(&alive).await {
             Ok(None) => Ok(lease),
             Ok(Some(other)) => {
@@ -96,8 +142,25 @@ impl Lease {
 
     /// The holder of another lease of the source that is still in force.
     async fn other_holder(&self, alive: &impl Fn(u32) -> bool) -> Result<Option<Holder>, RepoError> {
+        // A lease that vanished between the listing and its read was renewed (a new
+        // one was written before the old went) or released: list again to know.
+        for _ in 0..5 {
+            match self.scan(alive).await? {
+                Scan::Held(h) => return Ok(Some(h)),
+                Scan::Free => return Ok(None),
+                Scan::Vanished => continue,
+            }
+        }
+        Err(crate::store::StoreError::NotFound {
+            name: format!("{}/… (leases keep vanishing as they are read)", dir(&self.source)),
+        }
+        .into())
+    }
+
+    async fn scan(&self, alive: &impl Fn(u32) -> bool) -> Result<Scan, RepoError> {
         let now = Timestamp::now();
         let ttl = jiff::SignedDuration::try_from(TTL).expect("a small duration");
+        let mut vanished = false;
         for o in self.repo.store().list(&dir(&self.source)).await? {
             let Some((_, renewed)) = parse_timed(LEASES_DIR, &o.name) else { continue };
             if o.name.ends_with(&self.holder_id) || renewed.checked_add(ttl).is_ok_and(|until| until < now) {
@@ -107,28 +170,44 @@ impl Lease {
                 Ok(bytes) => open_object(self.repo.keys(), &o.name, &bytes)
                     .ok()
                     .and_then(|plain| serde_json::from_slice::<Holder>(&plain).ok()),
-                Err(e) if e.is_not_found() => continue, // released meanwhile
+                Err(e) if e.is_not_found() => {
+                    vanished = true;
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             let Some(holder) = holder else {
                 tracing::warn!("ignoring the unreadable lease {}", o.name);
                 continue;
             };
-            // Killed on this host: its pid is gone, its lease with it.
-            if holder.host == self.holder.host && !alive(holder.pid) {
+            // Gone from this very boot and pid namespace (a stream killed and started
+            // again): its lease is over. Our own pid can only be a dead one's.
+            let here = !holder.pids_of.is_empty() && holder.pids_of == self.holder.pids_of;
+            if here && (holder.pid == self.holder.pid || !alive(holder.pid)) {
                 continue;
             }
-            return Ok(Some(holder));
+            return Ok(Scan::Held(holder));
         }
-        Ok(None)
+        Ok(if vanished { Scan::Vanished } else { Scan::Free })
     }
 
-    /// Writes the lease again, and removes the one before where it may.
-    pub async fn renew(&mut self) -> Result<(), RepoError> {
-        let name = self.write(Timestamp::now()).await?;
+    /// Writes the lease again, and removes the one before where it may. After a time
+    /// without renewal longer than `TTL` (the store unreachable), another may have
+    /// taken the source: then this holder has lost it (`RepoError::SourceBusy`), and
+    /// must stop writing.
+    pub async fn renew(&mut self, alive: impl Fn(u32) -> bool) -> Result<(), RepoError> {
+        let now = Timestamp::now();
+        let lapsed = Duration::try_from(now.duration_since(self.renewed)).unwrap_or_default() >= TTL;
+        let name = self.write(now).await?;
         let old = std::mem::replace(&mut self.current, name);
+        self.renewed = now;
         if let Err(e) = self.repo.store().delete(&old).await {
             tracing::debug!("keeping the old lease {old}: {e}");
+        }
+        if lapsed {
+            if let Some(other) = self.other_holder(&alive).await? {
+                return Err(RepoError::SourceBusy { source_name: self.source.clone(), holder: other.to_string() });
+            }
         }
         Ok(())
     }
@@ -152,7 +231,7 @@ mod tests {
     use crate::store::Store;
 
     fn holder(host: &str, pid: u32) -> Holder {
-        Holder { host: host.into(), pid, what: "stream dir".into(), since: Timestamp::now() }
+        Holder { host: host.into(), pid, what: "stream dir".into(), since: Timestamp::now(), pids_of: host.into() }
     }
 
     #[tokio::test]
@@ -164,7 +243,7 @@ mod tests {
         assert!(busy.to_string().contains("on a (pid 10)"), "{busy}");
         // Another source is free.
         Lease::acquire(&repo, "db", holder("b", 20), |_| true).await.unwrap().release().await;
-        first.renew().await.unwrap();
+        first.renew(|_| true).await.unwrap();
         assert_eq!(repo.store().list("leases/web").await.unwrap().len(), 1, "the old lease went on renewal");
         // Host a again, with pid 10 gone: a stream killed and started again.
         let again = Lease::acquire(&repo, "web", holder("a", 11), |pid| pid != 10).await.unwrap();
@@ -172,5 +251,37 @@ mod tests {
         first.release().await;
         assert!(repo.store().list("leases/web").await.unwrap().is_empty());
         Lease::acquire(&repo, "web", holder("b", 20), |_| true).await.unwrap().release().await;
+    }
+
+    /// Pids mean something only in one boot and pid namespace: the same host name
+    /// elsewhere (a cloned machine, a container) is another host.
+    #[tokio::test]
+    async fn a_pid_of_another_boot_or_namespace_is_not_judged_here() {
+        let repo =
+            Repository::init(Store::memory(), &Secret::KeyFile([1; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
+        let there = Holder { pids_of: "other boot".into(), ..holder("a", 10) };
+        let first = Lease::acquire(&repo, "web", there, |_| true).await.unwrap();
+        // Host "a" too, pid 10 dead here: but that pid was of another boot.
+        let err = Lease::acquire(&repo, "web", holder("a", 11), |pid| pid != 10).await.unwrap_err();
+        assert!(matches!(err, RepoError::SourceBusy { .. }), "{err}");
+        first.release().await;
+    }
+
+    /// A holder that could not renew for longer than the lease lasts finds, when it
+    /// can again, that another took the source: it has lost it.
+    #[tokio::test]
+    async fn a_lapsed_holder_learns_it_lost_the_source() {
+        let repo =
+            Repository::init(Store::memory(), &Secret::KeyFile([1; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
+        let mut first = Lease::acquire(&repo, "web", holder("a", 10), |_| true).await.unwrap();
+        // Its renewals failed for longer than the lease: it lapsed, and b took over.
+        first.renewed = Timestamp::now() - jiff::SignedDuration::try_from(TTL * 2).unwrap();
+        for o in repo.store().list("leases/web").await.unwrap() {
+            repo.store().delete(&o.name).await.unwrap();
+        }
+        let second = Lease::acquire(&repo, "web", holder("b", 20), |_| true).await.unwrap();
+        let lost = first.renew(|_| true).await.unwrap_err();
+        assert!(lost.to_string().contains("on b (pid 20)"), "{lost}");
+        second.release().await;
     }
 }

@@ -53,9 +53,15 @@ impl Excludes {
                 match Path::new(p).strip_prefix(root) {
                     Ok(rel) if !rel.as_os_str().is_empty() => p = &p[p.len() - rel.as_os_str().len()..],
                     Ok(_) => return Err(bad("it is the backed-up directory itself".into())),
-                    // `/x` is `x` at the top of the backed-up directory, unless /x is
-                    // a path on this host outside it: that can never match.
-                    Err(_) if root != Path::new("/") && !first.is_empty() && Path::new("/").join(first).exists() => {
+                    // `/x` is `x` at the top of the backed-up directory; unless PATH
+                    // has no `x` and /x is a path of this host outside PATH: that is a
+                    // host path, which can never match.
+                    Err(_)
+                        if root != Path::new("/")
+                            && !first.is_empty()
+                            && !root.join(first).exists()
+                            && Path::new("/").join(first).exists() =>
+                    {
                         return Err(bad(format!(
                             "it is a path on this host outside {}, so it can never match: patterns are relative to the backed-up \
                              directory (a leading / anchors them there)",
@@ -129,8 +135,11 @@ mod tests {
         let e = below(&abs).unwrap();
         assert!(e.excludes(Path::new("cache/a")), "an absolute path below the root is relative to it");
         assert!(!e.excludes(Path::new("other")));
-        // A leading / anchors at the top, when it names nothing else on the host.
+        // A leading / anchors at the top, when it names nothing else on the host, or
+        // something PATH has (a tree that is a root filesystem of its own).
         assert!(below("/cache-of-the-tree/**").unwrap().excludes(Path::new("cache-of-the-tree/x")));
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        assert!(below("/etc/passwd").unwrap().excludes(Path::new("etc/passwd")));
     }
 
     #[test]

@@ -523,9 +523,13 @@ impl<'a> Receiver<'a> {
         let oldest = self.inflight.values().map(|v| v.1).chain(self.pending.as_ref().map(|p| p.first_time)).min();
         progress.durable_as_of = match oldest {
             Some(t) => t,
-            // All the server had when it last spoke is durable.
+            // All the server had when it last spoke is durable: shipping works, and
+            // whatever failed before is over (`ebb status` says ok again).
             None if self.durable >= self.server_end => {
                 self.caught_up_at = self.heard_at.max(self.caught_up_at);
+                if progress.last_error.take().is_some() {
+                    tracing::info!("streaming works again");
+                }
                 self.caught_up_at
             }
             None => self.caught_up_at,
