@@ -172,7 +172,11 @@ async fn recover(store: &Store, secret: &Secret) -> Result<Option<Repository>, R
     let mut names: Vec<String> = store.list(KEYS_DIR).await?.into_iter().map(|o| o.name).collect();
     names.sort();
     for name in names {
-        let bytes = store.get(&name).await?;
+        let bytes = match store.get(&name).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
         let Some(id) = KeySlot::claimed_repo(&bytes) else { continue };
         let Ok(slot) = KeySlot::decode(&name, &id, &bytes) else { continue };
         let (s, secret) = (slot.clone(), clone_secret(secret));

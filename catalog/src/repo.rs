@@ -197,7 +197,12 @@ impl Repository {
         let mut slots = Vec::new();
         let mut problems = Vec::new();
         for name in names {
-            let bytes = store.get(&name).await?;
+            let bytes = match store.get(&name).await {
+                Ok(b) => b,
+                // Removed since the listing (`ebb key remove` elsewhere): no slot.
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            };
             match KeySlot::decode(&name, repo_id, &bytes) {
                 Ok(s) => slots.push(s),
                 Err(e) => problems.push(e.to_string()),
