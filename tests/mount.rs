@@ -463,10 +463,10 @@ fn hard_links_of_other_points_and_sources_are_other_files() {
     assert_ne!(ino("a/latest/x"), ino(&format!("a/points/{old}/x")));
 }
 
-/// Items 8, 9 and 25 of issue 15: `ebb umount` refuses what ebb did not mount; the
+/// Items 8 and 9 of issue 15: `ebb umount` refuses what ebb did not mount; the
 /// mount daemon's log is a file of its own in a private directory (a link planted
-/// where it used to go, or where it goes, makes it write nowhere else); and a clean
-/// `ebb umount` leaves no error in that log.
+/// where it used to go, or where it goes, makes it write nowhere else), and a clean
+/// `ebb umount` leaves no error in it.
 #[test]
 fn umount_refuses_other_mounts_and_the_daemon_log_is_private_and_clean() {
     let repo = TestRepo::new(Backend::File);
@@ -651,4 +651,47 @@ fn inode_flags_are_kept_restored_and_shown() {
     let mnt = work.path().join("mnt");
     let (_guard, _) = mount(&repo, &["--at", "latest"], &mnt);
     assert_eq!(lsattr(&mnt, &paths), want, "the mount shows them");
+}
+
+/// Item 25 of issue 15: after `ebb umount`, the daemon ends without an error. It
+/// used to unmount again what was already unmounted, when it saw the mountpoint go
+/// before its FUSE threads did ("unmount …: Invalid argument"). strace holds up
+/// the daemon's reads of /dev/fuse, so that it always sees the mountpoint go first.
+#[test]
+fn a_clean_umount_leaves_no_error_when_the_daemon_is_slow_to_notice() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    repo.ok(&["backup", src.to_str().unwrap()]);
+    let mnt = work.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut daemon = repo.cmd();
+    daemon.args(["mount", "--foreground", "--at", "latest", mnt.to_str().unwrap()]);
+    let log = work.path().join("daemon.log");
+    let mut child = common::repo::under_strace(&daemon, &["-P", "/dev/fuse", "--inject=read:delay_exit=1500000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _guard = Mounted(mnt.clone());
+    let start = Instant::now();
+    while !is_mounted(&mnt) {
+        assert!(start.elapsed() < Duration::from_secs(60), "not mounted: {}", fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    repo.ok(&["umount", mnt.to_str().unwrap()]);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the daemon outlived its mount");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert!(text.contains("unmounted") && !text.contains("Invalid argument"), "{text}");
 }
