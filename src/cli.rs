@@ -92,7 +92,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List recovery points
+    /// List recovery points. Exits 1 when one of them cannot be read (it is listed,
+    /// marked damaged)
     Points {
         #[arg(long, value_parser = parse_source)]
         source: Option<String>,

@@ -472,7 +472,7 @@ async fn points(
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(listed(&manifests));
     }
     let rows: Vec<Vec<String>> = selected
         .iter()
@@ -512,7 +512,18 @@ async fn points(
         .collect();
     table(&["TIME", "SOURCE", "ID", "FILES", "SIZE", "ADDED", "PATH", "NOTE"], &rows);
     pg_ranges(&repo, &selected, &manifests).await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(listed(&manifests))
+}
+
+/// Like `ls` and `find`: everything that could be read is listed, and the exit code
+/// says whether something could not be (a damaged or swapped manifest is a reason
+/// to look, even for a script that only reads the list).
+fn listed(manifests: &[Result<Manifest, String>]) -> ExitCode {
+    if manifests.iter().any(|m| m.is_err()) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// For each PostgreSQL source listed: the times it can be restored to, and any gap.
