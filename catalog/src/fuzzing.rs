@@ -21,8 +21,12 @@ use crate::time::parse_time;
 use crate::tree::{Entry, EntryKind, Tree};
 use crate::wal::{decode_piece, Lsn, TimelinePath, WalFile, WalPiece, WalSystem};
 
-/// Every target: its name (the directory of its corpus) and its function.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A fuzz target: its name (the directory of its corpus) and the function that
+/// feeds it bytes.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every target.
+pub const TARGETS: &[Target] = &[
     ("config", config),
     ("key_slot", key_slot),
     ("key_file", key_file),

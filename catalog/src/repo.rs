@@ -106,7 +106,7 @@ impl RepoError {
     pub fn is_damage(&self) -> bool {
         match self {
             RepoError::Object(_) | RepoError::Blob(_) => true,
-            RepoError::Store(e) => e.is_not_found(),
+            RepoError::Store(e) => e.is_missing_data(),
             _ => false,
         }
     }

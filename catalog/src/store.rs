@@ -33,11 +33,19 @@ pub enum StoreError {
     NoCredentials { cause: String },
     #[error("{op} {name}: {cause}")]
     Io { op: &'static str, name: String, cause: std::io::Error },
+    #[error("object {name} is {size} bytes long, shorter than the range {}..{} read from it", range.start, range.end)]
+    Short { name: String, range: Range<u64>, size: u64 },
 }
 
 impl StoreError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
+    }
+
+    /// Whether the object is not there, or not all there: what a damaged
+    /// repository looks like, as opposed to a store that cannot be reached.
+    pub fn is_missing_data(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. } | StoreError::Short { .. })
     }
 
     /// Whether the store's filesystem is full (ENOSPC or a quota), so that the
@@ -128,8 +136,16 @@ pub struct Store {
 
 impl Store {
     /// Opens the store a URL names. For `file://` the directory is created when
-    /// `create` is set, and must exist otherwise.
+    /// `create` is set, and must exist otherwise. An S3 endpoint other than AWS's
+    /// comes from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`.
     pub fn open(url: &str, create: bool) -> Result<Store, StoreError> {
+        let endpoint = std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| std::env::var("AWS_ENDPOINT_URL")).ok();
+        Store::open_with(url, create, endpoint.as_deref())
+    }
+
+    /// Like `open`, with the S3 endpoint given (`None`: AWS's own, unless the other
+    /// `AWS_*` variables the S3 client reads say otherwise).
+    pub fn open_with(url: &str, create: bool, s3_endpoint: Option<&str>) -> Result<Store, StoreError> {
         let bad = |problem: &str| StoreError::BadUrl { url: url.to_string(), problem: problem.to_string() };
         if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
@@ -176,9 +192,8 @@ impl Store {
                 .with_bucket_name(bucket)
                 .with_retry(retry)
                 .with_client_options(client);
-            let endpoint = std::env::var("AWS_ENDPOINT_URL_S3").or_else(|_| std::env::var("AWS_ENDPOINT_URL"));
-            if endpoint.as_deref().is_ok_and(|e| e.starts_with("http://")) {
-                builder = builder.with_allow_http(true);
+            if let Some(endpoint) = s3_endpoint {
+                builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
             }
             let s3 = builder.build().map_err(|e| StoreError::from_backend("open", url, e))?;
             return Ok(Store {
@@ -230,7 +245,18 @@ impl Store {
         r.bytes().await.map_err(|e| StoreError::from_backend("get", name, e))
     }
 
+    /// The bytes of `range` of an object, exactly: an object that ends before the
+    /// range does is `Short` (a truncated object is damage, never a shorter answer),
+    /// on every backend. An empty range of an object that exists is empty.
     pub async fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        if range.start >= range.end {
+            let size = self.size(name).await?;
+            return if range.start == range.end && range.start <= size {
+                Ok(Bytes::new())
+            } else {
+                Err(StoreError::Short { name: name.to_string(), range, size })
+            };
+        }
         let want = range.end - range.start;
         let b = match &self.local_root {
             Some(root) => {
@@ -240,21 +266,22 @@ impl Store {
                     .expect("read task panicked")
                     .map_err(|cause| StoreError::from_io("read range of", name, cause))?
             }
-            None => self
-                .inner
-                .get_range(&self.path(name), range)
-                .await
-                .map_err(|e| StoreError::from_backend("read range of", name, e))?,
+            None => match self.inner.get_range(&self.path(name), range.clone()).await {
+                Ok(b) => b,
+                Err(e) => {
+                    let e = StoreError::from_backend("read range of", name, e);
+                    // A range that starts at or past the end is refused by the backend
+                    // (HTTP 416): tell that apart from other failures.
+                    return match self.size(name).await {
+                        Ok(size) if size < range.end => Err(StoreError::Short { name: name.to_string(), range, size }),
+                        _ => Err(e),
+                    };
+                }
+            },
         };
         if b.len() as u64 != want {
-            return Err(StoreError::Io {
-                op: "read range of",
-                name: name.to_string(),
-                cause: std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("got {} bytes, wanted {want}", b.len()),
-                ),
-            });
+            let size = self.size(name).await?;
+            return Err(StoreError::Short { name: name.to_string(), range, size });
         }
         Ok(b)
     }
@@ -285,8 +312,14 @@ impl Store {
         Ok(())
     }
 
+    /// Removes an object. Removing one that is not there succeeds, on every backend:
+    /// S3 cannot tell the two apart, so no caller may rely on the difference.
     pub async fn delete(&self, name: &str) -> Result<(), StoreError> {
-        self.inner.delete(&self.path(name)).await.map_err(|e| StoreError::from_backend("delete", name, e))?;
+        match self.inner.delete(&self.path(name)).await.map_err(|e| StoreError::from_backend("delete", name, e)) {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e),
+        }
         if let Some(root) = &self.local_root {
             let dir = root.join(name).parent().map(|p| p.to_path_buf());
             if let Some(dir) = dir {
@@ -328,10 +361,7 @@ impl Store {
                         continue;
                     }
                     let name = e.file_name();
-                    let staged = name
-                        .to_str()
-                        .and_then(|n| n.rsplit_once('#'))
-                        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                    let staged = name.to_str().is_some_and(is_staged);
                     let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
                     if staged && old.is_some_and(|age| age >= min_age) && std::fs::remove_file(e.path()).is_ok() {
                         removed += 1;
@@ -359,8 +389,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Objects under `dir/` whose names sort after `after`, in name order, at most
-    /// `limit` of them: one narrow listing, not a scan of the repository.
+    /// Objects directly under `dir/` (not in its subdirectories) whose names sort
+    /// after `after`, in name order, at most `limit` of them: one narrow listing, not
+    /// a scan of the repository.
     pub async fn list_after(&self, dir: &str, after: &str, limit: usize) -> Result<Vec<ObjectInfo>, StoreError> {
         if let Some(root) = &self.local_root {
             return list_after_local(root.join(dir), dir, after, limit).await;
@@ -371,7 +402,12 @@ impl Store {
         let mut out = Vec::new();
         // Object stores list in name order: the first `limit` are the ones wanted.
         while let Some(m) = stream.try_next().await.map_err(|e| StoreError::from_backend("list", dir, e))? {
-            out.push(ObjectInfo { name: self.name_of(&m.location), size: m.size });
+            let name = self.name_of(&m.location);
+            // Only what is directly under `dir/`, as on the local filesystem.
+            if name.strip_prefix(dir).and_then(|r| r.strip_prefix('/')).is_none_or(|leaf| leaf.contains('/')) {
+                continue;
+            }
+            out.push(ObjectInfo { name, size: m.size });
             if out.len() >= limit {
                 break;
             }
@@ -395,6 +431,12 @@ impl Store {
     }
 }
 
+/// Whether a file name is a put in progress on the local filesystem (`<name>#<n>`),
+/// which listings do not show.
+fn is_staged(name: &str) -> bool {
+    name.rsplit_once('#').is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Reads `range` of a local file without the page cache (O_DIRECT), into a buffer of
 /// its own that the result slices: no copy out of the page cache, and pack bytes do
 /// not crowd the cache of what a mount decrypted from them. The disk reads straight
@@ -402,12 +444,16 @@ impl Store {
 fn read_range_direct(path: &std::path::Path, range: Range<u64>) -> std::io::Result<Bytes> {
     use std::os::unix::fs::OpenOptionsExt;
     const ALIGN: u64 = 4096;
-    let start = range.start & !(ALIGN - 1);
-    let end = range.end.div_ceil(ALIGN) * ALIGN;
     let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return read_range_buffered(path, range),
         r => r?,
     };
+    let range = within(&file, range)?;
+    if range.is_empty() {
+        return Ok(Bytes::new());
+    }
+    let start = range.start & !(ALIGN - 1);
+    let end = range.end.div_ceil(ALIGN) * ALIGN;
     // Zeroed memory fresh from the system (calloc), aligned within for the device.
     let mut buf = vec![0u8; (end - start + ALIGN) as usize];
     let skew = buf.as_ptr().align_offset(ALIGN as usize);
@@ -422,10 +468,18 @@ fn read_range_direct(path: &std::path::Path, range: Range<u64>) -> std::io::Resu
 
 fn read_range_buffered(path: &std::path::Path, range: Range<u64>) -> std::io::Result<Bytes> {
     let file = std::fs::File::open(path)?;
+    let range = within(&file, range)?;
     let mut buf = vec![0u8; (range.end - range.start) as usize];
     let got = read_full_at(&file, &mut buf, range.start)?;
     buf.truncate(got);
     Ok(Bytes::from(buf))
+}
+
+/// The part of `range` the file has: memory is sized by what is there, never by
+/// what a (possibly damaged) reference asks for.
+fn within(file: &std::fs::File, range: Range<u64>) -> std::io::Result<Range<u64>> {
+    let len = file.metadata()?.len();
+    Ok(range.start.min(len)..range.end.min(len))
 }
 
 /// Fills `buf` from `offset`, short only at the end of the file; returns how much.
@@ -455,7 +509,7 @@ async fn list_after_local(path: PathBuf, dir: &str, after: &str, limit: usize) -
             Ok(it) => it
                 .filter_map(|e| e.ok())
                 .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| !n.starts_with('.') && !n.contains('#'))
+                .filter(|n| !is_staged(n))
                 .map(|n| format!("{dir}/{n}"))
                 .filter(|n| n.as_str() > after.as_str())
                 .collect(),

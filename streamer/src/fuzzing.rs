@@ -14,8 +14,12 @@ use postgres_protocol::message::backend::Message;
 use crate::pg::walscan::{Scanner, Step};
 use crate::pg::wire::{data_row, notice_text, parse_copy_data, parse_message, server_error};
 
-/// Every target: its name (the directory of its corpus) and its function.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A fuzz target: its name (the directory of its corpus) and the function that
+/// feeds it bytes.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every target.
+pub const TARGETS: &[Target] = &[
     ("replication", replication),
     ("backend_message", backend_message),
     ("base_backup", base_backup),

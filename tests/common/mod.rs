@@ -7,6 +7,8 @@
 //! - [`repo`]: `TestRepo`, a fresh repository on the `file://` or `s3://` backend
 //!   (moto on loopback, started by `scripts/test`), a `Command` for the `ebb`
 //!   binary with the right environment, and raw access to the stored objects.
+//! - [`s3`]: the S3 test server spoken to in raw HTTP (also used by catalog's store
+//!   conformance suite).
 //!
 //! Every test file uses `mod common;`; not every test uses every helper.
 #![allow(dead_code, unused_imports)]
@@ -14,6 +16,7 @@
 pub mod compare;
 pub mod pg;
 pub mod repo;
+pub mod s3;
 pub mod tree;
 
 pub use compare::{assert_trees_equal, assert_trees_equal_with, compare_trees, compare_trees_with, CompareOptions};
