@@ -7,6 +7,7 @@ pub mod chunker;
 mod codec;
 mod config;
 mod crypto;
+pub mod faults;
 mod fragment;
 #[doc(hidden)]
 pub mod fuzzing;

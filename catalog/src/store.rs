@@ -223,6 +223,18 @@ impl Store {
         &self.url
     }
 
+    /// This store, with `faults` injected into its requests (for tests: see
+    /// `crate::faults`). Both share the objects; only requests made through the
+    /// returned one meet the faults.
+    pub fn with_faults(&self, faults: crate::faults::Faults) -> Store {
+        Store {
+            inner: Arc::new(crate::faults::Faulty::new(self.inner.clone(), &self.prefix, faults)),
+            prefix: self.prefix.clone(),
+            local_root: None,
+            url: self.url.clone(),
+        }
+    }
+
     fn path(&self, name: &str) -> Path {
         if self.prefix.is_empty() {
             Path::from(name)

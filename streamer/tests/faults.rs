@@ -1,0 +1,158 @@
+//! Failure paths of backup and restore that a process kill cannot reach
+//! deterministically, met through catalog's fault-injecting store: a pack upload
+//! that fails, a put the store acknowledges and loses, and reads that come back
+//! corrupted, truncated or failed. Whatever the store does, no point references
+//! what is not stored and no restore writes a wrong byte.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use catalog::faults::{Fault, Faults, Op};
+use catalog::{Repository, RestoreOptions, Secret, Store, DEFAULT_KDF};
+use streamer::{snapshot, Counters, Excludes, SnapshotOptions};
+
+const SECRET: Secret = Secret::KeyFile([9; 32]);
+
+/// Three files of distinct, incompressible content: 3 MiB, 2 MiB and a few bytes.
+fn source() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, len, seed) in [("a", 3 << 20, 1u64), ("b", 2 << 20, 2), ("c", 40, 3)] {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let data: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(dir.path().join(name), data).unwrap();
+    }
+    dir
+}
+
+fn options(path: &Path) -> SnapshotOptions {
+    let none = Arc::new(Excludes::new(&[]).unwrap());
+    SnapshotOptions {
+        source: "s".into(),
+        path: path.to_path_buf(),
+        host: "h".into(),
+        workers: 2,
+        excludes: none.clone(),
+        appends: none,
+        tails: None,
+    }
+}
+
+/// A fresh repository in memory, and the same repository seen through `faults`.
+async fn repositories(faults: &Faults) -> (Repository, Repository) {
+    let store = Store::memory();
+    let plain = Repository::init(store.clone(), &SECRET, DEFAULT_KDF, "h".into()).await.unwrap().0;
+    let faulty = Repository::open(store.with_faults(faults.clone()), &SECRET).await.unwrap();
+    (plain, faulty)
+}
+
+/// Restores the newest point of `repo` into a new directory; asserts every file it
+/// wrote has the source's bytes, and returns the report and the names restored.
+async fn restore_checked(repo: &Repository, src: &Path) -> (catalog::RestoreReport, Vec<String>) {
+    let points = repo.points("s").await.unwrap();
+    let manifest = repo.manifest(points.last().expect("a point")).await.unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let opts = RestoreOptions { path: None, target: target.path().join("r"), overlay: Default::default() };
+    let report = catalog::restore(repo, &manifest, opts).await.unwrap();
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(target.path().join("r")).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        let (got, want) = (std::fs::read(target.path().join("r").join(&name)).unwrap(), std::fs::read(src.join(&name)));
+        assert!(got == want.unwrap(), "{name} was restored with wrong bytes");
+        names.push(name);
+    }
+    names.sort();
+    (report, names)
+}
+
+/// The writer: a pack upload that fails fails the backup, and nothing refers to
+/// what was not stored: no point, no index file. The next backup succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pack_upload_commits_nothing() {
+    let faults = Faults::new();
+    faults.nth(Op::Put, "packs/", 1, Fault::Fail);
+    let (plain, faulty) = repositories(&faults).await;
+    let src = source();
+    let err = snapshot(&faulty, &options(src.path()), Arc::new(Counters::default())).await.unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "the store's error is named: {err}");
+    assert_eq!(faults.fired(), 1);
+    assert!(plain.points("s").await.unwrap().is_empty(), "no point was committed");
+    assert!(plain.store().list("index").await.unwrap().is_empty(), "no index file names an unstored pack");
+
+    faults.clear();
+    snapshot(&faulty, &options(src.path()), Arc::new(Counters::default())).await.unwrap();
+    let (report, names) = restore_checked(&plain, src.path()).await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(names, ["a", "b", "c"]);
+}
+
+/// A store that acknowledges a pack and loses it: the point is committed (the store
+/// said it was durable), `verify` names the missing pack, and restore leaves out
+/// exactly the files whose data was in it, writing nothing wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pack_the_store_lost_is_found_by_verify_and_never_restored_wrong() {
+    let faults = Faults::new();
+    faults.nth(Op::Put, "packs/", 1, Fault::Lose);
+    let (plain, faulty) = repositories(&faults).await;
+    let src = source();
+    snapshot(&faulty, &options(src.path()), Arc::new(Counters::default())).await.unwrap();
+    assert_eq!(faults.fired(), 1);
+
+    let report = catalog::verify(&plain, false, &|_| {}).await.unwrap();
+    assert!(!report.errors.is_empty(), "verify must find the lost pack");
+    assert!(report.errors.iter().any(|e| e.contains("packs/")), "verify names the pack: {:?}", report.errors);
+    let (restored, names) = restore_checked(&plain, src.path()).await;
+    assert!(restored.unreadable > 0, "the files of the lost pack are reported: {restored:?}");
+    assert_eq!(names.len() + restored.failed.len(), 3, "every file restored or reported: {names:?} {restored:?}");
+}
+
+/// Restore: a read of data that comes back corrupted, truncated or failed costs
+/// exactly the file it was for, which is reported and not written; the others are
+/// exact. A bad read of the point's tree fails the restore, naming the pack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_read_costs_exactly_its_file() {
+    for fault in [Fault::Corrupt, Fault::Truncate(10), Fault::Fail] {
+        let faults = Faults::new();
+        let (plain, faulty) = repositories(&faults).await;
+        let src = source();
+        snapshot(&plain, &options(src.path()), Arc::new(Counters::default())).await.unwrap();
+        // The files' data is in the largest pack (trees are packed apart).
+        let packs = plain.store().list("packs").await.unwrap();
+        let data = packs.iter().max_by_key(|o| o.size).unwrap().name.clone();
+        faults.nth(Op::Get, &data, 1, fault);
+        let (report, names) = restore_checked(&faulty, src.path()).await;
+        assert_eq!(faults.fired(), 1, "{fault:?}: the fault was met");
+        assert_eq!(report.failed.len(), 1, "{fault:?}: one file reported: {report:?}");
+        assert_eq!(names.len(), 2, "{fault:?}: the two others restored: {names:?} {report:?}");
+        assert!(
+            !names.iter().any(|n| report.failed[0].0.ends_with(n)),
+            "{fault:?}: the failed file is not left behind"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_read_of_the_tree_fails_the_restore_and_names_the_pack() {
+    for fault in [Fault::Corrupt, Fault::Truncate(10), Fault::Fail] {
+        let faults = Faults::new();
+        let (plain, faulty) = repositories(&faults).await;
+        let src = source();
+        snapshot(&plain, &options(src.path()), Arc::new(Counters::default())).await.unwrap();
+        faults.nth(Op::Get, "packs/", 1, fault);
+        let points = faulty.points("s").await.unwrap();
+        let manifest = faulty.manifest(&points[0]).await.unwrap();
+        let target = tempfile::tempdir().unwrap();
+        let opts = RestoreOptions { path: None, target: target.path().join("r"), overlay: Default::default() };
+        let err = catalog::restore(&faulty, &manifest, opts).await.unwrap_err();
+        assert_eq!(faults.fired(), 1, "{fault:?}");
+        assert!(err.to_string().contains("packs/"), "{fault:?}: the error names the pack: {err}");
+        let left = std::fs::read_dir(target.path().join("r")).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(left, 0, "{fault:?}: nothing restored from a tree that could not be read");
+    }
+}
