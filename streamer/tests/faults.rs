@@ -156,3 +156,68 @@ async fn a_bad_read_of_the_tree_fails_the_restore_and_names_the_pack() {
         assert_eq!(left, 0, "{fault:?}: nothing restored from a tree that could not be read");
     }
 }
+
+// ------------------------------------------------------------------- archive-push
+
+/// A WAL segment as archive_command hands it over, made up: a first page header
+/// that names the timeline, the position, a cluster and 16 MiB segments, then
+/// bytes that differ per segment.
+fn fake_segment(dir: &Path, tli: u32, segno: u64) -> std::path::PathBuf {
+    let size: u64 = 16 << 20;
+    let mut seg: Vec<u8> = (0..size).map(|i| (i % 251) as u8 ^ segno as u8).collect();
+    seg[..40].fill(0);
+    seg[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+    seg[2..4].copy_from_slice(&2u16.to_le_bytes());
+    seg[4..8].copy_from_slice(&tli.to_le_bytes());
+    seg[8..16].copy_from_slice(&(segno * size).to_le_bytes());
+    seg[24..32].copy_from_slice(&7_300_000_000_000_000_001u64.to_le_bytes());
+    seg[32..36].copy_from_slice(&(size as u32).to_le_bytes());
+    let path = dir.join(format!("{tli:08X}{:08X}{:08X}", segno >> 8, segno & 0xff));
+    std::fs::write(&path, seg).unwrap();
+    path
+}
+
+/// archive-push: a put that fails is a failure PostgreSQL sees (it keeps the
+/// segment and retries), and nothing is stored; the retry stores it exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_put_is_an_archive_push_failure_and_the_retry_stores_it() {
+    use streamer::pg::archive::{archive_get, archive_push};
+    let faults = Faults::new();
+    faults.nth(Op::Put, "wal/", 2, Fault::Fail); // the first is the cluster's record
+    let (plain, faulty) = repositories(&faults).await;
+    let dir = tempfile::tempdir().unwrap();
+    let seg = fake_segment(dir.path(), 1, 3);
+    let name = seg.file_name().unwrap().to_str().unwrap().to_string();
+    let err = archive_push(&faulty, "db", &seg).await.unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert_eq!(faults.fired(), 1);
+    let got = dir.path().join("got");
+    assert!(!archive_get(&plain, "db", &name, &got).await.unwrap(), "nothing was stored");
+    assert!(!got.exists());
+
+    archive_push(&faulty, "db", &seg).await.unwrap();
+    assert!(archive_get(&plain, "db", &name, &got).await.unwrap());
+    assert!(std::fs::read(&got).unwrap() == std::fs::read(&seg).unwrap(), "the segment, exactly");
+}
+
+/// archive-get: a stored segment read back corrupted, truncated or not at all is
+/// an error (PostgreSQL stops recovery and tries again), never a file of wrong
+/// bytes and never "not archived" (which would end recovery early).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_read_is_an_archive_get_error_never_a_wrong_segment() {
+    use streamer::pg::archive::{archive_get, archive_push};
+    let dir = tempfile::tempdir().unwrap();
+    for fault in [Fault::Corrupt, Fault::Truncate(100), Fault::Fail] {
+        let faults = Faults::new();
+        let (plain, faulty) = repositories(&faults).await;
+        let seg = fake_segment(dir.path(), 1, 4);
+        let name = seg.file_name().unwrap().to_str().unwrap().to_string();
+        archive_push(&plain, "db", &seg).await.unwrap();
+        faults.always(Op::Get, "wal/db/00000001/", fault);
+        let got = dir.path().join(format!("got-{fault:?}"));
+        let r = archive_get(&faulty, "db", &name, &got).await;
+        assert!(faults.fired() > 0, "{fault:?}: the fault was met");
+        assert!(r.is_err(), "{fault:?}: an error, not {r:?}");
+        assert!(!got.exists(), "{fault:?}: no file left where PostgreSQL looks");
+    }
+}
