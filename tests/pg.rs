@@ -712,3 +712,107 @@ fn pg_sources_status_and_restore_say_what_there_is() {
     assert!(err.contains("earliest moment") && err.contains(&backup.to_string()), "{err}");
     drop(streamer);
 }
+
+/// WAL streaming over a store that is slow to accept and fails one upload (the
+/// fault-injecting store, issue 16; a kill cannot make a store slow): the server is
+/// never told WAL is flushed before the repository holds it, whenever we look, and
+/// once the store behaves again everything the server wrote is stored.
+#[test]
+fn the_server_hears_wal_is_flushed_only_once_the_store_has_it() {
+    use catalog::faults::{Fault, Faults, Op};
+    use catalog::{Repository, Secret, Store, DEFAULT_KDF};
+    use streamer::pg::walstream::{stream_pg, PgStreamOptions};
+
+    let work = tempfile::tempdir().unwrap();
+    share_with_postgres(work.path());
+    let pg = Pg::init(&work.path().join("pg"), "");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let faults = Faults::new();
+    let pieces = "wal/db/00000001/";
+    faults.nth(Op::Put, pieces, 2, Fault::Fail);
+    faults.always(Op::Put, pieces, Fault::Delay(Duration::from_millis(1500)));
+    let (plain, faulty) = rt.block_on(async {
+        let store = Store::memory();
+        let secret = Secret::KeyFile([4; 32]);
+        let plain = Repository::init(store.clone(), &secret, DEFAULT_KDF, "h".into()).await.unwrap().0;
+        (plain, Repository::open(store.with_faults(faults.clone()), &secret).await.unwrap())
+    });
+    let mut dsn = streamer::pg::parse_dsn(&pg.dsn()).unwrap();
+    dsn.password(PASSWORD);
+    let opts = PgStreamOptions {
+        source: "db".into(),
+        dsn,
+        dsn_display: pg.dsn(),
+        slot: "ebb_faults".into(),
+        flush_interval: Duration::from_millis(200),
+        rpo: Duration::from_secs(900),
+        repository: "memory://".into(),
+        state_file: None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = std::sync::Arc::new(streamer::metrics::Metrics::new("db", 900));
+    let stream = rt.spawn(stream_pg(faulty, opts, metrics, async move {
+        let _ = stopped.await;
+    }));
+
+    // Where the stored pieces reach, contiguously from the first.
+    let stored_to = |rt: &tokio::runtime::Runtime| -> u64 {
+        let mut ranges: Vec<(u64, u64)> = rt
+            .block_on(plain.store().list(pieces.trim_end_matches('/')))
+            .unwrap()
+            .iter()
+            .filter_map(|o| {
+                let (s, e) = o.name.rsplit('/').next()?.split_once('-')?;
+                Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?))
+            })
+            .collect();
+        ranges.sort();
+        let mut to = ranges.first().map_or(0, |r| r.0);
+        for (s, e) in ranges {
+            if s <= to {
+                to = to.max(e);
+            }
+        }
+        to
+    };
+    let lsn = |s: &str| -> u64 {
+        let (hi, lo) = s.trim().split_once('/').unwrap_or_else(|| panic!("not an LSN: {s:?}"));
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+    };
+    pg.wait_for("the stream", "select count(*) = 1 from pg_stat_replication", Duration::from_secs(60));
+    pg.sql("create table t (x int)");
+    // (what the server was told, what the store held) at each look.
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut target = 0;
+    for round in 0..6 {
+        pg.sql(&format!("insert into t select generate_series(1, 20000); select {round}"));
+        target = lsn(&pg.sql("select pg_current_wal_flush_lsn()"));
+        loop {
+            // What the server was told, then what the store has: told first, so a
+            // piece the store got later cannot make a wrong report look right.
+            let told = pg.sql("select coalesce(flush_lsn, '0/0') from pg_stat_replication");
+            let told = if told.is_empty() { 0 } else { lsn(&told) };
+            let held = stored_to(&rt);
+            seen.push((told, held));
+            if told >= target {
+                break;
+            }
+            assert!(Instant::now() < deadline, "WAL to {target:X} never became durable (told {told:X}, held {held:X})");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // The stream began where its first piece begins: being told that much is
+    // flushed acknowledges nothing received. Anything past it must have been held.
+    let first = rt.block_on(plain.store().list_after(pieces.trim_end_matches('/'), "", 1)).unwrap();
+    let began = u64::from_str_radix(first[0].name.rsplit('/').next().unwrap().split('-').next().unwrap(), 16).unwrap();
+    assert!(seen.len() > 20, "looked {} times", seen.len());
+    assert!(seen.iter().any(|&(told, held)| told > began && held > began), "the stream was seen shipping");
+    for &(told, held) in &seen {
+        assert!(told <= held.max(began), "the server was told {told:X} is flushed; the store held WAL to {held:X}");
+    }
+    assert!(faults.fired() >= 3, "the store was slow, and failed once: {} faults met", faults.fired());
+    assert!(stored_to(&rt) >= target, "all the WAL the server flushed is stored");
+    let _ = stop.send(());
+    rt.block_on(stream).unwrap().unwrap();
+}
