@@ -24,12 +24,13 @@ use jiff::Timestamp;
 
 use crate::codec::{DecodeError, Decoder, Encoder};
 use crate::crypto::{compressor, encode_payload, Keys};
+use crate::error::RepoError;
 use crate::object::{open_object, seal_object, ObjectError};
+use crate::pack::PACK_TARGET;
 use crate::pack::{pack_name, BlobKind, BlobRef, PackBuilder, PackEntry};
 use crate::point::{parse_timed, time_key, timed_name, PointRef};
-use crate::repo::{RepoError, Repository};
+use crate::repo::Repository;
 use crate::tree::{Entry, EntryKind, Extent, Timestamp as TreeTime};
-use crate::writer::PACK_TARGET;
 
 pub const FRAGS_DIR: &str = "frags";
 const VERSION: u8 = 1;

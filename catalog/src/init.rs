@@ -10,24 +10,13 @@ use bytes::Bytes;
 use jiff::Timestamp;
 
 use crate::config::{Config, CONFIG_NAME};
+use crate::contents::{contents, Contents};
 use crate::crypto::MasterKey;
+use crate::error::RepoError;
 use crate::id::Id;
 use crate::keyslot::{KdfParams, KeySlot, Secret, KEYS_DIR};
-use crate::repo::{clone_secret, Found, RepoError, Repository};
+use crate::repo::{clone_secret, Found, Repository};
 use crate::store::{Store, StoreError};
-
-/// Objects sampled to tell what a prefix without `config` holds.
-const SAMPLE: usize = 100;
-
-/// What a prefix holds besides `config`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Contents {
-    Empty,
-    /// Key slots and nothing else: an init that did not finish.
-    KeysOnly,
-    /// Data: the top-level names found (`packs`, `points`, ...).
-    Data(Vec<String>),
-}
 
 /// What `init` will do at a prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,34 +35,6 @@ pub enum Created {
     New,
     /// An init interrupted after its key slot was finished with that slot.
     Finished,
-}
-
-/// What the prefix holds, from a listing of a few names.
-pub async fn contents(store: &Store) -> Result<Contents, RepoError> {
-    let names = store.sample(SAMPLE).await?;
-    let mut tops: Vec<String> = names
-        .iter()
-        .filter(|n| n.as_str() != CONFIG_NAME)
-        .map(|n| n.split('/').next().unwrap_or_default().to_string())
-        .collect();
-    tops.sort();
-    tops.dedup();
-    Ok(match tops.as_slice() {
-        [] => Contents::Empty,
-        [k] if k == KEYS_DIR => Contents::KeysOnly,
-        _ => Contents::Data(tops.into_iter().filter(|t| t != KEYS_DIR).collect()),
-    })
-}
-
-/// Why a prefix without `config` cannot be opened, for the user.
-pub async fn missing_config(store: &Store) -> RepoError {
-    let url = store.url().to_string();
-    match contents(store).await {
-        Ok(Contents::Empty) => RepoError::NoRepository { url },
-        Ok(Contents::KeysOnly) => RepoError::InterruptedInit { url },
-        Ok(Contents::Data(holds)) => RepoError::ConfigMissing { url, holds: holds.join(", ") },
-        Err(e) => e,
-    }
 }
 
 impl Repository {

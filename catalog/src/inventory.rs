@@ -8,10 +8,11 @@ use std::collections::{HashMap, HashSet};
 
 use futures::stream::{StreamExt, TryStreamExt};
 
+use crate::error::RepoError;
 use crate::id::Id;
 use crate::index::{open_index, IndexFile, INDEX_DIR};
 use crate::pack::{parse_pack_name, BlobRef, PACKS_DIR};
-use crate::repo::{RepoError, Repository};
+use crate::repo::Repository;
 
 /// Index files fetched at once.
 const CONCURRENT_READS: usize = 16;

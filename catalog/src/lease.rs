@@ -19,10 +19,11 @@ use bytes::Bytes;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::error::RepoError;
 use crate::id::random_bytes;
 use crate::object::{open_object, seal_object};
 use crate::point::{parse_timed, timed_name_with};
-use crate::repo::{RepoError, Repository};
+use crate::repo::Repository;
 
 pub(crate) const LEASES_DIR: &str = "leases";
 /// A holder writes its lease again this often...

@@ -6,7 +6,9 @@
 pub mod chunker;
 mod codec;
 mod config;
+mod contents;
 mod crypto;
+mod error;
 pub mod faults;
 mod fragment;
 #[doc(hidden)]
@@ -34,6 +36,7 @@ mod writer;
 pub use codec::DecodeError;
 pub use config::{Config, FORMAT_VERSION};
 pub use crypto::Keys;
+pub use error::{BlobError, RepoError};
 pub use fragment::{Fragment, FragmentBuilder, FragmentRef, Growth, Overlay, FRAGS_DIR};
 pub use id::Id;
 pub use init::{Created, InitPlan};
@@ -45,7 +48,7 @@ pub use lease::{Holder, Lease};
 pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef, PackEntry};
 pub use point::{validate_source, Manifest, PgInfo, PointRef, Skipped, Stats};
 pub use repair::{repair_index, IndexRepair};
-pub use repo::{BlobError, Found, Readable, RepoError, Repository, Timeline};
+pub use repo::{Found, Readable, Repository, Timeline};
 pub use restore::{restore, RestoreError, RestoreOptions, RestoreReport};
 pub use store::{canonical_url, ObjectInfo, Store, StoreError};
 pub use verify::{verify, VerifyReport};

@@ -9,6 +9,8 @@ use crate::crypto::{encode_payload, open, seal, seal_into, AuthError, Keys, SEAL
 use crate::id::Id;
 
 pub const PACKS_DIR: &str = "packs";
+/// Packs are cut once they reach this size.
+pub const PACK_TARGET: usize = 8 << 20;
 const TRAILER_MAGIC: &[u8; 4] = b"EBP1";
 const TRAILER_LEN: usize = 8;
 /// The nonce counter of the header, which no blob can reach.
@@ -109,7 +111,7 @@ impl PackBuilder {
     }
 
     fn with_id(keys: &Keys, id: Id) -> PackBuilder {
-        let buf = Vec::with_capacity(crate::writer::PACK_TARGET + crate::chunker::MAX_SIZE);
+        let buf = Vec::with_capacity(PACK_TARGET + crate::chunker::MAX_SIZE);
         PackBuilder { id, cipher: keys.pack_cipher(&id), buf, entries: Vec::new() }
     }
 

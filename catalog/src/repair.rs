@@ -9,11 +9,12 @@ use std::collections::HashSet;
 use bytes::Bytes;
 use futures::stream::{StreamExt, TryStreamExt};
 
+use crate::error::RepoError;
 use crate::id::Id;
 use crate::index::seal_index;
 use crate::inventory::Inventory;
 use crate::pack::{fetch_header, pack_name, PackEntry};
-use crate::repo::{RepoError, Repository};
+use crate::repo::Repository;
 
 /// Pack headers read at once.
 const CONCURRENT_READS: usize = 8;

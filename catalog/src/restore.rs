@@ -16,10 +16,11 @@ use std::path::{Path, PathBuf};
 use futures::stream::{self, StreamExt};
 use tokio::runtime::Handle;
 
+use crate::error::{BlobError, RepoError};
 use crate::fragment::Overlay;
 use crate::pack::BlobKind;
 use crate::point::Manifest;
-use crate::repo::{BlobError, RepoError, Repository};
+use crate::repo::Repository;
 use crate::tree::{Entry, EntryKind, Extent, Timestamp};
 
 /// Chunks fetched at once while restoring one file.

@@ -7,10 +7,11 @@ use std::collections::{HashMap, HashSet};
 
 use futures::stream::{self, StreamExt};
 
+use crate::error::RepoError;
 use crate::fragment::{FragmentRef, FRAGS_DIR};
 use crate::index::{open_index, INDEX_DIR};
 use crate::pack::{parse_pack_name, read_header, BlobKind, BlobRef, PACKS_DIR};
-use crate::repo::{RepoError, Repository};
+use crate::repo::Repository;
 use crate::tree::{EntryKind, Extent};
 use crate::Id;
 

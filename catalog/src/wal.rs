@@ -21,8 +21,9 @@ use bytes::Bytes;
 use jiff::Timestamp;
 
 use crate::codec::{DecodeError, Decoder, Encoder};
+use crate::error::RepoError;
 use crate::object::{open_object, seal_object, seal_object_with};
-use crate::repo::{RepoError, Repository};
+use crate::repo::Repository;
 use crate::time::unix_nanos;
 
 pub const WAL_DIR: &str = "wal";

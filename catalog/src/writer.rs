@@ -20,16 +20,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::crypto::{compressor, encode_payload};
+use crate::error::RepoError;
 use crate::id::Id;
 use crate::index::{seal_index, DedupIndex, INDEX_DIR};
 use crate::inventory::Inventory;
+use crate::pack::PACK_TARGET;
 use crate::pack::{fetch_header, pack_name, BlobKind, BlobRef, PackBuilder, PackEntry, PACKS_DIR};
 use crate::point::{Manifest, PointRef};
-use crate::repo::{RepoError, Repository};
+use crate::repo::Repository;
 use crate::store::{Store, StoreError};
 
-/// Packs are cut once they reach this size.
-pub const PACK_TARGET: usize = 8 << 20;
 /// Full packs waiting for the uploader, beyond those being uploaded.
 const QUEUED_PACKS: usize = 2;
 const CONCURRENT_UPLOADS: usize = 4;

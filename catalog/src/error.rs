@@ -1,0 +1,126 @@
+//! The errors of reading and writing a repository, as variants a caller can act on:
+//! what is missing, what is damaged, what is busy or refused.
+
+use jiff::Timestamp;
+
+use crate::config::ConfigError;
+use crate::keyslot::SlotError;
+use crate::object::ObjectError;
+use crate::pack::{pack_name, BlobKind, BlobRef};
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("no ebb repository at {url} (create one with `ebb init`)")]
+    NoRepository { url: String },
+    #[error("a repository already exists at {url}")]
+    AlreadyExists { url: String },
+    #[error(
+        "the repository at {url} has no `config` object, but it holds data ({holds}): its header was lost. \
+         Do not run `ebb init` there; `ebb repair config` writes it again from the key slots (it needs a \
+         password or key file of the repository)"
+    )]
+    ConfigMissing { url: String, holds: String },
+    #[error(
+        "{url} holds a key slot but no `config`: an `ebb init` was interrupted. Run `ebb init` again with the \
+         same password or key file to finish it"
+    )]
+    InterruptedInit { url: String },
+    #[error(
+        "{url} holds key slots of an `ebb init` that was interrupted, and this password or key file opens none \
+         of them: run `ebb init` with the one given then, or remove keys/ there and run `ebb init` again"
+    )]
+    InterruptedInitOtherSecret { url: String },
+    #[error("the repository at {url} has its `config`: nothing to repair")]
+    ConfigPresent { url: String },
+    #[error("the password or key file opens none of the key slots of {url}, so its `config` cannot be rebuilt")]
+    WrongSecretForSlots { url: String },
+    #[error("the password or key file opens none of the {slots} key slots of {url}")]
+    WrongSecret { url: String, slots: usize },
+    #[error("the repository at {url} has no readable key slot: {problems}")]
+    NoSlots { url: String, problems: String },
+    #[error("the key handed over by the ebb that started this process is malformed")]
+    Handoff,
+    #[error("key slot {slot} not found (see `ebb key list`)")]
+    NoSuchSlot { slot: String },
+    #[error("refusing to remove key slot {slot}: it is the last one, and without it no one can open the repository")]
+    LastSlot { slot: String },
+    #[error(
+        "key slot {slot} was put back: other slots were removed at the same time, and without it none would be \
+         left (see `ebb key list`)"
+    )]
+    RemovalRace { slot: String },
+    #[error("source {name:?} has no points (sources: {known})")]
+    NoPoints { name: String, known: String },
+    #[error("unknown source {name:?}: the repository has no point of it (sources: {known})")]
+    UnknownSource { name: String, known: String },
+    #[error("{at} is before the first point of source {name:?}; the earliest is {earliest}")]
+    BeforeFirst { name: String, at: Timestamp, earliest: Timestamp },
+    #[error("{at} is in the future (it is now {now})")]
+    Future { at: Timestamp, now: Timestamp },
+    #[error("{problem}")]
+    InvalidSource { problem: String },
+    #[error("source {source_name:?} is already written by {holder}: one writer per source")]
+    SourceBusy { source_name: String, holder: String },
+    #[error(
+        "source {source_name:?} holds WAL of PostgreSQL system {} (segments of {} bytes), not of system {} (segments of \
+         {} bytes): use another --source for another cluster",
+        stored.0, stored.1, given.0, given.1
+    )]
+    OtherCluster { source_name: String, stored: (u64, u64), given: (u64, u64) },
+    /// The repository holds other bytes under a name that must always hold the same.
+    #[error(
+        "{name} already holds different content ({what}) for source {source_name:?}: is another cluster writing to it?"
+    )]
+    WalConflict { name: String, source_name: String, what: String },
+    #[error("source {source_name:?} has no history file for timeline {tli}")]
+    NoHistory { source_name: String, tli: u32 },
+    #[error("the history file of timeline {tli} of source {source_name:?} is malformed: {problem}")]
+    BadHistory { source_name: String, tli: u32, problem: String },
+    #[error("time {time} is before 1970 and cannot name a point")]
+    BadTime { time: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+}
+
+impl RepoError {
+    /// Whether this says an object is damaged, foreign or gone, rather than that
+    /// the store could not be asked (which retrying may mend).
+    pub fn is_damage(&self) -> bool {
+        match self {
+            RepoError::Object(_) | RepoError::Blob(_) => true,
+            RepoError::Store(e) => e.is_missing_data(),
+            _ => false,
+        }
+    }
+}
+
+/// A blob that could not be read: names the pack object, so the user and
+/// `ebb verify` can tell what is damaged.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} blob {id} in {pack}: {problem}")]
+pub struct BlobError {
+    pub kind: &'static str,
+    pub id: String,
+    pub pack: String,
+    pub problem: String,
+}
+
+impl BlobError {
+    pub fn new(kind: BlobKind, blob: &BlobRef, problem: impl Into<String>) -> BlobError {
+        BlobError {
+            kind: if kind == BlobKind::Tree { "tree" } else { "data" },
+            id: blob.id.short(),
+            pack: pack_name(&blob.pack),
+            problem: problem.into(),
+        }
+    }
+}
