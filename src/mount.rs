@@ -121,7 +121,7 @@ pub async fn mount(
     // The key is still on its way (being derived by `ebb mount`, or asked for) while
     // the header is read and the moment resolved: those need object names only.
     let key = handoff.as_ref().map(Handoff::key);
-    let found = crate::commands::find(g).await?;
+    let found = crate::context::find(g).await?;
     let view = match at {
         None => View::Timeline(source.clone()),
         Some(spec) => {
@@ -290,7 +290,7 @@ const WARNING: &str = "warning: ";
 /// secret is left in the daemon's environment. The daemon says "ready" on its stdout.
 pub async fn start_daemon(g: &Global, mountpoint: &Path) -> Result<ExitCode> {
     let abs = check_mountpoint(mountpoint)?;
-    let found = crate::commands::find(g).await?;
+    let found = crate::context::find(g).await?;
     let secret = crate::secret::secret(g, false)?;
     // The derivation starts first; the daemon is started while it runs.
     let unlock = tokio::spawn(async move { found.unlock(&secret).await });

@@ -10,7 +10,7 @@ use streamer::pg::walstream::PgStreamOptions;
 use streamer::state;
 
 use crate::cli::{Global, PgCommand, PgStreamArgs};
-use crate::commands::{host, open, repo_url, source_or_host};
+use crate::context::{host, open, repo_url, source_or_host};
 use crate::UsageError;
 
 /// The DSN parsed, with the password from PGPASSWORD when it gives none, and how to

@@ -11,7 +11,7 @@ use serde_json::json;
 use streamer::state::{self, StreamState};
 
 use crate::cli::{DirArgs, Global};
-use crate::commands::{file_workers, host, open, repo_url, source_or_host, walk_excludes};
+use crate::context::{file_workers, host, open, repo_url, source_or_host, walk_excludes};
 use crate::output::table;
 use crate::UsageError;
 
