@@ -72,6 +72,19 @@ fn wait_unmounted(mnt: &Path) {
     }
 }
 
+/// A file:// repository with one point of a directory holding `f` ("data"), and
+/// the working directory the test may use (the source is its `src`).
+fn one_small_point() -> (TestRepo, tempfile::TempDir) {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    repo.ok(&["backup", src.to_str().unwrap()]);
+    (repo, work)
+}
+
 fn cp_a(from: &Path, to: &Path) {
     let ok = Command::new("cp").args(["-a", "--sparse=always"]).arg(from).arg(to).status().unwrap();
     assert!(ok.success(), "cp -a {} {}", from.display(), to.display());
@@ -267,13 +280,7 @@ fn damaged_chunk_gives_eio_for_exactly_its_files() {
 
 #[test]
 fn mountpoint_checks_and_lifecycle() {
-    let repo = TestRepo::new(Backend::File);
-    repo.init();
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    fs::create_dir(&src).unwrap();
-    fs::write(src.join("f"), b"data").unwrap();
-    repo.ok(&["backup", src.to_str().unwrap()]);
+    let (repo, work) = one_small_point();
 
     let missing = work.path().join("missing");
     let err = repo.fails(&["mount", missing.to_str().unwrap()], 2);
@@ -469,13 +476,7 @@ fn hard_links_of_other_points_and_sources_are_other_files() {
 /// `ebb umount` leaves no error in it.
 #[test]
 fn umount_refuses_other_mounts_and_the_daemon_log_is_private_and_clean() {
-    let repo = TestRepo::new(Backend::File);
-    repo.init();
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    fs::create_dir(&src).unwrap();
-    fs::write(src.join("f"), b"data").unwrap();
-    repo.ok(&["backup", src.to_str().unwrap()]);
+    let (repo, work) = one_small_point();
 
     // A tmpfs with a file: not ebb's, left alone.
     let other = work.path().join("other");
@@ -661,13 +662,7 @@ fn inode_flags_are_kept_restored_and_shown() {
 /// the daemon's reads of /dev/fuse, so that it always sees the mountpoint go first.
 #[test]
 fn a_clean_umount_leaves_no_error_when_the_daemon_is_slow_to_notice() {
-    let repo = TestRepo::new(Backend::File);
-    repo.init();
-    let work = tempfile::tempdir().unwrap();
-    let src = work.path().join("src");
-    fs::create_dir(&src).unwrap();
-    fs::write(src.join("f"), b"data").unwrap();
-    repo.ok(&["backup", src.to_str().unwrap()]);
+    let (repo, work) = one_small_point();
     let mnt = work.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     let mut daemon = repo.cmd();

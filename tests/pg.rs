@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::pg::{open_up, share_with_postgres, Pg, PASSWORD};
 use common::repo::{check_exit, Backend, TestRepo};
+use common::wal::fake_segment;
 use jiff::Timestamp;
 
 /// The servers of these tests start one at a time: they are heavy for two cores.
@@ -557,22 +558,6 @@ fn kill_9_under_heavy_wal_and_a_store_outage_lose_nothing() {
     let r = s.restore("dur", &at.to_string(), env);
     assert_eq!(ids(&r), (0..10).chain(expected(&all, at)).collect::<Vec<_>>(), "{}", r.log());
     assert_eq!(r.sql("select count(*) from big"), "300000");
-}
-
-/// A WAL segment as archive_command hands it over, made up: a first page header
-/// that names the timeline, the position, a cluster and 16 MiB segments, and
-/// `fill` after it. No server needed.
-fn fake_segment(tli: u32, segno: u64, fill: u8) -> Vec<u8> {
-    let size: u64 = 16 << 20;
-    let mut seg = vec![fill; size as usize];
-    seg[..40].fill(0);
-    seg[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
-    seg[2..4].copy_from_slice(&2u16.to_le_bytes());
-    seg[4..8].copy_from_slice(&tli.to_le_bytes());
-    seg[8..16].copy_from_slice(&(segno * size).to_le_bytes());
-    seg[24..32].copy_from_slice(&7_300_000_000_000_000_001u64.to_le_bytes());
-    seg[32..36].copy_from_slice(&(size as u32).to_le_bytes());
-    seg
 }
 
 /// Item 16 of issue 15: a malformed timeline history file is answered to

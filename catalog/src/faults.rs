@@ -207,23 +207,19 @@ impl ObjectStore for Faulty {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
         let op = if options.head { Op::Head } else { Op::Get };
-        let fault = self.pick(op, location);
-        match fault {
-            None => return self.inner.get_opts(location, options).await,
+        let fault = match self.pick(op, location) {
             Some(Fault::Fail) => return Err(injected("a read")),
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
                 return self.inner.get_opts(location, options).await;
             }
-            Some(Fault::Lose) => return self.inner.get_opts(location, options).await,
-            Some(Fault::Truncate(_) | Fault::Corrupt) if op == Op::Head => {
-                return self.inner.get_opts(location, options).await
-            }
-            Some(Fault::Truncate(_) | Fault::Corrupt) => {}
-        }
+            // Only bytes can be damaged: a head, or a lost read, goes through.
+            Some(f @ (Fault::Truncate(_) | Fault::Corrupt)) if op == Op::Get => f,
+            _ => return self.inner.get_opts(location, options).await,
+        };
         let got = self.inner.get_opts(location, options).await?;
         let (meta, range, attributes) = (got.meta.clone(), got.range.clone(), got.attributes.clone());
-        let data = damage(got.bytes().await?, fault.expect("a fault was picked"));
+        let data = damage(got.bytes().await?, fault);
         let range: Range<u64> = range.start..range.start + data.len() as u64;
         Ok(GetResult {
             payload: GetResultPayload::Stream(stream::once(async move { Ok(data) }).boxed()),

@@ -4,6 +4,9 @@
 //! corrupted, truncated or failed. Whatever the store does, no point references
 //! what is not stored and no restore writes a wrong byte.
 
+#[path = "../../tests/common/wal.rs"]
+mod wal;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -50,6 +53,16 @@ async fn repositories(faults: &Faults) -> (Repository, Repository) {
     let plain = Repository::init(store.clone(), &SECRET, DEFAULT_KDF, "h".into()).await.unwrap().0;
     let faulty = Repository::open(store.with_faults(faults.clone()), &SECRET).await.unwrap();
     (plain, faulty)
+}
+
+/// A repository with one point of `source()`, seen plainly and through faults that
+/// are not set yet.
+async fn one_point() -> (Faults, Repository, Repository, tempfile::TempDir) {
+    let faults = Faults::new();
+    let (plain, faulty) = repositories(&faults).await;
+    let src = source();
+    snapshot(&plain, &options(src.path()), Arc::new(Counters::default())).await.unwrap();
+    (faults, plain, faulty, src)
 }
 
 /// Restores the newest point of `repo` into a new directory; asserts every file it
@@ -118,10 +131,7 @@ async fn a_pack_the_store_lost_is_found_by_verify_and_never_restored_wrong() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_read_costs_exactly_its_file() {
     for fault in [Fault::Corrupt, Fault::Truncate(10), Fault::Fail] {
-        let faults = Faults::new();
-        let (plain, faulty) = repositories(&faults).await;
-        let src = source();
-        snapshot(&plain, &options(src.path()), Arc::new(Counters::default())).await.unwrap();
+        let (faults, plain, faulty, src) = one_point().await;
         // The files' data is in the largest pack (trees are packed apart).
         let packs = plain.store().list("packs").await.unwrap();
         let data = packs.iter().max_by_key(|o| o.size).unwrap().name.clone();
@@ -140,10 +150,7 @@ async fn a_bad_read_costs_exactly_its_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_read_of_the_tree_fails_the_restore_and_names_the_pack() {
     for fault in [Fault::Corrupt, Fault::Truncate(10), Fault::Fail] {
-        let faults = Faults::new();
-        let (plain, faulty) = repositories(&faults).await;
-        let src = source();
-        snapshot(&plain, &options(src.path()), Arc::new(Counters::default())).await.unwrap();
+        let (faults, _, faulty, _src) = one_point().await;
         faults.nth(Op::Get, "packs/", 1, fault);
         let points = faulty.points("s").await.unwrap();
         let manifest = faulty.manifest(&points[0]).await.unwrap();
@@ -159,21 +166,10 @@ async fn a_bad_read_of_the_tree_fails_the_restore_and_names_the_pack() {
 
 // ------------------------------------------------------------------- archive-push
 
-/// A WAL segment as archive_command hands it over, made up: a first page header
-/// that names the timeline, the position, a cluster and 16 MiB segments, then
-/// bytes that differ per segment.
+/// A made-up segment of timeline `tli`, written where archive_command would name it.
 fn fake_segment(dir: &Path, tli: u32, segno: u64) -> std::path::PathBuf {
-    let size: u64 = 16 << 20;
-    let mut seg: Vec<u8> = (0..size).map(|i| (i % 251) as u8 ^ segno as u8).collect();
-    seg[..40].fill(0);
-    seg[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
-    seg[2..4].copy_from_slice(&2u16.to_le_bytes());
-    seg[4..8].copy_from_slice(&tli.to_le_bytes());
-    seg[8..16].copy_from_slice(&(segno * size).to_le_bytes());
-    seg[24..32].copy_from_slice(&7_300_000_000_000_000_001u64.to_le_bytes());
-    seg[32..36].copy_from_slice(&(size as u32).to_le_bytes());
     let path = dir.join(format!("{tli:08X}{:08X}{:08X}", segno >> 8, segno & 0xff));
-    std::fs::write(&path, seg).unwrap();
+    std::fs::write(&path, wal::fake_segment(tli, segno, segno as u8)).unwrap();
     path
 }
 

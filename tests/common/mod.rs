@@ -7,6 +7,7 @@
 //! - [`repo`]: `TestRepo`, a fresh repository on the `file://` or `s3://` backend
 //!   (moto on loopback, started by `scripts/test`), a `Command` for the `ebb`
 //!   binary with the right environment, and raw access to the stored objects.
+//! - [`wal`]: a made-up WAL segment, for archiving without a server.
 //! - [`s3`]: the S3 test server spoken to in raw HTTP (also used by catalog's store
 //!   conformance suite).
 //!
@@ -18,6 +19,7 @@ pub mod pg;
 pub mod repo;
 pub mod s3;
 pub mod tree;
+pub mod wal;
 
 pub use compare::{assert_trees_equal, assert_trees_equal_with, compare_trees, compare_trees_with, CompareOptions};
 pub use repo::{backends, Backend, TestRepo, TEST_PASSWORD};

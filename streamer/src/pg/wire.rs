@@ -464,13 +464,14 @@ pub enum CopyData {
 /// Parses a replication message: `w` (start, end, clock, WAL) or `k` (end, clock,
 /// reply), big-endian. Anything short or unknown is an error, never a panic.
 pub fn parse_copy_data(msg: Bytes) -> Result<CopyData, String> {
-    let u64_at = |i: usize| msg.get(i..i + 8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+    let u64_at = |i: usize| msg.get(i..i + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
     match msg.first() {
-        Some(b'w') if msg.len() >= 25 => {
-            let (start, end) = (u64_at(1).expect("checked length"), u64_at(9).expect("checked length"));
-            Ok(CopyData::XLogData { start: Lsn(start), end: Lsn(end), data: msg.slice(25..) })
+        Some(b'w') => {
+            let short = || "short XLogData".to_string();
+            let (start, end) = (u64_at(1).ok_or_else(short)?, u64_at(9).ok_or_else(short)?);
+            let data = msg.get(25..).ok_or_else(short)?;
+            Ok(CopyData::XLogData { start: Lsn(start), end: Lsn(end), data: msg.slice_ref(data) })
         }
-        Some(b'w') => Err("short XLogData".into()),
         Some(b'k') => {
             let end = u64_at(1).ok_or("short keepalive")?;
             let reply = *msg.get(17).ok_or("short keepalive")? != 0;
