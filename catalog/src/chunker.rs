@@ -164,3 +164,100 @@ mod tests {
         assert_ne!(other_seed.iter().map(Vec::len).collect::<Vec<_>>(), a.iter().map(Vec::len).collect::<Vec<_>>());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn noise(n: usize, mut x: u64) -> Vec<u8> {
+        x |= 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Reads `steps` bytes at a time, in turn: a pipe, a slow disk, a short read.
+    struct Uneven<'a>(&'a [u8], Vec<usize>, usize);
+    impl Read for Uneven<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let step = self.1[self.2 % self.1.len()];
+            self.2 += 1;
+            let n = self.0.len().min(out.len()).min(step);
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// Where the chunks of `data` end.
+    fn cuts(data: &[u8], seed: u64) -> Vec<usize> {
+        let mut end = 0;
+        chunks(data, seed)
+            .unwrap()
+            .iter()
+            .map(|c| {
+                end += c.len();
+                end
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// The reference: FastCDC run once over the whole stream, however the reader
+        /// hands the bytes over.
+        #[test]
+        fn cut_points_are_fastcdc_on_the_whole_stream(
+            len in 0usize..(3 * WINDOW),
+            data_seed in any::<u64>(),
+            seed in any::<u64>(),
+            steps in prop::collection::vec(1usize..(3 << 20), 1..4),
+        ) {
+            let data = noise(len, data_seed);
+            let reference: Vec<Vec<u8>> =
+                FastCDC::with_level_and_seed(&data, MIN_SIZE, AVG_SIZE, MAX_SIZE, Normalization::Level1, seed)
+                    .map(|c| data[c.offset..c.offset + c.length].to_vec())
+                    .collect();
+            let got = chunks(Uneven(&data, steps, 0), seed).unwrap();
+            prop_assert!(got == reference, "{} chunks, want {}", got.len(), reference.len());
+        }
+
+        /// An edit moves no boundary before it, and once the boundaries after it meet
+        /// the old ones again they stay together to the end.
+        #[test]
+        fn an_edit_moves_only_the_boundaries_near_it(
+            len in (MAX_SIZE)..(3 * WINDOW),
+            data_seed in any::<u64>(),
+            at in any::<prop::sample::Index>(),
+            removed in 0usize..(2 << 20),
+            inserted in prop::collection::vec(any::<u8>(), 0..5000),
+        ) {
+            let data = noise(len, data_seed);
+            let at = at.index(len);
+            let removed = removed.min(len - at);
+            let mut edited = data[..at].to_vec();
+            edited.extend_from_slice(&inserted);
+            edited.extend_from_slice(&data[at + removed..]);
+            let (old, new) = (cuts(&data, 9), cuts(&edited, 9));
+            let before = |c: &Vec<usize>| c.iter().copied().filter(|&e| e <= at).collect::<Vec<_>>();
+            prop_assert_eq!(before(&old), before(&new), "a boundary before the edit at {} moved", at);
+            // After the edit, boundaries measured from the end of the data.
+            let tail = |c: &Vec<usize>, n: usize, skip: usize| {
+                c.iter().filter(|&&e| e > skip).map(|&e| n - e).collect::<Vec<_>>()
+            };
+            let old_tail = tail(&old, data.len(), at + removed);
+            let new_tail = tail(&new, edited.len(), at + inserted.len());
+            if let Some(i) = old_tail.iter().position(|d| new_tail.contains(d)) {
+                let j = new_tail.iter().position(|d| *d == old_tail[i]).unwrap();
+                prop_assert_eq!(&old_tail[i..], &new_tail[j..], "boundaries parted again after meeting");
+            }
+        }
+    }
+}

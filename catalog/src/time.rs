@@ -111,3 +111,36 @@ mod tests {
         assert!(p("nonsense").unwrap_err().to_string().contains("RFC 3339"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A time written in any accepted form reads back as that time.
+        #[test]
+        fn every_form_reads_back_the_time_written(
+            secs in 0i64..4_102_444_800,
+            nanos in prop_oneof![Just(0), 0i32..1_000_000_000],
+            offset_minutes in -14 * 60i32..=14 * 60,
+            ago in 0i64..100_000_000,
+        ) {
+            let t = Timestamp::new(secs, nanos).unwrap();
+            let now = Timestamp::from_second(4_102_444_800).unwrap();
+            let tz = TimeZone::fixed(jiff::tz::Offset::from_seconds(offset_minutes * 60).unwrap());
+            let p = |s: &str| parse_time(s, now, || tz.clone());
+            let zoned = t.to_zoned(tz.clone());
+            prop_assert_eq!(p(&t.to_string()), Ok(TimeSpec::At(t)));
+            let rfc3339 = zoned.strftime("%Y-%m-%dT%H:%M:%S%.9f%:z").to_string();
+            prop_assert_eq!(p(&rfc3339), Ok(TimeSpec::At(t)), "{}", rfc3339);
+            let local = zoned.strftime("%Y-%m-%d %H:%M:%S%.9f").to_string();
+            prop_assert_eq!(p(&local), Ok(TimeSpec::At(t)), "{}", local);
+            let unix = format!("@{}.{:09}", t.as_second(), t.subsec_nanosecond());
+            prop_assert_eq!(p(&unix), Ok(TimeSpec::At(t)), "{}", unix);
+            let then = now.checked_sub(jiff::SignedDuration::from_secs(ago)).unwrap();
+            prop_assert_eq!(p(&format!("{ago}s ago")), Ok(TimeSpec::At(then)));
+            prop_assert_eq!(p(&format!("  {t}  ")), Ok(TimeSpec::At(t)));
+        }
+    }
+}
