@@ -7,6 +7,9 @@
 //! Object names are relative to the repository's prefix and use only the characters
 //! `[A-Za-z0-9._/-]`.
 
+mod error;
+mod local;
+
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,81 +19,8 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("object {name} does not exist")]
-    NotFound { name: String },
-    #[error("object {name} already exists")]
-    AlreadyExists { name: String },
-    #[error("{op} {name}: {cause}")]
-    Backend { op: &'static str, name: String, cause: object_store::Error },
-    #[error("invalid repository URL {url:?}: {problem}")]
-    BadUrl { url: String, problem: String },
-    #[error(
-        "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for \
-         temporary ones), or run where the instance metadata service gives a role ({cause})"
-    )]
-    NoCredentials { cause: String },
-    #[error("{op} {name}: {cause}")]
-    Io { op: &'static str, name: String, cause: std::io::Error },
-    #[error("object {name} is {size} bytes long, shorter than the range {}..{} read from it", range.start, range.end)]
-    Short { name: String, range: Range<u64>, size: u64 },
-}
-
-impl StoreError {
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, StoreError::NotFound { .. })
-    }
-
-    /// Whether the object is not there, or not all there: what a damaged
-    /// repository looks like, as opposed to a store that cannot be reached.
-    pub fn is_missing_data(&self) -> bool {
-        matches!(self, StoreError::NotFound { .. } | StoreError::Short { .. })
-    }
-
-    /// Whether the store's filesystem is full (ENOSPC or a quota), so that the
-    /// user is told that rather than a generic write failure.
-    pub fn is_no_space(&self) -> bool {
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = match self {
-            StoreError::Backend { cause, .. } => Some(cause),
-            StoreError::Io { cause, .. } => Some(cause),
-            _ => None,
-        };
-        while let Some(e) = cause {
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
-                    || io.raw_os_error() == Some(libc::ENOSPC)
-                {
-                    return true;
-                }
-            }
-            cause = e.source();
-        }
-        false
-    }
-
-    fn from_backend(op: &'static str, name: &str, e: object_store::Error) -> StoreError {
-        // With no credentials in the environment, the S3 client asks the instance
-        // metadata service for a role's: its refusal is no help to the user.
-        if e.to_string().contains("169.254.169.254") {
-            return StoreError::NoCredentials { cause: e.to_string() };
-        }
-        match e {
-            object_store::Error::NotFound { .. } => StoreError::NotFound { name: name.to_string() },
-            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
-                StoreError::AlreadyExists { name: name.to_string() }
-            }
-            cause => StoreError::Backend { op, name: name.to_string(), cause },
-        }
-    }
-
-    fn from_io(op: &'static str, name: &str, cause: std::io::Error) -> StoreError {
-        match cause.kind() {
-            std::io::ErrorKind::NotFound => StoreError::NotFound { name: name.to_string() },
-            _ => StoreError::Io { op, name: name.to_string(), cause },
-        }
-    }
-}
+pub use error::StoreError;
+use local::{is_staged, list_after_local, read_range_direct, sync_dir};
 
 /// The one spelling of a repository URL: `file:///r`, `file:///r/` and
 /// `file:///r//x/..` name one directory (resolved, symlinks too, when it exists),
@@ -406,7 +336,8 @@ impl Store {
     /// a scan of the repository.
     pub async fn list_after(&self, dir: &str, after: &str, limit: usize) -> Result<Vec<ObjectInfo>, StoreError> {
         if let Some(root) = &self.local_root {
-            return list_after_local(root.join(dir), dir, after, limit).await;
+            let found = list_after_local(root.join(dir), dir, after, limit).await?;
+            return Ok(found.into_iter().map(|(name, size)| ObjectInfo { name, size }).collect());
         }
         let prefix = self.path(dir);
         let offset = self.path(after);
@@ -441,120 +372,4 @@ impl Store {
         out.sort();
         Ok(out)
     }
-}
-
-/// Whether a file name is a put in progress on the local filesystem (`<name>#<n>`),
-/// which listings do not show.
-fn is_staged(name: &str) -> bool {
-    name.rsplit_once('#').is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// Reads `range` of a local file without the page cache (O_DIRECT), into a buffer of
-/// its own that the result slices: no copy out of the page cache, and pack bytes do
-/// not crowd the cache of what a mount decrypted from them. The disk reads straight
-/// into memory. Filesystems without O_DIRECT (tmpfs) are read the ordinary way.
-fn read_range_direct(path: &std::path::Path, range: Range<u64>) -> std::io::Result<Bytes> {
-    use std::os::unix::fs::OpenOptionsExt;
-    const ALIGN: u64 = 4096;
-    let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return read_range_buffered(path, range),
-        r => r?,
-    };
-    let range = within(&file, range)?;
-    if range.is_empty() {
-        return Ok(Bytes::new());
-    }
-    let start = range.start & !(ALIGN - 1);
-    let end = range.end.div_ceil(ALIGN) * ALIGN;
-    // Zeroed memory fresh from the system (calloc), aligned within for the device.
-    let mut buf = vec![0u8; (end - start + ALIGN) as usize];
-    let skew = buf.as_ptr().align_offset(ALIGN as usize);
-    let got = match read_full_at(&file, &mut buf[skew..skew + (end - start) as usize], start) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return read_range_buffered(path, range),
-        r => r?,
-    };
-    let from = skew + (range.start - start) as usize;
-    let to = (skew + got).min(from + (range.end - range.start) as usize);
-    Ok(Bytes::from(buf).slice(from..to.max(from)))
-}
-
-fn read_range_buffered(path: &std::path::Path, range: Range<u64>) -> std::io::Result<Bytes> {
-    let file = std::fs::File::open(path)?;
-    let range = within(&file, range)?;
-    let mut buf = vec![0u8; (range.end - range.start) as usize];
-    let got = read_full_at(&file, &mut buf, range.start)?;
-    buf.truncate(got);
-    Ok(Bytes::from(buf))
-}
-
-/// The part of `range` the file has: memory is sized by what is there, never by
-/// what a (possibly damaged) reference asks for.
-fn within(file: &std::fs::File, range: Range<u64>) -> std::io::Result<Range<u64>> {
-    let len = file.metadata()?.len();
-    Ok(range.start.min(len)..range.end.min(len))
-}
-
-/// Fills `buf` from `offset`, short only at the end of the file; returns how much.
-fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    use std::os::unix::fs::FileExt;
-    let mut got = 0;
-    while got < buf.len() {
-        match file.read_at(&mut buf[got..], offset + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
-
-/// `list_after` for a flat directory on the local filesystem: object_store's local
-/// backend stats every entry of the directory (several times), which made finding a
-/// point cost a stat per point. This reads names only and stats just the results.
-async fn list_after_local(path: PathBuf, dir: &str, after: &str, limit: usize) -> Result<Vec<ObjectInfo>, StoreError> {
-    let dir = dir.to_string();
-    let after = after.to_string();
-    tokio::task::spawn_blocking(move || {
-        let io = |cause| StoreError::Io { op: "list", name: dir.clone(), cause };
-        let mut names: Vec<String> = match std::fs::read_dir(&path) {
-            Ok(it) => it
-                .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| !is_staged(n))
-                .map(|n| format!("{dir}/{n}"))
-                .filter(|n| n.as_str() > after.as_str())
-                .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io(e)),
-        };
-        names.sort();
-        names.truncate(limit);
-        let mut out = Vec::with_capacity(names.len());
-        for name in names {
-            let leaf = name.rsplit('/').next().unwrap_or_default();
-            match std::fs::metadata(path.join(leaf)) {
-                Ok(m) if m.is_file() => out.push(ObjectInfo { name, size: m.len() }),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // deleted meanwhile
-                Err(e) => return Err(io(e)),
-            }
-        }
-        Ok(out)
-    })
-    .await
-    .expect("listing task panicked")
-}
-
-async fn sync_dir(dir: PathBuf, name: &str) -> Result<(), StoreError> {
-    let owned = name.to_string();
-    tokio::task::spawn_blocking(move || {
-        std::fs::File::open(&dir).and_then(|f| f.sync_all()).map_err(|cause| StoreError::Io {
-            op: "fsync directory of",
-            name: owned,
-            cause,
-        })
-    })
-    .await
-    .expect("fsync task panicked")
 }
