@@ -16,8 +16,8 @@
 //!
 //! Store errors are retried with exponential backoff and jitter; nothing is lost
 //! meanwhile, because the source itself holds what is pending. The lag (now minus
-//! the newest durable state) is kept in the state file, the metrics and the log;
-//! past the RPO the alarm fires, and it clears once caught up.
+//! the newest durable state) is kept in the state file, the metrics and the log
+//! (`health`); past the RPO the alarm fires, and it clears once caught up.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -34,9 +34,10 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::appends::{self, Round, Tails, View};
+use crate::health::{Alarm, Backoff, Health, HEARTBEAT};
 use crate::metrics::Metrics;
 use crate::snapshot::{capture, Counters, SnapshotError, SnapshotOptions, TreeCache};
-use crate::state::{self, StreamState};
+use crate::state::StreamState;
 
 /// A commit waits for the tree to be quiet this long.
 const SETTLE: Duration = Duration::from_millis(500);
@@ -44,8 +45,6 @@ const SETTLE: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// ...doubling up to this.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// How often the state file, the metrics and the alarm are brought up to date.
-const HEARTBEAT: Duration = Duration::from_secs(1);
 /// On SIGINT/SIGTERM a commit under way may finish for this long.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 /// While files only grow, a point still follows this long after the first fragment.
@@ -251,25 +250,19 @@ pub async fn stream_dir(
     // may have gone unseen, so nothing after it counts as durable.
     let mut root_confirmed = Timestamp::now();
 
-    let started = Timestamp::now();
-    let mut state = StreamState {
-        source: opts.snapshot.source.clone(),
-        repository: opts.repository.clone(),
-        kind: "dir".into(),
-        path: path.to_string_lossy().into_owned(),
-        pid: std::process::id(),
-        rpo_secs: opts.rpo.as_secs(),
-        started,
-        updated: started,
-        durable_as_of: started,
-        newest_point: None,
-        last_error: None,
-        last_error_at: None,
-    };
+    let state = StreamState::starting(
+        opts.snapshot.source.clone(),
+        opts.repository.clone(),
+        "dir",
+        path.to_string_lossy().into_owned(),
+        opts.rpo,
+    );
+    let started = state.started;
+    let mut health = Health::new(state, opts.rpo, opts.state_file.clone(), metrics.clone());
     // Until the first walk is done, whatever changed since the newest point is pending.
     let since = match repo.point_at(&opts.snapshot.source, started).await {
         Ok(Some(p)) => {
-            state.newest_point = Some(p.time);
+            health.newest_point(p.time);
             p.time
         }
         _ => started,
@@ -300,9 +293,8 @@ pub async fn stream_dir(
     let mut appended_since: Option<Instant> = None;
     let mut next_fragment = Instant::now();
     let append_delay = opts.append_interval / 2;
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut retry_at: Option<Instant> = None;
-    let mut breached = false;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     tokio::pin!(shutdown);
     let mut stopping = false;
@@ -405,7 +397,7 @@ pub async fn stream_dir(
                 match result {
                     Ok(shipped) => {
                         if let Shipped::Point { time, bytes } = shipped {
-                            state.newest_point = Some(time);
+                            health.newest_point(time);
                             metrics.points.fetch_add(1, Ordering::Relaxed);
                             metrics.bytes_shipped.fetch_add(bytes, Ordering::Relaxed);
                         }
@@ -465,18 +457,16 @@ pub async fn stream_dir(
         match failure {
             Some(why) => {
                 metrics.errors.fetch_add(1, Ordering::Relaxed);
-                let wait = jitter(backoff);
+                let wait = backoff.failed(rand::random());
                 tracing::error!("{why}; retrying in {:.1} s", wait.as_secs_f64());
-                state.last_error = Some(why);
-                state.last_error_at = Some(Timestamp::now());
+                health.failed(why);
                 retry_at = Some(Instant::now() + wait);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             None if succeeded => {
-                if state.last_error.take().is_some() {
+                if health.recovered() {
                     tracing::info!("shipping works again");
                 }
-                backoff = BACKOFF_MIN;
+                backoff.reset();
                 retry_at = None;
             }
             None => {}
@@ -501,7 +491,7 @@ pub async fn stream_dir(
                     );
                     _watcher = Some(w);
                     path = now_root.path.clone();
-                    state.path = path.to_string_lossy().into_owned();
+                    health.set_path(path.to_string_lossy().into_owned());
                     root = now_root;
                     root_gone = None;
                     let mut c = changes.lock().expect("changes lock");
@@ -524,8 +514,7 @@ pub async fn stream_dir(
             }
         }
         if let Some(why) = &root_gone {
-            state.last_error = Some(why.clone());
-            state.last_error_at.get_or_insert_with(Timestamp::now);
+            health.failing(why.clone());
         }
 
         // Heartbeat: the lag, the alarm, the state file and the metrics.
@@ -547,29 +536,19 @@ pub async fn stream_dir(
         // a moment to arrive, so "just now" is `EVENT_SLACK` ago.
         let quiet = now.checked_sub(jiff::SignedDuration::try_from(EVENT_SLACK).expect("small")).unwrap_or(now);
         let quiet = quiet.min(root_confirmed);
-        state.durable_as_of = pending.map_or(quiet, |p| p.min(quiet));
-        state.updated = now;
-        let lag = state.lag(now);
-        let over = lag > opts.rpo;
-        if over && !breached {
-            tracing::error!(
+        health.durable_as_of(pending.map_or(quiet, |p| p.min(quiet)));
+        match health.beat(now) {
+            Some(Alarm::Raised { lag }) => tracing::error!(
                 "{} is {:.0} s behind, past its RPO of {} s{}",
                 opts.snapshot.source,
                 lag.as_secs_f64(),
                 opts.rpo.as_secs(),
-                state.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
-            );
-        } else if !over && breached {
-            tracing::info!("{} is within its RPO again ({:.1} s behind)", opts.snapshot.source, lag.as_secs_f64());
-        }
-        breached = over;
-        metrics.lag_ms.store(lag.as_millis() as u64, Ordering::Relaxed);
-        metrics.breached.store(over, Ordering::Relaxed);
-        metrics.durable_ms.store((state.durable_as_of.as_millisecond()).max(0) as u64, Ordering::Relaxed);
-        if let Some(f) = &opts.state_file {
-            if let Err(e) = state::write(f, &state) {
-                tracing::warn!("cannot write the state file {}: {e}", f.display());
+                health.state().last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+            ),
+            Some(Alarm::Cleared { lag }) => {
+                tracing::info!("{} is within its RPO again ({:.1} s behind)", opts.snapshot.source, lag.as_secs_f64())
             }
+            None => {}
         }
     }
     Ok(())
@@ -593,12 +572,6 @@ impl Root {
         }
         Ok(Root { path, device: m.dev(), inode: m.ino() })
     }
-}
-
-/// `d` scaled by a random factor in [0.5, 1.5), so that many streams that failed
-/// together do not retry together.
-fn jitter(d: Duration) -> Duration {
-    d.mul_f64(0.5 + rand::random::<f64>())
 }
 
 /// Starts watching `path`. Events in excluded paths, and reads, are ignored.
