@@ -331,13 +331,13 @@ mod tests {
         // Shipped: `b` needs a point from when it was written, `d` was being walked.
         let mut c = Changes::default();
         c.written.insert(d.clone(), at(t0, 500));
-        c.appends_ended(carried(), &[b.clone()], &[d.clone()], false);
+        c.appends_ended(carried(), std::slice::from_ref(&b), std::slice::from_ref(&d), false);
         assert_eq!(c.first, Some(at(t0, 20)));
         assert_eq!(c.take_written(), vec![(d.clone(), at(t0, 30))], "the earlier write counts");
 
         // Failed: everything but what needs a point is written again.
         let mut c = Changes::default();
-        c.appends_ended(carried(), &[b.clone()], &[], true);
+        c.appends_ended(carried(), std::slice::from_ref(&b), &[], true);
         let mut again = c.take_written();
         again.sort();
         assert_eq!(again, vec![(a, at(t0, 10)), (d, at(t0, 30))]);
