@@ -5,6 +5,7 @@ mod appends;
 mod exclude;
 #[doc(hidden)]
 pub mod fuzzing;
+mod health;
 mod metadata;
 pub mod metrics;
 pub mod pg;

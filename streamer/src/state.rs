@@ -35,6 +35,25 @@ pub struct StreamState {
 }
 
 impl StreamState {
+    /// The state of a stream of this process that starts now: nothing is pending yet.
+    pub fn starting(source: String, repository: String, kind: &str, path: String, rpo: Duration) -> StreamState {
+        let now = Timestamp::now();
+        StreamState {
+            source,
+            repository,
+            kind: kind.into(),
+            path,
+            pid: std::process::id(),
+            rpo_secs: rpo.as_secs(),
+            started: now,
+            updated: now,
+            durable_as_of: now,
+            newest_point: None,
+            last_error: None,
+            last_error_at: None,
+        }
+    }
+
     /// Now minus the newest durable state. A stream that stopped writing its file
     /// vouches for nothing after its last heartbeat.
     pub fn lag(&self, now: Timestamp) -> Duration {

@@ -23,16 +23,15 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::wire::{CopyData, CopyEvent, PgError, ReplConn};
+use crate::health::{Backoff, Health, HEARTBEAT};
 use crate::metrics::Metrics;
-use crate::state::{self, StreamState};
+use crate::state::StreamState;
 
 /// Pieces uploading at once; past this, reading from the server waits.
 const MAX_INFLIGHT: usize = 8;
 /// Retries after a failure wait from this long, doubling up to `BACKOFF_MAX`.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// How often the server is asked where its WAL ends, and the state file rewritten.
-const HEARTBEAT: Duration = Duration::from_secs(1);
 /// On SIGINT/SIGTERM, uploads under way may finish for this long.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 /// The largest piece, for clusters with segments larger than this.
@@ -133,14 +132,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// What the stream knows, shared with the heartbeat.
-struct Progress {
-    started: Timestamp,
-    /// Everything the server had at this time is durable.
-    durable_as_of: Timestamp,
-    last_error: Option<(String, Timestamp)>,
-}
-
 /// Streams until `shutdown` completes or a fatal error.
 pub async fn stream_pg(
     repo: Repository,
@@ -149,7 +140,11 @@ pub async fn stream_pg(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Fatal> {
     tokio::pin!(shutdown);
-    let mut progress = Progress { started: Timestamp::now(), durable_as_of: Timestamp::now(), last_error: None };
+    let state =
+        StreamState::starting(opts.source.clone(), opts.repository.clone(), "pg", opts.dsn_display.clone(), opts.rpo);
+    // Durable as of a time: all the WAL the server had then is stored. The RPO
+    // alarm shows in the metrics and in `ebb status`; this stream does not log it.
+    let mut health = Health::new(state, opts.rpo, opts.state_file.clone(), metrics.clone());
     // The newest base backup, for `ebb status`: the stream's own are noted as they
     // are made, others (`ebb pg base-backup`) by looking now and then.
     let newest = {
@@ -166,37 +161,36 @@ pub async fn stream_pg(
         })
     };
     let _stop_looking = AbortOnDrop(newest);
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut connected_once = false;
     // Where to resume after WAL the server removed: past a gap.
     let mut skip_to = None;
     loop {
-        let r = session(&repo, &opts, &metrics, &mut progress, &mut shutdown, &mut connected_once, &mut skip_to).await;
+        let r = session(&repo, &opts, &metrics, &mut health, &mut shutdown, &mut connected_once, &mut skip_to).await;
         match r {
             Ok(Ended::Stopped) => {
-                write_state(&opts, &progress, &metrics);
+                health.beat(Timestamp::now());
                 return Ok(());
             }
             Ok(Ended::TimelineEnded) => {
-                backoff = BACKOFF_MIN;
+                backoff.reset();
                 continue;
             }
             Err(SessionError::Fatal(f)) => {
-                progress.last_error = Some((f.to_string(), Timestamp::now()));
-                write_state(&opts, &progress, &metrics);
+                health.failed(f.to_string());
+                health.beat(Timestamp::now());
                 return Err(f);
             }
             Err(SessionError::Retry(msg) | SessionError::WalRemoved(msg)) => {
-                tracing::warn!("stream of {}: {msg}; retrying in {backoff:?}", opts.source);
+                tracing::warn!("stream of {}: {msg}; retrying in {:?}", opts.source, backoff.delay());
                 metrics.errors.fetch_add(1, Ordering::Relaxed);
-                progress.last_error = Some((msg, Timestamp::now()));
+                health.failed(msg);
             }
         }
-        let wait = backoff.mul_f64(0.5 + rand::random::<f64>());
-        let until = Instant::now() + wait;
+        let until = Instant::now() + backoff.failed(rand::random());
         // Keep the state file fresh while waiting: the lag keeps growing.
         loop {
-            write_state(&opts, &progress, &metrics);
+            health.beat(Timestamp::now());
             tokio::select! {
                 _ = &mut shutdown => return Ok(()),
                 _ = tokio::time::sleep_until(until.min(Instant::now() + HEARTBEAT)) => {}
@@ -205,33 +199,6 @@ pub async fn stream_pg(
                 break;
             }
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
-}
-
-fn write_state(opts: &PgStreamOptions, p: &Progress, metrics: &Metrics) {
-    let now = Timestamp::now();
-    let lag = Duration::try_from(now.duration_since(p.durable_as_of)).unwrap_or_default();
-    metrics.lag_ms.store(lag.as_millis() as u64, Ordering::Relaxed);
-    metrics.breached.store(lag > opts.rpo, Ordering::Relaxed);
-    metrics.durable_ms.store(p.durable_as_of.as_millisecond().max(0) as u64, Ordering::Relaxed);
-    let Some(file) = &opts.state_file else { return };
-    let s = StreamState {
-        source: opts.source.clone(),
-        repository: opts.repository.clone(),
-        kind: "pg".into(),
-        path: opts.dsn_display.clone(),
-        pid: std::process::id(),
-        rpo_secs: opts.rpo.as_secs(),
-        started: p.started,
-        updated: now,
-        durable_as_of: p.durable_as_of,
-        newest_point: metrics.newest_point_time(),
-        last_error: p.last_error.as_ref().map(|e| e.0.clone()),
-        last_error_at: p.last_error.as_ref().map(|e| e.1),
-    };
-    if let Err(e) = state::write(file, &s) {
-        tracing::warn!("cannot write {}: {e}", file.display());
     }
 }
 
@@ -240,7 +207,7 @@ async fn session(
     repo: &Repository,
     opts: &PgStreamOptions,
     metrics: &Arc<Metrics>,
-    progress: &mut Progress,
+    health: &mut Health,
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     connected_once: &mut bool,
     skip_to: &mut Option<Lsn>,
@@ -307,7 +274,7 @@ async fn session(
     let streamed = match conn.start_replication(&opts.slot, start, tli).await {
         Ok(()) => {
             tracing::info!("streaming WAL of {} from {start} on timeline {tli}", opts.source);
-            Receiver::new(repo, opts, metrics, system, tli, start).run(&mut conn, progress, shutdown).await
+            Receiver::new(repo, opts, metrics, system, tli, start).run(&mut conn, health, shutdown).await
         }
         Err(e) => Err(e.into()),
     };
@@ -319,7 +286,7 @@ async fn session(
                 let gap =
                     format!("WAL from {start} to {r} on timeline {tli} was removed before ebb received it: a gap");
                 tracing::error!("{gap}");
-                progress.last_error = Some((gap, Timestamp::now()));
+                health.failed(gap);
                 *skip_to = Some(r);
             }
             Err(SessionError::Retry(msg))
@@ -386,9 +353,10 @@ impl<'a> Receiver<'a> {
     async fn run(
         mut self,
         conn: &mut ReplConn,
-        progress: &mut Progress,
+        health: &mut Health,
         shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Result<Ended, SessionError> {
+        // Each heartbeat asks the server where its WAL ends, and rewrites the state file.
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let wait = self.opts.flush_interval / 2;
@@ -401,20 +369,20 @@ impl<'a> Receiver<'a> {
                     self.cut();
                     let _ = tokio::time::timeout(STOP_GRACE, self.drain(conn)).await;
                     let _ = conn.send_status(self.received, self.durable, false).await;
-                    self.update(progress);
+                    self.update(health);
                     return Ok(Ended::Stopped);
                 }
                 Some(done) = self.uploads.join_next(), if !self.uploads.is_empty() => {
                     let start = done.map_err(|e| SessionError::Retry(format!("upload task failed: {e}")))??;
                     self.finished(start);
                     conn.send_status(self.received, self.durable, false).await?;
-                    self.update(progress);
+                    self.update(health);
                 }
                 _ = tokio::time::sleep_until(cut_at.unwrap_or_else(Instant::now)), if cut_at.is_some() => self.cut(),
                 _ = heartbeat.tick() => {
                     conn.send_status(self.received, self.durable, true).await?;
-                    self.update(progress);
-                    write_state(self.opts, progress, self.metrics);
+                    self.update(health);
+                    health.beat(Timestamp::now());
                 }
                 ev = conn.copy_recv(), if can_read => match ev? {
                     CopyEvent::Data(msg) => {
@@ -429,7 +397,7 @@ impl<'a> Receiver<'a> {
                         conn.copy_done().await?;
                         let next = conn.copy_finish().await?;
                         tracing::info!("timeline {} ended; next: {next:?}", self.tli);
-                        self.update(progress);
+                        self.update(health);
                         return Ok(Ended::TimelineEnded);
                     }
                 },
@@ -519,20 +487,21 @@ impl<'a> Receiver<'a> {
     }
 
     /// Brings the durable time up to date.
-    fn update(&mut self, progress: &mut Progress) {
+    fn update(&mut self, health: &mut Health) {
         let oldest = self.inflight.values().map(|v| v.1).chain(self.pending.as_ref().map(|p| p.first_time)).min();
-        progress.durable_as_of = match oldest {
+        let durable_as_of = match oldest {
             Some(t) => t,
             // All the server had when it last spoke is durable: shipping works, and
             // whatever failed before is over (`ebb status` says ok again).
             None if self.durable >= self.server_end => {
                 self.caught_up_at = self.heard_at.max(self.caught_up_at);
-                if progress.last_error.take().is_some() {
+                if health.recovered() {
                     tracing::info!("streaming works again");
                 }
                 self.caught_up_at
             }
             None => self.caught_up_at,
         };
+        health.durable_as_of(durable_as_of);
     }
 }
