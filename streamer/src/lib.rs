@@ -1,5 +1,8 @@
-//! Sources that produce recovery points. Today: snapshots of a directory tree
-//! (`ebb backup`); continuous shipping and PostgreSQL come next.
+//! Sources that produce recovery points: snapshots of a directory tree (`ebb
+//! backup`), a directory streamed as points and appended logs as fragments (`ebb
+//! stream dir`), and PostgreSQL (WAL streamed like a replica, base backups,
+//! archive-push/get, restores to an exact time). It reads hosts and talks to
+//! PostgreSQL; what it stores, and how, is catalog's.
 
 mod appends;
 mod exclude;
