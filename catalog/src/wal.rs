@@ -1,111 +1,45 @@
-//! PostgreSQL WAL in the repository, by timeline and LSN (FORMAT.md §9b):
+//! PostgreSQL WAL in the repository, as opaque bytes by timeline (a `u32`) and
+//! position range (`u64`s) (FORMAT.md §9b). What the bytes and names mean to
+//! PostgreSQL is `streamer::pg`'s business. Object-name grammar, with `<TLI>` = 8
+//! lowercase hex digits and positions 16:
 //!
 //! - `wal/<source>/system`: the cluster's system identifier and WAL segment size,
 //!   written by the first writer; every later writer must match it.
-//! - `wal/<source>/<TLI 8 hex>/<start 16 hex>-<end 16 hex>`: the WAL bytes of
-//!   `[start, end)` on that timeline, with when its first byte was received and when
-//!   it was sent to the store. Pieces never
-//!   cross a segment boundary, so one segment's pieces are one narrow listing.
-//! - `wal/<source>/history/<TLI 8 hex>`: a timeline history file.
-//! - `wal/<source>/files/<name>`: other files PostgreSQL archives (`.backup`,
-//!   `.partial`), kept as they are.
+//! - `wal/<source>/<TLI>/<start>-<end>`: the WAL bytes of `[start, end)` on that
+//!   timeline, with when its first byte was received and when it was sent to the
+//!   store. Pieces never cross a segment boundary, so one segment's pieces are one
+//!   narrow listing.
+//! - `wal/<source>/history/<TLI>`: the history of timeline `TLI`, as archived.
+//! - `wal/<source>/files/<name>`: another archived file, kept under its own name.
 //!
-//! The same timeline and LSN always hold the same bytes, so a piece stored twice
-//! (a restart after a crash) is stored once; different bytes under one name are an
-//! error, never an overwrite.
-
-use std::fmt;
-use std::str::FromStr;
+//! The same timeline and position always hold the same bytes, so a piece stored
+//! twice (a restart after a crash) is stored once; different bytes under one name
+//! are an error, never an overwrite.
 
 use bytes::Bytes;
 use jiff::Timestamp;
 
 use crate::codec::{DecodeError, Decoder, Encoder};
 use crate::error::RepoError;
-use crate::object::{open_object, seal_object, seal_object_with};
+use crate::object::{open_object, seal_object, seal_object_with, ObjectError};
 use crate::repo::Repository;
+use crate::store::StoreError;
 use crate::time::unix_nanos;
 
-pub const WAL_DIR: &str = "wal";
+const WAL_DIR: &str = "wal";
 const VERSION: u8 = 1;
 const LIST_PAGE: usize = 1000;
 /// PostgreSQL allows segments of 1 MiB to 1 GiB.
 const MAX_SEGMENT: u64 = 1 << 30;
 
-/// A WAL position.
+/// A WAL position: a byte offset in the cluster's WAL, as a number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);
 
-impl fmt::Display for Lsn {
-    /// As PostgreSQL writes it: `16/B374D848`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
-    }
-}
-
-impl FromStr for Lsn {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Lsn, String> {
-        let bad = || format!("invalid LSN {s:?} (expected the form 16/B374D848)");
-        let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
-        let hi = u32::from_str_radix(hi, 16).map_err(|_| bad())?;
-        let lo = u32::from_str_radix(lo, 16).map_err(|_| bad())?;
-        Ok(Lsn((u64::from(hi) << 32) | u64::from(lo)))
-    }
-}
-
-/// A file name PostgreSQL archives or asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WalFile {
-    /// `000000010000000A000000FF`: a whole segment.
-    Segment { tli: u32, segno: u64 },
-    /// `00000002.history`.
-    History { tli: u32 },
-    /// `….partial`, `….backup`: stored and served as they are.
-    Other,
-}
-
-fn hex_u32(s: &str) -> Option<u32> {
-    (s.len() == 8 && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| u32::from_str_radix(s, 16).ok()).flatten()
-}
-
-impl WalFile {
-    /// What `name` is, for segments of `segment_size` bytes; `None` for a name
-    /// PostgreSQL never archives.
-    pub fn parse(name: &str, segment_size: u64) -> Option<WalFile> {
-        if !valid_segment_size(segment_size) || !name.is_ascii() {
-            return None;
-        }
-        let per_id = 0x1_0000_0000 / segment_size;
-        if name.len() == 24 {
-            let (tli, log, seg) = (hex_u32(&name[..8])?, hex_u32(&name[8..16])?, hex_u32(&name[16..])?);
-            if u64::from(seg) >= per_id {
-                return None;
-            }
-            return Some(WalFile::Segment { tli, segno: u64::from(log) * per_id + u64::from(seg) });
-        }
-        if let Some(tli) = name.strip_suffix(".history").and_then(hex_u32) {
-            return Some(WalFile::History { tli });
-        }
-        let stem = name.split('.').next()?;
-        let ok = name.len() <= 64
-            && stem.len() == 24
-            && stem.bytes().all(|b| b.is_ascii_hexdigit())
-            && (name.ends_with(".partial") || name.ends_with(".backup"));
-        ok.then_some(WalFile::Other)
-    }
-}
-
-/// Whether PostgreSQL can have segments of this size: a power of two from 1 MiB
-/// to 1 GiB.
+/// Whether the system object may hold this segment size: a power of two from 1 MiB
+/// to 1 GiB, the sizes PostgreSQL allows. Positions are cut into segments of it.
 pub fn valid_segment_size(size: u64) -> bool {
     size.is_power_of_two() && (1 << 20..=MAX_SEGMENT).contains(&size)
-}
-
-/// The file name of segment `segno` on timeline `tli`.
-pub fn segment_file_name(tli: u32, segno: u64, segment_size: u64) -> String {
-    let per_id = 0x1_0000_0000 / segment_size;
-    format!("{tli:08X}{:08X}{:08X}", segno / per_id, segno % per_id)
 }
 
 /// One stored piece of WAL, known from its name.
@@ -116,8 +50,34 @@ pub struct WalPiece {
     pub end: Lsn,
 }
 
+/// The directory of timeline `tli`'s pieces.
 fn tli_dir(source: &str, tli: u32) -> String {
     format!("{WAL_DIR}/{source}/{tli:08x}")
+}
+
+/// The name of the system object of `source`.
+fn system_name(source: &str) -> String {
+    format!("{WAL_DIR}/{source}/system")
+}
+
+/// The directory of the history objects of `source`.
+fn history_dir(source: &str) -> String {
+    format!("{WAL_DIR}/{source}/history")
+}
+
+/// The name of the history object of timeline `tli`.
+fn history_name(source: &str, tli: u32) -> String {
+    format!("{}/{tli:08x}", history_dir(source))
+}
+
+/// The timeline a name in `history_dir` is the history of.
+fn parse_history_name(name: &str) -> Option<u32> {
+    name.rsplit('/').next().and_then(|n| u32::from_str_radix(n, 16).ok())
+}
+
+/// The name of the object holding the archived file `name`.
+fn other_file_name(source: &str, name: &str) -> String {
+    format!("{WAL_DIR}/{source}/files/{name}")
 }
 
 impl WalPiece {
@@ -176,43 +136,6 @@ impl WalSystem {
     }
 }
 
-/// The timelines a timeline descends from: `(tli, begin, end)`, oldest first, the
-/// last one `tli` itself with no end.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TimelinePath(pub Vec<(u32, Lsn, Option<Lsn>)>);
-
-impl TimelinePath {
-    /// From the content of `<tli>.history` (lines `parent<TAB>switchpoint<TAB>reason`);
-    /// timeline 1 has no history file.
-    pub fn parse(tli: u32, history: Option<&str>) -> Result<TimelinePath, String> {
-        let mut out = Vec::new();
-        let mut begin = Lsn(0);
-        for line in history.unwrap_or_default().lines() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let mut f = line.split_whitespace();
-            let parent: u32 = f.next().and_then(|s| s.parse().ok()).ok_or(format!("bad history line {line:?}"))?;
-            let switch: Lsn = f.next().ok_or(format!("bad history line {line:?}"))?.parse()?;
-            out.push((parent, begin, Some(switch)));
-            begin = switch;
-        }
-        out.push((tli, begin, None));
-        Ok(TimelinePath(out))
-    }
-
-    /// The timeline whose WAL is at `lsn` when following this path.
-    pub fn tli_at(&self, lsn: Lsn) -> u32 {
-        self.0.iter().find(|(_, b, e)| *b <= lsn && e.is_none_or(|e| lsn < e)).map_or(0, |(t, _, _)| *t)
-    }
-
-    /// Where on the path a later timeline branches off, if after `lsn`.
-    pub fn end_of(&self, tli: u32) -> Option<Lsn> {
-        self.0.iter().find(|(t, _, _)| *t == tli).and_then(|(_, _, e)| *e)
-    }
-}
-
 /// When a piece's first byte reached ebb, and when the piece was sent to the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PieceTimes {
@@ -224,13 +147,6 @@ pub struct PieceTimes {
 /// was received and when it was stored.
 pub const PIECE_HEADER: usize = 17;
 
-thread_local! {
-    /// Each thread's WAL compressor, kept from piece to piece: a context made per
-    /// piece costs its allocation and set-up every time.
-    static WAL_COMPRESSOR: std::cell::RefCell<zstd::bulk::Compressor<'static>> =
-        std::cell::RefCell::new(crate::crypto::wal_compressor());
-}
-
 fn write_piece_header(plain: &mut [u8], times: PieceTimes) {
     plain[0] = VERSION;
     plain[1..9].copy_from_slice(&unix_nanos(times.received).unwrap_or(0).to_le_bytes());
@@ -238,8 +154,7 @@ fn write_piece_header(plain: &mut [u8], times: PieceTimes) {
 }
 
 pub(crate) fn decode_piece(name: &str, plain: Vec<u8>, len: u64) -> Result<(PieceTimes, Bytes), RepoError> {
-    let bad =
-        |p: &str| crate::object::ObjectError::Decode { name: name.into(), cause: DecodeError::new("WAL piece", p) };
+    let bad = |p: &str| ObjectError::Decode { name: name.into(), cause: DecodeError::new("WAL piece", p) };
     if plain.len() < PIECE_HEADER || plain[0] != VERSION {
         return Err(bad("bad header").into());
     }
@@ -255,87 +170,22 @@ pub(crate) fn decode_piece(name: &str, plain: Vec<u8>, len: u64) -> Result<(Piec
     Ok((times, wal))
 }
 
+/// Which timeline holds the WAL of each range of positions, in order: `(tli, begin,
+/// end)`, the last one with no end. Reads along it take each range from its
+/// timeline; `streamer::pg::history` makes one from a timeline's history file.
+pub type TimelineSpans = [(u32, Lsn, Option<Lsn>)];
+
 impl Repository {
     /// The cluster of `source`'s WAL, if any was stored.
     pub async fn wal_system(&self, source: &str) -> Result<Option<WalSystem>, RepoError> {
-        let name = format!("{WAL_DIR}/{source}/system");
+        let name = system_name(source);
         match self.store().get(&name).await {
             Ok(b) => {
                 let plain = open_object(self.keys(), &name, &b)?;
-                let s = WalSystem::decode(&plain)
-                    .map_err(|cause| crate::object::ObjectError::Decode { name: name.clone(), cause })?;
+                let s = WalSystem::decode(&plain).map_err(|cause| ObjectError::Decode { name: name.clone(), cause })?;
                 Ok(Some(s))
             }
             Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Records the cluster of `source`'s WAL, or checks that it is the one recorded.
-    pub async fn claim_wal_system(&self, source: &str, system: WalSystem) -> Result<(), RepoError> {
-        let name = format!("{WAL_DIR}/{source}/system");
-        if self.wal_system(source).await?.is_none() {
-            let sealed = seal_object(self.keys(), &name, &system.encode());
-            match self.store().put_new(&name, sealed.into()).await {
-                Ok(()) => return Ok(()),
-                Err(crate::StoreError::AlreadyExists { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        match self.wal_system(source).await? {
-            Some(s) if s == system => Ok(()),
-            Some(s) => Err(RepoError::OtherCluster {
-                source_name: source.to_string(),
-                stored: (s.system_id, s.segment_size),
-                given: (system.system_id, system.segment_size),
-            }),
-            None => Err(crate::StoreError::NotFound { name }.into()),
-        }
-    }
-
-    /// Stores `wal` as the piece `piece` of `source`, whose first byte was received
-    /// at `received`. A piece already stored with the same bytes is success; with
-    /// other bytes, an error.
-    pub async fn put_wal(
-        &self,
-        source: &str,
-        piece: &WalPiece,
-        received: Timestamp,
-        wal: &[u8],
-    ) -> Result<(), RepoError> {
-        let mut plain = Vec::with_capacity(PIECE_HEADER + wal.len());
-        plain.resize(PIECE_HEADER, 0);
-        plain.extend_from_slice(wal);
-        self.put_wal_buf(source, piece, received, &mut plain).await
-    }
-
-    /// `put_wal` for WAL already in a buffer after `PIECE_HEADER` bytes of room, where
-    /// the header is written: no copy of the WAL, and the buffer can be used again.
-    pub async fn put_wal_buf(
-        &self,
-        source: &str,
-        piece: &WalPiece,
-        received: Timestamp,
-        plain: &mut [u8],
-    ) -> Result<(), RepoError> {
-        assert_eq!(piece.len(), (plain.len() - PIECE_HEADER) as u64, "a piece's name gives its length");
-        let name = piece.name(source);
-        write_piece_header(plain, PieceTimes { received, stored: Timestamp::now() });
-        let sealed = WAL_COMPRESSOR.with_borrow_mut(|c| seal_object_with(self.keys(), &name, plain, c));
-        match self.store().put_new(&name, sealed.into()).await {
-            Ok(()) => Ok(()),
-            Err(crate::StoreError::AlreadyExists { .. }) => {
-                let (_, stored) = self.read_wal(source, piece).await?;
-                if stored.as_ref() == &plain[PIECE_HEADER..] {
-                    Ok(())
-                } else {
-                    Err(RepoError::WalConflict {
-                        name,
-                        source_name: source.to_string(),
-                        what: format!("WAL of timeline {} at {}..{}", piece.tli, piece.start, piece.end),
-                    })
-                }
-            }
             Err(e) => Err(e.into()),
         }
     }
@@ -408,20 +258,20 @@ impl Repository {
         Ok(pieces.iter().map(|p| p.end).max())
     }
 
-    /// Which pieces hold the contiguous WAL of `path` from `from` up to at most `to`,
-    /// and which range of each: from listings alone. Shorter when a piece is
+    /// Which pieces hold the contiguous WAL along `path` from `from` up to at most
+    /// `to`, and which range of each: from listings alone. Shorter when a piece is
     /// missing. Each range comes from the timeline the path has there.
     async fn wal_plan(
         &self,
         source: &str,
         system: &WalSystem,
-        path: &TimelinePath,
+        path: &TimelineSpans,
         from: Lsn,
         to: Lsn,
     ) -> Result<Vec<(WalPiece, Lsn, Lsn)>, RepoError> {
         let mut plan = Vec::new();
         let mut at = from;
-        for &(tli, begin, end) in &path.0 {
+        for &(tli, begin, end) in path {
             let (lo, hi) = (at.max(begin), end.map_or(to, |e| e.min(to)));
             if lo >= hi || lo != at {
                 continue;
@@ -446,13 +296,13 @@ impl Repository {
         Ok(plan)
     }
 
-    /// The contiguous WAL of `path` from `from` up to at most `to`: shorter when a
-    /// piece is missing.
+    /// The contiguous WAL along `path` from `from` up to at most `to`: shorter when
+    /// a piece is missing.
     pub async fn wal_bytes(
         &self,
         source: &str,
         system: &WalSystem,
-        path: &TimelinePath,
+        path: &TimelineSpans,
         from: Lsn,
         to: Lsn,
     ) -> Result<Vec<u8>, RepoError> {
@@ -464,68 +314,145 @@ impl Repository {
         Ok(out)
     }
 
-    /// How far the contiguous WAL of `path` reaches from `from` (up to `to`), from
-    /// listings alone: nothing is read.
+    /// How far the contiguous WAL along `path` reaches from `from` (up to `to`),
+    /// from listings alone: nothing is read.
     pub async fn wal_covered(
         &self,
         source: &str,
         system: &WalSystem,
-        path: &TimelinePath,
+        path: &TimelineSpans,
         from: Lsn,
         to: Lsn,
     ) -> Result<Lsn, RepoError> {
         Ok(self.wal_plan(source, system, path, from, to).await?.last().map_or(from, |(_, _, hi)| *hi))
     }
 
-    /// A timeline history file of `source`, if stored.
+    /// The timelines of `source` that have a history stored, in no order.
+    pub async fn wal_history_timelines(&self, source: &str) -> Result<Vec<u32>, RepoError> {
+        let listed = self.store().list(&history_dir(source)).await?;
+        Ok(listed.iter().filter_map(|o| parse_history_name(&o.name)).collect())
+    }
+
+    /// The history of timeline `tli` of `source`, as archived, if stored.
     pub async fn wal_history(&self, source: &str, tli: u32) -> Result<Option<Vec<u8>>, RepoError> {
-        self.wal_file(source, &format!("{tli:08X}.history")).await
+        self.get_wal_object(&history_name(source, tli)).await
     }
 
-    /// The path that leads to timeline `tli`, from its history file.
-    pub async fn timeline_path(&self, source: &str, tli: u32) -> Result<TimelinePath, RepoError> {
-        let history = if tli == 1 { None } else { self.wal_history(source, tli).await? };
-        let text = history.map(|h| String::from_utf8_lossy(&h).into_owned());
-        if tli != 1 && text.is_none() {
-            return Err(RepoError::NoHistory { source_name: source.to_string(), tli });
-        }
-        TimelinePath::parse(tli, text.as_deref()).map_err(|problem| RepoError::BadHistory {
-            source_name: source.to_string(),
-            tli,
-            problem,
-        })
+    /// Another file archived for `source` under `name`, as it was, if stored.
+    pub async fn wal_other_file(&self, source: &str, name: &str) -> Result<Option<Vec<u8>>, RepoError> {
+        self.get_wal_object(&other_file_name(source, name)).await
     }
 
-    fn wal_file_name(source: &str, name: &str) -> String {
-        match name.strip_suffix(".history") {
-            Some(tli) => format!("{WAL_DIR}/{source}/history/{}", tli.to_ascii_lowercase()),
-            None => format!("{WAL_DIR}/{source}/files/{name}"),
-        }
-    }
-
-    /// A history, `.backup` or `.partial` file of `source`, as archived.
-    pub async fn wal_file(&self, source: &str, name: &str) -> Result<Option<Vec<u8>>, RepoError> {
-        let object = Self::wal_file_name(source, name);
-        match self.store().get(&object).await {
-            Ok(b) => Ok(Some(open_object(self.keys(), &object, &b)?)),
+    /// The plaintext of a history or other file's object, if stored.
+    async fn get_wal_object(&self, object: &str) -> Result<Option<Vec<u8>>, RepoError> {
+        match self.store().get(object).await {
+            Ok(b) => Ok(Some(open_object(self.keys(), object, &b)?)),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
+}
 
-    /// Stores a history, `.backup` or `.partial` file. The same content again is
-    /// success; other content under the same name is an error.
-    pub async fn put_wal_file(&self, source: &str, name: &str, data: &[u8]) -> Result<(), RepoError> {
-        let object = Self::wal_file_name(source, name);
-        let sealed = seal_object(self.keys(), &object, data);
-        match self.store().put_new(&object, sealed.into()).await {
+thread_local! {
+    /// Each thread's WAL compressor, kept from piece to piece: a context made per
+    /// piece costs its allocation and set-up every time.
+    static WAL_COMPRESSOR: std::cell::RefCell<zstd::bulk::Compressor<'static>> =
+        std::cell::RefCell::new(crate::crypto::wal_compressor());
+}
+
+impl Repository {
+    /// Records the cluster of `source`'s WAL, or checks that it is the one recorded.
+    pub async fn claim_wal_system(&self, source: &str, system: WalSystem) -> Result<(), RepoError> {
+        let name = system_name(source);
+        if self.wal_system(source).await?.is_none() {
+            let sealed = seal_object(self.keys(), &name, &system.encode());
+            match self.store().put_new(&name, sealed.into()).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match self.wal_system(source).await? {
+            Some(s) if s == system => Ok(()),
+            Some(s) => Err(RepoError::OtherCluster {
+                source_name: source.to_string(),
+                stored: (s.system_id, s.segment_size),
+                given: (system.system_id, system.segment_size),
+            }),
+            None => Err(StoreError::NotFound { name }.into()),
+        }
+    }
+
+    /// Stores `wal` as the piece `piece` of `source`, whose first byte was received
+    /// at `received`. A piece already stored with the same bytes is success; with
+    /// other bytes, an error.
+    pub async fn put_wal(
+        &self,
+        source: &str,
+        piece: &WalPiece,
+        received: Timestamp,
+        wal: &[u8],
+    ) -> Result<(), RepoError> {
+        let mut plain = Vec::with_capacity(PIECE_HEADER + wal.len());
+        plain.resize(PIECE_HEADER, 0);
+        plain.extend_from_slice(wal);
+        self.put_wal_buf(source, piece, received, &mut plain).await
+    }
+
+    /// `put_wal` for WAL already in a buffer after `PIECE_HEADER` bytes of room, where
+    /// the header is written: no copy of the WAL, and the buffer can be used again.
+    pub async fn put_wal_buf(
+        &self,
+        source: &str,
+        piece: &WalPiece,
+        received: Timestamp,
+        plain: &mut [u8],
+    ) -> Result<(), RepoError> {
+        assert_eq!(piece.len(), (plain.len() - PIECE_HEADER) as u64, "a piece's name gives its length");
+        let name = piece.name(source);
+        write_piece_header(plain, PieceTimes { received, stored: Timestamp::now() });
+        let sealed = WAL_COMPRESSOR.with_borrow_mut(|c| seal_object_with(self.keys(), &name, plain, c));
+        match self.store().put_new(&name, sealed.into()).await {
             Ok(()) => Ok(()),
-            Err(crate::StoreError::AlreadyExists { .. }) => match self.wal_file(source, name).await? {
+            Err(StoreError::AlreadyExists { .. }) => {
+                let (_, stored) = self.read_wal(source, piece).await?;
+                if stored.as_ref() == &plain[PIECE_HEADER..] {
+                    Ok(())
+                } else {
+                    Err(RepoError::WalConflict {
+                        name,
+                        source_name: source.to_string(),
+                        what: format!("WAL of timeline {} at {:#x}..{:#x}", piece.tli, piece.start.0, piece.end.0),
+                    })
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stores the history of timeline `tli` of `source`. The same content again is
+    /// success; other content is an error.
+    pub async fn put_wal_history(&self, source: &str, tli: u32, data: &[u8]) -> Result<(), RepoError> {
+        self.put_wal_object(source, &history_name(source, tli), &format!("history of timeline {tli}"), data).await
+    }
+
+    /// Stores another file archived for `source` under `name`, as it is. The same
+    /// content again is success; other content under the same name is an error.
+    pub async fn put_wal_other_file(&self, source: &str, name: &str, data: &[u8]) -> Result<(), RepoError> {
+        self.put_wal_object(source, &other_file_name(source, name), name, data).await
+    }
+
+    /// Puts `data` as `object` unless it exists; then what it holds must be `data`.
+    async fn put_wal_object(&self, source: &str, object: &str, what: &str, data: &[u8]) -> Result<(), RepoError> {
+        let sealed = seal_object(self.keys(), object, data);
+        match self.store().put_new(object, sealed.into()).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::AlreadyExists { .. }) => match self.get_wal_object(object).await? {
                 Some(stored) if stored == data => Ok(()),
                 _ => Err(RepoError::WalConflict {
-                    name: object,
+                    name: object.to_string(),
                     source_name: source.to_string(),
-                    what: name.to_string(),
+                    what: what.to_string(),
                 }),
             },
             Err(e) => Err(e.into()),
@@ -561,37 +488,18 @@ mod tests {
         assert_eq!(hex::encode(system.encode()), "0101005aac52cf4e650000000100000000");
         assert_eq!(WalSystem::decode(&system.encode()).unwrap(), system);
         assert!(WalSystem::decode(&WalSystem { segment_size: 3 << 20, ..system }.encode()).is_err());
+    }
 
-        assert_eq!(segment_file_name(1, 0x1_03, 16 << 20), "000000010000000100000003");
+    #[test]
+    fn object_names_round_trip() {
+        assert_eq!(system_name("db"), "wal/db/system");
+        assert_eq!(history_name("db", 10), "wal/db/history/0000000a");
+        assert_eq!(parse_history_name(&history_name("db", 10)), Some(10));
+        assert_eq!(parse_history_name("wal/db/history/zz"), None);
         assert_eq!(
-            WalFile::parse("000000010000000100000003", 16 << 20),
-            Some(WalFile::Segment { tli: 1, segno: 0x103 })
+            other_file_name("db", "000000010000000100000003.00000028.backup"),
+            "wal/db/files/000000010000000100000003.00000028.backup"
         );
-        assert_eq!(WalFile::parse("00000001000000010000FF03", 16 << 20), None, "no such segment of 16 MiB");
-        assert_eq!(WalFile::parse("0000000A.history", 16 << 20), Some(WalFile::History { tli: 10 }));
-        assert_eq!(WalFile::parse("000000010000000100000003.00000028.backup", 16 << 20), Some(WalFile::Other));
-        assert_eq!(WalFile::parse("../etc/passwd", 16 << 20), None);
-        // Item 15 of issue 15: 24 bytes that are not 24 characters, and a segment
-        // size no cluster has, are no WAL names (they used to panic).
-        assert_eq!(WalFile::parse("0000000100000001000000é", 16 << 20), None);
-        assert_eq!(WalFile::parse("000000010000000100000003", 0), None);
-        assert_eq!(WalFile::parse("000000010000000100000003", 3 << 20), None);
-        assert_eq!("16/B374D848".parse::<Lsn>().unwrap(), Lsn(0x16_B374_D848));
-        assert_eq!(Lsn(0x16_B374_D848).to_string(), "16/B374D848");
-
-        let path =
-            TimelinePath::parse(3, Some("1\t0/3001430\tno recovery target specified\n\n2\t0/5000000\tbefore 2026\n"))
-                .unwrap();
-        assert_eq!(
-            path.0,
-            vec![
-                (1, Lsn(0), Some(Lsn(0x3001430))),
-                (2, Lsn(0x3001430), Some(Lsn(0x5000000))),
-                (3, Lsn(0x5000000), None)
-            ]
-        );
-        assert_eq!((path.tli_at(Lsn(0x3001429)), path.tli_at(Lsn(0x3001430)), path.tli_at(Lsn(0x6000000))), (1, 2, 3));
-        assert!(TimelinePath::parse(2, Some("x\t0/1\n")).is_err());
     }
 
     #[tokio::test]
@@ -621,10 +529,11 @@ mod tests {
         // The same bytes again are fine; others under the same name are refused.
         put(1, 300, 400, 1).await.unwrap();
         assert!(put(1, 300, 400, 9).await.is_err());
-        let one = TimelinePath::parse(1, None).unwrap();
+        let one = [(1, Lsn(0), None)];
         let wal = repo.wal_bytes("db", &system, &one, Lsn(10), Lsn(1000)).await.unwrap();
         assert_eq!(wal, bytes(1, 390), "from 10 to the gap at 400");
-        let two = TimelinePath::parse(2, Some("1\t0/C8\n")).unwrap();
+        // Timeline 2 branched off timeline 1 at 0xC8.
+        let two = [(1, Lsn(0), Some(Lsn(0xC8))), (2, Lsn(0xC8), None)];
         let wal = repo.wal_bytes("db", &system, &two, Lsn(100), Lsn(1000)).await.unwrap();
         assert_eq!(wal, [bytes(1, 100), bytes(2, 250)].concat(), "timeline 1 to 0xC8, then timeline 2");
         assert_eq!(repo.wal_covered("db", &system, &one, Lsn(10), Lsn(u64::MAX)).await.unwrap(), Lsn(400));
@@ -632,5 +541,21 @@ mod tests {
         assert_eq!(repo.wal_end("db", &system, 1).await.unwrap(), Some(Lsn(600)));
         assert_eq!(repo.wal_end("db", &system, 2).await.unwrap(), Some(Lsn(450)));
         assert_eq!(repo.wal_end("db", &system, 3).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn history_and_other_files_are_kept_apart() {
+        let store = crate::Store::open("memory://", true).unwrap();
+        let secret = crate::Secret::Password(b"pw".to_vec());
+        let kdf = crate::KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(store, &secret, kdf, "h".into()).await.unwrap().0;
+        repo.put_wal_history("db", 10, b"history").await.unwrap();
+        repo.put_wal_history("db", 10, b"history").await.unwrap();
+        assert!(repo.put_wal_history("db", 10, b"other").await.is_err(), "other content under the same name");
+        repo.put_wal_other_file("db", "x.backup", b"label").await.unwrap();
+        assert_eq!(repo.wal_history("db", 10).await.unwrap().as_deref(), Some(&b"history"[..]));
+        assert_eq!(repo.wal_history("db", 11).await.unwrap(), None);
+        assert_eq!(repo.wal_other_file("db", "x.backup").await.unwrap().as_deref(), Some(&b"label"[..]));
+        assert_eq!(repo.wal_history_timelines("db").await.unwrap(), vec![10]);
     }
 }
