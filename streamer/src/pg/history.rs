@@ -7,6 +7,8 @@ use catalog::{RepoError, Repository};
 
 use super::lsn;
 
+/// Why the path of a timeline could not be had. A missing history means its WAL
+/// was not archived (yet); a malformed one is an error that stops a recovery.
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
     #[error("source {source_name:?} has no history file for timeline {tli}")]
