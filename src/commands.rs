@@ -420,7 +420,7 @@ async fn pg_ranges(repo: &Repository, points: &[PointRef], manifests: &[Result<M
     let mut backups: std::collections::BTreeMap<&str, Vec<(Timestamp, catalog::wal::Lsn)>> = Default::default();
     for (p, m) in points.iter().zip(manifests) {
         let Ok(m) = m else { continue };
-        if let Some(lsn) = m.pg.as_ref().and_then(|pg| pg.start_lsn.parse().ok()) {
+        if let Some(lsn) = m.pg.as_ref().and_then(|pg| streamer::pg::info::start(pg).ok()) {
             backups.entry(&p.source).or_default().push((p.time, lsn));
         }
     }

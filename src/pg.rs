@@ -249,7 +249,10 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
             let how = if r.target_time {
                 format!("recovers to {at}")
             } else {
-                format!("replays all stored WAL (to {}): no transaction ended after {at}", r.wal_end)
+                format!(
+                    "replays all stored WAL (to {}): no transaction ended after {at}",
+                    streamer::pg::lsn::text(r.wal_end)
+                )
             };
             println!(
                 "restored base backup {} of source {source} into {} ({} files); starting PostgreSQL on it {how}, \

@@ -73,10 +73,6 @@ pub enum RepoError {
         "{name} already holds different content ({what}) for source {source_name:?}: is another cluster writing to it?"
     )]
     WalConflict { name: String, source_name: String, what: String },
-    #[error("source {source_name:?} has no history file for timeline {tli}")]
-    NoHistory { source_name: String, tli: u32 },
-    #[error("the history file of timeline {tli} of source {source_name:?} is malformed: {problem}")]
-    BadHistory { source_name: String, tli: u32, problem: String },
     #[error("time {time} is before 1970 and cannot name a point")]
     BadTime { time: String },
     #[error(transparent)]

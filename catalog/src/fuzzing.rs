@@ -19,7 +19,7 @@ use crate::pack::{header_len, parse_header, parse_pack_name};
 use crate::point::{validate_source, Manifest, PointRef};
 use crate::time::parse_time;
 use crate::tree::{Entry, EntryKind, Tree};
-use crate::wal::{decode_piece, Lsn, TimelinePath, WalFile, WalPiece, WalSystem};
+use crate::wal::{decode_piece, WalPiece, WalSystem, PIECE_HEADER};
 
 /// A fuzz target: its name (the directory of its corpus) and the function that
 /// feeds it bytes.
@@ -39,7 +39,6 @@ pub const TARGETS: &[Target] = &[
     ("fragment", fragment),
     ("wal_piece", wal_piece),
     ("wal_system", wal_system),
-    ("history", history),
     ("names", names),
     ("time", time),
 ];
@@ -118,24 +117,12 @@ pub fn fragment(data: &[u8]) {
 }
 
 pub fn wal_piece(data: &[u8]) {
-    let len = data.len().saturating_sub(crate::wal::PIECE_HEADER) as u64;
+    let len = data.len().saturating_sub(PIECE_HEADER) as u64;
     let _ = decode_piece("wal/s/00000001/0-1", data.to_vec(), len);
 }
 
 pub fn wal_system(data: &[u8]) {
     let _ = WalSystem::decode(data);
-}
-
-pub fn history(data: &[u8]) {
-    let text = String::from_utf8_lossy(data);
-    for tli in [1, 2, u32::MAX] {
-        if let Ok(path) = TimelinePath::parse(tli, Some(&text)) {
-            for lsn in [0, 1, 0x3001430, u64::MAX] {
-                let _ = path.tli_at(Lsn(lsn));
-            }
-            let _ = path.end_of(tli);
-        }
-    }
 }
 
 pub fn names(data: &[u8]) {
@@ -145,10 +132,6 @@ pub fn names(data: &[u8]) {
     let _ = parse_pack_name(&s);
     let _ = WalPiece::parse(1, &s);
     let _ = validate_source(&s);
-    let _ = s.parse::<Lsn>();
-    for size in [0, 1 << 20, 16 << 20, 1 << 30, 3 << 20] {
-        let _ = WalFile::parse(&s, size);
-    }
 }
 
 pub fn time(data: &[u8]) {
@@ -224,16 +207,11 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     piece.extend(b"wal");
     out.push(("wal_piece", piece));
     out.push(("wal_system", WalSystem { system_id: 7, segment_size: 16 << 20 }.encode()));
-    out.push(("history", b"1\t0/3001430\tno recovery target specified\n\n2\t0/5000000\tbefore 2026\n".to_vec()));
     for name in [
         "points/web/e78601e9e44897ff-0123456789abcdef",
         "frags/web/e78601e9e44897ff-0123456789abcdef",
         "packs/ab/abababababababababababababababababababababababababababababababab",
         "wal/db/00000002/0000000103000028-0000000103001000",
-        "000000010000000100000003",
-        "0000000A.history",
-        "000000010000000100000003.00000028.backup",
-        "16/B374D848",
     ] {
         out.push(("names", name.as_bytes().to_vec()));
     }

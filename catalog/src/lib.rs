@@ -1,7 +1,9 @@
 //! The ebb repository: object layout, keys and encryption, chunking, packs and index,
-//! trees, recovery points and time resolution, restore and verification. Both writers
-//! and readers use it; it knows nothing of FUSE and never talks to PostgreSQL. The byte format is
-//! specified in `FORMAT.md`.
+//! trees, recovery points and time resolution, restore and verification, and WAL as
+//! opaque bytes by timeline and position. Both writers and readers use it; it knows
+//! nothing of FUSE, never talks to PostgreSQL and reads none of its formats (LSN
+//! text, WAL file names, history files: `streamer::pg`). The byte format is specified
+//! in `FORMAT.md`.
 
 pub mod chunker;
 mod codec;

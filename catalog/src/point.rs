@@ -172,14 +172,16 @@ pub struct Manifest {
     pub pg: Option<PgInfo>,
 }
 
-/// What a base backup needs of the WAL, and of which cluster it is.
+/// What a base backup needs of the WAL, and of which cluster it is, as the base
+/// backup recorded it. The catalog keeps these fields and reads none of them;
+/// `streamer::pg::info` interprets them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PgInfo {
     pub system_id: u64,
     pub timeline: u32,
-    /// The checkpoint's redo position, where recovery starts (`16/B374D848`).
+    /// The checkpoint's redo position, where recovery starts, in PostgreSQL's text.
     pub start_lsn: String,
-    /// Recovery must reach this position before the copy is consistent.
+    /// Recovery must reach this position before the copy is consistent (same text).
     pub stop_lsn: String,
     pub server_version: String,
     pub segment_size: u64,

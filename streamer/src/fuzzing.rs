@@ -1,6 +1,6 @@
 //! Entry points for fuzzing the decoders of bytes that come from the network or
 //! the host's disk: the replication protocol, the BASE_BACKUP archive, WAL records,
-//! stream state files. Each takes arbitrary bytes and must never panic.
+//! timeline history files, PostgreSQL's names and LSN text, stream state files. Each takes arbitrary bytes and must never panic.
 //! `tests/fuzz` runs them under libFuzzer (`scripts/fuzz`); `tests/fuzz_replay.rs`
 //! replays every corpus and crash input as an ordinary test. Not part of the API.
 
@@ -11,6 +11,9 @@ use catalog::wal::Lsn;
 use catalog::{Repository, Secret, Store, Writer};
 use postgres_protocol::message::backend::Message;
 
+use crate::pg::history::TimelinePath;
+use crate::pg::lsn;
+use crate::pg::names::WalFile;
 use crate::pg::walscan::{Scanner, Step};
 use crate::pg::wire::{data_row, notice_text, parse_copy_data, parse_message, server_error};
 
@@ -24,6 +27,8 @@ pub const TARGETS: &[Target] = &[
     ("backend_message", backend_message),
     ("base_backup", base_backup),
     ("walscan", walscan),
+    ("history", history),
+    ("pg_names", pg_names),
     ("state_file", state_file),
 ];
 
@@ -102,6 +107,29 @@ pub fn walscan(data: &[u8]) {
     assert!(matches!(scanner.next_record(), Step::Finished), "a scan of {} bytes never ended", data.len());
 }
 
+pub fn history(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    for tli in [1, 2, u32::MAX] {
+        if let Ok(path) = TimelinePath::parse(tli, Some(&text)) {
+            for at in [0, 1, 0x3001430, u64::MAX] {
+                let _ = path.tli_at(Lsn(at));
+            }
+            let _ = path.end_of(tli);
+        }
+    }
+}
+
+/// PostgreSQL's names of the files it archives, and its LSN text.
+pub fn pg_names(data: &[u8]) {
+    let s = String::from_utf8_lossy(data);
+    if let Ok(at) = lsn::parse(&s) {
+        assert_eq!(lsn::parse(&lsn::text(at).to_string()), Ok(at));
+    }
+    for size in [0, 1 << 20, 16 << 20, 1 << 30, 3 << 20] {
+        let _ = WalFile::parse(&s, size);
+    }
+}
+
 pub fn state_file(data: &[u8]) {
     let _ = serde_json::from_slice::<crate::state::StreamState>(data);
 }
@@ -168,6 +196,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     wal.extend(&rec);
     wal.extend(vec![0u8; 64]);
     out.push(("walscan", wal));
+
+    out.push(("history", b"1\t0/3001430\tno recovery target specified\n\n2\t0/5000000\tbefore 2026\n".to_vec()));
+    for name in
+        ["000000010000000100000003", "0000000A.history", "000000010000000100000003.00000028.backup", "16/B374D848"]
+    {
+        out.push(("pg_names", name.as_bytes().to_vec()));
+    }
 
     let state = crate::state::StreamState {
         source: "s".into(),

@@ -6,9 +6,13 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use catalog::wal::{segment_file_name, Lsn, WalFile, WalPiece, WalSystem, PIECE_HEADER};
+use catalog::wal::{Lsn, WalPiece, WalSystem, PIECE_HEADER};
 use catalog::{RepoError, Repository};
 use jiff::Timestamp;
+
+use super::history::{timeline_path, HistoryError};
+use super::lsn;
+use super::names::{is_segment_name, segment_file_name, ArchivedFiles, WalFile};
 
 /// PostgreSQL 15's WAL page magic (`XLOG_PAGE_MAGIC`).
 const XLOG_PAGE_MAGIC: u16 = 0xD110;
@@ -22,6 +26,8 @@ pub enum ArchiveError {
     Bad(String),
     #[error(transparent)]
     Repo(#[from] RepoError),
+    #[error(transparent)]
+    History(#[from] HistoryError),
 }
 
 /// What a segment's first page says about it.
@@ -176,10 +182,6 @@ impl ReadAhead {
     }
 }
 
-fn is_segment_name(name: &str) -> bool {
-    name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 fn identity(path: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
@@ -305,14 +307,14 @@ async fn archive_push_buf(
             return Err(ArchiveError::Bad(format!(
                 "{shown} is not segment {name}: its first page is of timeline {} at {}, and it holds {} bytes",
                 h.tli,
-                Lsn(h.pageaddr),
+                lsn::text(Lsn(h.pageaddr)),
                 data.len()
             )));
         }
         repo.claim_wal_system(source, system).await?;
         let piece = WalPiece { tli, start, end: Lsn(start.0 + h.segment_size) };
         // What the repository already holds of this segment must be the same WAL.
-        let path = catalog::wal::TimelinePath(vec![(tli, Lsn(0), None)]);
+        let path = [(tli, Lsn(0), None)];
         let stored = repo.wal_bytes(source, &system, &path, piece.start, piece.end).await?;
         if stored.as_slice() != &data[..stored.len()] {
             return Err(ArchiveError::Bad(format!(
@@ -342,16 +344,16 @@ pub async fn archive_get(repo: &Repository, source: &str, name: &str, dest: &Pat
     let Some(system) = repo.wal_system(source).await? else { return Ok(false) };
     let data = match WalFile::parse(name, system.segment_size) {
         Some(WalFile::Segment { tli, segno }) => {
-            let path = match repo.timeline_path(source, tli).await {
+            let path = match timeline_path(repo, source, tli).await {
                 Ok(p) => p,
                 // Missing, so not archived (yet); a malformed one is an error, which
                 // stops recovery rather than ending it early.
-                Err(RepoError::NoHistory { .. }) => return Ok(false),
+                Err(HistoryError::Missing { .. }) => return Ok(false),
                 Err(e) => return Err(e.into()),
             };
             let start = Lsn(segno * system.segment_size);
             let end = Lsn(start.0 + system.segment_size);
-            let mut wal = repo.wal_bytes(source, &system, &path, start, end).await?;
+            let mut wal = repo.wal_bytes(source, &system, &path.0, start, end).await?;
             if wal.is_empty() {
                 return Ok(false);
             }

@@ -13,11 +13,12 @@ use bytes::{Buf, Bytes};
 use catalog::chunker::{ChunkError, Chunker};
 use catalog::tree::{Entry, EntryKind, Extent, Timestamp as TreeTime, Tree};
 use catalog::wal::{Lsn, WalSystem};
-use catalog::{BlobKind, BlobRef, Manifest, PgInfo, PointRef, RepoError, Repository, Stats, WriteError, Writer};
+use catalog::{BlobKind, BlobRef, Manifest, PointRef, RepoError, Repository, Stats, WriteError, Writer};
 use jiff::Timestamp;
 use tokio::sync::mpsc;
 
 use super::wire::{CopyEvent, PgError, ReplConn};
+use super::{info, lsn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BaseBackupError {
@@ -143,22 +144,15 @@ pub async fn base_backup(repo: &Repository, opts: &BaseBackupOptions) -> Result<
     manifest.stats.new_bytes = summary.new_bytes;
     manifest.stats.duration_ms = started.elapsed().as_millis() as u64;
     manifest.index = summary.index;
-    manifest.pg = Some(PgInfo {
-        system_id,
-        timeline: tli,
-        start_lsn: start_lsn.to_string(),
-        stop_lsn: stop_lsn.to_string(),
-        server_version,
-        segment_size,
-    });
+    manifest.pg = Some(info::record(system_id, tli, start_lsn, stop_lsn, server_version, segment_size));
     let point = durable.commit(&manifest, time).await?;
     Ok((point, manifest))
 }
 
 fn lsn_and_tli(rows: &super::wire::Rows) -> Result<(Lsn, u32), BaseBackupError> {
     let row = rows.first().ok_or_else(|| BaseBackupError::Pg("BASE_BACKUP sent no position".into()))?;
-    let lsn = row.first().cloned().flatten().ok_or_else(|| BaseBackupError::Pg("BASE_BACKUP: no LSN".into()))?;
-    let lsn: Lsn = lsn.parse().map_err(BaseBackupError::Pg)?;
+    let text = row.first().cloned().flatten().ok_or_else(|| BaseBackupError::Pg("BASE_BACKUP: no LSN".into()))?;
+    let lsn = lsn::parse(&text).map_err(BaseBackupError::Pg)?;
     let tli = row.get(1).cloned().flatten().and_then(|t| t.parse().ok()).unwrap_or(0);
     Ok((lsn, tli))
 }

@@ -1,9 +1,16 @@
 //! PostgreSQL: WAL streamed like a replica (`ebb stream pg`), base backups over the
 //! replication protocol, archive-push/get for archive_command and restore_command,
-//! and restores that recover to an exact time.
+//! and restores that recover to an exact time. PostgreSQL's formats are read here,
+//! never in the catalog: LSN text (`lsn`), WAL file names (`names`), history files
+//! (`history`), a base backup's record (`info`), WAL records (`walscan`) and the
+//! wire protocol (`wire`).
 
 pub mod archive;
 pub mod basebackup;
+pub mod history;
+pub mod info;
+pub mod lsn;
+pub mod names;
 pub mod restore;
 pub mod walscan;
 pub mod walstream;

@@ -5,12 +5,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use catalog::wal::{Lsn, TimelinePath, WalSystem, WAL_DIR};
+use catalog::wal::{Lsn, WalSystem};
 use catalog::{Manifest, PointRef, RepoError, Repository, RestoreOptions};
 use jiff::Timestamp;
 
+use super::history::{timeline_path, HistoryError, TimelinePath};
 use super::walscan::{Scanner, Step, XactEnd};
 use super::wire::PG_EPOCH_MICROS;
+use super::{info, lsn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgRestoreError {
@@ -18,6 +20,8 @@ pub enum PgRestoreError {
     Bad(String),
     #[error(transparent)]
     Repo(#[from] RepoError),
+    #[error(transparent)]
+    History(#[from] HistoryError),
     #[error(transparent)]
     Restore(#[from] catalog::RestoreError),
     #[error("{path}: {cause}")]
@@ -47,18 +51,16 @@ pub struct PgRestoreReport {
 /// The timeline `source` was on at `at`: the newest one whose first WAL was
 /// received at or before `at`. A timeline born later (a copy restored and promoted
 /// after `at`) is not the history of that moment.
-pub async fn timeline_at(repo: &Repository, source: &str, system: &WalSystem, at: Timestamp) -> Result<u32, RepoError> {
-    let dir = format!("{WAL_DIR}/{source}/history");
-    let mut tlis: Vec<u32> = repo
-        .store()
-        .list(&dir)
-        .await?
-        .iter()
-        .filter_map(|o| o.name.rsplit('/').next().and_then(|n| u32::from_str_radix(n, 16).ok()))
-        .collect();
+pub async fn timeline_at(
+    repo: &Repository,
+    source: &str,
+    system: &WalSystem,
+    at: Timestamp,
+) -> Result<u32, HistoryError> {
+    let mut tlis = repo.wal_history_timelines(source).await?;
     tlis.sort_unstable_by(|a, b| b.cmp(a));
     for tli in tlis {
-        let path = repo.timeline_path(source, tli).await?;
+        let path = timeline_path(repo, source, tli).await?;
         let begin = path.0.last().map_or(Lsn(0), |(_, b, _)| *b);
         let first = repo.wal_pieces(source, system, tli, begin, Lsn(begin.0 + 1)).await?;
         let Some(piece) = first.first() else { continue };
@@ -114,15 +116,15 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
             opts.source
         ))
     })?;
-    let bad_lsn = |e: String| PgRestoreError::Bad(format!("point {}: {e}", point.name));
-    let (start, stop): (Lsn, Lsn) = (pg.start_lsn.parse().map_err(bad_lsn)?, pg.stop_lsn.parse().map_err(bad_lsn)?);
+    let (start, stop) = info::wal_range(&pg).map_err(|e| PgRestoreError::Bad(format!("point {}: {e}", point.name)))?;
     let system = repo
         .wal_system(&opts.source)
         .await?
         .unwrap_or(WalSystem { system_id: pg.system_id, segment_size: pg.segment_size });
     let tli = timeline_at(repo, &opts.source, &system, opts.at).await?;
-    let path = repo.timeline_path(&opts.source, tli).await?;
+    let path = timeline_path(repo, &opts.source, tli).await?;
     if path.tli_at(start) != pg.timeline {
+        let start = lsn::text(start);
         return Err(PgRestoreError::Bad(format!(
             "the base backup of {} is on timeline {}, which timeline {tli} does not descend from at {start}",
             point.time, pg.timeline
@@ -130,6 +132,7 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
     }
     let (target_time, wal_end) = ends_after(repo, &opts.source, &system, &path, start, opts.at).await?;
     if wal_end < stop {
+        let (start, stop, wal_end) = (lsn::text(start), lsn::text(stop), lsn::text(wal_end));
         return Err(PgRestoreError::Bad(format!(
             "the base backup of {} needs the WAL from {start} to {stop}, and the repository has it only to {wal_end}: \
              is `ebb stream pg` or archive_command shipping WAL for source {}?",
@@ -159,7 +162,7 @@ async fn ends_after(
     let at_pg = at.as_microsecond() - PG_EPOCH_MICROS;
     let (found, end) = scan(repo, source, system, path, start, |x| x.time > at_pg).await?;
     match found {
-        Some(_) => Ok((true, repo.wal_covered(source, system, path, end, Lsn(u64::MAX)).await?)),
+        Some(_) => Ok((true, repo.wal_covered(source, system, &path.0, end, Lsn(u64::MAX)).await?)),
         None => Ok((false, end)),
     }
 }
@@ -184,7 +187,7 @@ async fn scan(
             Step::Finished => return Ok((None, scanner.buffered_end())),
             Step::NeedMore => {
                 let seg_end = Lsn(system.segment_start(next).0 + system.segment_size);
-                let wal = repo.wal_bytes(source, system, path, next, seg_end).await?;
+                let wal = repo.wal_bytes(source, system, &path.0, next, seg_end).await?;
                 let full = next.0 + wal.len() as u64 == seg_end.0;
                 next = Lsn(next.0 + wal.len() as u64);
                 scanner.push(&wal, !full);
@@ -272,7 +275,7 @@ pub struct Gap {
 /// When the newest WAL of `source` was stored, if it has any: how far behind the
 /// repository is for a PostgreSQL source, whose points (base backups) are rare.
 /// About 64 one-name listings and one read.
-pub async fn wal_newest(repo: &Repository, source: &str) -> Result<Option<Timestamp>, RepoError> {
+pub async fn wal_newest(repo: &Repository, source: &str) -> Result<Option<Timestamp>, HistoryError> {
     let Some(system) = repo.wal_system(source).await? else { return Ok(None) };
     let tli = timeline_at(repo, source, &system, Timestamp::now()).await?;
     let Some(end) = repo.wal_end(source, &system, tli).await? else { return Ok(None) };
@@ -288,7 +291,7 @@ pub async fn restorable(
     repo: &Repository,
     source: &str,
     backups: &[(Timestamp, Lsn)],
-) -> Result<Restorable, RepoError> {
+) -> Result<Restorable, HistoryError> {
     let mut r = Restorable {
         source: source.to_string(),
         timeline: 1,
@@ -299,7 +302,7 @@ pub async fn restorable(
     };
     let Some(system) = repo.wal_system(source).await? else { return Ok(r) };
     r.timeline = timeline_at(repo, source, &system, Timestamp::now()).await?;
-    let path = repo.timeline_path(source, r.timeline).await?;
+    let path = timeline_path(repo, source, r.timeline).await?;
     let Some(start) = backups.iter().map(|b| b.1).min() else { return Ok(r) };
     let mut at = start;
     let mut last = None;
@@ -319,8 +322,8 @@ pub async fn restorable(
                 let (times, _) = repo.read_wal(source, &p).await?;
                 r.gaps.push(Gap {
                     timeline: tli,
-                    from: at.to_string(),
-                    to: p.start.to_string(),
+                    from: lsn::text(at).to_string(),
+                    to: lsn::text(p.start).to_string(),
                     until: Some(times.received),
                 });
             }
@@ -331,7 +334,7 @@ pub async fn restorable(
     if let Some(p) = last {
         let (times, _) = repo.read_wal(source, &p).await?;
         r.to = Some(times.stored);
-        r.wal_end = Some(at.to_string());
+        r.wal_end = Some(lsn::text(at).to_string());
     }
     Ok(r)
 }

@@ -16,12 +16,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use catalog::wal::{Lsn, TimelinePath, WalPiece, WalSystem};
+use catalog::wal::{Lsn, WalPiece, WalSystem};
 use catalog::{RepoError, Repository};
 use jiff::Timestamp;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::history::TimelinePath;
+use super::lsn;
+use super::names::ArchivedFiles;
 use super::wire::{CopyData, CopyEvent, PgError, ReplConn};
 use crate::health::{Backoff, Health, HEARTBEAT};
 use crate::metrics::Metrics;
@@ -273,7 +276,7 @@ async fn session(
     }
     let streamed = match conn.start_replication(&opts.slot, start, tli).await {
         Ok(()) => {
-            tracing::info!("streaming WAL of {} from {start} on timeline {tli}", opts.source);
+            tracing::info!("streaming WAL of {} from {} on timeline {tli}", opts.source, lsn::text(start));
             Receiver::new(repo, opts, metrics, system, tli, start).run(&mut conn, health, shutdown).await
         }
         Err(e) => Err(e.into()),
@@ -283,8 +286,11 @@ async fn session(
         // still has it, and say there is a gap (it shows in `ebb points`).
         Err(SessionError::WalRemoved(msg)) => {
             if let Some(r) = restart.map(|r| system.segment_start(r)).filter(|r| *r > start) {
-                let gap =
-                    format!("WAL from {start} to {r} on timeline {tli} was removed before ebb received it: a gap");
+                let gap = format!(
+                    "WAL from {} to {} on timeline {tli} was removed before ebb received it: a gap",
+                    lsn::text(start),
+                    lsn::text(r)
+                );
                 tracing::error!("{gap}");
                 health.failed(gap);
                 *skip_to = Some(r);
@@ -412,7 +418,7 @@ impl<'a> Receiver<'a> {
         match super::wire::parse_copy_data(msg).map_err(bad)? {
             CopyData::XLogData { start, end, data } => {
                 if start != self.received {
-                    return Err(bad(format!("WAL at {start}, expected {}", self.received)));
+                    return Err(bad(format!("WAL at {}, expected {}", lsn::text(start), lsn::text(self.received))));
                 }
                 self.server_end = self.server_end.max(end);
                 self.take(&data);

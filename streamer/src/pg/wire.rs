@@ -17,6 +17,8 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::config::Host;
 
+use super::lsn;
+
 /// How long connecting may take unless the DSN says otherwise.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -278,7 +280,7 @@ impl ReplConn {
             |i: usize| row.get(i).cloned().flatten().ok_or_else(|| PgError::protocol("IDENTIFY_SYSTEM: missing field"));
         let sysid = field(0)?.parse().map_err(|_| PgError::protocol("IDENTIFY_SYSTEM: bad systemid"))?;
         let tli = field(1)?.parse().map_err(|_| PgError::protocol("IDENTIFY_SYSTEM: bad timeline"))?;
-        let pos = field(2)?.parse().map_err(PgError::Protocol)?;
+        let pos = lsn::parse(&field(2)?).map_err(PgError::Protocol)?;
         Ok((sysid, tli, pos))
     }
 
@@ -308,7 +310,7 @@ impl ReplConn {
         if row.first().cloned().flatten().is_none() {
             return Ok(None);
         }
-        let restart = row.get(1).cloned().flatten().map(|s| s.parse()).transpose().map_err(PgError::Protocol)?;
+        let restart = row.get(1).cloned().flatten().map(|s| lsn::parse(&s)).transpose().map_err(PgError::Protocol)?;
         Ok(Some(restart))
     }
 
@@ -321,7 +323,7 @@ impl ReplConn {
     /// START_REPLICATION: from here on the connection carries WAL (`copy_recv`) and
     /// standby status updates (`send_status`).
     pub async fn start_replication(&mut self, slot: &str, from: Lsn, tli: u32) -> Result<(), PgError> {
-        let q = format!("START_REPLICATION SLOT {} PHYSICAL {from} TIMELINE {tli}", quote_ident(slot));
+        let q = format!("START_REPLICATION SLOT {} PHYSICAL {} TIMELINE {tli}", quote_ident(slot), lsn::text(from));
         frontend::query(&q, &mut self.wbuf)?;
         self.flush().await?;
         loop {

@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| catalog::fuzzing::history(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| streamer::fuzzing::history(data));

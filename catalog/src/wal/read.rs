@@ -1,0 +1,262 @@
+//! Reading a source's WAL back: its system, the pieces of a timeline that cover a
+//! range (found from listings alone), the contiguous bytes along a path of
+//! timelines, and the history and other files kept beside them.
+
+use bytes::Bytes;
+
+use super::format::{
+    decode_piece, history_dir, history_name, other_file_name, parse_history_name, system_name, tli_dir, Lsn,
+    PieceTimes, WalPiece, WalSystem,
+};
+use crate::error::RepoError;
+use crate::object::{open_object, ObjectError};
+use crate::repo::Repository;
+
+const LIST_PAGE: usize = 1000;
+
+/// Which timeline holds the WAL of each range of positions, in order: `(tli, begin,
+/// end)`, the last one with no end. Reads along it take each range from its
+/// timeline; `streamer::pg::history` makes one from a timeline's history file.
+pub type TimelineSpans = [(u32, Lsn, Option<Lsn>)];
+
+impl Repository {
+    /// The cluster of `source`'s WAL, if any was stored.
+    pub async fn wal_system(&self, source: &str) -> Result<Option<WalSystem>, RepoError> {
+        let name = system_name(source);
+        match self.store().get(&name).await {
+            Ok(b) => {
+                let plain = open_object(self.keys(), &name, &b)?;
+                let s = WalSystem::decode(&plain).map_err(|cause| ObjectError::Decode { name: name.clone(), cause })?;
+                Ok(Some(s))
+            }
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The bytes of a piece and its times.
+    pub async fn read_wal(&self, source: &str, piece: &WalPiece) -> Result<(PieceTimes, Bytes), RepoError> {
+        let name = piece.name(source);
+        let bytes = self.store().get(&name).await?;
+        decode_piece(&name, open_object(self.keys(), &name, &bytes)?, piece.len())
+    }
+
+    /// The pieces of timeline `tli` that hold WAL in `[from, to)`, by start. Pieces
+    /// never cross a segment boundary, so the listing starts at `from`'s segment.
+    pub async fn wal_pieces(
+        &self,
+        source: &str,
+        system: &WalSystem,
+        tli: u32,
+        from: Lsn,
+        to: Lsn,
+    ) -> Result<Vec<WalPiece>, RepoError> {
+        let dir = tli_dir(source, tli);
+        let mut offset = format!("{dir}/{:016x}", system.segment_start(from).0);
+        let mut out = Vec::new();
+        loop {
+            let page = self.store().list_after(&dir, &offset, LIST_PAGE).await?;
+            let full = page.len() == LIST_PAGE;
+            for o in &page {
+                let Some(p) = WalPiece::parse(tli, &o.name) else { continue };
+                if p.start >= to {
+                    return Ok(out);
+                }
+                if p.end > from {
+                    out.push(p);
+                }
+            }
+            match page.last() {
+                Some(last) if full => offset = last.name.clone(),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Where the stored WAL of timeline `tli` ends: the end of the piece that starts
+    /// last, found with about 64 one-name listings (a binary search on names).
+    pub async fn wal_end(&self, source: &str, system: &WalSystem, tli: u32) -> Result<Option<Lsn>, RepoError> {
+        let dir = tli_dir(source, tli);
+        // Whether some piece starts at or after `at`.
+        let starts_from = |at: u64| {
+            let dir = dir.clone();
+            async move {
+                let offset = format!("{dir}/{at:016x}");
+                Ok::<_, RepoError>(!self.store().list_after(&dir, &offset, 1).await?.is_empty())
+            }
+        };
+        if !starts_from(0).await? {
+            return Ok(None);
+        }
+        let (mut lo, mut hi) = (0u64, u64::MAX);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if starts_from(mid).await? {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        let seg = system.segment_start(Lsn(lo));
+        let pieces = self.wal_pieces(source, system, tli, seg, Lsn(seg.0 + system.segment_size)).await?;
+        Ok(pieces.iter().map(|p| p.end).max())
+    }
+
+    /// Which pieces hold the contiguous WAL along `path` from `from` up to at most
+    /// `to`, and which range of each: from listings alone. Shorter when a piece is
+    /// missing. Each range comes from the timeline the path has there.
+    async fn wal_plan(
+        &self,
+        source: &str,
+        system: &WalSystem,
+        path: &TimelineSpans,
+        from: Lsn,
+        to: Lsn,
+    ) -> Result<Vec<(WalPiece, Lsn, Lsn)>, RepoError> {
+        let mut plan = Vec::new();
+        let mut at = from;
+        for &(tli, begin, end) in path {
+            let (lo, hi) = (at.max(begin), end.map_or(to, |e| e.min(to)));
+            if lo >= hi || lo != at {
+                continue;
+            }
+            let pieces = self.wal_pieces(source, system, tli, lo, hi).await?;
+            // Every piece starting at or before `at` holds it if it ends after it, so
+            // the one reaching furthest among them is taken, until a gap.
+            let (mut i, mut best): (usize, Option<&WalPiece>) = (0, None);
+            while at < hi {
+                while i < pieces.len() && pieces[i].start <= at {
+                    if best.is_none_or(|b| pieces[i].end > b.end) {
+                        best = Some(&pieces[i]);
+                    }
+                    i += 1;
+                }
+                let Some(p) = best.filter(|b| b.end > at) else { return Ok(plan) };
+                let take_to = p.end.min(hi);
+                plan.push((p.clone(), at, take_to));
+                at = take_to;
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The contiguous WAL along `path` from `from` up to at most `to`: shorter when
+    /// a piece is missing.
+    pub async fn wal_bytes(
+        &self,
+        source: &str,
+        system: &WalSystem,
+        path: &TimelineSpans,
+        from: Lsn,
+        to: Lsn,
+    ) -> Result<Vec<u8>, RepoError> {
+        let mut out = Vec::with_capacity((to.0 - from.0) as usize);
+        for (p, lo, hi) in self.wal_plan(source, system, path, from, to).await? {
+            let (_, wal) = self.read_wal(source, &p).await?;
+            out.extend_from_slice(&wal[(lo.0 - p.start.0) as usize..(hi.0 - p.start.0) as usize]);
+        }
+        Ok(out)
+    }
+
+    /// How far the contiguous WAL along `path` reaches from `from` (up to `to`),
+    /// from listings alone: nothing is read.
+    pub async fn wal_covered(
+        &self,
+        source: &str,
+        system: &WalSystem,
+        path: &TimelineSpans,
+        from: Lsn,
+        to: Lsn,
+    ) -> Result<Lsn, RepoError> {
+        Ok(self.wal_plan(source, system, path, from, to).await?.last().map_or(from, |(_, _, hi)| *hi))
+    }
+
+    /// The timelines of `source` that have a history stored, in no order.
+    pub async fn wal_history_timelines(&self, source: &str) -> Result<Vec<u32>, RepoError> {
+        let listed = self.store().list(&history_dir(source)).await?;
+        Ok(listed.iter().filter_map(|o| parse_history_name(&o.name)).collect())
+    }
+
+    /// The history of timeline `tli` of `source`, as archived, if stored.
+    pub async fn wal_history(&self, source: &str, tli: u32) -> Result<Option<Vec<u8>>, RepoError> {
+        self.get_wal_object(&history_name(source, tli)).await
+    }
+
+    /// Another file archived for `source` under `name`, as it was, if stored.
+    pub async fn wal_other_file(&self, source: &str, name: &str) -> Result<Option<Vec<u8>>, RepoError> {
+        self.get_wal_object(&other_file_name(source, name)).await
+    }
+
+    /// The plaintext of a history or other file's object, if stored.
+    pub(super) async fn get_wal_object(&self, object: &str) -> Result<Option<Vec<u8>>, RepoError> {
+        match self.store().get(object).await {
+            Ok(b) => Ok(Some(open_object(self.keys(), object, &b)?)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jiff::Timestamp;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn wal_bytes_follow_the_timeline_path_and_stop_at_a_gap() {
+        let store = crate::Store::open("memory://", true).unwrap();
+        let secret = crate::Secret::Password(b"pw".to_vec());
+        let kdf = crate::KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(store, &secret, kdf, "h".into()).await.unwrap().0;
+        let system = WalSystem { system_id: 1, segment_size: 1 << 20 };
+        repo.claim_wal_system("db", system).await.unwrap();
+        let other = WalSystem { system_id: 2, ..system };
+        assert!(repo.claim_wal_system("db", other).await.is_err(), "another cluster in the same source");
+        let now = Timestamp::now();
+        let bytes = |n: u8, len: usize| vec![n; len];
+        let put = |tli, s: u64, e: u64, n| {
+            let repo = repo.clone();
+            async move {
+                let p = WalPiece { tli, start: Lsn(s), end: Lsn(e) };
+                repo.put_wal("db", &p, now, &bytes(n, (e - s) as usize)).await
+            }
+        };
+        put(1, 0, 100, 1).await.unwrap();
+        put(1, 50, 300, 1).await.unwrap();
+        put(1, 300, 400, 1).await.unwrap();
+        put(1, 500, 600, 1).await.unwrap();
+        put(2, 200, 450, 2).await.unwrap();
+        // The same bytes again are fine; others under the same name are refused.
+        put(1, 300, 400, 1).await.unwrap();
+        assert!(put(1, 300, 400, 9).await.is_err());
+        let one = [(1, Lsn(0), None)];
+        let wal = repo.wal_bytes("db", &system, &one, Lsn(10), Lsn(1000)).await.unwrap();
+        assert_eq!(wal, bytes(1, 390), "from 10 to the gap at 400");
+        // Timeline 2 branched off timeline 1 at 0xC8.
+        let two = [(1, Lsn(0), Some(Lsn(0xC8))), (2, Lsn(0xC8), None)];
+        let wal = repo.wal_bytes("db", &system, &two, Lsn(100), Lsn(1000)).await.unwrap();
+        assert_eq!(wal, [bytes(1, 100), bytes(2, 250)].concat(), "timeline 1 to 0xC8, then timeline 2");
+        assert_eq!(repo.wal_covered("db", &system, &one, Lsn(10), Lsn(u64::MAX)).await.unwrap(), Lsn(400));
+        assert_eq!(repo.wal_covered("db", &system, &two, Lsn(100), Lsn(u64::MAX)).await.unwrap(), Lsn(450));
+        assert_eq!(repo.wal_end("db", &system, 1).await.unwrap(), Some(Lsn(600)));
+        assert_eq!(repo.wal_end("db", &system, 2).await.unwrap(), Some(Lsn(450)));
+        assert_eq!(repo.wal_end("db", &system, 3).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn history_and_other_files_are_kept_apart() {
+        let store = crate::Store::open("memory://", true).unwrap();
+        let secret = crate::Secret::Password(b"pw".to_vec());
+        let kdf = crate::KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(store, &secret, kdf, "h".into()).await.unwrap().0;
+        repo.put_wal_history("db", 10, b"history").await.unwrap();
+        repo.put_wal_history("db", 10, b"history").await.unwrap();
+        assert!(repo.put_wal_history("db", 10, b"other").await.is_err(), "other content under the same name");
+        repo.put_wal_other_file("db", "x.backup", b"label").await.unwrap();
+        assert_eq!(repo.wal_history("db", 10).await.unwrap().as_deref(), Some(&b"history"[..]));
+        assert_eq!(repo.wal_history("db", 11).await.unwrap(), None);
+        assert_eq!(repo.wal_other_file("db", "x.backup").await.unwrap().as_deref(), Some(&b"label"[..]));
+        assert_eq!(repo.wal_history_timelines("db").await.unwrap(), vec![10]);
+    }
+}
