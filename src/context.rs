@@ -100,10 +100,15 @@ pub fn source_or_host(source: Option<String>) -> Result<String> {
 /// The `--exclude` set of a walk of `path`: the user's patterns, and the directories
 /// of ebb's own that lie inside it (the repository, which a backup of it would copy
 /// into itself, growing every run; a stream's state, which changes every second).
-pub fn walk_excludes(g: &Global, patterns: &[String], path: &Path, own: &[PathBuf]) -> Result<Arc<streamer::Excludes>> {
+pub fn walk_excludes(
+    g: &Global,
+    patterns: &[String],
+    path: &Path,
+    own: &[PathBuf],
+) -> Result<Arc<streamer::PathPatterns>> {
     let root = std::fs::canonicalize(path).map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
     let mut excludes =
-        streamer::Excludes::below("--exclude", patterns, Some(&root)).map_err(|e| UsageError(e.to_string()))?;
+        streamer::PathPatterns::below("--exclude", patterns, Some(&root)).map_err(|e| UsageError(e.to_string()))?;
     let repo = repo_url(g)?.strip_prefix("file://").map(PathBuf::from);
     for dir in repo.iter().chain(own) {
         let Ok(dir) = std::fs::canonicalize(dir) else { continue };

@@ -28,7 +28,7 @@ pub async fn stream_dir(g: &Global, d: DirArgs) -> Result<ExitCode> {
     let excludes = walk_excludes(g, &d.exclude, &d.path, &state_dir)?;
     let root = std::fs::canonicalize(&d.path).map_err(|e| UsageError(format!("{}: {e}", d.path.display())))?;
     let appends = Arc::new(
-        streamer::Excludes::below("--append", &d.appends, Some(&root)).map_err(|e| UsageError(e.to_string()))?,
+        streamer::PathPatterns::below("--append", &d.appends, Some(&root)).map_err(|e| UsageError(e.to_string()))?,
     );
     let metrics = serve_metrics(&source, d.rpo, d.metrics_addr).await?;
     let repo = open(g).await?;

@@ -114,12 +114,12 @@ impl Tails {
 }
 
 /// The newest point as the last walk left it: its top entry and every tree.
-pub struct View {
+pub struct LastWalk {
     pub top: Entry,
     pub trees: Arc<HashMap<Id, Arc<Tree>>>,
 }
 
-impl View {
+impl LastWalk {
     /// The entry at `rel` (relative to the top), if the trees at hand have it.
     fn lookup(&self, rel: &Path) -> Option<Entry> {
         let mut entry = self.top.clone();
@@ -158,7 +158,7 @@ impl Round {
 
 /// Reads what was appended to `paths` since the repository last had them, and
 /// prepares a fragment of it. Blocks.
-pub fn prepare(repo: &Repository, root: &Path, view: &View, tails: &Tails, paths: Vec<PathBuf>) -> Round {
+pub fn prepare(repo: &Repository, root: &Path, last_walk: &LastWalk, tails: &Tails, paths: Vec<PathBuf>) -> Round {
     let mut round = Round {
         builder: FragmentBuilder::new(repo),
         fragment: Fragment::default(),
@@ -187,7 +187,7 @@ pub fn prepare(repo: &Repository, root: &Path, view: &View, tails: &Tails, paths
             continue;
         };
         let base = claimed.or_else(|| {
-            let e = view.lookup(path.strip_prefix(root).ok()?)?;
+            let e = last_walk.lookup(path.strip_prefix(root).ok()?)?;
             (e.kind == EntryKind::File && (e.device, e.inode) == id).then(|| Tail::of(&e.content)).flatten()
         });
         let mtime = TreeTime { sec: meta.mtime(), nsec: meta.mtime_nsec() as u32 };

@@ -5,18 +5,18 @@
 //! PostgreSQL; what it stores, and how, is catalog's.
 
 mod appends;
-mod exclude;
 #[doc(hidden)]
 pub mod fuzzing;
 mod health;
 mod metadata;
 pub mod metrics;
+mod patterns;
 pub mod pg;
 mod prefetch;
 mod snapshot;
 pub mod state;
 mod stream;
 
-pub use exclude::{ExcludeError, Excludes};
+pub use patterns::{PathPatterns, PatternError};
 pub use snapshot::{capture, previous_top, snapshot, Capture, Counters, SnapshotError, SnapshotOptions, TreeCache};
 pub use stream::{stream_dir, StreamError, StreamOptions};

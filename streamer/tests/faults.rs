@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use catalog::faults::{Fault, Faults, Op};
 use catalog::{Repository, RestoreOptions, Secret, Store, DEFAULT_KDF};
-use streamer::{snapshot, Counters, Excludes, SnapshotOptions};
+use streamer::{snapshot, Counters, PathPatterns, SnapshotOptions};
 
 const SECRET: Secret = Secret::KeyFile([9; 32]);
 
@@ -35,7 +35,7 @@ fn source() -> tempfile::TempDir {
 }
 
 fn options(path: &Path) -> SnapshotOptions {
-    let none = Arc::new(Excludes::new(&[]).unwrap());
+    let none = Arc::new(PathPatterns::new(&[]).unwrap());
     SnapshotOptions {
         source: "s".into(),
         path: path.to_path_buf(),

@@ -17,8 +17,8 @@ use super::progress::Counters;
 use super::read::{FileError, Grown, Seen};
 use super::workers::{Job, Reading, Workers};
 use crate::appends::Tails;
-use crate::exclude::Excludes;
 use crate::metadata::{entry_from, entry_from_stat, inode_flags, name_bytes, open_dir, stat_at};
+use crate::patterns::PathPatterns;
 use crate::prefetch::Prefetch;
 
 /// Threads reading metadata ahead of the walker.
@@ -34,10 +34,10 @@ pub struct SnapshotOptions {
     /// which answers several reads at once.
     pub workers: usize,
     /// Paths left out, and not descended into.
-    pub excludes: Arc<Excludes>,
+    pub excludes: Arc<PathPatterns>,
     /// Append-only files (logs): when one grew, only its new bytes are read. Nothing
     /// else is assumed to only grow.
-    pub appends: Arc<Excludes>,
+    pub appends: Arc<PathPatterns>,
     /// Shared with the fragments of a stream: files they extend are stored at least
     /// up to where the fragments have them.
     pub tails: Option<Arc<Tails>>,
@@ -137,8 +137,8 @@ struct Walk {
     counters: Arc<Counters>,
     /// The walked path, which excludes are relative to.
     root: PathBuf,
-    excludes: Arc<Excludes>,
-    appends: Arc<Excludes>,
+    excludes: Arc<PathPatterns>,
+    appends: Arc<PathPatterns>,
     /// The trees of the last walk, and those of this one.
     prev: TreeCache,
     next: HashMap<catalog::Id, Arc<Tree>>,
@@ -212,7 +212,7 @@ impl Walk {
         let mut pending = Vec::with_capacity(names.len());
         for name in &names {
             let child = path.join(name);
-            if self.excludes.excludes(child.strip_prefix(&self.root).unwrap_or(&child)) {
+            if self.excludes.matches(child.strip_prefix(&self.root).unwrap_or(&child)) {
                 continue;
             }
             let st = match stat_at(&dir_fd, name) {
@@ -286,7 +286,7 @@ impl Walk {
                     self.counters.bytes.fetch_add(e.size, Ordering::Relaxed);
                     return Ok(Some(Pending::Ready(e)));
                 }
-                let append = self.appends.excludes(path.strip_prefix(&self.root).unwrap_or(path));
+                let append = self.appends.matches(path.strip_prefix(&self.root).unwrap_or(path));
                 let job = Job {
                     path: path.to_path_buf(),
                     ident: (e.device, e.inode),

@@ -13,7 +13,7 @@ use notify::event::ModifyKind;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::Notify;
 
-use crate::exclude::Excludes;
+use crate::patterns::PathPatterns;
 
 /// inotify events reach the stream within this long of the change.
 const EVENT_SLACK: Duration = Duration::from_millis(500);
@@ -121,8 +121,8 @@ pub(super) fn durable_as_of(now: Timestamp, pending: Option<Timestamp>, confirme
 pub(super) struct Watch {
     /// PATH, as given.
     given: PathBuf,
-    excludes: Arc<Excludes>,
-    appends: Arc<Excludes>,
+    excludes: Arc<PathPatterns>,
+    appends: Arc<PathPatterns>,
     root: Root,
     watcher: Option<notify::RecommendedWatcher>,
     changes: Arc<Mutex<Changes>>,
@@ -137,7 +137,11 @@ pub(super) struct Watch {
 impl Watch {
     /// Starts watching the directory `given` names. Events in `excludes`, and reads,
     /// are ignored; writes to `appends` may be appends.
-    pub(super) fn start(given: &Path, excludes: Arc<Excludes>, appends: Arc<Excludes>) -> Result<Watch, StreamError> {
+    pub(super) fn start(
+        given: &Path,
+        excludes: Arc<PathPatterns>,
+        appends: Arc<PathPatterns>,
+    ) -> Result<Watch, StreamError> {
         let root = Root::find(given).map_err(|e| StreamError::Watch { path: given.to_path_buf(), cause: e.into() })?;
         let changes = Arc::new(Mutex::new(Changes::default()));
         let wake = Arc::new(Notify::new());
@@ -241,8 +245,8 @@ impl Root {
 /// Starts watching `path`. Events in excluded paths, and reads, are ignored.
 fn watch(
     path: &Path,
-    excludes: &Arc<Excludes>,
-    appends: &Arc<Excludes>,
+    excludes: &Arc<PathPatterns>,
+    appends: &Arc<PathPatterns>,
     changes: Arc<Mutex<Changes>>,
     wake: Arc<Notify>,
 ) -> Result<notify::RecommendedWatcher, StreamError> {
@@ -262,14 +266,14 @@ fn watch(
                     return;
                 }
                 let paths: Vec<PathBuf> =
-                    ev.paths.into_iter().filter(|p| !excludes.excludes(p.strip_prefix(&root).unwrap_or(p))).collect();
+                    ev.paths.into_iter().filter(|p| !excludes.matches(p.strip_prefix(&root).unwrap_or(p))).collect();
                 if paths.is_empty() {
                     return;
                 }
                 // A write to an append-only file may be an append, which a fragment
                 // ships; anything else (other writes, create, delete, rename,
                 // attributes) needs a point.
-                let appended = |p: &PathBuf| appends.excludes(p.strip_prefix(&root).unwrap_or(p));
+                let appended = |p: &PathBuf| appends.matches(p.strip_prefix(&root).unwrap_or(p));
                 if matches!(ev.kind, EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any))
                     && paths.iter().all(appended)
                 {

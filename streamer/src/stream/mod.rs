@@ -41,7 +41,7 @@ use ship::{Appended, Committed, Running, Shipped, Shipper, Shipping};
 
 pub use changes::StreamError;
 
-use crate::appends::{Tails, View};
+use crate::appends::{LastWalk, Tails};
 use crate::health::{Alarm, Health, HEARTBEAT};
 use crate::metrics::Metrics;
 use crate::snapshot::SnapshotOptions;
@@ -136,7 +136,7 @@ struct Stream {
     running: Option<Running>,
     shipping: Option<Shipping>,
     /// The newest point as the last walk saw it; fragments wait for the first walk.
-    view: Option<Arc<View>>,
+    last_walk: Option<Arc<LastWalk>>,
     /// The packs of the fragments shipped since the last commit, for its index file.
     fragment_packs: Arc<Mutex<Vec<PackEntry>>>,
 }
@@ -177,7 +177,7 @@ impl Stream {
             shipper: Some(shipper),
             running: None,
             shipping: None,
-            view: None,
+            last_walk: None,
             fragment_packs,
         })
     }
@@ -192,7 +192,7 @@ impl Stream {
             written: c.written_since().map(|(i, _)| i),
             walking: self.running.is_some(),
             appending: self.shipping.is_some(),
-            can_append: self.view.is_some(),
+            can_append: self.last_walk.is_some(),
         }
     }
 
@@ -209,10 +209,10 @@ impl Stream {
 
     /// Starts shipping what was appended to the files written so far.
     fn start_appends(&mut self) {
-        let view = self.view.clone().expect("fragments wait for the first walk");
+        let last_walk = self.last_walk.clone().expect("fragments wait for the first walk");
         let carried = self.watch.changes().take_written();
         let (source, root) = (self.opts.snapshot.source.clone(), self.watch.path().to_path_buf());
-        self.shipping = Some(Shipping::start(self.repo.clone(), source, root, view, self.tails.clone(), carried));
+        self.shipping = Some(Shipping::start(self.repo.clone(), source, root, last_walk, self.tails.clone(), carried));
     }
 
     fn walk_ended(&mut self, done: Committed) -> Outcome {
@@ -224,8 +224,8 @@ impl Stream {
                     self.metrics.points.fetch_add(1, Ordering::Relaxed);
                     self.metrics.bytes_shipped.fetch_add(bytes, Ordering::Relaxed);
                 }
-                if let Some(view) = shipper.view() {
-                    self.view = Some(Arc::new(view));
+                if let Some(last_walk) = shipper.last_walk() {
+                    self.last_walk = Some(Arc::new(last_walk));
                 }
                 self.schedule.walked();
                 Outcome::Shipped

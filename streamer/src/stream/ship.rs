@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use tokio::task::JoinHandle;
 
 use super::changes::When;
-use crate::appends::{self, Round, Tails, View};
+use crate::appends::{self, LastWalk, Round, Tails};
 use crate::snapshot::{capture, Counters, SnapshotError, SnapshotOptions, TreeCache};
 
 /// The part of the stream that a commit runs with, handed to the commit's task and
@@ -54,8 +54,8 @@ impl Shipper {
     }
 
     /// The newest point as the last walk saw it, for fragments to extend.
-    pub(super) fn view(&self) -> Option<View> {
-        self.parent.as_ref().map(|(top, _)| View { top: top.clone(), trees: self.trees.0.clone() })
+    pub(super) fn last_walk(&self) -> Option<LastWalk> {
+        self.parent.as_ref().map(|(top, _)| LastWalk { top: top.clone(), trees: self.trees.0.clone() })
     }
 
     async fn ship(mut self) -> (Shipper, Result<Shipped, SnapshotError>) {
@@ -177,17 +177,17 @@ pub(super) struct Appended {
 
 impl Shipping {
     /// Starts shipping what was appended to the `carried` files under `root` since
-    /// `view` and the fragments after it.
+    /// `last_walk` and the fragments after it.
     pub(super) fn start(
         repo: Repository,
         source: String,
         root: PathBuf,
-        view: Arc<View>,
+        last_walk: Arc<LastWalk>,
         tails: Arc<Tails>,
         carried: Vec<(PathBuf, When)>,
     ) -> Shipping {
         let paths = carried.iter().map(|(p, _)| p.clone()).collect();
-        let task = tokio::spawn(ship_appends(repo, source, root, view, tails, paths));
+        let task = tokio::spawn(ship_appends(repo, source, root, last_walk, tails, paths));
         Shipping { task, carried }
     }
 
@@ -215,12 +215,12 @@ async fn ship_appends(
     repo: Repository,
     source: String,
     root: PathBuf,
-    view: Arc<View>,
+    last_walk: Arc<LastWalk>,
     tails: Arc<Tails>,
     paths: Vec<PathBuf>,
 ) -> (Round, Result<Option<FragmentRef>, RepoError>) {
     let r = repo.clone();
-    let mut round = tokio::task::spawn_blocking(move || appends::prepare(&r, &root, &view, &tails, paths))
+    let mut round = tokio::task::spawn_blocking(move || appends::prepare(&r, &root, &last_walk, &tails, paths))
         .await
         .expect("the append reader panicked");
     if round.fragment.growths.is_empty() {

@@ -1,15 +1,15 @@
-//! `--exclude` patterns. A pattern without a `/` matches a name at any depth
+//! Path patterns, as `--exclude` and `--append` take them: what to leave out, or
+//! which files are append-only. A pattern without a `/` matches a name at any depth
 //! (`*.tmp`, `node_modules`); one with a `/` matches the path below the backed-up
 //! directory (`cache/**`, `var/tmp`, a leading `/` allowed), where `*` stays within
 //! one component and `**` crosses them. An excluded directory is not descended into.
-//! `--append` patterns (append-only files) have the same form.
 
 use std::path::Path;
 
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
 #[derive(Debug, Default)]
-pub struct Excludes {
+pub struct PathPatterns {
     names: GlobSet,
     paths: GlobSet,
     /// Paths below the backed-up directory left out whatever the patterns say.
@@ -18,30 +18,30 @@ pub struct Excludes {
 
 #[derive(Debug, thiserror::Error)]
 #[error("bad {flag} pattern {pattern:?}: {problem}")]
-pub struct ExcludeError {
+pub struct PatternError {
     flag: &'static str,
     pattern: String,
     problem: String,
 }
 
-impl Excludes {
-    pub fn new(patterns: &[String]) -> Result<Excludes, ExcludeError> {
-        Excludes::for_flag("--exclude", patterns)
+impl PathPatterns {
+    pub fn new(patterns: &[String]) -> Result<PathPatterns, PatternError> {
+        PathPatterns::for_flag("--exclude", patterns)
     }
 
     /// The same patterns for another option (`--append`): errors name `flag`.
-    pub fn for_flag(flag: &'static str, patterns: &[String]) -> Result<Excludes, ExcludeError> {
-        Excludes::below(flag, patterns, None)
+    pub fn for_flag(flag: &'static str, patterns: &[String]) -> Result<PathPatterns, PatternError> {
+        PathPatterns::below(flag, patterns, None)
     }
 
     /// The patterns for a walk of `root` (the backed-up directory, canonical): an
     /// absolute path below it is taken relative to it; an absolute path elsewhere
     /// on the host can never match, and is an error, as is `..`.
-    pub fn below(flag: &'static str, patterns: &[String], root: Option<&Path>) -> Result<Excludes, ExcludeError> {
+    pub fn below(flag: &'static str, patterns: &[String], root: Option<&Path>) -> Result<PathPatterns, PatternError> {
         let (mut names, mut paths) = (GlobSetBuilder::new(), GlobSetBuilder::new());
         for p in patterns {
-            let bad = |problem: String| ExcludeError { flag, pattern: p.clone(), problem };
-            let glob = |s: &str| -> Result<Glob, ExcludeError> {
+            let bad = |problem: String| PatternError { flag, pattern: p.clone(), problem };
+            let glob = |s: &str| -> Result<Glob, PatternError> {
                 GlobBuilder::new(s).literal_separator(true).build().map_err(|e| bad(e.kind().to_string()))
             };
             let mut p = p.trim_end_matches('/');
@@ -80,7 +80,7 @@ impl Excludes {
             }
         }
         let build = |b: GlobSetBuilder| b.build().expect("each glob compiled on its own");
-        Ok(Excludes { names: build(names), paths: build(paths), skipped: Vec::new() })
+        Ok(PathPatterns { names: build(names), paths: build(paths), skipped: Vec::new() })
     }
 
     /// Leaves out `rel`, a path below the backed-up directory, exactly.
@@ -88,8 +88,9 @@ impl Excludes {
         self.skipped.push(rel);
     }
 
-    /// Whether `rel`, a path below the backed-up directory, is left out.
-    pub fn excludes(&self, rel: &Path) -> bool {
+    /// Whether `rel`, a path below the backed-up directory, matches: is left out by
+    /// `--exclude` patterns, or append-only by `--append` ones.
+    pub fn matches(&self, rel: &Path) -> bool {
         let name_hit = rel.file_name().is_some_and(|n| self.names.is_match(Path::new(n)));
         name_hit || (!self.paths.is_empty() && self.paths.is_match(rel)) || self.skipped.iter().any(|s| s == rel)
     }
@@ -103,22 +104,22 @@ impl Excludes {
 mod tests {
     use super::*;
 
-    fn ex(p: &[&str]) -> Excludes {
-        Excludes::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    fn ex(p: &[&str]) -> PathPatterns {
+        PathPatterns::new(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
     }
 
     #[test]
     fn names_match_at_any_depth_and_paths_from_the_top() {
         let e = ex(&["*.tmp", "node_modules", "/cache/**", "var/tmp/"]);
-        assert!(e.excludes(Path::new("a.tmp")));
-        assert!(e.excludes(Path::new("x/y/b.tmp")));
-        assert!(e.excludes(Path::new("src/node_modules")));
-        assert!(!e.excludes(Path::new("src/node_modules_not")));
-        assert!(e.excludes(Path::new("cache/a/b")));
-        assert!(!e.excludes(Path::new("x/cache/a")));
-        assert!(e.excludes(Path::new("var/tmp")));
-        assert!(!e.excludes(Path::new("var/tmpx")));
-        assert!(!e.excludes(Path::new("keep.txt")));
+        assert!(e.matches(Path::new("a.tmp")));
+        assert!(e.matches(Path::new("x/y/b.tmp")));
+        assert!(e.matches(Path::new("src/node_modules")));
+        assert!(!e.matches(Path::new("src/node_modules_not")));
+        assert!(e.matches(Path::new("cache/a/b")));
+        assert!(!e.matches(Path::new("x/cache/a")));
+        assert!(e.matches(Path::new("var/tmp")));
+        assert!(!e.matches(Path::new("var/tmpx")));
+        assert!(!e.matches(Path::new("keep.txt")));
     }
 
     /// Item 20 of issue 15: patterns that could never match are errors; an absolute
@@ -126,25 +127,25 @@ mod tests {
     #[test]
     fn patterns_that_can_never_match_are_refused() {
         let root = tempfile::tempdir().unwrap();
-        let below = |p: &str| Excludes::below("--exclude", &[p.to_string()], Some(root.path()));
+        let below = |p: &str| PathPatterns::below("--exclude", &[p.to_string()], Some(root.path()));
         for never in ["../x", "a/../b", "/etc/passwd", "/usr/**"] {
             let err = below(never).unwrap_err().to_string();
             assert!(err.contains(never) && err.contains("never match"), "{never}: {err}");
         }
         let abs = format!("{}/cache/**", root.path().display());
         let e = below(&abs).unwrap();
-        assert!(e.excludes(Path::new("cache/a")), "an absolute path below the root is relative to it");
-        assert!(!e.excludes(Path::new("other")));
+        assert!(e.matches(Path::new("cache/a")), "an absolute path below the root is relative to it");
+        assert!(!e.matches(Path::new("other")));
         // A leading / anchors at the top, when it names nothing else on the host, or
         // something PATH has (a tree that is a root filesystem of its own).
-        assert!(below("/cache-of-the-tree/**").unwrap().excludes(Path::new("cache-of-the-tree/x")));
+        assert!(below("/cache-of-the-tree/**").unwrap().matches(Path::new("cache-of-the-tree/x")));
         std::fs::create_dir(root.path().join("etc")).unwrap();
-        assert!(below("/etc/passwd").unwrap().excludes(Path::new("etc/passwd")));
+        assert!(below("/etc/passwd").unwrap().matches(Path::new("etc/passwd")));
     }
 
     #[test]
     fn a_bad_pattern_is_an_error_naming_it() {
-        let err = Excludes::new(&["a[".to_string()]).unwrap_err();
+        let err = PathPatterns::new(&["a[".to_string()]).unwrap_err();
         assert!(err.to_string().contains("a["), "{err}");
     }
 }
