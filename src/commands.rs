@@ -6,10 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use catalog::time::TimeSpec;
 use catalog::{Manifest, PointRef, RepoError, Repository, Secret, Store};
-use futures::stream::{self, StreamExt};
 use jiff::Timestamp;
 use serde_json::json;
 
@@ -296,13 +295,6 @@ async fn sources(g: &Global, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn bound(spec: Option<TimeSpec>, now: Timestamp) -> Option<Timestamp> {
-    spec.map(|s| match s {
-        TimeSpec::Latest => now,
-        TimeSpec::At(t) => t,
-    })
-}
-
 async fn points(
     g: &Global,
     source: Option<String>,
@@ -310,42 +302,18 @@ async fn points(
     until: Option<TimeSpec>,
     json: bool,
 ) -> Result<ExitCode> {
-    let now = Timestamp::now();
-    let (since, until) = (bound(since, now), bound(until, now));
-    if let (Some(s), Some(u)) = (since, until) {
-        if s > u {
-            return Err(UsageError(format!("--since {s} is after --until {u}: no point can be both")).into());
-        }
-    }
+    let span = catalog::Span::new(since, until, Timestamp::now())
+        .map_err(|e| UsageError(format!("--since {} is after --until {}: no point can be both", e.since, e.until)))?;
     let repo = open(g).await?;
-    let sources = match source {
-        Some(s) => vec![s],
-        None => repo.sources().await?,
-    };
-    let mut selected = Vec::new();
-    for s in &sources {
-        for p in repo.points(s).await? {
-            if since.is_some_and(|t| p.time < t) || until.is_some_and(|t| p.time > t) {
-                continue;
-            }
-            selected.push(p);
-        }
-    }
-    selected.sort_by_key(|p| p.time);
-    // Manifests are small and independent: fetch several at once. One that cannot
-    // be read (damaged, foreign, gone) is listed as such; the others are listed.
-    let fetched: Vec<Result<Manifest, RepoError>> =
-        stream::iter(selected.iter().map(|p| repo.manifest(p))).buffered(16).collect().await;
-    let mut manifests = Vec::with_capacity(fetched.len());
-    for (p, r) in selected.iter().zip(fetched) {
-        match r {
-            Ok(m) => manifests.push(Ok(m)),
-            Err(e) if e.is_damage() => {
-                eprintln!("warning: point {} of {} cannot be read: {e}", p.time, p.source);
-                manifests.push(Err(e.to_string()));
-            }
-            Err(e) => return Err(e.into()),
-        }
+    let selected = repo.timeline().points_within(source.as_deref(), span).await?;
+    // One manifest that cannot be read (damaged, foreign, gone) is listed as such;
+    // the others are listed.
+    let mut manifests = Vec::with_capacity(selected.len());
+    for (p, r) in selected.iter().zip(repo.manifests_of(&selected).await?) {
+        manifests.push(r.map_err(|e| {
+            eprintln!("warning: point {} of {} cannot be read: {e}", p.time, p.source);
+            e.to_string()
+        }));
     }
     if json {
         let v: Vec<_> = selected
@@ -450,19 +418,10 @@ async fn pg_ranges(repo: &Repository, points: &[PointRef], manifests: &[Result<M
 
 /// The source a reading command works on: the one given, or the only one there is.
 async fn pick_source(repo: &Repository, source: Option<String>) -> Result<String> {
-    if let Some(s) = source {
-        return Ok(s);
-    }
-    let all = repo.sources().await?;
-    match all.as_slice() {
-        [] => bail!("the repository has no points yet: make one with `ebb backup PATH`"),
-        [one] => Ok(one.clone()),
-        many => Err(UsageError(format!(
-            "the repository holds several sources ({}); choose one with --source",
-            many.join(", ")
-        ))
-        .into()),
-    }
+    repo.timeline().pick_source(source).await.map_err(|e| match e {
+        e @ RepoError::SeveralSources { .. } => UsageError(e.to_string()).into(),
+        e => e.into(),
+    })
 }
 
 async fn restore(

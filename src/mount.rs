@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use catalog::time::TimeSpec;
-use catalog::{RepoError, Timeline};
 use jiff::Timestamp;
 use mountd::{Fs, View};
 
@@ -126,7 +125,7 @@ pub async fn mount(
         None => View::Timeline(source.clone()),
         Some(spec) => {
             let now = Timestamp::now();
-            View::At(points_at(found.timeline(), spec, source.as_deref(), now).await?, spec.instant(now))
+            View::At(found.timeline().points_at(spec, source.as_deref(), now).await?, spec.instant(now))
         }
     };
     let repo = match key {
@@ -219,37 +218,6 @@ pub async fn mount(
     handle.unmount().with_context(|| format!("unmount {}", abs.display()))?;
     eprintln!("unmounted {}", abs.display());
     Ok(ExitCode::SUCCESS)
-}
-
-/// The point of each selected source at `spec`. One source must be found.
-async fn points_at(
-    timeline: Timeline<'_>,
-    spec: TimeSpec,
-    source: Option<&str>,
-    now: Timestamp,
-) -> Result<Vec<catalog::PointRef>> {
-    if let Some(s) = source {
-        return Ok(vec![timeline.resolve(s, spec, now).await?]);
-    }
-    let sources = timeline.sources().await?;
-    if sources.is_empty() {
-        bail!("the repository has no points yet: make one with `ebb backup PATH`");
-    }
-    let mut out = Vec::new();
-    let mut last_err = None;
-    for s in &sources {
-        match timeline.resolve(s, spec, now).await {
-            Ok(p) => out.push(p),
-            Err(e @ (RepoError::BeforeFirst { .. } | RepoError::NoPoints { .. } | RepoError::UnknownSource { .. })) => {
-                last_err = Some(e)
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    match (out.is_empty(), last_err) {
-        (true, Some(e)) => Err(e.into()),
-        _ => Ok(out),
-    }
 }
 
 /// The glibc tunable that backs large allocations with transparent huge pages
