@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use catalog::time::TimeSpec;
 use catalog::{Manifest, PointRef, RepoError, Repository, Secret, Store};
 use jiff::Timestamp;
@@ -105,17 +105,7 @@ async fn key(g: &Global, cmd: KeyCommand) -> Result<ExitCode> {
         }
         KeyCommand::Add { new_password_file, new_key_file } => {
             let slot = if let Some(path) = new_key_file {
-                let key: [u8; 32] = rand_key();
-                // Named only once its slot is durable: never a key file that opens nothing.
-                let pending = catalog::PendingKeyFile::create(&path, &key)
-                    .with_context(|| format!("create key file {}", path.display()))?;
-                let slot = repo.add_slot(Secret::KeyFile(key), catalog::DEFAULT_KDF, host()).await?;
-                if let Err(e) = pending.publish() {
-                    let _ = repo.remove_slot(&slot.slot).await;
-                    return Err(anyhow::Error::from(e)
-                        .context(format!("write key file {} (the key slot made for it is removed)", path.display())));
-                }
-                slot
+                repo.add_key_file(&path, catalog::DEFAULT_KDF, host()).await?
             } else {
                 let pw = new_password(new_password_file.as_deref())?;
                 repo.add_slot(Secret::Password(pw), catalog::DEFAULT_KDF, host()).await?
@@ -128,12 +118,6 @@ async fn key(g: &Global, cmd: KeyCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn rand_key() -> [u8; 32] {
-    let mut k = [0u8; 32];
-    getrandom::fill(&mut k).expect("the operating system's random generator failed");
-    k
 }
 
 /// The exit status of a backup that saved its point without some entries.

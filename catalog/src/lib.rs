@@ -41,7 +41,7 @@ pub use error::{BlobError, RepoError};
 pub use fragment::{Fragment, FragmentBuilder, FragmentRef, Growth, Overlay, FRAGS_DIR};
 pub use id::Id;
 pub use init::{Created, InitPlan};
-pub use keyfile::PendingKeyFile;
+pub use keyfile::KeyFileError;
 pub use keyslot::{
     decode_key_file, encode_key_file, prepare_kdf_memory, KdfParams, KeySlot, Secret, SlotKind, DEFAULT_KDF,
 };
