@@ -3,9 +3,10 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use jiff::Timestamp;
-use streamer::pg::archive::Delegated;
+use streamer::pg::delegate::{self, SecretFile};
+use streamer::pg::dsn::Dsn;
 use streamer::pg::walstream::PgStreamOptions;
 use streamer::state;
 
@@ -13,43 +14,23 @@ use crate::cli::{Global, PgCommand, PgStreamArgs};
 use crate::context::{host, open, repo_url, source_or_host};
 use crate::UsageError;
 
-/// The DSN parsed, with the password from PGPASSWORD when it gives none, and how to
-/// show it (without the password).
-fn dsn(text: &str) -> Result<(streamer::pg::tokio_postgres::Config, String)> {
-    let mut cfg = streamer::pg::parse_dsn(text).map_err(|e| UsageError(e.to_string()))?;
-    if cfg.get_password().is_none() {
-        if let Ok(pw) = std::env::var("PGPASSWORD") {
-            cfg.password(pw);
-        }
-    }
-    let hosts: Vec<String> = cfg
-        .get_hosts()
-        .iter()
-        .map(|h| match h {
-            streamer::pg::tokio_postgres::config::Host::Tcp(h) => h.clone(),
-            streamer::pg::tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-        })
-        .collect();
-    let mut shown = format!("host={}", if hosts.is_empty() { "(default socket)".into() } else { hosts.join(",") });
-    if let Some(p) = cfg.get_ports().first() {
-        shown.push_str(&format!(" port={p}"));
-    }
-    shown.push_str(&format!(" user={}", streamer::pg::wire::dsn_user(&cfg)));
-    Ok((cfg, shown))
+/// The DSN given, parsed; a malformed one is a usage error.
+fn dsn(text: &str) -> Result<Dsn> {
+    Ok(Dsn::parse(text).map_err(|e| UsageError(e.to_string()))?)
 }
 
 pub async fn stream_pg(g: &Global, a: PgStreamArgs) -> Result<ExitCode> {
     let source = source_or_host(a.source)?;
-    let (cfg, shown) = dsn(&a.dsn)?;
+    let dsn = dsn(&a.dsn)?;
     let slot = a.slot.unwrap_or_else(|| streamer::pg::default_slot(&source));
     let url = repo_url(g)?;
-    let state_file = crate::stream::claim_stream(a.state_dir, &url, &source)?;
+    let state_file = state::claim(a.state_dir, &url, &source)?;
     let metrics = crate::stream::serve_metrics(&source, a.rpo, a.metrics_addr).await?;
     let repo = open(g).await?;
     let opts = PgStreamOptions {
         source: source.clone(),
-        dsn: cfg.clone(),
-        dsn_display: shown.clone(),
+        dsn: dsn.config.clone(),
+        dsn_display: dsn.shown.clone(),
         slot: slot.clone(),
         flush_interval: a.flush_interval,
         rpo: a.rpo,
@@ -57,7 +38,7 @@ pub async fn stream_pg(g: &Global, a: PgStreamArgs) -> Result<ExitCode> {
         state_file,
     };
     if let Some(every) = a.base_backup_every {
-        let (repo, bb) = (repo.clone(), base_backup_options(&source, cfg, shown.clone()));
+        let (repo, bb) = (repo.clone(), dsn.base_backup(&source, host()));
         let metrics = metrics.clone();
         tokio::spawn(async move {
             loop {
@@ -72,7 +53,7 @@ pub async fn stream_pg(g: &Global, a: PgStreamArgs) -> Result<ExitCode> {
             }
         });
     }
-    eprintln!("streaming WAL of {shown} as {source} to {url} (slot {slot}); stop with Ctrl-C or SIGTERM");
+    eprintln!("streaming WAL of {} as {source} to {url} (slot {slot}); stop with Ctrl-C or SIGTERM", dsn.shown);
     crate::stream::holding(&repo, &source, "stream pg", async {
         streamer::pg::walstream::stream_pg(repo.clone(), opts, metrics, crate::stream::stop_requested())
             .await
@@ -83,70 +64,33 @@ pub async fn stream_pg(g: &Global, a: PgStreamArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn base_backup_options(
-    source: &str,
-    dsn: streamer::pg::tokio_postgres::Config,
-    shown: String,
-) -> streamer::pg::basebackup::BaseBackupOptions {
-    streamer::pg::basebackup::BaseBackupOptions { source: source.to_string(), dsn, dsn_display: shown, host: host() }
-}
-
-/// A word for `sh -c`.
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
 /// The restore_command a restored server runs: this ebb, this repository, the same
 /// key or password file, so nothing secret is written into the data directory.
 fn archive_get_command(g: &Global, source: &str) -> Result<String> {
     let exe = std::env::current_exe().context("find the ebb executable")?;
-    let mut cmd = vec![shell_quote(&exe.to_string_lossy()), "--repo".into(), shell_quote(&repo_url(g)?)];
-    let absolute = |p: &Path| std::path::absolute(p).map(|p| shell_quote(&p.to_string_lossy()));
-    if let Some(k) = &g.key_file {
-        cmd.extend(["--key-file".into(), absolute(k)?]);
-    } else if let Some(p) = &g.password_file {
-        cmd.extend(["--password-file".into(), absolute(p)?]);
-    } else {
-        return Err(UsageError(
-            "PostgreSQL fetches WAL by running ebb itself (restore_command), as the server's user: give the \
-             secret as --key-file or --password-file (EBB_KEY_FILE, EBB_PASSWORD_FILE), a file that user can read"
-                .into(),
-        )
-        .into());
-    }
-    cmd.extend(["pg".into(), "archive-get".into(), "--source".into(), shell_quote(source)]);
-    Ok(cmd.join(" "))
-}
-
-/// Starts this same `archive-push` again as the background pusher, detached, with
-/// its messages in `pusher.log` (of the last pusher) where it notes segments.
-fn start_pusher(dir: &Path) -> Result<std::process::Child> {
-    use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().context("find the ebb executable")?;
-    streamer::state::private_dir(dir).with_context(|| format!("create {}", dir.display()))?;
-    let log = dir.join("pusher.log");
-    let log = streamer::state::create_private(&log).with_context(|| format!("open {}", log.display()))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(std::env::args_os().skip(1)).arg("--pusher");
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log);
-    // SAFETY: setsid is async-signal-safe; the pusher outlives this call.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    cmd.spawn().context("start the archive pusher")
+    let url = repo_url(g)?;
+    let secret = match (&g.key_file, &g.password_file) {
+        (Some(k), _) => SecretFile::Key(k),
+        (None, Some(p)) => SecretFile::Password(p),
+        (None, None) => {
+            return Err(UsageError(
+                "PostgreSQL fetches WAL by running ebb itself (restore_command), as the server's user: give the \
+                 secret as --key-file or --password-file (EBB_KEY_FILE, EBB_PASSWORD_FILE), a file that user can read"
+                    .into(),
+            )
+            .into())
+        }
+    };
+    Ok(delegate::archive_get_command(&exe, &url, secret, source)?)
 }
 
 pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
     match cmd {
         PgCommand::BaseBackup { source, dsn: text } => {
             let source = source_or_host(source)?;
-            let (cfg, shown) = dsn(&text)?;
+            let dsn = dsn(&text)?;
             let repo = open(g).await?;
-            let (point, m) =
-                streamer::pg::basebackup::base_backup(&repo, &base_backup_options(&source, cfg, shown)).await?;
+            let (point, m) = streamer::pg::basebackup::base_backup(&repo, &dsn.base_backup(&source, host())).await?;
             let pg = m.pg.as_ref().expect("a base backup records its WAL");
             println!(
                 "base backup {} of source {source} saved: timeline {}, WAL {} to {}, {} files, {} added",
@@ -162,10 +106,7 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
         PgCommand::ArchivePush { source, read_ahead, state_dir, pusher, path } => {
             let source = source_or_host(source)?;
             let url = repo_url(g)?;
-            let ahead = state_dir.or_else(state::default_state_dir).filter(|_| read_ahead > 0).map(|dir| {
-                let file = state::state_file(&dir, &url, &source);
-                streamer::pg::archive::ReadAhead { dir: file.with_extension("pushed"), segments: read_ahead }
-            });
+            let ahead = delegate::read_ahead(state_dir, &url, &source, read_ahead);
             if pusher {
                 let ra = ahead.context("the pusher needs --read-ahead above 0 and a state directory")?;
                 let repo = open(g).await?;
@@ -175,16 +116,11 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
             }
             let said = match &ahead {
                 // Pushed ahead: answered without opening the repository.
-                Some(ra) if ra.pushed(&path) => Some(format!("{} was already archived (pushed ahead)", path.display())),
-                Some(ra) if ra.takes(&path) => {
-                    let started = if ra.pusher_running() { None } else { Some(start_pusher(&ra.dir)?) };
-                    match ra.wait(&path, started).await {
-                        Delegated::Pushed => Some(format!("archived {}", path.display())),
-                        Delegated::Failed(why) => bail!("{why}"),
-                        Delegated::PusherGone => None,
-                    }
+                Some(ra) => {
+                    let pusher = std::env::args_os().skip(1).chain(["--pusher".into()]);
+                    delegate::push_ahead(ra, &path, pusher).await?
                 }
-                _ => None,
+                None => None,
             };
             let said = match said {
                 Some(said) => said,

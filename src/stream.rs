@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use jiff::Timestamp;
 use serde_json::json;
-use streamer::state::{self, StreamState};
+use streamer::state;
 
 use crate::cli::{DirArgs, Global};
 use crate::context::{file_workers, host, open, repo_url, source_or_host, walk_excludes};
@@ -23,7 +23,7 @@ pub async fn stream_dir(g: &Global, d: DirArgs) -> Result<ExitCode> {
         Err(e) => return Err(UsageError(format!("cannot stream {}: {e}", d.path.display())).into()),
     }
     let url = repo_url(g)?;
-    let state_file = claim_stream(d.state_dir, &url, &source)?;
+    let state_file = state::claim(d.state_dir, &url, &source)?;
     let state_dir: Vec<PathBuf> = state_file.iter().filter_map(|f| f.parent().map(PathBuf::from)).collect();
     let excludes = walk_excludes(g, &d.exclude, &d.path, &state_dir)?;
     let root = std::fs::canonicalize(&d.path).map_err(|e| UsageError(format!("{}: {e}", d.path.display())))?;
@@ -59,25 +59,6 @@ pub async fn stream_dir(g: &Global, d: DirArgs) -> Result<ExitCode> {
     .await?;
     eprintln!("stopped streaming {source}");
     Ok(ExitCode::SUCCESS)
-}
-
-/// The state file of a stream of `source` to `url`, after checking that no other
-/// stream of it runs: one writer per source.
-pub fn claim_stream(state_dir: Option<PathBuf>, url: &str, source: &str) -> Result<Option<PathBuf>> {
-    let state_file = state_dir.or_else(state::default_state_dir).map(|dir| state::state_file(&dir, url, source));
-    if let Some(f) = &state_file {
-        if let Some(other) = std::fs::read(f).ok().and_then(|b| serde_json::from_slice::<StreamState>(&b).ok()) {
-            if other.running(Timestamp::now()) && other.pid != std::process::id() {
-                anyhow::bail!(
-                    "a stream of {source} to {url} is already running (pid {}); one writer per source",
-                    other.pid
-                );
-            }
-        }
-    } else {
-        tracing::warn!("no state directory (set EBB_STATE_DIR or HOME): `ebb status` will not see this stream");
-    }
-    Ok(state_file)
 }
 
 /// Runs `work` holding `source`: its lease in the repository, which no other stream

@@ -4,6 +4,8 @@
 
 pub mod archive;
 pub mod basebackup;
+pub mod delegate;
+pub mod dsn;
 pub mod restore;
 pub mod walscan;
 pub mod walstream;
