@@ -61,38 +61,14 @@ pub async fn stream_dir(g: &Global, d: DirArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs `work` holding `source`: its lease in the repository, which no other stream
-/// of the source can take meanwhile, on any host, whatever URL or state directory
-/// it uses. Renewed in the background, released at the end.
+/// Runs `work` holding `source`'s lease in the repository (`catalog::holding`).
 pub async fn holding<T>(
     repo: &catalog::Repository,
     source: &str,
     what: &str,
     work: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
-    let holder = catalog::Holder::this_process(host(), what);
-    let mut lease = catalog::Lease::acquire(repo, source, holder, state::pid_alive).await?;
-    let r = {
-        let renewing = async {
-            loop {
-                tokio::time::sleep(catalog::lease::RENEW).await;
-                match lease.renew(state::pid_alive).await {
-                    Ok(()) => {}
-                    // Another stream took the source while this one could not renew: stop.
-                    Err(e @ catalog::RepoError::SourceBusy { .. }) => {
-                        return anyhow::Error::from(e).context("this stream lost its lease, and stops");
-                    }
-                    Err(e) => tracing::warn!("cannot renew this stream's lease: {e}"),
-                }
-            }
-        };
-        tokio::select! {
-            r = work => r,
-            lost = renewing => Err(lost),
-        }
-    };
-    lease.release().await;
-    r
+    catalog::holding(repo, source, catalog::Holder::this_process(host(), what), state::pid_alive, work).await
 }
 
 /// A stream's metrics, served at `addr` when given.

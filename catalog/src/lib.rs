@@ -45,7 +45,7 @@ pub use keyfile::KeyFileError;
 pub use keyslot::{
     decode_key_file, encode_key_file, prepare_kdf_memory, KdfParams, KeySlot, Secret, SlotKind, DEFAULT_KDF,
 };
-pub use lease::{Holder, Lease};
+pub use lease::{holding, Holder, Lease, LeaseLost};
 pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef, PackEntry};
 pub use point::{validate_source, Manifest, PgInfo, PointRef, Skipped, Stats};
 pub use repair::{repair_index, IndexRepair};
