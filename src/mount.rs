@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use catalog::time::TimeSpec;
 use jiff::Timestamp;
+use mountd::mounts::{daemon_gone, is_mounted, mounted_at, Mounted};
 use mountd::{Fs, View};
 
 use crate::cli::Global;
@@ -17,44 +18,6 @@ use crate::UsageError;
 
 /// How long `ebb mount` waits for its daemon to have the mount ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The filesystem type and source of what is mounted at `path` (the last mount
-/// there), from /proc/self/mountinfo.
-fn mounted_at(path: &Path) -> Option<(String, String)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.to_string_lossy();
-    info.lines().rev().find_map(|l| {
-        let mut fields = l.split(' ');
-        if fields.clone().nth(4).is_none_or(|m| unescape(m) != want) {
-            return None;
-        }
-        // After the optional fields, " - " then the type and the source.
-        let mut after = fields.by_ref().skip_while(|f| *f != "-").skip(1);
-        Some((unescape(after.next()?), unescape(after.next()?)))
-    })
-}
-
-/// Whether `path` is a mountpoint.
-fn is_mounted(path: &Path) -> bool {
-    mounted_at(path).is_some()
-}
-
-/// Whether a mount is one of ebb's: a FUSE filesystem whose source `ebb mount` named.
-fn is_ebb(fstype: &str, source: &str) -> bool {
-    fstype.starts_with("fuse") && source.starts_with("ebb:")
-}
-
-/// Whether an error from a path under a FUSE mount means its daemon is gone. The
-/// kernel answers ENOTCONN once it has aborted the connection; a request caught
-/// while the daemon's device files are being closed gets ECONNABORTED.
-fn daemon_gone(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-}
 
 /// Checks the mountpoint and returns it absolute.
 fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
@@ -196,8 +159,9 @@ pub async fn mount(
         None => None,
     };
     let fs = Fs::new(repo.clone(), view, caches.memory as usize, disk).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let handle = mountd::mount(fs, tokio::runtime::Handle::current(), &abs, &format!("ebb:{}", repo.store().url()))
-        .with_context(|| format!("mount {} (is fuse3 installed and /dev/fuse available?)", abs.display()))?;
+    let handle =
+        mountd::mount(fs, tokio::runtime::Handle::current(), &abs, &mountd::mounts::fs_name(repo.store().url()))
+            .with_context(|| format!("mount {} (is fuse3 installed and /dev/fuse available?)", abs.display()))?;
     eprintln!("mounted {what} at {} (read-only); `ebb umount {}` to unmount", abs.display(), abs.display());
     if let Some(h) = handoff {
         h.ready();
@@ -428,13 +392,14 @@ pub fn umount(mountpoint: &Path) -> Result<ExitCode> {
     let abs = std::path::absolute(mountpoint).with_context(|| format!("resolve {}", mountpoint.display()))?;
     match mounted_at(&abs) {
         None => return Err(UsageError(format!("{} is not mounted", abs.display())).into()),
-        Some((fstype, source)) if !is_ebb(&fstype, &source) => {
+        Some(m) if !m.is_ebb() => {
+            let Mounted { fstype, source } = m;
             return Err(UsageError(format!(
                 "{} is not an ebb mount (it is {fstype} from {source}); `ebb umount` only unmounts what \
                  `ebb mount` mounted",
                 abs.display()
             ))
-            .into())
+            .into());
         }
         Some(_) => {}
     }
