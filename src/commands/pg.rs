@@ -1,4 +1,5 @@
-//! `ebb stream pg` and `ebb pg ...`: PostgreSQL sources.
+//! `ebb pg base-backup|archive-push|archive-get|restore`: PostgreSQL's base
+//! backups, its archive_command and restore_command, and point-in-time restores.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -7,88 +8,16 @@ use anyhow::{Context, Result};
 use jiff::Timestamp;
 use streamer::pg::delegate::{self, SecretFile};
 use streamer::pg::dsn::Dsn;
-use streamer::pg::walstream::PgStreamOptions;
-use streamer::state;
 
-use crate::cli::{Global, PgCommand, PgStreamArgs};
+use crate::cli::{Global, PgCommand, UsageError};
 use crate::context::{host, open, repo_url, source_or_host};
-use crate::UsageError;
-
-/// The DSN given, parsed; a malformed one is a usage error.
-fn dsn(text: &str) -> Result<Dsn> {
-    Ok(Dsn::parse(text).map_err(|e| UsageError(e.to_string()))?)
-}
-
-pub async fn stream_pg(g: &Global, a: PgStreamArgs) -> Result<ExitCode> {
-    let source = source_or_host(a.source)?;
-    let dsn = dsn(&a.dsn)?;
-    let slot = a.slot.unwrap_or_else(|| streamer::pg::default_slot(&source));
-    let url = repo_url(g)?;
-    let state_file = state::claim(a.state_dir, &url, &source)?;
-    let metrics = crate::stream::serve_metrics(&source, a.rpo, a.metrics_addr).await?;
-    let repo = open(g).await?;
-    let opts = PgStreamOptions {
-        source: source.clone(),
-        dsn: dsn.config.clone(),
-        dsn_display: dsn.shown.clone(),
-        slot: slot.clone(),
-        flush_interval: a.flush_interval,
-        rpo: a.rpo,
-        repository: url.clone(),
-        state_file,
-    };
-    if let Some(every) = a.base_backup_every {
-        let (repo, bb) = (repo.clone(), dsn.base_backup(&source, host()));
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            loop {
-                match streamer::pg::basebackup::base_backup(&repo, &bb).await {
-                    Ok((point, _)) => {
-                        metrics.newest_point(point.time);
-                        tracing::info!("base backup {} of {} saved", point.time, bb.source)
-                    }
-                    Err(e) => tracing::error!("base backup of {} failed: {e}", bb.source),
-                }
-                tokio::time::sleep(every).await;
-            }
-        });
-    }
-    eprintln!("streaming WAL of {} as {source} to {url} (slot {slot}); stop with Ctrl-C or SIGTERM", dsn.shown);
-    crate::stream::holding(&repo, &source, "stream pg", async {
-        streamer::pg::walstream::stream_pg(repo.clone(), opts, metrics, crate::stream::stop_requested())
-            .await
-            .map_err(anyhow::Error::from)
-    })
-    .await?;
-    eprintln!("stopped streaming {source}");
-    Ok(ExitCode::SUCCESS)
-}
-
-/// The restore_command a restored server runs: this ebb, this repository, the same
-/// key or password file, so nothing secret is written into the data directory.
-fn archive_get_command(g: &Global, source: &str) -> Result<String> {
-    let exe = std::env::current_exe().context("find the ebb executable")?;
-    let url = repo_url(g)?;
-    let secret = match (&g.key_file, &g.password_file) {
-        (Some(k), _) => SecretFile::Key(k),
-        (None, Some(p)) => SecretFile::Password(p),
-        (None, None) => {
-            return Err(UsageError(
-                "PostgreSQL fetches WAL by running ebb itself (restore_command), as the server's user: give the \
-                 secret as --key-file or --password-file (EBB_KEY_FILE, EBB_PASSWORD_FILE), a file that user can read"
-                    .into(),
-            )
-            .into())
-        }
-    };
-    Ok(delegate::archive_get_command(&exe, &url, secret, source)?)
-}
+use crate::output::bytes;
 
 pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
     match cmd {
         PgCommand::BaseBackup { source, dsn: text } => {
             let source = source_or_host(source)?;
-            let dsn = dsn(&text)?;
+            let dsn = Dsn::parse(&text).map_err(|e| UsageError(e.to_string()))?;
             let repo = open(g).await?;
             let (point, m) = streamer::pg::basebackup::base_backup(&repo, &dsn.base_backup(&source, host())).await?;
             let pg = m.pg.as_ref().expect("a base backup records its WAL");
@@ -99,7 +28,7 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
                 pg.start_lsn,
                 pg.stop_lsn,
                 m.stats.files,
-                crate::output::bytes(m.stats.new_bytes)
+                bytes(m.stats.new_bytes)
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -198,4 +127,24 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The restore_command a restored server runs: this ebb, this repository, the same
+/// key or password file, so nothing secret is written into the data directory.
+fn archive_get_command(g: &Global, source: &str) -> Result<String> {
+    let exe = std::env::current_exe().context("find the ebb executable")?;
+    let url = repo_url(g)?;
+    let secret = match (&g.key_file, &g.password_file) {
+        (Some(k), _) => SecretFile::Key(k),
+        (None, Some(p)) => SecretFile::Password(p),
+        (None, None) => {
+            return Err(UsageError(
+                "PostgreSQL fetches WAL by running ebb itself (restore_command), as the server's user: give the \
+                 secret as --key-file or --password-file (EBB_KEY_FILE, EBB_PASSWORD_FILE), a file that user can read"
+                    .into(),
+            )
+            .into())
+        }
+    };
+    Ok(delegate::archive_get_command(&exe, &url, secret, source)?)
 }
