@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use catalog::time::{parse_time, TimeSpec};
 use clap::{Args, Parser, Subcommand};
 
+/// A mistake in how ebb was called (exit code 2), found after parsing.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ebb",

@@ -8,9 +8,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use catalog::{Found, RepoError, Repository, Store};
 
-use crate::cli::Global;
+use crate::cli::{Global, UsageError};
 use crate::secret::secret;
-use crate::UsageError;
 
 /// The repository URL: --repo, EBB_REPOSITORY, or the default on the local disk.
 pub fn repo_url(g: &Global) -> Result<String> {

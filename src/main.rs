@@ -3,21 +3,13 @@
 mod cli;
 mod commands;
 mod context;
-mod mount;
 mod output;
-mod pg;
 mod secret;
-mod stream;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-
-/// A mistake in how ebb was called (exit code 2), found after parsing.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
 
 fn main() -> ExitCode {
     // Everything ebb creates is the user's alone: repository objects on file:// (key
@@ -50,7 +42,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ebb: {e:#}");
-            if e.is::<UsageError>() {
+            if e.is::<cli::UsageError>() {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)

@@ -1,9 +1,12 @@
-//! Output helpers: human-readable sizes, aligned tables, progress bars on a terminal.
+//! Output helpers: human-readable sizes and durations, aligned tables, a point as
+//! JSON, progress bars on a terminal.
 
 use std::io::IsTerminal;
 use std::time::Duration;
 
+use catalog::{Manifest, PointRef};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
 
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -54,4 +57,37 @@ pub fn spinner(quiet: bool) -> ProgressBar {
     pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("valid template"));
     pb.enable_steady_tick(Duration::from_millis(120));
     pb
+}
+
+/// `90s` as `1m30s`.
+pub fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, 0) => format!("{h}h"),
+        (h, m, _) => format!("{h}h{m}m"),
+    }
+}
+
+/// A point as `--json` shows it, with what its manifest says when it was read.
+pub fn point_json(p: &PointRef, m: Option<&Manifest>) -> serde_json::Value {
+    let mut v = json!({
+        "source": p.source,
+        "time": p.time.to_string(),
+        "id": p.short_id(),
+        "name": p.name,
+    });
+    if let Some(m) = m {
+        v["host"] = json!(m.host);
+        v["kind"] = json!(m.kind);
+        v["path"] = json!(m.path);
+        v["stats"] = serde_json::to_value(&m.stats).expect("stats serialize");
+        v["skipped"] = serde_json::to_value(&m.skipped).expect("skipped serializes");
+        if let Some(pg) = &m.pg {
+            v["pg"] = serde_json::to_value(pg).expect("pg info serializes");
+        }
+    }
+    v
 }

@@ -50,6 +50,11 @@ pub enum RepoError {
          left (see `ebb key list`)"
     )]
     RemovalRace { slot: String },
+    #[error("the repository has no points yet: make one with `ebb backup PATH`")]
+    NoSources,
+    /// No source was named, and there is more than one to choose from.
+    #[error("the repository holds several sources ({known}); choose one with --source")]
+    SeveralSources { known: String },
     #[error("source {name:?} has no points (sources: {known})")]
     NoPoints { name: String, known: String },
     #[error("unknown source {name:?}: the repository has no point of it (sources: {known})")]

@@ -1,7 +1,8 @@
 //! Key files on disk. A new key file is written where no one sees it (an anonymous
 //! file in the target's directory, mode 0600) and gets its name only once its key
 //! slot is durable: a crash at any moment leaves either no key file, or one that
-//! opens the repository, never one that opens nothing.
+//! opens the repository, never one that opens nothing. `Repository::add_key_file`
+//! makes a new key, its key slot and its file in that order.
 
 use std::fs::File;
 use std::io::Write;
@@ -9,7 +10,46 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::keyslot::encode_key_file;
+use crate::error::RepoError;
+use crate::id::random_bytes;
+use crate::keyslot::{encode_key_file, KdfParams, KeySlot, Secret};
+use crate::repo::Repository;
+
+/// Why no key file was added; no key slot was left for it either way.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("create key file {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Slot(#[from] RepoError),
+    #[error("write key file {} (the key slot made for it is removed)", path.display())]
+    Publish {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Repository {
+    /// A new random key, a key slot it opens, and the key file `path` that holds
+    /// it, named only once its slot is durable. If the file cannot be named, the
+    /// slot is removed again. Fails if `path` exists.
+    pub async fn add_key_file(&self, path: &Path, kdf: KdfParams, host: String) -> Result<KeySlot, KeyFileError> {
+        let key: [u8; 32] = random_bytes();
+        let pending =
+            PendingKeyFile::create(path, &key).map_err(|source| KeyFileError::Create { path: path.into(), source })?;
+        let slot = self.add_slot(Secret::KeyFile(key), kdf, host).await?;
+        if let Err(source) = pending.publish() {
+            let _ = self.remove_slot(&slot.slot).await;
+            return Err(KeyFileError::Publish { path: path.into(), source });
+        }
+        Ok(slot)
+    }
+}
 
 /// A key file written but not yet named.
 pub struct PendingKeyFile {
@@ -104,5 +144,26 @@ mod tests {
         let dropped = dir.path().join("d");
         drop(PendingKeyFile::create(&dropped, &[9; 32]).unwrap());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "a dropped key file leaves nothing");
+    }
+
+    #[tokio::test]
+    async fn a_key_file_added_opens_the_repository_and_one_not_made_leaves_no_slot() {
+        let store = crate::Store::open("memory://", true).unwrap();
+        let kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(store, &Secret::Password(b"pw".to_vec()), kdf, "h".into()).await.unwrap().0;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let slot = repo.add_key_file(&path, kdf, "h".into()).await.unwrap();
+        let key = crate::keyslot::decode_key_file(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let found = Repository::find(repo.store().clone()).await.unwrap();
+        assert_eq!(found.unlock(&Secret::KeyFile(key)).await.unwrap().slot(), slot.slot);
+
+        let slots = repo.key_slots().await.unwrap().0.len();
+        let again = repo.add_key_file(&path, kdf, "h".into()).await;
+        assert!(matches!(again, Err(KeyFileError::Create { .. })), "an existing file is never replaced");
+        assert_eq!(repo.key_slots().await.unwrap().0.len(), slots, "and no slot is made for it");
+        let no_dir = repo.add_key_file(&dir.path().join("none/k"), kdf, "h".into()).await;
+        assert!(matches!(no_dir, Err(KeyFileError::Create { .. })));
+        assert_eq!(repo.key_slots().await.unwrap().0.len(), slots);
     }
 }

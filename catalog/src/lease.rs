@@ -75,6 +75,48 @@ impl std::fmt::Display for Holder {
     }
 }
 
+/// Another writer took the source while its holder could not renew its lease.
+#[derive(Debug, thiserror::Error)]
+#[error("this stream lost its lease, and stops")]
+pub struct LeaseLost(#[source] pub RepoError);
+
+/// Runs `work` holding `source` for `holder` (`Lease::acquire`): no other writer
+/// can take the source meanwhile, on any host, whatever URL or state directory it
+/// uses. The lease is renewed every `RENEW` in the background and released at the
+/// end. If another writer takes the source meanwhile, `work` is dropped and the
+/// result is `LeaseLost`; a renewal that fails otherwise (the store unreachable) is
+/// logged, and tried again.
+pub async fn holding<T, E>(
+    repo: &Repository,
+    source: &str,
+    holder: Holder,
+    alive: impl Fn(u32) -> bool,
+    work: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E>
+where
+    E: From<RepoError> + From<LeaseLost>,
+{
+    let mut lease = Lease::acquire(repo, source, holder, &alive).await?;
+    let r = {
+        let renewing = async {
+            loop {
+                tokio::time::sleep(RENEW).await;
+                match lease.renew(&alive).await {
+                    Ok(()) => {}
+                    Err(e @ RepoError::SourceBusy { .. }) => return LeaseLost(e),
+                    Err(e) => tracing::warn!("cannot renew this stream's lease: {e}"),
+                }
+            }
+        };
+        tokio::select! {
+            r = work => r,
+            lost = renewing => Err(lost.into()),
+        }
+    };
+    lease.release().await;
+    r
+}
+
 /// A source held by this process. Renew it with `renew`, give it up with `release`.
 #[derive(Debug)]
 pub struct Lease {
@@ -252,6 +294,43 @@ mod tests {
         first.release().await;
         assert!(repo.store().list("leases/web").await.unwrap().is_empty());
         Lease::acquire(&repo, "web", holder("b", 20), |_| true).await.unwrap().release().await;
+    }
+
+    /// What work held by `holding` may fail with.
+    #[derive(Debug)]
+    enum Failed {
+        Repo(RepoError),
+        Lost,
+    }
+    impl From<RepoError> for Failed {
+        fn from(e: RepoError) -> Failed {
+            Failed::Repo(e)
+        }
+    }
+    impl From<LeaseLost> for Failed {
+        fn from(_: LeaseLost) -> Failed {
+            Failed::Lost
+        }
+    }
+
+    #[tokio::test]
+    async fn work_runs_holding_the_source_and_lets_it_go_after() {
+        let repo =
+            Repository::init(Store::memory(), &Secret::KeyFile([1; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
+        let other = Lease::acquire(&repo, "db", holder("b", 20), |_| true).await.unwrap();
+        let r: Result<u32, Failed> = holding(&repo, "web", holder("a", 10), |_| true, async {
+            let meanwhile = Lease::acquire(&repo, "web", holder("b", 20), |_| true).await;
+            assert!(meanwhile.is_err(), "held while the work runs");
+            Ok(7)
+        })
+        .await;
+        assert_eq!(r.unwrap(), 7);
+        assert!(repo.store().list("leases/web").await.unwrap().is_empty(), "released after");
+        let busy: Result<(), Failed> =
+            holding(&repo, "db", holder("a", 10), |_| true, async { panic!("work runs only holding the source") })
+                .await;
+        assert!(matches!(busy, Err(Failed::Repo(RepoError::SourceBusy { .. }))), "{busy:?}");
+        other.release().await;
     }
 
     /// Pids mean something only in one boot and pid namespace: the same host name

@@ -28,6 +28,7 @@ mod point;
 mod repair;
 mod repo;
 mod restore;
+mod select;
 mod store;
 pub mod time;
 pub mod tree;
@@ -42,16 +43,17 @@ pub use error::{BlobError, RepoError};
 pub use fragment::{Fragment, FragmentBuilder, FragmentRef, Growth, Overlay, FRAGS_DIR};
 pub use id::Id;
 pub use init::{Created, InitPlan};
-pub use keyfile::PendingKeyFile;
+pub use keyfile::KeyFileError;
 pub use keyslot::{
     decode_key_file, encode_key_file, prepare_kdf_memory, KdfParams, KeySlot, Secret, SlotKind, DEFAULT_KDF,
 };
-pub use lease::{Holder, Lease};
+pub use lease::{holding, Holder, Lease, LeaseLost};
 pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef, PackEntry};
 pub use point::{validate_source, Manifest, PgInfo, PointRef, Skipped, Stats};
 pub use repair::{repair_index, IndexRepair};
 pub use repo::{Found, Readable, Repository, Timeline};
 pub use restore::{restore, RestoreError, RestoreOptions, RestoreReport};
+pub use select::{only_source, InvertedSpan, Span};
 pub use store::{canonical_url, ObjectInfo, Store, StoreError};
 pub use verify::{verify, VerifyReport};
 pub use writer::{Durable, Packer, WriteError, Writer, WriterSummary};

@@ -1,10 +1,12 @@
 //! The read-only filesystem that shows any moment of a repository: an async core
-//! (`fs`) that knows nothing of FUSE, and a thin `fuser` adapter (`fuse`).
+//! (`fs`) that knows nothing of FUSE, a thin `fuser` adapter (`fuse`), and what the
+//! mount table says of a path (`mounts`).
 
 mod cache;
 mod error;
 mod fs;
 mod fuse;
+pub mod mounts;
 
 pub use cache::DiskCache;
 pub use error::FsError;

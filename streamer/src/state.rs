@@ -144,6 +144,36 @@ pub fn state_file(dir: &Path, repository: &str, source: &str) -> PathBuf {
     dir.join(format!("{source}-{}.json", hex::encode(&h[..6])))
 }
 
+/// Another stream of a source runs on this host.
+#[derive(Debug, thiserror::Error)]
+#[error("a stream of {source_name} to {repository} is already running (pid {pid}); one writer per source")]
+pub struct AlreadyRunning {
+    pub source_name: String,
+    pub repository: String,
+    pub pid: u32,
+}
+
+/// The state file of a stream of `source` to `repository`, in `dir` or else the
+/// default state directory, once no other stream of it is seen running there: one
+/// writer per source. `None` when there is no state directory: the stream runs, but
+/// `ebb status` will not see it.
+pub fn claim(dir: Option<PathBuf>, repository: &str, source: &str) -> Result<Option<PathBuf>, AlreadyRunning> {
+    let Some(file) = dir.or_else(default_state_dir).map(|dir| state_file(&dir, repository, source)) else {
+        tracing::warn!("no state directory (set EBB_STATE_DIR or HOME): `ebb status` will not see this stream");
+        return Ok(None);
+    };
+    if let Some(other) = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice::<StreamState>(&b).ok()) {
+        if other.running(Timestamp::now()) && other.pid != std::process::id() {
+            return Err(AlreadyRunning {
+                source_name: source.to_string(),
+                repository: repository.to_string(),
+                pid: other.pid,
+            });
+        }
+    }
+    Ok(Some(file))
+}
+
 /// Writes the state beside its place (a file of its own, mode 0600), then renames
 /// it there.
 pub fn write(path: &Path, state: &StreamState) -> std::io::Result<()> {
@@ -178,4 +208,49 @@ pub fn read_all(dir: &Path, repository: &str) -> std::io::Result<Vec<StreamState
     }
     out.sort_by(|a, b| a.source.cmp(&b.source));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(pid: u32, updated: Timestamp) -> StreamState {
+        StreamState {
+            source: "s".into(),
+            repository: "file:///r".into(),
+            kind: "dir".into(),
+            path: "/p".into(),
+            pid,
+            rpo_secs: 60,
+            started: updated,
+            updated,
+            durable_as_of: updated,
+            newest_point: None,
+            last_error: None,
+            last_error_at: None,
+        }
+    }
+
+    #[test]
+    fn a_source_is_claimed_unless_another_live_stream_writes_its_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let claim_here = || claim(Some(dir.path().to_path_buf()), "file:///r", "s");
+        let file = claim_here().unwrap().expect("a state directory was given");
+        assert_eq!(file, state_file(dir.path(), "file:///r", "s"));
+        assert!(claim(Some(dir.path().to_path_buf()), "file:///other", "s").unwrap() != Some(file.clone()));
+
+        let now = Timestamp::now();
+        // pid 1 is alive in every pid namespace.
+        write(&file, &state(1, now)).unwrap();
+        let e = claim_here().unwrap_err();
+        assert_eq!(e.pid, 1);
+        assert_eq!(e.to_string(), "a stream of s to file:///r is already running (pid 1); one writer per source");
+        // This process's own earlier state, a stale one, and an unreadable one do not stop it.
+        write(&file, &state(std::process::id(), now)).unwrap();
+        assert!(claim_here().is_ok());
+        write(&file, &state(1, now - jiff::SignedDuration::from_secs(60))).unwrap();
+        assert!(claim_here().is_ok());
+        std::fs::write(&file, b"{").unwrap();
+        assert!(claim_here().is_ok());
+    }
 }

@@ -7,6 +7,8 @@
 
 pub mod archive;
 pub mod basebackup;
+pub mod delegate;
+pub mod dsn;
 pub mod history;
 pub mod info;
 pub mod lsn;

@@ -1,0 +1,153 @@
+//! `ebb pg base-backup|archive-push|archive-get|restore`: PostgreSQL's base
+//! backups, its archive_command and restore_command, and point-in-time restores.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use jiff::Timestamp;
+use streamer::pg::delegate::{self, SecretFile};
+use streamer::pg::dsn::Dsn;
+
+use crate::cli::{Global, PgCommand, UsageError};
+use crate::context::{host, open, repo_url, source_or_host};
+use crate::output::bytes;
+
+pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
+    match cmd {
+        PgCommand::BaseBackup { source, dsn: text } => {
+            let source = source_or_host(source)?;
+            let dsn = Dsn::parse(&text).map_err(|e| UsageError(e.to_string()))?;
+            let repo = open(g).await?;
+            let (point, m) = streamer::pg::basebackup::base_backup(&repo, &dsn.base_backup(&source, host())).await?;
+            let pg = m.pg.as_ref().expect("a base backup records its WAL");
+            println!(
+                "base backup {} of source {source} saved: timeline {}, WAL {} to {}, {} files, {} added",
+                point.time,
+                pg.timeline,
+                pg.start_lsn,
+                pg.stop_lsn,
+                m.stats.files,
+                bytes(m.stats.new_bytes)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PgCommand::ArchivePush { source, read_ahead, state_dir, pusher, path } => {
+            let source = source_or_host(source)?;
+            let url = repo_url(g)?;
+            let ahead = delegate::read_ahead(state_dir, &url, &source, read_ahead);
+            if pusher {
+                let ra = ahead.context("the pusher needs --read-ahead above 0 and a state directory")?;
+                let repo = open(g).await?;
+                let wal_dir = path.parent().unwrap_or(Path::new("."));
+                streamer::pg::archive::run_pusher(&repo, &source, wal_dir, &ra).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let said = match &ahead {
+                // Pushed ahead: answered without opening the repository.
+                Some(ra) => {
+                    let pusher = std::env::args_os().skip(1).chain(["--pusher".into()]);
+                    delegate::push_ahead(ra, &path, pusher).await?
+                }
+                None => None,
+            };
+            let said = match said {
+                Some(said) => said,
+                None => {
+                    let repo = open(g).await?;
+                    streamer::pg::archive::archive_push(&repo, &source, &path).await?
+                }
+            };
+            if !g.quiet {
+                eprintln!("{said}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PgCommand::ArchiveGet { source, walname, dest } => {
+            let source = source_or_host(source)?;
+            let got = async {
+                let repo = open(g).await?;
+                Ok::<_, anyhow::Error>(streamer::pg::archive::archive_get(&repo, &source, &walname, &dest).await?)
+            }
+            .await;
+            match got {
+                Ok(true) => Ok(ExitCode::SUCCESS),
+                Ok(false) => {
+                    if !g.quiet {
+                        eprintln!("ebb: {walname} is not in the repository (source {source})");
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+                // Not "missing": PostgreSQL would end recovery early. An exit status
+                // above 125 makes it stop recovery instead, to be started again.
+                Err(e) => {
+                    eprintln!("ebb: cannot fetch {walname}: {e:#}");
+                    Ok(ExitCode::from(126))
+                }
+            }
+        }
+        PgCommand::Restore { at, source, datadir } => {
+            let source = source_or_host(source)?;
+            let archive_get = archive_get_command(g, &source)?;
+            match std::fs::read_dir(&datadir).map(|mut d| d.next().is_some()) {
+                Ok(true) => return Err(UsageError(format!("{} is not empty", datadir.display())).into()),
+                Ok(false) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(UsageError(format!("{}: {e}", datadir.display())).into()),
+            }
+            let now = Timestamp::now();
+            let at = at.instant(now);
+            if at > now {
+                return Err(UsageError(format!("{at} is in the future (it is now {now})")).into());
+            }
+            let repo = open(g).await?;
+            let opts = streamer::pg::restore::PgRestoreOptions {
+                source: source.clone(),
+                at,
+                target: datadir.clone(),
+                archive_get,
+            };
+            let r = streamer::pg::restore::pg_restore(&repo, &opts).await?;
+            for w in &r.files.warnings {
+                eprintln!("warning: {w}");
+            }
+            let how = if r.target_time {
+                format!("recovers to {at}")
+            } else {
+                format!(
+                    "replays all stored WAL (to {}): no transaction ended after {at}",
+                    streamer::pg::lsn::text(r.wal_end)
+                )
+            };
+            println!(
+                "restored base backup {} of source {source} into {} ({} files); starting PostgreSQL on it {how}, \
+                 on timeline {}",
+                r.point.time,
+                datadir.display(),
+                r.files.files,
+                r.timeline
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The restore_command a restored server runs: this ebb, this repository, the same
+/// key or password file, so nothing secret is written into the data directory.
+fn archive_get_command(g: &Global, source: &str) -> Result<String> {
+    let exe = std::env::current_exe().context("find the ebb executable")?;
+    let url = repo_url(g)?;
+    let secret = match (&g.key_file, &g.password_file) {
+        (Some(k), _) => SecretFile::Key(k),
+        (None, Some(p)) => SecretFile::Password(p),
+        (None, None) => {
+            return Err(UsageError(
+                "PostgreSQL fetches WAL by running ebb itself (restore_command), as the server's user: give the \
+                 secret as --key-file or --password-file (EBB_KEY_FILE, EBB_PASSWORD_FILE), a file that user can read"
+                    .into(),
+            )
+            .into())
+        }
+    };
+    Ok(delegate::archive_get_command(&exe, &url, secret, source)?)
+}
