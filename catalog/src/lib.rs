@@ -51,7 +51,7 @@ pub use lease::{holding, Holder, Lease, LeaseLost};
 pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef, PackEntry};
 pub use point::{validate_source, Manifest, PgInfo, PointRef, Skipped, Stats};
 pub use repair::{repair_index, IndexRepair};
-pub use repo::{Found, Readable, Repository, Timeline};
+pub use repo::{Found, PointNames, Readable, Repository};
 pub use restore::{restore, RestoreError, RestoreOptions, RestoreReport};
 pub use select::{only_source, InvertedSpan, Span};
 pub use store::{canonical_url, ObjectInfo, Store, StoreError};

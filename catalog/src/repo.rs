@@ -207,24 +207,24 @@ impl Repository {
     }
 
     /// The points, known from their names: no key needed.
-    pub fn timeline(&self) -> Timeline<'_> {
-        Timeline { store: &self.store }
+    pub fn point_names(&self) -> PointNames<'_> {
+        PointNames { store: &self.store }
     }
 
     pub async fn sources(&self) -> Result<Vec<String>, RepoError> {
-        self.timeline().sources().await
+        self.point_names().sources().await
     }
 
     pub async fn points(&self, source: &str) -> Result<Vec<PointRef>, RepoError> {
-        self.timeline().points(source).await
+        self.point_names().points(source).await
     }
 
     pub async fn point_at(&self, source: &str, t: Timestamp) -> Result<Option<PointRef>, RepoError> {
-        self.timeline().point_at(source, t).await
+        self.point_names().point_at(source, t).await
     }
 
     pub async fn resolve(&self, source: &str, spec: TimeSpec, now: Timestamp) -> Result<PointRef, RepoError> {
-        self.timeline().resolve(source, spec, now).await
+        self.point_names().resolve(source, spec, now).await
     }
 
     pub async fn manifest(&self, point: &PointRef) -> Result<Manifest, RepoError> {
@@ -284,8 +284,8 @@ impl Found {
     }
 
     /// The points, known from their names: no key needed.
-    pub fn timeline(&self) -> Timeline<'_> {
-        Timeline { store: &self.store }
+    pub fn point_names(&self) -> PointNames<'_> {
+        PointNames { store: &self.store }
     }
 
     /// Unlocks with the first key slot the secret opens.
@@ -344,11 +344,11 @@ impl Found {
 /// The sources and points of a repository, from object names alone: what a locked
 /// repository can already answer.
 #[derive(Clone, Copy)]
-pub struct Timeline<'a> {
+pub struct PointNames<'a> {
     store: &'a Store,
 }
 
-impl Timeline<'_> {
+impl PointNames<'_> {
     /// Source names, from one delimited listing of `points/`.
     pub async fn sources(&self) -> Result<Vec<String>, RepoError> {
         Ok(self.store.list_dirs(POINTS_DIR).await?)

@@ -1,14 +1,14 @@
 //! Which points a reading command works on: the source when none is named, the
 //! points within a span of time, the point of each source at a moment, and their
 //! manifests with the damaged ones told apart. Sources and points come from object
-//! names alone (`Timeline`), so a repository still locked can answer.
+//! names alone (`PointNames`), so a repository still locked can answer.
 
 use futures::stream::{self, StreamExt};
 use jiff::Timestamp;
 
 use crate::error::RepoError;
 use crate::point::{Manifest, PointRef};
-use crate::repo::{Repository, Timeline};
+use crate::repo::{PointNames, Repository};
 use crate::time::TimeSpec;
 
 /// Manifests fetched at once when listing: they are small and independent.
@@ -60,7 +60,7 @@ pub fn only_source(named: Option<String>, all: &[String]) -> Result<String, Repo
     }
 }
 
-impl Timeline<'_> {
+impl PointNames<'_> {
     /// `only_source`, listing the sources only when none is named.
     pub async fn pick_source(&self, named: Option<String>) -> Result<String, RepoError> {
         let all = if named.is_some() { Vec::new() } else { self.sources().await? };
@@ -194,7 +194,7 @@ mod tests {
             ("b", "2026-11-21T13:00:00Z"),
         ])
         .await;
-        let t = repo.timeline();
+        let t = repo.point_names();
         let times = |ps: Vec<PointRef>| ps.iter().map(|p| (p.source.clone(), p.time.to_string())).collect::<Vec<_>>();
         let span = Span { since: Some(at("2026-11-21T11:00:00Z")), until: Some(at("2026-11-21T12:00:00Z")) };
         assert_eq!(
@@ -227,7 +227,7 @@ mod tests {
     #[tokio::test]
     async fn an_empty_repository_has_no_source_to_pick() {
         let repo = repo_with_points(&[]).await;
-        let t = repo.timeline();
+        let t = repo.point_names();
         assert!(matches!(t.pick_source(None).await, Err(RepoError::NoSources)));
         assert!(matches!(t.points_at(TimeSpec::Latest, None, Timestamp::now()).await, Err(RepoError::NoSources)));
         assert_eq!(t.pick_source(Some("db".into())).await.unwrap(), "db");

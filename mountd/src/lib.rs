@@ -10,5 +10,5 @@ pub mod mounts;
 
 pub use cache::DiskCache;
 pub use error::FsError;
-pub use fs::{Attr, Data, Fs, Kind, View, ROOT};
+pub use fs::{Attr, Data, Fs, Kind, Scope, ROOT};
 pub use fuse::{mount, MountHandle};

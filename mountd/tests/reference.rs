@@ -4,7 +4,7 @@
 //! points that random edits lead from one to the next: files written, rewritten in
 //! place or replaced, hard-linked, renamed and removed, with holes and extended
 //! attributes, directories and symlinks. The model is the sources' trees, kept as
-//! plain maps. The case mounts one view of the repository (every point, one source's
+//! plain maps. The case mounts one scope of the repository (every point, one source's
 //! points, or one moment of several sources or of one) and asks the core, in random
 //! order, to look up, stat, read, list, readlink, seek and read attributes of paths
 //! that exist and paths that do not, and compares every answer with what the model
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use catalog::tree::{Entry, EntryKind, Extent, Timestamp as TreeTime, Tree};
 use catalog::{BlobKind, Manifest, Packer, Repository, Secret, Store, Writer};
 use jiff::Timestamp;
-use mountd::{Fs, FsError, Kind, View, ROOT};
+use mountd::{Fs, FsError, Kind, Scope, ROOT};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------
@@ -358,13 +358,13 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Which view of the repository a case mounts.
+/// Which scope of the repository a case mounts.
 #[derive(Debug, Clone)]
-enum ViewChoice {
+enum ScopeChoice {
     /// Every point of every source.
-    Timeline,
+    EveryPoint,
     /// Every point of one source.
-    TimelineOf(u8),
+    EveryPointOf(u8),
     /// The state at a moment: this many seconds into the points' times.
     At(u8),
     /// One source at a moment.
@@ -375,7 +375,7 @@ enum ViewChoice {
 struct Case {
     /// Each source: the edits before each of its points.
     sources: Vec<Vec<Vec<Op>>>,
-    view: ViewChoice,
+    scope: ScopeChoice,
     cache_bytes: usize,
     /// What to ask, in order: (which path, what to do, a number for offsets).
     probes: Vec<(u16, u8, u32, u32)>,
@@ -384,17 +384,17 @@ struct Case {
 fn case() -> impl Strategy<Value = Case> {
     let point = prop::collection::vec(op(), 0..12);
     let source = prop::collection::vec(point, 1..4);
-    let view = prop_oneof![
-        Just(ViewChoice::Timeline),
-        any::<u8>().prop_map(ViewChoice::TimelineOf),
-        any::<u8>().prop_map(ViewChoice::At),
-        (any::<u8>(), any::<u8>()).prop_map(|(s, t)| ViewChoice::AtOf(s, t)),
+    let scope = prop_oneof![
+        Just(ScopeChoice::EveryPoint),
+        any::<u8>().prop_map(ScopeChoice::EveryPointOf),
+        any::<u8>().prop_map(ScopeChoice::At),
+        (any::<u8>(), any::<u8>()).prop_map(|(s, t)| ScopeChoice::AtOf(s, t)),
     ];
     let cache = prop_oneof![Just(64 << 10), Just(64 << 20)];
     let probes = prop::collection::vec((any::<u16>(), any::<u8>(), any::<u32>(), any::<u32>()), 20..80);
-    (prop::collection::vec(source, 1..4), view, cache, probes).prop_map(|(sources, view, cache_bytes, probes)| Case {
+    (prop::collection::vec(source, 1..4), scope, cache, probes).prop_map(|(sources, scope, cache_bytes, probes)| Case {
         sources,
-        view,
+        scope,
         cache_bytes,
         probes,
     })
@@ -570,8 +570,8 @@ fn c(name: &str) -> Vec<u8> {
 }
 
 /// Builds the expected mount of `case` over `models` (each source's model after
-/// each point) and returns the view to mount.
-fn expected(case: &Case, models: &[Vec<Arc<MFs>>], points: &[Vec<catalog::PointRef>]) -> (View, Expected) {
+/// each point) and returns the scope to mount.
+fn expected(case: &Case, models: &[Vec<Arc<MFs>>], points: &[Vec<catalog::PointRef>]) -> (Scope, Expected) {
     let mut want = Expected { paths: BTreeMap::new() };
     let n = models.len();
     // Moments: a little after each point's time, before the next; and one before all.
@@ -611,22 +611,22 @@ fn expected(case: &Case, models: &[Vec<Arc<MFs>>], points: &[Vec<catalog::PointR
             want.add_point(by_moment, &models[s][k]);
         }
     };
-    let view = match case.view {
-        ViewChoice::Timeline => {
+    let scope = match case.scope {
+        ScopeChoice::EveryPoint => {
             let names = (0..n).map(|s| (c(SOURCES[s]), Kind::Dir)).collect();
             want.synthetic(Vec::new(), Some(names));
             for s in 0..n {
                 timeline(&mut want, vec![c(SOURCES[s])], s);
             }
-            View::Timeline(None)
+            Scope::EveryPoint(None)
         }
-        ViewChoice::TimelineOf(i) => {
+        ScopeChoice::EveryPointOf(i) => {
             let s = i as usize % n;
             want.synthetic(Vec::new(), Some(vec![(c(SOURCES[s]), Kind::Dir)]));
             timeline(&mut want, vec![c(SOURCES[s])], s);
-            View::Timeline(Some(SOURCES[s].to_string()))
+            Scope::EveryPoint(Some(SOURCES[s].to_string()))
         }
-        ViewChoice::At(i) => {
+        ScopeChoice::At(i) => {
             let t = moment(i);
             let shown: Vec<usize> = (0..n).filter(|&s| at_point(s, t).is_some()).collect();
             if shown.len() == 1 {
@@ -638,17 +638,17 @@ fn expected(case: &Case, models: &[Vec<Arc<MFs>>], points: &[Vec<catalog::PointR
                     want.add_point(vec![c(SOURCES[s])], &models[s][at_point(s, t).unwrap()]);
                 }
             }
-            View::At(shown.iter().map(|&s| points[s][at_point(s, t).unwrap()].clone()).collect(), t)
+            Scope::Moment(shown.iter().map(|&s| points[s][at_point(s, t).unwrap()].clone()).collect(), t)
         }
-        ViewChoice::AtOf(i, j) => {
+        ScopeChoice::AtOf(i, j) => {
             let s = i as usize % n;
             let k = j as usize % models[s].len();
             let t = point_time(s, k).checked_add(jiff::SignedDuration::from_millis(700)).unwrap();
             want.add_point(Vec::new(), &models[s][k]);
-            View::At(vec![points[s][k].clone()], t)
+            Scope::Moment(vec![points[s][k].clone()], t)
         }
     };
-    (view, want)
+    (scope, want)
 }
 
 // ---------------------------------------------------------------------------
@@ -931,8 +931,8 @@ fn run(case: Case) -> Result<(), TestCaseError> {
             models.push(ms);
             points.push(ps);
         }
-        let (view, want) = expected(&case, &models, &points);
-        let fs = Fs::new(repo, view, case.cache_bytes, None).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let (scope, want) = expected(&case, &models, &points);
+        let fs = Fs::new(repo, scope, case.cache_bytes, None).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
         let mut seen = Seen { by_ino: HashMap::new(), by_identity: HashMap::new() };
         for &which in &case.probes {
             probe(&fs, &want, &mut seen, which).await?;

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use catalog::time::TimeSpec;
 use jiff::Timestamp;
 use mountd::mounts::{daemon_gone, is_mounted};
-use mountd::{Fs, View};
+use mountd::{Fs, Scope};
 
 use crate::cli::{Global, UsageError};
 use daemon::{Daemon, Handoff};
@@ -103,10 +103,10 @@ async fn serve(
     let key = handoff.as_ref().map(Handoff::key);
     let found = crate::context::find(g).await?;
     let view = match at {
-        None => View::Timeline(source.clone()),
+        None => Scope::EveryPoint(source.clone()),
         Some(spec) => {
             let now = Timestamp::now();
-            View::At(found.timeline().points_at(spec, source.as_deref(), now).await?, spec.instant(now))
+            Scope::Moment(found.point_names().points_at(spec, source.as_deref(), now).await?, spec.instant(now))
         }
     };
     let repo = match key {
@@ -116,7 +116,7 @@ async fn serve(
     // A point that cannot be read is passed over for the one before it, with a
     // warning (to `ebb mount`, through the daemon's stdout, as well).
     let view = match view {
-        View::At(points, at) => {
+        Scope::Moment(points, at) => {
             let mut readable = Vec::new();
             for p in points {
                 match repo.readable_point_at(&p.source, p.time).await? {
@@ -139,7 +139,7 @@ async fn serve(
                     ),
                 }
             }
-            View::At(readable, at)
+            Scope::Moment(readable, at)
         }
         v => v,
     };
@@ -162,12 +162,12 @@ async fn serve(
         }
     });
     let what = match &view {
-        View::At(points, at) => {
+        Scope::Moment(points, at) => {
             let of = points.iter().map(|p| format!("{} (point {})", p.source, p.time)).collect::<Vec<_>>().join(", ");
             format!("{of} as of {at}")
         }
-        View::Timeline(Some(s)) => format!("every point of {s}"),
-        View::Timeline(None) => "every point of every source".to_string(),
+        Scope::EveryPoint(Some(s)) => format!("every point of {s}"),
+        Scope::EveryPoint(None) => "every point of every source".to_string(),
     };
     let disk = match &caches.dir {
         Some(dir) => Some(

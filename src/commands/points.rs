@@ -23,7 +23,7 @@ pub async fn points(
     let span = catalog::Span::new(since, until, Timestamp::now())
         .map_err(|e| UsageError(format!("--since {} is after --until {}: no point can be both", e.since, e.until)))?;
     let repo = open(g).await?;
-    let selected = repo.timeline().points_within(source.as_deref(), span).await?;
+    let selected = repo.point_names().points_within(source.as_deref(), span).await?;
     // One manifest that cannot be read (damaged, foreign, gone) is listed as such;
     // the others are listed.
     let mut manifests = Vec::with_capacity(selected.len());

@@ -14,7 +14,7 @@ use crate::output::{bytes, spinner};
 
 /// The source a reading command works on: the one given, or the only one there is.
 async fn pick_source(repo: &Repository, source: Option<String>) -> Result<String> {
-    repo.timeline().pick_source(source).await.map_err(|e| match e {
+    repo.point_names().pick_source(source).await.map_err(|e| match e {
         e @ RepoError::SeveralSources { .. } => UsageError(e.to_string()).into(),
         e => e.into(),
     })

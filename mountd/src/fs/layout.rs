@@ -22,14 +22,14 @@ const NEWEST_TTL: Duration = Duration::from_secs(1);
 
 /// What the mount shows.
 #[derive(Debug, Clone)]
-pub enum View {
+pub enum Scope {
     /// The state at one moment: the point of each source at or before it, with the
     /// appends shipped after that point up to the moment. Shown directly when there
     /// is one source, under `<source>/` otherwise.
-    At(Vec<PointRef>, Timestamp),
+    Moment(Vec<PointRef>, Timestamp),
     /// Every point: `<source>/latest`, `<source>/points/<time>/`, `<source>/at/<T>/`.
     /// `Some(source)` limits it to one source.
-    Timeline(Option<String>),
+    EveryPoint(Option<String>),
 }
 
 /// What a made-up directory holds.
@@ -44,7 +44,7 @@ pub(crate) enum Listing {
 
 pub(crate) struct Layout {
     repo: Repository,
-    view: View,
+    scope: Scope,
     /// source -> its newest point, and when that was listed.
     newest: Mutex<HashMap<String, (Instant, Option<PointRef>)>>,
     /// Points whose manifest was read: candidates for `latest` without a read.
@@ -52,15 +52,15 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
-    pub fn new(repo: Repository, view: View) -> Layout {
-        Layout { repo, view, newest: Mutex::new(HashMap::new()), readable: Mutex::new(HashSet::new()) }
+    pub fn new(repo: Repository, scope: Scope) -> Layout {
+        Layout { repo, scope, newest: Mutex::new(HashMap::new()), readable: Mutex::new(HashSet::new()) }
     }
 
-    /// The top of the mount: with one point in an `At` view, that point's top
+    /// The top of the mount: with one point in a `Moment` scope, that point's top
     /// directory, which costs one manifest and one tree fetch.
     pub async fn root(&self) -> Result<Node, FsError> {
-        match &self.view {
-            View::At(points, at) if points.len() == 1 => self.point_node(&points[0], Some(*at)).await,
+        match &self.scope {
+            Scope::Moment(points, at) if points.len() == 1 => self.point_node(&points[0], Some(*at)).await,
             _ => Ok(Node::synthetic(Synth::Root)),
         }
     }
@@ -137,11 +137,11 @@ impl Layout {
         Ok(Node::entry(entry, &overlay))
     }
 
-    fn sources_of_view(&self) -> Option<Vec<String>> {
-        match &self.view {
-            View::At(points, _) => Some(points.iter().map(|p| p.source.clone()).collect()),
-            View::Timeline(Some(s)) => Some(vec![s.clone()]),
-            View::Timeline(None) => None,
+    fn sources_in_scope(&self) -> Option<Vec<String>> {
+        match &self.scope {
+            Scope::Moment(points, _) => Some(points.iter().map(|p| p.source.clone()).collect()),
+            Scope::EveryPoint(Some(s)) => Some(vec![s.clone()]),
+            Scope::EveryPoint(None) => None,
         }
     }
 
@@ -149,12 +149,12 @@ impl Layout {
     pub async fn lookup(&self, s: &Synth, name: &[u8]) -> Result<(Vec<u8>, Node), FsError> {
         let name_str = std::str::from_utf8(name).map_err(|_| FsError::NotFound)?;
         match s {
-            Synth::Root => match &self.view {
-                View::At(points, at) => {
+            Synth::Root => match &self.scope {
+                Scope::Moment(points, at) => {
                     let p = points.iter().find(|p| p.source == name_str).ok_or(FsError::NotFound)?;
                     Ok((name.to_vec(), self.point_node(p, Some(*at)).await?))
                 }
-                View::Timeline(only) => {
+                Scope::EveryPoint(only) => {
                     if only.as_deref().is_some_and(|o| o != name_str) || catalog::validate_source(name_str).is_err() {
                         return Err(FsError::NotFound);
                     }
@@ -205,7 +205,7 @@ impl Layout {
     /// What the made-up directory `s` holds.
     pub async fn list(&self, s: &Synth) -> Result<Listing, FsError> {
         match s {
-            Synth::Root => Ok(Listing::Sources(match self.sources_of_view() {
+            Synth::Root => Ok(Listing::Sources(match self.sources_in_scope() {
                 Some(s) => s,
                 None => self.repo.sources().await?,
             })),

@@ -23,7 +23,7 @@ use futures::{StreamExt, TryStreamExt};
 
 pub use attr::{Attr, Kind};
 pub use inodes::ROOT;
-pub use layout::View;
+pub use layout::Scope;
 pub use read::Data;
 
 use crate::cache::DiskCache;
@@ -48,16 +48,16 @@ pub struct Fs {
 }
 
 impl Fs {
-    /// Prepares a mount of what `view` shows, keeping `cache_bytes` of chunks in
+    /// Prepares a mount of what `scope` shows, keeping `cache_bytes` of chunks in
     /// memory and, if given, sealed chunks in `disk`.
     pub async fn new(
         repo: Repository,
-        view: View,
+        scope: Scope,
         cache_bytes: usize,
         disk: Option<DiskCache>,
     ) -> Result<Arc<Fs>, FsError> {
         let fetcher = Fetcher::new(repo.clone(), cache_bytes, disk);
-        let layout = Layout::new(repo, view);
+        let layout = Layout::new(repo, scope);
         let root = layout.root().await?;
         Ok(Arc::new(Fs {
             layout,
