@@ -77,7 +77,7 @@ pub enum Command {
     /// Store one recovery point of a file or directory tree. Exits 3 when the point
     /// was saved without some entries that could not be read (see --allow-skipped)
     Backup {
-        /// Source name: the timeline this point belongs to [default: the host name]
+        /// Source name: the series of points this one belongs to [default: the host name]
         #[arg(long, value_parser = parse_source)]
         source: Option<String>,
         /// Leave out matching paths: a name at any depth (*.tmp), or a path below PATH (cache/**)
@@ -186,7 +186,7 @@ while mounted appear within seconds. Data is fetched and decrypted only when rea
 
 #[derive(clap::Args, Debug)]
 pub struct DirArgs {
-    /// Source name: the timeline the points belong to [default: the host name]
+    /// Source name: the series the points belong to [default: the host name]
     #[arg(long, value_parser = parse_source)]
     pub source: Option<String>,
     /// Recovery point objective: the most a change may wait to be durable (e.g. 30s, 1m, 15m)
