@@ -1,4 +1,5 @@
-//! The command line: flags parsed into validated values. No repository logic here.
+//! The command line: flags parsed into validated values, and the usage error (exit
+//! code 2) a command may still find after parsing. No repository logic here.
 
 use std::path::PathBuf;
 
