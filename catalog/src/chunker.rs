@@ -108,7 +108,9 @@ pub fn chunks<R: Read>(reader: R, seed: u64) -> std::io::Result<Vec<Vec<u8>>> {
 mod tests {
     use super::*;
 
-    fn noise(n: usize, mut x: u64) -> Vec<u8> {
+    /// `n` bytes of xorshift noise from seed `x` (made odd, so never all zeros).
+    pub(super) fn noise(n: usize, mut x: u64) -> Vec<u8> {
+        x |= 1;
         (0..n)
             .map(|_| {
                 x ^= x << 13;
@@ -167,20 +169,9 @@ mod tests {
 
 #[cfg(test)]
 mod properties {
+    use super::tests::noise;
     use super::*;
     use proptest::prelude::*;
-
-    fn noise(n: usize, mut x: u64) -> Vec<u8> {
-        x |= 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     /// Reads `steps` bytes at a time, in turn: a pipe, a slow disk, a short read.
     struct Uneven<'a>(&'a [u8], Vec<usize>, usize);
