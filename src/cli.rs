@@ -112,7 +112,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Restore the state at a moment into a new or empty directory
+    /// Restore the state at a moment into a new or empty directory, or over an existing tree
+    #[command(long_about = "Restore the state at a moment into TARGET, a new or empty directory. \
+With --overwrite, TARGET may hold an earlier copy (or an interrupted restore): files that already have \
+the point's size, time and content are kept, the others are rewritten, and what the point does not \
+have is removed, so running a restore again after an interruption fetches only what is missing. \
+Files are written under temporary names and renamed into place once complete.")]
     Restore {
         /// The moment: RFC 3339, local "2026-11-21 10:15", @UNIX, "15m ago", or latest
         #[arg(long, value_parser = parse_time_arg, value_name = "T")]
@@ -124,6 +129,16 @@ pub enum Command {
         /// directory); it lands as TARGET/<its name>
         #[arg(long, value_name = "P")]
         path: Option<PathBuf>,
+        /// Restore over what TARGET holds, keeping the files that are already right
+        /// and removing what the point does not have
+        #[arg(long, visible_alias = "delta")]
+        overwrite: bool,
+        /// Memory the restore may use, e.g. 256MiB or 1GiB
+        #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+        memory: u64,
+        /// Print the summary as JSON
+        #[arg(long)]
+        json: bool,
         target: PathBuf,
     },
     /// Mount the state at a moment (or every point) as a read-only filesystem

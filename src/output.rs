@@ -59,6 +59,22 @@ pub fn spinner(quiet: bool) -> ProgressBar {
     pb
 }
 
+/// A bar of bytes on stderr (with files, rate and ETA) when it is a terminal and
+/// not quiet; hidden otherwise. With no length set, it shows no ETA.
+pub fn progress_bar(quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "[{elapsed_precise}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {wide_msg}",
+        )
+        .expect("valid template"),
+    );
+    pb
+}
+
 /// `90s` as `1m30s`.
 pub fn humanize(d: Duration) -> String {
     let s = d.as_secs();

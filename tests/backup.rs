@@ -6,7 +6,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{assert_trees_equal, build_fidelity_tree, pseudo_random_bytes, Backend, TestRepo};
+use common::{assert_trees_equal, build_fidelity_tree, pseudo_random_bytes, Backend, SmallFs, TestRepo};
 use jiff::{SignedDuration, Timestamp};
 use serde_json::Value;
 
@@ -315,43 +315,6 @@ fn bad_input_changes_nothing() {
 }
 
 // ---------------------------------------------------------------- a full disk
-
-/// A small tmpfs, mounted for one test and unmounted after it (CI runs as root).
-struct SmallFs {
-    dir: tempfile::TempDir,
-}
-
-impl SmallFs {
-    fn mount(size: &str) -> SmallFs {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mounting a tmpfs needs root: run the tests as root, as CI does");
-        SmallFs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn resize(&self, size: &str) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(self.dir.path())
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
-    }
-}
 
 /// Runs `ebb ARGS` and kills it if it has not ended within `limit`.
 fn run_within(repo: &TestRepo, args: &[&str], limit: std::time::Duration) -> std::process::Output {

@@ -1,7 +1,8 @@
 //! A store that misbehaves on purpose, for tests of the failure paths a process kill
 //! cannot reach deterministically: the Nth request of a kind, on names under a
 //! prefix, fails, waits, comes back truncated or corrupted, or (for a put) is
-//! acknowledged and then lost.
+//! acknowledged and then lost; or every read of one byte of an object does (damage
+//! that stays, as a bad sector of a store would).
 //!
 //! `Store::with_faults` wraps any store in one. The wrapper sits under `Store`, so
 //! everything above it (the writer, restore, verify, the streams) meets the fault
@@ -55,6 +56,8 @@ struct Rule {
     prefix: String,
     /// The matching request this rule picks, from 1; 0 picks every one.
     nth: usize,
+    /// Only reads whose range holds this byte match; a corruption flips it.
+    at: Option<u64>,
     fault: Fault,
     seen: AtomicUsize,
 }
@@ -83,6 +86,19 @@ impl Faults {
         self.push(op, prefix, 0, fault)
     }
 
+    /// Every read of the object `name` whose range holds byte `offset` meets
+    /// `fault` (a corruption flips that byte), until `clear`.
+    pub fn reading(&self, name: &str, offset: u64, fault: Fault) -> &Faults {
+        self.add(Rule {
+            op: Op::Get,
+            prefix: name.to_string(),
+            nth: 0,
+            at: Some(offset),
+            fault,
+            seen: AtomicUsize::new(0),
+        })
+    }
+
     /// Removes every rule: the store behaves from now on.
     pub fn clear(&self) {
         self.rules.lock().expect("faults lock").clear();
@@ -94,20 +110,29 @@ impl Faults {
     }
 
     fn push(&self, op: Op, prefix: &str, nth: usize, fault: Fault) -> &Faults {
-        let rule = Rule { op, prefix: prefix.to_string(), nth, fault, seen: AtomicUsize::new(0) };
+        self.add(Rule { op, prefix: prefix.to_string(), nth, at: None, fault, seen: AtomicUsize::new(0) })
+    }
+
+    fn add(&self, rule: Rule) -> &Faults {
         self.rules.lock().expect("faults lock").push(Arc::new(rule));
         self
     }
 
     /// The fault for this request, if a rule picks it. Every matching rule counts
     /// the request; the first that picks it decides.
-    fn pick(&self, op: Op, name: &str) -> Option<Fault> {
+    /// Also says which byte a rule with a position picked, for a read of `range`
+    /// (the whole object when none).
+    fn pick(&self, op: Op, name: &str, range: Option<Range<u64>>) -> Option<(Fault, Option<u64>)> {
         let rules: Vec<Arc<Rule>> = self.rules.lock().expect("faults lock").clone();
         let mut picked = None;
-        for r in rules.iter().filter(|r| r.op == op && name.starts_with(&r.prefix)) {
+        let holds = |at: Option<u64>| match (at, &range) {
+            (None, _) | (Some(_), None) => true,
+            (Some(at), Some(r)) => r.contains(&at),
+        };
+        for r in rules.iter().filter(|r| r.op == op && name.starts_with(&r.prefix) && holds(r.at)) {
             let n = r.seen.fetch_add(1, Ordering::SeqCst) + 1;
             if picked.is_none() && (r.nth == 0 || r.nth == n) {
-                picked = Some(r.fault);
+                picked = Some((r.fault, r.at));
             }
         }
         if picked.is_some() {
@@ -131,13 +156,17 @@ impl Faulty {
     }
 
     fn pick(&self, op: Op, location: &Path) -> Option<Fault> {
+        self.pick_in(op, location, None).map(|(f, _)| f)
+    }
+
+    fn pick_in(&self, op: Op, location: &Path, range: Option<Range<u64>>) -> Option<(Fault, Option<u64>)> {
         let full = location.as_ref();
         let name = if self.prefix.is_empty() {
             full
         } else {
             full.strip_prefix(self.prefix.as_str()).map_or(full, |r| r.trim_start_matches('/'))
         };
-        self.faults.pick(op, name)
+        self.faults.pick(op, name, range)
     }
 }
 
@@ -145,14 +174,15 @@ fn injected(what: &str) -> object_store::Error {
     object_store::Error::Generic { store: "faults", source: format!("injected failure of {what}").into() }
 }
 
-/// `data` as the fault leaves it.
-fn damage(data: Bytes, fault: Fault) -> Bytes {
+/// `data` as the fault leaves it; a corruption flips the byte at `at` if given
+/// (counted within `data`), in the middle otherwise.
+fn damage(data: Bytes, fault: Fault, at: Option<usize>) -> Bytes {
     match fault {
         Fault::Truncate(n) => data.slice(..n.min(data.len())),
         Fault::Corrupt if !data.is_empty() => {
             let mut v = data.to_vec();
-            let mid = v.len() / 2;
-            v[mid] ^= 0x10;
+            let i = at.filter(|&i| i < v.len()).unwrap_or(v.len() / 2);
+            v[i] ^= 0x10;
             Bytes::from(v)
         }
         _ => data,
@@ -188,7 +218,7 @@ impl ObjectStore for Faulty {
                 self.inner.put_opts(location, payload, opts).await
             }
             Some(f) => {
-                let data = damage(Bytes::from(payload), f);
+                let data = damage(Bytes::from(payload), f, None);
                 self.inner.put_opts(location, PutPayload::from(data), opts).await
             }
         }
@@ -207,7 +237,15 @@ impl ObjectStore for Faulty {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
         let op = if options.head { Op::Head } else { Op::Get };
-        let fault = match self.pick(op, location) {
+        let asked = match &options.range {
+            Some(object_store::GetRange::Bounded(r)) => Some(r.clone()),
+            _ => None,
+        };
+        let (fault, at) = match self.pick_in(op, location, asked) {
+            Some((f, at)) => (Some(f), at),
+            None => (None, None),
+        };
+        let fault = match fault {
             Some(Fault::Fail) => return Err(injected("a read")),
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
@@ -219,7 +257,8 @@ impl ObjectStore for Faulty {
         };
         let got = self.inner.get_opts(location, options).await?;
         let (meta, range, attributes) = (got.meta.clone(), got.range.clone(), got.attributes.clone());
-        let data = damage(got.bytes().await?, fault);
+        let at = at.and_then(|at| at.checked_sub(range.start)).map(|i| i as usize);
+        let data = damage(got.bytes().await?, fault, at);
         let range: Range<u64> = range.start..range.start + data.len() as u64;
         Ok(GetResult {
             payload: GetResultPayload::Stream(stream::once(async move { Ok(data) }).boxed()),

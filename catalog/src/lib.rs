@@ -5,6 +5,7 @@
 //! text, WAL file names, history files: `streamer::pg`). The byte format is specified
 //! in `FORMAT.md`.
 
+mod cache;
 pub mod chunker;
 mod codec;
 mod config;
@@ -36,6 +37,7 @@ mod verify;
 pub mod wal;
 mod writer;
 
+pub use cache::ChunkCache;
 pub use codec::DecodeError;
 pub use config::{Config, FORMAT_VERSION};
 pub use crypto::Keys;
@@ -52,7 +54,10 @@ pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef, PackEntry};
 pub use point::{validate_source, Manifest, PgInfo, PointRef, Skipped, Stats};
 pub use repair::{repair_index, IndexRepair};
 pub use repo::{Found, PointNames, Readable, Repository};
-pub use restore::{restore, RestoreError, RestoreOptions, RestoreReport};
+pub use restore::{
+    restore, Progress as RestoreProgress, RestoreError, RestoreOptions, RestoreReport,
+    DEFAULT_MEMORY as DEFAULT_RESTORE_MEMORY,
+};
 pub use select::{only_source, InvertedSpan, Span};
 pub use store::{canonical_url, ObjectInfo, Store, StoreError};
 pub use verify::{verify, VerifyReport};

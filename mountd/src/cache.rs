@@ -1,50 +1,9 @@
-//! The decrypted-chunk cache: an LRU bounded in bytes, shared by every reader.
+//! The optional on-disk cache of sealed chunks. (The in-memory cache of plaintext
+//! chunks is `catalog::ChunkCache`, which restore shares.)
 
 use std::sync::Mutex;
 
-use bytes::Bytes;
-
-use catalog::Id;
 use lru::LruCache;
-
-pub struct ChunkCache {
-    inner: Mutex<Inner>,
-    limit: usize,
-}
-
-struct Inner {
-    lru: LruCache<Id, Bytes>,
-    bytes: usize,
-}
-
-impl ChunkCache {
-    pub fn new(limit: usize) -> ChunkCache {
-        ChunkCache { inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0 }), limit }
-    }
-
-    pub fn get(&self, id: &Id) -> Option<Bytes> {
-        self.inner.lock().expect("cache lock").lru.get(id).cloned()
-    }
-
-    /// Whether the chunk is cached, without making it more recent.
-    pub fn contains(&self, id: &Id) -> bool {
-        self.inner.lock().expect("cache lock").lru.contains(id)
-    }
-
-    pub fn insert(&self, id: Id, data: Bytes) {
-        let mut g = self.inner.lock().expect("cache lock");
-        g.bytes += data.len();
-        if let Some(old) = g.lru.put(id, data) {
-            g.bytes -= old.len();
-        }
-        while g.bytes > self.limit {
-            match g.lru.pop_lru() {
-                Some((_, old)) => g.bytes -= old.len(),
-                None => break,
-            }
-        }
-    }
-}
 
 /// The optional on-disk cache: sealed blob bytes exactly as the store holds them, so
 /// nothing decrypted ever reaches the local disk, and every hit is authenticated
@@ -148,23 +107,5 @@ impl DiskCache {
 
     pub fn bytes(&self) -> u64 {
         self.state.lock().expect("disk cache lock").bytes
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn evicts_least_recent_beyond_the_limit() {
-        let c = ChunkCache::new(250);
-        for i in 0..3u8 {
-            c.insert(Id([i; 32]), Bytes::from(vec![0; 100]));
-        }
-        assert!(c.get(&Id([0; 32])).is_none());
-        assert!(c.get(&Id([1; 32])).is_some());
-        c.insert(Id([3; 32]), Bytes::from(vec![0; 100]));
-        assert!(c.get(&Id([2; 32])).is_none(), "2 was least recently used");
-        assert!(c.get(&Id([1; 32])).is_some());
     }
 }

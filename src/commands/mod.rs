@@ -31,7 +31,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Sources { json } => sources::sources(g, json).await,
         Command::Points { source, since, until, json } => points::points(g, source, since, until, json).await,
-        Command::Restore { at, source, path, target } => restore::restore(g, at, source, path, target).await,
+        Command::Restore { at, source, path, overwrite, memory, json, target } => {
+            let how = restore::How { overwrite, memory, json };
+            restore::restore(g, at, source, path, target, how).await
+        }
         Command::Verify { read_data, json } => verify::verify(g, read_data, json).await,
         Command::Repair(RepairCommand::Index) => repair::index(g).await,
         Command::Repair(RepairCommand::Config) => repair::config(g).await,

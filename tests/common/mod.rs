@@ -8,6 +8,8 @@
 //!   (moto on loopback, started by `scripts/test`), a `Command` for the `ebb`
 //!   binary with the right environment, and raw access to the stored objects.
 //! - [`wal`]: a made-up WAL segment, for archiving without a server.
+//! - [`tmpfs`]: `SmallFs`, a tmpfs of a given size for one test (a full
+//!   filesystem, or a million files that a disk would take minutes to hold).
 //! - [`s3`]: the S3 test server spoken to in raw HTTP (also used by catalog's store
 //!   conformance suite).
 //!
@@ -18,9 +20,11 @@ pub mod compare;
 pub mod pg;
 pub mod repo;
 pub mod s3;
+pub mod tmpfs;
 pub mod tree;
 pub mod wal;
 
 pub use compare::{assert_trees_equal, assert_trees_equal_with, compare_trees, compare_trees_with, CompareOptions};
 pub use repo::{backends, Backend, TestRepo, TEST_PASSWORD};
+pub use tmpfs::SmallFs;
 pub use tree::{build_fidelity_tree, pseudo_random_bytes, FidelityInfo, XorShift};

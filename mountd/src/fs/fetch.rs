@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use catalog::tree::{EntryKind, Extent, Tree};
-use catalog::{BlobKind, BlobRef, Id, Repository};
+use catalog::{BlobKind, BlobRef, ChunkCache, Id, Repository};
 use futures::future::{BoxFuture, FutureExt, Shared};
 
-use crate::cache::{ChunkCache, DiskCache};
+use crate::cache::DiskCache;
 use crate::error::FsError;
 
 /// One fetch of a chunk, shared by every reader that asks while it runs.

@@ -139,12 +139,8 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
             point.time, opts.source
         )));
     }
-    let files = catalog::restore(
-        repo,
-        &manifest,
-        RestoreOptions { path: None, target: opts.target.clone(), overlay: Default::default() },
-    )
-    .await?;
+    let files =
+        catalog::restore(repo, &manifest, RestoreOptions { target: opts.target.clone(), ..Default::default() }).await?;
     configure(&opts.target, opts, tli, target_time)?;
     Ok(PgRestoreReport { point, manifest, timeline: tli, target_time, wal_end, files })
 }
