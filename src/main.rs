@@ -18,12 +18,6 @@ fn main() -> ExitCode {
     // entry's own mode after creating it.
     // SAFETY: umask has no preconditions and cannot fail.
     unsafe { libc::umask(0o077) };
-    // Buffers of 4 MiB and more (store reads, spans of packs) are mapped and go back
-    // to the system when freed, so memory follows what is live (a restore's
-    // --memory, the mount's cache) rather than what glibc's per-thread arenas keep.
-    // SAFETY: mallopt only changes the allocator's tuning; it is called before any
-    // other thread exists.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20) };
     let cli = cli::Cli::parse();
     if cli.unlocks_with_password() {
         catalog::prepare_kdf_memory();

@@ -107,6 +107,7 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
                 target: datadir.clone(),
                 archive_get,
             };
+            super::restore::return_large_buffers();
             let r = streamer::pg::restore::pg_restore(&repo, &opts).await?;
             for w in &r.files.warnings {
                 eprintln!("warning: {w}");

@@ -31,6 +31,15 @@ pub struct How {
 /// Less than this and a restore would fetch one small span at a time.
 const MIN_MEMORY: u64 = 16 << 20;
 
+/// Buffers of 4 MiB and more (store reads, spans of packs) are mapped and go back
+/// to the system when freed, so memory follows what a restore holds (its
+/// `--memory`) rather than what glibc's per-thread arenas keep: without this, they
+/// kept three times the budget resident.
+pub fn return_large_buffers() {
+    // SAFETY: mallopt only changes the allocator's tuning, under its own lock.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20) };
+}
+
 pub async fn restore(
     g: &Global,
     at: TimeSpec,
@@ -68,6 +77,7 @@ pub async fn restore(
     let appends =
         if overlay.is_empty() { String::new() } else { format!(" with the appends until {}", at.instant(now)) };
     eprintln!("restoring point {} of source {} ({}){appends}", point.time, point.source, manifest.path);
+    return_large_buffers();
     let progress = std::sync::Arc::new(catalog::RestoreProgress::default());
     let opts = catalog::RestoreOptions {
         path: path.map(|p| p.as_os_str().as_bytes().to_vec()),
