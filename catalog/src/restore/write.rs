@@ -40,6 +40,26 @@ impl FileJob {
     }
 }
 
+/// Files of this size and more, without holes, get their space at once: a full
+/// target is found before their chunks are fetched, and the chunks, which arrive
+/// out of order from concurrent spans, land in space already laid out.
+const PREALLOCATE: u64 = 8 << 20;
+
+/// Reserves `len` bytes for `f` (and sets its length); a filesystem that cannot
+/// preallocate just gets the length.
+fn preallocate(f: &fs::File, len: u64) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: fallocate only acts on the descriptor we own.
+    if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => f.set_len(len),
+        _ => Err(err),
+    }
+}
+
 /// A file being written.
 pub(super) struct FileState {
     job: FileJob,
@@ -75,10 +95,13 @@ impl FileState {
         let f = Arc::new(f);
         *slot = Some((tmp, f.clone()));
         drop(slot);
-        // Holes are never written: the length leaves them as holes. A file that
-        // ends with data gets its length from the last write.
-        if !matches!(self.job.entry.content.last(), Some(Extent::Data(_))) {
-            f.set_len(self.job.entry.size).map_err(FileFailure::target)?;
+        let e = &self.job.entry;
+        if e.size >= PREALLOCATE && e.content.iter().all(|x| matches!(x, Extent::Data(_))) {
+            preallocate(&f, e.size).map_err(FileFailure::target)?;
+        } else if !matches!(e.content.last(), Some(Extent::Data(_))) {
+            // Holes are never written: the length leaves them as holes. A file that
+            // ends with data gets its length from the last write.
+            f.set_len(e.size).map_err(FileFailure::target)?;
         }
         Ok(f)
     }
