@@ -17,6 +17,8 @@ pub mod lsn;
 pub mod names;
 pub mod restore;
 pub mod spool;
+#[cfg(test)]
+mod testwal;
 pub mod walscan;
 pub mod walstream;
 pub mod wire;
