@@ -286,8 +286,8 @@ pub enum PgCommand {
         pusher: bool,
         path: PathBuf,
     },
-    /// For restore_command: fetch a WAL file ('ebb pg archive-get --source NAME %f %p').
-    /// Exits 1 when the repository does not have it, 126 when the store cannot be read
+    /// For restore_command: fetch a WAL file ('ebb pg archive-get --source NAME --prefetch 8
+    /// %f %p'). Exits 1 when the repository does not have it, 126 when the store cannot be read
     ArchiveGet {
         #[arg(long, value_parser = parse_source)]
         source: Option<String>,
