@@ -44,6 +44,8 @@ impl Cli {
             Command::Mount { handoff, .. } => !handoff,
             // Most calls answer from what the pusher noted, without unlocking.
             Command::Pg(PgCommand::ArchivePush { pusher, .. }) => *pusher,
+            // Most calls take their segment from the spool, without unlocking.
+            Command::Pg(PgCommand::ArchiveGet { prefetch, fetcher, .. }) => *prefetch == 0 || *fetcher,
             _ => true,
         }
     }
@@ -299,11 +301,23 @@ pub enum PgCommand {
         pusher: bool,
         path: PathBuf,
     },
-    /// For restore_command: fetch a WAL file ('ebb pg archive-get --source NAME %f %p').
-    /// Exits 1 when the repository does not have it
+    /// For restore_command: fetch a WAL file ('ebb pg archive-get --source NAME --prefetch 8
+    /// %f %p'). Exits 1 when the repository does not have it, 126 when the store cannot be read
     ArchiveGet {
         #[arg(long, value_parser = parse_source)]
         source: Option<String>,
+        /// Fetch the N segments after the one asked for from a background process,
+        /// into the spool, where the next calls take them (0: each call fetches its
+        /// own segment). The spool holds at most N segments
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        prefetch: usize,
+        /// Where segments fetched ahead wait [default: ebb-spool beside DEST, in
+        /// the server's pg_wal]
+        #[arg(long, value_name = "DIR")]
+        spool: Option<PathBuf>,
+        /// Run as the background fetcher (started by archive-get itself)
+        #[arg(long, hide = true)]
+        fetcher: bool,
         walname: String,
         dest: PathBuf,
     },
@@ -315,6 +329,10 @@ pub enum PgCommand {
         at: TimeSpec,
         #[arg(long, value_parser = parse_source)]
         source: Option<String>,
+        /// How many segments the restored server's restore_command fetches ahead
+        /// of its calls (archive-get --prefetch)
+        #[arg(long, value_name = "N", default_value_t = 8)]
+        prefetch: usize,
         /// An empty or missing directory
         datadir: PathBuf,
     },

@@ -588,6 +588,180 @@ fn a_malformed_history_file_is_an_error_not_missing() {
     assert!(std::fs::read(&dest).unwrap() == std::fs::read(&seg).unwrap());
 }
 
+/// A file:// repository holding made-up segments 1 to `last` of timeline 1 (16
+/// MiB each, segment N filled with the byte N), and the data directory of a
+/// server that would fetch them.
+struct Archive {
+    repo: TestRepo,
+    work: tempfile::TempDir,
+}
+
+impl Archive {
+    fn new(last: u64) -> Archive {
+        let a = Archive { repo: TestRepo::new(Backend::File), work: tempfile::tempdir().unwrap() };
+        a.repo.init();
+        std::fs::create_dir_all(a.pg_wal()).unwrap();
+        for segno in 1..=last {
+            a.push(segno);
+        }
+        a
+    }
+
+    fn name(segno: u64) -> String {
+        format!("0000000100000000{segno:08X}")
+    }
+
+    fn segment(segno: u64) -> Vec<u8> {
+        fake_segment(1, segno, segno as u8)
+    }
+
+    fn push(&self, segno: u64) {
+        let path = self.work.path().join(Archive::name(segno));
+        std::fs::write(&path, Archive::segment(segno)).unwrap();
+        self.repo.ok(&["pg", "archive-push", "--read-ahead", "0", "--source", "db", path.to_str().unwrap()]);
+    }
+
+    fn pg_wal(&self) -> PathBuf {
+        self.work.path().join("data/pg_wal")
+    }
+
+    /// Where PostgreSQL's restore_command puts what it fetched.
+    fn dest(&self) -> PathBuf {
+        self.pg_wal().join("RECOVERYXLOG")
+    }
+
+    fn spool(&self) -> PathBuf {
+        self.pg_wal().join("ebb-spool")
+    }
+
+    /// `archive-get --prefetch N` of segment `segno`, as PostgreSQL runs it, from
+    /// the repository `url`.
+    fn get(&self, segno: u64, prefetch: usize, url: &str) -> Output {
+        let mut c = self.repo.cmd();
+        c.env("EBB_REPOSITORY", url).args(["pg", "archive-get", "--source", "db", "--prefetch"]);
+        c.arg(prefetch.to_string()).arg(Archive::name(segno)).arg(self.dest());
+        c.output().unwrap()
+    }
+
+    /// The segments in the spool, by name.
+    fn spooled(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.spool())
+            .into_iter()
+            .flatten()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.len() == 24 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn wait_spooled(&self, segno: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.spooled().contains(&Archive::name(segno)) {
+            assert!(Instant::now() < deadline, "segment {segno} never spooled: {:?}\n{}", self.spooled(), self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.spool().join("fetcher.log")).unwrap_or_default()
+    }
+
+    fn got(&self, segno: u64) -> bool {
+        std::fs::read(self.dest()).unwrap() == Archive::segment(segno)
+    }
+}
+
+/// Issue 17: `archive-get --prefetch N` leaves the N segments after the one asked
+/// for to a background fetcher, which spools them; the next calls take theirs from
+/// the spool without the repository. The spool holds at most N. The end of the
+/// archive is "not found" at once, and never a stale "not found" once the
+/// segment is there. The fetcher goes, and empties the spool, once PostgreSQL has
+/// asked for nothing for a while.
+#[test]
+fn archive_get_takes_segments_fetched_ahead_from_a_bounded_spool() {
+    let a = Archive::new(12);
+    let url = a.repo.url().to_string();
+    let out = a.get(1, 4, &url);
+    check_exit("archive-get of the first segment", &out, 0);
+    assert!(a.got(1));
+    let want: Vec<String> = (2..=5).map(Archive::name).collect();
+    (2..=5).for_each(|segno| a.wait_spooled(segno));
+    assert_eq!(a.spooled(), want, "the 4 segments after the first\n{}", a.log());
+    // The next calls need no repository: theirs is in the spool.
+    for segno in 2..=9 {
+        a.wait_spooled(segno);
+        let out = a.get(segno, 4, "file:///nonexistent");
+        check_exit(&format!("archive-get of segment {segno} from the spool"), &out, 0);
+        assert!(a.got(segno), "segment {segno}");
+        assert!(a.spooled().len() <= 4, "at most 4 spooled: {:?}", a.spooled());
+    }
+    // Fetched ahead of the calls that come: 10 to 12, and no further.
+    (10..=12).for_each(|segno| a.wait_spooled(segno));
+    assert_eq!(a.spooled(), (10..=12).map(Archive::name).collect::<Vec<_>>());
+
+    // The end of the archive: "not found", at once, the fetcher running or not.
+    let asked = Instant::now();
+    let out = a.get(13, 4, &url);
+    check_exit("archive-get past the end of the archive", &out, 1);
+    assert!(asked.elapsed() < Duration::from_secs(5), "not found took {:?}", asked.elapsed());
+    a.push(13);
+    let out = a.get(13, 4, &url);
+    check_exit("archive-get of the segment archived since", &out, 0);
+    assert!(a.got(13));
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !a.spooled().is_empty() || std::fs::File::open(a.spool().join("lock")).unwrap().try_lock().is_err() {
+        assert!(Instant::now() < deadline, "the fetcher is still there: {:?}", a.spooled());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Issue 17: no partial or wrong segment ever reaches PostgreSQL from the spool. A
+/// fetcher killed with -9 while it writes a segment (strace holds up its writes)
+/// leaves it aside, and the call for it gets it whole; a file under a segment's
+/// name that is not that segment is dropped, and the call fetches the segment.
+#[test]
+fn a_fetcher_killed_while_writing_never_hands_over_a_partial_segment() {
+    let a = Archive::new(6);
+    let url = a.repo.url().to_string();
+    // A fetcher of our own, under strace, for the segment after the first.
+    std::fs::create_dir_all(a.spool()).unwrap();
+    std::fs::write(a.spool().join("next"), Archive::name(1)).unwrap();
+    let aside = a.spool().join(format!(".{}.tmp", Archive::name(2)));
+    let mut fetcher = a.repo.cmd();
+    fetcher.args(["pg", "archive-get", "--source", "db", "--prefetch", "1", "--fetcher"]);
+    fetcher.arg(Archive::name(1)).arg(a.dest());
+    let options = ["--inject=write:delay_enter=5000000", "-P", aside.to_str().unwrap()];
+    let mut traced = common::repo::under_strace(&fetcher, &options).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !aside.exists() {
+        assert!(Instant::now() < deadline, "the fetcher never began writing segment 2");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let children = Command::new("pgrep").args(["-P", &traced.id().to_string()]).output().unwrap();
+    let pid: i32 = String::from_utf8_lossy(&children.stdout).trim().parse().expect("the traced fetcher's pid");
+    // SAFETY: killing the fetcher this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let _ = traced.wait();
+    assert!(a.spooled().is_empty(), "nothing under a segment's name: {:?}", a.spooled());
+    assert!(std::fs::metadata(&aside).unwrap().len() < 16 << 20, "killed before all of it was written");
+
+    let out = a.get(2, 1, &url);
+    check_exit("archive-get of the segment the fetcher was writing", &out, 0);
+    assert!(a.got(2));
+
+    // Under segment 4's name: a short file, then segment 5. Neither is handed over.
+    for planted in [Archive::segment(4)[..100_000].to_vec(), Archive::segment(5)] {
+        std::fs::write(a.spool().join(Archive::name(4)), planted).unwrap();
+        let out = a.get(4, 1, &url);
+        check_exit("archive-get of segment 4 over a wrong file in the spool", &out, 0);
+        assert!(a.got(4));
+    }
+    assert!(!a.dest().with_extension("ebb-partial").exists());
+}
+
 /// Item 17 of issue 15: a segment that conflicts with what is archived, pushed
 /// through the background pusher, fails with the pusher's whole message (its note
 /// of the failure used to be read while still being written, giving `ebb: ` alone).

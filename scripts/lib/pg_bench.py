@@ -10,6 +10,11 @@
 3. Archiving: the same kind of backlog of full segments, archived once
    archive_command is set (`ebb pg archive-push` against `pgbackrest archive-push`,
    async, zstd, encrypted): segments per second.
+4. Recovery: one cluster archives to both ebb and pgbackrest, each takes a base
+   backup, pgbench runs for EBB_BENCH_PG_RECOVERY_SECONDS (default 300); then the
+   time from `ebb pg restore --at T` (or `pgbackrest restore --type=time`) to the
+   restored server having replayed to T, the end of the load, and promoted.
+   EBB_BENCH_PG_BASELINE_EBB names another ebb build to time on the same data.
 
 Each run gets a fresh PostgreSQL 15 cluster, run as the postgres user.
 """
@@ -28,7 +33,9 @@ import psycopg
 EBB, PGBIN, WORK = sys.argv[1], sys.argv[2], sys.argv[3]
 SECONDS = int(os.environ.get("EBB_BENCH_SECONDS", "30"))
 SCALE = int(os.environ.get("EBB_BENCH_PG_SCALE", "100"))
-PARTS = os.environ.get("EBB_BENCH_PG_PARTS", "lag,throughput,archive").split(",")
+PARTS = os.environ.get("EBB_BENCH_PG_PARTS", "lag,throughput,archive,recovery").split(",")
+RECOVERY_SECONDS = int(os.environ.get("EBB_BENCH_PG_RECOVERY_SECONDS", "300"))
+BASELINE = os.environ.get("EBB_BENCH_PG_BASELINE_EBB")
 PASSWORD = "bench"
 
 
@@ -309,6 +316,86 @@ def archive_run(tool):
         cluster.stop()
 
 
+def recovery_run():
+    """Returns {tool: (seconds from the restore command to the server promoted at T, rows)}."""
+    pgbr = os.path.join(WORK, "pgbr-rec")
+    repo = ebb_repo("ebb-rec")
+    state = os.path.join(WORK, "ebb-rec-state")
+    os.makedirs(state, exist_ok=True)
+    run(["chown", "postgres", state])
+    cluster = Cluster("rec", "archive_mode = on\narchive_command = ''\n")
+    try:
+        setup_pgbackrest(cluster, pgbr)
+        push = (f"{EBB} --repo file://{repo} --key-file {WORK}/ebb.key -q pg archive-push --source bench "
+                f"--state-dir {state} %p && pgbackrest --config={pgbr}/conf --stanza=bench archive-push %p")
+        cluster.q(f"alter system set archive_command = '{push}'")
+        cluster.q("select pg_reload_conf()")
+        say("recovery: pgbench -i -s 20, base backups")
+        cluster.pgbench("-i", "-s", "20", "-q").wait()
+        run([EBB, "pg", "base-backup", "--source", "bench", "--dsn", cluster.dsn()], env=ebb_env(repo),
+            stdout=subprocess.DEVNULL)
+        as_pg(["env", f"PGPASSWORD={PASSWORD}", "pgbackrest", f"--config={pgbr}/conf", "--stanza=bench",
+               "--type=full", "backup"], stdout=subprocess.DEVNULL)
+        say(f"recovery: pgbench -c 2 -R 500 for {RECOVERY_SECONDS} s")
+        cluster.pgbench("-c", "2", "-j", "2", "-T", str(RECOVERY_SECONDS), "-R", "500", "-N").wait()
+        at = cluster.q("select to_char(now() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")[0][0]
+        rows = cluster.q("select count(*) from pgbench_history")[0][0]
+        # A transaction after T: pgbackrest, unlike ebb, sets a target recovery must pass.
+        cluster.q("create table after_t as select 1")
+        last = cluster.q("select pg_walfile_name(pg_switch_wal())")[0][0]
+        wal = cluster.q("select pg_current_wal_lsn() - '0/0'::pg_lsn")[0][0]
+        while (cluster.q("select last_archived_wal from pg_stat_archiver")[0][0] or "") < last:
+            time.sleep(0.2)
+    finally:
+        cluster.stop()
+    # The restores run as postgres, as restore_command does.
+    run(["chown", "-R", "postgres", repo])
+    say(f"recovery: restoring to {at} ({rows} rows in pgbench_history, {int(wal) / 1e6:.0f} MB of WAL in all)")
+    out = {}
+    tools = [("ebb", EBB)] + ([("baseline", BASELINE)] if BASELINE else []) + [("pgbackrest", None)]
+    for tool, exe in tools:
+        d = os.path.join(WORK, f"rec-{tool}")
+        data = os.path.join(d, "data")
+        os.makedirs(data, mode=0o700)
+        run(["chown", "-R", "postgres:postgres", d])
+        os.chmod(d, 0o755)
+        if exe:
+            copy = os.path.join(WORK, f"ebb-{tool}")
+            shutil.copy(exe, copy)
+        t0 = time.time()
+        if exe:
+            run(["runuser", "-u", "postgres", "--", "env", f"EBB_REPOSITORY=file://{repo}",
+                 f"EBB_KEY_FILE={WORK}/ebb.key", copy, "-q", "pg", "restore", "--at", at, "--source", "bench", data],
+                stdout=subprocess.DEVNULL)
+        else:
+            pg_at = at.replace("T", " ").replace("Z", "+00")
+            as_pg(["pgbackrest", f"--config={pgbr}/conf", "--stanza=bench", f"--pg1-path={data}", "--type=time",
+                   f"--target={pg_at}", "--target-action=promote", "restore"], stdout=subprocess.DEVNULL)
+        port = free_port()
+        with open(os.path.join(data, "postgresql.conf"), "a") as f:
+            f.write(f"\nport = {port}\nunix_socket_directories = '{d}'\narchive_mode = off\n")
+        as_pg([f"{PGBIN}/pg_ctl", "-D", data, "-l", os.path.join(d, "log"), "-w", "-t", "3600", "start"],
+              stdout=subprocess.DEVNULL)
+        dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres password={PASSWORD}"
+        while True:
+            try:
+                with psycopg.connect(dsn, autocommit=True) as c:
+                    if not c.execute("select pg_is_in_recovery()").fetchone()[0]:
+                        got = c.execute("select count(*) from pgbench_history").fetchone()[0]
+                        break
+            except psycopg.OperationalError:
+                alive = subprocess.run(["runuser", "-u", "postgres", "--", f"{PGBIN}/pg_ctl", "-D", data, "status"],
+                                       stdout=subprocess.DEVNULL).returncode == 0
+                if not alive:
+                    raise SystemExit(f"recovery: the server {tool} restored stopped; see {d}/log")
+            time.sleep(0.02)
+        out[tool] = (time.time() - t0, got)
+        say(f"recovery: {tool}: {out[tool][0]:.1f} s, {got} rows")
+        as_pg([f"{PGBIN}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"], stdout=subprocess.DEVNULL)
+        shutil.rmtree(d)
+    return out, rows
+
+
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
@@ -318,6 +405,7 @@ def main():
     lags = {t: lag_run(t) for t in ("ebb", "pg_receivewal", "pgbackrest")} if "lag" in PARTS else None
     tps = {t: throughput_run(t) for t in ("ebb", "pg_receivewal")} if "throughput" in PARTS else None
     arch = {t: archive_run(t) for t in ("ebb", "pgbackrest")} if "archive" in PARTS else None
+    rec = recovery_run() if "recovery" in PARTS else None
     cores = os.cpu_count()
     print(f"\nbench pg — {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {cores} cores, PostgreSQL 15")
     if lags:
@@ -345,6 +433,17 @@ def main():
             print(f"   {name:66} {n / secs:8.1f}  ({n} in {secs:.1f} s)")
         ratio = (arch["ebb"][0] / arch["ebb"][1]) / (arch["pgbackrest"][0] / arch["pgbackrest"][1])
         print(f"   ratio (ebb / pgbackrest): {ratio:.2f}; target at least 2: {'met' if ratio >= 2 else 'NOT met'}")
+    if rec:
+        times, rows = rec
+        print(f"\n4. recovery: restore, start and replay to T = {RECOVERY_SECONDS} s of pgbench -R 500 after the base "
+              f"backup, until promoted, s")
+        for t, name in (("ebb", "ebb pg restore (archive-get --prefetch 8)"), ("baseline", f"ebb {BASELINE}"),
+                        ("pgbackrest", "pgbackrest restore (archive-get async, process-max 2)")):
+            if t in times:
+                secs, got = times[t]
+                print(f"   {name:66} {secs:8.1f}  ({got} rows{'' if got == rows else f', NOT the {rows} at T'})")
+        ratio = times["pgbackrest"][0] / times["ebb"][0]
+        print(f"   ratio (pgbackrest / ebb): {ratio:.2f}; target at least 2: {'met' if ratio >= 2 else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -63,13 +63,33 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        PgCommand::ArchiveGet { source, walname, dest } => {
+        PgCommand::ArchiveGet { source, prefetch, spool, fetcher, walname, dest } => {
             let source = source_or_host(source)?;
+            let spool = delegate::spool(spool, &dest, prefetch);
+            if fetcher {
+                let spool = spool.context("the fetcher needs --prefetch above 0")?;
+                let repo = open(g).await?;
+                streamer::pg::spool::run_fetcher(&repo, &source, &spool).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if let Some(spool) = &spool {
+                let fetcher = std::env::args_os().skip(1).chain(["--fetcher".into()]);
+                match delegate::fetch_ahead(spool, &walname, &dest, fetcher).await {
+                    // Fetched ahead: answered without opening the repository.
+                    Ok(true) => return Ok(ExitCode::SUCCESS),
+                    Ok(false) => {}
+                    // Fetching ahead is only faster: the call fetches its segment itself.
+                    Err(e) => tracing::warn!("cannot fetch ahead ({e:#}); fetching {walname} alone"),
+                }
+            }
             let got = async {
                 let repo = open(g).await?;
                 Ok::<_, anyhow::Error>(streamer::pg::archive::archive_get(&repo, &source, &walname, &dest).await?)
             }
             .await;
+            if let (Ok(true), Some(spool)) = (&got, &spool) {
+                spool.served(&walname);
+            }
             match got {
                 Ok(true) => Ok(ExitCode::SUCCESS),
                 Ok(false) => {
@@ -86,9 +106,9 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
                 }
             }
         }
-        PgCommand::Restore { at, source, datadir } => {
+        PgCommand::Restore { at, source, prefetch, datadir } => {
             let source = source_or_host(source)?;
-            let archive_get = archive_get_command(g, &source)?;
+            let archive_get = archive_get_command(g, &source, prefetch)?;
             match std::fs::read_dir(&datadir).map(|mut d| d.next().is_some()) {
                 Ok(true) => return Err(UsageError(format!("{} is not empty", datadir.display())).into()),
                 Ok(false) => {}
@@ -135,7 +155,7 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
 
 /// The restore_command a restored server runs: this ebb, this repository, the same
 /// key or password file, so nothing secret is written into the data directory.
-fn archive_get_command(g: &Global, source: &str) -> Result<String> {
+fn archive_get_command(g: &Global, source: &str, prefetch: usize) -> Result<String> {
     let exe = std::env::current_exe().context("find the ebb executable")?;
     let url = repo_url(g)?;
     let secret = match (&g.key_file, &g.password_file) {
@@ -150,5 +170,5 @@ fn archive_get_command(g: &Global, source: &str) -> Result<String> {
             .into())
         }
     };
-    Ok(delegate::archive_get_command(&exe, &url, secret, source)?)
+    Ok(delegate::archive_get_command(&exe, &url, secret, source, prefetch)?)
 }

@@ -88,12 +88,18 @@ pub fn base_backup(data: &[u8]) {
 }
 
 /// WAL records, as `pg restore` scans them for transaction ends: the WAL in two
-/// pushes, the scan going as far as each allows. It must end.
+/// pushes, the scan going as far as each allows. It must end. Scanned twice: from
+/// a record start, and from a segment's start, where the page headers say where
+/// the first record begins.
 pub fn walscan(data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else { return };
     // Where the scan starts: a record start after the first page's long header.
-    let mut scanner = Scanner::new(Lsn(40 + u64::from(first) * 8), 16 << 20);
-    let (a, b) = rest.split_at(rest.len() / 2);
+    scan_all(Scanner::new(Lsn(40 + u64::from(first) * 8), 16 << 20), rest);
+    scan_all(Scanner::at_segment(Lsn(0), 1 << 20), rest);
+}
+
+fn scan_all(mut scanner: Scanner, wal: &[u8]) {
+    let (a, b) = wal.split_at(wal.len() / 2);
     for (wal, last) in [(a, false), (b, true)] {
         scanner.push(wal, last);
         for _ in 0..1_000_000 {
@@ -104,7 +110,7 @@ pub fn walscan(data: &[u8]) {
             }
         }
     }
-    assert!(matches!(scanner.next_record(), Step::Finished), "a scan of {} bytes never ended", data.len());
+    assert!(matches!(scanner.next_record(), Step::Finished), "a scan of {} bytes never ended", wal.len());
 }
 
 pub fn history(data: &[u8]) {
@@ -196,6 +202,22 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     wal.extend(&rec);
     wal.extend(vec![0u8; 64]);
     out.push(("walscan", wal));
+    // A segment's first page whose header says 30 bytes of a record continue onto
+    // it, then the commit record.
+    let mut seg = vec![0u8];
+    seg.extend(0xD110u16.to_le_bytes());
+    seg.extend(3u16.to_le_bytes());
+    seg.extend(1u32.to_le_bytes());
+    seg.extend(0u64.to_le_bytes());
+    seg.extend(30u32.to_le_bytes());
+    seg.extend([0; 4]);
+    seg.extend(7u64.to_le_bytes());
+    seg.extend((1u32 << 20).to_le_bytes());
+    seg.extend(8192u32.to_le_bytes());
+    seg.extend([0x5a; 32]);
+    seg.extend(&rec);
+    seg.extend(vec![0u8; 64]);
+    out.push(("walscan", seg));
 
     out.push(("history", b"1\t0/3001430\tno recovery target specified\n\n2\t0/5000000\tbefore 2026\n".to_vec()));
     for name in

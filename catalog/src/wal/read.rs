@@ -103,9 +103,11 @@ impl Repository {
     }
 
     /// Which pieces hold the contiguous WAL along `path` from `from` up to at most
-    /// `to`, and which range of each: from listings alone. Shorter when a piece is
-    /// missing. Each range comes from the timeline the path has there.
-    async fn wal_plan(
+    /// `to`, and which range of each (`(piece, from, to)`, in order): from listings
+    /// alone. Shorter when a piece is missing. Each range comes from the timeline
+    /// the path has there. A range that starts at a segment's start is its piece's
+    /// first byte, since pieces never cross a segment boundary.
+    pub async fn wal_plan(
         &self,
         source: &str,
         system: &WalSystem,

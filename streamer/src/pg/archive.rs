@@ -10,7 +10,8 @@ use catalog::wal::{Lsn, WalPiece, WalSystem, PIECE_HEADER};
 use catalog::{RepoError, Repository};
 use jiff::Timestamp;
 
-use super::history::{timeline_path, HistoryError};
+use super::background::{self, PUSHER_IDLE};
+use super::history::{timeline_path, HistoryError, TimelinePath};
 use super::lsn;
 use super::names::{is_segment_name, segment_file_name, ArchivedFiles, WalFile};
 
@@ -31,14 +32,14 @@ pub enum ArchiveError {
 }
 
 /// What a segment's first page says about it.
-struct SegmentHeader {
-    tli: u32,
-    pageaddr: u64,
-    system_id: u64,
-    segment_size: u64,
+pub(crate) struct SegmentHeader {
+    pub tli: u32,
+    pub pageaddr: u64,
+    pub system_id: u64,
+    pub segment_size: u64,
 }
 
-fn segment_header(b: &[u8]) -> Option<SegmentHeader> {
+pub(crate) fn segment_header(b: &[u8]) -> Option<SegmentHeader> {
     let u16_at = |i: usize| u16::from_le_bytes(b[i..i + 2].try_into().expect("2 bytes"));
     let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
     let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
@@ -76,9 +77,6 @@ pub enum Delegated {
     PusherGone,
 }
 
-/// A pusher exits after this long with nothing to push.
-const PUSHER_IDLE: std::time::Duration = std::time::Duration::from_secs(2);
-
 impl ReadAhead {
     /// Whether the file at `path` was pushed ahead, and is durable, as the file it is
     /// now. Needs no repository: the call PostgreSQL makes for it returns at once.
@@ -95,17 +93,9 @@ impl ReadAhead {
             && path.parent().is_some_and(|d| d.join("archive_status").join(format!("{name}.ready")).exists())
     }
 
-    fn lock_file(&self) -> std::io::Result<std::fs::File> {
-        std::fs::create_dir_all(&self.dir)?;
-        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.dir.join("lock"))
-    }
-
     /// Whether a pusher holds the lock.
     pub fn pusher_running(&self) -> bool {
-        match self.lock_file() {
-            Ok(f) => f.try_lock().is_err(),
-            Err(_) => false,
-        }
+        background::running(&self.dir)
     }
 
     fn error_file(&self, name: &str) -> PathBuf {
@@ -144,16 +134,13 @@ impl ReadAhead {
     /// note appears whole (written aside, then renamed), since that call reads and
     /// removes it as soon as it is there.
     fn note_failure(&self, name: &str, why: &str) -> std::io::Result<()> {
-        let tmp = self.dir.join(format!(".{name}.error.tmp"));
-        std::fs::write(&tmp, why)?;
-        std::fs::rename(&tmp, self.error_file(name))
+        background::write_note(&self.dir, &format!("{name}.error"), why.as_bytes())
     }
 
     /// Notes that the file at `path`, as it was when `id` was taken, is durable.
     fn mark(&self, path: &Path, id: String) {
         let Some(name) = path.file_name() else { return };
-        let tmp = self.dir.join(format!(".{}.tmp", name.to_string_lossy()));
-        if std::fs::write(&tmp, id).and_then(|()| std::fs::rename(&tmp, self.dir.join(name))).is_err() {
+        if background::write_note(&self.dir, &name.to_string_lossy(), id.as_bytes()).is_err() {
             tracing::warn!("cannot note {} as pushed in {}", path.display(), self.dir.display());
         }
     }
@@ -193,10 +180,7 @@ fn identity(path: &Path) -> Option<String> {
 /// has been ready for a while. Returns at once if another pusher holds the lock.
 pub async fn run_pusher(repo: &Repository, source: &str, wal_dir: &Path, ra: &ReadAhead) -> Result<(), ArchiveError> {
     let io = |cause| ArchiveError::Io { path: ra.dir.display().to_string(), cause };
-    let lock = ra.lock_file().map_err(io)?;
-    if lock.try_lock().is_err() {
-        return Ok(());
-    }
+    let Some(_lock) = background::lock(&ra.dir).map_err(io)? else { return Ok(()) };
     // Buffers of a segment each, used again: a fresh 16 MiB is 4,096 page faults.
     let buffers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
     let mut tasks = tokio::task::JoinSet::new();
@@ -351,9 +335,7 @@ pub async fn archive_get(repo: &Repository, source: &str, name: &str, dest: &Pat
                 Err(HistoryError::Missing { .. }) => return Ok(false),
                 Err(e) => return Err(e.into()),
             };
-            let start = Lsn(segno * system.segment_size);
-            let end = Lsn(start.0 + system.segment_size);
-            let mut wal = repo.wal_bytes(source, &system, &path.0, start, end).await?;
+            let mut wal = segment_wal(repo, source, &system, &path, segno).await?;
             if wal.is_empty() {
                 return Ok(false);
             }
@@ -370,12 +352,29 @@ pub async fn archive_get(repo: &Repository, source: &str, name: &str, dest: &Pat
         None => return Err(ArchiveError::Bad(format!("{name} is not a name PostgreSQL archives"))),
     };
     let tmp = dest.with_extension("ebb-partial");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dest)
-    };
-    write().map_err(|cause| ArchiveError::Io { path: dest.display().to_string(), cause })?;
+    write_synced(&tmp, &data)
+        .and_then(|()| std::fs::rename(&tmp, dest))
+        .map_err(|cause| ArchiveError::Io { path: dest.display().to_string(), cause })?;
     Ok(true)
+}
+
+/// The contiguous WAL of segment `segno` along `path`, as far as the repository
+/// has it from the segment's start: whole, shorter, or empty.
+pub(crate) async fn segment_wal(
+    repo: &Repository,
+    source: &str,
+    system: &WalSystem,
+    path: &TimelinePath,
+    segno: u64,
+) -> Result<Vec<u8>, RepoError> {
+    let start = Lsn(segno * system.segment_size);
+    let end = Lsn(start.0 + system.segment_size);
+    repo.wal_bytes(source, system, &path.0, start, end).await
+}
+
+/// Writes `data` as the file `path` and makes it durable.
+pub(crate) fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()
 }

@@ -1,8 +1,9 @@
 //! What ebb leaves to other processes of its own for PostgreSQL: the
 //! restore_command a restored server runs (this ebb again, with the same repository
-//! and secret file, so nothing secret is written into the data directory), and the
-//! background pusher an `archive-push` call hands its segment to (`ReadAhead`),
-//! started when none runs.
+//! and secret file, so nothing secret is written into the data directory), the
+//! background pusher an `archive-push` call hands its segment to (`ReadAhead`), and
+//! the background fetcher that fills the spool `archive-get` calls take their
+//! segments from (`Spool`), each started when none runs.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -10,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use super::archive::{Delegated, ReadAhead};
+use super::names::is_segment_name;
+use super::spool::Spool;
 use crate::state;
 
 /// The file that unlocks the repository, which a process ebb starts reads too.
@@ -26,12 +29,13 @@ pub fn shell_quote(s: &str) -> String {
 
 /// The restore_command a restored server runs: `exe` fetching WAL of `source` from
 /// `repository`, unlocked by `secret` (made absolute: the server runs it from its
-/// data directory).
+/// data directory), `prefetch` segments ahead of the server's calls.
 pub fn archive_get_command(
     exe: &Path,
     repository: &str,
     secret: SecretFile<'_>,
     source: &str,
+    prefetch: usize,
 ) -> std::io::Result<String> {
     let mut cmd = vec![shell_quote(&exe.to_string_lossy()), "--repo".into(), shell_quote(repository)];
     let absolute = |p: &Path| std::path::absolute(p).map(|p| shell_quote(&p.to_string_lossy()));
@@ -40,6 +44,9 @@ pub fn archive_get_command(
         SecretFile::Password(p) => cmd.extend(["--password-file".into(), absolute(p)?]),
     }
     cmd.extend(["pg".into(), "archive-get".into(), "--source".into(), shell_quote(source)]);
+    if prefetch > 0 {
+        cmd.extend(["--prefetch".into(), prefetch.to_string()]);
+    }
     Ok(cmd.join(" "))
 }
 
@@ -53,16 +60,29 @@ pub fn read_ahead(state_dir: Option<PathBuf>, repository: &str, source: &str, se
     })
 }
 
+/// Where the segments fetched ahead of calls that fetch into `dest` wait: `dir`,
+/// or else `ebb-spool` beside `dest` (in the server's `pg_wal`, so that a segment
+/// moves into place by a rename). `None` when fetching ahead is off (`segments` is
+/// 0).
+pub fn spool(dir: Option<PathBuf>, dest: &Path, segments: usize) -> Option<Spool> {
+    let beside = || dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("ebb-spool");
+    (segments > 0).then(|| Spool { dir: dir.unwrap_or_else(beside), segments })
+}
+
+/// Why a helper (the archive pusher, the WAL fetcher) could not be started or
+/// handed its work.
 #[derive(Debug, thiserror::Error)]
-pub enum PusherError {
+pub enum HelperError {
     #[error("find the ebb executable")]
     Exe(#[source] std::io::Error),
     #[error("create {}", .0.display())]
     Dir(PathBuf, #[source] std::io::Error),
     #[error("open {}", .0.display())]
     Log(PathBuf, #[source] std::io::Error),
-    #[error("start the archive pusher")]
-    Start(#[source] std::io::Error),
+    #[error("start the {0}")]
+    Start(&'static str, #[source] std::io::Error),
+    #[error("{}", .0.display())]
+    Spool(PathBuf, #[source] std::io::Error),
     /// The pusher could not push the segment, and said why.
     #[error("{0}")]
     Failed(String),
@@ -76,39 +96,74 @@ pub async fn push_ahead(
     ra: &ReadAhead,
     path: &Path,
     args: impl IntoIterator<Item = OsString>,
-) -> Result<Option<String>, PusherError> {
+) -> Result<Option<String>, HelperError> {
     if ra.pushed(path) {
         return Ok(Some(format!("{} was already archived (pushed ahead)", path.display())));
     }
     if !ra.takes(path) {
         return Ok(None);
     }
-    let started = if ra.pusher_running() { None } else { Some(start_pusher(&ra.dir, args)?) };
+    let started = if ra.pusher_running() { None } else { Some(start_helper(&ra.dir, PUSHER, args)?) };
     match ra.wait(path, started).await {
         Delegated::Pushed => Ok(Some(format!("archived {}", path.display()))),
-        Delegated::Failed(why) => Err(PusherError::Failed(why)),
+        Delegated::Failed(why) => Err(HelperError::Failed(why)),
         Delegated::PusherGone => Ok(None),
     }
 }
 
-/// Starts this program again with `args` as the background pusher, detached (a
-/// session of its own), with its messages in `dir/pusher.log` (of the last pusher).
-pub fn start_pusher(dir: &Path, args: impl IntoIterator<Item = OsString>) -> Result<Child, PusherError> {
-    let exe = std::env::current_exe().map_err(PusherError::Exe)?;
-    state::private_dir(dir).map_err(|e| PusherError::Dir(dir.to_path_buf(), e))?;
-    let log = dir.join("pusher.log");
-    let log = state::create_private(&log).map_err(|e| PusherError::Log(log, e))?;
+/// Moves segment `name` into `dest` from the spool when it was fetched ahead (or
+/// waits while the fetcher fetches it), and keeps the fetcher going ahead of
+/// PostgreSQL: started as this program with `args` when none runs. Needs no
+/// repository. `false`: the caller fetches `name` itself (not a segment, not
+/// fetched ahead, or not in the repository when the fetcher looked).
+pub async fn fetch_ahead(
+    spool: &Spool,
+    name: &str,
+    dest: &Path,
+    args: impl IntoIterator<Item = OsString>,
+) -> Result<bool, HelperError> {
+    if !is_segment_name(name) {
+        return Ok(false);
+    }
+    let err = |e| HelperError::Spool(spool.dir.clone(), e);
+    // Only this user may put files here: they are handed to PostgreSQL as WAL.
+    state::private_dir(&spool.dir).map_err(|e| HelperError::Dir(spool.dir.clone(), e))?;
+    let taken = spool.take(name, dest).map_err(err)?;
+    spool.ask(name).map_err(err)?;
+    let started = if spool.fetcher_running() { None } else { Some(start_helper(&spool.dir, FETCHER, args)?) };
+    if taken {
+        return Ok(true);
+    }
+    if !spool.fetching(name) {
+        return Ok(false);
+    }
+    spool.wait(name, dest, started).await.map_err(err)
+}
+
+/// A helper: what it is called, and the file its messages go to.
+struct Helper(&'static str, &'static str);
+const PUSHER: Helper = Helper("archive pusher", "pusher.log");
+const FETCHER: Helper = Helper("WAL fetcher", "fetcher.log");
+
+/// Starts this program again with `args` as a background helper, detached (a
+/// session of its own), with its messages in `dir/pusher.log` or
+/// `dir/fetcher.log` (of the last one).
+fn start_helper(dir: &Path, helper: Helper, args: impl IntoIterator<Item = OsString>) -> Result<Child, HelperError> {
+    let exe = std::env::current_exe().map_err(HelperError::Exe)?;
+    state::private_dir(dir).map_err(|e| HelperError::Dir(dir.to_path_buf(), e))?;
+    let log = dir.join(helper.1);
+    let log = state::create_private(&log).map_err(|e| HelperError::Log(log, e))?;
     let mut cmd = Command::new(exe);
     cmd.args(args);
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-    // SAFETY: setsid is async-signal-safe; the pusher outlives this call.
+    // SAFETY: setsid is async-signal-safe; the helper outlives this call.
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
             Ok(())
         });
     }
-    cmd.spawn().map_err(PusherError::Start)
+    cmd.spawn().map_err(|e| HelperError::Start(helper.0, e))
 }
 
 #[cfg(test)]
@@ -125,9 +180,10 @@ mod tests {
     #[test]
     fn the_restore_command_runs_this_ebb_with_the_same_secret_file() {
         let exe = Path::new("/opt/e bb/ebb");
-        let key = archive_get_command(exe, "s3://b/p", SecretFile::Key(Path::new("/k/key")), "db's").unwrap();
+        let key = archive_get_command(exe, "s3://b/p", SecretFile::Key(Path::new("/k/key")), "db's", 0).unwrap();
         assert_eq!(key, r"'/opt/e bb/ebb' --repo 's3://b/p' --key-file '/k/key' pg archive-get --source 'db'\''s'");
-        let pw = archive_get_command(exe, "file:///r", SecretFile::Password(Path::new("pw")), "db").unwrap();
+        let pw = archive_get_command(exe, "file:///r", SecretFile::Password(Path::new("pw")), "db", 8).unwrap();
+        assert!(pw.ends_with("pg archive-get --source 'db' --prefetch 8"), "{pw}");
         let cwd = std::env::current_dir().unwrap().join("pw");
         assert!(pw.contains(&format!("--password-file '{}' ", cwd.display())), "{pw}: made absolute");
     }

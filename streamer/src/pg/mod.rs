@@ -1,11 +1,13 @@
 //! PostgreSQL: WAL streamed like a replica (`ebb stream pg`), base backups over the
-//! replication protocol, archive-push/get for archive_command and restore_command,
-//! and restores that recover to an exact time. PostgreSQL's formats are read here,
+//! replication protocol, archive-push/get for archive_command and restore_command
+//! (with helpers that push and fetch ahead of PostgreSQL's calls: `background`,
+//! `spool`), and restores that recover to an exact time. PostgreSQL's formats are read here,
 //! never in the catalog: LSN text (`lsn`), WAL file names (`names`), history files
 //! (`history`), a base backup's record (`info`), WAL records (`walscan`) and the
 //! wire protocol (`wire`).
 
 pub mod archive;
+mod background;
 pub mod basebackup;
 pub mod delegate;
 pub mod dsn;
@@ -14,6 +16,9 @@ pub mod info;
 pub mod lsn;
 pub mod names;
 pub mod restore;
+pub mod spool;
+#[cfg(test)]
+mod testwal;
 pub mod walscan;
 pub mod walstream;
 pub mod wire;

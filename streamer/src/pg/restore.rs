@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use catalog::wal::{Lsn, WalSystem};
+use catalog::wal::{Lsn, WalPiece, WalSystem};
 use catalog::{Manifest, PointRef, RepoError, Repository, RestoreOptions};
 use jiff::Timestamp;
 
@@ -71,7 +71,8 @@ pub async fn timeline_at(
         }
         // WAL streamed only after the promotion: the first transaction on the
         // timeline says when it was already there.
-        let (first_end, _) = scan(repo, source, system, &path, begin, |_| true).await?;
+        let scanner = Scanner::new(begin, system.segment_size);
+        let (first_end, _) = scan(repo, source, system, &path, scanner, |_| true).await?;
         if first_end.is_some_and(|x| x.time + PG_EPOCH_MICROS <= at.as_microsecond()) {
             return Ok(tli);
         }
@@ -145,8 +146,14 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
     Ok(PgRestoreReport { point, manifest, timeline: tli, target_time, wal_end, files })
 }
 
+/// How far ahead of the clock of the host that stored the WAL (`ebb stream pg`,
+/// `archive-push`) PostgreSQL's clock may be. `ends_after` skips the WAL stored
+/// more than this long before T without reading it.
+pub const CLOCK_MARGIN: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
+
 /// Whether a transaction ended after `at` in the WAL from `start` along `path`, and
-/// where the contiguous WAL ends.
+/// where the contiguous WAL ends. Reads the WAL from the start of the last segment
+/// stored more than `CLOCK_MARGIN` before `at` (`scan_from`), not all of it.
 async fn ends_after(
     repo: &Repository,
     source: &str,
@@ -156,14 +163,60 @@ async fn ends_after(
     at: Timestamp,
 ) -> Result<(bool, Lsn), PgRestoreError> {
     let at_pg = at.as_microsecond() - PG_EPOCH_MICROS;
-    let (found, end) = scan(repo, source, system, path, start, |x| x.time > at_pg).await?;
-    match found {
-        Some(_) => Ok((true, repo.wal_covered(source, system, &path.0, end, Lsn(u64::MAX)).await?)),
-        None => Ok((false, end)),
+    let plan = repo.wal_plan(source, system, &path.0, start, Lsn(u64::MAX)).await?;
+    let covered = plan.last().map_or(start, |(_, _, to)| *to);
+    let cutoff = at.checked_sub(CLOCK_MARGIN).unwrap_or(Timestamp::MIN);
+    let scanner = scan_from(repo, source, system, &plan, start, cutoff).await?;
+    match scan(repo, source, system, path, scanner, |x| x.time > at_pg).await? {
+        // The plan is contiguous from `start`: it ends where the WAL after the
+        // transaction end does (or the scan read further: WAL stored since).
+        (Some(_), next) => Ok((true, covered.max(next))),
+        (None, end) => Ok((false, end)),
     }
 }
 
-/// Reads the WAL from `start` (a record start) along `path` until a transaction end
+/// Where a scan for the first transaction end after T may start: at the start of
+/// the last segment whose first piece (in `plan`, the contiguous WAL from `start`)
+/// was received at or before `cutoff`, found by a binary search that reads a
+/// piece per step; at `start` when there is none.
+///
+/// WAL is sent, archived or streamed, only once written, and a transaction's time
+/// is taken before its record is written: every record before a piece received at
+/// R (ebb's clock) is of a transaction that ended by R on PostgreSQL's clock, so
+/// none of them ended after T when R is at least `CLOCK_MARGIN` before T. A
+/// segment picked is always such a one; the search finds the last one when the
+/// times grow with the positions, as they do unless old WAL was archived late.
+async fn scan_from(
+    repo: &Repository,
+    source: &str,
+    system: &WalSystem,
+    plan: &[(WalPiece, Lsn, Lsn)],
+    start: Lsn,
+    cutoff: Timestamp,
+) -> Result<Scanner, RepoError> {
+    let firsts: Vec<&WalPiece> = plan
+        .iter()
+        .filter(|(p, from, _)| *from > start && from.0.is_multiple_of(system.segment_size) && p.start == *from)
+        .map(|(p, _, _)| p)
+        .collect();
+    let (mut lo, mut hi, mut best) = (0, firsts.len(), None);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let (times, _) = repo.read_wal(source, firsts[mid]).await?;
+        if times.received <= cutoff {
+            best = Some(firsts[mid].start);
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(match best {
+        Some(segment) => Scanner::at_segment(segment, system.segment_size),
+        None => Scanner::new(start, system.segment_size),
+    })
+}
+
+/// Reads the WAL along `path` from where `scanner` starts until a transaction end
 /// that `stop` accepts: returns it, or none at the end of the contiguous WAL, and
 /// how far the WAL was read.
 async fn scan(
@@ -171,11 +224,10 @@ async fn scan(
     source: &str,
     system: &WalSystem,
     path: &TimelinePath,
-    start: Lsn,
+    mut scanner: Scanner,
     mut stop: impl FnMut(&XactEnd) -> bool,
 ) -> Result<(Option<XactEnd>, Lsn), RepoError> {
-    let mut scanner = Scanner::new(start, system.segment_size);
-    let mut next = start;
+    let mut next = scanner.buffered_end();
     loop {
         match scanner.next_record() {
             Step::End(x) if stop(&x) => return Ok((Some(x), next)),
@@ -333,4 +385,161 @@ pub async fn restorable(
         r.wal_end = Some(lsn::text(at).to_string());
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use catalog::faults::{Fault, Faults, Op};
+    use catalog::{KdfParams, Secret, Store};
+
+    use super::*;
+    use crate::pg::testwal::MadeUp;
+
+    const SEG: u64 = 1 << 20;
+    const SYSTEM: WalSystem = WalSystem { system_id: 7, segment_size: SEG };
+
+    fn unix(pg_micros: i64) -> Timestamp {
+        Timestamp::from_microsecond(pg_micros + PG_EPOCH_MICROS).unwrap()
+    }
+
+    /// A base backup's WAL and `segments` segments after it, the last one partial:
+    /// records of many sizes (some spanning pages and segments), a commit every 8
+    /// records, 10 s apart. Each segment is stored as a piece, every fifth as two,
+    /// received half a second after the last commit before it. `late` segments
+    /// were archived a day late.
+    struct Wal {
+        repo: Repository,
+        gets: Faults,
+        made: MadeUp,
+        start: Lsn,
+        path: TimelinePath,
+    }
+
+    async fn stored_wal(segments: u64, late: &[u64], missing: &[u64]) -> Wal {
+        let mut made = MadeUp::new(SEG);
+        let mut time = 800_000_000_000_000i64;
+        let sizes = [100, 3000, 20_000, 50, 9000, 700, 40, 12_000];
+        let mut i = 0;
+        while (made.wal.len() as u64) < segments * SEG + SEG / 2 {
+            if i % 8 == 7 {
+                time += 10_000_000;
+                made.commit(time);
+            } else {
+                made.other(sizes[i % sizes.len()]);
+            }
+            i += 1;
+        }
+        let start = Lsn(made.records.iter().find(|(at, _)| *at > SEG + 5000).unwrap().0);
+
+        let store = Store::memory();
+        let secret = Secret::Password(b"pw".to_vec());
+        let kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        let plain = Repository::init(store.clone(), &secret, kdf, "h".into()).await.unwrap().0;
+        plain.claim_wal_system("db", SYSTEM).await.unwrap();
+        let last_commit_before =
+            |at: u64| made.records.iter().take_while(|(r, _)| *r < at).filter_map(|(_, t)| *t).last().unwrap_or(time);
+        let end = made.wal.len() as u64;
+        for seg in 0..=end / SEG {
+            if missing.contains(&seg) {
+                continue;
+            }
+            let (from, to) = (seg * SEG, ((seg + 1) * SEG).min(end));
+            let cuts: Vec<u64> = if seg % 5 == 0 { vec![from, from + 300_001, to] } else { vec![from, to] };
+            for w in cuts.windows(2) {
+                let piece = WalPiece { tli: 1, start: Lsn(w[0]), end: Lsn(w[1]) };
+                let mut received = unix(last_commit_before(w[0])) + jiff::SignedDuration::from_millis(500);
+                if late.contains(&seg) {
+                    received += jiff::SignedDuration::from_hours(24);
+                }
+                plain.put_wal("db", &piece, received, &made.wal[w[0] as usize..w[1] as usize]).await.unwrap();
+            }
+        }
+        let gets = Faults::new();
+        // A rule whose fault changes nothing: it only counts the reads of pieces.
+        gets.always(Op::Get, "wal/db/00000001/", Fault::Delay(Duration::ZERO));
+        let repo = Repository::open(store.with_faults(gets.clone()), &secret).await.unwrap();
+        Wal { repo, gets, made, start, path: TimelinePath::parse(1, None).unwrap() }
+    }
+
+    impl Wal {
+        /// `ends_after`, and how many pieces it read.
+        async fn lookup(&self, at: Timestamp) -> ((bool, Lsn), usize) {
+            let before = self.gets.fired();
+            let r = ends_after(&self.repo, "db", &SYSTEM, &self.path, self.start, at).await.unwrap();
+            (r, self.gets.fired() - before)
+        }
+
+        /// What `ends_after` answered before it jumped: every record from the
+        /// base backup on read, until a transaction end after `at`.
+        async fn full_scan(&self, at: Timestamp) -> ((bool, Lsn), usize) {
+            let before = self.gets.fired();
+            let at_pg = at.as_microsecond() - PG_EPOCH_MICROS;
+            let (repo, path) = (&self.repo, &self.path);
+            let scanner = Scanner::new(self.start, SEG);
+            let r = match scan(repo, "db", &SYSTEM, path, scanner, |x| x.time > at_pg).await.unwrap() {
+                (Some(_), end) => (true, repo.wal_covered("db", &SYSTEM, &path.0, end, Lsn(u64::MAX)).await.unwrap()),
+                (None, end) => (false, end),
+            };
+            (r, self.gets.fired() - before)
+        }
+
+        fn commits(&self) -> Vec<i64> {
+            self.made.records.iter().filter(|(at, _)| *at >= self.start.0).filter_map(|(_, t)| *t).collect()
+        }
+    }
+
+    /// The moments the answers are compared at: before every commit, at commits
+    /// and a microsecond either side, within the clock margin of the end, after
+    /// the last.
+    fn moments(commits: &[i64], picks: &[usize]) -> Vec<Timestamp> {
+        let n = commits.len();
+        let mut out = vec![unix(commits[0] - 3_600_000_000), unix(commits[n - 1] + 3_600_000_000)];
+        for k in picks.iter().map(|&k| k.min(n - 1)) {
+            out.extend([unix(commits[k] - 1), unix(commits[k]), unix(commits[k] + 1), unix(commits[k] + 5_000_000)]);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn the_time_lookup_reads_few_pieces_and_answers_as_the_full_scan_does() {
+        let wal = stored_wal(128, &[], &[]).await;
+        let commits = wal.commits();
+        assert!(commits.len() > 500, "{} commits", commits.len());
+        let n = commits.len();
+        for at in moments(&commits, &[0, 1, n / 7, n / 3, n / 2, 2 * n / 3, n - 8, n - 2, n - 1]) {
+            let (fast, read) = wal.lookup(at).await;
+            let (full, read_all) = wal.full_scan(at).await;
+            assert_eq!(fast, full, "at {at}");
+            // Near the base backup there is little to skip; further on, most of it.
+            assert!(read <= read_all.max(9), "at {at}: {read} pieces read, {read_all} by the full scan");
+            if at > unix(commits[n / 3]) {
+                assert!(read * 4 < read_all, "at {at}: {read} pieces read, {read_all} by the full scan");
+            }
+        }
+        // A moment in the middle: a binary search over 128 segments and the
+        // segment or two before the moment, where the full scan reads half the WAL.
+        let (_, read) = wal.lookup(unix(commits[commits.len() / 2])).await;
+        let (_, read_all) = wal.full_scan(unix(commits[commits.len() / 2])).await;
+        assert!(read <= 14, "{read} pieces read, {read_all} by the full scan");
+        assert!(read_all >= 70, "{read_all}");
+    }
+
+    #[tokio::test]
+    async fn late_archived_segments_and_gaps_give_the_full_scans_answers() {
+        // Segments received out of order (archived a day late) mislead the binary
+        // search only into reading more; a missing segment ends the WAL there.
+        for (late, missing) in [(vec![10, 30, 31, 50], vec![]), (vec![3], vec![45]), (vec![], vec![2])] {
+            let wal = stored_wal(64, &late, &missing).await;
+            let n = wal.commits().len();
+            for at in moments(&wal.commits(), &[0, n / 3, n / 2, n - 2]) {
+                assert_eq!(
+                    wal.lookup(at).await.0,
+                    wal.full_scan(at).await.0,
+                    "at {at}, late {late:?}, missing {missing:?}"
+                );
+            }
+        }
+    }
 }

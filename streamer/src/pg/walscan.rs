@@ -8,12 +8,17 @@
 //! The layout is PostgreSQL 15's (`access/xlogrecord.h`, `access/xlog_internal.h`):
 //! pages with a short header (a long one at the start of a segment), records
 //! aligned to 8 bytes that may span pages, block references before the main data.
+//! A scan starts at a record start, or at a segment start: there the page headers
+//! say how much of a record begun in the segment before continues into it
+//! (`xlp_rem_len`), and the scan skips it, as PostgreSQL's `XLogFindNextRecord` does.
 
 use catalog::wal::Lsn;
 
 const SHORT_HEADER: u64 = 24;
 const LONG_HEADER: u64 = 40;
 const RECORD_HEADER: usize = 24;
+const XLOG_PAGE_MAGIC: u16 = 0xD110;
+const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
 const RM_XLOG_ID: u8 = 0;
 const RM_XACT_ID: u8 = 1;
 const XLOG_SWITCH: u8 = 0x40;
@@ -64,12 +69,29 @@ pub struct Scanner {
     page_size: u64,
     /// No more WAL will be pushed.
     eof: bool,
+    /// `pos` is a segment start, and the first record starting in that segment
+    /// is still to be found.
+    find_first: bool,
 }
 
 impl Scanner {
     /// Starts at `start`, which must be a record start (a checkpoint's redo point).
     pub fn new(start: Lsn, segment_size: u64) -> Scanner {
-        Scanner { buf: Vec::new(), base: start.0, pos: start.0, segment_size, page_size: 8192, eof: false }
+        Scanner {
+            buf: Vec::new(),
+            base: start.0,
+            pos: start.0,
+            segment_size,
+            page_size: 8192,
+            eof: false,
+            find_first: false,
+        }
+    }
+
+    /// Starts at `segment`, the first byte of a segment: the first record is the
+    /// first one that starts in it.
+    pub fn at_segment(segment: Lsn, segment_size: u64) -> Scanner {
+        Scanner { find_first: true, ..Scanner::new(segment, segment_size) }
     }
 
     /// Where the buffered WAL ends: the next push must start here.
@@ -116,8 +138,49 @@ impl Scanner {
         Some((out, at))
     }
 
+    /// Where the first record that starts in the segment at `self.pos` begins:
+    /// after the part of a record that continues from the segment before, which
+    /// may span pages. `Err` when a page header is not one (not WAL, or the end of
+    /// it); `Ok(None)` when more WAL is needed.
+    fn first_record(&self) -> Result<Option<u64>, ()> {
+        let mut page = self.pos;
+        loop {
+            let header = self.header_at(page);
+            let Some(from) = page.checked_sub(self.base) else { return Err(()) };
+            let Some(h) = usize::try_from(from).ok().and_then(|f| self.buf.get(f..f + header as usize)) else {
+                return Ok(None);
+            };
+            let magic = u16::from_le_bytes([h[0], h[1]]);
+            let info = u16::from_le_bytes([h[2], h[3]]);
+            let pageaddr = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+            let rem_len = u64::from(u32::from_le_bytes(h[16..20].try_into().expect("4 bytes")));
+            if magic != XLOG_PAGE_MAGIC || pageaddr != page {
+                return Err(());
+            }
+            if info & XLP_FIRST_IS_CONTRECORD == 0 {
+                return page.checked_add(header).ok_or(()).map(Some);
+            }
+            let rest = rem_len.div_ceil(8) * 8;
+            if rest < self.page_size - header {
+                return page.checked_add(header + rest).ok_or(()).map(Some);
+            }
+            // The record goes on past this page; the next page's header says how far.
+            page = page.checked_add(self.page_size).ok_or(())?;
+        }
+    }
+
     /// The next record.
     pub fn next_record(&mut self) -> Step {
+        if self.find_first {
+            match self.first_record() {
+                Ok(Some(at)) => {
+                    self.pos = at;
+                    self.find_first = false;
+                }
+                Ok(None) => return self.more(),
+                Err(()) => return Step::Finished,
+            }
+        }
         let mut at = self.pos.div_ceil(8) * 8;
         if at.is_multiple_of(self.page_size) {
             at += self.header_at(at);
@@ -190,4 +253,65 @@ fn main_data(rec: &[u8]) -> Option<&[u8]> {
         }
     };
     rec.len().checked_sub(len).map(|start| &rec[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::testwal::MadeUp;
+
+    /// From every segment's start, the scan finds the first record that starts in
+    /// it, past a record continued from the segment before over one page or many,
+    /// and then every commit after it, as a scan from the beginning does.
+    #[test]
+    fn a_scan_from_a_segment_start_skips_the_record_continued_into_it() {
+        let seg = 1u64 << 20;
+        let mut made = MadeUp::new(seg);
+        let mut time = 1_000_000;
+        let mut i = 0;
+        while (made.wal.len() as u64) < 12 * seg {
+            // Records of up to 100 KB: some continue over more than a page.
+            match i % 5 {
+                0 => made.other(100_000 + i * 37 % 5000),
+                1 | 3 => made.other(i * 131 % 9000),
+                _ => {
+                    time += 1;
+                    made.commit(time);
+                }
+            }
+            i += 1;
+        }
+        let commits_from = |at: u64| -> Vec<(u64, i64)> {
+            made.records.iter().filter(|(r, _)| *r >= at).filter_map(|(r, t)| Some((*r, (*t)?))).collect()
+        };
+        let mut continued = 0;
+        for s in 1..12 {
+            let start = s * seg;
+            let first = made.records.iter().map(|(r, _)| *r).find(|r| *r >= start).unwrap();
+            continued += usize::from(first > start + 40);
+            let mut scanner = Scanner::at_segment(Lsn(start), seg);
+            scanner.push(&made.wal[start as usize..], true);
+            let mut ends = Vec::new();
+            loop {
+                match scanner.next_record() {
+                    Step::End(x) => ends.push((x.lsn.0, x.time)),
+                    Step::Other => {}
+                    Step::NeedMore | Step::Finished => break,
+                }
+            }
+            assert_eq!(ends, commits_from(first), "from segment {s}");
+        }
+        assert!(continued >= 8, "only {continued} segments begin inside a record");
+    }
+
+    #[test]
+    fn a_segment_start_that_is_not_wal_ends_the_scan() {
+        let mut scanner = Scanner::at_segment(Lsn(1 << 20), 1 << 20);
+        scanner.push(&[0u8; 8192], false);
+        assert!(matches!(scanner.next_record(), Step::Finished));
+        // Too little to read the header yet.
+        let mut scanner = Scanner::at_segment(Lsn(1 << 20), 1 << 20);
+        scanner.push(&[0x10, 0xD1], false);
+        assert!(matches!(scanner.next_record(), Step::NeedMore));
+    }
 }
