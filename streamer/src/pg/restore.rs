@@ -264,7 +264,9 @@ fn configure(dir: &Path, opts: &PgRestoreOptions, tli: u32, target_time: bool) -
         "\n# Added by `ebb pg restore`: recover source {} to {}.\nrestore_command = '{} %f %p'\n\
          recovery_target_timeline = '{tli}'\n\
          # Not archiving into the source this copy came from; to make this copy a new primary,\n\
-         # enable archiving again or run `ebb stream pg` on it.\narchive_mode = 'off'\n",
+         # enable archiving again or run `ebb stream pg` on it.\narchive_mode = 'off'\n\
+         # The restored files are not synced yet: PostgreSQL syncs them as it starts, with one\n\
+         # syncfs rather than an fsync per file.\nrecovery_init_sync_method = 'syncfs'\n",
         opts.source,
         opts.at,
         opts.archive_get.replace('\'', "''")
