@@ -8,6 +8,10 @@ use lru::LruCache;
 
 use crate::id::Id;
 
+/// What an entry costs beyond its bytes (its id, the LRU's links, the handle):
+/// counted, so that a cache of many small chunks stays within its limit too.
+const ENTRY_OVERHEAD: usize = 128;
+
 pub struct ChunkCache {
     inner: Mutex<Inner>,
     limit: usize,
@@ -34,13 +38,13 @@ impl ChunkCache {
 
     pub fn insert(&self, id: Id, data: Bytes) {
         let mut g = self.inner.lock().expect("cache lock");
-        g.bytes += data.len();
+        g.bytes += data.len() + ENTRY_OVERHEAD;
         if let Some(old) = g.lru.put(id, data) {
-            g.bytes -= old.len();
+            g.bytes -= old.len() + ENTRY_OVERHEAD;
         }
         while g.bytes > self.limit {
             match g.lru.pop_lru() {
-                Some((_, old)) => g.bytes -= old.len(),
+                Some((_, old)) => g.bytes -= old.len() + ENTRY_OVERHEAD,
                 None => break,
             }
         }
@@ -53,7 +57,7 @@ mod tests {
 
     #[test]
     fn evicts_least_recent_beyond_the_limit() {
-        let c = ChunkCache::new(250);
+        let c = ChunkCache::new(250 + 2 * ENTRY_OVERHEAD);
         for i in 0..3u8 {
             c.insert(Id([i; 32]), Bytes::from(vec![0; 100]));
         }
