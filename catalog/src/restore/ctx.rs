@@ -96,21 +96,25 @@ impl Ctx {
         let mut r = self.report();
         r.files += 1;
         r.bytes += bytes;
-        self.progress.files.fetch_add(1, Ordering::Relaxed);
-        self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.progressed(bytes);
     }
 
     pub fn count_unchanged(&self, bytes: u64) {
         let mut r = self.report();
         r.unchanged += 1;
         r.unchanged_bytes += bytes;
-        self.progress.files.fetch_add(1, Ordering::Relaxed);
-        self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.progressed(bytes);
     }
 
     pub fn count_link(&self) {
         self.report().files += 1;
+        self.progressed(0);
+    }
+
+    /// One more file done, of `bytes`.
+    fn progressed(&self, bytes: u64) {
         self.progress.files.fetch_add(1, Ordering::Relaxed);
+        self.progress.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     pub fn count_dir(&self) {
