@@ -195,6 +195,48 @@ async fn a_bad_read_of_the_tree_fails_the_restore_and_names_the_pack() {
     }
 }
 
+/// A restore asks the store for little: the trees of sibling directories come with
+/// one ranged GET, and neighbouring chunks of many small files with one more. Each
+/// request here waits a millisecond, as a store far away would make it wait. One
+/// request per directory and one per file, as restore asked before, would be
+/// 2,220 requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_of_many_small_files_makes_few_requests() {
+    let src = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for d in 0..20 {
+        for s in 0..10 {
+            let dir = src.path().join(format!("d{d}/s{s}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in 0..10 {
+                let path = dir.join(format!("f{f}"));
+                let body = format!("file {d}/{s}/{f}\n").repeat(40 + f);
+                std::fs::write(&path, body).unwrap();
+                files.push(path.strip_prefix(src.path()).unwrap().to_path_buf());
+            }
+        }
+    }
+    let faults = Faults::new();
+    let (plain, faulty) = repositories(&faults).await;
+    snapshot(&plain, &options(src.path()), Arc::new(Counters::default())).await.unwrap();
+    faults.always(Op::Get, "packs/", Fault::Delay(std::time::Duration::from_millis(1)));
+
+    let points = faulty.points("s").await.unwrap();
+    let manifest = faulty.manifest(&points[0]).await.unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let opts = RestoreOptions { target: target.path().join("r"), ..Default::default() };
+    let report = catalog::restore(&faulty, &manifest, opts).await.unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!((report.files, report.dirs), (2000, 221));
+    for f in &files {
+        let (got, want) = (std::fs::read(target.path().join("r").join(f)), std::fs::read(src.path().join(f)));
+        assert!(got.unwrap() == want.unwrap(), "{} was restored with wrong bytes", f.display());
+    }
+    let requests = faults.fired();
+    println!("{requests} requests for 2,000 files in 221 directories");
+    assert!(requests <= 100, "{requests} requests for 2,000 files in 221 directories");
+}
+
 // ------------------------------------------------------------------- archive-push
 
 /// A made-up segment of timeline `tli`, written where archive_command would name it.

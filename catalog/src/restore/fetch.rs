@@ -5,6 +5,7 @@
 //! blocking pool. A chunk the cache holds is not fetched again.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -25,6 +26,9 @@ const SPAN_GAP: u64 = 256 << 10;
 const SPAN_BYTES: u64 = 8 << 20;
 /// At most this many spans (or groups of empty files) at once.
 const MAX_RUNNING: usize = 32;
+/// A batch is launched before it is full when fewer than this many spans are
+/// still running, so that the stage never waits for it.
+const LOW_WATER: usize = 4;
 /// A batch holds at most this many files...
 const BATCH_FILES: usize = 4096;
 /// ...and files of at most this many bytes in all (one file may be larger).
@@ -69,34 +73,52 @@ pub(super) async fn run(ctx: Arc<Ctx>, mut files: mpsc::Receiver<FileJob>) {
     let budget_kib = budget_kib.min(Semaphore::MAX_PERMITS);
     let memory = Arc::new(Semaphore::new(budget_kib));
     let mut running = FuturesUnordered::new();
-    while let Some(first) = files.recv().await {
-        let mut bytes = first.entry.size;
-        let mut batch = vec![first];
-        while batch.len() < BATCH_FILES && bytes < BATCH_BYTES {
-            match files.try_recv() {
-                Ok(job) => {
-                    bytes += job.entry.size;
-                    batch.push(job);
-                }
-                Err(_) => break,
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    let mut walked = false;
+    while !walked || !batch.is_empty() {
+        // A batch grows while the work launched before keeps the stage busy: the
+        // more files it has, the more of their chunks share a request.
+        let full = batch.len() >= BATCH_FILES || bytes >= BATCH_BYTES;
+        let idle = !batch.is_empty() && running.len() < LOW_WATER;
+        if !(walked || full || idle) {
+            tokio::select! {
+                job = files.recv() => match job {
+                    Some(job) => {
+                        bytes += job.entry.size;
+                        batch.push(job);
+                    }
+                    None => walked = true,
+                },
+                Some(()) = running.next(), if !running.is_empty() => {}
             }
+            continue;
         }
         if ctx.stopped() {
             break;
         }
-        let batch = if ctx.overwrite { without_unchanged(&ctx, batch).await } else { batch };
-        for work in plan(&ctx, batch) {
+        let jobs = std::mem::take(&mut batch);
+        bytes = 0;
+        let jobs = if ctx.overwrite { without_unchanged(&ctx, jobs).await } else { jobs };
+        for work in plan(&ctx, jobs) {
             while running.len() >= MAX_RUNNING {
                 running.next().await;
             }
             let kib = (work.cost_kib() as usize).clamp(1, budget_kib) as u32;
             let permit = memory.clone().acquire_many_owned(kib).await.expect("the semaphore is never closed");
-            running.push(tokio::spawn(perform(ctx.clone(), work, permit)));
+            running.push(perform_task(ctx.clone(), work, permit));
         }
     }
     // Whatever the walk still sends after a stop is dropped, which lets it end.
     drop(files);
     while running.next().await.is_some() {}
+}
+
+/// `perform` started on the runtime now (it holds memory the next work may wait
+/// for), as a future that ends with it.
+fn perform_task(ctx: Arc<Ctx>, work: Work, permit: OwnedSemaphorePermit) -> impl Future<Output = ()> {
+    let task = tokio::spawn(perform(ctx, work, permit));
+    async move { task.await.expect("restore fetch task panicked") }
 }
 
 /// Takes out of `batch` the files already at their path with the point's content

@@ -7,11 +7,13 @@
 //! bytes; the rest of the restore goes on.
 //!
 //! The work runs in two stages joined by a bounded queue: `walk` goes through the
-//! tree on one thread (trees fetched ahead) and `fetch` restores files in batches,
+//! tree on one thread (trees fetched ahead, siblings' with one ranged GET: `trees`)
+//! and `fetch` restores files in batches,
 //! chunks in pack order, neighbours with one ranged GET, many at once, decrypted
 //! and written on the blocking pool (`write`). Memory stays within a budget
 //! (`RestoreOptions::memory`) whatever the tree's size: half of it for data in
-//! flight, an eighth for the chunk cache, and the rest for trees and bookkeeping,
+//! flight, an eighth for the chunk cache, a sixteenth for trees fetched lately, and
+//! the rest for the trees being walked and bookkeeping,
 //! which grow with the width of directories, not with the number of files.
 //!
 //! Files are written under temporary names and renamed into place once complete,
@@ -27,6 +29,7 @@ mod fetch;
 mod meta;
 mod report;
 mod target;
+mod trees;
 mod walk;
 mod write;
 
@@ -50,6 +53,8 @@ use ctx::Ctx;
 pub const DEFAULT_MEMORY: usize = 256 << 20;
 /// Files handed from the walk to the fetch stage and not yet taken.
 const QUEUED_FILES: usize = 1024;
+/// The part of the memory budget for trees fetched lately: one in this many bytes.
+const TREES_KEPT: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -124,7 +129,8 @@ pub async fn restore(
     let ctx = Arc::new(ctx);
     let (files_tx, files_rx) = tokio::sync::mpsc::channel(QUEUED_FILES);
     let fetching = tokio::spawn(fetch::run(ctx.clone(), files_rx));
-    let walker = walk::Walker { ctx: ctx.clone(), handle: Handle::current(), files: files_tx };
+    let trees = Arc::new(trees::Trees::new(repo.clone(), Handle::current(), opts.memory / TREES_KEPT));
+    let walker = walk::Walker { ctx: ctx.clone(), handle: Handle::current(), trees, files: files_tx };
     let whole = opts.path.is_none();
     let target = opts.target.clone();
     let walked =

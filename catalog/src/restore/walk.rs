@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use super::ctx::{in_link_group, link_step, make_link, Ctx, DirState, LinkStep, Waiting};
 use super::error::RestoreError;
+use super::trees::Trees;
 use super::write::FileJob;
 use super::{meta, target};
 use crate::pack::BlobRef;
@@ -28,6 +29,7 @@ const TREES_AHEAD: usize = 8;
 pub(super) struct Walker {
     pub ctx: Arc<Ctx>,
     pub handle: Handle,
+    pub trees: Arc<Trees>,
     pub files: mpsc::Sender<FileJob>,
 }
 
@@ -38,11 +40,8 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RestoreEr
 
 impl Walker {
     fn fetch_tree(&self, blob: Option<BlobRef>) -> JoinHandle<Result<Tree, String>> {
-        let repo = self.ctx.repo.clone();
-        self.handle.spawn(async move {
-            let blob = blob.ok_or("the directory has no tree")?;
-            repo.read_tree(&blob).await.map_err(|e| e.to_string())
-        })
+        let planned = self.trees.plan(vec![blob]).pop().expect("one tree planned");
+        self.trees.fetch(planned)
     }
 
     /// Walks the point's `top` entry into `target`: the backed-up directory itself
@@ -82,7 +81,8 @@ impl Walker {
             self.remove_extras(&tree, dir.path())?;
         }
         let mut ahead: VecDeque<JoinHandle<_>> = VecDeque::new();
-        let mut subdirs = tree.entries.iter().filter(|e| e.kind == EntryKind::Dir);
+        let subdirs = tree.entries.iter().filter(|e| e.kind == EntryKind::Dir).map(|e| e.subtree);
+        let mut subdirs = self.trees.plan(subdirs.collect()).into_iter();
         for child in &tree.entries {
             if self.ctx.stopped() {
                 break;
@@ -91,7 +91,7 @@ impl Walker {
             if child.kind == EntryKind::Dir {
                 while ahead.len() < TREES_AHEAD {
                     let Some(next) = subdirs.next() else { break };
-                    ahead.push_back(self.fetch_tree(next.subtree));
+                    ahead.push_back(self.trees.fetch(next));
                 }
                 let next = ahead.pop_front().expect("the tree of this directory was asked for");
                 fetched = Some(next);
