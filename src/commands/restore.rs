@@ -85,6 +85,7 @@ pub async fn restore(
         overlay,
         overwrite: how.overwrite,
         memory: usize::try_from(how.memory).unwrap_or(usize::MAX),
+        write_back: false,
         progress: progress.clone(),
     };
     let started = std::time::Instant::now();

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::error::{FileFailure, RestoreError};
+use super::options::RestoreOptions;
 use super::report::{Progress, RestoreReport};
 use super::{meta, target};
 use crate::cache::ChunkCache;
@@ -22,6 +23,8 @@ pub(super) struct Ctx {
     pub repo: Repository,
     pub overlay: Overlay,
     pub overwrite: bool,
+    /// `RestoreOptions::write_back`.
+    pub write_back: bool,
     pub memory: usize,
     /// The user and group files are created with, when no directory they go to
     /// has a setgid bit while the restore runs (see `meta::apply_to_file`).
@@ -39,20 +42,14 @@ pub(super) struct Ctx {
 }
 
 impl Ctx {
-    /// `memory`: the budget; `made_as`: see the field.
-    pub fn new(
-        repo: Repository,
-        overlay: Overlay,
-        overwrite: bool,
-        memory: usize,
-        made_as: Option<(u32, u32)>,
-        progress: Arc<Progress>,
-    ) -> Ctx {
-        let memory = memory.max(1 << 20);
+    /// The settings of `opts`; `made_as`: see the field.
+    pub fn new(repo: Repository, opts: &RestoreOptions, made_as: Option<(u32, u32)>) -> Ctx {
+        let memory = opts.memory.max(1 << 20);
         Ctx {
             repo,
-            overlay,
-            overwrite,
+            overlay: opts.overlay.clone(),
+            overwrite: opts.overwrite,
+            write_back: opts.write_back,
             memory,
             made_as,
             cache: ChunkCache::new(memory / 8),
@@ -60,7 +57,7 @@ impl Ctx {
             links: Mutex::new(HashMap::new()),
             flagged: Mutex::new(Vec::new()),
             report: Mutex::new(RestoreReport::default()),
-            progress,
+            progress: opts.progress.clone(),
             stopped: AtomicBool::new(false),
             fatal: Mutex::new(None),
         }

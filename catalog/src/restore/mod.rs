@@ -27,6 +27,7 @@ mod ctx;
 mod error;
 mod fetch;
 mod meta;
+mod options;
 mod report;
 mod target;
 mod trees;
@@ -34,58 +35,24 @@ mod walk;
 mod write;
 
 pub use error::RestoreError;
+pub use options::{RestoreOptions, DEFAULT_MEMORY};
 pub use report::{Progress, RestoreReport};
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::runtime::Handle;
 
-use crate::fragment::Overlay;
 use crate::point::Manifest;
 use crate::repo::Repository;
 use crate::tree::EntryKind;
 use ctx::Ctx;
 
-/// The memory a restore uses by default: `RestoreOptions::memory`.
-pub const DEFAULT_MEMORY: usize = 256 << 20;
 /// Files handed from the walk to the fetch stage and not yet taken.
 const QUEUED_FILES: usize = 1024;
 /// The part of the memory budget for trees fetched lately: one in this many bytes.
 const TREES_KEPT: usize = 16;
-
-#[derive(Debug, Clone)]
-pub struct RestoreOptions {
-    /// Restore only this path of the point (relative to the backed-up directory); it
-    /// lands as `target/<its name>`.
-    pub path: Option<Vec<u8>>,
-    pub target: PathBuf,
-    /// The appends after the point, up to the moment restored (`Repository::overlay`).
-    pub overlay: Overlay,
-    /// Restore over what the target holds: keep files that already have the
-    /// point's content, replace the others, remove what the point does not have.
-    /// Without it, the target must be a new or empty directory.
-    pub overwrite: bool,
-    /// The memory budget, in bytes (`DEFAULT_MEMORY`).
-    pub memory: usize,
-    /// Where the restore counts what it did, for a caller to show while it runs.
-    pub progress: Arc<Progress>,
-}
-
-impl Default for RestoreOptions {
-    fn default() -> RestoreOptions {
-        RestoreOptions {
-            path: None,
-            target: PathBuf::new(),
-            overlay: Overlay::default(),
-            overwrite: false,
-            memory: DEFAULT_MEMORY,
-            progress: Arc::default(),
-        }
-    }
-}
 
 pub async fn restore(
     repo: &Repository,
@@ -118,14 +85,7 @@ pub async fn restore(
     let plain_target =
         opts.path.is_none() || std::fs::metadata(&opts.target).is_ok_and(|m| m.permissions().mode() & 0o2000 == 0);
     let me = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
-    let ctx = Ctx::new(
-        repo.clone(),
-        opts.overlay.clone(),
-        opts.overwrite,
-        opts.memory,
-        plain_target.then_some(me),
-        opts.progress.clone(),
-    );
+    let ctx = Ctx::new(repo.clone(), &opts, plain_target.then_some(me));
     let ctx = Arc::new(ctx);
     let (files_tx, files_rx) = tokio::sync::mpsc::channel(QUEUED_FILES);
     let fetching = tokio::spawn(fetch::run(ctx.clone(), files_rx));

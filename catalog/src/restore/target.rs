@@ -6,7 +6,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use super::error::RestoreError;
 use crate::crypto::Keys;
@@ -30,26 +30,79 @@ pub(super) fn prepare(target: &Path, overwrite: bool) -> Result<(), RestoreError
     }
 }
 
-/// Names for files while they are written, in the directory they belong to:
-/// `.ebb-restore-<random>-<n>`. A file gets its real name only once complete, so an
-/// interrupted restore leaves no file with wrong bytes under a name of the point,
-/// and a restore run again over it (`overwrite`) removes these, which the point
-/// does not have.
+/// Where files live while they are written, in the directory they belong to:
+/// unnamed (`O_TMPFILE`) where the filesystem allows it, else under a temporary
+/// name, `.ebb-restore-<random>-<n>`. A file gets its real name only once
+/// complete, so an interrupted restore leaves no file with wrong bytes under a
+/// name of the point: an unnamed file vanishes with the process, and a restore run
+/// again over the tree (`overwrite`) removes temporary names, which the point does
+/// not have. An unnamed file also costs the directory one entry made instead of a
+/// name made and then renamed.
 pub(super) struct TempNames {
     run: String,
     next: AtomicU64,
+    /// Unnamed files: not tried yet (0), work (1), do not (2).
+    unnamed: AtomicU8,
+}
+
+/// A file being written: unnamed, or under a temporary name.
+pub(super) enum Temp {
+    Unnamed,
+    Named(PathBuf),
 }
 
 impl TempNames {
     pub fn new() -> TempNames {
-        TempNames { run: hex::encode(random_bytes::<4>()), next: AtomicU64::new(0) }
+        TempNames { run: hex::encode(random_bytes::<4>()), next: AtomicU64::new(0), unnamed: AtomicU8::new(0) }
     }
 
-    /// Creates a new file, for writing only, under a temporary name in `dir`.
-    pub fn create(&self, dir: &Path) -> io::Result<(PathBuf, fs::File)> {
+    /// Creates a new file, for writing only, in `dir`.
+    pub fn create(&self, dir: &Path) -> io::Result<(Temp, fs::File)> {
+        if self.unnamed.load(Ordering::Relaxed) == 0 {
+            // Tried once, a file made and named: then every file can be.
+            let works = self.probe(dir).is_ok();
+            self.unnamed.store(if works { 1 } else { 2 }, Ordering::Relaxed);
+        }
+        if self.unnamed.load(Ordering::Relaxed) == 1 {
+            match unnamed_file(dir) {
+                Ok(f) => return Ok((Temp::Unnamed, f)),
+                // Another filesystem below the target, perhaps: a name then.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let (path, f) = self.named(dir)?;
+        Ok((Temp::Named(path), f))
+    }
+
+    /// Gives the complete file `f` (made by `create`) its name `path`, replacing
+    /// what is there.
+    pub fn name(&self, temp: &Temp, f: &fs::File, path: &Path) -> io::Result<()> {
+        match temp {
+            Temp::Named(tmp) => fs::rename(tmp, path),
+            Temp::Unnamed => match link(f, path) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    // Replaced at once, never missing: a name of its own, then a rename.
+                    let tmp = self.link_temporary(f, path.parent().unwrap_or(Path::new(".")))?;
+                    fs::rename(&tmp, path).inspect_err(|_| {
+                        let _ = fs::remove_file(&tmp);
+                    })
+                }
+                other => other,
+            },
+        }
+    }
+
+    /// Drops a file given up.
+    pub fn discard(&self, temp: &Temp) {
+        if let Temp::Named(tmp) = temp {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+
+    fn named(&self, dir: &Path) -> io::Result<(PathBuf, fs::File)> {
         loop {
-            let n = self.next.fetch_add(1, Ordering::Relaxed);
-            let path = dir.join(format!(".ebb-restore-{}-{n:x}", self.run));
+            let path = self.next_name(dir);
             match fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
                 Ok(f) => return Ok((path, f)),
                 // A name of the point itself, restored earlier: take the next.
@@ -57,6 +110,61 @@ impl TempNames {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    fn next_name(&self, dir: &Path) -> PathBuf {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        dir.join(format!(".ebb-restore-{}-{n:x}", self.run))
+    }
+
+    /// Links the unnamed file `f` under a temporary name in `dir`.
+    fn link_temporary(&self, f: &fs::File, dir: &Path) -> io::Result<PathBuf> {
+        loop {
+            let tmp = self.next_name(dir);
+            match link(f, &tmp) {
+                Ok(()) => return Ok(tmp),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Makes an unnamed file in `dir`, names it and removes it again.
+    fn probe(&self, dir: &Path) -> io::Result<()> {
+        let f = unnamed_file(dir)?;
+        let tmp = self.link_temporary(&f, dir)?;
+        fs::remove_file(tmp)
+    }
+}
+
+/// A new file without a name in `dir`, for writing only.
+fn unnamed_file(dir: &Path) -> io::Result<fs::File> {
+    fs::OpenOptions::new().write(true).custom_flags(libc::O_TMPFILE).mode(0o600).open(dir)
+}
+
+/// Gives the unnamed file `f` the name `path` (which must be free): through its
+/// descriptor, or, for a process without the capability that needs, through
+/// /proc.
+fn link(f: &fs::File, path: &Path) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let to = super::meta::cpath(path);
+    // SAFETY: an empty C string and a valid NUL-terminated path; linkat reads them.
+    let rc = unsafe { libc::linkat(f.as_raw_fd(), c"".as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_EMPTY_PATH) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::EPERM | libc::ENOENT | libc::EINVAL)) {
+        return Err(err);
+    }
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", f.as_raw_fd())).expect("no NUL in a number");
+    // SAFETY: two valid NUL-terminated paths; linkat reads them.
+    let rc =
+        unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

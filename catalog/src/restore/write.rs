@@ -1,5 +1,5 @@
-//! Writing restored entries: a file's chunks land with `pwrite` under a temporary
-//! name, in whatever order they arrive; once the last one is in, the file gets its
+//! Writing restored entries: a file's chunks land with `pwrite` in a file without
+//! a name yet (`target::TempNames`), in whatever order they arrive; once the last one is in, the file gets its
 //! metadata and its real name, and the names that are hard links to it are made.
 //! A directory gets its metadata once all its children are done.
 
@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use super::ctx::{Ctx, DirState};
 use super::error::{no_space, FileFailure, RestoreError};
 use super::meta;
+use super::target::Temp;
 use crate::tree::{Entry, Extent};
 
 /// A file for the fetch stage to restore.
@@ -63,8 +64,8 @@ fn preallocate(f: &fs::File, len: u64) -> std::io::Result<()> {
 /// A file being written.
 pub(super) struct FileState {
     job: FileJob,
-    /// Created on the first write: the temporary path and the open file.
-    file: Mutex<Option<(PathBuf, Arc<fs::File>)>>,
+    /// Created on the first write: where it is until complete, and the open file.
+    file: Mutex<Option<(Temp, Arc<fs::File>)>>,
     /// Chunks still to write.
     pending: AtomicUsize,
     failure: Mutex<Option<FileFailure>>,
@@ -156,13 +157,16 @@ impl FileState {
             Ok(Some(f)) => {
                 let mut warnings = Vec::new();
                 meta::apply_to_file(&f, &job.path, e, ctx.made_as, &mut warnings);
-                drop(f);
+                if ctx.write_back {
+                    start_write_back(&f);
+                }
                 ctx.warn(warnings);
-                if let Some((tmp, _)) = &slot {
-                    if let Err(err) = fs::rename(tmp, &job.path) {
+                if let Some((temp, _)) = &slot {
+                    if let Err(err) = ctx.temp.name(temp, &f, &job.path) {
                         outcome = Err(FileFailure::target(err));
                     }
                 }
+                drop(f);
             }
             Ok(None) => {}
             Err(err) => outcome = Err(err),
@@ -174,8 +178,8 @@ impl FileState {
                 ctx.linked(e, &job.path, Ok(()));
             }
             Err(why) => {
-                if let Some((tmp, _)) = &slot {
-                    let _ = fs::remove_file(tmp);
+                if let Some((temp, _)) = &slot {
+                    ctx.temp.discard(temp);
                 }
                 ctx.file_failed(&job.path, &why);
                 ctx.linked(e, &job.path, Err(why));
@@ -195,4 +199,13 @@ impl FileState {
         ctx.linked(e, path, Ok(()));
         self.job.parent.done(ctx);
     }
+}
+
+/// Starts writing the file's dirty pages to disk, without waiting for them (a
+/// sync later finds them written, or being written). Only a hint: a failure
+/// changes nothing.
+fn start_write_back(f: &fs::File) {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: sync_file_range only acts on the descriptor we own.
+    unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }

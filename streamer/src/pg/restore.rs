@@ -140,8 +140,10 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
             point.time, opts.source
         )));
     }
-    let files =
-        catalog::restore(repo, &manifest, RestoreOptions { target: opts.target.clone(), ..Default::default() }).await?;
+    // PostgreSQL syncs the data directory when it starts (recovery_init_sync_method):
+    // writing each file back as soon as it is complete leaves that sync little to do.
+    let restore = RestoreOptions { target: opts.target.clone(), write_back: true, ..Default::default() };
+    let files = catalog::restore(repo, &manifest, restore).await?;
     configure(&opts.target, opts, tli, target_time)?;
     Ok(PgRestoreReport { point, manifest, timeline: tli, target_time, wal_end, files })
 }
