@@ -235,3 +235,60 @@ fn next_data(f: &fs::File, pos: u64) -> io::Result<Option<u64>> {
         _ => Err(err),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut n: Vec<String> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        n.sort();
+        n
+    }
+
+    /// Both ways of writing a file before it has its name: it shows up only once
+    /// named, with its bytes, over what the name held; a file given up leaves
+    /// nothing.
+    #[test]
+    fn a_file_appears_under_its_name_only_when_named() {
+        for unnamed in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let temps = TempNames::new();
+            temps.unnamed.store(unnamed, Ordering::Relaxed);
+            let (temp, mut f) = temps.create(dir.path()).unwrap();
+            assert_eq!(matches!(temp, Temp::Unnamed), unnamed == 1);
+            f.write_all(b"new bytes").unwrap();
+            let visible = names(dir.path());
+            assert!(visible.iter().all(|n| n.starts_with(".ebb-restore-")), "{visible:?}");
+
+            // Over an existing file: replaced, never missing.
+            fs::write(dir.path().join("a"), b"old").unwrap();
+            temps.name(&temp, &f, &dir.path().join("a")).unwrap();
+            assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"new bytes");
+            assert_eq!(names(dir.path()), ["a"], "no temporary name is left");
+
+            let (temp, f) = temps.create(dir.path()).unwrap();
+            temps.name(&temp, &f, &dir.path().join("b")).unwrap();
+            assert_eq!(names(dir.path()), ["a", "b"]);
+
+            let (temp, _f) = temps.create(dir.path()).unwrap();
+            temps.discard(&temp);
+            drop(_f);
+            assert_eq!(names(dir.path()), ["a", "b"], "a file given up leaves nothing");
+        }
+    }
+
+    /// On a filesystem that has unnamed files, restore uses them.
+    #[test]
+    fn unnamed_files_are_used_where_the_filesystem_has_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let supported = unnamed_file(dir.path()).is_ok();
+        let temps = TempNames::new();
+        let (temp, _) = temps.create(dir.path()).unwrap();
+        assert_eq!(matches!(temp, Temp::Unnamed), supported);
+        assert!(names(dir.path()).is_empty() || !supported);
+    }
+}
