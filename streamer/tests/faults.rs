@@ -197,7 +197,7 @@ async fn a_bad_read_of_the_tree_fails_the_restore_and_names_the_pack() {
 
 /// A restore asks the store for little: the trees of sibling directories come with
 /// one ranged GET, and neighbouring chunks of many small files with one more. Each
-/// request here waits a millisecond, as a store far away would make it wait. One
+/// request here waits 5 ms, as a store far away would make it wait. One
 /// request per directory and one per file, as restore asked before, would be
 /// 2,220 requests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +219,7 @@ async fn a_restore_of_many_small_files_makes_few_requests() {
     let faults = Faults::new();
     let (plain, faulty) = repositories(&faults).await;
     snapshot(&plain, &options(src.path()), Arc::new(Counters::default())).await.unwrap();
-    faults.always(Op::Get, "packs/", Fault::Delay(std::time::Duration::from_millis(1)));
+    faults.always(Op::Get, "packs/", Fault::Delay(std::time::Duration::from_millis(5)));
 
     let points = faulty.points("s").await.unwrap();
     let manifest = faulty.manifest(&points[0]).await.unwrap();
