@@ -80,6 +80,15 @@ impl BlobRef {
     pub fn range(&self) -> std::ops::Range<u64> {
         self.offset as u64..self.offset as u64 + self.length as u64
     }
+
+    /// Whether this blob joins the span of one ranged GET that starts with `head`
+    /// and ends with `last`: the same pack, starting after `last` ends (never
+    /// before or inside it) by at most `gap` bytes, and the span then at most `max`
+    /// bytes long.
+    pub fn joins_span(&self, head: &BlobRef, last: &BlobRef, gap: u64, max: u64) -> bool {
+        let (start, end, last_end) = (self.range().start, self.range().end, last.range().end);
+        self.pack == last.pack && (last_end..=last_end + gap).contains(&start) && end - head.range().start <= max
+    }
 }
 
 pub fn blob_aad(kind: BlobKind, id: &Id) -> Vec<u8> {

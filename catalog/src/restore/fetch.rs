@@ -188,12 +188,7 @@ fn plan(ctx: &Ctx, batch: Vec<FileJob>) -> Vec<Work> {
     let mut span: Vec<(BlobRef, Dests)> = Vec::new();
     for (blob, dests) in fetch {
         if let (Some((head, _)), Some((last, _))) = (span.first(), span.last()) {
-            let last_end = u64::from(last.offset) + u64::from(last.length);
-            let start = u64::from(blob.offset);
-            let joins = blob.pack == last.pack
-                && (last_end..=last_end + SPAN_GAP).contains(&start)
-                && start + u64::from(blob.length) - u64::from(head.offset) <= SPAN_BYTES;
-            if !joins {
+            if !blob.joins_span(head, last, SPAN_GAP, SPAN_BYTES) {
                 work.push(span_work(std::mem::take(&mut span)));
             }
         }

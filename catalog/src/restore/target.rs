@@ -41,7 +41,8 @@ pub(super) fn prepare(target: &Path, overwrite: bool) -> Result<(), RestoreError
 pub(super) struct TempNames {
     run: String,
     next: AtomicU64,
-    /// Unnamed files: not tried yet (0), work (1), do not (2).
+    /// Unnamed files: not tried yet (`UNTRIED`), named through their descriptor
+    /// (`BY_FD`) or through /proc (`BY_PROC`), or not made (`NAMED_ONLY`).
     unnamed: AtomicU8,
 }
 
@@ -53,17 +54,17 @@ pub(super) enum Temp {
 
 impl TempNames {
     pub fn new() -> TempNames {
-        TempNames { run: hex::encode(random_bytes::<4>()), next: AtomicU64::new(0), unnamed: AtomicU8::new(0) }
+        TempNames { run: hex::encode(random_bytes::<4>()), next: AtomicU64::new(0), unnamed: AtomicU8::new(UNTRIED) }
     }
 
     /// Creates a new file, for writing only, in `dir`.
     pub fn create(&self, dir: &Path) -> io::Result<(Temp, fs::File)> {
-        if self.unnamed.load(Ordering::Relaxed) == 0 {
-            // Tried once, a file made and named: then every file can be.
-            let works = self.probe(dir).is_ok();
-            self.unnamed.store(if works { 1 } else { 2 }, Ordering::Relaxed);
+        if self.unnamed.load(Ordering::Relaxed) == UNTRIED {
+            // Tried once, a file made and named: then every file can be, the same way.
+            let how = [BY_FD, BY_PROC].into_iter().find(|&how| self.probe(dir, how).is_ok());
+            self.unnamed.store(how.unwrap_or(NAMED_ONLY), Ordering::Relaxed);
         }
-        if self.unnamed.load(Ordering::Relaxed) == 1 {
+        if self.unnamed.load(Ordering::Relaxed) != NAMED_ONLY {
             match unnamed_file(dir) {
                 Ok(f) => return Ok((Temp::Unnamed, f)),
                 // Another filesystem below the target, perhaps: a name then.
@@ -80,10 +81,11 @@ impl TempNames {
     pub fn name(&self, temp: &Temp, f: &fs::File, path: &Path) -> io::Result<()> {
         match temp {
             Temp::Named(tmp) => fs::rename(tmp, path),
-            Temp::Unnamed => match link(f, path) {
+            Temp::Unnamed => match link(f, path, self.unnamed.load(Ordering::Relaxed)) {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     // Replaced at once, never missing: a name of its own, then a rename.
-                    let tmp = self.link_temporary(f, path.parent().unwrap_or(Path::new(".")))?;
+                    let dir = path.parent().unwrap_or(Path::new("."));
+                    let tmp = self.link_temporary(f, dir, self.unnamed.load(Ordering::Relaxed))?;
                     fs::rename(&tmp, path).inspect_err(|_| {
                         let _ = fs::remove_file(&tmp);
                     })
@@ -117,11 +119,11 @@ impl TempNames {
         dir.join(format!(".ebb-restore-{}-{n:x}", self.run))
     }
 
-    /// Links the unnamed file `f` under a temporary name in `dir`.
-    fn link_temporary(&self, f: &fs::File, dir: &Path) -> io::Result<PathBuf> {
+    /// Links the unnamed file `f` under a temporary name in `dir`, `how` (`link`).
+    fn link_temporary(&self, f: &fs::File, dir: &Path, how: u8) -> io::Result<PathBuf> {
         loop {
             let tmp = self.next_name(dir);
-            match link(f, &tmp) {
+            match link(f, &tmp, how) {
                 Ok(()) => return Ok(tmp),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
@@ -129,10 +131,10 @@ impl TempNames {
         }
     }
 
-    /// Makes an unnamed file in `dir`, names it and removes it again.
-    fn probe(&self, dir: &Path) -> io::Result<()> {
+    /// Makes an unnamed file in `dir`, names it `how` and removes it again.
+    fn probe(&self, dir: &Path, how: u8) -> io::Result<()> {
         let f = unnamed_file(dir)?;
-        let tmp = self.link_temporary(&f, dir)?;
+        let tmp = self.link_temporary(&f, dir, how)?;
         fs::remove_file(tmp)
     }
 }
@@ -142,25 +144,25 @@ fn unnamed_file(dir: &Path) -> io::Result<fs::File> {
     fs::OpenOptions::new().write(true).custom_flags(libc::O_TMPFILE).mode(0o600).open(dir)
 }
 
+const UNTRIED: u8 = 0;
+const BY_FD: u8 = 1;
+const BY_PROC: u8 = 2;
+const NAMED_ONLY: u8 = 3;
+
 /// Gives the unnamed file `f` the name `path` (which must be free): through its
-/// descriptor, or, for a process without the capability that needs, through
-/// /proc.
-fn link(f: &fs::File, path: &Path) -> io::Result<()> {
+/// descriptor (`BY_FD`, which needs a capability root has), or through /proc
+/// (`BY_PROC`, which needs /proc).
+fn link(f: &fs::File, path: &Path, how: u8) -> io::Result<()> {
     use std::os::unix::io::AsRawFd;
     let to = super::meta::cpath(path);
-    // SAFETY: an empty C string and a valid NUL-terminated path; linkat reads them.
-    let rc = unsafe { libc::linkat(f.as_raw_fd(), c"".as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_EMPTY_PATH) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if !matches!(err.raw_os_error(), Some(libc::EPERM | libc::ENOENT | libc::EINVAL)) {
-        return Err(err);
-    }
-    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", f.as_raw_fd())).expect("no NUL in a number");
-    // SAFETY: two valid NUL-terminated paths; linkat reads them.
-    let rc =
-        unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
+    let rc = if how == BY_FD {
+        // SAFETY: an empty C string and a valid NUL-terminated path; linkat reads them.
+        unsafe { libc::linkat(f.as_raw_fd(), c"".as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_EMPTY_PATH) }
+    } else {
+        let from = std::ffi::CString::new(format!("/proc/self/fd/{}", f.as_raw_fd())).expect("no NUL in a number");
+        // SAFETY: two valid NUL-terminated paths; linkat reads them.
+        unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::AT_SYMLINK_FOLLOW) }
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -254,12 +256,12 @@ mod tests {
     /// nothing.
     #[test]
     fn a_file_appears_under_its_name_only_when_named() {
-        for unnamed in [1, 2] {
+        for unnamed in [BY_FD, BY_PROC, NAMED_ONLY] {
             let dir = tempfile::tempdir().unwrap();
             let temps = TempNames::new();
             temps.unnamed.store(unnamed, Ordering::Relaxed);
             let (temp, mut f) = temps.create(dir.path()).unwrap();
-            assert_eq!(matches!(temp, Temp::Unnamed), unnamed == 1);
+            assert_eq!(matches!(temp, Temp::Unnamed), unnamed != NAMED_ONLY);
             f.write_all(b"new bytes").unwrap();
             let visible = names(dir.path());
             assert!(visible.iter().all(|n| n.starts_with(".ebb-restore-")), "{visible:?}");

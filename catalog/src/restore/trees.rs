@@ -90,12 +90,8 @@ impl Trees {
         for i in missing {
             let b = blob(&i);
             if let (Some(head), Some(last)) = (group.first(), group.last()) {
-                let (head, last) = (blob(head), blob(last));
-                let last_end = u64::from(last.offset) + u64::from(last.length);
-                let joins = b.pack == last.pack
-                    && u64::from(b.offset) <= last_end + SPAN_GAP
-                    && u64::from(b.offset) + u64::from(b.length) - u64::from(head.offset) <= SPAN_BYTES;
-                if !joins {
+                // Identical directories share a tree: one span holds it for all.
+                if blob(last) != b && !b.joins_span(&blob(head), &blob(last), SPAN_GAP, SPAN_BYTES) {
                     groups.push(std::mem::take(&mut group));
                 }
             }

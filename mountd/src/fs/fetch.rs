@@ -95,11 +95,7 @@ impl Fetcher {
                 continue;
             }
             if let (Some(head), Some(last)) = (run.first(), run.last()) {
-                let last_end = last.offset as u64 + last.length as u64;
-                let joins = b.pack == last.pack
-                    && (last_end..=last_end + SPAN_GAP).contains(&(b.offset as u64))
-                    && b.offset as u64 + b.length as u64 - head.offset as u64 <= SPAN_BYTES;
-                if !joins {
+                if !b.joins_span(head, last, SPAN_GAP, SPAN_BYTES) {
                     self.fetch_span(std::mem::take(&mut run));
                 }
             }
