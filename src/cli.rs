@@ -192,6 +192,24 @@ while mounted appear within seconds. Data is fetched and decrypted only when rea
     /// Repair what can be rebuilt: the index (from the packs' own headers), a lost config (from the key slots)
     #[command(subcommand)]
     Repair(RepairCommand),
+    /// Retention policies, stored in the repository: which points `ebb forget` keeps
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Apply each source's retention policy: remove the points it does not keep
+    #[command(long_about = "Apply each source's retention policy (see `ebb policy`): list every point as \
+kept, with the rules that keep it, or removed, and remove the removed ones. The newest point of a source \
+is always kept, and a source without a policy keeps everything. Only the points go: the data they alone \
+referenced stays until `ebb prune`, so a mount or restore reading one reads on.")]
+    Forget {
+        /// Only this source [default: every source]
+        #[arg(long, value_parser = parse_source)]
+        source: Option<String>,
+        /// Show what would be removed, and remove nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that every point can be read back
     Verify {
         /// Also download and authenticate every stored blob
@@ -339,6 +357,68 @@ pub enum PgCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Set a source's retention rules; the rules not named keep their value (--clear: start afresh)
+    #[command(long_about = "Set a source's retention rules, which every host reading the repository \
+applies (`ebb forget`). Calendar rules keep the newest point of each of the N most recent hours, days, \
+ISO weeks, months or years that have a point, in the policy's time zone. Spans (7d, 36h, 1y6mo) count \
+back from the source's newest point, so a source that stopped writing keeps its history. The newest \
+point is always kept. Rules not named keep their value; 0 or none turns one off.")]
+    Set(Box<PolicySetArgs>),
+    /// Show the retention policy of each source
+    Show {
+        /// Only this source
+        #[arg(long, value_parser = parse_source)]
+        source: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PolicySetArgs {
+    /// The source [default: the only one the repository holds]
+    #[arg(long, value_parser = parse_source)]
+    pub source: Option<String>,
+    /// Keep the N newest points
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep every point this recent (e.g. 7d, 36h, 1y6mo; none)
+    #[arg(long, value_name = "SPAN", value_parser = parse_span)]
+    pub keep_within: Option<SpanArg>,
+    /// Keep the newest point of each of the N most recent hours that have one
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest point of each of the N most recent days that have one
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest point of each of the N most recent ISO weeks that have one
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest point of each of the N most recent months that have one
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest point of each of the N most recent years that have one
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every moment of this span restorable: its points and the one before it
+    /// (for PostgreSQL, the base backups and all the WAL it needs; e.g. 7d; none)
+    #[arg(long, value_name = "SPAN", value_parser = parse_span)]
+    pub pitr_within: Option<SpanArg>,
+    /// Where days begin for the calendar rules: an IANA name (Europe/Paris, UTC)
+    /// [default: the policy's, or this host's]
+    #[arg(long, value_name = "ZONE")]
+    pub time_zone: Option<String>,
+    /// Start from no rules instead of the rules in force
+    #[arg(long)]
+    pub clear: bool,
+}
+
+/// A retention span, or `none` to turn the rule off.
+#[derive(Debug, Clone, Copy)]
+pub struct SpanArg(pub Option<jiff::Span>);
+
+#[derive(Subcommand, Debug)]
 pub enum RepairCommand {
     /// Make the index say what the packs hold: drop entries whose pack is missing,
     /// so that new backups store that content again, and index packs no index names
@@ -382,6 +462,20 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("duration {s:?} is too short: at least 1s"));
     }
     Ok(d)
+}
+
+/// Spans like `7d`, `36h`, `2 weeks` or `1y6mo`, or `none`.
+fn parse_span(s: &str) -> Result<SpanArg, String> {
+    let t = s.trim();
+    if t == "none" || t == "0" {
+        return Ok(SpanArg(None));
+    }
+    let span: jiff::Span =
+        t.parse().map_err(|_| format!("invalid span {s:?}: use e.g. 7d, 36h, 2w or 1y6mo, or none"))?;
+    if !span.is_positive() {
+        return Err(format!("span {s:?} must be positive"));
+    }
+    Ok(SpanArg(Some(span)))
 }
 
 /// Sizes like `512MiB`, `2GiB`, `1G`, `100M` or a number of bytes.

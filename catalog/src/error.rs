@@ -81,6 +81,8 @@ pub enum RepoError {
     #[error("time {time} is before 1970 and cannot name a point")]
     BadTime { time: String },
     #[error(transparent)]
+    Policy(#[from] crate::retention::PolicyError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Config(#[from] ConfigError),

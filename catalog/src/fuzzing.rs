@@ -10,6 +10,7 @@ use jiff::Timestamp;
 
 use crate::config::Config;
 use crate::crypto::{decode_payload, Keys, MasterKey};
+use crate::forget::ForgetRecord;
 use crate::fragment::{Fragment, FragmentRef, Overlay};
 use crate::id::Id;
 use crate::index::{decode_index, encode_index};
@@ -17,6 +18,7 @@ use crate::keyslot::{decode_key_file, KeySlot, Secret, SlotKind};
 use crate::object::open_object;
 use crate::pack::{header_len, parse_header, parse_pack_name};
 use crate::point::{validate_source, Manifest, PointRef};
+use crate::policy::StoredPolicy;
 use crate::time::parse_time;
 use crate::tree::{Entry, EntryKind, Tree};
 use crate::wal::{decode_piece, WalPiece, WalSystem, PIECE_HEADER};
@@ -41,6 +43,8 @@ pub const TARGETS: &[Target] = &[
     ("wal_system", wal_system),
     ("names", names),
     ("time", time),
+    ("policy", policy),
+    ("forget_record", forget_record),
 ];
 
 fn keys() -> Keys {
@@ -139,6 +143,19 @@ pub fn time(data: &[u8]) {
     let _ = parse_time(&String::from_utf8_lossy(data), now, || jiff::tz::TimeZone::UTC);
 }
 
+pub fn policy(data: &[u8]) {
+    if let Ok(p) = StoredPolicy::decode("policies/s/0000000000000000-0000000000000000", data) {
+        // Whatever spans and zone it holds, judging points with it terminates.
+        let zone = p.policy.zone().expect("decode checked the zone");
+        let times = [Timestamp::MIN, Timestamp::from_second(1_763_720_100).expect("a time"), Timestamp::MAX];
+        assert_eq!(p.policy.verdicts(&zone, &times).len(), 3);
+    }
+}
+
+pub fn forget_record(data: &[u8]) {
+    let _ = ForgetRecord::decode("forgotten/s/0000000000000000-0000000000000000", data);
+}
+
 /// A few valid inputs of each target, made by the encoders themselves: the corpora
 /// start from them (`scripts/fuzz` writes them there), and the replay test runs
 /// them too.
@@ -215,6 +232,25 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     ] {
         out.push(("names", name.as_bytes().to_vec()));
     }
+    let policy = crate::retention::Policy {
+        keep_last: 3,
+        keep_within: Some(jiff::Span::new().days(7)),
+        keep_daily: 7,
+        pitr_within: Some(jiff::Span::new().hours(36)),
+        time_zone: "CET-1CEST,M3.5.0,M10.5.0/3".into(),
+        ..Default::default()
+    };
+    let stored =
+        StoredPolicy { version: 1, source: "s".into(), set: "2026-11-26T00:00:00Z".into(), host: "h".into(), policy };
+    out.push(("policy", serde_json::to_vec(&stored).expect("a policy serializes")));
+    let record = ForgetRecord {
+        version: 1,
+        source: "s".into(),
+        time: "2026-11-26T00:00:00Z".into(),
+        host: "h".into(),
+        points: vec!["points/s/e78601e9e44897ff-0123456789abcdef".into()],
+    };
+    out.push(("forget_record", serde_json::to_vec(&record).expect("a record serializes")));
     for t in ["2026-11-21 10:15", "2026-11-21T10:15:00.250+01:00", "@1763720100.25", "2h30m ago", "latest"] {
         out.push(("time", t.as_bytes().to_vec()));
     }

@@ -13,6 +13,7 @@ mod contents;
 mod crypto;
 mod error;
 pub mod faults;
+mod forget;
 mod fragment;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -26,9 +27,11 @@ pub mod lease;
 mod object;
 mod pack;
 mod point;
+mod policy;
 mod repair;
 mod repo;
 mod restore;
+pub mod retention;
 mod select;
 mod store;
 pub mod time;
@@ -42,6 +45,7 @@ pub use codec::DecodeError;
 pub use config::{Config, FORMAT_VERSION};
 pub use crypto::Keys;
 pub use error::{BlobError, RepoError};
+pub use forget::{forget, forgotten_points, judge, ForgetRecord, Forgotten, SourceVerdicts, Verdict};
 pub use fragment::{Fragment, FragmentBuilder, FragmentRef, Growth, Overlay, FRAGS_DIR};
 pub use id::Id;
 pub use init::{Created, InitPlan};
@@ -52,6 +56,7 @@ pub use keyslot::{
 pub use lease::{holding, Holder, Lease, LeaseLost};
 pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef, PackEntry};
 pub use point::{validate_source, Manifest, PgInfo, PointRef, Skipped, Stats};
+pub use policy::StoredPolicy;
 pub use repair::{repair_index, IndexRepair};
 pub use repo::{Found, PointNames, Readable, Repository};
 pub use restore::{

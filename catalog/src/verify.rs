@@ -31,6 +31,9 @@ pub struct VerifyReport {
     pub unreferenced_packs: u64,
     /// Packs that only points found missing referenced.
     pub packs_of_missing_points: u64,
+    /// Points `ebb forget` removed whose index files are still there; what only
+    /// they referenced waits for `ebb prune`.
+    pub forgotten_points: u64,
     pub errors: Vec<String>,
 }
 
@@ -156,11 +159,18 @@ pub async fn verify(
             }
         }
     }
-    // A point whose index file is there but whose manifest is not was deleted (or
-    // lost): what it held is no longer restorable.
+    // A point whose index file is there but whose manifest is not was forgotten,
+    // or deleted or lost: what it held is no longer restorable.
+    let (forgotten, record_problems) = crate::forget::forgotten_points(repo).await?;
+    report.errors.extend(record_problems);
     let mut of_missing_points: HashSet<Id> = HashSet::new();
     for (index, point, packs) in &indexed {
-        if !points_seen.contains(point) {
+        if points_seen.contains(point) {
+            continue;
+        }
+        if forgotten.contains(point) {
+            report.forgotten_points += 1;
+        } else {
             report.errors.push(format!(
                 "point {point} is missing: its manifest was deleted or lost (index file {index} was written with it)"
             ));

@@ -2,11 +2,13 @@
 //! the result. `run` dispatches a parsed command line to its module.
 
 mod backup;
+mod forget;
 mod init;
 mod key;
 mod mount;
 mod pg;
 mod points;
+mod policy;
 mod repair;
 mod restore;
 mod sources;
@@ -19,7 +21,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::cli::{Cli, Command, RepairCommand, StreamCommand};
+use crate::cli::{Cli, Command, PolicyCommand, RepairCommand, StreamCommand};
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let g = &cli.global;
@@ -35,6 +37,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let how = restore::How { overwrite, memory, json };
             restore::restore(g, at, source, path, target, how).await
         }
+        Command::Policy(PolicyCommand::Set(args)) => policy::set(g, args).await,
+        Command::Policy(PolicyCommand::Show { source, json }) => policy::show(g, source, json).await,
+        Command::Forget { source, dry_run, json } => forget::forget(g, source, dry_run, json).await,
         Command::Verify { read_data, json } => verify::verify(g, read_data, json).await,
         Command::Repair(RepairCommand::Index) => repair::index(g).await,
         Command::Repair(RepairCommand::Config) => repair::config(g).await,

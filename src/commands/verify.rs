@@ -26,7 +26,8 @@ pub async fn verify(g: &Global, read_data: bool, json: bool) -> Result<ExitCode>
                 "points": r.points, "trees": r.trees, "data_blobs": r.data_blobs, "packs": r.packs,
                 "packs_read": r.packs_read, "index_files": r.index_files, "fragments": r.fragments,
                 "unreferenced_packs": r.unreferenced_packs,
-                "packs_of_missing_points": r.packs_of_missing_points, "errors": r.errors,
+                "packs_of_missing_points": r.packs_of_missing_points, "forgotten_points": r.forgotten_points,
+                "errors": r.errors,
             }))?
         );
     } else {
@@ -42,9 +43,13 @@ pub async fn verify(g: &Global, read_data: bool, json: bool) -> Result<ExitCode>
         );
         if r.unreferenced_packs > 0 {
             println!(
-                "{} packs are referenced by no point or fragment (left by an interrupted backup; harmless)",
+                "{} packs are referenced by no point or fragment (left by an interrupted backup or by forgotten \
+                 points; `ebb prune` deletes them)",
                 r.unreferenced_packs
             );
+        }
+        if r.forgotten_points > 0 {
+            println!("{} forgotten points still have index files (`ebb prune` removes them)", r.forgotten_points);
         }
         for e in &r.errors {
             eprintln!("error: {e}");

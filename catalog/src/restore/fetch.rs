@@ -69,7 +69,7 @@ impl Work {
 /// Restores the files the walk sends, until it is done (or the restore stops).
 pub(super) async fn run(ctx: Arc<Ctx>, mut files: mpsc::Receiver<FileJob>) {
     // Sealed spans and the chunks decrypted from them: half the budget.
-    let budget_kib = (ctx.memory / 2 / 1024).max(1) as usize;
+    let budget_kib = (ctx.memory / 2 / 1024).max(1);
     let budget_kib = budget_kib.min(Semaphore::MAX_PERMITS);
     let memory = Arc::new(Semaphore::new(budget_kib));
     let mut running = FuturesUnordered::new();

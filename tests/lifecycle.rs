@@ -1,0 +1,129 @@
+//! End-to-end tests of the repository's lifecycle: retention policies stored in
+//! the repository, `ebb forget` applying them.
+
+mod common;
+
+use std::fs;
+
+use common::{assert_trees_equal, build_fidelity_tree, pseudo_random_bytes, Backend, TestRepo};
+use serde_json::Value;
+
+fn json(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+/// Six points of a changing tree; `keep-last 2` and `keep-within` of the newest:
+/// forget --dry-run changes nothing, forget removes exactly the points the policy
+/// does not keep, every kept point still restores exactly, `points` lists only the
+/// kept ones, and verify tells the forgotten points from lost ones.
+#[test]
+fn forget_removes_what_the_policy_does_not_keep_and_nothing_else() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    build_fidelity_tree(&src);
+    let mut states = Vec::new();
+    for i in 0..6u64 {
+        fs::write(src.join("changing"), pseudo_random_bytes(i, 300_000)).unwrap();
+        fs::write(src.join(format!("added-{i}")), format!("point {i}")).unwrap();
+        let point = json(&repo.ok(&["backup", "--json", "--source", "s", src.to_str().unwrap()]));
+        let time = point["time"].as_str().unwrap().to_string();
+        let restored = work.path().join(format!("before-{i}"));
+        repo.ok(&["restore", "--at", &time, restored.to_str().unwrap()]);
+        assert_trees_equal(&src, &restored);
+        states.push((point["name"].as_str().unwrap().to_string(), time, restored));
+    }
+
+    // Nothing to forget without a policy.
+    let v = json(&repo.ok(&["forget", "--json"]));
+    assert_eq!(v["sources"][0]["removed"], 0, "{v}");
+    assert!(v["sources"][0]["rules"].is_null(), "{v}");
+
+    repo.ok(&["policy", "set", "--source", "s", "--keep-last", "2", "--time-zone", "UTC"]);
+    let shown = json(&repo.ok(&["policy", "show", "--json"]));
+    assert_eq!(shown[0]["source"], "s");
+    assert_eq!(shown[0]["policy"]["keep_last"], 2);
+    assert_eq!(shown[0]["rules"], serde_json::json!(["keep-last 2"]));
+    // Setting one rule keeps the others.
+    repo.ok(&["policy", "set", "--keep-within", "1s"]);
+    let shown = json(&repo.ok(&["policy", "show", "--source", "s", "--json"]));
+    assert_eq!(shown[0]["rules"], serde_json::json!(["keep-last 2", "keep-within 1s"]), "{shown}");
+    assert_eq!(shown[0]["policy"]["time_zone"], "UTC");
+
+    let before = repo.objects();
+    let dry = json(&repo.ok(&["forget", "--dry-run", "--json"]));
+    assert_eq!(repo.objects(), before, "a dry run changes nothing");
+    let verdicts = &dry["sources"][0]["points"];
+    let kept: Vec<&str> = verdicts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["keep"] == true)
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    // Oldest first: the two newest are kept by keep-last; keep-within 1s of the
+    // newest may keep more, if the backups came less than a second apart.
+    let newest = &verdicts[5];
+    assert_eq!(newest["reasons"][0], "newest", "{dry}");
+    assert!(newest["reasons"].as_array().unwrap().contains(&"last".into()));
+    assert!(verdicts[4]["reasons"].as_array().unwrap().contains(&"last".into()));
+    assert!(kept.len() >= 2 && kept.len() < 6, "{dry}");
+    for p in verdicts.as_array().unwrap() {
+        assert_eq!(p["keep"] == true, !p["reasons"].as_array().unwrap().is_empty(), "{p}");
+    }
+
+    let done = json(&repo.ok(&["forget", "--json"]));
+    assert_eq!(done["sources"][0]["removed"], 6 - kept.len(), "{done}");
+    let listed = json(&repo.ok(&["points", "--json"]));
+    let listed: Vec<&str> = listed.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(listed, kept, "points lists exactly the kept points");
+
+    // Every kept point restores as it did before the forget.
+    for (name, time, before) in &states {
+        if !kept.contains(&name.as_str()) {
+            continue;
+        }
+        let target = work.path().join(format!("after-{time}"));
+        repo.ok(&["restore", "--at", time, target.to_str().unwrap()]);
+        assert_trees_equal(before, &target);
+    }
+
+    // Forgotten, not lost: verify passes and says so.
+    let report = json(&repo.ok(&["verify", "--read-data", "--json"]));
+    assert_eq!(report["forgotten_points"], 6 - kept.len() as u64, "{report}");
+    assert!(report["errors"].as_array().unwrap().is_empty(), "{report}");
+    // A manifest deleted by anything but forget is still an error.
+    repo.delete_object(kept[0]);
+    let err = repo.fails(&["verify"], 1);
+    assert!(err.contains("is missing"), "{err}");
+
+    // Run again, forget has nothing more to remove.
+    let again = json(&repo.ok(&["forget", "--json"]));
+    assert_eq!(again["sources"][0]["removed"], 0, "{again}");
+}
+
+/// Bad policies are refused with a clear message and change nothing.
+#[test]
+fn bad_policies_are_refused_and_change_nothing() {
+    let repo = TestRepo::new(Backend::File);
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    fs::write(work.path().join("f"), b"x").unwrap();
+    repo.ok(&["backup", "--source", "s", work.path().to_str().unwrap()]);
+    let before = repo.objects();
+    for (args, says) in [
+        (&["policy", "set"][..], "name at least one rule"),
+        (&["policy", "set", "--keep-within=-1d"], "must be positive"),
+        (&["policy", "set", "--keep-within", "soon"], "invalid span"),
+        (&["policy", "set", "--keep-daily=-3"], "invalid value"),
+        (&["policy", "set", "--keep-daily", "3", "--time-zone", "Mars/Olympus_Mons"], "unknown time zone"),
+        (&["policy", "set", "--source", "../x", "--keep-last", "1"], "invalid source name"),
+    ] {
+        let err = repo.fails(args, 2);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert_eq!(repo.objects(), before, "refused policies write nothing");
+    let shown = json(&repo.ok(&["policy", "show", "--json"]));
+    assert!(shown[0]["policy"].is_null(), "{shown}");
+}
