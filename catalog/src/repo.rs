@@ -345,7 +345,7 @@ impl Found {
 /// repository can already answer.
 #[derive(Clone, Copy)]
 pub struct PointNames<'a> {
-    store: &'a Store,
+    pub(crate) store: &'a Store,
 }
 
 impl PointNames<'_> {

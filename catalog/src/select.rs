@@ -13,6 +13,8 @@ use crate::time::TimeSpec;
 
 /// Manifests fetched at once when listing: they are small and independent.
 const MANIFESTS_IN_FLIGHT: usize = 16;
+/// Names asked for per listing when walking a span of points.
+const LISTING_PAGE: usize = 1000;
 
 /// The times a listing keeps: from `since` to `until`, both included; either end
 /// may be open.
@@ -76,10 +78,46 @@ impl PointNames<'_> {
         };
         let mut selected = Vec::new();
         for s in &sources {
-            selected.extend(self.points(s).await?.into_iter().filter(|p| span.contains(p.time)));
+            if span == Span::default() {
+                selected.extend(self.points(s).await?);
+            } else {
+                selected.extend(self.points_between(s, span).await?);
+            }
         }
         selected.sort_by_key(|p| p.time);
         Ok(selected)
+    }
+
+    /// The points of `source` within `span`, oldest first: listed from the end of
+    /// the span back to its start, a page at a time, so a day of a long history
+    /// costs what a day costs.
+    async fn points_between(&self, source: &str, span: Span) -> Result<Vec<PointRef>, RepoError> {
+        let dir = crate::point::source_dir(source);
+        let mut after = match span.until.and_then(|u| crate::point::offset_for(source, u)) {
+            Some(offset) => offset,
+            // After every point (or before 1970, which no point can be at or before).
+            None if span.until.is_none() => format!("{dir}/"),
+            None => return Ok(Vec::new()),
+        };
+        let mut out = Vec::new();
+        'pages: loop {
+            let page = self.store.list_after(&dir, &after, LISTING_PAGE).await?;
+            let full = page.len() == LISTING_PAGE;
+            for o in page {
+                after = o.name.clone();
+                let Some(p) = PointRef::parse(&o.name) else { continue };
+                if span.since.is_some_and(|s| p.time < s) {
+                    break 'pages;
+                }
+                out.push(p);
+            }
+            if !full {
+                break;
+            }
+        }
+        // Oldest first, and points at one instant in name order, as `points` has them.
+        out.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.name.cmp(&b.name)));
+        Ok(out)
     }
 
     /// The point of each selected source at `spec`: of `source`, or of every source
@@ -222,6 +260,39 @@ mod tests {
         let manifests = repo.manifests_of(&all).await.unwrap();
         assert_eq!(manifests.len(), 4);
         assert!(manifests.iter().all(|m| m.as_ref().is_err_and(|e| e.is_damage())));
+    }
+
+    /// Listing a span from its end back, a page at a time, finds exactly the points
+    /// a filter of the whole listing finds, across pages and at both ends.
+    #[tokio::test]
+    async fn a_span_listed_narrowly_equals_the_whole_listing_filtered() {
+        let base = at("2026-11-21T00:00:00Z");
+        let times: Vec<String> =
+            (0..2_500i64).map(|m| (base + jiff::SignedDuration::from_secs(m * 60 + m % 7)).to_string()).collect();
+        // Some instants hold two points.
+        let points: Vec<(&str, &str)> =
+            times.iter().chain(times.iter().step_by(97)).map(|t| ("s", t.as_str())).collect();
+        let repo = repo_with_points(&points).await;
+        let t = repo.point_names();
+        let all = t.points("s").await.unwrap();
+        assert_eq!(all.len(), 2_500 + 26);
+        let edge = |i: usize| Some(all[i].time);
+        let later = |i: usize, ns: i64| Some(all[i].time + jiff::SignedDuration::from_nanos(ns));
+        for (since, until) in [
+            (None, edge(1_700)),
+            (edge(3), None),
+            (edge(10), edge(1_500)),
+            (later(10, 1), later(1_500, -1)),
+            (edge(0), edge(2_525)),
+            (edge(42), edge(42)),
+            (later(42, 1), later(43, -1)),
+            (Some(at("2020-01-01T00:00:00Z")), Some(at("2020-01-02T00:00:00Z"))),
+            (Some(at("2030-01-01T00:00:00Z")), None),
+        ] {
+            let span = Span { since, until };
+            let want: Vec<PointRef> = all.iter().filter(|p| span.contains(p.time)).cloned().collect();
+            assert_eq!(t.points_within(Some("s"), span).await.unwrap(), want, "{span:?}");
+        }
     }
 
     #[tokio::test]
