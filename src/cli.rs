@@ -210,6 +210,19 @@ referenced stays until `ebb prune`, so a mount or restore reading one reads on."
         #[arg(long)]
         json: bool,
     },
+    /// Delete what no point needs, safely while others write
+    #[command(long_about = "Delete what no point or fragment needs: packs of forgotten points, index \
+files and records that only they needed, policies no longer in force. Deletion takes two runs: a run \
+condemns what nothing uses, and a run at least the grace period later (15 minutes) deletes it, unless a \
+writer used it again meanwhile. Backups, streams and archive-push go on while prune runs, never wait for \
+it, and need no permission to delete. Run it on a schedule, like forget.")]
+    Prune {
+        /// Show what would be condemned and deleted, and change nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that every point can be read back
     Verify {
         /// Also download and authenticate every stored blob

@@ -78,6 +78,13 @@ pub enum RepoError {
         "{name} already holds different content ({what}) for source {source_name:?}: is another cluster writing to it?"
     )]
     WalConflict { name: String, source_name: String, what: String },
+    /// A writer stalled past its view's lifetime found packs it uses condemned or
+    /// deleted.
+    #[error(
+        "packs this writer uses ({packs}) were condemned or deleted by `ebb prune` while it was stalled (for \
+         longer than it may go without looking at what prune condemns): nothing more is committed; run it again"
+    )]
+    Pruned { packs: usize },
     #[error("time {time} is before 1970 and cannot name a point")]
     BadTime { time: String },
     #[error(transparent)]

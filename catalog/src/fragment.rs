@@ -193,14 +193,25 @@ impl FragmentBuilder {
         let name = timed_name(FRAGS_DIR, source, time).ok_or_else(|| RepoError::BadTime { time: time.to_string() })?;
         self.cut();
         let store = repo.store();
+        // Prune condemns no pack younger than its grace: if uploading these took
+        // longer than a writer's view may live, they are looked for before the
+        // fragment refers to them.
+        let started = std::time::Instant::now();
+        let packs = std::mem::take(&mut self.packs);
+        let ids: std::collections::HashSet<crate::Id> =
+            packs.iter().filter_map(|(name, _)| crate::pack::parse_pack_name(name)).collect();
         stream::iter(
-            std::mem::take(&mut self.packs)
-                .into_iter()
-                .map(|(name, bytes)| async move { store.put_new(&name, Bytes::from(bytes)).await }),
+            packs.into_iter().map(|(name, bytes)| async move { store.put_new(&name, Bytes::from(bytes)).await }),
         )
         .buffer_unordered(4)
         .try_collect::<Vec<()>>()
         .await?;
+        if started.elapsed() >= crate::condemned::Timing::from_env().view_ttl {
+            let missing = crate::view::missing_packs(repo, &ids).await?;
+            if !missing.is_empty() {
+                return Err(RepoError::Pruned { packs: missing.len() });
+            }
+        }
         store.put_new(&name, Bytes::from(fragment.seal(repo.keys(), &name))).await?;
         Ok(FragmentRef::parse(&name).expect("a name we just built parses"))
     }

@@ -45,6 +45,7 @@ pub const TARGETS: &[Target] = &[
     ("time", time),
     ("policy", policy),
     ("forget_record", forget_record),
+    ("condemned", condemned),
 ];
 
 fn keys() -> Keys {
@@ -152,6 +153,16 @@ pub fn policy(data: &[u8]) {
     }
 }
 
+pub fn condemned(data: &[u8]) {
+    use crate::condemned::{Condemned, Rescued};
+    if let Ok(c) = Condemned::decode(data) {
+        assert_eq!(c.encode(), data, "a condemned set has one encoding");
+    }
+    if let Ok(r) = Rescued::decode(data) {
+        assert_eq!(r.encode(), data, "a rescue has one encoding");
+    }
+}
+
 pub fn forget_record(data: &[u8]) {
     let _ = ForgetRecord::decode("forgotten/s/0000000000000000-0000000000000000", data);
 }
@@ -251,6 +262,12 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         points: vec!["points/s/e78601e9e44897ff-0123456789abcdef".into()],
     };
     out.push(("forget_record", serde_json::to_vec(&record).expect("a record serializes")));
+    let condemned = crate::condemned::Condemned {
+        packs: [Id([1; 32]), Id([2; 32])].into_iter().collect(),
+        names: ["index/ab".to_string(), "frags/s/e78601e9e44897ff-0123456789abcdef".to_string()].into_iter().collect(),
+    };
+    out.push(("condemned", condemned.encode()));
+    out.push(("condemned", crate::condemned::Rescued { packs: condemned.packs }.encode()));
     for t in ["2026-11-21 10:15", "2026-11-21T10:15:00.250+01:00", "@1763720100.25", "2h30m ago", "latest"] {
         out.push(("time", t.as_bytes().to_vec()));
     }

@@ -8,6 +8,7 @@
 mod cache;
 pub mod chunker;
 mod codec;
+mod condemned;
 mod config;
 mod contents;
 mod crypto;
@@ -28,6 +29,7 @@ mod object;
 mod pack;
 mod point;
 mod policy;
+mod prune;
 mod repair;
 mod repo;
 mod restore;
@@ -37,11 +39,13 @@ mod store;
 pub mod time;
 pub mod tree;
 mod verify;
+mod view;
 pub mod wal;
 mod writer;
 
 pub use cache::ChunkCache;
 pub use codec::DecodeError;
+pub use condemned::Timing;
 pub use config::{Config, FORMAT_VERSION};
 pub use crypto::Keys;
 pub use error::{BlobError, RepoError};
@@ -57,6 +61,7 @@ pub use lease::{holding, Holder, Lease, LeaseLost};
 pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef, PackEntry};
 pub use point::{validate_source, Manifest, PgInfo, PointRef, Skipped, Stats};
 pub use policy::StoredPolicy;
+pub use prune::{prune, PruneError, PruneOptions, PruneReport};
 pub use repair::{repair_index, IndexRepair};
 pub use repo::{Found, PointNames, Readable, Repository};
 pub use restore::{

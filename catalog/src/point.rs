@@ -54,14 +54,18 @@ pub(crate) fn parse_timed(dir: &str, name: &str) -> Option<(String, Timestamp)> 
     let rest = name.strip_prefix(dir)?.strip_prefix('/')?;
     let (source, leaf) = rest.split_once('/')?;
     validate_source(source).ok()?;
+    Some((source.to_string(), parse_key_leaf(leaf)?))
+}
+
+/// The time of a leaf `<K>-<R>` (16 lowercase hex digits each).
+pub(crate) fn parse_key_leaf(leaf: &str) -> Option<Timestamp> {
     let (key, suffix) = leaf.split_once('-')?;
     let lower_hex = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if !lower_hex(key) || !lower_hex(suffix) {
         return None;
     }
     let inv = u64::from_str_radix(key, 16).ok()?;
-    let time = Timestamp::from_nanosecond(i128::from(u64::MAX - inv)).ok()?;
-    Some((source.to_string(), time))
+    Timestamp::from_nanosecond(i128::from(u64::MAX - inv)).ok()
 }
 
 /// The name a new point of `source` at `time` gets.

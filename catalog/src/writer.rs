@@ -9,8 +9,13 @@
 //! must be dropped: its dedup map may name blobs never stored.
 //!
 //! A writer deduplicates only against blobs it has confirmed exist: those of index
-//! files whose pack is listed and long enough (`Inventory`), and its own.
+//! files whose pack is listed and long enough (`Inventory`), and its own; and never
+//! against a pack a prune condemned (`view`). It remembers every pack it uses, looks
+//! at what is condemned again every `Timing::refresh` while it runs, rescues any
+//! pack it uses that was condemned since, and commits a point only with a view of
+//! them younger than `Timing::view_ttl`.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -29,6 +34,7 @@ use crate::pack::{fetch_header, pack_name, BlobKind, BlobRef, PackBuilder, PackE
 use crate::point::{Manifest, PointRef};
 use crate::repo::Repository;
 use crate::store::{Store, StoreError};
+use crate::view::View;
 
 /// Full packs waiting for the uploader, beyond those being uploaded.
 const QUEUED_PACKS: usize = 2;
@@ -76,11 +82,88 @@ pub struct WriterSummary {
     pub packs: u64,
 }
 
+/// What a writer may reference, and what it did: shared with its view's refresher.
+#[derive(Default)]
+struct Known {
+    dedup: DedupIndex,
+    /// Packs listed when the writer started: what existed then, and how long.
+    listed: HashMap<Id, u64>,
+    /// Every pack the writer referenced or stored since it started.
+    used: HashSet<Id>,
+}
+
+/// The writer's part of deletion in two phases (`view`): what it knows is
+/// condemned, kept fresh in the background, and the gate before a commit.
+struct Guard {
+    repo: Repository,
+    known: Mutex<Known>,
+    view: tokio::sync::Mutex<View>,
+    /// Packs condemned while used, not yet named in a rescue (a put that failed).
+    unrescued: Mutex<HashSet<Id>>,
+    /// Packs it uses were condemned while it was not looking: it commits nothing more.
+    poisoned: AtomicBool,
+}
+
+impl Guard {
+    /// Looks at the condemned sets again; stops using what was condemned since, and
+    /// rescues what it used of it.
+    async fn refresh(&self, view: &mut View) -> Result<(), RepoError> {
+        // A writer that went longer than a view may live without looking cannot
+        // rescue what it finds condemned: a prune may be deleting it already.
+        let lapsed = !view.fresh();
+        let added = view.refresh(&self.repo).await?;
+        let mut rescue = std::mem::take(&mut *self.unrescued.lock().expect("unrescued lock"));
+        if !added.is_empty() {
+            let mut k = self.known.lock().expect("known lock");
+            k.dedup.forget_packs(&added);
+            k.listed.retain(|p, _| !added.contains(p));
+            let hit: Vec<Id> = added.iter().filter(|p| k.used.contains(p)).copied().collect();
+            if lapsed && !hit.is_empty() {
+                self.poisoned.store(true, Ordering::SeqCst);
+                return Err(RepoError::Pruned { packs: hit.len() });
+            }
+            rescue.extend(hit);
+        }
+        if rescue.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = crate::view::rescue(&self.repo, &rescue).await {
+            // Not fresh until the rescue is durable: no commit meanwhile.
+            self.unrescued.lock().expect("unrescued lock").extend(rescue);
+            view.at = None;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Before a commit: a view young enough, and if it had lapsed (the writer was
+    /// stalled, or could not reach the store), every pack used still there.
+    async fn ready(&self) -> Result<(), RepoError> {
+        let mut view = self.view.lock().await;
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(RepoError::Pruned { packs: 0 });
+        }
+        let recent = view.timing.refresh.min(view.timing.view_ttl);
+        if view.younger_than(recent) && self.unrescued.lock().expect("unrescued lock").is_empty() {
+            return Ok(());
+        }
+        let lapsed = !view.fresh();
+        self.refresh(&mut view).await?;
+        if lapsed {
+            let used = self.known.lock().expect("known lock").used.clone();
+            let missing = crate::view::missing_packs(&self.repo, &used).await?;
+            if !missing.is_empty() {
+                return Err(RepoError::Pruned { packs: missing.len() });
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct Writer {
     repo: Repository,
-    dedup: Mutex<DedupIndex>,
-    /// Packs listed when the writer started: what existed then, and how long.
-    listed: std::collections::HashMap<Id, u64>,
+    guard: Arc<Guard>,
+    refresher: JoinHandle<()>,
     /// Listed packs that no index file names, not yet adopted.
     orphans: Mutex<Vec<(Id, u64)>>,
     written: Mutex<Vec<PackEntry>>,
@@ -101,6 +184,11 @@ impl Writer {
     /// Loads the repository's index, keeps what exists of it for deduplication, and
     /// starts the uploader on the current runtime.
     pub async fn new(repo: Repository) -> Result<Arc<Writer>, RepoError> {
+        Writer::with_timing(repo, crate::condemned::Timing::from_env()).await
+    }
+
+    /// `new`, with the clock of deletion given rather than taken from `EBB_GRACE`.
+    pub async fn with_timing(repo: Repository, timing: crate::condemned::Timing) -> Result<Arc<Writer>, RepoError> {
         // What a killed writer left half-written is removed, not kept for ever.
         for dir in [PACKS_DIR, INDEX_DIR] {
             match repo.store().sweep_staged(dir, STAGED_AGE).await {
@@ -109,6 +197,8 @@ impl Writer {
                 Err(e) => tracing::warn!("{e}"),
             }
         }
+        let mut view = View::new(timing);
+        view.refresh(&repo).await?;
         let inventory = Inventory::load(&repo).await?;
         for (name, why) in &inventory.unreadable {
             // A damaged index only costs dedup; `ebb verify` reports it.
@@ -125,18 +215,40 @@ impl Writer {
         }
         let mut dedup = DedupIndex::default();
         for e in inventory.index_files.iter().flat_map(|(_, f)| &f.entries) {
-            if inventory.holds(&e.blob) {
+            if inventory.holds(&e.blob) && !view.condemns(&e.blob.pack) {
                 dedup.insert(e.kind, e.blob);
             }
         }
-        let orphans = inventory.unindexed();
+        let orphans: Vec<(Id, u64)> = inventory.unindexed().into_iter().filter(|(p, _)| !view.condemns(p)).collect();
+        let mut listed = inventory.packs;
+        listed.retain(|p, _| !view.condemns(p));
+        let refresh = view.timing.refresh;
+        let guard = Arc::new(Guard {
+            repo: repo.clone(),
+            known: Mutex::new(Known { dedup, listed, used: HashSet::new() }),
+            view: tokio::sync::Mutex::new(view),
+            unrescued: Mutex::new(HashSet::new()),
+            poisoned: AtomicBool::new(false),
+        });
+        let refresher = tokio::spawn({
+            let guard = guard.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(refresh).await;
+                    let mut view = guard.view.lock().await;
+                    if let Err(e) = guard.refresh(&mut view).await {
+                        tracing::warn!("cannot look at what prune condemned: {e}");
+                    }
+                }
+            }
+        });
         let (tx, rx) = mpsc::channel(QUEUED_PACKS);
         let failure = Arc::new(OnceLock::new());
         let uploader = tokio::spawn(upload_loop(repo.store().clone(), rx, failure.clone()));
         Ok(Arc::new(Writer {
             repo,
-            dedup: Mutex::new(dedup),
-            listed: inventory.packs,
+            guard,
+            refresher,
             orphans: Mutex::new(orphans),
             written: Mutex::new(Vec::new()),
             tx: Mutex::new(Some(tx)),
@@ -160,16 +272,28 @@ impl Writer {
         Packer { w: self.clone(), pack: None, zstd: compressor() }
     }
 
-    /// Whether a blob with this content id is already stored (or being stored).
+    /// Whether a blob with this content id is already stored (or being stored): its
+    /// reference, which the caller then uses.
     pub fn known(&self, kind: BlobKind, id: &crate::Id) -> Option<BlobRef> {
-        self.dedup.lock().expect("dedup lock").get(kind, id)
+        let mut k = self.guard.known.lock().expect("known lock");
+        let found = k.dedup.get(kind, id);
+        if let Some(b) = found {
+            k.used.insert(b.pack);
+        }
+        found
     }
 
-    /// Whether a reference taken from an earlier point may be used again: its pack
-    /// was listed, long enough, when the writer started, or this writer stored it.
+    /// Whether a reference taken from an earlier point may be used again (and then
+    /// it counts as used): its pack was listed, long enough, when the writer started
+    /// and is not condemned, or this writer stored it.
     pub fn exists(&self, kind: BlobKind, blob: &BlobRef) -> bool {
-        self.listed.get(&blob.pack).is_some_and(|&size| blob.range().end <= size)
-            || self.known(kind, &blob.id) == Some(*blob)
+        let mut k = self.guard.known.lock().expect("known lock");
+        let ok = k.listed.get(&blob.pack).is_some_and(|&size| blob.range().end <= size)
+            || k.dedup.get(kind, &blob.id) == Some(*blob);
+        if ok {
+            k.used.insert(blob.pack);
+        }
+        ok
     }
 
     /// Takes durable packs that no index file lists into deduplication, and into the
@@ -201,11 +325,12 @@ impl Writer {
     /// stream's fragments): deduplicated against from now on, and listed in the next
     /// index file.
     pub fn adopt(&self, entries: Vec<PackEntry>) {
-        let mut dedup = self.dedup.lock().expect("dedup lock");
+        let mut k = self.guard.known.lock().expect("known lock");
         for e in &entries {
-            dedup.insert(e.kind, e.blob);
+            k.dedup.insert(e.kind, e.blob);
+            k.used.insert(e.blob.pack);
         }
-        drop(dedup);
+        drop(k);
         self.written.lock().expect("written lock").extend(entries);
     }
 
@@ -255,7 +380,7 @@ impl Writer {
             new_bytes: self.new_bytes.swap(0, Ordering::Relaxed),
             packs: self.packs.swap(0, Ordering::Relaxed),
         };
-        Ok(Durable { repo: self.repo.clone(), summary, entries })
+        Ok(Durable { repo: self.repo.clone(), guard: self.guard.clone(), summary, entries })
     }
 
     fn send(&self, name: String, bytes: Vec<u8>) -> Result<(), WriteError> {
@@ -268,6 +393,7 @@ impl Writer {
 /// `Writer::checkpoint`).
 pub struct Durable {
     repo: Repository,
+    guard: Arc<Guard>,
     pub summary: WriterSummary,
     entries: Vec<PackEntry>,
 }
@@ -278,7 +404,11 @@ impl Durable {
     /// The manifest must say `summary.index`. A point whose index file could not
     /// be written is whole all the same: its packs are adopted by a later writer.
     pub async fn commit(self, manifest: &Manifest, time: jiff::Timestamp) -> Result<PointRef, RepoError> {
+        self.guard.ready().await?;
         let point = self.repo.commit_point(manifest, time).await?;
+        // The point now holds what it uses, where prune sees it; what the writer
+        // uses from here on is its next work.
+        self.guard.known.lock().expect("known lock").used.clear();
         if let Err(e) = self.write_index(Some(&point.name)).await {
             tracing::warn!("point {} is saved, but not its index file: {e}", point.name);
         }
@@ -360,12 +490,14 @@ impl Packer {
         // content at once (identical files read in parallel), one stores it and the
         // others take its reference.
         let blob = {
-            let mut dedup = self.w.dedup.lock().expect("dedup lock");
-            if let Some(b) = dedup.get(kind, &id) {
+            let mut k = self.w.guard.known.lock().expect("known lock");
+            if let Some(b) = k.dedup.get(kind, &id) {
+                k.used.insert(b.pack);
                 return Ok(b);
             }
             let blob = pack.next_ref(id, data.len() as u32, payload.len());
-            dedup.insert(kind, blob);
+            k.dedup.insert(kind, blob);
+            k.used.insert(blob.pack);
             self.w.unflushed.fetch_add(1, Ordering::SeqCst);
             blob
         };
@@ -393,6 +525,12 @@ impl Packer {
         self.w.written.lock().expect("written lock").extend(entries);
         self.w.packs.fetch_add(1, Ordering::Relaxed);
         self.w.send(pack_name(&id), bytes)
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.refresher.abort();
     }
 }
 

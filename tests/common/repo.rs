@@ -41,6 +41,8 @@ pub struct TestRepo {
     pub backend: Backend,
     url: String,
     location: Location,
+    /// More environment for every command (`with_env`).
+    env: Vec<(String, String)>,
 }
 
 /// `cmd` run under strace with `options` (e.g. `--inject=linkat:signal=KILL:when=1`
@@ -81,14 +83,14 @@ impl TestRepo {
                     .expect("creating a temp dir for a file:// repo");
                 let dir = tmp.path().join("repo");
                 let url = format!("file://{}", dir.display());
-                TestRepo { backend, url, location: Location::File { _tmp: Some(tmp), dir } }
+                TestRepo { backend, url, location: Location::File { _tmp: Some(tmp), dir }, env: Vec::new() }
             }
             Backend::S3 => {
                 let endpoint = S3Endpoint::from_env();
                 ensure_bucket(&endpoint);
                 let prefix = unique_name();
                 let url = format!("s3://{S3_BUCKET}/{prefix}");
-                TestRepo { backend, url, location: Location::S3 { endpoint, prefix } }
+                TestRepo { backend, url, location: Location::S3 { endpoint, prefix }, env: Vec::new() }
             }
         }
     }
@@ -96,7 +98,12 @@ impl TestRepo {
     /// A `file://` repository in `dir` (which the caller owns and cleans up).
     pub fn at_dir(dir: &Path) -> TestRepo {
         let url = format!("file://{}", dir.display());
-        TestRepo { backend: Backend::File, url, location: Location::File { _tmp: None, dir: dir.to_path_buf() } }
+        TestRepo {
+            backend: Backend::File,
+            url,
+            location: Location::File { _tmp: None, dir: dir.to_path_buf() },
+            env: Vec::new(),
+        }
     }
 
     /// An `s3://` repository on the S3 server at `endpoint` (not the shared one).
@@ -105,7 +112,7 @@ impl TestRepo {
         ensure_bucket(&endpoint);
         let prefix = unique_name();
         let url = format!("s3://{S3_BUCKET}/{prefix}");
-        TestRepo { backend: Backend::S3, url, location: Location::S3 { endpoint, prefix } }
+        TestRepo { backend: Backend::S3, url, location: Location::S3 { endpoint, prefix }, env: Vec::new() }
     }
 
     /// The repository URL given to the binary as `EBB_REPOSITORY`.
@@ -143,6 +150,13 @@ impl TestRepo {
         self.cmd_at(&ebb_exe())
     }
 
+    /// Every command run for this repository gets `key=value` in its environment
+    /// (e.g. `EBB_GRACE`, which every process writing or pruning it must share).
+    pub fn with_env(mut self, key: &str, value: &str) -> TestRepo {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// `cmd` for a copy of the binary at `exe`.
     pub fn cmd_at(&self, exe: &Path) -> Command {
         let mut c = Command::new(exe);
@@ -151,6 +165,7 @@ impl TestRepo {
             .env_remove("EBB_PASSWORD_FILE")
             .env_remove("EBB_KEY_FILE")
             .env_remove("EBB_NEW_PASSWORD")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         if let Location::S3 { endpoint, .. } = &self.location {
             c.env("AWS_ENDPOINT_URL", &endpoint.url)

@@ -52,6 +52,14 @@ pub fn canonical_url(url: &str) -> String {
 pub struct ObjectInfo {
     pub name: String,
     pub size: u64,
+    /// When the store says the object was written (`list` gives it; `list_after`
+    /// on a local store does not).
+    pub modified: Option<jiff::Timestamp>,
+}
+
+/// A listing's time of an object, as the store gives it.
+fn modified(m: &object_store::ObjectMeta) -> Option<jiff::Timestamp> {
+    jiff::Timestamp::new(m.last_modified.timestamp(), m.last_modified.timestamp_subsec_nanos() as i32).ok()
 }
 
 /// A repository's objects: a backend and the prefix inside it.
@@ -276,7 +284,10 @@ impl Store {
         let prefix = self.path(dir);
         let metas: Vec<_> =
             self.inner.list(Some(&prefix)).try_collect().await.map_err(|e| StoreError::from_backend("list", dir, e))?;
-        Ok(metas.into_iter().map(|m| ObjectInfo { name: self.name_of(&m.location), size: m.size }).collect())
+        Ok(metas
+            .into_iter()
+            .map(|m| ObjectInfo { name: self.name_of(&m.location), size: m.size, modified: modified(&m) })
+            .collect())
     }
 
     /// Removes what interrupted puts left on a file:// store under `dir/`: staged
@@ -337,7 +348,7 @@ impl Store {
     pub async fn list_after(&self, dir: &str, after: &str, limit: usize) -> Result<Vec<ObjectInfo>, StoreError> {
         if let Some(root) = &self.local_root {
             let found = list_after_local(root.join(dir), dir, after, limit).await?;
-            return Ok(found.into_iter().map(|(name, size)| ObjectInfo { name, size }).collect());
+            return Ok(found.into_iter().map(|(name, size)| ObjectInfo { name, size, modified: None }).collect());
         }
         let prefix = self.path(dir);
         let offset = self.path(after);
@@ -350,7 +361,7 @@ impl Store {
             if name.strip_prefix(dir).and_then(|r| r.strip_prefix('/')).is_none_or(|leaf| leaf.contains('/')) {
                 continue;
             }
-            out.push(ObjectInfo { name, size: m.size });
+            out.push(ObjectInfo { name, size: m.size, modified: modified(&m) });
             if out.len() >= limit {
                 break;
             }

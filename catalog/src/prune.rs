@@ -1,0 +1,503 @@
+//! `ebb prune`: deletes what no point and no fragment needs, in two phases, while
+//! writers go on (`condemned`, `view`). Each run:
+//!
+//! 1. reads the condemned sets and rescues there are, then lists and reads every
+//!    point and fragment and finds the packs they use (the live packs);
+//! 2. sweeps each condemned set older than the grace: deletes its packs that are
+//!    neither live (a writer that had not yet seen the set used one) nor rescued by
+//!    a writer, then the set;
+//! 3. condemns, in a new set, the packs that are not live, not rescued, not in a
+//!    set still waiting, and older than the grace (a writer's packs are young until
+//!    its point or fragment names them);
+//! 4. deletes what nothing reads: index files all of whose packs are gone, forget
+//!    records no index file needs, policies no longer in force, rescues that no set
+//!    still waiting can need.
+//!
+//! A point or fragment that cannot be read stops the run before anything is
+//! deleted: what it uses cannot be known. Two runs at once are harmless: they
+//! condemn and delete the same things.
+
+use std::collections::{HashMap, HashSet};
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use jiff::{SignedDuration, Timestamp};
+use serde::Serialize;
+
+use crate::condemned::{object_name, parse_object_name, Condemned, Rescued, Timing, CONDEMNED_DIR, RESCUED_DIR};
+use crate::error::RepoError;
+use crate::forget::{ForgetRecord, FORGOTTEN_DIR};
+use crate::fragment::{FragmentRef, FRAGS_DIR};
+use crate::id::Id;
+use crate::index::{open_index, INDEX_DIR};
+use crate::object::{open_object, seal_object};
+use crate::pack::{pack_name, parse_pack_name, BlobRef, PACKS_DIR};
+use crate::policy::POLICIES_DIR;
+use crate::repo::Repository;
+use crate::tree::{EntryKind, Extent};
+
+/// Objects read or deleted at once.
+const IN_FLIGHT: usize = 16;
+
+#[derive(Debug, Clone, Copy)]
+pub struct PruneOptions {
+    pub dry_run: bool,
+    pub timing: Timing,
+}
+
+/// What a run found and did. Counts of packs, and their stored bytes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub points: u64,
+    pub fragments: u64,
+    pub packs: u64,
+    pub pack_bytes: u64,
+    pub live_packs: u64,
+    pub live_bytes: u64,
+    /// Condemned by this run, to be deleted by a run after the grace.
+    pub condemned_packs: u64,
+    pub condemned_bytes: u64,
+    /// Deleted by this run (condemned by an earlier one).
+    pub deleted_packs: u64,
+    pub deleted_bytes: u64,
+    /// Condemned earlier, but used again (by a point written since) or rescued.
+    pub spared_packs: u64,
+    /// Unused, but younger than the grace: condemned by a later run if still unused.
+    pub young_packs: u64,
+    /// Condemned sets still within their grace.
+    pub waiting_sets: u64,
+    /// Other objects deleted: index files, forget records, old policies, condemned
+    /// sets swept, rescues no longer needed.
+    pub deleted_objects: u64,
+    /// Condemned sets or rescues that could not be read (never swept).
+    pub problems: Vec<String>,
+    /// When the sets waiting may be swept, at the earliest.
+    pub next_sweep: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    #[error(
+        "{object} cannot be read, so what it uses cannot be known: prune deletes nothing until it can \
+         (`ebb verify` says more; `ebb forget` can remove a damaged point): {cause}"
+    )]
+    Unreadable { object: String, cause: String },
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+}
+
+impl From<crate::store::StoreError> for PruneError {
+    fn from(e: crate::store::StoreError) -> PruneError {
+        PruneError::Repo(e.into())
+    }
+}
+
+/// A condemned set or rescue there is.
+struct Timed<T> {
+    name: String,
+    time: Timestamp,
+    body: T,
+}
+
+pub async fn prune(
+    repo: &Repository,
+    opts: PruneOptions,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<PruneReport, PruneError> {
+    let store = repo.store();
+    let t0 = Timestamp::now();
+    let grace = SignedDuration::try_from(opts.timing.grace).expect("a grace of sane length");
+    let mut report = PruneReport { dry_run: opts.dry_run, ..PruneReport::default() };
+
+    // 1. What is condemned and rescued, then everything that uses packs. In that
+    // order: a point written after a set, by a writer that had not seen it, is
+    // listed here and keeps its packs.
+    progress("condemned sets and rescues");
+    let sets = read_timed(repo, CONDEMNED_DIR, Condemned::decode, &mut report.problems).await?;
+    let rescues = read_timed(repo, RESCUED_DIR, Rescued::decode, &mut report.problems).await?;
+    progress("packs");
+    let listed = store.list(PACKS_DIR).await?;
+    let packs: HashMap<Id, (u64, Option<Timestamp>)> =
+        listed.iter().filter_map(|o| Some((parse_pack_name(&o.name)?, (o.size, o.modified)))).collect();
+    report.packs = packs.len() as u64;
+    report.pack_bytes = packs.values().map(|(s, _)| s).sum();
+    let live = live_packs(repo, &mut report, progress).await?;
+    report.live_packs = live.len() as u64;
+    report.live_bytes = live.iter().filter_map(|p| packs.get(p)).map(|(s, _)| s).sum();
+
+    // 2. Sweep the sets whose grace is over.
+    let size = |p: &Id| packs.get(p).map_or(0, |(s, _)| *s);
+    let rescued: HashSet<Id> = rescues.iter().flat_map(|r| r.body.packs.iter().copied()).collect();
+    let mut waiting: Vec<&Timed<Condemned>> = Vec::new();
+    let mut deleted: HashSet<Id> = HashSet::new();
+    for set in &sets {
+        if set.time + grace > t0 {
+            waiting.push(set);
+            continue;
+        }
+        // Any rescue spares: one written for this set may carry a time a little
+        // before it (clocks disagree), and sparing more only deletes later.
+        let doomed: Vec<Id> =
+            set.body.packs.iter().filter(|p| !live.contains(p) && !rescued.contains(p)).copied().collect();
+        report.spared_packs += (set.body.packs.len() - doomed.len()) as u64;
+        progress(&format!("sweep {}", set.name));
+        let names: Vec<String> = doomed.iter().map(pack_name).collect();
+        delete_all(repo, &names, opts.dry_run).await?;
+        report.deleted_packs += doomed.iter().filter(|p| packs.contains_key(p)).count() as u64;
+        report.deleted_bytes += doomed.iter().map(size).sum::<u64>();
+        deleted.extend(doomed);
+        delete_all(repo, std::slice::from_ref(&set.name), opts.dry_run).await?;
+        report.deleted_objects += 1;
+    }
+    report.waiting_sets = waiting.len() as u64;
+    report.next_sweep = waiting.iter().map(|s| s.time + grace).min().map(|t| t.to_string());
+
+    // 3. Condemn what nothing uses.
+    let pending: HashSet<Id> = waiting.iter().flat_map(|s| s.body.packs.iter().copied()).collect();
+    let mut condemned = Condemned::default();
+    for (id, (size, modified)) in &packs {
+        if live.contains(id) || deleted.contains(id) || pending.contains(id) || rescued.contains(id) {
+            continue;
+        }
+        // A pack whose time the store does not give is taken as young.
+        if modified.is_none_or(|m| m + grace > t0) {
+            report.young_packs += 1;
+            continue;
+        }
+        condemned.packs.insert(*id);
+        report.condemned_bytes += size;
+    }
+    report.condemned_packs = condemned.packs.len() as u64;
+    if !condemned.is_empty() && !opts.dry_run {
+        let name = object_name(CONDEMNED_DIR, Timestamp::now()).ok_or(RepoError::BadTime { time: t0.to_string() })?;
+        let sealed = seal_object(repo.keys(), &name, &condemned.encode());
+        store.put_new(&name, Bytes::from(sealed)).await?;
+        let due = Timestamp::now() + grace;
+        report.next_sweep = Some(report.next_sweep.map_or(due.to_string(), |t| t.min(due.to_string())));
+    }
+
+    // 4. What nothing reads any more.
+    progress("index files and records");
+    let gone = |p: &Id| deleted.contains(p) || !packs.contains_key(p);
+    let mut obsolete: Vec<String> = Vec::new();
+    let mut indexed_points: HashSet<String> = HashSet::new();
+    for obj in store.list(INDEX_DIR).await? {
+        let Ok(bytes) = store.get(&obj.name).await else { continue };
+        let Ok(file) = open_index(repo.keys(), &obj.name, &bytes) else { continue };
+        if !file.entries.is_empty() && file.entries.iter().all(|e| gone(&e.blob.pack)) {
+            obsolete.push(obj.name);
+        } else if let Some(p) = file.point {
+            indexed_points.insert(p);
+        }
+    }
+    for obj in store.list(FORGOTTEN_DIR).await? {
+        let Ok(bytes) = store.get(&obj.name).await else { continue };
+        let Ok(record) = ForgetRecord::open(repo.keys(), &obj.name, &bytes) else { continue };
+        if record.points.iter().all(|p| !indexed_points.contains(p)) {
+            obsolete.push(obj.name);
+        }
+    }
+    for source in store.list_dirs(POLICIES_DIR).await? {
+        let mut names: Vec<String> =
+            store.list(&format!("{POLICIES_DIR}/{source}")).await?.into_iter().map(|o| o.name).collect();
+        names.sort();
+        // The first name is the newest, in force.
+        obsolete.extend(names.into_iter().skip(1));
+    }
+    // A rescue is for a set written at most a little (clocks) after it: once older
+    // than the grace, and older by the grace than every set still waiting, it is
+    // for none of them. A writer still using its packs rescues them again if a
+    // later run condemns them.
+    let oldest_waiting = waiting.iter().map(|s| s.time).min();
+    for r in &rescues {
+        if r.time + grace <= t0 && oldest_waiting.is_none_or(|w| r.time + grace < w) {
+            obsolete.push(r.name.clone());
+        }
+    }
+    delete_all(repo, &obsolete, opts.dry_run).await?;
+    report.deleted_objects += obsolete.len() as u64;
+    Ok(report)
+}
+
+/// Every condemned set or rescue in `dir`, oldest first; one that cannot be read is
+/// a problem, and is neither swept nor trusted.
+async fn read_timed<T>(
+    repo: &Repository,
+    dir: &str,
+    decode: fn(&[u8]) -> Result<T, crate::codec::DecodeError>,
+    problems: &mut Vec<String>,
+) -> Result<Vec<Timed<T>>, RepoError> {
+    let names = repo.store().list(dir).await?;
+    let reads = names.into_iter().map(|o| async move {
+        let Some(time) = parse_object_name(dir, &o.name) else {
+            return Ok((o.name.clone(), Err("not a name ebb makes".to_string()), Timestamp::MIN));
+        };
+        match repo.store().get(&o.name).await {
+            Ok(bytes) => {
+                let body = open_object(repo.keys(), &o.name, &bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|plain| decode(&plain).map_err(|e| e.to_string()));
+                Ok((o.name, body.map(Some), time))
+            }
+            Err(e) if e.is_not_found() => Ok((o.name, Ok(None), time)),
+            Err(e) => Err(RepoError::from(e)),
+        }
+    });
+    let read: Vec<_> = stream::iter(reads).buffer_unordered(IN_FLIGHT).try_collect().await?;
+    let mut out = Vec::new();
+    for (name, body, time) in read {
+        match body {
+            Ok(Some(body)) => out.push(Timed { name, time, body }),
+            Ok(None) => {}
+            Err(e) => problems.push(format!("{name} cannot be read, and is left as it is: {e}")),
+        }
+    }
+    out.sort_by_key(|t| t.time);
+    Ok(out)
+}
+
+/// The packs every point and fragment uses.
+async fn live_packs(
+    repo: &Repository,
+    report: &mut PruneReport,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<HashSet<Id>, PruneError> {
+    let unreadable = |object: &str, e: &dyn std::fmt::Display| PruneError::Unreadable {
+        object: object.to_string(),
+        cause: e.to_string(),
+    };
+    let mut live: HashSet<Id> = HashSet::new();
+    let mut seen_trees: HashSet<Id> = HashSet::new();
+    for source in repo.sources().await? {
+        let points = repo.points(&source).await?;
+        for point in points {
+            progress(&format!("point {}", point.name));
+            report.points += 1;
+            let manifest = match repo.manifest(&point).await {
+                Ok(m) => m,
+                // Forgotten since it was listed.
+                Err(RepoError::Store(e)) if e.is_not_found() => continue,
+                Err(e) => return Err(unreadable(&point.name, &e)),
+            };
+            let mut stack: Vec<BlobRef> = manifest.root_ref().into_iter().collect();
+            while let Some(tree_ref) = stack.pop() {
+                if !seen_trees.insert(tree_ref.id) {
+                    continue;
+                }
+                live.insert(tree_ref.pack);
+                let tree = repo.read_tree(&tree_ref).await.map_err(|e| unreadable(&point.name, &e))?;
+                for entry in &tree.entries {
+                    match entry.kind {
+                        EntryKind::Dir => stack.extend(entry.subtree),
+                        EntryKind::File => live.extend(entry.content.iter().filter_map(|x| match x {
+                            Extent::Data(b) => Some(b.pack),
+                            Extent::Hole(_) => None,
+                        })),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let store = repo.store();
+    for source in store.list_dirs(FRAGS_DIR).await? {
+        progress(&format!("fragments of {source}"));
+        let names = store.list(&format!("{FRAGS_DIR}/{source}")).await?;
+        let reads = names.into_iter().filter_map(|o| FragmentRef::parse(&o.name)).map(|f| async move {
+            match repo.fragment(&f).await {
+                Ok(frag) => Ok(Some(frag)),
+                Err(RepoError::Store(e)) if e.is_not_found() => Ok(None),
+                Err(e) => Err(unreadable(&f.name, &e)),
+            }
+        });
+        let frags: Vec<_> = stream::iter(reads).buffer_unordered(IN_FLIGHT).try_collect().await?;
+        for frag in frags.into_iter().flatten() {
+            report.fragments += 1;
+            live.extend(frag.growths.iter().flat_map(|g| &g.chunks).map(|b| b.pack));
+        }
+    }
+    Ok(live)
+}
+
+/// Deletes `names` (unless `dry_run`), a few at once.
+async fn delete_all(repo: &Repository, names: &[String], dry_run: bool) -> Result<(), RepoError> {
+    if dry_run {
+        return Ok(());
+    }
+    stream::iter(names.iter().map(|n| repo.store().delete(n)))
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::keyslot::{Secret, DEFAULT_KDF};
+    use crate::pack::BlobKind;
+    use crate::point::{Manifest, PointRef};
+    use crate::store::Store;
+    use crate::tree::{Entry, Tree};
+    use crate::writer::{WriteError, Writer};
+
+    const GRACE: Duration = Duration::from_millis(1500);
+
+    fn timing() -> Timing {
+        Timing::with_grace(GRACE)
+    }
+
+    fn content(seed: u8) -> Vec<u8> {
+        (0..200_000u32).map(|i| (i.wrapping_mul(seed as u32 + 3) % 251) as u8).collect()
+    }
+
+    /// Stores a one-file point of `data` through `w` and commits it.
+    async fn point(w: &Arc<Writer>, data: Vec<u8>) -> Result<(PointRef, BlobRef), RepoError> {
+        let w2 = w.clone();
+        let (root, blob) = tokio::task::spawn_blocking(move || {
+            let mut p = w2.packer();
+            let blob = p.store(BlobKind::Data, &data).unwrap();
+            let mut file = Entry::new(b"f".to_vec(), EntryKind::File);
+            file.size = data.len() as u64;
+            file.content = vec![Extent::Data(blob)];
+            let root = p.store(BlobKind::Tree, &Tree { entries: vec![file] }.encode()).unwrap();
+            p.flush().unwrap();
+            (root, blob)
+        })
+        .await
+        .unwrap();
+        let durable = w.checkpoint().await.map_err(|e| match e {
+            WriteError::Repo(e) => e,
+            other => panic!("{other}"),
+        })?;
+        let time = Timestamp::now();
+        let mut m = Manifest::new("s", time, "h".into(), "dir", "/p".into(), root);
+        m.index = durable.summary.index.clone();
+        Ok((durable.commit(&m, time).await?, blob))
+    }
+
+    async fn run(repo: &Repository) -> PruneReport {
+        prune(repo, PruneOptions { dry_run: false, timing: timing() }, &|_| {}).await.unwrap()
+    }
+
+    async fn verified(repo: &Repository) {
+        let r = crate::verify(repo, true, &|_| {}).await.unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+
+    /// `ebb forget` of one point.
+    async fn forget(repo: &Repository, p: &PointRef) {
+        let v = crate::forget::Verdict { point: p.clone(), reasons: Vec::new(), keep: false };
+        let sv = crate::forget::SourceVerdicts { source: p.source.clone(), policy: None, points: vec![v] };
+        crate::forget::forget(repo, &[sv], "h").await.unwrap();
+    }
+
+    async fn exists(repo: &Repository, pack: &Id) -> bool {
+        repo.store().size(&pack_name(pack)).await.is_ok()
+    }
+
+    async fn repo() -> Repository {
+        Repository::init(Store::memory(), &Secret::KeyFile([4; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0
+    }
+
+    /// What no point uses is condemned once older than the grace, and deleted by a
+    /// run after the grace; a writer that uses a condemned pack rescues it; a
+    /// writer started after the condemnation stores that content again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn condemned_then_swept_and_a_pack_in_use_is_rescued() {
+        let repo = repo().await;
+        let (a, blob_a) = point(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), content(1)).await.unwrap();
+        let (_b, blob_b) =
+            point(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), content(2)).await.unwrap();
+        // Forgotten: its pack is used by nothing.
+        forget(&repo, &a).await;
+        // A writer that knows pack A and uses it, before anything is condemned.
+        let user = Writer::with_timing(repo.clone(), timing()).await.unwrap();
+        let u2 = user.clone();
+        let again =
+            tokio::task::spawn_blocking(move || u2.packer().store(BlobKind::Data, &content(1)).unwrap()).await.unwrap();
+        assert_eq!(again, blob_a, "deduplicated against the pack about to be condemned");
+
+        let young = run(&repo).await;
+        assert_eq!((young.condemned_packs, young.young_packs), (0, 1), "{young:?}");
+        tokio::time::sleep(GRACE).await;
+        let marked = run(&repo).await;
+        assert_eq!((marked.condemned_packs, marked.deleted_packs), (1, 0), "{marked:?}");
+        assert!(exists(&repo, &blob_a.pack).await, "condemned, not deleted");
+
+        // A writer started now does not take the condemned pack.
+        let fresh = Writer::with_timing(repo.clone(), timing()).await.unwrap();
+        let f2 = fresh.clone();
+        let stored =
+            tokio::task::spawn_blocking(move || f2.packer().store(BlobKind::Data, &content(1)).unwrap()).await.unwrap();
+        assert_ne!(stored.pack, blob_a.pack, "a condemned pack is not deduplicated against");
+        drop(fresh);
+
+        // The user looks again within its refresh, and rescues the pack.
+        tokio::time::sleep(timing().refresh * 3).await;
+        assert_eq!(repo.store().list(RESCUED_DIR).await.unwrap().len(), 1, "the pack in use was rescued");
+        tokio::time::sleep(GRACE).await;
+        let swept = run(&repo).await;
+        assert_eq!((swept.deleted_packs, swept.spared_packs), (0, 1), "{swept:?}");
+        assert!(exists(&repo, &blob_a.pack).await && exists(&repo, &blob_b.pack).await);
+        // ... and its point may use it.
+        let (c, _) = point(&user, content(1)).await.unwrap();
+        verified(&repo).await;
+
+        // Once no point uses it and no writer rescues it, it goes.
+        drop(user);
+        forget(&repo, &c).await;
+        assert_eq!(run(&repo).await.condemned_packs, 1);
+        tokio::time::sleep(GRACE).await;
+        let last = run(&repo).await;
+        assert_eq!(last.deleted_packs, 1, "{last:?}");
+        assert!(!exists(&repo, &blob_a.pack).await && exists(&repo, &blob_b.pack).await);
+        assert!(repo.store().list(RESCUED_DIR).await.unwrap().is_empty(), "the rescue went with it");
+        verified(&repo).await;
+    }
+
+    /// A writer that stopped looking at what prune condemns for longer than its view
+    /// may live commits nothing that uses a pack condemned or deleted meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_writer_commits_nothing_that_uses_a_pruned_pack() {
+        let stalled = Timing { grace: GRACE, view_ttl: Duration::from_millis(300), refresh: Duration::from_secs(3600) };
+        for swept in [false, true] {
+            let repo = repo().await;
+            let (a, _) = point(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), content(1)).await.unwrap();
+            forget(&repo, &a).await;
+            let w = Writer::with_timing(repo.clone(), stalled).await.unwrap();
+            tokio::time::sleep(GRACE).await;
+            assert_eq!(run(&repo).await.condemned_packs, 1);
+            if swept {
+                tokio::time::sleep(GRACE).await;
+                assert_eq!(run(&repo).await.deleted_packs, 1);
+            }
+            // Its view has lapsed: the pack it deduplicates against was condemned
+            // (or deleted) since, and its commit refuses.
+            let r = point(&w, content(1)).await;
+            assert!(matches!(r, Err(RepoError::Pruned { .. })), "swept {swept}: {r:?}");
+            assert!(repo.points("s").await.unwrap().is_empty(), "nothing committed");
+        }
+    }
+
+    /// A dry run deletes and writes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dry_run_changes_nothing() {
+        let repo = repo().await;
+        let (a, _) = point(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), content(1)).await.unwrap();
+        forget(&repo, &a).await;
+        tokio::time::sleep(GRACE).await;
+        let before = repo.store().sample(1000).await.unwrap();
+        let r = prune(&repo, PruneOptions { dry_run: true, timing: timing() }, &|_| {}).await.unwrap();
+        assert_eq!(r.condemned_packs, 1);
+        let mut after = repo.store().sample(1000).await.unwrap();
+        let mut before = before;
+        before.sort();
+        after.sort();
+        assert_eq!(before, after);
+    }
+}

@@ -1,0 +1,62 @@
+//! `ebb prune`: what no point needs, condemned now and deleted after the grace.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use catalog::{PruneOptions, Timing};
+
+use crate::cli::Global;
+use crate::context::open;
+use crate::output::{bytes, humanize, spinner};
+
+pub async fn prune(g: &Global, dry_run: bool, json: bool) -> Result<ExitCode> {
+    let repo = open(g).await?;
+    let timing = Timing::from_env();
+    let pb = spinner(g.quiet);
+    let progress = {
+        let pb = pb.clone();
+        move |s: &str| pb.set_message(format!("reading {s}"))
+    };
+    let report = catalog::prune(&repo, PruneOptions { dry_run, timing }, &progress).await;
+    pb.finish_and_clear();
+    let r = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (would, verb) = if dry_run { ("would be ", "would ") } else { ("", "") };
+    println!(
+        "{} points and {} fragments use {} of {} packs ({} of {})",
+        r.points,
+        r.fragments,
+        r.live_packs,
+        r.packs,
+        bytes(r.live_bytes),
+        bytes(r.pack_bytes)
+    );
+    println!("{would}deleted: {} packs ({}), condemned by an earlier run", r.deleted_packs, bytes(r.deleted_bytes));
+    if r.spared_packs > 0 {
+        println!("spared: {} condemned packs, used again or rescued by a writer since", r.spared_packs);
+    }
+    println!(
+        "{would}condemned: {} packs ({}), deleted by a run once {} have passed{}",
+        r.condemned_packs,
+        bytes(r.condemned_bytes),
+        humanize(timing.grace),
+        r.next_sweep.as_deref().map(|t| format!(" (from {t})")).unwrap_or_default()
+    );
+    if r.young_packs > 0 {
+        println!(
+            "unused but younger than {}: {} packs (a writer may be about to use them)",
+            humanize(timing.grace),
+            r.young_packs
+        );
+    }
+    if r.deleted_objects > 0 {
+        println!("{verb}deleted {} index files, records and other objects no longer needed", r.deleted_objects);
+    }
+    for p in &r.problems {
+        eprintln!("warning: {p}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
