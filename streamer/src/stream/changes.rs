@@ -2,8 +2,16 @@
 //! inotify (through `notify`) reports changes; they are sorted into those that need
 //! a point and writes to append-only files, which fragments may ship. PATH is looked
 //! up again each time the stream wakes: it may name another directory by now.
+//!
+//! When a change happened, and up to when every change has been seen, come from
+//! markers, not from the clock at which an event is handled (which may be seconds
+//! late on a busy host): every `MARK_EVERY` the stream creates a file in a
+//! directory of its own, watched by the same inotify instance. One instance queues
+//! its events in order, so once marker n is seen, every change made before it was
+//! created has been seen (`Changes::drained`), and a change seen after it happened
+//! after it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -15,8 +23,8 @@ use tokio::sync::Notify;
 
 use crate::patterns::PathPatterns;
 
-/// inotify events reach the stream within this long of the change.
-const EVENT_SLACK: Duration = Duration::from_millis(500);
+/// A marker is created this often: what is durable is known this late.
+const MARK_EVERY: Duration = Duration::from_millis(250);
 /// Files with pending appends kept by name; past this, a point takes them all.
 const MAX_DIRTY: usize = 10_000;
 
@@ -31,8 +39,12 @@ pub enum StreamError {
 pub(super) type When = (Instant, Timestamp);
 
 /// What the watcher reports: the first change not yet shipped, and the latest.
-#[derive(Default)]
 pub(super) struct Changes {
+    /// Every change made before this has been seen: the time of the last marker
+    /// seen (at first, when watching began).
+    pub(super) drained: Timestamp,
+    /// Markers created and not yet seen, with when they were created.
+    marks: VecDeque<(u64, Timestamp)>,
     /// Changes that need a point.
     pub(super) first: Option<When>,
     pub(super) last: Option<Instant>,
@@ -43,6 +55,38 @@ pub(super) struct Changes {
 }
 
 impl Changes {
+    pub(super) fn new(started: Timestamp) -> Changes {
+        Changes {
+            drained: started,
+            marks: VecDeque::new(),
+            first: None,
+            last: None,
+            overflowed: false,
+            written: HashMap::new(),
+        }
+    }
+
+    /// When a change seen now happened, at the earliest: after the last marker seen.
+    fn seen_now(&self) -> When {
+        (Instant::now(), self.drained)
+    }
+
+    /// Marker `n` was created at `at`.
+    fn marked(&mut self, n: u64, at: Timestamp) {
+        self.marks.push_back((n, at));
+    }
+
+    /// Marker `n` was seen: everything before it was.
+    fn marker_seen(&mut self, n: u64) {
+        while let Some(&(m, at)) = self.marks.front() {
+            if m > n {
+                break;
+            }
+            self.marks.pop_front();
+            self.drained = self.drained.max(at);
+        }
+    }
+
     pub(super) fn need_point(&mut self, at: When) {
         self.first = Some(match self.first {
             Some(f) if f.0 <= at.0 => f,
@@ -92,7 +136,8 @@ impl Changes {
     ) {
         let when: HashMap<PathBuf, When> = carried.into_iter().collect();
         for p in needs_point {
-            self.need_point(when.get(p).copied().unwrap_or((Instant::now(), Timestamp::now())));
+            let seen = self.seen_now();
+            self.need_point(when.get(p).copied().unwrap_or(seen));
         }
         let again: Vec<&PathBuf> = match failed {
             false => busy.iter().collect(),
@@ -107,13 +152,11 @@ impl Changes {
     }
 }
 
-/// What is durable at `now`: everything before the oldest change still `pending`.
-/// With nothing pending, what happened until just now; events take a moment to
-/// arrive, so "just now" is `EVENT_SLACK` ago. Never anything after PATH was last
-/// `confirmed` to name the directory watched.
-pub(super) fn durable_as_of(now: Timestamp, pending: Option<Timestamp>, confirmed: Timestamp) -> Timestamp {
-    let quiet = now.checked_sub(jiff::SignedDuration::try_from(EVENT_SLACK).expect("small")).unwrap_or(now);
-    let quiet = quiet.min(confirmed);
+/// What is durable: everything before the oldest change still `pending`. With
+/// nothing pending, what happened until every change was seen (`drained`). Never
+/// anything after PATH was last `confirmed` to name the directory watched.
+pub(super) fn durable_as_of(drained: Timestamp, pending: Option<Timestamp>, confirmed: Timestamp) -> Timestamp {
+    let quiet = drained.min(confirmed);
     pending.map_or(quiet, |p| p.min(quiet))
 }
 
@@ -132,6 +175,15 @@ pub(super) struct Watch {
     /// When PATH last named the directory watched: a change of directory after it
     /// may have gone unseen, so nothing after it counts as durable.
     confirmed: Timestamp,
+    /// Where markers are created; the task that creates them.
+    markers: tempfile::TempDir,
+    marking: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.marking.abort();
+    }
 }
 
 impl Watch {
@@ -143,9 +195,14 @@ impl Watch {
         appends: Arc<PathPatterns>,
     ) -> Result<Watch, StreamError> {
         let root = Root::find(given).map_err(|e| StreamError::Watch { path: given.to_path_buf(), cause: e.into() })?;
-        let changes = Arc::new(Mutex::new(Changes::default()));
+        let changes = Arc::new(Mutex::new(Changes::new(Timestamp::now())));
         let wake = Arc::new(Notify::new());
-        let watcher = watch(&root.path, &excludes, &appends, changes.clone(), wake.clone())?;
+        let markers = tempfile::Builder::new()
+            .prefix("ebb-stream-markers-")
+            .tempdir()
+            .map_err(|e| StreamError::Watch { path: std::env::temp_dir(), cause: e.into() })?;
+        let watcher = watch(&root.path, markers.path(), &excludes, &appends, changes.clone(), wake.clone())?;
+        let marking = tokio::spawn(mark(markers.path().to_path_buf(), changes.clone()));
         Ok(Watch {
             given: given.to_path_buf(),
             excludes,
@@ -156,6 +213,8 @@ impl Watch {
             wake,
             gone: None,
             confirmed: Timestamp::now(),
+            markers,
+            marking,
         })
     }
 
@@ -192,7 +251,15 @@ impl Watch {
         match Root::find(&self.given) {
             Ok(now_root) if now_root == self.root && self.gone.is_none() => self.confirmed = checked_at,
             Ok(now_root) => {
-                match watch(&now_root.path, &self.excludes, &self.appends, self.changes.clone(), self.wake.clone()) {
+                let markers = self.markers.path();
+                match watch(
+                    &now_root.path,
+                    markers,
+                    &self.excludes,
+                    &self.appends,
+                    self.changes.clone(),
+                    self.wake.clone(),
+                ) {
                     Ok(w) => {
                         tracing::warn!(
                             "{} is another directory now ({}): watching it, and walking it whole",
@@ -245,17 +312,30 @@ impl Root {
 /// Starts watching `path`. Events in excluded paths, and reads, are ignored.
 fn watch(
     path: &Path,
+    markers: &Path,
     excludes: &Arc<PathPatterns>,
     appends: &Arc<PathPatterns>,
     changes: Arc<Mutex<Changes>>,
     wake: Arc<Notify>,
 ) -> Result<notify::RecommendedWatcher, StreamError> {
     let root = path.to_path_buf();
+    let marker_dir = markers.to_path_buf();
     let excludes = excludes.clone();
     let appends = appends.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let now = (Instant::now(), Timestamp::now());
         let mut c = changes.lock().expect("changes lock");
+        if let Ok(ev) = &res {
+            if ev.paths.first().is_some_and(|p| p.starts_with(&marker_dir)) {
+                if matches!(ev.kind, EventKind::Create(_)) {
+                    let n = ev.paths[0].file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok());
+                    if let Some(n) = n {
+                        c.marker_seen(n);
+                    }
+                }
+                return;
+            }
+        }
+        let now = c.seen_now();
         match res {
             Ok(ev) if ev.need_rescan() || ev.paths.is_empty() => {
                 c.overflowed = true;
@@ -298,9 +378,25 @@ fn watch(
     })
     .map_err(|cause| StreamError::Watch { path: path.to_path_buf(), cause })?;
     watcher
+        .watch(markers, RecursiveMode::NonRecursive)
+        .map_err(|cause| StreamError::Watch { path: markers.to_path_buf(), cause })?;
+    watcher
         .watch(path, RecursiveMode::Recursive)
         .map_err(|cause| StreamError::Watch { path: path.to_path_buf(), cause })?;
     Ok(watcher)
+}
+
+/// Creates marker `n` in `dir` every `MARK_EVERY`, and removes the one before.
+async fn mark(dir: PathBuf, changes: Arc<Mutex<Changes>>) {
+    let mut tick = tokio::time::interval(MARK_EVERY);
+    for n in 1u64.. {
+        tick.tick().await;
+        changes.lock().expect("changes lock").marked(n, Timestamp::now());
+        if let Err(e) = std::fs::File::create(dir.join(n.to_string())) {
+            tracing::warn!("cannot create the stream's marker in {}: {e}", dir.display());
+        }
+        let _ = std::fs::remove_file(dir.join((n - 1).to_string()));
+    }
 }
 
 #[cfg(test)]
@@ -314,7 +410,7 @@ mod tests {
     #[test]
     fn a_walk_carries_the_first_change_and_clears_the_rest() {
         let t0 = (Instant::now(), Timestamp::now());
-        let mut c = Changes::default();
+        let mut c = Changes::new(t0.1);
         for ms in [200, 100, 300] {
             c.need_point(at(t0, ms));
         }
@@ -333,14 +429,14 @@ mod tests {
         let carried = || vec![(a.clone(), at(t0, 10)), (b.clone(), at(t0, 20)), (d.clone(), at(t0, 30))];
 
         // Shipped: `b` needs a point from when it was written, `d` was being walked.
-        let mut c = Changes::default();
+        let mut c = Changes::new(t0.1);
         c.written.insert(d.clone(), at(t0, 500));
         c.appends_ended(carried(), std::slice::from_ref(&b), std::slice::from_ref(&d), false);
         assert_eq!(c.first, Some(at(t0, 20)));
         assert_eq!(c.take_written(), vec![(d.clone(), at(t0, 30))], "the earlier write counts");
 
         // Failed: everything but what needs a point is written again.
-        let mut c = Changes::default();
+        let mut c = Changes::new(t0.1);
         c.appends_ended(carried(), std::slice::from_ref(&b), &[], true);
         let mut again = c.take_written();
         again.sort();
@@ -349,12 +445,45 @@ mod tests {
     }
 
     #[test]
-    fn durable_is_the_oldest_pending_change_or_just_now_never_after_path_was_checked() {
+    fn durable_is_the_oldest_pending_change_or_the_last_marker_never_after_path_was_checked() {
         let now = Timestamp::now();
         let ago = |ms: i64| now - jiff::SignedDuration::from_millis(ms);
-        assert_eq!(durable_as_of(now, None, now), ago(500), "events take a moment to arrive");
+        assert_eq!(durable_as_of(ago(250), None, now), ago(250), "until the last marker seen");
         assert_eq!(durable_as_of(now, Some(ago(3000)), now), ago(3000));
         assert_eq!(durable_as_of(now, None, ago(2000)), ago(2000));
         assert_eq!(durable_as_of(now, Some(ago(100)), ago(2000)), ago(2000));
+    }
+
+    /// A change seen late (the handler held up, as on a busy host) counts from the
+    /// last marker seen before it, and nothing after it is durable until it is
+    /// shipped: the handler is held up here by holding the lock it needs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_seen_late_is_never_taken_for_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch =
+            Watch::start(dir.path(), Arc::new(PathPatterns::default()), Arc::new(PathPatterns::default())).unwrap();
+        // Markers flow: what is durable follows the clock.
+        tokio::time::sleep(MARK_EVERY * 4).await;
+        let before = Timestamp::now();
+        assert!(watch.changes().drained > before - jiff::SignedDuration::from_secs(1));
+        let held = watch.changes();
+        let changed = Timestamp::now();
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        // Events (the change, then markers) queue while the handler waits.
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(held);
+        let c = watch.changes();
+        let durable = durable_as_of(c.drained, c.oldest(), Timestamp::now());
+        assert!(durable <= changed, "durable as of {durable}, but a change at {changed} is not shipped");
+        drop(c);
+        // Once seen, it is pending from a time before it really happened.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while watch.changes().oldest().is_none() {
+            assert!(Instant::now() < deadline, "the change was never seen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let c = watch.changes();
+        assert!(c.oldest().unwrap() <= changed);
+        assert!(durable_as_of(c.drained, c.oldest(), Timestamp::now()) <= changed);
     }
 }

@@ -293,6 +293,9 @@ impl Stream {
     /// The lag, the alarm, the state file and the metrics.
     fn heartbeat(&mut self) {
         let now = Timestamp::now();
+        // Up to when every change has been seen: read first, so that a change seen
+        // after it (and not in `pending` below) happened after it.
+        let drained = self.watch.changes().drained;
         // The oldest change not yet durable: the store holds everything before it.
         let pending = [
             self.watch.changes().oldest(),
@@ -302,7 +305,7 @@ impl Stream {
         .into_iter()
         .flatten()
         .min();
-        self.health.durable_as_of(durable_as_of(now, pending, self.watch.confirmed()));
+        self.health.durable_as_of(durable_as_of(drained, pending, self.watch.confirmed()));
         let source = &self.opts.snapshot.source;
         match self.health.beat(now) {
             Some(Alarm::Raised { lag }) => tracing::error!(
