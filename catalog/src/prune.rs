@@ -9,7 +9,10 @@
 //! 3. condemns, in a new set, the packs that are not live, not rescued, not in a
 //!    set still waiting, and older than the grace (a writer's packs are young until
 //!    its point or fragment names them);
-//! 4. deletes what nothing reads: index files all of whose packs are gone, forget
+//!    With them it condemns the fragments a later point holds (outside the
+//!    source's `pitr_within` window), which the next sweep deletes;
+//! 4. deletes what nothing reads: index files all of whose packs are gone (and
+//!    writes again those some of whose packs are gone, without them), forget
 //!    records no index file needs, policies no longer in force, rescues that no set
 //!    still waiting can need.
 //!
@@ -29,9 +32,9 @@ use crate::error::RepoError;
 use crate::forget::{ForgetRecord, FORGOTTEN_DIR};
 use crate::fragment::{FragmentRef, FRAGS_DIR};
 use crate::id::Id;
-use crate::index::{open_index, INDEX_DIR};
+use crate::index::{open_index, seal_index, INDEX_DIR};
 use crate::object::{open_object, seal_object};
-use crate::pack::{pack_name, parse_pack_name, BlobRef, PACKS_DIR};
+use crate::pack::{pack_name, parse_pack_name, BlobRef, PackEntry, PACKS_DIR};
 use crate::policy::POLICIES_DIR;
 use crate::repo::Repository;
 use crate::tree::{EntryKind, Extent};
@@ -65,11 +68,16 @@ pub struct PruneReport {
     pub spared_packs: u64,
     /// Unused, but younger than the grace: condemned by a later run if still unused.
     pub young_packs: u64,
+    /// Fragments a later point holds: condemned by this run, deleted by this run.
+    pub condemned_fragments: u64,
+    pub folded_fragments: u64,
     /// Condemned sets still within their grace.
     pub waiting_sets: u64,
     /// Other objects deleted: index files, forget records, old policies, condemned
     /// sets swept, rescues no longer needed.
     pub deleted_objects: u64,
+    /// Index files written again without their entries in deleted packs.
+    pub rewritten_index_files: u64,
     /// Condemned sets or rescues that could not be read (never swept).
     pub problems: Vec<String>,
     /// When the sets waiting may be swept, at the earliest.
@@ -122,7 +130,9 @@ pub async fn prune(
         listed.iter().filter_map(|o| Some((parse_pack_name(&o.name)?, (o.size, o.modified)))).collect();
     report.packs = packs.len() as u64;
     report.pack_bytes = packs.values().map(|(s, _)| s).sum();
-    let live = live_packs(repo, &mut report, progress).await?;
+    let survey = survey(repo, &mut report, progress).await?;
+    let live = &survey.live;
+    let fold: HashSet<String> = foldable(repo, &survey).await?.into_iter().collect();
     report.live_packs = live.len() as u64;
     report.live_bytes = live.iter().filter_map(|p| packs.get(p)).map(|(s, _)| s).sum();
 
@@ -147,6 +157,11 @@ pub async fn prune(
         report.deleted_packs += doomed.iter().filter(|p| packs.contains_key(p)).count() as u64;
         report.deleted_bytes += doomed.iter().map(size).sum::<u64>();
         deleted.extend(doomed);
+        // Its other objects: fragments a later point holds (still: a policy may
+        // have widened its window since).
+        let names: Vec<String> = set.body.names.iter().filter(|n| fold.contains(*n)).cloned().collect();
+        delete_all(repo, &names, opts.dry_run).await?;
+        report.folded_fragments += names.iter().filter(|n| n.starts_with(FRAGS_DIR)).count() as u64;
         delete_all(repo, std::slice::from_ref(&set.name), opts.dry_run).await?;
         report.deleted_objects += 1;
     }
@@ -169,6 +184,9 @@ pub async fn prune(
         report.condemned_bytes += size;
     }
     report.condemned_packs = condemned.packs.len() as u64;
+    let pending_names: HashSet<&String> = waiting.iter().flat_map(|s| &s.body.names).collect();
+    condemned.names.extend(fold.iter().filter(|n| !pending_names.contains(n)).cloned());
+    report.condemned_fragments = condemned.names.len() as u64;
     if !condemned.is_empty() && !opts.dry_run {
         let name = object_name(CONDEMNED_DIR, Timestamp::now()).ok_or(RepoError::BadTime { time: t0.to_string() })?;
         let sealed = seal_object(repo.keys(), &name, &condemned.encode());
@@ -185,11 +203,23 @@ pub async fn prune(
     for obj in store.list(INDEX_DIR).await? {
         let Ok(bytes) = store.get(&obj.name).await else { continue };
         let Ok(file) = open_index(repo.keys(), &obj.name, &bytes) else { continue };
-        if !file.entries.is_empty() && file.entries.iter().all(|e| gone(&e.blob.pack)) {
-            obsolete.push(obj.name);
-        } else if let Some(p) = file.point {
-            indexed_points.insert(p);
+        let left: Vec<PackEntry> = file.entries.iter().filter(|e| !gone(&e.blob.pack)).copied().collect();
+        if left.len() == file.entries.len() {
+            indexed_points.extend(file.point);
+            continue;
         }
+        // What is left goes into a replacement, written before the old one goes:
+        // a writer reading the index meanwhile finds one or both.
+        if !left.is_empty() {
+            if !opts.dry_run {
+                let name = Repository::new_index_name();
+                let sealed = seal_index(repo.keys(), &name, file.point.as_deref(), &left);
+                store.put_new(&name, Bytes::from(sealed)).await?;
+            }
+            report.rewritten_index_files += 1;
+            indexed_points.extend(file.point);
+        }
+        obsolete.push(obj.name);
     }
     for obj in store.list(FORGOTTEN_DIR).await? {
         let Ok(bytes) = store.get(&obj.name).await else { continue };
@@ -257,20 +287,35 @@ async fn read_timed<T>(
     Ok(out)
 }
 
-/// The packs every point and fragment uses.
-async fn live_packs(
+/// What the points and fragments there are use, and what of them prune may fold.
+#[derive(Default)]
+struct Survey {
+    /// The packs every point and fragment uses.
+    live: HashSet<Id>,
+    /// The newest point of each source.
+    newest: HashMap<String, Timestamp>,
+    /// Every fragment, by source.
+    fragments: HashMap<String, Vec<FragmentRef>>,
+}
+
+/// What every point and fragment uses.
+async fn survey(
     repo: &Repository,
     report: &mut PruneReport,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<HashSet<Id>, PruneError> {
+) -> Result<Survey, PruneError> {
     let unreadable = |object: &str, e: &dyn std::fmt::Display| PruneError::Unreadable {
         object: object.to_string(),
         cause: e.to_string(),
     };
-    let mut live: HashSet<Id> = HashSet::new();
+    let mut out = Survey::default();
+    let live = &mut out.live;
     let mut seen_trees: HashSet<Id> = HashSet::new();
     for source in repo.sources().await? {
         let points = repo.points(&source).await?;
+        if let Some(p) = points.last() {
+            out.newest.insert(source.clone(), p.time);
+        }
         for point in points {
             progress(&format!("point {}", point.name));
             report.points += 1;
@@ -304,7 +349,9 @@ async fn live_packs(
     for source in store.list_dirs(FRAGS_DIR).await? {
         progress(&format!("fragments of {source}"));
         let names = store.list(&format!("{FRAGS_DIR}/{source}")).await?;
-        let reads = names.into_iter().filter_map(|o| FragmentRef::parse(&o.name)).map(|f| async move {
+        let refs: Vec<FragmentRef> = names.iter().filter_map(|o| FragmentRef::parse(&o.name)).collect();
+        out.fragments.insert(source.clone(), refs.clone());
+        let reads = refs.into_iter().map(|f| async move {
             match repo.fragment(&f).await {
                 Ok(frag) => Ok(Some(frag)),
                 Err(RepoError::Store(e)) if e.is_not_found() => Ok(None),
@@ -314,10 +361,30 @@ async fn live_packs(
         let frags: Vec<_> = stream::iter(reads).buffer_unordered(IN_FLIGHT).try_collect().await?;
         for frag in frags.into_iter().flatten() {
             report.fragments += 1;
-            live.extend(frag.growths.iter().flat_map(|g| &g.chunks).map(|b| b.pack));
+            out.live.extend(frag.growths.iter().flat_map(|g| &g.chunks).map(|b| b.pack));
         }
     }
-    Ok(live)
+    Ok(out)
+}
+
+/// The fragments a later point holds (it stores every file at least as far as
+/// the fragments before it had it), except those within the source's
+/// `pitr_within` window, whose every moment must stay restorable.
+async fn foldable(repo: &Repository, survey: &Survey) -> Result<Vec<String>, RepoError> {
+    let mut out = Vec::new();
+    for (source, fragments) in &survey.fragments {
+        let Some(&newest) = survey.newest.get(source) else { continue };
+        let mut until = newest;
+        if let Some(p) = repo.policy(source).await? {
+            if let Some(span) = p.policy.pitr_within {
+                let start =
+                    newest.to_zoned(p.policy.zone()?).checked_sub(span).map_or(Timestamp::MIN, |z| z.timestamp());
+                until = until.min(start);
+            }
+        }
+        out.extend(fragments.iter().filter(|f| f.time <= until).map(|f| f.name.clone()));
+    }
+    Ok(out)
 }
 
 /// Deletes `names` (unless `dry_run`), a few at once.
@@ -482,6 +549,80 @@ mod tests {
             assert!(matches!(r, Err(RepoError::Pruned { .. })), "swept {swept}: {r:?}");
             assert!(repo.points("s").await.unwrap().is_empty(), "nothing committed");
         }
+    }
+
+    /// Fragments a later point holds are condemned and then deleted, unless they
+    /// lie within the source's `pitr_within` window.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fragments_a_later_point_holds_are_folded_outside_the_pitr_window() {
+        for window in [false, true] {
+            let repo = repo().await;
+            let mut b = crate::fragment::FragmentBuilder::new(&repo);
+            let chunk = b.store(&content(5));
+            let growth = crate::fragment::Growth {
+                device: 1,
+                inode: 2,
+                from: 0,
+                mtime: crate::tree::Timestamp { sec: 1, nsec: 0 },
+                chunks: vec![chunk],
+            };
+            let frag = crate::fragment::Fragment { growths: vec![growth] };
+            b.commit(&repo, "s", Timestamp::now(), &frag).await.unwrap();
+            if window {
+                let policy =
+                    crate::retention::Policy { pitr_within: Some(jiff::Span::new().hours(1)), ..Default::default() };
+                repo.set_policy("s", policy, "h".into()).await.unwrap();
+            }
+            // A point after it: it holds what the fragment carried.
+            point(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), content(6)).await.unwrap();
+            let marked = run(&repo).await;
+            let want = if window { 0 } else { 1 };
+            assert_eq!(marked.condemned_fragments, want, "window {window}: {marked:?}");
+            tokio::time::sleep(GRACE).await;
+            let swept = run(&repo).await;
+            assert_eq!(swept.folded_fragments, want, "window {window}: {swept:?}");
+            let left = repo.store().list(&format!("{FRAGS_DIR}/s")).await.unwrap();
+            assert_eq!(left.len() as u64, 1 - want, "window {window}");
+            if !window {
+                // The fragment's pack, used by nothing now, goes two runs later.
+                assert!(exists(&repo, &chunk.pack).await);
+                assert_eq!(run(&repo).await.condemned_packs, 1);
+                tokio::time::sleep(GRACE).await;
+                assert_eq!(run(&repo).await.deleted_packs, 1);
+                assert!(!exists(&repo, &chunk.pack).await);
+            }
+            verified(&repo).await;
+        }
+    }
+
+    /// An index file some of whose packs were deleted is written again without
+    /// them: a writer's index then names only packs that exist.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_index_file_is_written_again_without_the_packs_deleted() {
+        let repo = repo().await;
+        let w = Writer::with_timing(repo.clone(), timing()).await.unwrap();
+        // One pack that the point will not use, stored by the same writer.
+        let w2 = w.clone();
+        let unused = tokio::task::spawn_blocking(move || {
+            let mut p = w2.packer();
+            let b = p.store(BlobKind::Data, &content(9)).unwrap();
+            p.flush().unwrap();
+            b
+        })
+        .await
+        .unwrap();
+        let (_, used) = point(&w, content(8)).await.unwrap();
+        assert_ne!(unused.pack, used.pack);
+        tokio::time::sleep(GRACE).await;
+        assert_eq!(run(&repo).await.condemned_packs, 1);
+        tokio::time::sleep(GRACE).await;
+        let swept = run(&repo).await;
+        assert_eq!((swept.deleted_packs, swept.rewritten_index_files), (1, 1), "{swept:?}");
+        let inventory = crate::inventory::Inventory::load(&repo).await.unwrap();
+        assert_eq!(inventory.index_files.len(), 1);
+        assert_eq!(inventory.missing().0, 0, "no index entry names a deleted pack");
+        assert!(inventory.index_files[0].1.point.is_some(), "the replacement names the point");
+        verified(&repo).await;
     }
 
     /// A dry run deletes and writes nothing.

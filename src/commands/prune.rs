@@ -45,6 +45,12 @@ pub async fn prune(g: &Global, dry_run: bool, json: bool) -> Result<ExitCode> {
         humanize(timing.grace),
         r.next_sweep.as_deref().map(|t| format!(" (from {t})")).unwrap_or_default()
     );
+    if r.condemned_fragments + r.folded_fragments > 0 {
+        println!(
+            "fragments a later point holds: {} {would}deleted, {} {would}condemned",
+            r.folded_fragments, r.condemned_fragments
+        );
+    }
     if r.young_packs > 0 {
         println!(
             "unused but younger than {}: {} packs (a writer may be about to use them)",
@@ -54,6 +60,9 @@ pub async fn prune(g: &Global, dry_run: bool, json: bool) -> Result<ExitCode> {
     }
     if r.deleted_objects > 0 {
         println!("{verb}deleted {} index files, records and other objects no longer needed", r.deleted_objects);
+    }
+    if r.rewritten_index_files > 0 {
+        println!("{verb}wrote {} index files again without the packs deleted", r.rewritten_index_files);
     }
     for p in &r.problems {
         eprintln!("warning: {p}");
