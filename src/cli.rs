@@ -260,6 +260,10 @@ pub struct DirArgs {
     /// Where to keep the state `ebb status` reads [default: /var/lib/ebb/state as root, else ~/.local/state/ebb]
     #[arg(long, env = "EBB_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Also run `ebb forget --source SOURCE` and `ebb prune` this often (e.g. 1h), so
+    /// that the host needs no cron job; needs permission to delete
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub prune_every: Option<std::time::Duration>,
     pub path: PathBuf,
 }
 
@@ -301,6 +305,10 @@ pub struct PgStreamArgs {
     /// Where to keep the state `ebb status` reads [default: /var/lib/ebb/state as root, else ~/.local/state/ebb]
     #[arg(long, env = "EBB_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Also run `ebb forget --source SOURCE` and `ebb prune` this often (e.g. 1h), so
+    /// that the host needs no cron job; needs permission to delete
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub prune_every: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -611,3 +611,49 @@ fn one_stream_per_source_whatever_the_url_or_state_directory() {
     let (status, err) = again.stop();
     assert!(status.success(), "{err}");
 }
+
+/// `--prune-every`: the stream forgets its source by its policy and prunes the
+/// repository by itself, while it goes on shipping; `ebb status` shows how the last
+/// run went, and what is left verifies and restores.
+#[test]
+fn a_stream_forgets_and_prunes_by_itself() {
+    let _serial = serial();
+    let Setup { repo, work, src, state_dir } = setup();
+    let repo = repo.with_env("EBB_GRACE", "3s");
+    repo.ok(&["policy", "set", "--source", "s", "--keep-last", "2"]);
+    write(&src.join("f"), b"first\n");
+    let mut stream = Stream::start(&repo, &state_dir, &src, &["--rpo", "2s", "--prune-every", "2s"]);
+    for round in 0..6u64 {
+        write(&src.join("f"), &pseudo_random_bytes(round, 50_000));
+        stream.wait_durable(jiff::Timestamp::now(), Duration::from_secs(30));
+    }
+    // The first runs only condemn; wait for one that deleted what an earlier one condemned.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = stream.state().expect("the stream keeps its state");
+        let summary = s["last_prune"]["summary"].as_str().unwrap_or_default().to_string();
+        assert!(s["last_prune"]["error"].is_null(), "{s}");
+        if summary.contains("forgot") && !summary.contains(": 0 packs deleted") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no prune deleted anything within a minute: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let final_state = work.path().join("final");
+    copy_tree(&src, &final_state);
+    let changed = jiff::Timestamp::now();
+    stream.wait_durable(changed, Duration::from_secs(30));
+    let out = repo.run(&["status", "--json", "--state-dir", state_dir.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v[0]["last_prune"]["at"].is_string() && v[0]["last_prune"]["error"].is_null(), "{v}");
+    let (status, err) = stream.stop();
+    assert!(status.success(), "{err}");
+
+    let points: serde_json::Value = serde_json::from_str(&repo.ok(&["points", "--json"])).unwrap();
+    let n = points.as_array().unwrap().len();
+    assert!((1..=4).contains(&n), "the policy keeps two, and the stream made a few since the last run: {n}");
+    repo.ok(&["verify", "--read-data"]);
+    let restored = work.path().join("restored");
+    restore_at(&repo, changed, &restored);
+    assert_trees_equal(&final_state, &restored);
+}

@@ -392,7 +392,7 @@ async fn delete_all(repo: &Repository, names: &[String], dry_run: bool) -> Resul
     if dry_run {
         return Ok(());
     }
-    stream::iter(names.iter().map(|n| repo.store().delete(n)))
+    stream::iter(names.iter().cloned().map(|n| async move { repo.store().delete(&n).await }))
         .buffer_unordered(IN_FLIGHT)
         .try_collect::<Vec<()>>()
         .await?;

@@ -39,6 +39,7 @@ pub async fn status(g: &Global, state_dir: Option<PathBuf>, json_out: bool) -> R
                     "durable_as_of": s.durable_as_of.to_string(),
                     "last_error": s.last_error,
                     "last_error_at": s.last_error_at.map(|t| t.to_string()),
+                    "last_prune": s.last_prune,
                 })
             })
             .collect();
@@ -56,6 +57,13 @@ pub async fn status(g: &Global, state_dir: Option<PathBuf>, json_out: bool) -> R
                     (true, false, None) => "ok",
                     (false, false, _) => "stopped",
                 };
+                let prune = match &s.last_prune {
+                    None => "-".to_string(),
+                    Some(p) => match &p.error {
+                        None => format!("{} ok", p.at),
+                        Some(e) => format!("{} FAILED: {e}", p.at),
+                    },
+                };
                 vec![
                     s.source.clone(),
                     s.kind.clone(),
@@ -63,11 +71,12 @@ pub async fn status(g: &Global, state_dir: Option<PathBuf>, json_out: bool) -> R
                     format!("{:.1}s", s.lag(now).as_secs_f64()),
                     state.to_string(),
                     s.newest_point.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                    prune,
                     s.last_error.clone().unwrap_or_else(|| "-".into()),
                 ]
             })
             .collect();
-        table(&["SOURCE", "KIND", "RPO", "LAG", "STATE", "NEWEST POINT", "LAST ERROR"], &rows);
+        table(&["SOURCE", "KIND", "RPO", "LAG", "STATE", "NEWEST POINT", "LAST PRUNE", "LAST ERROR"], &rows);
     }
     Ok(if breached { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

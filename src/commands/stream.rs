@@ -54,10 +54,13 @@ pub async fn dir(g: &Global, d: DirArgs) -> Result<ExitCode> {
         d.path.display(),
         humanize(d.rpo)
     );
-    holding(&repo, &source, "stream dir", async {
+    let upkeep = upkeep(&repo, &source, d.prune_every, &metrics);
+    let r = holding(&repo, &source, "stream dir", async {
         streamer::stream_dir(repo.clone(), opts, metrics, stop_requested()).await.map_err(anyhow::Error::from)
     })
-    .await?;
+    .await;
+    upkeep.inspect(|u| u.abort());
+    r?;
     eprintln!("stopped streaming {source}");
     Ok(ExitCode::SUCCESS)
 }
@@ -98,12 +101,15 @@ pub async fn pg(g: &Global, a: PgStreamArgs) -> Result<ExitCode> {
         });
     }
     eprintln!("streaming WAL of {} as {source} to {url} (slot {slot}); stop with Ctrl-C or SIGTERM", dsn.shown);
-    holding(&repo, &source, "stream pg", async {
+    let upkeep = upkeep(&repo, &source, a.prune_every, &metrics);
+    let r = holding(&repo, &source, "stream pg", async {
         streamer::pg::walstream::stream_pg(repo.clone(), opts, metrics, stop_requested())
             .await
             .map_err(anyhow::Error::from)
     })
-    .await?;
+    .await;
+    upkeep.inspect(|u| u.abort());
+    r?;
     eprintln!("stopped streaming {source}");
     Ok(ExitCode::SUCCESS)
 }
@@ -116,6 +122,19 @@ async fn holding<T>(
     work: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
     catalog::holding(repo, source, catalog::Holder::this_process(host(), what), state::pid_alive, work).await
+}
+
+/// Forget and prune every `every`, when given, beside the stream.
+fn upkeep(
+    repo: &catalog::Repository,
+    source: &str,
+    every: Option<Duration>,
+    metrics: &Arc<streamer::metrics::Metrics>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let every = every?;
+    eprintln!("forgetting {source} by its policy and pruning the repository every {}", humanize(every));
+    let task = streamer::upkeep::prune_every(repo.clone(), source.to_string(), host(), every, metrics.clone());
+    Some(tokio::spawn(task))
 }
 
 /// A stream's metrics, served at `addr` when given.

@@ -239,6 +239,11 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         newest_point: None,
         last_error: Some("an error".into()),
         last_error_at: None,
+        last_prune: Some(crate::state::PruneStatus {
+            at: jiff::Timestamp::UNIX_EPOCH,
+            summary: "forgot 1 points".into(),
+            error: None,
+        }),
     };
     out.push(("state_file", serde_json::to_vec_pretty(&state).expect("a state serializes")));
     out

@@ -126,6 +126,7 @@ impl Health {
         self.state.updated = now;
         // A point that others made (a base backup) is known to the metrics only.
         self.state.newest_point = self.state.newest_point.max(self.metrics.newest_point_time());
+        self.state.last_prune = self.metrics.last_prune.lock().expect("last prune lock").clone();
         let lag = self.state.lag(now);
         let over = lag > self.rpo;
         let alarm = match (over, self.breached) {

@@ -16,6 +16,7 @@ mod prefetch;
 mod snapshot;
 pub mod state;
 mod stream;
+pub mod upkeep;
 
 pub use patterns::{PathPatterns, PatternError};
 pub use snapshot::{capture, previous_top, snapshot, Capture, Counters, SnapshotError, SnapshotOptions, TreeCache};

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -24,6 +24,8 @@ pub struct Metrics {
     /// Unix time of the source's newest point (a base backup, for PostgreSQL), in
     /// nanoseconds (its exact time, which names it); 0 when there is none.
     pub newest_point_ns: AtomicU64,
+    /// How the last forget and prune this stream ran went (`--prune-every`).
+    pub last_prune: Mutex<Option<crate::state::PruneStatus>>,
 }
 
 impl Metrics {
@@ -92,6 +94,20 @@ impl Metrics {
             "Unix time of the newest durable state.",
             format!("{:.3}", get(&self.durable_ms) as f64 / 1000.0),
         );
+        if let Some(p) = self.last_prune.lock().expect("last prune lock").as_ref() {
+            metric(
+                "ebb_stream_last_prune_timestamp_seconds",
+                "gauge",
+                "Unix time the last forget and prune of --prune-every ended.",
+                format!("{:.3}", p.at.as_millisecond() as f64 / 1000.0),
+            );
+            metric(
+                "ebb_stream_last_prune_ok",
+                "gauge",
+                "1 if the last forget and prune of --prune-every succeeded.",
+                u8::from(p.error.is_none()).to_string(),
+            );
+        }
         out
     }
 }

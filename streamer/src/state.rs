@@ -32,6 +32,20 @@ pub struct StreamState {
     pub newest_point: Option<Timestamp>,
     pub last_error: Option<String>,
     pub last_error_at: Option<Timestamp>,
+    /// The last forget and prune the stream ran (`--prune-every`).
+    #[serde(default)]
+    pub last_prune: Option<PruneStatus>,
+}
+
+/// How a forget and prune run by a stream went.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PruneStatus {
+    /// When it ended.
+    pub at: Timestamp,
+    /// What it did, in a line.
+    pub summary: String,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
 }
 
 impl StreamState {
@@ -51,6 +65,7 @@ impl StreamState {
             newest_point: None,
             last_error: None,
             last_error_at: None,
+            last_prune: None,
         }
     }
 
@@ -228,6 +243,7 @@ mod tests {
             newest_point: None,
             last_error: None,
             last_error_at: None,
+            last_prune: None,
         }
     }
 

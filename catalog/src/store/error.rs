@@ -5,7 +5,7 @@ use std::ops::Range;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("object {name} does not exist")]
+    #[error("object {name} does not exist{}", missing_hint(name))]
     NotFound { name: String },
     #[error("object {name} already exists")]
     AlreadyExists { name: String },
@@ -22,6 +22,18 @@ pub enum StoreError {
     Io { op: &'static str, name: String, cause: std::io::Error },
     #[error("object {name} is {size} bytes long, shorter than the range {}..{} read from it", range.start, range.end)]
     Short { name: String, range: Range<u64>, size: u64 },
+}
+
+/// What a missing object of this kind may mean.
+fn missing_hint(name: &str) -> &'static str {
+    if name.starts_with("packs/") {
+        " (packs are deleted only by `ebb prune`, once no point uses them: the point read was forgotten and \
+         pruned, or the pack was lost; `ebb verify` tells which points lack data)"
+    } else if name.starts_with("points/") {
+        " (the point was forgotten, or its manifest lost)"
+    } else {
+        ""
+    }
 }
 
 impl StoreError {
