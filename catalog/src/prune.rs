@@ -78,7 +78,8 @@ pub struct PruneReport {
     pub deleted_objects: u64,
     /// Index files written again without their entries in deleted packs.
     pub rewritten_index_files: u64,
-    /// Condemned sets or rescues that could not be read (never swept).
+    /// Condemned sets or rescues that could not be read (never swept), objects the
+    /// store refused to delete (tried again by a later run).
     pub problems: Vec<String>,
     /// When the sets waiting may be swept, at the earliest.
     pub next_sweep: Option<String>,
@@ -140,6 +141,8 @@ pub async fn prune(
     let size = |p: &Id| packs.get(p).map_or(0, |(s, _)| *s);
     let rescued: HashSet<Id> = rescues.iter().flat_map(|r| r.body.packs.iter().copied()).collect();
     let mut waiting: Vec<&Timed<Condemned>> = Vec::new();
+    // Swept, but not all of it: the store refused some deletes.
+    let mut unfinished: Vec<&Timed<Condemned>> = Vec::new();
     let mut deleted: HashSet<Id> = HashSet::new();
     for set in &sets {
         if set.time + grace > t0 {
@@ -153,23 +156,34 @@ pub async fn prune(
         report.spared_packs += (set.body.packs.len() - doomed.len()) as u64;
         progress(&format!("sweep {}", set.name));
         let names: Vec<String> = doomed.iter().map(pack_name).collect();
-        delete_all(repo, &names, opts.dry_run).await?;
-        report.deleted_packs += doomed.iter().filter(|p| packs.contains_key(p)).count() as u64;
-        report.deleted_bytes += doomed.iter().map(size).sum::<u64>();
-        deleted.extend(doomed);
+        let refused = delete_all(repo, &names, opts.dry_run, &mut report.problems).await;
+        for p in doomed.into_iter().filter(|p| !refused.contains(&pack_name(p))) {
+            if packs.contains_key(&p) {
+                report.deleted_packs += 1;
+                report.deleted_bytes += size(&p);
+            }
+            deleted.insert(p);
+        }
         // Its other objects: fragments a later point holds (still: a policy may
         // have widened its window since).
         let names: Vec<String> = set.body.names.iter().filter(|n| fold.contains(*n)).cloned().collect();
-        delete_all(repo, &names, opts.dry_run).await?;
-        report.folded_fragments += names.iter().filter(|n| n.starts_with(FRAGS_DIR)).count() as u64;
-        delete_all(repo, std::slice::from_ref(&set.name), opts.dry_run).await?;
-        report.deleted_objects += 1;
+        let refused_names = delete_all(repo, &names, opts.dry_run, &mut report.problems).await;
+        report.folded_fragments +=
+            names.iter().filter(|n| n.starts_with(FRAGS_DIR) && !refused_names.contains(*n)).count() as u64;
+        // A set whose objects were not all deleted (the store refused: an object
+        // lock, no permission) stays, and a later run tries again.
+        if refused.is_empty() && refused_names.is_empty() {
+            delete_all(repo, std::slice::from_ref(&set.name), opts.dry_run, &mut report.problems).await;
+            report.deleted_objects += 1;
+        } else {
+            unfinished.push(set);
+        }
     }
     report.waiting_sets = waiting.len() as u64;
     report.next_sweep = waiting.iter().map(|s| s.time + grace).min().map(|t| t.to_string());
 
     // 3. Condemn what nothing uses.
-    let pending: HashSet<Id> = waiting.iter().flat_map(|s| s.body.packs.iter().copied()).collect();
+    let pending: HashSet<Id> = waiting.iter().chain(&unfinished).flat_map(|s| s.body.packs.iter().copied()).collect();
     let mut condemned = Condemned::default();
     for (id, (size, modified)) in &packs {
         if live.contains(id) || deleted.contains(id) || pending.contains(id) || rescued.contains(id) {
@@ -184,7 +198,7 @@ pub async fn prune(
         report.condemned_bytes += size;
     }
     report.condemned_packs = condemned.packs.len() as u64;
-    let pending_names: HashSet<&String> = waiting.iter().flat_map(|s| &s.body.names).collect();
+    let pending_names: HashSet<&String> = waiting.iter().chain(&unfinished).flat_map(|s| &s.body.names).collect();
     condemned.names.extend(fold.iter().filter(|n| !pending_names.contains(n)).cloned());
     report.condemned_fragments = condemned.names.len() as u64;
     if !condemned.is_empty() && !opts.dry_run {
@@ -239,14 +253,14 @@ pub async fn prune(
     // than the grace, and older by the grace than every set still waiting, it is
     // for none of them. A writer still using its packs rescues them again if a
     // later run condemns them.
-    let oldest_waiting = waiting.iter().map(|s| s.time).min();
+    let oldest_waiting = waiting.iter().chain(&unfinished).map(|s| s.time).min();
     for r in &rescues {
         if r.time + grace <= t0 && oldest_waiting.is_none_or(|w| r.time + grace < w) {
             obsolete.push(r.name.clone());
         }
     }
-    delete_all(repo, &obsolete, opts.dry_run).await?;
-    report.deleted_objects += obsolete.len() as u64;
+    let refused = delete_all(repo, &obsolete, opts.dry_run, &mut report.problems).await;
+    report.deleted_objects += (obsolete.len() - refused.len()) as u64;
     Ok(report)
 }
 
@@ -387,16 +401,29 @@ async fn foldable(repo: &Repository, survey: &Survey) -> Result<Vec<String>, Rep
     Ok(out)
 }
 
-/// Deletes `names` (unless `dry_run`), a few at once.
-async fn delete_all(repo: &Repository, names: &[String], dry_run: bool) -> Result<(), RepoError> {
+/// Deletes `names` (unless `dry_run`), a few at once. What the store refuses to
+/// delete (an object lock's retention, no permission, unreachable) is noted in
+/// `problems` and returned: a later run tries again.
+async fn delete_all(repo: &Repository, names: &[String], dry_run: bool, problems: &mut Vec<String>) -> HashSet<String> {
     if dry_run {
-        return Ok(());
+        return HashSet::new();
     }
-    stream::iter(names.iter().cloned().map(|n| async move { repo.store().delete(&n).await }))
+    let results: Vec<(String, Result<(), crate::store::StoreError>)> =
+        stream::iter(names.iter().cloned().map(|n| async move {
+            let r = repo.store().delete(&n).await;
+            (n, r)
+        }))
         .buffer_unordered(IN_FLIGHT)
-        .try_collect::<Vec<()>>()
-        .await?;
-    Ok(())
+        .collect()
+        .await;
+    let mut refused = HashSet::new();
+    for (name, r) in results {
+        if let Err(e) = r {
+            problems.push(format!("cannot delete {name} (a later run tries again): {e}"));
+            refused.insert(name);
+        }
+    }
+    refused
 }
 
 #[cfg(test)]
@@ -622,6 +649,33 @@ mod tests {
         assert_eq!(inventory.index_files.len(), 1);
         assert_eq!(inventory.missing().0, 0, "no index entry names a deleted pack");
         assert!(inventory.index_files[0].1.point.is_some(), "the replacement names the point");
+        verified(&repo).await;
+    }
+
+    /// A store that refuses some deletes (an object lock's retention, no
+    /// permission): prune says so, deletes the rest, keeps the set, and a later run
+    /// finishes once the store lets it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deletes_the_store_refuses_are_tried_again_later() {
+        let faults = crate::faults::Faults::new();
+        let store = Store::memory().with_faults(faults.clone());
+        let repo = Repository::init(store, &Secret::KeyFile([4; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
+        let (a, blob) = point(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), content(1)).await.unwrap();
+        forget(&repo, &a).await;
+        tokio::time::sleep(GRACE).await;
+        assert_eq!(run(&repo).await.condemned_packs, 1);
+        tokio::time::sleep(GRACE).await;
+        faults.always(crate::faults::Op::Delete, "packs/", crate::faults::Fault::Fail);
+        let refused = run(&repo).await;
+        assert_eq!((refused.deleted_packs, refused.waiting_sets), (0, 0), "{refused:?}");
+        assert!(refused.problems.iter().any(|p| p.contains("cannot delete packs/")), "{refused:?}");
+        assert!(exists(&repo, &blob.pack).await);
+        assert_eq!(repo.store().list(CONDEMNED_DIR).await.unwrap().len(), 1, "the set stays for a later run");
+        faults.clear();
+        let later = run(&repo).await;
+        assert_eq!(later.deleted_packs, 1, "{later:?}");
+        assert!(!exists(&repo, &blob.pack).await);
+        assert!(repo.store().list(CONDEMNED_DIR).await.unwrap().is_empty());
         verified(&repo).await;
     }
 
