@@ -13,8 +13,8 @@
 //!    source's `pitr_within` window), which the next sweep deletes;
 //! 4. deletes what nothing reads: index files all of whose packs are gone (and
 //!    writes again those some of whose packs are gone, without them), forget
-//!    records no index file needs, policies no longer in force, rescues that no set
-//!    still waiting can need.
+//!    records no index file needs, policies no longer in force, leases over for
+//!    twice their lifetime, rescues that no set still waiting can need.
 //!
 //! A point or fragment that cannot be read stops the run before anything is
 //! deleted: what it uses cannot be known. Two runs at once are harmless: they
@@ -248,6 +248,13 @@ pub async fn prune(
         names.sort();
         // The first name is the newest, in force.
         obsolete.extend(names.into_iter().skip(1));
+    }
+    // Leases long over: a writer that may not delete leaves its old ones behind.
+    let over = t0 - SignedDuration::try_from(crate::lease::TTL * 2).expect("a short TTL");
+    for obj in store.list(crate::lease::LEASES_DIR).await? {
+        if crate::point::parse_timed(crate::lease::LEASES_DIR, &obj.name).is_some_and(|(_, t)| t < over) {
+            obsolete.push(obj.name);
+        }
     }
     // A rescue is for a set written at most a little (clocks) after it: once older
     // than the grace, and older by the grace than every set still waiting, it is
@@ -677,6 +684,22 @@ mod tests {
         assert!(!exists(&repo, &blob.pack).await);
         assert!(repo.store().list(CONDEMNED_DIR).await.unwrap().is_empty());
         verified(&repo).await;
+    }
+
+    /// Leases long over, left by writers that may not delete, go; a lease in
+    /// force stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_long_over_are_deleted() {
+        let repo = repo().await;
+        let old = Timestamp::now() - SignedDuration::from_secs(3600);
+        let old_name = crate::point::timed_name_with("leases", "s", old, "00112233aabbccdd").unwrap();
+        let fresh_name = crate::point::timed_name_with("leases", "s", Timestamp::now(), "00112233aabbccdd").unwrap();
+        for n in [&old_name, &fresh_name] {
+            repo.store().put_new(n, Bytes::from_static(b"a lease")).await.unwrap();
+        }
+        run(&repo).await;
+        let left: Vec<String> = repo.store().list("leases").await.unwrap().into_iter().map(|o| o.name).collect();
+        assert_eq!(left, [fresh_name]);
     }
 
     /// A dry run deletes and writes nothing.
