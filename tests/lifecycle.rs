@@ -129,12 +129,12 @@ fn bad_policies_are_refused_and_change_nothing() {
 }
 
 /// Forget then prune: the packs only forgotten points used are condemned by one
-/// run and deleted by a run after the grace (3 s here); every kept point still
+/// run and deleted by a run after the grace (5 s here); every kept point still
 /// restores as it did, verify --read-data passes, and the index files and the
 /// forget record that only the forgotten points needed go too.
 #[test]
 fn prune_deletes_what_only_forgotten_points_used() {
-    let repo = TestRepo::new(Backend::File).with_env("EBB_GRACE", "3s");
+    let repo = TestRepo::new(Backend::File).with_env("EBB_GRACE", "5s");
     repo.init();
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
@@ -157,7 +157,7 @@ fn prune_deletes_what_only_forgotten_points_used() {
 
     // Packs younger than the grace are never condemned (the unit tests show it);
     // these are older. A dry run changes nothing.
-    std::thread::sleep(std::time::Duration::from_millis(3_100));
+    std::thread::sleep(std::time::Duration::from_millis(5_100));
     let before = repo.objects();
     let dry = json(&repo.ok(&["prune", "--dry-run", "--json"]));
     assert!(dry["condemned_packs"].as_u64().unwrap() >= 2, "{dry}");
@@ -170,7 +170,7 @@ fn prune_deletes_what_only_forgotten_points_used() {
     let again = json(&repo.ok(&["prune", "--json"]));
     assert_eq!((again["condemned_packs"].as_u64(), again["waiting_sets"].as_u64()), (Some(0), Some(1)), "{again}");
 
-    std::thread::sleep(std::time::Duration::from_millis(3_100));
+    std::thread::sleep(std::time::Duration::from_millis(5_100));
     let swept = json(&repo.ok(&["prune", "--json"]));
     assert_eq!(swept["deleted_packs"].as_u64(), Some(condemned), "{swept}");
     assert_eq!(count("packs/") as u64, packs as u64 - condemned);
