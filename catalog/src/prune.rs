@@ -116,7 +116,7 @@ pub async fn prune(
 ) -> Result<PruneReport, PruneError> {
     let store = repo.store();
     let t0 = Timestamp::now();
-    let grace = SignedDuration::try_from(opts.timing.grace).expect("a grace of sane length");
+    let grace = SignedDuration::try_from(opts.timing.grace).unwrap_or(SignedDuration::MAX);
     let mut report = PruneReport { dry_run: opts.dry_run, ..PruneReport::default() };
 
     // 1. What is condemned and rescued, then everything that uses packs. In that
@@ -145,7 +145,7 @@ pub async fn prune(
     let mut unfinished: Vec<&Timed<Condemned>> = Vec::new();
     let mut deleted: HashSet<Id> = HashSet::new();
     for set in &sets {
-        if set.time + grace > t0 {
+        if after(set.time, grace) > t0 {
             waiting.push(set);
             continue;
         }
@@ -180,7 +180,7 @@ pub async fn prune(
         }
     }
     report.waiting_sets = waiting.len() as u64;
-    report.next_sweep = waiting.iter().map(|s| s.time + grace).min().map(|t| t.to_string());
+    report.next_sweep = waiting.iter().map(|s| after(s.time, grace)).min().map(|t| t.to_string());
 
     // 3. Condemn what nothing uses.
     let pending: HashSet<Id> = waiting.iter().chain(&unfinished).flat_map(|s| s.body.packs.iter().copied()).collect();
@@ -190,7 +190,7 @@ pub async fn prune(
             continue;
         }
         // A pack whose time the store does not give is taken as young.
-        if modified.is_none_or(|m| m + grace > t0) {
+        if modified.is_none_or(|m| after(m, grace) > t0) {
             report.young_packs += 1;
             continue;
         }
@@ -205,7 +205,7 @@ pub async fn prune(
         let name = object_name(CONDEMNED_DIR, Timestamp::now()).ok_or(RepoError::BadTime { time: t0.to_string() })?;
         let sealed = seal_object(repo.keys(), &name, &condemned.encode());
         store.put_new(&name, Bytes::from(sealed)).await?;
-        let due = Timestamp::now() + grace;
+        let due = after(Timestamp::now(), grace);
         report.next_sweep = Some(report.next_sweep.map_or(due.to_string(), |t| t.min(due.to_string())));
     }
 
@@ -250,7 +250,8 @@ pub async fn prune(
         obsolete.extend(names.into_iter().skip(1));
     }
     // Leases long over: a writer that may not delete leaves its old ones behind.
-    let over = t0 - SignedDuration::try_from(crate::lease::TTL * 2).expect("a short TTL");
+    let over =
+        t0.checked_sub(SignedDuration::from_secs(2 * crate::lease::TTL.as_secs() as i64)).unwrap_or(Timestamp::MIN);
     for obj in store.list(crate::lease::LEASES_DIR).await? {
         if crate::point::parse_timed(crate::lease::LEASES_DIR, &obj.name).is_some_and(|(_, t)| t < over) {
             obsolete.push(obj.name);
@@ -262,13 +263,19 @@ pub async fn prune(
     // later run condemns them.
     let oldest_waiting = waiting.iter().chain(&unfinished).map(|s| s.time).min();
     for r in &rescues {
-        if r.time + grace <= t0 && oldest_waiting.is_none_or(|w| r.time + grace < w) {
+        if after(r.time, grace) <= t0 && oldest_waiting.is_none_or(|w| after(r.time, grace) < w) {
             obsolete.push(r.name.clone());
         }
     }
     let refused = delete_all(repo, &obsolete, opts.dry_run, &mut report.problems).await;
     report.deleted_objects += (obsolete.len() - refused.len()) as u64;
     Ok(report)
+}
+
+/// `t + d`, or the end of time: times come from names and the store, which may
+/// hold anything.
+fn after(t: Timestamp, d: SignedDuration) -> Timestamp {
+    t.checked_add(d).unwrap_or(Timestamp::MAX)
 }
 
 /// Every condemned set or rescue in `dir`, oldest first; one that cannot be read is
