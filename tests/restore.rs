@@ -177,17 +177,13 @@ fn a_million_files_restore_within_the_memory_budget() {
     fs::remove_dir_all(&src).unwrap();
 
     let target = fs.path().join("target");
-    let mut cmd = repo.cmd();
-    cmd.args(["restore", "--at", "latest", "--json", "--memory", &BUDGET.to_string(), target.to_str().unwrap()]);
-    cmd.stdout(std::process::Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    let (status, rusage) = wait_with_rusage(child.id());
-    let mut stdout = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.unwrap(), &mut stdout).unwrap();
+    let (status, stdout, peak) = run_measuring_peak(
+        repo.cmd(),
+        &["restore", "--at", "latest", "--json", "--memory", &BUDGET.to_string(), target.to_str().unwrap()],
+    );
     assert_eq!(status, 0, "restore failed: {stdout}");
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(n(&report, "files"), (DIRS * PER_DIR) as u64, "{report}");
-    let peak = rusage.ru_maxrss as u64 * 1024;
     eprintln!(
         "peak RSS restoring {} files: {} MiB (budget {} MiB + {} MiB for the program)",
         DIRS * PER_DIR,
@@ -202,15 +198,39 @@ fn a_million_files_restore_within_the_memory_budget() {
     }
 }
 
-/// Waits for process `pid` and returns its exit code and resource usage: its own,
-/// whatever else this test process runs.
-fn wait_with_rusage(pid: u32) -> (i32, libc::rusage) {
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: wait4 writes the status and usage of our own child into locals.
-    let rc = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
-    assert_eq!(rc, pid as libc::pid_t, "wait4: {}", std::io::Error::last_os_error());
-    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
-    (code, usage)
+/// Runs `cmd` with `args` and returns its exit code, its stdout and its peak
+/// resident memory in bytes.
+///
+/// The kernel's peak for a process counts the memory of the process it replaced
+/// at exec: a child spawned straight from this test process (posix_spawn shares
+/// its memory until the exec) would report this process's own peak, tests running
+/// beside it included. So a small python3 spawns it instead and reports the
+/// child's `ru_maxrss` on stderr: what the program itself held.
+fn run_measuring_peak(cmd: std::process::Command, args: &[&str]) -> (i32, String, u64) {
+    const MEASURE: &str = "import os, sys\n\
+        pid = os.fork()\n\
+        if pid == 0:\n    os.execv(sys.argv[1], sys.argv[1:])\n\
+        _, status, usage = os.wait4(pid, 0)\n\
+        sys.stderr.write('maxrss-kib %d\\n' % usage.ru_maxrss)\n\
+        sys.exit(os.waitstatus_to_exitcode(status))\n";
+    let mut measured = std::process::Command::new("python3");
+    measured.args(["-c", MEASURE, cmd.get_program().to_str().unwrap()]).args(cmd.get_args()).args(args);
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => measured.env(k, v),
+            None => measured.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        measured.current_dir(dir);
+    }
+    let out = measured.stdin(std::process::Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let kib: u64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("maxrss-kib "))
+        .unwrap_or_else(|| panic!("no peak measured: {stderr}"))
+        .parse()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8(out.stdout).unwrap(), kib * 1024)
 }
