@@ -212,7 +212,9 @@ referenced stays until `ebb prune`, so a mount or restore reading one reads on."
     },
     /// Delete what no point needs, safely while others write
     #[command(long_about = "Delete what no point or fragment needs: packs of forgotten points, index \
-files and records that only they needed, policies no longer in force. Deletion takes two runs: a run \
+files and records that only they needed, policies no longer in force, log fragments a later point holds, \
+and the PostgreSQL WAL no kept base backup needs (the pieces of each finished WAL segment are merged into \
+one object first). Deletion takes two runs: a run \
 condemns what nothing uses, and a run at least the grace period later (15 minutes) deletes it, unless a \
 writer used it again meanwhile. Backups, streams and archive-push go on while prune runs, never wait for \
 it, and need no permission to delete. Run it on a schedule, like forget.")]

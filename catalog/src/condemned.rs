@@ -76,10 +76,7 @@ impl Condemned {
         for p in &self.packs {
             e.id(p);
         }
-        e.u32(u32::try_from(self.names.len()).expect("fewer than 2^32 names"));
-        for n in &self.names {
-            e.bytes(n.as_bytes());
-        }
+        encode_names(&mut e, &self.names);
         e.buf
     }
 
@@ -87,21 +84,7 @@ impl Condemned {
         let mut d = Decoder::new("condemned set", bytes);
         version(&mut d)?;
         let packs = ids(&mut d)?;
-        let count = d.count(4)?;
-        let mut names = BTreeSet::new();
-        let mut last: Option<String> = None;
-        for _ in 0..count {
-            let raw = d.bytes()?;
-            let name = std::str::from_utf8(raw).map_err(|_| d.error("an object name is not UTF-8"))?;
-            if !valid_name(name) {
-                return Err(d.error(format!("{name:?} is not an object a condemned set may name")));
-            }
-            if last.as_deref().is_some_and(|l| l >= name) {
-                return Err(d.error("object names are not sorted and unique"));
-            }
-            last = Some(name.to_string());
-            names.insert(name.to_string());
-        }
+        let names = names(&mut d)?;
         d.finish()?;
         Ok(Condemned { packs, names })
     }
@@ -111,30 +94,75 @@ impl Condemned {
     }
 }
 
-/// Packs a writer uses that a condemned set names: not to be deleted.
+/// What a writer uses that a condemned set names: not to be deleted. Packs, and
+/// objects by name: the WAL a base backup being taken needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rescued {
     pub packs: BTreeSet<Id>,
+    pub names: BTreeSet<String>,
 }
+
+/// A rescue naming objects is version 2; one of packs alone is written as version
+/// 1, as before.
+const RESCUED_WITH_NAMES: u8 = 2;
 
 impl Rescued {
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::default();
-        e.u8(VERSION);
+        e.u8(if self.names.is_empty() { VERSION } else { RESCUED_WITH_NAMES });
         e.u32(u32::try_from(self.packs.len()).expect("fewer than 2^32 packs"));
         for p in &self.packs {
             e.id(p);
+        }
+        if !self.names.is_empty() {
+            encode_names(&mut e, &self.names);
         }
         e.buf
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Rescued, DecodeError> {
         let mut d = Decoder::new("rescue", bytes);
-        version(&mut d)?;
+        let with_names = match d.u8()? {
+            VERSION => false,
+            RESCUED_WITH_NAMES => true,
+            v => return Err(d.error(format!("unknown version {v}"))),
+        };
         let packs = ids(&mut d)?;
+        let names = if with_names { names(&mut d)? } else { BTreeSet::new() };
         d.finish()?;
-        Ok(Rescued { packs })
+        Ok(Rescued { packs, names })
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.packs.is_empty() && self.names.is_empty()
+    }
+}
+
+fn encode_names(e: &mut Encoder, names: &BTreeSet<String>) {
+    e.u32(u32::try_from(names.len()).expect("fewer than 2^32 names"));
+    for n in names {
+        e.bytes(n.as_bytes());
+    }
+}
+
+/// A count, then that many object names (`valid_name`) in strictly increasing order.
+fn names(d: &mut Decoder) -> Result<BTreeSet<String>, DecodeError> {
+    let count = d.count(4)?;
+    let mut names = BTreeSet::new();
+    let mut last: Option<String> = None;
+    for _ in 0..count {
+        let raw = d.bytes()?;
+        let name = std::str::from_utf8(raw).map_err(|_| d.error("an object name is not UTF-8"))?;
+        if !valid_name(name) {
+            return Err(d.error(format!("{name:?} is not an object a condemned set may name")));
+        }
+        if last.as_deref().is_some_and(|l| l >= name) {
+            return Err(d.error("object names are not sorted and unique"));
+        }
+        last = Some(name.to_string());
+        names.insert(name.to_string());
+    }
+    Ok(names)
 }
 
 fn version(d: &mut Decoder) -> Result<(), DecodeError> {
@@ -204,8 +232,12 @@ mod tests {
         want.extend(b"index/ab");
         assert_eq!(bytes, want);
         assert_eq!(Condemned::decode(&bytes).unwrap(), sample());
-        let r = Rescued { packs: sample().packs };
+        let r = Rescued { packs: sample().packs, names: BTreeSet::new() };
         assert_eq!(r.encode(), want[..69]);
+        assert_eq!(Rescued::decode(&r.encode()).unwrap(), r);
+        // With names: version 2, the names after the packs as in a set.
+        let r = Rescued { packs: sample().packs, names: sample().names };
+        assert_eq!(r.encode(), [&[2u8][..], &want[1..]].concat());
         assert_eq!(Rescued::decode(&r.encode()).unwrap(), r);
     }
 
@@ -225,6 +257,8 @@ mod tests {
             assert!(Condemned::decode(&c.encode()).is_err(), "{bad}");
         }
         assert!(Rescued::decode(&[1, 0xff, 0xff, 0xff, 0xff]).is_err(), "a count beyond the bytes");
+        assert!(Rescued::decode(&[3, 0, 0, 0, 0]).unwrap_err().to_string().contains("version 3"));
+        assert!(Rescued::decode(&[2, 0, 0, 0, 0]).is_err(), "version 2 without its names");
     }
 
     #[test]

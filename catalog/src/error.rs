@@ -85,6 +85,13 @@ pub enum RepoError {
          longer than it may go without looking at what prune condemns): nothing more is committed; run it again"
     )]
     Pruned { packs: usize },
+    /// A base backup whose writer stalled past its view's lifetime found WAL it
+    /// needs condemned or deleted.
+    #[error(
+        "WAL of source {source_name:?} that this base backup needs was condemned or deleted by `ebb prune` while \
+         it was stalled: the base backup is not saved; take it again"
+    )]
+    PrunedWal { source_name: String },
     #[error("time {time} is before 1970 and cannot name a point")]
     BadTime { time: String },
     #[error(transparent)]

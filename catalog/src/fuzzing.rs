@@ -267,7 +267,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         names: ["index/ab".to_string(), "frags/s/e78601e9e44897ff-0123456789abcdef".to_string()].into_iter().collect(),
     };
     out.push(("condemned", condemned.encode()));
-    out.push(("condemned", crate::condemned::Rescued { packs: condemned.packs }.encode()));
+    out.push(("condemned", crate::condemned::Rescued { packs: condemned.packs, names: condemned.names }.encode()));
     for t in ["2026-11-21 10:15", "2026-11-21T10:15:00.250+01:00", "@1763720100.25", "2h30m ago", "latest"] {
         out.push(("time", t.as_bytes().to_vec()));
     }

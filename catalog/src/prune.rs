@@ -35,9 +35,11 @@ use crate::id::Id;
 use crate::index::{open_index, seal_index, INDEX_DIR};
 use crate::object::{open_object, seal_object};
 use crate::pack::{pack_name, parse_pack_name, BlobRef, PackEntry, PACKS_DIR};
+use crate::point::PgInfo;
 use crate::policy::POLICIES_DIR;
 use crate::repo::Repository;
 use crate::tree::{EntryKind, Extent};
+use crate::wal::{mergeable, redundant, tli_dir, Lsn, WalKeep, WalPiece, WAL_DIR};
 
 /// Objects read or deleted at once.
 const IN_FLIGHT: usize = 16;
@@ -46,7 +48,15 @@ const IN_FLIGHT: usize = 16;
 pub struct PruneOptions {
     pub dry_run: bool,
     pub timing: Timing,
+    /// Where a base backup's WAL starts and where it must reach, from its `pg`
+    /// record (`streamer::pg::info`, which reads PostgreSQL's text for positions).
+    /// Without it, or for a source with a base backup it cannot read, WAL is only
+    /// compacted: none of it is deleted for being old.
+    pub wal_positions: Option<WalPositions>,
 }
+
+/// Where a base backup's WAL starts and where it must reach, from its record.
+pub type WalPositions = fn(&PgInfo) -> Option<(Lsn, Lsn)>;
 
 /// What a run found and did. Counts of packs, and their stored bytes.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -71,6 +81,13 @@ pub struct PruneReport {
     /// Fragments a later point holds: condemned by this run, deleted by this run.
     pub condemned_fragments: u64,
     pub folded_fragments: u64,
+    /// WAL pieces there were, and of them: condemned by this run (outside what kept
+    /// base backups need, or held by a larger piece), deleted by this run.
+    pub wal_pieces: u64,
+    pub condemned_wal_pieces: u64,
+    pub deleted_wal_pieces: u64,
+    /// Segments whose pieces this run wrote again as one piece.
+    pub merged_segments: u64,
     /// Condemned sets still within their grace.
     pub waiting_sets: u64,
     /// Other objects deleted: index files, forget records, old policies, condemned
@@ -134,16 +151,19 @@ pub async fn prune(
     let survey = survey(repo, &mut report, progress).await?;
     let live = &survey.live;
     let fold: HashSet<String> = foldable(repo, &survey).await?.into_iter().collect();
+    let wal = wal_survey(repo, &survey, opts, &mut report, progress).await?;
     report.live_packs = live.len() as u64;
     report.live_bytes = live.iter().filter_map(|p| packs.get(p)).map(|(s, _)| s).sum();
 
     // 2. Sweep the sets whose grace is over.
     let size = |p: &Id| packs.get(p).map_or(0, |(s, _)| *s);
     let rescued: HashSet<Id> = rescues.iter().flat_map(|r| r.body.packs.iter().copied()).collect();
+    let rescued_names: HashSet<&String> = rescues.iter().flat_map(|r| &r.body.names).collect();
     let mut waiting: Vec<&Timed<Condemned>> = Vec::new();
     // Swept, but not all of it: the store refused some deletes.
     let mut unfinished: Vec<&Timed<Condemned>> = Vec::new();
     let mut deleted: HashSet<Id> = HashSet::new();
+    let mut deleted_names: HashSet<String> = HashSet::new();
     for set in &sets {
         if after(set.time, grace) > t0 {
             waiting.push(set);
@@ -164,12 +184,21 @@ pub async fn prune(
             }
             deleted.insert(p);
         }
-        // Its other objects: fragments a later point holds (still: a policy may
-        // have widened its window since).
-        let names: Vec<String> = set.body.names.iter().filter(|n| fold.contains(*n)).cloned().collect();
+        // Its other objects: fragments a later point holds and WAL no kept base
+        // backup needs (still: a policy may have widened its window since), unless
+        // a writer rescued them (the WAL of a base backup being taken).
+        let names: Vec<String> = set
+            .body
+            .names
+            .iter()
+            .filter(|n| (fold.contains(*n) || wal.contains(*n)) && !rescued_names.contains(*n))
+            .cloned()
+            .collect();
         let refused_names = delete_all(repo, &names, opts.dry_run, &mut report.problems).await;
-        report.folded_fragments +=
-            names.iter().filter(|n| n.starts_with(FRAGS_DIR) && !refused_names.contains(*n)).count() as u64;
+        let done = |dir: &str| names.iter().filter(|n| n.starts_with(dir) && !refused_names.contains(*n)).count();
+        report.folded_fragments += done(FRAGS_DIR) as u64;
+        report.deleted_wal_pieces += done(WAL_DIR) as u64;
+        deleted_names.extend(names.into_iter().filter(|n| !refused_names.contains(n)));
         // A set whose objects were not all deleted (the store refused: an object
         // lock, no permission) stays, and a later run tries again.
         if refused.is_empty() && refused_names.is_empty() {
@@ -198,9 +227,14 @@ pub async fn prune(
         report.condemned_bytes += size;
     }
     report.condemned_packs = condemned.packs.len() as u64;
-    let pending_names: HashSet<&String> = waiting.iter().chain(&unfinished).flat_map(|s| &s.body.names).collect();
+    let mut pending_names: HashSet<&String> = waiting.iter().chain(&unfinished).flat_map(|s| &s.body.names).collect();
+    pending_names.extend(&deleted_names);
     condemned.names.extend(fold.iter().filter(|n| !pending_names.contains(n)).cloned());
     report.condemned_fragments = condemned.names.len() as u64;
+    let wal_names: Vec<&String> =
+        wal.iter().filter(|n| !pending_names.contains(n) && !rescued_names.contains(n)).collect();
+    report.condemned_wal_pieces = wal_names.len() as u64;
+    condemned.names.extend(wal_names.into_iter().cloned());
     if !condemned.is_empty() && !opts.dry_run {
         let name = object_name(CONDEMNED_DIR, Timestamp::now()).ok_or(RepoError::BadTime { time: t0.to_string() })?;
         let sealed = seal_object(repo.keys(), &name, &condemned.encode());
@@ -324,6 +358,9 @@ struct Survey {
     newest: HashMap<String, Timestamp>,
     /// Every fragment, by source.
     fragments: HashMap<String, Vec<FragmentRef>>,
+    /// Every point's time and WAL record (base backups have one), by source,
+    /// oldest first.
+    bases: HashMap<String, Vec<(Timestamp, Option<PgInfo>)>>,
 }
 
 /// What every point and fragment uses.
@@ -353,6 +390,7 @@ async fn survey(
                 Err(RepoError::Store(e)) if e.is_not_found() => continue,
                 Err(e) => return Err(unreadable(&point.name, &e)),
             };
+            out.bases.entry(source.clone()).or_default().push((point.time, manifest.pg.clone()));
             let mut stack: Vec<BlobRef> = manifest.root_ref().into_iter().collect();
             while let Some(tree_ref) = stack.pop() {
                 if !seen_trees.insert(tree_ref.id) {
@@ -402,17 +440,93 @@ async fn foldable(repo: &Repository, survey: &Survey) -> Result<Vec<String>, Rep
     let mut out = Vec::new();
     for (source, fragments) in &survey.fragments {
         let Some(&newest) = survey.newest.get(source) else { continue };
-        let mut until = newest;
-        if let Some(p) = repo.policy(source).await? {
-            if let Some(span) = p.policy.pitr_within {
-                let start =
-                    newest.to_zoned(p.policy.zone()?).checked_sub(span).map_or(Timestamp::MIN, |z| z.timestamp());
-                until = until.min(start);
-            }
-        }
+        let until = pitr_start(repo, source, newest).await?.map_or(newest, |start| start.min(newest));
         out.extend(fragments.iter().filter(|f| f.time <= until).map(|f| f.name.clone()));
     }
     Ok(out)
+}
+
+/// Where the `pitr_within` window of `source` starts, counted back from its newest
+/// point, if its policy has one.
+async fn pitr_start(repo: &Repository, source: &str, newest: Timestamp) -> Result<Option<Timestamp>, RepoError> {
+    let Some(p) = repo.policy(source).await? else { return Ok(None) };
+    let Some(span) = p.policy.pitr_within else { return Ok(None) };
+    Ok(Some(newest.to_zoned(p.policy.zone()?).checked_sub(span).map_or(Timestamp::MIN, |z| z.timestamp())))
+}
+
+/// The WAL pieces prune may condemn: those no kept base backup needs (`WalKeep`:
+/// from the base backup the `pitr_within` window starts from, or the newest, on;
+/// and each one's own span), and those a larger piece holds. Before that, unless
+/// this is a dry run, each segment held in several pieces is written as one.
+async fn wal_survey(
+    repo: &Repository,
+    survey: &Survey,
+    opts: PruneOptions,
+    report: &mut PruneReport,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<HashSet<String>, RepoError> {
+    let store = repo.store();
+    let mut out = HashSet::new();
+    for source in store.list_dirs(WAL_DIR).await? {
+        let Some(system) = repo.wal_system(&source).await? else { continue };
+        progress(&format!("WAL of {source}"));
+        let keep = match (opts.wal_positions, survey.bases.get(&source)) {
+            (Some(positions), Some(bases)) if !bases.is_empty() => {
+                let newest = bases[bases.len() - 1].0;
+                let pitr = pitr_start(repo, &source, newest).await?;
+                let keep = wal_keep(bases, pitr, positions);
+                if keep.is_none() {
+                    report.problems.push(format!(
+                        "the WAL of {source} is kept whole: a point of it does not say which WAL it needs"
+                    ));
+                }
+                keep
+            }
+            _ => None,
+        };
+        for tli_name in store.list_dirs(&format!("{WAL_DIR}/{source}")).await? {
+            let Some(tli) = (tli_name.len() == 8).then(|| u32::from_str_radix(&tli_name, 16).ok()).flatten() else {
+                continue; // history, files
+            };
+            let listed = store.list(&tli_dir(&source, tli)).await?;
+            let mut pieces: Vec<WalPiece> = listed.iter().filter_map(|o| WalPiece::parse(tli, &o.name)).collect();
+            report.wal_pieces += pieces.len() as u64;
+            if !opts.dry_run {
+                let needed: Vec<WalPiece> =
+                    pieces.iter().filter(|p| keep.as_ref().is_none_or(|k| k.needs(p))).cloned().collect();
+                for (start, end) in mergeable(&needed, system.segment_size) {
+                    if let Some(merged) = repo.merge_wal(&source, &system, tli, start, end).await? {
+                        report.merged_segments += 1;
+                        pieces.push(merged);
+                    }
+                }
+            }
+            out.extend(redundant(&pieces).iter().map(|p| p.name(&source)));
+            if let Some(k) = &keep {
+                out.extend(pieces.iter().filter(|p| !k.needs(p)).map(|p| p.name(&source)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What of the WAL the kept base backups of a source need: every position from
+/// the start of the one the `pitr_within` window starts from (the newest at or
+/// before `pitr`, or the oldest), or of the newest without a window; and from
+/// each one's start to its stop. `None`, keeping all, when a point's positions
+/// cannot be read.
+fn wal_keep(
+    bases: &[(Timestamp, Option<PgInfo>)],
+    pitr: Option<Timestamp>,
+    positions: WalPositions,
+) -> Option<WalKeep> {
+    let spans: Vec<(Lsn, Lsn)> =
+        bases.iter().map(|(_, pg)| pg.as_ref().and_then(positions)).collect::<Option<Vec<_>>>()?;
+    let anchor = match pitr {
+        Some(start) => bases.iter().rposition(|(t, _)| *t <= start).unwrap_or(0),
+        None => bases.len() - 1,
+    };
+    Some(WalKeep { from: spans[anchor].0, spans })
 }
 
 /// Deletes `names` (unless `dry_run`), a few at once. What the store refuses to
@@ -465,6 +579,16 @@ mod tests {
 
     /// Stores a one-file point of `data` through `w` and commits it.
     async fn point(w: &Arc<Writer>, data: Vec<u8>) -> Result<(PointRef, BlobRef), RepoError> {
+        point_of(w, "s", data, None).await
+    }
+
+    /// `point` of `source`, with a WAL record if it is a base backup.
+    async fn point_of(
+        w: &Arc<Writer>,
+        source: &str,
+        data: Vec<u8>,
+        pg: Option<PgInfo>,
+    ) -> Result<(PointRef, BlobRef), RepoError> {
         let w2 = w.clone();
         let (root, blob) = tokio::task::spawn_blocking(move || {
             let mut p = w2.packer();
@@ -483,13 +607,37 @@ mod tests {
             other => panic!("{other}"),
         })?;
         let time = Timestamp::now();
-        let mut m = Manifest::new("s", time, "h".into(), "dir", "/p".into(), root);
+        let mut m = Manifest::new(source, time, "h".into(), "dir", "/p".into(), root);
         m.index = durable.summary.index.clone();
+        m.pg = pg;
         Ok((durable.commit(&m, time).await?, blob))
     }
 
+    /// A base backup's WAL record, positions in decimal (`positions` reads them).
+    fn base(start: u64, stop: u64) -> PgInfo {
+        PgInfo {
+            system_id: 7,
+            timeline: 1,
+            start_lsn: start.to_string(),
+            stop_lsn: stop.to_string(),
+            server_version: "15".into(),
+            segment_size: SEG,
+        }
+    }
+
+    fn positions(pg: &PgInfo) -> Option<(Lsn, Lsn)> {
+        Some((Lsn(pg.start_lsn.parse().ok()?), Lsn(pg.stop_lsn.parse().ok()?)))
+    }
+
+    const SEG: u64 = 1 << 20;
+
+    async fn run_wal(repo: &Repository) -> PruneReport {
+        let opts = PruneOptions { dry_run: false, timing: timing(), wal_positions: Some(positions) };
+        prune(repo, opts, &|_| {}).await.unwrap()
+    }
+
     async fn run(repo: &Repository) -> PruneReport {
-        prune(repo, PruneOptions { dry_run: false, timing: timing() }, &|_| {}).await.unwrap()
+        prune(repo, PruneOptions { dry_run: false, timing: timing(), wal_positions: None }, &|_| {}).await.unwrap()
     }
 
     async fn verified(repo: &Repository) {
@@ -720,12 +868,75 @@ mod tests {
         forget(&repo, &a).await;
         tokio::time::sleep(GRACE).await;
         let before = repo.store().sample(1000).await.unwrap();
-        let r = prune(&repo, PruneOptions { dry_run: true, timing: timing() }, &|_| {}).await.unwrap();
+        let r =
+            prune(&repo, PruneOptions { dry_run: true, timing: timing(), wal_positions: None }, &|_| {}).await.unwrap();
         assert_eq!(r.condemned_packs, 1);
         let mut after = repo.store().sample(1000).await.unwrap();
         let mut before = before;
         before.sort();
         after.sort();
         assert_eq!(before, after);
+    }
+
+    /// WAL no kept base backup needs is deleted after the grace; segments held in
+    /// several pieces are merged into one and the pieces deleted; the WAL from the
+    /// start of a base backup still being taken is rescued by its writer, even when
+    /// it started before the newest base backup kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wal_no_kept_base_backup_needs_goes_and_segments_are_merged() {
+        let repo = repo().await;
+        let system = crate::wal::WalSystem { system_id: 7, segment_size: SEG };
+        repo.claim_wal_system("db", system).await.unwrap();
+        let wal: Vec<u8> = (0..4 * SEG).map(|i| (i * 13 % 253) as u8).collect();
+        let quarter = SEG / 4;
+        for q in 0..16 {
+            let piece = WalPiece { tli: 1, start: Lsn(q * quarter), end: Lsn((q + 1) * quarter) };
+            let bytes = &wal[(q * quarter) as usize..((q + 1) * quarter) as usize];
+            repo.put_wal("db", &piece, Timestamp::now(), bytes).await.unwrap();
+        }
+        let w = Writer::with_timing(repo.clone(), timing()).await.unwrap();
+        let (a, _) = point_of(&w, "db", content(1), Some(base(SEG / 2, SEG / 2 + 100))).await.unwrap();
+        // A base backup taken meanwhile, started before the next one, ends after it.
+        let slow = Writer::with_timing(repo.clone(), timing()).await.unwrap();
+        slow.need_wal("db", 1, Lsn(SEG + SEG / 5)).await.unwrap();
+        point_of(&w, "db", content(2), Some(base(2 * SEG + SEG / 2, 2 * SEG + SEG / 2 + 100))).await.unwrap();
+        forget(&repo, &a).await;
+
+        let first = run_wal(&repo).await;
+        assert_eq!(first.wal_pieces, 16, "{first:?}");
+        // Segment 3 is merged; segment 2 is not all needed (the newest base backup
+        // starts in its middle), so its pieces stay as they are.
+        assert_eq!(first.merged_segments, 1, "{first:?}");
+        // Segments 0 and 1, half of segment 2, the four pieces of segment 3.
+        assert_eq!(first.condemned_wal_pieces, 4 + 4 + 2 + 4, "{first:?}");
+        // The slow writer sees the set and rescues what it needs: all from its
+        // start on (where it stops, it does not know yet).
+        tokio::time::sleep(GRACE).await;
+        let second = run_wal(&repo).await;
+        assert_eq!(second.deleted_wal_pieces, 4, "segment 0 only: {second:?}");
+        assert_eq!(second.condemned_wal_pieces, 0, "what was rescued is not condemned again: {second:?}");
+
+        // Once the slow base backup is a point, it is the newest (a point's time is
+        // when it was taken in full): all from its start on is kept, and merged.
+        point_of(&slow, "db", content(3), Some(base(SEG + SEG / 5, SEG + SEG / 5 + 100))).await.unwrap();
+        let third = run_wal(&repo).await;
+        assert_eq!(third.merged_segments, 2, "{third:?}");
+        // The small pieces of segments 1 to 3 are redundant; those rescued wait
+        // until the rescue is over.
+        assert_eq!(third.condemned_wal_pieces, 2, "{third:?}");
+        tokio::time::sleep(GRACE).await;
+        assert_eq!(run_wal(&repo).await.deleted_wal_pieces, 2);
+        assert_eq!(run_wal(&repo).await.condemned_wal_pieces, 10);
+        tokio::time::sleep(GRACE).await;
+        assert_eq!(run_wal(&repo).await.deleted_wal_pieces, 10);
+        let left = repo.wal_pieces("db", &system, 1, Lsn(0), Lsn(u64::MAX)).await.unwrap();
+        let spans: Vec<(u64, u64)> = left.iter().map(|p| (p.start.0 / SEG, p.end.0 / SEG)).collect();
+        assert_eq!(spans, [(1, 2), (2, 3), (3, 4)], "one piece per segment: {left:?}");
+        let path = [(1, Lsn(0), None)];
+        let read = repo.wal_bytes("db", &system, &path, Lsn(0), Lsn(4 * SEG)).await.unwrap();
+        assert!(read.is_empty(), "segment 0 is gone");
+        let read = repo.wal_bytes("db", &system, &path, Lsn(SEG + SEG / 5), Lsn(4 * SEG)).await.unwrap();
+        assert_eq!(read, wal[(SEG + SEG / 5) as usize..]);
+        verified(&repo).await;
     }
 }

@@ -24,6 +24,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::condemned::Rescued;
 use crate::crypto::{compressor, encode_payload};
 use crate::error::RepoError;
 use crate::id::Id;
@@ -35,6 +36,7 @@ use crate::point::{Manifest, PointRef};
 use crate::repo::Repository;
 use crate::store::{Store, StoreError};
 use crate::view::View;
+use crate::wal::{Lsn, WalPiece};
 
 /// Full packs waiting for the uploader, beyond those being uploaded.
 const QUEUED_PACKS: usize = 2;
@@ -90,6 +92,30 @@ struct Known {
     listed: HashMap<Id, u64>,
     /// Every pack the writer referenced or stored since it started.
     used: HashSet<Id>,
+    /// The WAL the point being written needs (a base backup's, from its start).
+    wal: Option<WalNeed>,
+}
+
+/// The WAL a base backup being taken needs: from its start on, whatever prune
+/// makes of the base backups already kept.
+#[derive(Debug, Clone)]
+struct WalNeed {
+    source: String,
+    /// `wal/<source>/`.
+    prefix: String,
+    tli: u32,
+    from: Lsn,
+}
+
+impl WalNeed {
+    /// Whether the WAL piece `name` holds some of it (on any timeline: the start
+    /// may lie on an ancestor's).
+    fn covers(&self, name: &str) -> bool {
+        let Some(rest) = name.strip_prefix(&self.prefix) else { return false };
+        let Some((tli, _)) = rest.split_once('/') else { return false };
+        let Ok(tli) = u32::from_str_radix(tli, 16) else { return false };
+        WalPiece::parse(tli, name).is_some_and(|p| p.end > self.from)
+    }
 }
 
 /// The writer's part of deletion in two phases (`view`): what it knows is
@@ -98,8 +124,8 @@ struct Guard {
     repo: Repository,
     known: Mutex<Known>,
     view: tokio::sync::Mutex<View>,
-    /// Packs condemned while used, not yet named in a rescue (a put that failed).
-    unrescued: Mutex<HashSet<Id>>,
+    /// What was condemned while used, not yet named in a rescue (a put that failed).
+    unrescued: Mutex<Rescued>,
     /// Packs it uses were condemned while it was not looking: it commits nothing more.
     poisoned: AtomicBool,
 }
@@ -113,23 +139,40 @@ impl Guard {
         let lapsed = !view.fresh();
         let added = view.refresh(&self.repo).await?;
         let mut rescue = std::mem::take(&mut *self.unrescued.lock().expect("unrescued lock"));
-        if !added.is_empty() {
+        if !added.packs.is_empty() || !added.names.is_empty() {
             let mut k = self.known.lock().expect("known lock");
-            k.dedup.forget_packs(&added);
-            k.listed.retain(|p, _| !added.contains(p));
-            let hit: Vec<Id> = added.iter().filter(|p| k.used.contains(p)).copied().collect();
+            k.dedup.forget_packs(&added.packs);
+            k.listed.retain(|p, _| !added.packs.contains(p));
+            let hit: Vec<Id> = added.packs.iter().filter(|p| k.used.contains(p)).copied().collect();
+            let hit_wal: Vec<String> = match &k.wal {
+                Some(need) => added.names.iter().filter(|n| need.covers(n)).cloned().collect(),
+                None => Vec::new(),
+            };
+            if lapsed && !hit_wal.is_empty() {
+                self.poisoned.store(true, Ordering::SeqCst);
+                let source_name = k.wal.as_ref().map(|w| w.source.clone()).unwrap_or_default();
+                return Err(RepoError::PrunedWal { source_name });
+            }
             if lapsed && !hit.is_empty() {
                 self.poisoned.store(true, Ordering::SeqCst);
                 return Err(RepoError::Pruned { packs: hit.len() });
             }
-            rescue.extend(hit);
+            rescue.packs.extend(hit);
+            rescue.names.extend(hit_wal);
         }
+        self.send_rescue(view, rescue).await
+    }
+
+    /// Names `rescue` in a rescue; until that is durable the view is not fresh.
+    async fn send_rescue(&self, view: &mut View, rescue: Rescued) -> Result<(), RepoError> {
         if rescue.is_empty() {
             return Ok(());
         }
         if let Err(e) = crate::view::rescue(&self.repo, &rescue).await {
             // Not fresh until the rescue is durable: no commit meanwhile.
-            self.unrescued.lock().expect("unrescued lock").extend(rescue);
+            let mut u = self.unrescued.lock().expect("unrescued lock");
+            u.packs.extend(rescue.packs);
+            u.names.extend(rescue.names);
             view.at = None;
             return Err(e);
         }
@@ -150,10 +193,18 @@ impl Guard {
         let lapsed = !view.fresh();
         self.refresh(&mut view).await?;
         if lapsed {
-            let used = self.known.lock().expect("known lock").used.clone();
+            let (used, wal) = {
+                let k = self.known.lock().expect("known lock");
+                (k.used.clone(), k.wal.clone())
+            };
             let missing = crate::view::missing_packs(&self.repo, &used).await?;
             if !missing.is_empty() {
                 return Err(RepoError::Pruned { packs: missing.len() });
+            }
+            if let Some(need) = wal {
+                if crate::view::wal_has_hole(&self.repo, &need.source, need.tli, need.from).await? {
+                    return Err(RepoError::PrunedWal { source_name: need.source });
+                }
             }
         }
         Ok(())
@@ -225,9 +276,9 @@ impl Writer {
         let refresh = view.timing.refresh;
         let guard = Arc::new(Guard {
             repo: repo.clone(),
-            known: Mutex::new(Known { dedup, listed, used: HashSet::new() }),
+            known: Mutex::new(Known { dedup, listed, used: HashSet::new(), wal: None }),
             view: tokio::sync::Mutex::new(view),
-            unrescued: Mutex::new(HashSet::new()),
+            unrescued: Mutex::new(Rescued::default()),
             poisoned: AtomicBool::new(false),
         });
         let refresher = tokio::spawn({
@@ -265,6 +316,20 @@ impl Writer {
 
     pub fn repo(&self) -> &Repository {
         &self.repo
+    }
+
+    /// The point this writer is writing needs `source`'s WAL from `from` on (a base
+    /// backup started there, on timeline `tli`): until it commits, prune deletes
+    /// none of it. What is condemned of it already is rescued now.
+    pub async fn need_wal(&self, source: &str, tli: u32, from: Lsn) -> Result<(), RepoError> {
+        let need = WalNeed { source: source.to_string(), prefix: format!("wal/{source}/"), tli, from };
+        let mut view = self.guard.view.lock().await;
+        if !view.fresh() {
+            self.guard.refresh(&mut view).await?;
+        }
+        let names = view.condemned_names().iter().filter(|n| need.covers(n)).cloned().collect();
+        self.guard.known.lock().expect("known lock").wal = Some(need);
+        self.guard.send_rescue(&mut view, Rescued { packs: Default::default(), names }).await
     }
 
     /// A packer for one thread. Its methods block: call them off the async runtime.
@@ -408,7 +473,11 @@ impl Durable {
         let point = self.repo.commit_point(manifest, time).await?;
         // The point now holds what it uses, where prune sees it; what the writer
         // uses from here on is its next work.
-        self.guard.known.lock().expect("known lock").used.clear();
+        {
+            let mut k = self.guard.known.lock().expect("known lock");
+            k.used.clear();
+            k.wal = None;
+        }
         if let Err(e) = self.write_index(Some(&point.name)).await {
             tracing::warn!("point {} is saved, but not its index file: {e}", point.name);
         }

@@ -615,8 +615,8 @@ fn expected(case: &Case, models: &[Vec<Arc<MFs>>], points: &[Vec<catalog::PointR
         ScopeChoice::EveryPoint => {
             let names = (0..n).map(|s| (c(SOURCES[s]), Kind::Dir)).collect();
             want.synthetic(Vec::new(), Some(names));
-            for s in 0..n {
-                timeline(&mut want, vec![c(SOURCES[s])], s);
+            for (s, source) in SOURCES.iter().enumerate().take(n) {
+                timeline(&mut want, vec![c(source)], s);
             }
             Scope::EveryPoint(None)
         }

@@ -17,7 +17,8 @@ pub async fn prune(g: &Global, dry_run: bool, json: bool) -> Result<ExitCode> {
         let pb = pb.clone();
         move |s: &str| pb.set_message(format!("reading {s}"))
     };
-    let report = catalog::prune(&repo, PruneOptions { dry_run, timing }, &progress).await;
+    let opts = PruneOptions { dry_run, timing, wal_positions: Some(streamer::pg::info::wal_positions) };
+    let report = catalog::prune(&repo, opts, &progress).await;
     pb.finish_and_clear();
     let r = report?;
     if json {
@@ -50,6 +51,16 @@ pub async fn prune(g: &Global, dry_run: bool, json: bool) -> Result<ExitCode> {
             "fragments a later point holds: {} {would}deleted, {} {would}condemned",
             r.folded_fragments, r.condemned_fragments
         );
+    }
+    if r.wal_pieces > 0 {
+        println!(
+            "WAL: {} pieces; {} {would}deleted, {} {would}condemned (no kept base backup needs them, or a larger \
+             piece holds them)",
+            r.wal_pieces, r.deleted_wal_pieces, r.condemned_wal_pieces
+        );
+    }
+    if r.merged_segments > 0 {
+        println!("WAL: {} finished segments written again as one piece each", r.merged_segments);
     }
     if r.young_packs > 0 {
         println!(

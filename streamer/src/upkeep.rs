@@ -44,10 +44,20 @@ pub enum UpkeepError {
 pub async fn once(repo: &Repository, source: &str, host: &str) -> Result<String, UpkeepError> {
     let verdicts = catalog::judge(repo, Some(source)).await?;
     let forgotten = catalog::forget(repo, &verdicts, host).await?;
-    let opts = PruneOptions { dry_run: false, timing: Timing::from_env() };
+    let opts = PruneOptions {
+        dry_run: false,
+        timing: Timing::from_env(),
+        wal_positions: Some(crate::pg::info::wal_positions),
+    };
     let r = catalog::prune(repo, opts, &|_| {}).await?;
     Ok(format!(
-        "forgot {} points of {source}; pruned: {} packs deleted, {} condemned, {} fragments folded",
-        forgotten.points, r.deleted_packs, r.condemned_packs, r.folded_fragments
+        "forgot {} points of {source}; pruned: {} packs deleted, {} condemned, {} fragments folded, {} WAL pieces \
+         deleted, {} segments merged",
+        forgotten.points,
+        r.deleted_packs,
+        r.condemned_packs,
+        r.folded_fragments,
+        r.deleted_wal_pieces,
+        r.merged_segments
     ))
 }

@@ -18,7 +18,7 @@ use crate::error::RepoError;
 use crate::object::ObjectError;
 use crate::time::unix_nanos;
 
-const WAL_DIR: &str = "wal";
+pub(crate) const WAL_DIR: &str = "wal";
 const VERSION: u8 = 1;
 /// PostgreSQL allows segments of 1 MiB to 1 GiB.
 const MAX_SEGMENT: u64 = 1 << 30;

@@ -7,11 +7,15 @@
 //! - `format`: object names, the system object and a piece's header.
 //! - `read`: finding the pieces that cover a range and reading them back.
 //! - `write`: storing pieces and files, never overwriting.
+//! - `compact`: what of it kept base backups need, and merging a segment's pieces.
 
+mod compact;
 mod format;
 mod read;
 mod write;
 
+pub use compact::{mergeable, redundant, WalKeep, MAX_MERGE};
 pub(crate) use format::decode_piece;
+pub(crate) use format::{tli_dir, WAL_DIR};
 pub use format::{valid_segment_size, Lsn, PieceTimes, WalPiece, WalSystem, PIECE_HEADER};
 pub use read::TimelineSpans;

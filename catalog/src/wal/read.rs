@@ -143,7 +143,8 @@ impl Repository {
     }
 
     /// The contiguous WAL along `path` from `from` up to at most `to`: shorter when
-    /// a piece is missing.
+    /// a piece is missing. A piece listed but gone when read (`ebb prune` deleted
+    /// it, once a merged piece held its WAL) makes it list again, once.
     pub async fn wal_bytes(
         &self,
         source: &str,
@@ -152,12 +153,22 @@ impl Repository {
         from: Lsn,
         to: Lsn,
     ) -> Result<Vec<u8>, RepoError> {
-        let mut out = Vec::with_capacity((to.0 - from.0) as usize);
-        for (p, lo, hi) in self.wal_plan(source, system, path, from, to).await? {
-            let (_, wal) = self.read_wal(source, &p).await?;
-            out.extend_from_slice(&wal[(lo.0 - p.start.0) as usize..(hi.0 - p.start.0) as usize]);
+        let mut relisted = false;
+        'plan: loop {
+            let mut out = Vec::with_capacity((to.0 - from.0) as usize);
+            for (p, lo, hi) in self.wal_plan(source, system, path, from, to).await? {
+                let wal = match self.read_wal(source, &p).await {
+                    Ok((_, wal)) => wal,
+                    Err(RepoError::Store(e)) if e.is_not_found() && !relisted => {
+                        relisted = true;
+                        continue 'plan;
+                    }
+                    Err(e) => return Err(e),
+                };
+                out.extend_from_slice(&wal[(lo.0 - p.start.0) as usize..(hi.0 - p.start.0) as usize]);
+            }
+            return Ok(out);
         }
-        Ok(out)
     }
 
     /// How far the contiguous WAL along `path` reaches from `from` (up to `to`),

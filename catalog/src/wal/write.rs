@@ -68,9 +68,20 @@ impl Repository {
         received: Timestamp,
         plain: &mut [u8],
     ) -> Result<(), RepoError> {
+        self.put_wal_with_times(source, piece, PieceTimes { received, stored: Timestamp::now() }, plain).await
+    }
+
+    /// `put_wal_buf` with both times given: a merge of pieces keeps theirs.
+    pub(crate) async fn put_wal_with_times(
+        &self,
+        source: &str,
+        piece: &WalPiece,
+        times: PieceTimes,
+        plain: &mut [u8],
+    ) -> Result<(), RepoError> {
         assert_eq!(piece.len(), (plain.len() - PIECE_HEADER) as u64, "a piece's name gives its length");
         let name = piece.name(source);
-        write_piece_header(plain, PieceTimes { received, stored: Timestamp::now() });
+        write_piece_header(plain, times);
         let sealed = WAL_COMPRESSOR.with_borrow_mut(|c| seal_object_with(self.keys(), &name, plain, c));
         match self.store().put_new(&name, sealed.into()).await {
             Ok(()) => Ok(()),

@@ -74,6 +74,9 @@ pub async fn base_backup(repo: &Repository, opts: &BaseBackupOptions) -> Result<
     conn.expect_copy_out().await?;
 
     let writer = Writer::new(repo.clone()).await?;
+    // Until it commits, prune keeps the WAL from its start, whatever it makes of
+    // the base backups kept.
+    writer.need_wal(&opts.source, tli, start_lsn).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let (manifest_tx, manifest_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let reader = {

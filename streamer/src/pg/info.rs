@@ -30,6 +30,11 @@ pub fn wal_range(pg: &PgInfo) -> Result<(Lsn, Lsn), String> {
     Ok((start(pg)?, lsn::parse(&pg.stop_lsn)?))
 }
 
+/// `wal_range`, for `catalog::PruneOptions::wal_positions`.
+pub fn wal_positions(pg: &PgInfo) -> Option<(Lsn, Lsn)> {
+    wal_range(pg).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -472,10 +472,11 @@ mod tests {
         // Events (the change, then markers) queue while the handler waits.
         std::thread::sleep(Duration::from_millis(1500));
         drop(held);
-        let c = watch.changes();
-        let durable = durable_as_of(c.drained, c.oldest(), Timestamp::now());
+        let durable = {
+            let c = watch.changes();
+            durable_as_of(c.drained, c.oldest(), Timestamp::now())
+        };
         assert!(durable <= changed, "durable as of {durable}, but a change at {changed} is not shipped");
-        drop(c);
         // Once seen, it is pending from a time before it really happened.
         let deadline = Instant::now() + Duration::from_secs(10);
         while watch.changes().oldest().is_none() {
