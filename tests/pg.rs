@@ -254,6 +254,110 @@ fn stream_pg_takes_a_base_backup_every_interval() {
     assert_eq!(ids(&restored), (0..10).chain(100..110).collect::<Vec<u32>>(), "{}", restored.log());
 }
 
+/// The WAL of each base backup named by `ebb points`: `(start, stop)` positions.
+fn base_backup_wal(s: &Setup, source: &str) -> Vec<(u64, u64)> {
+    let lsn = |t: &str| {
+        let (hi, lo) = t.split_once('/').unwrap();
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+    };
+    let points = s.ok(&["points", "--source", source]);
+    points
+        .lines()
+        .filter(|l| l.contains("base backup, timeline"))
+        .filter_map(|l| l.split("WAL ").nth(1))
+        .map(|w| {
+            let (a, b) = w.split_once("..").unwrap();
+            (lsn(a), lsn(b.split_whitespace().next().unwrap()))
+        })
+        .collect()
+}
+
+/// The WAL pieces stored for `source` on timeline 1: `(start, end)` of each.
+fn wal_pieces(s: &Setup, source: &str) -> Vec<(u64, u64)> {
+    let dir = s.repo.repo_dir().unwrap().join(format!("wal/{source}/00000001"));
+    let mut out: Vec<(u64, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let (a, b) = name.split_once('-')?;
+            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Issue 18: forget and prune of a PostgreSQL source delete the WAL no kept base
+/// backup needs and merge the pieces of each finished segment into one, while
+/// the stream goes on; every moment after the kept base backup still restores
+/// exactly, a moment before it is refused clearly, and `verify --read-data` passes.
+#[test]
+fn prune_deletes_the_wal_no_kept_base_backup_needs_and_merges_segments() {
+    const SEG: u64 = 16 << 20;
+    let _serial = serial();
+    let s = Setup::with_repo(TestRepo::new(Backend::File).with_env("EBB_GRACE", "3s"));
+    let pg = Pg::init(&s.path("primary"), "");
+    seed(&pg);
+    let streamer = Streamer::start(&s, &pg, "db", &[]);
+    s.ok(&["pg", "base-backup", "--source", "db", "--dsn", &pg.dsn()]);
+    let early = commit_rows(&pg, 100, 110, Duration::from_millis(20));
+    for i in 0..2 {
+        pg.sql("select pg_switch_wal()");
+        commit_rows(&pg, 110 + i, 111 + i, Duration::ZERO);
+    }
+    s.ok(&["pg", "base-backup", "--source", "db", "--dsn", &pg.dsn()]);
+    let mut commits = commit_rows(&pg, 200, 215, Duration::from_millis(30));
+    pg.sql("select pg_switch_wal()");
+    commits.extend(commit_rows(&pg, 215, 230, Duration::from_millis(30)));
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+
+    let bases = base_backup_wal(&s, "db");
+    assert_eq!(bases.len(), 2, "{bases:?}");
+    let kept_start = bases.iter().map(|b| b.0).max().unwrap();
+    let before = wal_pieces(&s, "db");
+    let last_segment = before.iter().map(|p| (p.1 - 1) / SEG).max().unwrap();
+    assert!(
+        before.iter().filter(|p| p.1 <= kept_start).count() > 1,
+        "WAL before the kept base backup, in pieces: {before:?}"
+    );
+
+    s.ok(&["policy", "set", "--source", "db", "--keep-last", "1"]);
+    s.ok(&["forget"]);
+    let first: serde_json::Value = serde_json::from_str(&s.ok(&["prune", "--json"])).unwrap();
+    assert!(first["merged_segments"].as_u64().is_some_and(|n| n >= 1), "{first}");
+    assert!(first["condemned_wal_pieces"].as_u64().unwrap() > 0, "{first}");
+    std::thread::sleep(Duration::from_secs(4));
+    let second: serde_json::Value = serde_json::from_str(&s.ok(&["prune", "--json"])).unwrap();
+    assert_eq!(second["deleted_wal_pieces"], first["condemned_wal_pieces"], "{second}");
+
+    let after = wal_pieces(&s, "db");
+    eprintln!("WAL pieces: {} before prune, {} after", before.len(), after.len());
+    assert!(after.len() < before.len(), "{} pieces before, {} after", before.len(), after.len());
+    let kept_segment = kept_start / SEG;
+    for p in &after {
+        assert!(p.1 > kept_start, "a piece before the kept base backup's start is left: {p:x?}");
+        let segment = p.0 / SEG;
+        if segment > kept_segment && segment < last_segment {
+            assert_eq!((p.0 % SEG, p.1 - p.0), (0, SEG), "a finished segment in one piece: {after:x?}");
+        }
+    }
+    // The stream went on meanwhile; every moment after the kept base backup
+    // restores exactly, and one before it is refused as such.
+    commits.extend(commit_rows(&pg, 230, 235, Duration::from_millis(30)));
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+    let n = commits.len();
+    for at in [commits[0].1, micro(commits[n / 2].1, -1), commits[n / 2].1, micro(commits[n - 1].1, 500_000)] {
+        let restored = s.restore("db", &at.to_string(), Vec::new());
+        // Rows 100 to 111 were committed before the kept base backup.
+        let want: Vec<u32> = (0..10).chain(100..112).chain(expected(&commits, at)).collect();
+        assert_eq!(ids(&restored), want, "restored at {at}\n{}", restored.log());
+    }
+    let out = s.run(&["pg", "restore", "--source", "db", "--at", &early[5].1.to_string(), "/nonexistent/x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("earliest moment"), "{err}");
+    s.ok(&["verify", "--read-data"]);
+}
+
 /// The AWS variables `TestRepo::cmd` sets for an `s3://` repository, for servers
 /// whose archive_command or restore_command runs ebb.
 fn s3_env(repo: &TestRepo) -> Vec<(String, String)> {
