@@ -407,6 +407,195 @@ impl Drop for Moto {
     }
 }
 
+impl Moto {
+    /// Turns on versioning and IAM in this server (`tests/common/moto_iam.py`):
+    /// returns the credentials of a host that may list, get and put but not
+    /// delete, and of an administrator.
+    fn enforce_iam(&self) -> (Credentials, Credentials) {
+        let out = Command::new(moto_python())
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/moto_iam.py"))
+            .args([&self.endpoint, common::s3::S3_BUCKET, "setup"])
+            .output()
+            .unwrap();
+        check_exit("moto_iam.py setup", &out, 0);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let creds = |who: &str| Credentials {
+            id: v[who][0].as_str().unwrap().to_string(),
+            secret: v[who][1].as_str().unwrap().to_string(),
+        };
+        (creds("host"), creds("admin"))
+    }
+
+    /// How many versions each object has, and the objects deleted.
+    fn versions(&self, admin: &Credentials) -> (std::collections::BTreeMap<String, u64>, Vec<String>) {
+        let out = Command::new(moto_python())
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/moto_iam.py"))
+            .args([&self.endpoint, common::s3::S3_BUCKET, "versions", &admin.id, &admin.secret])
+            .output()
+            .unwrap();
+        check_exit("moto_iam.py versions", &out, 0);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (
+            serde_json::from_value(v["versions"].clone()).unwrap(),
+            serde_json::from_value(v["delete_markers"].clone()).unwrap(),
+        )
+    }
+}
+
+/// An S3 access key.
+struct Credentials {
+    id: String,
+    secret: String,
+}
+
+/// The python of moto's virtualenv, beside `moto_server`.
+fn moto_python() -> PathBuf {
+    let server = std::env::var_os("EBB_TEST_MOTO_SERVER")
+        .expect("EBB_TEST_MOTO_SERVER must name moto_server (scripts/test sets it)");
+    PathBuf::from(server).with_file_name("python")
+}
+
+/// Issue 18: hosts hold credentials that cannot delete, and S3 versioning shows
+/// whether anything was overwritten. With them, `backup`, `stream dir` (with a
+/// log), `stream pg` with a base backup, and PostgreSQL's `archive-push` all work,
+/// and restores and PITR are exact; no object ever gets a second version or a
+/// delete marker. `forget` with such a key says what it needs; with a key that
+/// may delete, forget and prune work.
+#[test]
+fn hosts_without_delete_rights_back_up_stream_and_archive() {
+    let _serial = serial();
+    let moto = Moto::start();
+    let repo = TestRepo::new_s3_at(&moto.endpoint);
+    let (host, admin) = moto.enforce_iam();
+    let repo = repo
+        .with_env("AWS_ACCESS_KEY_ID", &host.id)
+        .with_env("AWS_SECRET_ACCESS_KEY", &host.secret)
+        .with_env("EBB_GRACE", "3s");
+    let s = Setup::with_repo(repo);
+
+    // Backups that share content.
+    let src = s.path("tree");
+    common::build_fidelity_tree(&src);
+    s.ok(&["backup", "--source", "files", src.to_str().unwrap()]);
+    std::fs::write(src.join("added"), b"a file of the second backup").unwrap();
+    s.ok(&["backup", "--source", "files", src.to_str().unwrap()]);
+
+    // A stream of a directory with a log that grows.
+    let logs = s.path("logs");
+    std::fs::create_dir(&logs).unwrap();
+    std::fs::write(logs.join("app.log"), b"first line\n").unwrap();
+    let state = s.path("dir-state");
+    let mut stream = s
+        .cmd()
+        .args(["stream", "dir", "--source", "logs", "--rpo", "2s", "--append-interval", "1s", "--state-dir"])
+        .arg(&state)
+        .arg(&logs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut log = std::fs::OpenOptions::new().append(true).open(logs.join("app.log")).unwrap();
+    std::io::Write::write_all(&mut log, b"second line\n").unwrap();
+    let appended = Timestamp::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = s.ok(&["status", "--json", "--state-dir", state.to_str().unwrap()]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let durable = v[0]["durable_as_of"].as_str().and_then(|t| t.parse::<Timestamp>().ok());
+        if durable.is_some_and(|d| d > appended) {
+            break;
+        }
+        if let Ok(Some(status)) = stream.try_wait() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(stream.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("stream dir exited with {status}: {err}");
+        }
+        assert!(Instant::now() < deadline, "the stream never made the log durable: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(stream.id() as i32, libc::SIGTERM) };
+    let out = stream.wait_with_output().unwrap();
+    assert!(out.status.success(), "stream dir: {}", String::from_utf8_lossy(&out.stderr));
+
+    // PostgreSQL: streamed, a base backup, and archived by archive_command.
+    let push = format!("{} --key-file {} pg archive-push --source arch %p", s.ebb.display(), s.key.display());
+    let mut env = s3_env(&s.repo);
+    env.push(("EBB_REPOSITORY".into(), s.repo.url().to_string()));
+    env.push(("EBB_GRACE".into(), "3s".into()));
+    let pg = {
+        let mut pg = Pg::init(&s.path("primary"), "");
+        pg.stop();
+        pg.env = env.clone();
+        let conf = pg.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(&format!("archive_mode = on\narchive_command = '{push}'\n"));
+        std::fs::write(&conf, text).unwrap();
+        pg.start();
+        pg
+    };
+    seed(&pg);
+    let streamer = Streamer::start(&s, &pg, "db", &[]);
+    s.ok(&["pg", "base-backup", "--source", "db", "--dsn", &pg.dsn()]);
+    s.ok(&["pg", "base-backup", "--source", "arch", "--dsn", &pg.dsn()]);
+    let commits = commit_rows(&pg, 100, 120, Duration::from_millis(30));
+    let last = pg.sql("select pg_walfile_name(pg_switch_wal())");
+    pg.wait_for(
+        "the archiver",
+        &format!("select coalesce(last_archived_wal >= '{last}', false) from pg_stat_archiver"),
+        Duration::from_secs(60),
+    );
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+    drop(streamer);
+
+    // Nothing was overwritten or deleted, whatever each writer tried.
+    let (versions, deleted) = moto.versions(&admin);
+    assert!(versions.len() > 20, "{versions:?}");
+    let twice: Vec<&String> = versions.iter().filter(|(_, n)| **n > 1).map(|(k, _)| k).collect();
+    assert!(twice.is_empty(), "overwritten: {twice:?}");
+    assert!(deleted.is_empty(), "deleted: {deleted:?}");
+
+    // What they wrote restores exactly, read with the same key.
+    let out = s.path("restored-tree");
+    s.ok(&["restore", "--source", "files", "--at", "latest", out.to_str().unwrap()]);
+    common::assert_trees_equal(&src, &out);
+    let out = s.path("restored-logs");
+    s.ok(&["restore", "--source", "logs", "--at", "latest", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(out.join("app.log")).unwrap(), b"first line\nsecond line\n");
+    let at = commits[commits.len() / 2].1;
+    for source in ["db", "arch"] {
+        let restored = s.restore(source, &at.to_string(), env.clone());
+        assert_eq!(ids(&restored), (0..10).chain(expected(&commits, at)).collect::<Vec<u32>>(), "{source}");
+    }
+
+    // Forget needs a key that may delete, and says so; with one, forget and prune
+    // delete.
+    s.ok(&["policy", "set", "--source", "files", "--keep-last", "1"]);
+    let out = s.run(&["forget"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("need credentials that may delete"), "{err}");
+    let as_admin = |args: &[&str]| {
+        let mut c = s.cmd();
+        c.env("AWS_ACCESS_KEY_ID", &admin.id).env("AWS_SECRET_ACCESS_KEY", &admin.secret).args(args);
+        let out = c.output().unwrap();
+        check_exit(&format!("ebb {} (administrator)", args.join(" ")), &out, 0);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    as_admin(&["forget"]);
+    as_admin(&["prune"]);
+    std::thread::sleep(Duration::from_secs(4));
+    let pruned: serde_json::Value = serde_json::from_str(&as_admin(&["prune", "--json"])).unwrap();
+    // The second backup holds all the first one did, so the forgotten point frees
+    // no pack; the WAL archived from before the base backups goes.
+    assert!(pruned["deleted_wal_pieces"].as_u64().unwrap() > 0, "{pruned}");
+    let points = s.ok(&["points", "--source", "files"]);
+    assert_eq!(points.lines().filter(|l| l.contains(" files ")).count(), 1, "{points}");
+    let (_, deleted) = moto.versions(&admin);
+    assert!(deleted.iter().any(|k| k.contains("/points/files/")), "{deleted:?}");
+    s.ok(&["verify", "--read-data"]);
+}
+
 #[test]
 fn archive_push_and_get_restore_exactly_and_refuse_a_different_segment() {
     let _serial = serial();

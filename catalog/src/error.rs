@@ -92,6 +92,12 @@ pub enum RepoError {
          it was stalled: the base backup is not saved; take it again"
     )]
     PrunedWal { source_name: String },
+    /// The store refused a delete that forget needs (no permission, an object lock).
+    #[error(
+        "the store refused to delete {name} ({cause}): `ebb forget` and `ebb prune` need credentials that may \
+         delete (hosts that only back up do not); run it again with them, and it finishes"
+    )]
+    CannotDelete { name: String, cause: StoreError },
     #[error("time {time} is before 1970 and cannot name a point")]
     BadTime { time: String },
     #[error(transparent)]

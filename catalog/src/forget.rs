@@ -142,10 +142,12 @@ pub async fn forget(repo: &Repository, verdicts: &[SourceVerdicts], host: &str) 
         let sealed = seal_object(repo.keys(), &name, &serde_json::to_vec(&record).expect("record serializes"));
         repo.store().put_new(&name, Bytes::from(sealed)).await?;
         done.records.push(name);
-        stream::iter(removed.iter().cloned().map(|n| async move { repo.store().delete(&n).await }))
-            .buffer_unordered(DELETES_IN_FLIGHT)
-            .try_collect::<Vec<()>>()
-            .await?;
+        stream::iter(removed.iter().cloned().map(|name| async move {
+            repo.store().delete(&name).await.map_err(|cause| RepoError::CannotDelete { name, cause })
+        }))
+        .buffer_unordered(DELETES_IN_FLIGHT)
+        .try_collect::<Vec<()>>()
+        .await?;
         done.points += removed.len() as u64;
     }
     Ok(done)

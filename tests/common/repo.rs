@@ -151,7 +151,8 @@ impl TestRepo {
     }
 
     /// Every command run for this repository gets `key=value` in its environment
-    /// (e.g. `EBB_GRACE`, which every process writing or pruning it must share).
+    /// (e.g. `EBB_GRACE`, which every process writing or pruning it must share, or
+    /// other S3 credentials).
     pub fn with_env(mut self, key: &str, value: &str) -> TestRepo {
         self.env.push((key.to_string(), value.to_string()));
         self
@@ -165,7 +166,6 @@ impl TestRepo {
             .env_remove("EBB_PASSWORD_FILE")
             .env_remove("EBB_KEY_FILE")
             .env_remove("EBB_NEW_PASSWORD")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         if let Location::S3 { endpoint, .. } = &self.location {
             c.env("AWS_ENDPOINT_URL", &endpoint.url)
@@ -178,6 +178,8 @@ impl TestRepo {
                 .env_remove("AWS_SESSION_TOKEN")
                 .env_remove("AWS_PROFILE");
         }
+        // Last: a test's own variables win (other credentials, for one).
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
