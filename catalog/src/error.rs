@@ -97,7 +97,7 @@ pub enum RepoError {
         "the store refused to delete {name} ({cause}): `ebb forget` and `ebb prune` need credentials that may \
          delete (hosts that only back up do not); run it again with them, and it finishes"
     )]
-    CannotDelete { name: String, cause: StoreError },
+    CannotDelete { name: String, cause: Box<StoreError> },
     #[error("time {time} is before 1970 and cannot name a point")]
     BadTime { time: String },
     #[error(transparent)]

@@ -143,7 +143,7 @@ pub async fn forget(repo: &Repository, verdicts: &[SourceVerdicts], host: &str) 
         repo.store().put_new(&name, Bytes::from(sealed)).await?;
         done.records.push(name);
         stream::iter(removed.iter().cloned().map(|name| async move {
-            repo.store().delete(&name).await.map_err(|cause| RepoError::CannotDelete { name, cause })
+            repo.store().delete(&name).await.map_err(|cause| RepoError::CannotDelete { name, cause: Box::new(cause) })
         }))
         .buffer_unordered(DELETES_IN_FLIGHT)
         .try_collect::<Vec<()>>()
