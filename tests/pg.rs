@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::pg::{open_up, share_with_postgres, Pg, PASSWORD};
+use common::pseudo_random_bytes;
 use common::repo::{check_exit, Backend, TestRepo};
 use common::wal::fake_segment;
 use jiff::Timestamp;
@@ -356,6 +357,246 @@ fn prune_deletes_the_wal_no_kept_base_backup_needs_and_merges_segments() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("earliest moment"), "{err}");
     s.ok(&["verify", "--read-data"]);
+}
+
+/// The points of `source`, oldest first: `(time, path)` of each.
+fn points_of(s: &Setup, source: &str) -> Vec<(Timestamp, String)> {
+    let out = s.ok(&["points", "--source", source, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut points: Vec<(Timestamp, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["time"].as_str().unwrap().parse().unwrap(), p["path"].as_str().unwrap_or("").to_string()))
+        .collect();
+    points.sort();
+    points
+}
+
+/// When `ebb stream dir` says everything up to now is durable.
+fn wait_dir_durable(s: &Setup, state: &std::path::Path, after: Timestamp) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // Exit 1 says the stream is behind its RPO: the state is there all the same.
+        let out = s.run(&["status", "--json", "--state-dir", state.to_str().unwrap()]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if v[0]["durable_as_of"].as_str().and_then(|t| t.parse::<Timestamp>().ok()).is_some_and(|d| d > after) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "stream dir made nothing durable after {after}: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 18, the test that matters most. While `ebb stream dir` (a tree whose
+/// files change, and a log that grows), `ebb stream pg` (under pgbench, a base
+/// backup every 5 s) and repeated `ebb backup` of trees that share content with
+/// it and with each other all write to one repository, `forget` and `prune` with
+/// an aggressive policy run 20 times, then 10 more times killed with -9 at random
+/// moments. Afterwards `verify --read-data` passes; every kept backup restores
+/// exactly the tree it was taken of; every moment of the stream's `pitr_within`
+/// window restores the tree of that moment; PITR at moments of the database's
+/// window is exact.
+fn lifecycle_under_concurrent_writers(backend: Backend) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    let _serial = serial();
+    // A short grace, and so a short life for writers' views: S3 (moto on this
+    // loaded host) answers more slowly.
+    let grace = if backend == Backend::S3 { "6s" } else { "3s" };
+    let s = Setup::with_repo(TestRepo::new(backend).with_env("EBB_GRACE", grace));
+    let pg = Pg::init(&s.path("primary"), "");
+    seed(&pg);
+    let bench = |args: &[&str]| {
+        let mut c = common::pg::as_postgres(&common::pg::bin("pgbench"));
+        c.args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres"]).args(args).arg("postgres");
+        c.env("PGPASSWORD", PASSWORD).stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    };
+    assert!(bench(&["-i", "-s", "2", "-q"]).status().unwrap().success(), "pgbench -i");
+    let streamer = Streamer::start(&s, &pg, "db", &["--base-backup-every", "5s"]);
+    s.ok(&["policy", "set", "--source", "db", "--keep-last", "2", "--pitr-within", "20s"]);
+    s.ok(&["policy", "set", "--source", "web", "--keep-last", "2", "--pitr-within", "15s"]);
+    s.ok(&["policy", "set", "--source", "b", "--keep-last", "3"]);
+
+    // Content the stream and the backups share: block k of a family.
+    let block = |k: u64| pseudo_random_bytes(k % 23, 40_000 + (k % 23) as usize * 1000);
+    let web = s.path("web");
+    std::fs::create_dir_all(web.join("data")).unwrap();
+    std::fs::write(web.join("app.log"), b"start\n").unwrap();
+    let dir_state = s.path("dir-state");
+    let mut dir_stream = s
+        .cmd()
+        .args(["stream", "dir", "--source", "web", "--rpo", "2s", "--append-interval", "1s", "--state-dir"])
+        .arg(&dir_state)
+        .arg(&web)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(s.path("stream-dir.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut pgbench = bench(&["-c", "2", "-R", "40", "-T", "600"]).spawn().unwrap();
+
+    let stop = AtomicBool::new(false);
+    let moments: Mutex<Vec<(Timestamp, PathBuf)>> = Mutex::new(Vec::new());
+    // Backups saved, and refused for a stall.
+    let snaps = Mutex::new((0u64, 0u64));
+    let mut killed = 0;
+    std::thread::scope(|scope| {
+        // The stream's tree changes; a copy of it at each moment it is durable.
+        scope.spawn(|| {
+            let mut round = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                std::fs::write(web.join(format!("data/f{}", round % 7)), block(round)).unwrap();
+                let _ = std::fs::remove_file(web.join(format!("data/f{}", (round + 3) % 7)));
+                let mut log = std::fs::OpenOptions::new().append(true).open(web.join("app.log")).unwrap();
+                std::io::Write::write_all(&mut log, format!("round {round}\n").repeat(20).as_bytes()).unwrap();
+                drop(log);
+                wait_dir_durable(&s, &dir_state, Timestamp::now());
+                let t = Timestamp::now();
+                let copy = s.path(&format!("web-at-{round}"));
+                let st = Command::new("cp").arg("-a").arg(&web).arg(&copy).status().unwrap();
+                assert!(st.success());
+                moments.lock().unwrap().push((t, copy));
+                std::thread::sleep(Duration::from_millis(300));
+                round += 1;
+            }
+        });
+        // Backups of trees that share blocks with the stream and each other.
+        scope.spawn(|| {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let snap = s.path(&format!("snap-{i}"));
+                std::fs::create_dir_all(snap.join("shared")).unwrap();
+                for k in i..i + 4 {
+                    std::fs::write(snap.join(format!("shared/b{k}")), block(k)).unwrap();
+                }
+                std::fs::write(snap.join("own"), pseudo_random_bytes(1000 + i, 30_000)).unwrap();
+                let out = s.run(&["backup", "--source", "b", snap.to_str().unwrap()]);
+                if out.status.success() {
+                    snaps.lock().unwrap().0 += 1;
+                } else {
+                    // A writer slower than its view may live (the grace is short
+                    // here) commits nothing, and says to run it again.
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    assert!(err.contains("while it was stalled"), "backup failed: {err}");
+                    snaps.lock().unwrap().1 += 1;
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        // Commits whose times PITR is checked against.
+        scope.spawn(|| {
+            let mut id = 100;
+            while !stop.load(Ordering::SeqCst) {
+                pg.sql(&format!("insert into t values ({id}, 'x')"));
+                id += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+
+        let mut rng = common::XorShift::new(0x5eed);
+        let mut deleted = [("deleted_packs", 0u64), ("deleted_wal_pieces", 0)];
+        for run in 0..30 {
+            std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 700));
+            if run < 20 {
+                s.ok(&["forget"]);
+                let r: serde_json::Value = serde_json::from_str(&s.ok(&["prune", "--json"])).unwrap();
+                for (key, sum) in deleted.iter_mut() {
+                    *sum += r[*key].as_u64().unwrap();
+                }
+                continue;
+            }
+            // Killed at a random moment, in forget or in prune.
+            let what: &[&str] = if run % 2 == 0 { &["forget"] } else { &["prune"] };
+            let mut child = s.cmd().args(what).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+            std::thread::sleep(Duration::from_millis(rng.next_u64() % 300));
+            if child.try_wait().unwrap().is_none() {
+                killed += 1;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        stop.store(true, Ordering::SeqCst);
+        eprintln!("deleted while the writers wrote: {deleted:?}");
+        for (key, sum) in deleted {
+            assert!(sum > 0, "no {key} in 20 runs");
+        }
+    });
+    let _ = pgbench.kill();
+    let _ = pgbench.wait();
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(dir_stream.id() as i32, libc::SIGTERM) };
+    assert!(dir_stream.wait().unwrap().success(), "{}", std::fs::read_to_string(s.path("stream-dir.log")).unwrap());
+    drop(streamer);
+    let (saved, stalled) = *snaps.lock().unwrap();
+    eprintln!(
+        "{} moments, {saved} backups ({stalled} refused for a stall), {killed} of 10 runs killed before they ended",
+        moments.lock().unwrap().len(),
+    );
+    assert!(saved > 10 * stalled.max(1), "too many backups stalled: {saved} saved, {stalled} refused");
+    assert!(killed >= 3, "too few runs were killed mid-way: {killed}");
+
+    // What the last runs condemned is swept by runs after the grace.
+    s.ok(&["forget"]);
+    let pause = Duration::from_secs(if backend == Backend::S3 { 7 } else { 4 });
+    for _ in 0..2 {
+        s.ok(&["prune"]);
+        std::thread::sleep(pause);
+    }
+    let last: serde_json::Value = serde_json::from_str(&s.ok(&["prune", "--json"])).unwrap();
+    assert!(last["problems"].as_array().unwrap().is_empty(), "{last}");
+    s.ok(&["verify", "--read-data"]);
+
+    // Every kept backup is the tree it was taken of.
+    let kept = points_of(&s, "b");
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    for (i, (t, path)) in kept.iter().enumerate() {
+        let out = s.path(&format!("restored-b-{i}"));
+        s.ok(&["restore", "--source", "b", "--at", &t.to_string(), out.to_str().unwrap()]);
+        common::assert_trees_equal(std::path::Path::new(path), &out);
+    }
+    // Every moment of the stream's window is the tree of that moment.
+    let web_points = points_of(&s, "web");
+    let newest = web_points.last().unwrap().0;
+    let older = web_points.iter().filter(|(t, _)| *t < newest - jiff::SignedDuration::from_secs(15)).count();
+    assert!(older <= 1, "only the point the window starts from is older: {web_points:?}");
+    let window_start = newest - jiff::SignedDuration::from_secs(14);
+    let moments = moments.into_inner().unwrap();
+    let in_window: Vec<&(Timestamp, PathBuf)> = moments.iter().filter(|(t, _)| *t >= window_start).collect();
+    assert!(in_window.len() >= 3, "{} moments in the window", in_window.len());
+    for (i, (t, copy)) in in_window.iter().enumerate() {
+        let out = s.path(&format!("restored-web-{i}"));
+        s.ok(&["restore", "--source", "web", "--at", &t.to_string(), out.to_str().unwrap()]);
+        common::assert_trees_equal(copy, &out);
+    }
+    // PITR in the database's window is exact.
+    let commits = commit_times(&pg, 100, 1_000_000);
+    let bases = points_of(&s, "db");
+    assert!(bases.len() >= 2, "{bases:?}");
+    let newest_base = bases.last().unwrap().0;
+    let from = newest_base - jiff::SignedDuration::from_secs(18);
+    let candidates: Vec<Timestamp> = commits.iter().map(|c| c.1).filter(|t| *t >= from).collect();
+    assert!(candidates.len() > 10, "{} commits in the window", candidates.len());
+    let n = candidates.len();
+    let env = if backend == Backend::S3 { s3_env(&s.repo) } else { Vec::new() };
+    for at in [candidates[0], micro(candidates[n / 2], -1), candidates[n - 1]] {
+        let restored = s.restore("db", &at.to_string(), env.clone());
+        let want: Vec<u32> = (0..10).chain(expected(&commits, at)).collect();
+        assert_eq!(ids(&restored), want, "restored at {at}\n{}", restored.log());
+    }
+}
+
+#[test]
+fn lifecycle_under_concurrent_writers_on_file() {
+    lifecycle_under_concurrent_writers(Backend::File);
+}
+
+#[test]
+fn lifecycle_under_concurrent_writers_on_s3() {
+    lifecycle_under_concurrent_writers(Backend::S3);
 }
 
 /// The AWS variables `TestRepo::cmd` sets for an `s3://` repository, for servers

@@ -164,6 +164,10 @@ pub async fn prune(
     let mut unfinished: Vec<&Timed<Condemned>> = Vec::new();
     let mut deleted: HashSet<Id> = HashSet::new();
     let mut deleted_names: HashSet<String> = HashSet::new();
+    // Sets swept in full: deleted last, once the index files no longer name their
+    // packs, so that a writer finds a pack missing from the index only while a set
+    // still says it is condemned.
+    let mut swept: Vec<String> = Vec::new();
     for set in &sets {
         if after(set.time, grace) > t0 {
             waiting.push(set);
@@ -202,8 +206,7 @@ pub async fn prune(
         // A set whose objects were not all deleted (the store refused: an object
         // lock, no permission) stays, and a later run tries again.
         if refused.is_empty() && refused_names.is_empty() {
-            delete_all(repo, std::slice::from_ref(&set.name), opts.dry_run, &mut report.problems).await;
-            report.deleted_objects += 1;
+            swept.push(set.name.clone());
         } else {
             unfinished.push(set);
         }
@@ -303,6 +306,8 @@ pub async fn prune(
     }
     let refused = delete_all(repo, &obsolete, opts.dry_run, &mut report.problems).await;
     report.deleted_objects += (obsolete.len() - refused.len()) as u64;
+    let refused = delete_all(repo, &swept, opts.dry_run, &mut report.problems).await;
+    report.deleted_objects += (swept.len() - refused.len()) as u64;
     Ok(report)
 }
 

@@ -255,7 +255,9 @@ impl Writer {
             // A damaged index only costs dedup; `ebb verify` reports it.
             tracing::warn!("skipping index file {name}: {why}");
         }
-        let (missing, lost) = inventory.missing();
+        // Packs a prune condemned are deleted before the index files naming them
+        // are written again: missing, but not lost.
+        let (missing, lost) = inventory.missing_except(|p| view.condemns(p));
         if missing > 0 {
             tracing::warn!(
                 "the index lists {missing} blobs in {} packs that are missing or cut short: they are stored again. \
