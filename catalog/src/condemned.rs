@@ -129,6 +129,9 @@ impl Rescued {
         };
         let packs = ids(&mut d)?;
         let names = if with_names { names(&mut d)? } else { BTreeSet::new() };
+        if with_names && names.is_empty() {
+            return Err(d.error("a rescue of version 2 names no object"));
+        }
         d.finish()?;
         Ok(Rescued { packs, names })
     }
@@ -259,6 +262,7 @@ mod tests {
         assert!(Rescued::decode(&[1, 0xff, 0xff, 0xff, 0xff]).is_err(), "a count beyond the bytes");
         assert!(Rescued::decode(&[3, 0, 0, 0, 0]).unwrap_err().to_string().contains("version 3"));
         assert!(Rescued::decode(&[2, 0, 0, 0, 0]).is_err(), "version 2 without its names");
+        assert!(Rescued::decode(&[2, 0, 0, 0, 0, 0, 0, 0, 0]).is_err(), "version 2 naming nothing (fuzzer's find)");
     }
 
     #[test]

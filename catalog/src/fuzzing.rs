@@ -89,7 +89,12 @@ pub fn pack_header(data: &[u8]) {
 
 pub fn index(data: &[u8]) {
     if let Ok(file) = decode_index(data) {
-        let again = encode_index(file.point.as_deref(), &file.entries);
+        // Whatever the version read, what it says is written again the same.
+        let again = match file.points.as_slice() {
+            [] => encode_index(None, &file.entries),
+            [one] => encode_index(Some(one), &file.entries),
+            more => crate::index::encode_merged(more, &file.entries),
+        };
         assert_eq!(decode_index(&again).ok(), Some(file));
     }
 }
@@ -206,6 +211,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let entries = [PackEntry { kind: BlobKind::Data, blob }, PackEntry { kind: BlobKind::Tree, blob }];
     out.push(("index", encode_index(Some("points/s/e78601e9e44897ff-0123456789abcdef"), &entries)));
     out.push(("index", encode_index(None, &entries[..1])));
+    let merged = ["points/a/e78601e9e44897ff-0123456789abcdef".to_string(), "points/b/x".to_string()];
+    out.push(("index", crate::index::encode_merged(&merged, &entries)));
     out.push(("tree", crate::tree::sample().encode()));
     let mut flagged = crate::tree::sample();
     flagged.entries[0].flags = 0x10;

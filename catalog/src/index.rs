@@ -14,9 +14,11 @@ use crate::object::{open_object, seal_object, ObjectError};
 use crate::pack::{BlobKind, BlobRef, PackEntry, BLOB_REF_LEN};
 
 pub const INDEX_DIR: &str = "index";
-/// Version 1 lists entries only; version 2 also names the point it was written with.
+/// Version 1 lists entries only; version 2 also names the point it was written
+/// with; version 3 (a merge of several, by `ebb prune`) names any number.
 const VERSION_1: u8 = 1;
-const VERSION: u8 = 2;
+const VERSION_2: u8 = 2;
+const VERSION_3: u8 = 3;
 /// Point names are `points/<source>/<33 chars>`, well under this.
 const MAX_POINT_NAME: usize = 256;
 
@@ -27,35 +29,66 @@ pub fn index_name(id: &Id) -> String {
 /// One index file's contents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexFile {
-    /// The point written with it; none for version 1 and for `ebb repair index`.
-    pub point: Option<String>,
+    /// The points written with the blobs it lists: one for a writer's, none for
+    /// version 1 and for `ebb repair index`, any number for a merge.
+    pub points: Vec<String>,
     pub entries: Vec<PackEntry>,
 }
 
+/// A writer's index file: version 2, naming at most one point.
 pub fn encode_index(point: Option<&str>, entries: &[PackEntry]) -> Vec<u8> {
     let mut e = Encoder::default();
-    e.u8(VERSION);
+    e.u8(VERSION_2);
     e.bytes(point.unwrap_or_default().as_bytes());
+    encode_entries(&mut e, entries);
+    e.buf
+}
+
+/// A merge of index files: version 3, naming every point of the files merged.
+pub fn encode_merged(points: &[String], entries: &[PackEntry]) -> Vec<u8> {
+    let mut e = Encoder::default();
+    e.u8(VERSION_3);
+    e.u32(u32::try_from(points.len()).expect("fewer than 2^32 points"));
+    for p in points {
+        e.bytes(p.as_bytes());
+    }
+    encode_entries(&mut e, entries);
+    e.buf
+}
+
+fn encode_entries(e: &mut Encoder, entries: &[PackEntry]) {
     e.u32(entries.len() as u32);
     for entry in entries {
         e.u8(entry.kind as u8);
-        entry.blob.encode(&mut e);
+        entry.blob.encode(e);
     }
-    e.buf
+}
+
+fn point_name(d: &mut Decoder) -> Result<String, crate::codec::DecodeError> {
+    let name = d.bytes()?;
+    if name.len() > MAX_POINT_NAME {
+        return Err(d.error("the point name is too long"));
+    }
+    Ok(std::str::from_utf8(name).map_err(|_| d.error("the point name is not UTF-8"))?.to_string())
 }
 
 pub fn decode_index(bytes: &[u8]) -> Result<IndexFile, crate::codec::DecodeError> {
     let mut d = Decoder::new("index", bytes);
     let v = d.u8()?;
-    let point = match v {
-        VERSION_1 => None,
-        VERSION => {
-            let name = d.bytes()?;
-            if name.len() > MAX_POINT_NAME {
-                return Err(d.error("the point name is too long"));
+    let points = match v {
+        VERSION_1 => Vec::new(),
+        VERSION_2 => Some(point_name(&mut d)?).filter(|n| !n.is_empty()).into_iter().collect(),
+        VERSION_3 => {
+            let n = d.count(4)?;
+            let mut points = Vec::with_capacity(n);
+            for _ in 0..n {
+                let name = point_name(&mut d)?;
+                if name.is_empty() {
+                    return Err(d.error("an empty point name"));
+                }
+                points.push(name);
             }
-            let name = std::str::from_utf8(name).map_err(|_| d.error("the point name is not UTF-8"))?;
-            (!name.is_empty()).then(|| name.to_string())
+            points
         }
         _ => return Err(d.error(format!("unknown index version {v}"))),
     };
@@ -66,11 +99,20 @@ pub fn decode_index(bytes: &[u8]) -> Result<IndexFile, crate::codec::DecodeError
         entries.push(PackEntry { kind, blob: BlobRef::decode(&mut d)? });
     }
     d.finish()?;
-    Ok(IndexFile { point, entries })
+    Ok(IndexFile { points, entries })
 }
 
 pub fn seal_index(keys: &Keys, name: &str, point: Option<&str>, entries: &[PackEntry]) -> Vec<u8> {
     seal_object(keys, name, &encode_index(point, entries))
+}
+
+/// Seals what `encode_merged` makes, or a writer's version for at most one point.
+pub fn seal_for_points(keys: &Keys, name: &str, points: &[String], entries: &[PackEntry]) -> Vec<u8> {
+    match points {
+        [] => seal_index(keys, name, None, entries),
+        [one] => seal_index(keys, name, Some(one), entries),
+        _ => seal_object(keys, name, &encode_merged(points, entries)),
+    }
 }
 
 pub fn open_index(keys: &Keys, name: &str, bytes: &[u8]) -> Result<IndexFile, ObjectError> {
@@ -112,7 +154,7 @@ mod tests {
         v1.extend([1u8; 32]);
         v1.extend([2u8; 32]);
         v1.extend([3, 0, 0, 0, 4, 0, 0, 0, 5, 0, 0, 0]);
-        assert_eq!(decode_index(&v1).unwrap(), IndexFile { point: None, entries: entries.clone() });
+        assert_eq!(decode_index(&v1).unwrap(), IndexFile { points: vec![], entries: entries.clone() });
         assert!(decode_index(&v1[..v1.len() - 1]).is_err());
 
         // Version 2: the point's name (u32 length and bytes), then as version 1.
@@ -121,12 +163,31 @@ mod tests {
         v2.extend(b"points/db/x");
         v2.extend(&v1[1..]);
         assert_eq!(bytes, v2);
-        assert_eq!(decode_index(&bytes).unwrap(), IndexFile { point: Some("points/db/x".into()), entries });
+        assert_eq!(
+            decode_index(&bytes).unwrap(),
+            IndexFile { points: vec!["points/db/x".into()], entries: entries.clone() }
+        );
         for cut in 0..bytes.len() {
             assert!(decode_index(&bytes[..cut]).is_err(), "an index cut at {cut} decoded");
         }
         let none = encode_index(None, &[]);
         assert_eq!(none, [2, 0, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(decode_index(&none).unwrap(), IndexFile { point: None, entries: vec![] });
+        assert_eq!(decode_index(&none).unwrap(), IndexFile { points: vec![], entries: vec![] });
+
+        // Version 3: a count of point names, each as in version 2, then as version 1.
+        let points = vec!["points/a/x".to_string(), "points/b/y".to_string()];
+        let bytes = encode_merged(&points, &entries);
+        let mut v3 = vec![3u8, 2, 0, 0, 0, 10, 0, 0, 0];
+        v3.extend(b"points/a/x");
+        v3.extend([10, 0, 0, 0]);
+        v3.extend(b"points/b/y");
+        v3.extend(&v1[1..]);
+        assert_eq!(bytes, v3);
+        assert_eq!(decode_index(&bytes).unwrap(), IndexFile { points, entries });
+        for cut in 0..bytes.len() {
+            assert!(decode_index(&bytes[..cut]).is_err(), "a merged index cut at {cut} decoded");
+        }
+        assert!(decode_index(&[3, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err(), "an empty point name");
+        assert!(decode_index(&[4, 0, 0, 0, 0]).is_err(), "version 4");
     }
 }

@@ -32,7 +32,7 @@ use crate::error::RepoError;
 use crate::forget::{ForgetRecord, FORGOTTEN_DIR};
 use crate::fragment::{FragmentRef, FRAGS_DIR};
 use crate::id::Id;
-use crate::index::{open_index, seal_index, INDEX_DIR};
+use crate::index::{open_index, seal_for_points, INDEX_DIR};
 use crate::object::{open_object, seal_object};
 use crate::pack::{pack_name, parse_pack_name, BlobRef, PackEntry, PACKS_DIR};
 use crate::point::PgInfo;
@@ -95,6 +95,8 @@ pub struct PruneReport {
     pub deleted_objects: u64,
     /// Index files written again without their entries in deleted packs.
     pub rewritten_index_files: u64,
+    /// Small index files written again as a few larger ones (and deleted).
+    pub merged_index_files: u64,
     /// Condemned sets or rescues that could not be read (never swept), objects the
     /// store refused to delete (tried again by a later run).
     pub problems: Vec<String>,
@@ -251,12 +253,17 @@ pub async fn prune(
     let gone = |p: &Id| deleted.contains(p) || !packs.contains_key(p);
     let mut obsolete: Vec<String> = Vec::new();
     let mut indexed_points: HashSet<String> = HashSet::new();
+    // Index files kept, with few entries: merged when there are many.
+    let mut small: Vec<String> = Vec::new();
     for obj in store.list(INDEX_DIR).await? {
         let Ok(bytes) = store.get(&obj.name).await else { continue };
         let Ok(file) = open_index(repo.keys(), &obj.name, &bytes) else { continue };
         let left: Vec<PackEntry> = file.entries.iter().filter(|e| !gone(&e.blob.pack)).copied().collect();
         if left.len() == file.entries.len() {
-            indexed_points.extend(file.point);
+            if left.len() < SMALL_INDEX {
+                small.push(obj.name.clone());
+            }
+            indexed_points.extend(file.points);
             continue;
         }
         // What is left goes into a replacement, written before the old one goes:
@@ -264,13 +271,20 @@ pub async fn prune(
         if !left.is_empty() {
             if !opts.dry_run {
                 let name = Repository::new_index_name();
-                let sealed = seal_index(repo.keys(), &name, file.point.as_deref(), &left);
+                let sealed = seal_for_points(repo.keys(), &name, &file.points, &left);
                 store.put_new(&name, Bytes::from(sealed)).await?;
+                if left.len() < SMALL_INDEX {
+                    small.push(name);
+                }
             }
             report.rewritten_index_files += 1;
-            indexed_points.extend(file.point);
+            indexed_points.extend(file.points);
         }
         obsolete.push(obj.name);
+    }
+    if !opts.dry_run && small.len() > MERGE_ABOVE {
+        progress("merging index files");
+        merge_index_files(repo, &small, &mut report).await?;
     }
     for obj in store.list(FORGOTTEN_DIR).await? {
         let Ok(bytes) = store.get(&obj.name).await else { continue };
@@ -309,6 +323,61 @@ pub async fn prune(
     let refused = delete_all(repo, &swept, opts.dry_run, &mut report.problems).await;
     report.deleted_objects += (swept.len() - refused.len()) as u64;
     Ok(report)
+}
+
+/// More small index files than this, and prune merges them: a writer reads every
+/// index file when it starts, and one is written with every point.
+const MERGE_ABOVE: usize = 16;
+/// An index file with fewer entries than this is small.
+const SMALL_INDEX: usize = 100_000;
+/// A merged index file holds about this many entries at most.
+const MERGED_ENTRIES: usize = 500_000;
+
+/// Writes the index files `names` again as a few larger ones (version 3, naming
+/// all their points), each before the files it replaces are deleted: a writer
+/// reading the index meanwhile finds an entry in one or both. One that cannot be
+/// read (gone meanwhile: another prune merged it) is left out.
+async fn merge_index_files(repo: &Repository, names: &[String], report: &mut PruneReport) -> Result<(), RepoError> {
+    let store = repo.store();
+    let mut batch = MergedIndex::default();
+    let mut done = Vec::new();
+    for name in names {
+        let Ok(bytes) = store.get(name).await else { continue };
+        let Ok(file) = open_index(repo.keys(), name, &bytes) else { continue };
+        batch.add(name, file);
+        if batch.entries.len() >= MERGED_ENTRIES {
+            done.push(std::mem::take(&mut batch));
+        }
+    }
+    done.push(batch);
+    for batch in done.into_iter().filter(|b| b.replaced.len() > 1) {
+        let name = Repository::new_index_name();
+        let points: Vec<String> = batch.points.into_iter().collect();
+        store.put_new(&name, Bytes::from(seal_for_points(repo.keys(), &name, &points, &batch.entries))).await?;
+        let refused = delete_all(repo, &batch.replaced, false, &mut report.problems).await;
+        let gone = (batch.replaced.len() - refused.len()) as u64;
+        report.merged_index_files += gone;
+        report.deleted_objects += gone;
+    }
+    Ok(())
+}
+
+/// Index files being merged into one.
+#[derive(Default)]
+struct MergedIndex {
+    points: std::collections::BTreeSet<String>,
+    entries: Vec<PackEntry>,
+    /// Entries repeat across index files; each is kept once.
+    seen: HashSet<(u8, BlobRef)>,
+    replaced: Vec<String>,
+}
+
+impl MergedIndex {
+    fn add(&mut self, name: &str, file: crate::index::IndexFile) {
+        self.points.extend(file.points);
+        self.entries.extend(file.entries.into_iter().filter(|e| self.seen.insert((e.kind as u8, e.blob))));
+        self.replaced.push(name.to_string());
+    }
 }
 
 /// `t + d`, or the end of time: times come from names and the store, which may
@@ -818,7 +887,7 @@ mod tests {
         let inventory = crate::inventory::Inventory::load(&repo).await.unwrap();
         assert_eq!(inventory.index_files.len(), 1);
         assert_eq!(inventory.missing().0, 0, "no index entry names a deleted pack");
-        assert!(inventory.index_files[0].1.point.is_some(), "the replacement names the point");
+        assert_eq!(inventory.index_files[0].1.points.len(), 1, "the replacement names the point");
         verified(&repo).await;
     }
 
@@ -943,5 +1012,37 @@ mod tests {
         let read = repo.wal_bytes("db", &system, &path, Lsn(SEG + SEG / 5), Lsn(4 * SEG)).await.unwrap();
         assert_eq!(read, wal[(SEG + SEG / 5) as usize..]);
         verified(&repo).await;
+    }
+
+    /// Many small index files (one a point) are merged into one: a writer
+    /// starting after it still finds all content stored, `verify` still tells a
+    /// lost manifest from a forgotten one, and nothing else changes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_index_files_are_merged() {
+        let repo = repo().await;
+        let w = Writer::with_timing(repo.clone(), timing()).await.unwrap();
+        let mut points = Vec::new();
+        for seed in 0..20u8 {
+            points.push(point(&w, content(seed)).await.unwrap().0);
+        }
+        assert_eq!(repo.store().list(INDEX_DIR).await.unwrap().len(), 20);
+        let r = run(&repo).await;
+        assert_eq!(r.merged_index_files, 20, "{r:?}");
+        let files = repo.store().list(INDEX_DIR).await.unwrap();
+        assert_eq!(files.len(), 1);
+        let merged = open_index(repo.keys(), &files[0].name, &repo.store().get(&files[0].name).await.unwrap()).unwrap();
+        assert_eq!(merged.points.len(), 20);
+        assert_eq!(run(&repo).await.merged_index_files, 0, "one file is left as it is");
+        verified(&repo).await;
+
+        // Everything stored is found again: a new point of old content adds nothing.
+        let w = Writer::with_timing(repo.clone(), timing()).await.unwrap();
+        let again = w.known(BlobKind::Data, &repo.keys().content_id(&content(7)));
+        assert!(again.is_some(), "content of a merged index file is deduplicated");
+
+        // A manifest lost (not forgotten) is still found missing.
+        repo.store().delete(&points[3].name).await.unwrap();
+        let report = crate::verify(&repo, false, &|_| {}).await.unwrap();
+        assert!(report.errors.iter().any(|e| e.contains(&points[3].name) && e.contains("missing")), "{report:?}");
     }
 }

@@ -11,7 +11,7 @@ use futures::stream::{StreamExt, TryStreamExt};
 
 use crate::error::RepoError;
 use crate::id::Id;
-use crate::index::seal_index;
+use crate::index::{seal_for_points, seal_index};
 use crate::inventory::Inventory;
 use crate::pack::{fetch_header, pack_name, PackEntry};
 use crate::repo::Repository;
@@ -60,7 +60,7 @@ pub async fn repair_index(repo: &Repository) -> Result<IndexRepair, RepoError> {
             continue;
         }
         let new = Repository::new_index_name();
-        store.put_new(&new, Bytes::from(seal_index(repo.keys(), &new, file.point.as_deref(), &kept))).await?;
+        store.put_new(&new, Bytes::from(seal_for_points(repo.keys(), &new, &file.points, &kept))).await?;
         report.rewritten += 1;
     }
     report.removed += inventory.unreadable.len();

@@ -57,8 +57,9 @@ pub async fn verify(
         match store.get(&obj.name).await {
             Ok(bytes) => match open_index(repo.keys(), &obj.name, &bytes) {
                 Ok(file) => {
-                    if let Some(point) = file.point {
-                        indexed.push((obj.name, point, file.entries.iter().map(|e| e.blob.pack).collect()));
+                    let packs: HashSet<Id> = file.entries.iter().map(|e| e.blob.pack).collect();
+                    for point in file.points {
+                        indexed.push((obj.name.clone(), point, packs.clone()));
                     }
                 }
                 Err(e) => report.errors.push(e.to_string()),

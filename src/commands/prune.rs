@@ -72,6 +72,9 @@ pub async fn prune(g: &Global, dry_run: bool, json: bool) -> Result<ExitCode> {
     if r.deleted_objects > 0 {
         println!("{verb}deleted {} index files, records and other objects no longer needed", r.deleted_objects);
     }
+    if r.merged_index_files > 0 {
+        println!("merged {} small index files into a few larger ones", r.merged_index_files);
+    }
     if r.rewritten_index_files > 0 {
         println!("{verb}wrote {} index files again without the packs deleted", r.rewritten_index_files);
     }
