@@ -692,3 +692,55 @@ fn a_clean_umount_leaves_no_error_when_the_daemon_is_slow_to_notice() {
     assert!(status.success(), "{text}");
     assert!(text.contains("unmounted") && !text.contains("Invalid argument"), "{text}");
 }
+
+/// Issue 18: a mount of a point that is forgotten and pruned while mounted never
+/// gives wrong bytes: a file read before still reads (from what the mount holds)
+/// or fails, and one whose data was deleted fails with EIO, which the daemon's log
+/// explains.
+#[test]
+fn a_mounted_point_pruned_away_gives_eio_never_wrong_bytes() {
+    let repo = TestRepo::new(Backend::File).with_env("EBB_GRACE", "3s");
+    repo.init();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    for i in 0..8u64 {
+        fs::write(src.join(format!("old{i}")), pseudo_random_bytes(i, 300_000)).unwrap();
+    }
+    repo.ok(&["backup", "--source", "s", src.to_str().unwrap()]);
+    let first = point_times(&repo).remove(0);
+    for i in 0..8u64 {
+        fs::remove_file(src.join(format!("old{i}"))).unwrap();
+    }
+    fs::write(src.join("new"), b"the second point").unwrap();
+    repo.ok(&["backup", "--source", "s", src.to_str().unwrap()]);
+
+    let mnt = work.path().join("mnt");
+    let (_guard, _) = mount(&repo, &["--at", &first], &mnt);
+    let top = mnt.clone();
+    let want = |i: u64| pseudo_random_bytes(i, 300_000);
+    assert!(fs::read(top.join("old0")).unwrap() == want(0));
+
+    repo.ok(&["policy", "set", "--source", "s", "--keep-last", "1"]);
+    repo.ok(&["forget"]);
+    // Packs are condemned once older than the grace, and deleted a grace later.
+    std::thread::sleep(Duration::from_secs(4));
+    repo.ok(&["prune"]);
+    std::thread::sleep(Duration::from_secs(4));
+    let pruned: Value = serde_json::from_str(&repo.ok(&["prune", "--json"])).unwrap();
+    assert!(pruned["deleted_packs"].as_u64().unwrap() > 0, "{pruned}");
+
+    let mut failed = 0;
+    for i in 0..8u64 {
+        match fs::read(top.join(format!("old{i}"))) {
+            Ok(got) => assert!(got == want(i), "old{i} read back wrong bytes after its pack was pruned"),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "old{i}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    assert!(failed > 0, "every file of the pruned point still read: nothing was deleted under the mount");
+    let log = fs::read_to_string(daemon_log(&mnt)).unwrap();
+    assert!(log.contains("ebb prune"), "the daemon's log says why: {log}");
+}
