@@ -313,10 +313,13 @@ impl Store {
                         stack.push(e.path());
                         continue;
                     }
-                    let name = e.file_name();
-                    let staged = name.to_str().is_some_and(is_staged);
+                    // Only a staged name is looked at further: the others are most of
+                    // a directory of packs, read by every writer when it starts.
+                    if !e.file_name().to_str().is_some_and(is_staged) {
+                        continue;
+                    }
                     let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
-                    if staged && old.is_some_and(|age| age >= min_age) && std::fs::remove_file(e.path()).is_ok() {
+                    if old.is_some_and(|age| age >= min_age) && std::fs::remove_file(e.path()).is_ok() {
                         removed += 1;
                     }
                 }
