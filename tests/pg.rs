@@ -609,6 +609,20 @@ fn s3_env(repo: &TestRepo) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A server in `dir` whose `archive_command` is `push`, run with `env` (the
+/// archiver runs ebb with the server's environment).
+fn archiving_server(dir: &std::path::Path, push: &str, env: &[(String, String)]) -> Pg {
+    let mut pg = Pg::init(dir, "");
+    pg.stop();
+    pg.env = env.to_vec();
+    let conf = pg.data.join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str(&format!("archive_mode = on\narchive_command = '{push}'\n"));
+    std::fs::write(&conf, text).unwrap();
+    pg.start();
+    pg
+}
+
 /// A moto server of the test's own, which it can freeze and thaw.
 struct Moto {
     child: Child,
@@ -765,17 +779,7 @@ fn hosts_without_delete_rights_back_up_stream_and_archive() {
     let mut env = s3_env(&s.repo);
     env.push(("EBB_REPOSITORY".into(), s.repo.url().to_string()));
     env.push(("EBB_GRACE".into(), "3s".into()));
-    let pg = {
-        let mut pg = Pg::init(&s.path("primary"), "");
-        pg.stop();
-        pg.env = env.clone();
-        let conf = pg.data.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf).unwrap();
-        text.push_str(&format!("archive_mode = on\narchive_command = '{push}'\n"));
-        std::fs::write(&conf, text).unwrap();
-        pg.start();
-        pg
-    };
+    let pg = archiving_server(&s.path("primary"), &push, &env);
     seed(&pg);
     let streamer = Streamer::start(&s, &pg, "db", &[]);
     s.ok(&["pg", "base-backup", "--source", "db", "--dsn", &pg.dsn()]);
@@ -855,18 +859,7 @@ fn archive_push_and_get_restore_exactly_and_refuse_a_different_segment() {
     let mut env = s3_env(&s.repo);
     env.push(("EBB_REPOSITORY".into(), s.repo.url().to_string()));
     let dir = s.path("primary");
-    let pg = {
-        // The archiver runs ebb with the server's environment.
-        let mut pg = Pg::init(&dir, "");
-        pg.stop();
-        pg.env = env.clone();
-        let conf = pg.data.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf).unwrap();
-        text.push_str(&format!("archive_mode = on\narchive_command = '{push}'\n"));
-        std::fs::write(&conf, text).unwrap();
-        pg.start();
-        pg
-    };
+    let pg = archiving_server(&dir, &push, &env);
     seed(&pg);
     s.ok(&["pg", "base-backup", "--source", "arch", "--dsn", &pg.dsn()]);
     let commits = commit_rows(&pg, 100, 124, Duration::from_millis(30));
