@@ -284,7 +284,10 @@ pub async fn prune(
     }
     if !opts.dry_run && small.len() > MERGE_ABOVE {
         progress("merging index files");
-        merge_index_files(repo, &small, &mut report).await?;
+        // A forgotten point's name is not carried over: its forget record said it,
+        // and can go once no index file names it.
+        let (forgotten, _) = crate::forget::forgotten_points(repo).await?;
+        merge_index_files(repo, &small, &forgotten, &mut report).await?;
     }
     for obj in store.list(FORGOTTEN_DIR).await? {
         let Ok(bytes) = store.get(&obj.name).await else { continue };
@@ -334,17 +337,23 @@ const SMALL_INDEX: usize = 100_000;
 const MERGED_ENTRIES: usize = 500_000;
 
 /// Writes the index files `names` again as a few larger ones (version 3, naming
-/// all their points), each before the files it replaces are deleted: a writer
-/// reading the index meanwhile finds an entry in one or both. One that cannot be
-/// read (gone meanwhile: another prune merged it) is left out.
-async fn merge_index_files(repo: &Repository, names: &[String], report: &mut PruneReport) -> Result<(), RepoError> {
+/// all their points but the `forgotten` ones), each before the files it replaces
+/// are deleted: a writer reading the index meanwhile finds an entry in one or
+/// both. One that cannot be read (gone meanwhile: another prune merged it) is left
+/// out.
+async fn merge_index_files(
+    repo: &Repository,
+    names: &[String],
+    forgotten: &HashSet<String>,
+    report: &mut PruneReport,
+) -> Result<(), RepoError> {
     let store = repo.store();
     let mut batch = MergedIndex::default();
     let mut done = Vec::new();
     for name in names {
         let Ok(bytes) = store.get(name).await else { continue };
         let Ok(file) = open_index(repo.keys(), name, &bytes) else { continue };
-        batch.add(name, file);
+        batch.add(name, file, forgotten);
         if batch.entries.len() >= MERGED_ENTRIES {
             done.push(std::mem::take(&mut batch));
         }
@@ -373,8 +382,8 @@ struct MergedIndex {
 }
 
 impl MergedIndex {
-    fn add(&mut self, name: &str, file: crate::index::IndexFile) {
-        self.points.extend(file.points);
+    fn add(&mut self, name: &str, file: crate::index::IndexFile, forgotten: &HashSet<String>) {
+        self.points.extend(file.points.into_iter().filter(|p| !forgotten.contains(p)));
         self.entries.extend(file.entries.into_iter().filter(|e| self.seen.insert((e.kind as u8, e.blob))));
         self.replaced.push(name.to_string());
     }
@@ -1026,13 +1035,17 @@ mod tests {
             points.push(point(&w, content(seed)).await.unwrap().0);
         }
         assert_eq!(repo.store().list(INDEX_DIR).await.unwrap().len(), 20);
+        forget(&repo, &points[0]).await;
         let r = run(&repo).await;
         assert_eq!(r.merged_index_files, 20, "{r:?}");
         let files = repo.store().list(INDEX_DIR).await.unwrap();
         assert_eq!(files.len(), 1);
         let merged = open_index(repo.keys(), &files[0].name, &repo.store().get(&files[0].name).await.unwrap()).unwrap();
-        assert_eq!(merged.points.len(), 20);
+        assert_eq!(merged.points.len(), 19, "every point but the forgotten one");
+        assert!(!merged.points.contains(&points[0].name));
+        assert_eq!(merged.entries.len(), 40, "the forgotten point's content is still indexed until it is deleted");
         assert_eq!(run(&repo).await.merged_index_files, 0, "one file is left as it is");
+        assert!(repo.store().list(FORGOTTEN_DIR).await.unwrap().is_empty(), "no index file needs the record now");
         verified(&repo).await;
 
         // Everything stored is found again: a new point of old content adds nothing.
