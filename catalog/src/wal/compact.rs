@@ -211,12 +211,15 @@ mod tests {
         // A reader plans with the small pieces; its first read waits while the
         // segment is merged and the small pieces deleted.
         let first_small = WalPiece { tli: 1, start: Lsn(0), end: Lsn(1000) }.name("db");
-        faults.nth(Op::Get, &first_small, 1, Fault::Delay(Duration::from_millis(800)));
+        faults.nth(Op::Get, &first_small, 1, Fault::Delay(Duration::from_secs(5)));
         let reader = {
             let repo = repo.clone();
             tokio::spawn(async move { repo.wal_bytes("db", &system, &path, Lsn(10), Lsn(SEG + 50)).await })
         };
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The reader's read of the piece is held from here on.
+        while faults.fired() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let merged = repo.merge_wal("db", &system, 1, Lsn(0), Lsn(SEG)).await.unwrap().unwrap();
         for w in cuts[..cuts.len() - 1].windows(2) {
             repo.store().delete(&WalPiece { tli: 1, start: Lsn(w[0]), end: Lsn(w[1]) }.name("db")).await.unwrap();
