@@ -214,7 +214,9 @@ referenced stays until `ebb prune`, so a mount or restore reading one reads on."
     #[command(long_about = "Delete what no point or fragment needs: packs of forgotten points, index \
 files and records that only they needed, policies no longer in force, log fragments a later point holds, \
 and the PostgreSQL WAL no kept base backup needs (the pieces of each finished WAL segment are merged into \
-one object first). Deletion takes two runs: a run \
+one object first). Packs still used but mostly unused (see --max-unused), and small packs when there are \
+many, are repacked: their used blobs are written into new packs and the points using them are written \
+again under their own names. Deletion takes two runs: a run \
 condemns what nothing uses, and a run at least the grace period later (15 minutes) deletes it, unless a \
 writer used it again meanwhile. Backups, streams and archive-push go on while prune runs, never wait for \
 it, and need no permission to delete. Run it on a schedule, like forget.")]
@@ -222,6 +224,10 @@ it, and need no permission to delete. Run it on a schedule, like forget.")]
         /// Show what would be condemned and deleted, and change nothing
         #[arg(long)]
         dry_run: bool,
+        /// Unused space to leave in packs still in use, as a share of all pack space
+        /// (e.g. 5%, 0%, unlimited); above it, the emptiest packs are repacked
+        #[arg(long, value_name = "PCT", default_value = "5%", value_parser = catalog::MaxUnused::parse)]
+        max_unused: catalog::MaxUnused,
         #[arg(long)]
         json: bool,
     },

@@ -498,6 +498,8 @@ fn lifecycle_under_concurrent_writers(backend: Backend) {
 
         let mut rng = common::XorShift::new(0x5eed);
         let mut deleted = [("deleted_packs", 0u64), ("deleted_wal_pieces", 0)];
+        // Points written again by repacking, under the writers.
+        let mut repacked = 0;
         for run in 0..30 {
             std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 700));
             if run < 20 {
@@ -506,6 +508,7 @@ fn lifecycle_under_concurrent_writers(backend: Backend) {
                 for (key, sum) in deleted.iter_mut() {
                     *sum += r[*key].as_u64().unwrap();
                 }
+                repacked += r["repack"]["rewritten_points"].as_u64().unwrap();
                 continue;
             }
             // Killed at a random moment, in forget or in prune.
@@ -519,10 +522,11 @@ fn lifecycle_under_concurrent_writers(backend: Backend) {
             let _ = child.wait();
         }
         stop.store(true, Ordering::SeqCst);
-        eprintln!("deleted while the writers wrote: {deleted:?}");
+        eprintln!("deleted while the writers wrote: {deleted:?}; {repacked} points repacked");
         for (key, sum) in deleted {
             assert!(sum > 0, "no {key} in 20 runs");
         }
+        assert!(repacked > 0, "no point repacked in 20 runs");
     });
     let _ = pgbench.kill();
     let _ = pgbench.wait();

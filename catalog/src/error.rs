@@ -98,6 +98,9 @@ pub enum RepoError {
          delete (hosts that only back up do not); run it again with them, and it finishes"
     )]
     CannotDelete { name: String, cause: Box<StoreError> },
+    /// A pack prune was repacking does not hold what the points say it does.
+    #[error("{pack} cannot be repacked: {problem}; it is kept (`ebb verify --read-data` says more)")]
+    DamagedPack { pack: String, problem: String },
     #[error("time {time} is before 1970 and cannot name a point")]
     BadTime { time: String },
     #[error(transparent)]
@@ -119,7 +122,7 @@ impl RepoError {
     /// the store could not be asked (which retrying may mend).
     pub fn is_damage(&self) -> bool {
         match self {
-            RepoError::Object(_) | RepoError::Blob(_) => true,
+            RepoError::Object(_) | RepoError::Blob(_) | RepoError::DamagedPack { .. } => true,
             RepoError::Store(e) => e.is_missing_data(),
             _ => false,
         }

@@ -30,6 +30,7 @@ mod pack;
 mod point;
 mod policy;
 mod prune;
+mod repack;
 mod repair;
 mod repo;
 mod restore;
@@ -62,6 +63,7 @@ pub use pack::{pack_name, parse_pack_name, BlobKind, BlobRef, PackEntry};
 pub use point::{validate_source, Manifest, PgInfo, PointRef, Skipped, Stats};
 pub use policy::StoredPolicy;
 pub use prune::{prune, PruneError, PruneOptions, PruneReport};
+pub use repack::{MaxUnused, RepackReport};
 pub use repair::{repair_index, IndexRepair};
 pub use repo::{Found, PointNames, Readable, Repository};
 pub use restore::{

@@ -17,7 +17,7 @@ const TRAILER_LEN: usize = 8;
 const HEADER_NONCE: u64 = u64::MAX;
 const HEADER_AAD: &[u8] = b"ebb v1 pack header";
 /// Bytes per header entry: kind, id, offset, length, raw length.
-const HEADER_ENTRY_LEN: usize = 1 + 32 + 4 + 4 + 4;
+pub(crate) const HEADER_ENTRY_LEN: usize = 1 + 32 + 4 + 4 + 4;
 
 /// What a blob holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

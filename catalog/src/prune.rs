@@ -36,7 +36,9 @@ use crate::index::{open_index, seal_for_points, INDEX_DIR};
 use crate::object::{open_object, seal_object};
 use crate::pack::{pack_name, parse_pack_name, BlobRef, PackEntry, PACKS_DIR};
 use crate::point::PgInfo;
+use crate::point::PointRef;
 use crate::policy::POLICIES_DIR;
+use crate::repack::{choose, repack, MaxUnused, PackUse, RepackReport};
 use crate::repo::Repository;
 use crate::tree::{EntryKind, Extent};
 use crate::wal::{mergeable, redundant, tli_dir, Lsn, WalKeep, WalPiece, WAL_DIR};
@@ -53,6 +55,8 @@ pub struct PruneOptions {
     /// Without it, or for a source with a base backup it cannot read, WAL is only
     /// compacted: none of it is deleted for being old.
     pub wal_positions: Option<WalPositions>,
+    /// How much unused space may stay in packs still used before they are repacked.
+    pub max_unused: MaxUnused,
 }
 
 /// Where a base backup's WAL starts and where it must reach, from its record.
@@ -97,6 +101,9 @@ pub struct PruneReport {
     pub rewritten_index_files: u64,
     /// Small index files written again as a few larger ones (and deleted).
     pub merged_index_files: u64,
+    /// Packs mostly unused, or small and many, whose used blobs this run wrote
+    /// again into new packs (the old ones are condemned with the others).
+    pub repack: RepackReport,
     /// Condemned sets or rescues that could not be read (never swept), objects the
     /// store refused to delete (tried again by a later run).
     pub problems: Vec<String>,
@@ -219,12 +226,57 @@ pub async fn prune(
     // 3. Condemn what nothing uses.
     let pending: HashSet<Id> = waiting.iter().chain(&unfinished).flat_map(|s| s.body.packs.iter().copied()).collect();
     let mut condemned = Condemned::default();
+
+    // 2b. Repack packs mostly unused, and small ones when there are many: their
+    // used blobs go into new packs, the points using them are written again, and
+    // the old packs are condemned below with the unused ones.
+    let young = |modified: &Option<Timestamp>| modified.is_none_or(|m| after(m, grace) > t0);
+    let usage: Vec<PackUse> = survey
+        .blobs
+        .iter()
+        .filter_map(|(id, used)| {
+            let (size, _) = packs.get(id)?;
+            Some(PackUse { id: *id, size: *size, used })
+        })
+        .collect();
+    let total_used: u64 = usage.iter().map(|u| u.used_bytes()).sum();
+    let total_unused: u64 = usage.iter().map(PackUse::unused_bytes).sum();
+    let candidates: Vec<PackUse> = usage
+        .iter()
+        .filter(|u| {
+            !survey.fragment_packs.contains(&u.id)
+                && !pending.contains(&u.id)
+                && !rescued.contains(&u.id)
+                && !deleted.contains(&u.id)
+                && packs.get(&u.id).is_some_and(|(_, m)| !young(m))
+        })
+        .map(|u| PackUse { id: u.id, size: u.size, used: u.used })
+        .collect();
+    let chosen: HashSet<Id> = choose(&candidates, total_used, total_unused, opts.max_unused).into_iter().collect();
+    if !chosen.is_empty() {
+        let chosen: Vec<PackUse> = candidates.into_iter().filter(|u| chosen.contains(&u.id)).collect();
+        report.repack = if opts.dry_run {
+            RepackReport {
+                packs: chosen.len() as u64,
+                bytes: chosen.iter().map(|u| u.size).sum(),
+                used_bytes: chosen.iter().map(|u| u.used_bytes()).sum(),
+                ..RepackReport::default()
+            }
+        } else {
+            repack(repo, &chosen, &survey.points, progress).await?
+        };
+        for u in &chosen {
+            condemned.packs.insert(u.id);
+            report.condemned_bytes += u.size;
+        }
+    }
+
     for (id, (size, modified)) in &packs {
         if live.contains(id) || deleted.contains(id) || pending.contains(id) || rescued.contains(id) {
             continue;
         }
         // A pack whose time the store does not give is taken as young.
-        if modified.is_none_or(|m| after(m, grace) > t0) {
+        if young(modified) {
             report.young_packs += 1;
             continue;
         }
@@ -437,6 +489,12 @@ async fn read_timed<T>(
 struct Survey {
     /// The packs every point and fragment uses.
     live: HashSet<Id>,
+    /// The blobs points use, by pack: (offset, length), sorted, each once.
+    blobs: HashMap<Id, Vec<(u32, u32)>>,
+    /// The packs fragments use: never repacked.
+    fragment_packs: HashSet<Id>,
+    /// Every point read.
+    points: Vec<PointRef>,
     /// The newest point of each source.
     newest: HashMap<String, Timestamp>,
     /// Every fragment, by source.
@@ -457,8 +515,8 @@ async fn survey(
         cause: e.to_string(),
     };
     let mut out = Survey::default();
-    let live = &mut out.live;
-    let mut seen_trees: HashSet<Id> = HashSet::new();
+    let mut blobs: HashMap<Id, Vec<(u32, u32)>> = HashMap::new();
+    let mut seen_trees: HashSet<(Id, u32)> = HashSet::new();
     for source in repo.sources().await? {
         let points = repo.points(&source).await?;
         if let Some(p) = points.last() {
@@ -475,25 +533,34 @@ async fn survey(
             };
             out.bases.entry(source.clone()).or_default().push((point.time, manifest.pg.clone()));
             let mut stack: Vec<BlobRef> = manifest.root_ref().into_iter().collect();
+            let mut uses = |b: &BlobRef| blobs.entry(b.pack).or_default().push((b.offset, b.length));
             while let Some(tree_ref) = stack.pop() {
-                if !seen_trees.insert(tree_ref.id) {
+                // By place, not content id: the same tree may be stored twice.
+                if !seen_trees.insert((tree_ref.pack, tree_ref.offset)) {
                     continue;
                 }
-                live.insert(tree_ref.pack);
+                uses(&tree_ref);
                 let tree = repo.read_tree(&tree_ref).await.map_err(|e| unreadable(&point.name, &e))?;
                 for entry in &tree.entries {
                     match entry.kind {
                         EntryKind::Dir => stack.extend(entry.subtree),
-                        EntryKind::File => live.extend(entry.content.iter().filter_map(|x| match x {
-                            Extent::Data(b) => Some(b.pack),
-                            Extent::Hole(_) => None,
-                        })),
+                        EntryKind::File => entry.content.iter().for_each(|x| match x {
+                            Extent::Data(b) => uses(b),
+                            Extent::Hole(_) => {}
+                        }),
                         _ => {}
                     }
                 }
             }
+            out.points.push(point);
         }
     }
+    for used in blobs.values_mut() {
+        used.sort_unstable();
+        used.dedup();
+    }
+    out.live.extend(blobs.keys().copied());
+    out.blobs = blobs;
     let store = repo.store();
     for source in store.list_dirs(FRAGS_DIR).await? {
         progress(&format!("fragments of {source}"));
@@ -510,9 +577,10 @@ async fn survey(
         let frags: Vec<_> = stream::iter(reads).buffer_unordered(IN_FLIGHT).try_collect().await?;
         for frag in frags.into_iter().flatten() {
             report.fragments += 1;
-            out.live.extend(frag.growths.iter().flat_map(|g| &g.chunks).map(|b| b.pack));
+            out.fragment_packs.extend(frag.growths.iter().flat_map(|g| &g.chunks).map(|b| b.pack));
         }
     }
+    out.live.extend(out.fragment_packs.iter().copied());
     Ok(out)
 }
 
@@ -715,7 +783,12 @@ mod tests {
     const SEG: u64 = 1 << 20;
 
     async fn run_wal(repo: &Repository) -> PruneReport {
-        let opts = PruneOptions { dry_run: false, timing: timing(), wal_positions: Some(positions) };
+        let opts = PruneOptions {
+            dry_run: false,
+            timing: timing(),
+            wal_positions: Some(positions),
+            max_unused: MaxUnused::default(),
+        };
         prune(repo, opts, &|_| {}).await.unwrap()
     }
 
@@ -729,7 +802,13 @@ mod tests {
     }
 
     async fn run(repo: &Repository) -> PruneReport {
-        prune(repo, PruneOptions { dry_run: false, timing: timing(), wal_positions: None }, &|_| {}).await.unwrap()
+        prune(
+            repo,
+            PruneOptions { dry_run: false, timing: timing(), wal_positions: None, max_unused: MaxUnused::default() },
+            &|_| {},
+        )
+        .await
+        .unwrap()
     }
 
     async fn verified(repo: &Repository) {
@@ -956,8 +1035,13 @@ mod tests {
         forget(&repo, &a).await;
         tokio::time::sleep(GRACE).await;
         let before = repo.store().sample(1000).await.unwrap();
-        let r =
-            prune(&repo, PruneOptions { dry_run: true, timing: timing(), wal_positions: None }, &|_| {}).await.unwrap();
+        let r = prune(
+            &repo,
+            PruneOptions { dry_run: true, timing: timing(), wal_positions: None, max_unused: MaxUnused::default() },
+            &|_| {},
+        )
+        .await
+        .unwrap();
         assert_eq!(r.condemned_packs, 1);
         let mut after = repo.store().sample(1000).await.unwrap();
         let mut before = before;
@@ -1061,5 +1145,133 @@ mod tests {
         repo.store().delete(&points[3].name).await.unwrap();
         let report = crate::verify(&repo, false, &|_| {}).await.unwrap();
         assert!(report.errors.iter().any(|e| e.contains(&points[3].name) && e.contains("missing")), "{report:?}");
+    }
+
+    /// Bytes that do not compress.
+    fn noise(seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..200_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A point of one file for each of `files`, through `w`.
+    async fn point_files(w: &Arc<Writer>, files: Vec<Vec<u8>>) -> PointRef {
+        let w2 = w.clone();
+        let root = tokio::task::spawn_blocking(move || {
+            let mut p = w2.packer();
+            let mut entries = Vec::new();
+            for (i, data) in files.iter().enumerate() {
+                let mut file = Entry::new(format!("f{i}").into_bytes(), EntryKind::File);
+                file.size = data.len() as u64;
+                file.content = vec![Extent::Data(p.store(BlobKind::Data, data).unwrap())];
+                entries.push(file);
+            }
+            let root = p.store(BlobKind::Tree, &Tree { entries }.encode()).unwrap();
+            p.flush().unwrap();
+            root
+        })
+        .await
+        .unwrap();
+        let durable = w.checkpoint().await.unwrap();
+        let time = Timestamp::now();
+        let mut m = Manifest::new("s", time, "h".into(), "dir", "/p".into(), root);
+        m.index = durable.summary.index.clone();
+        durable.commit(&m, time).await.unwrap()
+    }
+
+    /// The files of a point, read back, and the packs they are in.
+    async fn read_point(repo: &Repository, p: &PointRef) -> (Vec<Vec<u8>>, HashSet<Id>) {
+        let root = repo.manifest(p).await.unwrap().root_ref().unwrap();
+        let mut packs = HashSet::from([root.pack]);
+        let mut out = Vec::new();
+        for e in repo.read_tree(&root).await.unwrap().entries {
+            let mut data = Vec::new();
+            for x in &e.content {
+                let Extent::Data(b) = x else { continue };
+                packs.insert(b.pack);
+                data.extend_from_slice(&repo.read_blob(BlobKind::Data, b).await.unwrap());
+            }
+            out.push(data);
+        }
+        (out, packs)
+    }
+
+    /// A pack half unused (a forgotten point's file) is repacked: the point that
+    /// still uses it is written again, under its name, to use a new pack, and reads
+    /// the same; the old pack is condemned. A writer that took a blob from the old
+    /// pack before rescues it, so it outlives the sweep; once nothing uses it, it
+    /// goes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn packs_mostly_unused_are_repacked_and_a_writer_using_them_keeps_them() {
+        let repo = repo().await;
+        let first =
+            point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), vec![noise(1), noise(2)]).await;
+        let (_, old_packs) = read_point(&repo, &first).await;
+        assert_eq!(old_packs.len(), 1);
+        let old = *old_packs.iter().next().unwrap();
+        let kept =
+            point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), vec![noise(1), noise(3)]).await;
+        let (files, packs) = read_point(&repo, &kept).await;
+        assert!(packs.contains(&old), "the first file is deduplicated");
+        forget(&repo, &first).await;
+        // A writer that takes the first file from the old pack before the repack.
+        let user = Writer::with_timing(repo.clone(), timing()).await.unwrap();
+        let u2 = user.clone();
+        let taken =
+            tokio::task::spawn_blocking(move || u2.packer().store(BlobKind::Data, &noise(1)).unwrap()).await.unwrap();
+        assert_eq!(taken.pack, old);
+        tokio::time::sleep(GRACE).await;
+
+        let dry = prune(
+            &repo,
+            PruneOptions { dry_run: true, timing: timing(), wal_positions: None, max_unused: MaxUnused::default() },
+            &|_| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!((dry.repack.packs, dry.repack.rewritten_points), (1, 0), "{dry:?}");
+        let unlimited = prune(
+            &repo,
+            PruneOptions { dry_run: true, timing: timing(), wal_positions: None, max_unused: MaxUnused::UNLIMITED },
+            &|_| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!(unlimited.repack.packs, 0, "{unlimited:?}");
+
+        let repacked = run(&repo).await;
+        assert_eq!((repacked.repack.packs, repacked.repack.rewritten_points), (1, 1), "{repacked:?}");
+        assert!(repacked.condemned_packs >= 1, "{repacked:?}");
+        let (again, packs) = read_point(&repo, &kept).await;
+        assert_eq!(again, files, "the point reads the same");
+        assert!(!packs.contains(&old), "and no longer uses the old pack");
+        assert_eq!(repo.points("s").await.unwrap(), vec![kept.clone()], "under its own name");
+        verified(&repo).await;
+
+        // The writer sees the condemnation and rescues the old pack; the sweep spares it.
+        wait_rescued(&repo).await;
+        tokio::time::sleep(GRACE).await;
+        let swept = run(&repo).await;
+        assert!(swept.spared_packs >= 1 && exists(&repo, &old).await, "{swept:?}");
+        let mine = point_files(&user, vec![noise(1)]).await;
+        drop(user);
+        verified(&repo).await;
+
+        // Its point does not use the old pack: a writer that sees a pack condemned
+        // stores again what it holds. Nothing uses it now, and it goes.
+        tokio::time::sleep(GRACE).await;
+        run(&repo).await;
+        tokio::time::sleep(GRACE).await;
+        run(&repo).await;
+        assert!(!exists(&repo, &old).await);
+        assert_eq!(read_point(&repo, &kept).await.0, files);
+        assert_eq!(read_point(&repo, &mine).await.0, vec![noise(1)]);
+        verified(&repo).await;
     }
 }

@@ -3,13 +3,13 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use catalog::{PruneOptions, Timing};
+use catalog::{MaxUnused, PruneOptions, Timing};
 
 use crate::cli::Global;
 use crate::context::open;
 use crate::output::{bytes, humanize, spinner};
 
-pub async fn prune(g: &Global, dry_run: bool, json: bool) -> Result<ExitCode> {
+pub async fn prune(g: &Global, dry_run: bool, max_unused: MaxUnused, json: bool) -> Result<ExitCode> {
     let repo = open(g).await?;
     let timing = Timing::from_env();
     let pb = spinner(g.quiet);
@@ -17,7 +17,7 @@ pub async fn prune(g: &Global, dry_run: bool, json: bool) -> Result<ExitCode> {
         let pb = pb.clone();
         move |s: &str| pb.set_message(format!("reading {s}"))
     };
-    let opts = PruneOptions { dry_run, timing, wal_positions: Some(streamer::pg::info::wal_positions) };
+    let opts = PruneOptions { dry_run, timing, wal_positions: Some(streamer::pg::info::wal_positions), max_unused };
     let report = catalog::prune(&repo, opts, &progress).await;
     pb.finish_and_clear();
     let r = report?;
@@ -61,6 +61,19 @@ pub async fn prune(g: &Global, dry_run: bool, json: bool) -> Result<ExitCode> {
     }
     if r.merged_segments > 0 {
         println!("WAL: {} finished segments written again as one piece each", r.merged_segments);
+    }
+    if r.repack.packs > 0 {
+        let rp = &r.repack;
+        println!(
+            "{verb}repacked: {} packs ({}, of it {} used) into {} new packs ({}); {} points {would}written again to \
+             use them",
+            rp.packs,
+            bytes(rp.bytes),
+            bytes(rp.used_bytes),
+            rp.written_packs,
+            bytes(rp.written_bytes),
+            rp.rewritten_points
+        );
     }
     if r.young_packs > 0 {
         println!(

@@ -48,16 +48,18 @@ pub async fn once(repo: &Repository, source: &str, host: &str) -> Result<String,
         dry_run: false,
         timing: Timing::from_env(),
         wal_positions: Some(crate::pg::info::wal_positions),
+        max_unused: catalog::MaxUnused::default(),
     };
     let r = catalog::prune(repo, opts, &|_| {}).await?;
     Ok(format!(
         "forgot {} points of {source}; pruned: {} packs deleted, {} condemned, {} fragments folded, {} WAL pieces \
-         deleted, {} segments merged",
+         deleted, {} segments merged, {} packs repacked",
         forgotten.points,
         r.deleted_packs,
         r.condemned_packs,
         r.folded_fragments,
         r.deleted_wal_pieces,
-        r.merged_segments
+        r.merged_segments,
+        r.repack.packs
     ))
 }

@@ -1,0 +1,423 @@
+//! Repacking, for prune: the live blobs of packs mostly unused, and of many small
+//! packs, are written again into full packs, and the points that use them are
+//! written again to say where their blobs now are. The old packs are then unused,
+//! and go the way of every unused pack: condemned, then swept after the grace.
+//!
+//! A blob reference says in which pack and where a blob is (so that a mount reads
+//! it with one ranged GET and no index), so moving a blob means writing again every
+//! tree above it, up to the point's manifest, which is replaced under its own name:
+//! the point keeps its name, time and handle. A reader that opened the old manifest
+//! reads the old packs, which stay for the grace at least. Packs a fragment uses
+//! are never chosen: fragments are folded away instead.
+//!
+//! Order: the new packs, then an index file naming their blobs, then the manifests.
+//! A point forgotten meanwhile (its forget record written before its manifest is
+//! deleted) is deleted again if replacing it brought it back.
+
+use std::collections::{HashMap, HashSet};
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+
+use crate::crypto::{compressor, encode_payload, open_in_place};
+use crate::error::{BlobError, RepoError};
+use crate::id::Id;
+use crate::index::seal_for_points;
+use crate::pack::{
+    blob_aad, pack_name, read_header, BlobKind, BlobRef, PackBuilder, PackEntry, HEADER_ENTRY_LEN, PACK_TARGET,
+};
+use crate::point::{PointRef, RefJson};
+use crate::repo::Repository;
+use crate::tree::{EntryKind, Extent, Tree};
+
+/// A pack smaller than this is small: many of them are merged.
+pub const SMALL_PACK: u64 = (PACK_TARGET / 4) as u64;
+/// More small packs than this, and they are merged.
+pub const SMALL_PACKS_ABOVE: usize = 16;
+
+/// How much unused space prune leaves in packs still used: as a share of all pack
+/// space, in percent (like restic's `--max-unused`). Above it, the packs with the
+/// largest unused share are repacked until it holds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaxUnused(pub f64);
+
+impl Default for MaxUnused {
+    fn default() -> MaxUnused {
+        MaxUnused(5.0)
+    }
+}
+
+impl MaxUnused {
+    /// Never repack for unused space (small packs are still merged).
+    pub const UNLIMITED: MaxUnused = MaxUnused(100.0);
+
+    /// `5`, `5%`, `0.5%` or `unlimited`.
+    pub fn parse(s: &str) -> Result<MaxUnused, String> {
+        if s == "unlimited" {
+            return Ok(MaxUnused::UNLIMITED);
+        }
+        let v: f64 = s
+            .strip_suffix('%')
+            .unwrap_or(s)
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a percentage: give e.g. 5, 5% or unlimited"))?;
+        if !(0.0..=100.0).contains(&v) {
+            return Err(format!("{s:?} is not between 0% and 100%"));
+        }
+        Ok(MaxUnused(v))
+    }
+
+    /// The most unused bytes allowed beside `used` bytes: unused / (used + unused)
+    /// stays at most the percentage.
+    fn allowed(self, used: u64) -> u64 {
+        if self.0 >= 100.0 {
+            return u64::MAX;
+        }
+        (used as f64 * self.0 / (100.0 - self.0)) as u64
+    }
+}
+
+/// What repacking did (or, in a dry run, would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RepackReport {
+    /// Packs chosen: mostly unused, or small and many.
+    pub packs: u64,
+    /// Their stored bytes, and of them the bytes still used (written again).
+    pub bytes: u64,
+    pub used_bytes: u64,
+    /// New packs written, and their bytes (the used blobs, and trees written again).
+    pub written_packs: u64,
+    pub written_bytes: u64,
+    /// Points written again to use the new packs.
+    pub rewritten_points: u64,
+}
+
+/// A pack's stored size and the (offset, length) of each of its blobs in use.
+pub struct PackUse<'a> {
+    pub id: Id,
+    pub size: u64,
+    pub used: &'a [(u32, u32)],
+}
+
+impl PackUse<'_> {
+    pub fn used_bytes(&self) -> u64 {
+        self.used.iter().map(|(_, l)| u64::from(*l)).sum()
+    }
+
+    /// What is stored for nothing: beyond the used blobs and what a pack holding
+    /// only them would take for its header (an entry, at most, a blob: ids do not
+    /// compress), so that a pack just repacked never counts as unused.
+    pub fn unused_bytes(&self) -> u64 {
+        let header = HEADER_OVERHEAD + HEADER_ENTRY * self.used.len() as u64;
+        self.size.saturating_sub(self.used_bytes() + header)
+    }
+}
+
+/// A pack header's bytes beyond its entries, at most: seal, framing, trailer.
+const HEADER_OVERHEAD: u64 = 64;
+/// A header entry's bytes, uncompressed.
+const HEADER_ENTRY: u64 = HEADER_ENTRY_LEN as u64;
+
+/// The packs to repack, of those that may be (`candidates`, each used by some
+/// point): the most unused first while unused space is above `max`, then all the
+/// small ones if there are many. `total_used` and `total_unused` count every pack
+/// still used, candidates or not.
+pub fn choose(candidates: &[PackUse], total_used: u64, total_unused: u64, max: MaxUnused) -> Vec<Id> {
+    let mut chosen: Vec<Id> = Vec::new();
+    let mut unused = total_unused;
+    let allowed = max.allowed(total_used);
+    let mut by_waste: Vec<&PackUse> = candidates.iter().collect();
+    // The largest share unused first; ties by id, so that two runs choose alike.
+    by_waste.sort_by(|a, b| {
+        let share = |p: &PackUse| p.unused_bytes() as f64 / p.size.max(1) as f64;
+        share(b).total_cmp(&share(a)).then(a.id.0.cmp(&b.id.0))
+    });
+    for p in by_waste {
+        if unused <= allowed {
+            break;
+        }
+        let waste = p.unused_bytes();
+        if waste == 0 {
+            break;
+        }
+        unused -= waste.min(unused);
+        chosen.push(p.id);
+    }
+    let taken: HashSet<Id> = chosen.iter().copied().collect();
+    let small: Vec<Id> =
+        candidates.iter().filter(|p| p.size < SMALL_PACK && !taken.contains(&p.id)).map(|p| p.id).collect();
+    if small.len() + chosen.iter().filter(|id| candidates.iter().any(|p| p.id == **id && p.size < SMALL_PACK)).count()
+        > SMALL_PACKS_ABOVE
+    {
+        chosen.extend(small);
+    }
+    chosen
+}
+
+/// Writes the used blobs of `chosen` packs into new packs, and every point of
+/// `points` that uses them again. Returns the report; the chosen packs are then
+/// used by no point this run saw.
+pub async fn repack(
+    repo: &Repository,
+    chosen: &[PackUse<'_>],
+    points: &[PointRef],
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<RepackReport, RepoError> {
+    let mut report = RepackReport { packs: chosen.len() as u64, ..RepackReport::default() };
+    let mut out = Output::new(repo);
+    let moving: HashSet<Id> = chosen.iter().map(|p| p.id).collect();
+    // 1. Data blobs, pack by pack: each pack is read once, whole.
+    let mut moved: HashMap<(Id, u32), BlobRef> = HashMap::new();
+    for (i, p) in chosen.iter().enumerate() {
+        progress(&format!("repacking pack {} of {}", i + 1, chosen.len()));
+        report.bytes += p.size;
+        report.used_bytes += p.used_bytes();
+        let bytes = repo.store().get(&pack_name(&p.id)).await?;
+        let damaged = |problem: String| RepoError::DamagedPack { pack: pack_name(&p.id), problem };
+        let header = read_header(repo.keys(), &p.id, &bytes).map_err(|e| damaged(e.to_string()))?;
+        let by_offset: HashMap<u32, &PackEntry> = header.iter().map(|e| (e.blob.offset, e)).collect();
+        for (offset, length) in p.used {
+            // Every blob a point uses must be where the header says: what is not
+            // found here would be lost with the pack.
+            let e = by_offset
+                .get(offset)
+                .filter(|e| e.blob.length == *length)
+                .ok_or_else(|| damaged(format!("its header does not list the blob a point uses at {offset}")))?;
+            if e.kind != BlobKind::Data {
+                continue; // trees are written again below, from the points down
+            }
+            let b = e.blob;
+            let sealed = bytes
+                .get(b.range().start as usize..b.range().end as usize)
+                .ok_or_else(|| damaged("a blob lies past its end".to_string()))?;
+            let payload = open_in_place(
+                &repo.keys().pack_cipher(&p.id),
+                &blob_aad(BlobKind::Data, &b.id),
+                BytesMut::from(sealed),
+            )
+            .map_err(|err| damaged(format!("blob at {offset}: {err}")))?;
+            let new = out.add(BlobKind::Data, b.id, b.raw_len, &payload).await?;
+            moved.insert((p.id, b.offset), new);
+        }
+    }
+    // 2. Trees, from every point down, and the manifests.
+    let mut trees = Trees { repo, moving: &moving, moved: &moved, new: HashMap::new(), clean: HashSet::new() };
+    let mut replaced: Vec<(PointRef, crate::point::Manifest)> = Vec::new();
+    for point in points {
+        progress(&format!("point {}", point.name));
+        let mut manifest = match repo.manifest(point).await {
+            Ok(m) => m,
+            Err(RepoError::Store(e)) if e.is_not_found() => continue, // forgotten since
+            Err(e) => return Err(e),
+        };
+        let Some(root) = manifest.root_ref() else { continue };
+        if let Some(new) = trees.rewrite(root, &mut out).await? {
+            manifest.root = RefJson::from(new);
+            replaced.push((point.clone(), manifest));
+        }
+    }
+    let entries = out.finish().await?;
+    report.written_packs = out.packs;
+    report.written_bytes = out.bytes;
+    if !entries.is_empty() {
+        let name = Repository::new_index_name();
+        repo.store().put_new(&name, Bytes::from(seal_for_points(repo.keys(), &name, &[], &entries))).await?;
+    }
+    for (point, manifest) in &replaced {
+        repo.store().put_overwrite(&point.name, Bytes::from(manifest.seal(repo.keys(), &point.name))).await?;
+        report.rewritten_points += 1;
+    }
+    // A forget that ran meanwhile deleted a manifest this run then wrote again.
+    if !replaced.is_empty() {
+        let (forgotten, _) = crate::forget::forgotten_points(repo).await?;
+        for (point, _) in replaced.iter().filter(|(p, _)| forgotten.contains(&p.name)) {
+            repo.store().delete(&point.name).await?;
+        }
+    }
+    Ok(report)
+}
+
+/// Trees being written again, remembered by content id.
+struct Trees<'a> {
+    repo: &'a Repository,
+    moving: &'a HashSet<Id>,
+    moved: &'a HashMap<(Id, u32), BlobRef>,
+    /// Trees written again: old content id to new reference.
+    new: HashMap<Id, BlobRef>,
+    /// Trees that need nothing changed below them.
+    clean: HashSet<Id>,
+}
+
+impl Trees<'_> {
+    /// The new reference of the tree at `r`, or `None` if it stays as it is.
+    async fn rewrite(&mut self, r: BlobRef, out: &mut Output<'_>) -> Result<Option<BlobRef>, RepoError> {
+        if let Some(new) = self.new.get(&r.id) {
+            return Ok(Some(*new));
+        }
+        if self.clean.contains(&r.id) && !self.moving.contains(&r.pack) {
+            return Ok(None);
+        }
+        let mut tree = self.repo.read_tree(&r).await?;
+        let mut changed = false;
+        for entry in &mut tree.entries {
+            match entry.kind {
+                EntryKind::Dir => {
+                    if let Some(sub) = entry.subtree {
+                        if let Some(new) = Box::pin(self.rewrite(sub, out)).await? {
+                            entry.subtree = Some(new);
+                            changed = true;
+                        }
+                    }
+                }
+                EntryKind::File => {
+                    for x in &mut entry.content {
+                        if let Extent::Data(b) = x {
+                            if !self.moving.contains(&b.pack) {
+                                continue;
+                            }
+                            // Every blob in a pack being repacked that a point uses was
+                            // moved; one that was not would be lost with the pack.
+                            let new = self.moved.get(&(b.pack, b.offset)).ok_or_else(|| RepoError::DamagedPack {
+                                pack: pack_name(&b.pack),
+                                problem: format!("a point uses a blob at {} that was not seen before", b.offset),
+                            })?;
+                            *b = *new;
+                            changed = true;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !changed && !self.moving.contains(&r.pack) {
+            self.clean.insert(r.id);
+            return Ok(None);
+        }
+        let new = out.add_tree(&r, &tree).await?;
+        self.new.insert(r.id, new);
+        Ok(Some(new))
+    }
+}
+
+/// New packs being filled, uploaded as each is full.
+struct Output<'a> {
+    repo: &'a Repository,
+    builder: PackBuilder,
+    entries: Vec<PackEntry>,
+    trees: HashMap<Id, BlobRef>,
+    compressor: zstd::bulk::Compressor<'static>,
+    packs: u64,
+    bytes: u64,
+}
+
+impl<'a> Output<'a> {
+    fn new(repo: &'a Repository) -> Output<'a> {
+        Output {
+            repo,
+            builder: PackBuilder::new(repo.keys()),
+            entries: Vec::new(),
+            trees: HashMap::new(),
+            compressor: compressor(),
+            packs: 0,
+            bytes: 0,
+        }
+    }
+
+    async fn add(&mut self, kind: BlobKind, id: Id, raw_len: u32, payload: &[u8]) -> Result<BlobRef, RepoError> {
+        let b = self.builder.add(kind, id, raw_len, payload);
+        if self.builder.len() >= PACK_TARGET {
+            self.flush().await?;
+        }
+        Ok(b)
+    }
+
+    async fn add_tree(&mut self, old: &BlobRef, tree: &Tree) -> Result<BlobRef, RepoError> {
+        let plain = tree.encode();
+        let id = self.repo.keys().content_id(&plain);
+        if let Some(b) = self.trees.get(&id) {
+            return Ok(*b);
+        }
+        let raw_len = u32::try_from(plain.len())
+            .map_err(|_| BlobError::new(BlobKind::Tree, old, "written again, it would be larger than 4 GiB"))?;
+        let payload = encode_payload(&plain, Some(&mut self.compressor));
+        let b = self.add(BlobKind::Tree, id, raw_len, &payload).await?;
+        self.trees.insert(id, b);
+        Ok(b)
+    }
+
+    async fn flush(&mut self) -> Result<(), RepoError> {
+        if self.builder.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.builder, PackBuilder::new(self.repo.keys()));
+        let (id, bytes, entries) = full.finish();
+        self.packs += 1;
+        self.bytes += bytes.len() as u64;
+        self.repo.store().put_new(&pack_name(&id), Bytes::from(bytes)).await?;
+        self.entries.extend(entries);
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<Vec<PackEntry>, RepoError> {
+        self.flush().await?;
+        Ok(std::mem::take(&mut self.entries))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> Id {
+        Id([n; 32])
+    }
+
+    #[test]
+    fn max_unused_parses_percentages() {
+        assert_eq!(MaxUnused::parse("5"), Ok(MaxUnused(5.0)));
+        assert_eq!(MaxUnused::parse("0.5%"), Ok(MaxUnused(0.5)));
+        assert_eq!(MaxUnused::parse("unlimited"), Ok(MaxUnused::UNLIMITED));
+        for bad in ["", "-1", "101%", "five", "5%%", "NaN"] {
+            assert!(MaxUnused::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(MaxUnused(0.0).allowed(1000), 0);
+        assert_eq!(MaxUnused(50.0).allowed(1000), 1000);
+        assert_eq!(MaxUnused::UNLIMITED.allowed(1000), u64::MAX);
+    }
+
+    /// The emptiest packs first, only as many as bring unused space within the
+    /// limit; a pack whose only unused bytes are its own header never counts.
+    #[test]
+    fn the_emptiest_packs_are_chosen_until_unused_space_is_within_the_limit() {
+        let big = PACK_TARGET as u64;
+        let (half, tenth, full) = ([(0, (big / 2) as u32)], [(0, (big * 9 / 10) as u32)], [(0, big as u32 - 100)]);
+        let packs = [
+            PackUse { id: id(1), size: big, used: &tenth },
+            PackUse { id: id(2), size: big, used: &half },
+            PackUse { id: id(3), size: big, used: &full },
+        ];
+        let used: u64 = packs.iter().map(PackUse::used_bytes).sum();
+        let unused: u64 = packs.iter().map(PackUse::unused_bytes).sum();
+        assert_eq!(packs[2].unused_bytes(), 0, "a full pack's header is not unused space");
+        assert_eq!(choose(&packs, used, unused, MaxUnused::UNLIMITED), Vec::<Id>::new());
+        // 20 % of all pack space is unused.
+        assert_eq!(choose(&packs, used, unused, MaxUnused(20.0)), Vec::<Id>::new());
+        assert_eq!(choose(&packs, used, unused, MaxUnused(15.0)), vec![id(2)], "half unused goes first");
+        assert_eq!(choose(&packs, used, unused, MaxUnused(0.0)), vec![id(2), id(1)]);
+        // Unused space elsewhere (in packs that may not be repacked) counts too.
+        assert_eq!(choose(&packs[..1], used, unused, MaxUnused(5.0)), vec![id(1)]);
+    }
+
+    /// Small packs are merged only when there are more than a few.
+    #[test]
+    fn small_packs_are_merged_when_there_are_many() {
+        let used = [(0u32, 1000u32)];
+        let small: Vec<PackUse> =
+            (0..=SMALL_PACKS_ABOVE as u8).map(|n| PackUse { id: id(n), size: 1000 + 100, used: &used }).collect();
+        let total: u64 = small.iter().map(PackUse::used_bytes).sum();
+        let few = &small[..SMALL_PACKS_ABOVE];
+        assert!(choose(few, total, 0, MaxUnused::UNLIMITED).is_empty());
+        assert_eq!(choose(&small, total, 0, MaxUnused::UNLIMITED).len(), SMALL_PACKS_ABOVE + 1);
+    }
+}
