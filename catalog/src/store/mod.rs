@@ -148,6 +148,20 @@ impl Store {
     }
 
     /// A fresh in-memory store, for tests.
+    /// A `file://` store in `dir` (created) that never fsyncs: only for generating
+    /// repositories to measure (`examples/history.rs`), never for data to keep.
+    pub fn open_unsynced(dir: &std::path::Path) -> Result<Store, StoreError> {
+        let path = dir.display().to_string();
+        std::fs::create_dir_all(dir).map_err(|cause| StoreError::Io {
+            op: "create directory",
+            name: path.clone(),
+            cause,
+        })?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+            .map_err(|e| StoreError::from_backend("open", &path, e))?;
+        Ok(Store { inner: Arc::new(fs), prefix: String::new(), local_root: None, url: format!("file://{path}") })
+    }
+
     pub fn memory() -> Store {
         Store {
             inner: Arc::new(object_store::memory::InMemory::new()),

@@ -17,8 +17,7 @@ pub mod lsn;
 pub mod names;
 pub mod restore;
 pub mod spool;
-#[cfg(test)]
-mod testwal;
+pub mod testwal;
 pub mod walscan;
 pub mod walstream;
 pub mod wire;

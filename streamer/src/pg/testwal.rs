@@ -1,4 +1,4 @@
-//! WAL made up for unit tests, laid out as PostgreSQL 15 lays it out: 8 KiB
+//! WAL made up for unit tests and benches, laid out as PostgreSQL 15 lays it out: 8 KiB
 //! pages, a long header at each segment's start, a short one on every other page,
 //! each saying how much of a record continues onto it; records aligned to 8 bytes,
 //! spanning pages and segments. Commits carry their time; other records are of
@@ -9,18 +9,36 @@ const PAGE: u64 = 8192;
 /// WAL from position 0, record by record.
 pub struct MadeUp {
     pub segment_size: u64,
+    /// The WAL from `base` on (`take_segment` moves it).
     pub wal: Vec<u8>,
+    pub base: u64,
     /// Where each record starts, and the commit time of those that are commits.
     pub records: Vec<(u64, Option<i64>)>,
 }
 
 impl MadeUp {
     pub fn new(segment_size: u64) -> MadeUp {
-        MadeUp { segment_size, wal: Vec::new(), records: Vec::new() }
+        MadeUp { segment_size, wal: Vec::new(), base: 0, records: Vec::new() }
     }
 
-    fn pos(&self) -> u64 {
-        self.wal.len() as u64
+    /// Where the next byte goes.
+    pub fn pos(&self) -> u64 {
+        self.base + self.wal.len() as u64
+    }
+
+    /// The oldest whole segment made so far, handed over (and forgotten, with the
+    /// records in it), or `None` until there is one: for WAL too long to hold.
+    pub fn take_segment(&mut self) -> Option<(u64, Vec<u8>)> {
+        let size = self.segment_size as usize;
+        if self.wal.len() < size {
+            return None;
+        }
+        let start = self.base;
+        let rest = self.wal.split_off(size);
+        let segment = std::mem::replace(&mut self.wal, rest);
+        self.base += self.segment_size;
+        self.records.retain(|(at, _)| *at >= self.base);
+        Some((start, segment))
     }
 
     /// A page header at the current position, which is a page's start.
