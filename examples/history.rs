@@ -7,9 +7,10 @@
 //! REPO_DIR must hold a repository (`ebb init`) that KEY_FILE unlocks. It adds,
 //! one minute apart and ending a minute ago:
 //! - source `web` (a directory stream): POINTS points of a small tree (a log that
-//!   grows, a file that changes, twenty that never do), each with its pack and
-//!   index file, and two fragments between each point and the next, each growing
-//!   the log, with a pack of its own;
+//!   grows and is rotated every hour, a file that changes, twenty that never do),
+//!   each with its pack and index file, and two fragments between each point and
+//!   the next, each growing the log, with a pack of its own (in the next point's
+//!   index file);
 //! - source `db` (PostgreSQL): WAL on timeline 1 in 1 MiB segments, four pieces of
 //!   8 KiB a minute with a commit record every 512 bytes, received when their
 //!   commits were made; and a base backup (a small made-up data directory) every
@@ -59,7 +60,11 @@ async fn main() -> Result<()> {
     let mut wal = Wal::new(&repo).await?;
     let mut bases = 0;
     for minute in 0..points {
-        // The point: the log as far as it is, the changing file, the others.
+        // The point: the log as far as it is (rotated every hour), the changing
+        // file, the others.
+        if minute % 60 == 0 {
+            (log, log_len) = (Vec::new(), 0);
+        }
         let grown = format!("minute {minute}: {}\n", "line ".repeat(40)).into_bytes();
         log_len += grown.len() as u64;
         let root = packing(&writer, |p| {
@@ -82,6 +87,8 @@ async fn main() -> Result<()> {
             let growth =
                 Growth { device: LOG.0, inode: LOG.1, from: log_len, mtime: tree_time(t), chunks: vec![chunk] };
             fb.commit(&repo, "web", t, &Fragment { growths: vec![growth] }).await?;
+            // As a stream does, its packs go into the next point's index file.
+            writer.adopt(std::mem::take(&mut fb.entries));
         }
         // The WAL of the minute, and a base backup once a day.
         let begin = wal.minute(&repo, at(minute)).await?;

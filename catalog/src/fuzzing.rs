@@ -46,6 +46,7 @@ pub const TARGETS: &[Target] = &[
     ("policy", policy),
     ("forget_record", forget_record),
     ("condemned", condemned),
+    ("index_cache", index_cache),
 ];
 
 fn keys() -> Keys {
@@ -168,6 +169,15 @@ pub fn condemned(data: &[u8]) {
     }
 }
 
+pub fn index_cache(data: &[u8]) {
+    let records = crate::index_cache::decode(data);
+    let mut again = b"EBIC1\n".to_vec();
+    for (name, bytes) in &records {
+        crate::index_cache::encode_record(&mut again, name, bytes);
+    }
+    assert_eq!(crate::index_cache::decode(&again), records, "what decodes encodes the same");
+}
+
 pub fn forget_record(data: &[u8]) {
     let _ = ForgetRecord::decode("forgotten/s/0000000000000000-0000000000000000", data);
 }
@@ -275,6 +285,10 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     out.push(("condemned", condemned.encode()));
     out.push(("condemned", crate::condemned::Rescued { packs: condemned.packs, names: condemned.names }.encode()));
+    let mut cache = b"EBIC1\n".to_vec();
+    crate::index_cache::encode_record(&mut cache, "index/ab", b"sealed bytes");
+    crate::index_cache::encode_record(&mut cache, "index/cd", b"");
+    out.push(("index_cache", cache));
     for t in ["2026-11-21 10:15", "2026-11-21T10:15:00.250+01:00", "@1763720100.25", "2h30m ago", "latest"] {
         out.push(("time", t.as_bytes().to_vec()));
     }

@@ -20,6 +20,7 @@ mod fragment;
 pub mod fuzzing;
 mod id;
 mod index;
+mod index_cache;
 mod init;
 mod inventory;
 mod keyfile;

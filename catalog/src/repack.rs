@@ -30,8 +30,10 @@ use crate::point::{PointRef, RefJson};
 use crate::repo::Repository;
 use crate::tree::{EntryKind, Extent, Tree};
 
-/// A pack smaller than this is small: many of them are merged.
-pub const SMALL_PACK: u64 = (PACK_TARGET / 4) as u64;
+/// A pack smaller than this is small: many of them are merged. A stream writes
+/// packs of a few KiB with each point; a backup's last packs are larger, and
+/// merging those would write much to save few objects.
+pub const SMALL_PACK: u64 = (PACK_TARGET / 16) as u64;
 /// More small packs than this, and they are merged.
 pub const SMALL_PACKS_ABOVE: usize = 16;
 
@@ -145,12 +147,8 @@ pub fn choose(candidates: &[PackUse], total_used: u64, total_unused: u64, max: M
         chosen.push(p.id);
     }
     let taken: HashSet<Id> = chosen.iter().copied().collect();
-    let small: Vec<Id> =
-        candidates.iter().filter(|p| p.size < SMALL_PACK && !taken.contains(&p.id)).map(|p| p.id).collect();
-    if small.len() + chosen.iter().filter(|id| candidates.iter().any(|p| p.id == **id && p.size < SMALL_PACK)).count()
-        > SMALL_PACKS_ABOVE
-    {
-        chosen.extend(small);
+    if candidates.iter().filter(|p| p.size < SMALL_PACK).count() > SMALL_PACKS_ABOVE {
+        chosen.extend(candidates.iter().filter(|p| p.size < SMALL_PACK && !taken.contains(&p.id)).map(|p| p.id));
     }
     chosen
 }

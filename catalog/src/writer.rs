@@ -29,6 +29,7 @@ use crate::crypto::{compressor, encode_payload};
 use crate::error::RepoError;
 use crate::id::Id;
 use crate::index::{seal_index, DedupIndex, INDEX_DIR};
+use crate::index_cache::IndexCache;
 use crate::inventory::Inventory;
 use crate::pack::PACK_TARGET;
 use crate::pack::{fetch_header, pack_name, BlobKind, BlobRef, PackBuilder, PackEntry, PACKS_DIR};
@@ -250,7 +251,10 @@ impl Writer {
         }
         let mut view = View::new(timing);
         view.refresh(&repo).await?;
-        let inventory = Inventory::load(&repo).await?;
+        // A host's copy of the index files it read before (not for a repository
+        // in memory, which no later writer opens).
+        let cache = (!repo.store().url().starts_with("memory:")).then(|| IndexCache::for_repo(&repo.id())).flatten();
+        let inventory = Inventory::load_cached(&repo, cache.as_ref()).await?;
         for (name, why) in &inventory.unreadable {
             // A damaged index only costs dedup; `ebb verify` reports it.
             tracing::warn!("skipping index file {name}: {why}");

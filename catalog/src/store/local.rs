@@ -117,6 +117,47 @@ pub(super) async fn list_after_local(
     .expect("listing task panicked")
 }
 
+/// `list` on the local filesystem: every file below `dir/`, each stated once
+/// (object_store's local backend stats each several times), without the puts in
+/// progress.
+pub(super) async fn list_local(
+    root: PathBuf,
+    dir: &str,
+) -> Result<Vec<(String, u64, Option<jiff::Timestamp>)>, StoreError> {
+    let dir = dir.to_string();
+    tokio::task::spawn_blocking(move || {
+        let io = |cause| StoreError::Io { op: "list", name: dir.clone(), cause };
+        let mut out = Vec::new();
+        let mut stack = vec![(root.join(&dir), dir.clone())];
+        while let Some((path, name)) = stack.pop() {
+            let entries = match std::fs::read_dir(&path) {
+                Ok(it) => it,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(e)),
+            };
+            for e in entries {
+                let e = e.map_err(io)?;
+                let Ok(leaf) = e.file_name().into_string() else { continue };
+                let child = format!("{name}/{leaf}");
+                let meta = match e.metadata() {
+                    Ok(m) => m,
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue, // deleted meanwhile
+                    Err(err) => return Err(io(err)),
+                };
+                if meta.is_dir() {
+                    stack.push((e.path(), child));
+                } else if meta.is_file() && !is_staged(&leaf) {
+                    let modified = meta.modified().ok().and_then(|t| jiff::Timestamp::try_from(t).ok());
+                    out.push((child, meta.len(), modified));
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .expect("listing task panicked")
+}
+
 pub(super) async fn sync_dir(dir: PathBuf, name: &str) -> Result<(), StoreError> {
     let owned = name.to_string();
     tokio::task::spawn_blocking(move || {

@@ -295,6 +295,10 @@ impl Store {
 
     /// Every object whose name starts with `dir/`, in no particular order.
     pub async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        if let Some(root) = &self.local_root {
+            let found = local::list_local(root.clone(), dir).await?;
+            return Ok(found.into_iter().map(|(name, size, modified)| ObjectInfo { name, size, modified }).collect());
+        }
         let prefix = self.path(dir);
         let metas: Vec<_> =
             self.inner.list(Some(&prefix)).try_collect().await.map_err(|e| StoreError::from_backend("list", dir, e))?;
