@@ -286,9 +286,12 @@ impl Repository {
         let Some(key) = time_key(at) else { return Ok(Vec::new()) };
         let mut offset = format!("{dir}/{key}");
         let mut out = Vec::new();
+        // Pages double (see `wal_pieces`).
+        let mut limit = LIST_PAGE;
         loop {
-            let page = self.store().list_after(&dir, &offset, LIST_PAGE).await?;
-            let full = page.len() == LIST_PAGE;
+            let page = self.store().list_after(&dir, &offset, limit).await?;
+            let full = page.len() == limit;
+            limit = limit.saturating_mul(2);
             for o in &page {
                 let Some(f) = FragmentRef::parse(&o.name) else { continue };
                 if f.time <= point.time {

@@ -100,9 +100,12 @@ impl PointNames<'_> {
             None => return Ok(Vec::new()),
         };
         let mut out = Vec::new();
+        // Pages double (see `wal_pieces`).
+        let mut limit = LISTING_PAGE;
         'pages: loop {
-            let page = self.store.list_after(&dir, &after, LISTING_PAGE).await?;
-            let full = page.len() == LISTING_PAGE;
+            let page = self.store.list_after(&dir, &after, limit).await?;
+            let full = page.len() == limit;
+            limit = limit.saturating_mul(2);
             for o in page {
                 after = o.name.clone();
                 let Some(p) = PointRef::parse(&o.name) else { continue };

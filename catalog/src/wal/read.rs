@@ -54,9 +54,13 @@ impl Repository {
         let dir = tli_dir(source, tli);
         let mut offset = format!("{dir}/{:016x}", system.segment_start(from).0);
         let mut out = Vec::new();
+        // Pages double: a listing of a local directory reads all of it, so a long
+        // span costs a few of them, not one per thousand pieces.
+        let mut limit = LIST_PAGE;
         loop {
-            let page = self.store().list_after(&dir, &offset, LIST_PAGE).await?;
-            let full = page.len() == LIST_PAGE;
+            let page = self.store().list_after(&dir, &offset, limit).await?;
+            let full = page.len() == limit;
+            limit = limit.saturating_mul(2);
             for o in &page {
                 let Some(p) = WalPiece::parse(tli, &o.name) else { continue };
                 if p.start >= to {
