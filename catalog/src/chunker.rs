@@ -105,11 +105,11 @@ pub fn chunks<R: Read>(reader: R, seed: u64) -> std::io::Result<Vec<Vec<u8>>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// `n` bytes of xorshift noise from seed `x` (made odd, so never all zeros).
-    pub(super) fn noise(n: usize, mut x: u64) -> Vec<u8> {
+    pub(crate) fn noise(n: usize, mut x: u64) -> Vec<u8> {
         x |= 1;
         (0..n)
             .map(|_| {

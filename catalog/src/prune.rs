@@ -802,13 +802,12 @@ mod tests {
     }
 
     async fn run(repo: &Repository) -> PruneReport {
-        prune(
-            repo,
-            PruneOptions { dry_run: false, timing: timing(), wal_positions: None, max_unused: MaxUnused::default() },
-            &|_| {},
-        )
-        .await
-        .unwrap()
+        run_with(repo, false, MaxUnused::default()).await
+    }
+
+    async fn run_with(repo: &Repository, dry_run: bool, max_unused: MaxUnused) -> PruneReport {
+        let opts = PruneOptions { dry_run, timing: timing(), wal_positions: None, max_unused };
+        prune(repo, opts, &|_| {}).await.unwrap()
     }
 
     async fn verified(repo: &Repository) {
@@ -1035,13 +1034,7 @@ mod tests {
         forget(&repo, &a).await;
         tokio::time::sleep(GRACE).await;
         let before = repo.store().sample(1000).await.unwrap();
-        let r = prune(
-            &repo,
-            PruneOptions { dry_run: true, timing: timing(), wal_positions: None, max_unused: MaxUnused::default() },
-            &|_| {},
-        )
-        .await
-        .unwrap();
+        let r = run_with(&repo, true, MaxUnused::default()).await;
         assert_eq!(r.condemned_packs, 1);
         let mut after = repo.store().sample(1000).await.unwrap();
         let mut before = before;
@@ -1147,17 +1140,9 @@ mod tests {
         assert!(report.errors.iter().any(|e| e.contains(&points[3].name) && e.contains("missing")), "{report:?}");
     }
 
-    /// Bytes that do not compress.
+    /// 200 kB that do not compress.
     fn noise(seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..200_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::chunker::tests::noise(200_000, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 
     /// A point of one file for each of `files`, through `w`.
@@ -1228,21 +1213,9 @@ mod tests {
         assert_eq!(taken.pack, old);
         tokio::time::sleep(GRACE).await;
 
-        let dry = prune(
-            &repo,
-            PruneOptions { dry_run: true, timing: timing(), wal_positions: None, max_unused: MaxUnused::default() },
-            &|_| {},
-        )
-        .await
-        .unwrap();
+        let dry = run_with(&repo, true, MaxUnused::default()).await;
         assert_eq!((dry.repack.packs, dry.repack.rewritten_points), (1, 0), "{dry:?}");
-        let unlimited = prune(
-            &repo,
-            PruneOptions { dry_run: true, timing: timing(), wal_positions: None, max_unused: MaxUnused::UNLIMITED },
-            &|_| {},
-        )
-        .await
-        .unwrap();
+        let unlimited = run_with(&repo, true, MaxUnused::UNLIMITED).await;
         assert_eq!(unlimited.repack.packs, 0, "{unlimited:?}");
 
         let repacked = run(&repo).await;
