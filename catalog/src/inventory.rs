@@ -51,7 +51,7 @@ impl Inventory {
         let mut to_fetch = Vec::new();
         for o in &names {
             match cached.get(&o.name).map(|b| open_index(keys, &o.name, b)) {
-                Some(Ok(file)) => from_cache.push((o.name.clone(), Ok(file))),
+                Some(Ok(file)) => from_cache.push((o.name.clone(), file)),
                 _ => to_fetch.push(o.name.clone()),
             }
         }
@@ -92,12 +92,7 @@ impl Inventory {
                 cache.append(&new);
             }
         }
-        for (name, r) in from_cache {
-            match r {
-                Ok(file) => inventory.index_files.push((name, file)),
-                Err(e) => inventory.unreadable.push((name, e)),
-            }
-        }
+        inventory.index_files.extend(from_cache);
         inventory.index_files.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(inventory)
     }
