@@ -10,7 +10,8 @@
 //!    set still waiting, and older than the grace (a writer's packs are young until
 //!    its point or fragment names them);
 //!    With them it condemns the fragments a later point holds (outside the
-//!    source's `pitr_within` window), which the next sweep deletes;
+//!    source's `pitr_within` window), and the packs only they use: the next sweep
+//!    deletes the fragments, then those packs;
 //! 4. deletes what nothing reads: index files all of whose packs are gone (and
 //!    writes again those some of whose packs are gone, without them), forget
 //!    records no index file needs, policies no longer in force, leases over for
@@ -182,22 +183,8 @@ pub async fn prune(
             waiting.push(set);
             continue;
         }
-        // Any rescue spares: one written for this set may carry a time a little
-        // before it (clocks disagree), and sparing more only deletes later.
-        let doomed: Vec<Id> =
-            set.body.packs.iter().filter(|p| !live.contains(p) && !rescued.contains(p)).copied().collect();
-        report.spared_packs += (set.body.packs.len() - doomed.len()) as u64;
         progress(&format!("sweep {}", set.name));
-        let names: Vec<String> = doomed.iter().map(pack_name).collect();
-        let refused = delete_all(repo, &names, opts.dry_run, &mut report.problems).await;
-        for p in doomed.into_iter().filter(|p| !refused.contains(&pack_name(p))) {
-            if packs.contains_key(&p) {
-                report.deleted_packs += 1;
-                report.deleted_bytes += size(&p);
-            }
-            deleted.insert(p);
-        }
-        // Its other objects: fragments a later point holds and WAL no kept base
+        // Its objects first: fragments a later point holds and WAL no kept base
         // backup needs (still: a policy may have widened its window since), unless
         // a writer rescued them (the WAL of a base backup being taken).
         let names: Vec<String> = set
@@ -212,6 +199,22 @@ pub async fn prune(
         report.folded_fragments += done(FRAGS_DIR) as u64;
         report.deleted_wal_pieces += done(WAL_DIR) as u64;
         deleted_names.extend(names.into_iter().filter(|n| !refused_names.contains(n)));
+        // Then its packs that nothing left uses: no point, no fragment still there.
+        // Any rescue spares: one written for this set may carry a time a little
+        // before it (clocks disagree), and sparing more only deletes later.
+        let live = survey.used_beside(|n| deleted_names.contains(n));
+        let doomed: Vec<Id> =
+            set.body.packs.iter().filter(|p| !live.contains(p) && !rescued.contains(p)).copied().collect();
+        report.spared_packs += (set.body.packs.len() - doomed.len()) as u64;
+        let names: Vec<String> = doomed.iter().map(pack_name).collect();
+        let refused = delete_all(repo, &names, opts.dry_run, &mut report.problems).await;
+        for p in doomed.into_iter().filter(|p| !refused.contains(&pack_name(p))) {
+            if packs.contains_key(&p) {
+                report.deleted_packs += 1;
+                report.deleted_bytes += size(&p);
+            }
+            deleted.insert(p);
+        }
         // A set whose objects were not all deleted (the store refused: an object
         // lock, no permission) stays, and a later run tries again.
         if refused.is_empty() && refused_names.is_empty() {
@@ -271,8 +274,11 @@ pub async fn prune(
         }
     }
 
+    // The packs of fragments condemned here (or deleted, or waiting) go in the same
+    // set: a sweep deletes them once it has deleted the fragments.
+    let live_beside_fold = survey.used_beside(|n| fold.contains(n) || deleted_names.contains(n));
     for (id, (size, modified)) in &packs {
-        if live.contains(id) || deleted.contains(id) || pending.contains(id) || rescued.contains(id) {
+        if live_beside_fold.contains(id) || deleted.contains(id) || pending.contains(id) || rescued.contains(id) {
             continue;
         }
         // A pack whose time the store does not give is taken as young.
@@ -493,6 +499,10 @@ struct Survey {
     blobs: HashMap<Id, Vec<(u32, u32)>>,
     /// The packs fragments use: never repacked.
     fragment_packs: HashSet<Id>,
+    /// The packs points use.
+    point_packs: HashSet<Id>,
+    /// The packs each fragment uses, by its name.
+    fragment_uses: HashMap<String, Vec<Id>>,
     /// Every point read.
     points: Vec<PointRef>,
     /// The newest point of each source.
@@ -502,6 +512,19 @@ struct Survey {
     /// Every point's time and WAL record (base backups have one), by source,
     /// oldest first.
     bases: HashMap<String, Vec<(Timestamp, Option<PgInfo>)>>,
+}
+
+impl Survey {
+    /// The packs the points use, and the fragments but those `gone` names.
+    fn used_beside(&self, gone: impl Fn(&str) -> bool) -> HashSet<Id> {
+        let mut used = self.point_packs.clone();
+        for (name, packs) in &self.fragment_uses {
+            if !gone(name) {
+                used.extend(packs.iter().copied());
+            }
+        }
+        used
+    }
 }
 
 /// What every point and fragment uses.
@@ -560,6 +583,7 @@ async fn survey(
         used.dedup();
     }
     out.live.extend(blobs.keys().copied());
+    out.point_packs.extend(blobs.keys().copied());
     out.blobs = blobs;
     let store = repo.store();
     for source in store.list_dirs(FRAGS_DIR).await? {
@@ -569,15 +593,19 @@ async fn survey(
         out.fragments.insert(source.clone(), refs.clone());
         let reads = refs.into_iter().map(|f| async move {
             match repo.fragment(&f).await {
-                Ok(frag) => Ok(Some(frag)),
+                Ok(frag) => Ok(Some((f.name, frag))),
                 Err(RepoError::Store(e)) if e.is_not_found() => Ok(None),
                 Err(e) => Err(unreadable(&f.name, &e)),
             }
         });
         let frags: Vec<_> = stream::iter(reads).buffer_unordered(IN_FLIGHT).try_collect().await?;
-        for frag in frags.into_iter().flatten() {
+        for (name, frag) in frags.into_iter().flatten() {
             report.fragments += 1;
-            out.fragment_packs.extend(frag.growths.iter().flat_map(|g| &g.chunks).map(|b| b.pack));
+            let mut packs: Vec<Id> = frag.growths.iter().flat_map(|g| &g.chunks).map(|b| b.pack).collect();
+            packs.sort_unstable();
+            packs.dedup();
+            out.fragment_packs.extend(packs.iter().copied());
+            out.fragment_uses.insert(name, packs);
         }
     }
     out.live.extend(out.fragment_packs.iter().copied());
@@ -933,6 +961,8 @@ mod tests {
             }
             // A point after it: it holds what the fragment carried.
             point(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), content(6)).await.unwrap();
+            // Its pack is no longer young.
+            tokio::time::sleep(GRACE).await;
             let marked = run(&repo).await;
             let want = if window { 0 } else { 1 };
             assert_eq!(marked.condemned_fragments, want, "window {window}: {marked:?}");
@@ -941,14 +971,11 @@ mod tests {
             assert_eq!(swept.folded_fragments, want, "window {window}: {swept:?}");
             let left = repo.store().list(&format!("{FRAGS_DIR}/s")).await.unwrap();
             assert_eq!(left.len() as u64, 1 - want, "window {window}");
-            if !window {
-                // The fragment's pack, used by nothing now, goes two runs later.
-                assert!(exists(&repo, &chunk.pack).await);
-                assert_eq!(run(&repo).await.condemned_packs, 1);
-                tokio::time::sleep(GRACE).await;
-                assert_eq!(run(&repo).await.deleted_packs, 1);
-                assert!(!exists(&repo, &chunk.pack).await);
-            }
+            // The fragment's pack, which no point uses, is condemned with it and
+            // deleted after it in the same sweep; within the window both stay.
+            assert_eq!(marked.condemned_packs, want, "window {window}: {marked:?}");
+            assert_eq!(swept.deleted_packs, want, "window {window}: {swept:?}");
+            assert_eq!(exists(&repo, &chunk.pack).await, window);
             verified(&repo).await;
         }
     }
