@@ -16,7 +16,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
 use serde::Serialize;
 
 use crate::crypto::{compressor, encode_payload, open_in_place};
@@ -24,7 +25,7 @@ use crate::error::{BlobError, RepoError};
 use crate::id::Id;
 use crate::index::seal_for_points;
 use crate::pack::{
-    blob_aad, pack_name, read_header, BlobKind, BlobRef, PackBuilder, PackEntry, HEADER_ENTRY_LEN, PACK_TARGET,
+    blob_aad, fetch_header, pack_name, BlobKind, BlobRef, PackBuilder, PackEntry, HEADER_ENTRY_LEN, PACK_TARGET,
 };
 use crate::point::{PointRef, RefJson};
 use crate::repo::Repository;
@@ -165,36 +166,24 @@ pub async fn repack(
     let mut report = RepackReport { packs: chosen.len() as u64, ..RepackReport::default() };
     let mut out = Output::new(repo);
     let moving: HashSet<Id> = chosen.iter().map(|p| p.id).collect();
-    // 1. Data blobs, pack by pack: each pack is read once, whole.
+    // 1. Data blobs, pack by pack, a few packs read ahead (each on a task, so that
+    // opening blobs and sealing them again use two cores) while full packs upload.
     let mut moved: HashMap<(Id, u32), BlobRef> = HashMap::new();
-    for (i, p) in chosen.iter().enumerate() {
-        progress(&format!("repacking pack {} of {}", i + 1, chosen.len()));
+    // By index, not by reference: a closure taking a reference makes this future
+    // not Send, which `stream --prune-every` needs.
+    let mut reads = futures::stream::iter((0..chosen.len()).map(|i| {
+        let p = &chosen[i];
+        tokio::spawn(read_used(repo.clone(), p.id, p.size, p.used.to_vec()))
+    }))
+    .buffered(READ_AHEAD);
+    let mut i = 0;
+    while let Some(read) = reads.next().await {
+        let p = &chosen[i];
+        i += 1;
+        progress(&format!("repacking pack {i} of {}", chosen.len()));
         report.bytes += p.size;
         report.used_bytes += p.used_bytes();
-        let bytes = repo.store().get(&pack_name(&p.id)).await?;
-        let damaged = |problem: String| RepoError::DamagedPack { pack: pack_name(&p.id), problem };
-        let header = read_header(repo.keys(), &p.id, &bytes).map_err(|e| damaged(e.to_string()))?;
-        let by_offset: HashMap<u32, &PackEntry> = header.iter().map(|e| (e.blob.offset, e)).collect();
-        for (offset, length) in p.used {
-            // Every blob a point uses must be where the header says: what is not
-            // found here would be lost with the pack.
-            let e = by_offset
-                .get(offset)
-                .filter(|e| e.blob.length == *length)
-                .ok_or_else(|| damaged(format!("its header does not list the blob a point uses at {offset}")))?;
-            if e.kind != BlobKind::Data {
-                continue; // trees are written again below, from the points down
-            }
-            let b = e.blob;
-            let sealed = bytes
-                .get(b.range().start as usize..b.range().end as usize)
-                .ok_or_else(|| damaged("a blob lies past its end".to_string()))?;
-            let payload = open_in_place(
-                &repo.keys().pack_cipher(&p.id),
-                &blob_aad(BlobKind::Data, &b.id),
-                BytesMut::from(sealed),
-            )
-            .map_err(|err| damaged(format!("blob at {offset}: {err}")))?;
+        for (b, payload) in read.expect("pack reading task panicked")? {
             let new = out.add(BlobKind::Data, b.id, b.raw_len, &payload).await?;
             moved.insert((p.id, b.offset), new);
         }
@@ -234,6 +223,66 @@ pub async fn repack(
         }
     }
     Ok(report)
+}
+
+/// Chosen packs read at once, ahead of the one being written again.
+const READ_AHEAD: usize = 2;
+/// Used blobs of a pack this close together are fetched with one ranged read.
+const SPAN_GAP: u64 = 256 << 10;
+
+/// The used data blobs of a chosen pack, opened: its header (two ranged reads),
+/// then the spans of its used blobs. Every blob a point uses must be where the
+/// header says: what is not found there would be lost with the pack.
+async fn read_used(
+    repo: Repository,
+    pack: Id,
+    size: u64,
+    used: Vec<(u32, u32)>,
+) -> Result<Vec<(BlobRef, BytesMut)>, RepoError> {
+    let name = pack_name(&pack);
+    let damaged = |problem: String| RepoError::DamagedPack { pack: name.clone(), problem };
+    let header = fetch_header(repo.store(), repo.keys(), &pack, size).await?.map_err(|e| damaged(e.to_string()))?;
+    let by_offset: HashMap<u32, &PackEntry> = header.iter().map(|e| (e.blob.offset, e)).collect();
+    let mut wanted: Vec<BlobRef> = Vec::new();
+    for (offset, length) in &used {
+        let e = by_offset
+            .get(offset)
+            .filter(|e| e.blob.length == *length)
+            .ok_or_else(|| damaged(format!("its header does not list the blob a point uses at {offset}")))?;
+        // Trees are written again from the points down.
+        if e.kind == BlobKind::Data {
+            wanted.push(e.blob);
+        }
+    }
+    wanted.sort_by_key(|b| b.offset);
+    let cipher = repo.keys().pack_cipher(&pack);
+    let mut out = Vec::with_capacity(wanted.len());
+    let mut rest = &wanted[..];
+    while let Some(head) = rest.first() {
+        let (start, mut end) = (head.range().start, head.range().end);
+        let mut n = 1;
+        while n < rest.len() && rest[n].range().start <= end + SPAN_GAP {
+            end = end.max(rest[n].range().end);
+            n += 1;
+        }
+        // Each blob is opened where it was read: the span is the only copy.
+        let mut span = BytesMut::from(repo.store().get_range(&name, start..end).await?);
+        let mut at = start;
+        for b in &rest[..n] {
+            let (skip, len) = (b.range().start.checked_sub(at), b.range().end - b.range().start);
+            let Some(skip) = skip.filter(|skip| (span.len() as u64) >= skip + len) else {
+                return Err(damaged(format!("the blob at {} overlaps another or lies past its end", b.offset)));
+            };
+            span.advance(skip as usize);
+            let sealed = span.split_to(len as usize);
+            at = b.range().end;
+            let payload = open_in_place(&cipher, &blob_aad(BlobKind::Data, &b.id), sealed)
+                .map_err(|err| damaged(format!("blob at {}: {err}", b.offset)))?;
+            out.push((*b, payload));
+        }
+        rest = &rest[n..];
+    }
+    Ok(out)
 }
 
 /// Trees being written again, remembered by content id.
@@ -298,10 +347,11 @@ impl Trees<'_> {
     }
 }
 
-/// New packs being filled, uploaded as each is full.
+/// New packs being filled, each uploaded while the next fills.
 struct Output<'a> {
     repo: &'a Repository,
     builder: PackBuilder,
+    uploading: Option<tokio::task::JoinHandle<Result<(), crate::store::StoreError>>>,
     entries: Vec<PackEntry>,
     trees: HashMap<Id, BlobRef>,
     compressor: zstd::bulk::Compressor<'static>,
@@ -314,6 +364,7 @@ impl<'a> Output<'a> {
         Output {
             repo,
             builder: PackBuilder::new(repo.keys()),
+            uploading: None,
             entries: Vec::new(),
             trees: HashMap::new(),
             compressor: compressor(),
@@ -352,13 +403,25 @@ impl<'a> Output<'a> {
         let (id, bytes, entries) = full.finish();
         self.packs += 1;
         self.bytes += bytes.len() as u64;
-        self.repo.store().put_new(&pack_name(&id), Bytes::from(bytes)).await?;
+        self.uploaded().await?;
+        let store = self.repo.store().clone();
+        self.uploading = Some(tokio::spawn(async move { store.put_new(&pack_name(&id), Bytes::from(bytes)).await }));
         self.entries.extend(entries);
         Ok(())
     }
 
+    /// Waits for the pack uploading, if any.
+    async fn uploaded(&mut self) -> Result<(), RepoError> {
+        if let Some(upload) = self.uploading.take() {
+            upload.await.expect("pack upload task panicked")?;
+        }
+        Ok(())
+    }
+
+    /// Every new pack durable: their entries, for the index.
     async fn finish(&mut self) -> Result<Vec<PackEntry>, RepoError> {
         self.flush().await?;
+        self.uploaded().await?;
         Ok(std::mem::take(&mut self.entries))
     }
 }
