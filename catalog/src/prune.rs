@@ -153,9 +153,12 @@ pub async fn prune(
     let sets = read_timed(repo, CONDEMNED_DIR, Condemned::decode, &mut report.problems).await?;
     let rescues = read_timed(repo, RESCUED_DIR, Rescued::decode, &mut report.problems).await?;
     progress("packs");
-    let listed = store.list(PACKS_DIR).await?;
-    let packs: HashMap<Id, (u64, Option<Timestamp>)> =
-        listed.iter().filter_map(|o| Some((parse_pack_name(&o.name)?, (o.size, o.modified)))).collect();
+    let packs: HashMap<Id, (u64, Option<Timestamp>)> = store
+        .list(PACKS_DIR)
+        .await?
+        .into_iter()
+        .filter_map(|o| Some((parse_pack_name(&o.name)?, (o.size, o.modified))))
+        .collect();
     report.packs = packs.len() as u64;
     report.pack_bytes = packs.values().map(|(s, _)| s).sum();
     let survey = survey(repo, &mut report, progress).await?;
@@ -292,19 +295,23 @@ pub async fn prune(
     report.condemned_packs = condemned.packs.len() as u64;
     let mut pending_names: HashSet<&String> = waiting.iter().chain(&unfinished).flat_map(|s| &s.body.names).collect();
     pending_names.extend(&deleted_names);
-    condemned.names.extend(fold.iter().filter(|n| !pending_names.contains(n)).cloned());
+    // Moved, not copied, into the set: at scale, names are most of prune's memory.
+    condemned.names.extend(fold.into_iter().filter(|n| !pending_names.contains(n)));
     report.condemned_fragments = condemned.names.len() as u64;
-    let wal_names: Vec<&String> =
-        wal.iter().filter(|n| !pending_names.contains(n) && !rescued_names.contains(n)).collect();
-    report.condemned_wal_pieces = wal_names.len() as u64;
-    condemned.names.extend(wal_names.into_iter().cloned());
+    condemned.names.extend(wal.into_iter().filter(|n| !pending_names.contains(n) && !rescued_names.contains(n)));
+    report.condemned_wal_pieces = condemned.names.len() as u64 - report.condemned_fragments;
+    drop(pending_names);
     if !condemned.is_empty() && !opts.dry_run {
         let name = object_name(CONDEMNED_DIR, Timestamp::now()).ok_or(RepoError::BadTime { time: t0.to_string() })?;
         let sealed = seal_object(repo.keys(), &name, &condemned.encode());
+        drop(condemned);
         store.put_new(&name, Bytes::from(sealed)).await?;
         let due = after(Timestamp::now(), grace);
         report.next_sweep = Some(report.next_sweep.map_or(due.to_string(), |t| t.min(due.to_string())));
     }
+    // What the steps before needed and step 4 does not: let go before it reads and
+    // merges index files, so that the two never add up.
+    drop((survey, live_beside_fold, deleted_names));
 
     // 4. What nothing reads any more.
     progress("index files and records");
@@ -313,8 +320,14 @@ pub async fn prune(
     let mut indexed_points: HashSet<String> = HashSet::new();
     // Index files kept, with few entries: merged when there are many.
     let mut small: Vec<String> = Vec::new();
-    for obj in store.list(INDEX_DIR).await? {
-        let Ok(bytes) = store.get(&obj.name).await else { continue };
+    let index_files = store.list(INDEX_DIR).await?;
+    let reads = index_files.into_iter().map(|obj| async move {
+        let got = store.get(&obj.name).await;
+        (obj, got)
+    });
+    let mut reads = stream::iter(reads).buffered(IN_FLIGHT);
+    while let Some((obj, got)) = reads.next().await {
+        let Ok(bytes) = got else { continue };
         let Ok(file) = open_index(repo.keys(), &obj.name, &bytes) else { continue };
         let left: Vec<PackEntry> = file.entries.iter().filter(|e| !gone(&e.blob.pack)).copied().collect();
         if left.len() == file.entries.len() {
@@ -407,42 +420,56 @@ async fn merge_index_files(
 ) -> Result<(), RepoError> {
     let store = repo.store();
     let mut batch = MergedIndex::default();
-    let mut done = Vec::new();
-    for name in names {
-        let Ok(bytes) = store.get(name).await else { continue };
-        let Ok(file) = open_index(repo.keys(), name, &bytes) else { continue };
-        batch.add(name, file, forgotten);
+    let reads = names.iter().cloned().map(|name| async move {
+        let got = store.get(&name).await;
+        (name, got)
+    });
+    let mut reads = stream::iter(reads).buffered(IN_FLIGHT);
+    while let Some((name, got)) = reads.next().await {
+        let Ok(bytes) = got else { continue };
+        let Ok(file) = open_index(repo.keys(), &name, &bytes) else { continue };
+        batch.add(&name, file, forgotten);
+        // Each batch written as it fills: at most one is held.
         if batch.entries.len() >= MERGED_ENTRIES {
-            done.push(std::mem::take(&mut batch));
+            std::mem::take(&mut batch).write(repo, report).await?;
         }
     }
-    done.push(batch);
-    for batch in done.into_iter().filter(|b| b.replaced.len() > 1) {
-        let name = Repository::new_index_name();
-        let points: Vec<String> = batch.points.into_iter().collect();
-        store.put_new(&name, Bytes::from(seal_for_points(repo.keys(), &name, &points, &batch.entries))).await?;
-        let refused = delete_all(repo, &batch.replaced, false, &mut report.problems).await;
-        let gone = (batch.replaced.len() - refused.len()) as u64;
-        report.merged_index_files += gone;
-        report.deleted_objects += gone;
-    }
-    Ok(())
+    batch.write(repo, report).await
 }
 
 /// Index files being merged into one.
 #[derive(Default)]
 struct MergedIndex {
     points: std::collections::BTreeSet<String>,
+    /// Entries repeat across index files: each is kept once when written.
     entries: Vec<PackEntry>,
-    /// Entries repeat across index files; each is kept once.
-    seen: HashSet<(u8, BlobRef)>,
     replaced: Vec<String>,
 }
 
 impl MergedIndex {
+    /// Writes the merged file, then deletes the files it replaces (if more than one).
+    async fn write(mut self, repo: &Repository, report: &mut PruneReport) -> Result<(), RepoError> {
+        if self.replaced.len() < 2 {
+            return Ok(());
+        }
+        // Sorted, equal entries meet (a hash set of them would take twice the memory).
+        let key = |e: &PackEntry| (e.blob.pack, e.blob.offset, e.kind as u8, e.blob.id, e.blob.length, e.blob.raw_len);
+        self.entries.sort_unstable_by_key(key);
+        self.entries.dedup();
+        let name = Repository::new_index_name();
+        let points: Vec<String> = self.points.into_iter().collect();
+        let sealed = seal_for_points(repo.keys(), &name, &points, &self.entries);
+        repo.store().put_new(&name, Bytes::from(sealed)).await?;
+        let refused = delete_all(repo, &self.replaced, false, &mut report.problems).await;
+        let gone = (self.replaced.len() - refused.len()) as u64;
+        report.merged_index_files += gone;
+        report.deleted_objects += gone;
+        Ok(())
+    }
+
     fn add(&mut self, name: &str, file: crate::index::IndexFile, forgotten: &HashSet<String>) {
         self.points.extend(file.points.into_iter().filter(|p| !forgotten.contains(p)));
-        self.entries.extend(file.entries.into_iter().filter(|e| self.seen.insert((e.kind as u8, e.blob))));
+        self.entries.extend(file.entries);
         self.replaced.push(name.to_string());
     }
 }
@@ -501,14 +528,12 @@ struct Survey {
     fragment_packs: HashSet<Id>,
     /// The packs points use.
     point_packs: HashSet<Id>,
-    /// The packs each fragment uses, by its name.
-    fragment_uses: HashMap<String, Vec<Id>>,
     /// Every point read.
     points: Vec<PointRef>,
     /// The newest point of each source.
     newest: HashMap<String, Timestamp>,
-    /// Every fragment, by source.
-    fragments: HashMap<String, Vec<FragmentRef>>,
+    /// Every fragment, by source, with the packs it uses.
+    fragments: HashMap<String, Vec<(FragmentRef, Vec<Id>)>>,
     /// Every point's time and WAL record (base backups have one), by source,
     /// oldest first.
     bases: HashMap<String, Vec<(Timestamp, Option<PgInfo>)>>,
@@ -518,8 +543,8 @@ impl Survey {
     /// The packs the points use, and the fragments but those `gone` names.
     fn used_beside(&self, gone: impl Fn(&str) -> bool) -> HashSet<Id> {
         let mut used = self.point_packs.clone();
-        for (name, packs) in &self.fragment_uses {
-            if !gone(name) {
+        for (f, packs) in self.fragments.values().flatten() {
+            if !gone(&f.name) {
                 used.extend(packs.iter().copied());
             }
         }
@@ -588,25 +613,38 @@ async fn survey(
     let store = repo.store();
     for source in store.list_dirs(FRAGS_DIR).await? {
         progress(&format!("fragments of {source}"));
-        let names = store.list(&format!("{FRAGS_DIR}/{source}")).await?;
-        let refs: Vec<FragmentRef> = names.iter().filter_map(|o| FragmentRef::parse(&o.name)).collect();
-        out.fragments.insert(source.clone(), refs.clone());
-        let reads = refs.into_iter().map(|f| async move {
+        let refs: Vec<FragmentRef> = store
+            .list(&format!("{FRAGS_DIR}/{source}"))
+            .await?
+            .iter()
+            .filter_map(|o| FragmentRef::parse(&o.name))
+            .collect();
+        // Each fragment is read and let go: only the packs it uses are kept.
+        // Owned items: a closure taking a reference makes this future not Send,
+        // which `stream --prune-every` needs.
+        let reads = refs.iter().cloned().enumerate().map(|(i, f)| async move {
             match repo.fragment(&f).await {
-                Ok(frag) => Ok(Some((f.name, frag))),
+                Ok(frag) => {
+                    let mut packs: Vec<Id> = frag.growths.iter().flat_map(|g| &g.chunks).map(|b| b.pack).collect();
+                    packs.sort_unstable();
+                    packs.dedup();
+                    Ok(Some((i, packs)))
+                }
+                // Deleted since the listing: it uses nothing.
                 Err(RepoError::Store(e)) if e.is_not_found() => Ok(None),
                 Err(e) => Err(unreadable(&f.name, &e)),
             }
         });
-        let frags: Vec<_> = stream::iter(reads).buffer_unordered(IN_FLIGHT).try_collect().await?;
-        for (name, frag) in frags.into_iter().flatten() {
+        let mut uses: Vec<Vec<Id>> = vec![Vec::new(); refs.len()];
+        let mut reads = stream::iter(reads).buffer_unordered(IN_FLIGHT);
+        while let Some(read) = reads.try_next().await? {
+            let Some((i, packs)) = read else { continue };
             report.fragments += 1;
-            let mut packs: Vec<Id> = frag.growths.iter().flat_map(|g| &g.chunks).map(|b| b.pack).collect();
-            packs.sort_unstable();
-            packs.dedup();
             out.fragment_packs.extend(packs.iter().copied());
-            out.fragment_uses.insert(name, packs);
+            uses[i] = packs;
         }
+        drop(reads);
+        out.fragments.insert(source.clone(), refs.into_iter().zip(uses).collect());
     }
     out.live.extend(out.fragment_packs.iter().copied());
     Ok(out)
@@ -620,7 +658,7 @@ async fn foldable(repo: &Repository, survey: &Survey) -> Result<Vec<String>, Rep
     for (source, fragments) in &survey.fragments {
         let Some(&newest) = survey.newest.get(source) else { continue };
         let until = pitr_start(repo, source, newest).await?.map_or(newest, |start| start.min(newest));
-        out.extend(fragments.iter().filter(|f| f.time <= until).map(|f| f.name.clone()));
+        out.extend(fragments.iter().filter(|(f, _)| f.time <= until).map(|(f, _)| f.name.clone()));
     }
     Ok(out)
 }
@@ -667,8 +705,12 @@ async fn wal_survey(
             let Some(tli) = (tli_name.len() == 8).then(|| u32::from_str_radix(&tli_name, 16).ok()).flatten() else {
                 continue; // history, files
             };
-            let listed = store.list(&tli_dir(&source, tli)).await?;
-            let mut pieces: Vec<WalPiece> = listed.iter().filter_map(|o| WalPiece::parse(tli, &o.name)).collect();
+            let mut pieces: Vec<WalPiece> = store
+                .list(&tli_dir(&source, tli))
+                .await?
+                .iter()
+                .filter_map(|o| WalPiece::parse(tli, &o.name))
+                .collect();
             report.wal_pieces += pieces.len() as u64;
             if !opts.dry_run {
                 let needed: Vec<WalPiece> =
@@ -1273,5 +1315,36 @@ mod tests {
         assert_eq!(read_point(&repo, &kept).await.0, files);
         assert_eq!(read_point(&repo, &mine).await.0, vec![noise(1)]);
         verified(&repo).await;
+    }
+
+    /// A pack chosen for repacking whose used blob does not open (a flipped bit)
+    /// stops the run before any point is written again: the point still names the
+    /// old pack, which is kept, and nothing was condemned.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_pack_stops_the_repack_before_any_point_is_replaced() {
+        let repo = repo().await;
+        let first =
+            point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), vec![noise(1), noise(2)]).await;
+        let kept =
+            point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), vec![noise(1), noise(3)]).await;
+        forget(&repo, &first).await;
+        tokio::time::sleep(GRACE).await;
+        let root = repo.manifest(&kept).await.unwrap().root_ref().unwrap();
+        let tree = repo.read_tree(&root).await.unwrap();
+        let Extent::Data(used) = tree.entries[0].content[0] else { panic!("a data extent") };
+        let name = pack_name(&used.pack);
+        let mut bytes = repo.store().get(&name).await.unwrap().to_vec();
+        bytes[used.offset as usize + 100] ^= 1;
+        repo.store().put_overwrite(&name, Bytes::from(bytes)).await.unwrap();
+        tokio::time::sleep(GRACE).await; // written anew: young again
+        let manifest = repo.store().get(&kept.name).await.unwrap();
+
+        let opts =
+            PruneOptions { dry_run: false, timing: timing(), wal_positions: None, max_unused: MaxUnused::default() };
+        let err = prune(&repo, opts, &|_| {}).await.unwrap_err();
+        assert!(matches!(&err, PruneError::Repo(RepoError::DamagedPack { pack, .. }) if *pack == name), "{err}");
+        assert_eq!(repo.store().get(&kept.name).await.unwrap(), manifest, "the point is as it was");
+        assert!(exists(&repo, &used.pack).await);
+        assert!(repo.store().list(CONDEMNED_DIR).await.unwrap().is_empty(), "nothing condemned");
     }
 }
