@@ -259,6 +259,9 @@ pub async fn prune(
         .map(|u| PackUse { id: u.id, size: u.size, used: u.used })
         .collect();
     let chosen: HashSet<Id> = choose(&candidates, total_used, total_unused, opts.max_unused).into_iter().collect();
+    // Packs whose every used blob is a tree the repack wrote again (and that no
+    // fragment uses): used by nothing now, so condemned by this run, not the next.
+    let mut emptied: HashSet<Id> = HashSet::new();
     if !chosen.is_empty() {
         let chosen: Vec<PackUse> = candidates.into_iter().filter(|u| chosen.contains(&u.id)).collect();
         report.repack = if opts.dry_run {
@@ -269,7 +272,15 @@ pub async fn prune(
                 ..RepackReport::default()
             }
         } else {
-            repack(repo, &chosen, &survey.points, progress).await?
+            let (repacked, replaced) = repack(repo, &chosen, &survey.points, progress).await?;
+            emptied.extend(
+                usage
+                    .iter()
+                    .filter(|u| !survey.fragment_packs.contains(&u.id) && !u.used.is_empty())
+                    .filter(|u| u.used.iter().all(|(offset, _)| replaced.contains(&(u.id, *offset))))
+                    .map(|u| u.id),
+            );
+            repacked
         };
         for u in &chosen {
             condemned.packs.insert(u.id);
@@ -281,7 +292,8 @@ pub async fn prune(
     // set: a sweep deletes them once it has deleted the fragments.
     let live_beside_fold = survey.used_beside(|n| fold.contains(n) || deleted_names.contains(n));
     for (id, (size, modified)) in &packs {
-        if live_beside_fold.contains(id) || deleted.contains(id) || pending.contains(id) || rescued.contains(id) {
+        let live = live_beside_fold.contains(id) && !emptied.contains(id);
+        if live || deleted.contains(id) || pending.contains(id) || rescued.contains(id) {
             continue;
         }
         // A pack whose time the store does not give is taken as young.
@@ -1346,5 +1358,32 @@ mod tests {
         assert_eq!(repo.store().get(&kept.name).await.unwrap(), manifest, "the point is as it was");
         assert!(exists(&repo, &used.pack).await);
         assert!(repo.store().list(CONDEMNED_DIR).await.unwrap().is_empty(), "nothing condemned");
+    }
+
+    /// A pack holding only the trees a repack writes again is used by nothing once
+    /// the points are replaced: the same run condemns it, so the next one leaves
+    /// nothing to do.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pack_of_trees_written_again_is_condemned_by_the_repacking_run() {
+        let repo = repo().await;
+        let first =
+            point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), vec![noise(1), noise(2)]).await;
+        let (_, data_packs) = read_point(&repo, &first).await;
+        // The first file is deduplicated: this point's new pack holds its tree only.
+        let kept = point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), vec![noise(1)]).await;
+        let root = repo.manifest(&kept).await.unwrap().root_ref().unwrap();
+        assert!(!data_packs.contains(&root.pack), "the tree is in a pack of its own");
+        forget(&repo, &first).await;
+        tokio::time::sleep(GRACE).await;
+
+        let repacked = run(&repo).await;
+        assert_eq!((repacked.repack.packs, repacked.repack.rewritten_points), (1, 1), "{repacked:?}");
+        assert_eq!(repacked.condemned_packs, 2, "the half-used pack and the pack of the old tree: {repacked:?}");
+        tokio::time::sleep(GRACE).await;
+        let swept = run(&repo).await;
+        assert_eq!((swept.deleted_packs, swept.condemned_packs), (2, 0), "{swept:?}");
+        assert!(!exists(&repo, &root.pack).await);
+        assert_eq!(read_point(&repo, &kept).await.0, vec![noise(1)]);
+        verified(&repo).await;
     }
 }

@@ -155,14 +155,15 @@ pub fn choose(candidates: &[PackUse], total_used: u64, total_unused: u64, max: M
 }
 
 /// Writes the used blobs of `chosen` packs into new packs, and every point of
-/// `points` that uses them again. Returns the report; the chosen packs are then
-/// used by no point this run saw.
+/// `points` that uses them again. Returns the report, and the places (pack,
+/// offset) of the trees written again: the chosen packs, and those places, are
+/// then used by no point this run saw.
 pub async fn repack(
     repo: &Repository,
     chosen: &[PackUse<'_>],
     points: &[PointRef],
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<RepackReport, RepoError> {
+) -> Result<(RepackReport, HashSet<(Id, u32)>), RepoError> {
     let mut report = RepackReport { packs: chosen.len() as u64, ..RepackReport::default() };
     let mut out = Output::new(repo);
     let moving: HashSet<Id> = chosen.iter().map(|p| p.id).collect();
@@ -189,7 +190,14 @@ pub async fn repack(
         }
     }
     // 2. Trees, from every point down, and the manifests.
-    let mut trees = Trees { repo, moving: &moving, moved: &moved, new: HashMap::new(), clean: HashSet::new() };
+    let mut trees = Trees {
+        repo,
+        moving: &moving,
+        moved: &moved,
+        new: HashMap::new(),
+        clean: HashSet::new(),
+        replaced: HashSet::new(),
+    };
     let mut replaced: Vec<(PointRef, crate::point::Manifest)> = Vec::new();
     for point in points {
         progress(&format!("point {}", point.name));
@@ -222,7 +230,7 @@ pub async fn repack(
             repo.store().delete(&point.name).await?;
         }
     }
-    Ok(report)
+    Ok((report, trees.replaced))
 }
 
 /// Chosen packs read at once, ahead of the one being written again.
@@ -294,12 +302,16 @@ struct Trees<'a> {
     new: HashMap<Id, BlobRef>,
     /// Trees that need nothing changed below them.
     clean: HashSet<Id>,
+    /// The places of the trees written again: every point that used one now uses
+    /// its new copy.
+    replaced: HashSet<(Id, u32)>,
 }
 
 impl Trees<'_> {
     /// The new reference of the tree at `r`, or `None` if it stays as it is.
     async fn rewrite(&mut self, r: BlobRef, out: &mut Output<'_>) -> Result<Option<BlobRef>, RepoError> {
         if let Some(new) = self.new.get(&r.id) {
+            self.replaced.insert((r.pack, r.offset));
             return Ok(Some(*new));
         }
         if self.clean.contains(&r.id) && !self.moving.contains(&r.pack) {
@@ -343,6 +355,7 @@ impl Trees<'_> {
         }
         let new = out.add_tree(&r, &tree).await?;
         self.new.insert(r.id, new);
+        self.replaced.insert((r.pack, r.offset));
         Ok(Some(new))
     }
 }
