@@ -1251,6 +1251,11 @@ mod tests {
         durable.commit(&m, time).await.unwrap()
     }
 
+    /// A point of one file for each of `files`, through a writer of its own.
+    async fn new_point(repo: &Repository, files: Vec<Vec<u8>>) -> PointRef {
+        point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), files).await
+    }
+
     /// The files of a point, read back, and the packs they are in.
     async fn read_point(repo: &Repository, p: &PointRef) -> (Vec<Vec<u8>>, HashSet<Id>) {
         let root = repo.manifest(p).await.unwrap().root_ref().unwrap();
@@ -1276,13 +1281,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn packs_mostly_unused_are_repacked_and_a_writer_using_them_keeps_them() {
         let repo = repo().await;
-        let first =
-            point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), vec![noise(1), noise(2)]).await;
+        let first = new_point(&repo, vec![noise(1), noise(2)]).await;
         let (_, old_packs) = read_point(&repo, &first).await;
         assert_eq!(old_packs.len(), 1);
         let old = *old_packs.iter().next().unwrap();
-        let kept =
-            point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), vec![noise(1), noise(3)]).await;
+        let kept = new_point(&repo, vec![noise(1), noise(3)]).await;
         let (files, packs) = read_point(&repo, &kept).await;
         assert!(packs.contains(&old), "the first file is deduplicated");
         forget(&repo, &first).await;
@@ -1335,10 +1338,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_damaged_pack_stops_the_repack_before_any_point_is_replaced() {
         let repo = repo().await;
-        let first =
-            point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), vec![noise(1), noise(2)]).await;
-        let kept =
-            point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), vec![noise(1), noise(3)]).await;
+        let first = new_point(&repo, vec![noise(1), noise(2)]).await;
+        let kept = new_point(&repo, vec![noise(1), noise(3)]).await;
         forget(&repo, &first).await;
         tokio::time::sleep(GRACE).await;
         let root = repo.manifest(&kept).await.unwrap().root_ref().unwrap();
@@ -1366,11 +1367,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_pack_of_trees_written_again_is_condemned_by_the_repacking_run() {
         let repo = repo().await;
-        let first =
-            point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), vec![noise(1), noise(2)]).await;
+        let first = new_point(&repo, vec![noise(1), noise(2)]).await;
         let (_, data_packs) = read_point(&repo, &first).await;
         // The first file is deduplicated: this point's new pack holds its tree only.
-        let kept = point_files(&Writer::with_timing(repo.clone(), timing()).await.unwrap(), vec![noise(1)]).await;
+        let kept = new_point(&repo, vec![noise(1)]).await;
         let root = repo.manifest(&kept).await.unwrap().root_ref().unwrap();
         assert!(!data_packs.contains(&root.pack), "the tree is in a pack of its own");
         forget(&repo, &first).await;
