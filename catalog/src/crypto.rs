@@ -243,9 +243,34 @@ pub fn decode_payload(payload: Bytes, limit: usize) -> Result<Bytes, PayloadErro
             }
             Ok(payload.slice(1..))
         }
-        Some(ZSTD) => zstd::bulk::decompress(&payload[1..], limit).map(Bytes::from).map_err(PayloadError::Zstd),
+        Some(ZSTD) => decompress(&payload[1..], limit).map(Bytes::from),
         Some(flag) => Err(PayloadError::UnknownFlag(flag)),
     }
+}
+
+thread_local! {
+    /// Creating a zstd context costs more than opening a small object with it.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// One zstd frame, into a buffer of the size its header gives (ours always give
+/// one), else of `limit`: a frame that says more than `limit`, or holds more than
+/// it says, is refused.
+fn decompress(frame: &[u8], limit: usize) -> Result<Vec<u8>, PayloadError> {
+    let capacity = match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(n)) if n > limit as u64 => return Err(PayloadError::TooLarge { got: n as usize, limit }),
+        Ok(Some(n)) => n as usize,
+        _ => limit,
+    };
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        let d = match &mut *d {
+            Some(d) => d,
+            none => none.insert(zstd::bulk::Decompressor::new().map_err(PayloadError::Zstd)?),
+        };
+        d.decompress(frame, capacity).map_err(PayloadError::Zstd)
+    })
 }
 
 #[cfg(test)]
@@ -316,5 +341,28 @@ mod tests {
         let p = encode_payload(&noise, Some(&mut compressor()));
         assert_eq!(decode_payload(p.into(), noise.len()).unwrap(), &noise[..]);
         assert!(decode_payload(vec![9, 1, 2].into(), 10).is_err());
+    }
+
+    #[test]
+    fn a_frame_is_held_to_the_size_its_header_gives_and_to_the_limit() {
+        let text = b"abcdefgh".repeat(1000);
+        let mut p = encode_payload(&text, Some(&mut compressor()));
+        let said = zstd::zstd_safe::get_frame_content_size(&p[1..]).unwrap();
+        assert_eq!(said, Some(text.len() as u64));
+        assert!(matches!(decode_payload(p.clone().into(), 7999), Err(PayloadError::TooLarge { got: 8000, .. })));
+        // The header (magic, descriptor 0x60: single segment, 2-byte size less
+        // 256) made to say one byte less than the frame holds.
+        assert_eq!(&p[5..8], &[0x60, 0x40, 0x1e]);
+        p[6] = 0x3f;
+        assert!(matches!(decode_payload(p.into(), 8000), Err(PayloadError::Zstd(_))));
+        // A frame that gives no size is held to the limit.
+        let mut e = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        e.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut e, &text).unwrap();
+        let mut p = vec![ZSTD];
+        p.extend(e.finish().unwrap());
+        assert_eq!(zstd::zstd_safe::get_frame_content_size(&p[1..]).unwrap(), None);
+        assert_eq!(decode_payload(p.clone().into(), 8000).unwrap(), &text[..]);
+        assert!(decode_payload(p.into(), 7999).is_err());
     }
 }
