@@ -1495,7 +1495,7 @@ fn the_server_hears_wal_is_flushed_only_once_the_store_has_it() {
     // The stream began where its first piece begins: being told that much is
     // flushed acknowledges nothing received. Anything past it must have been held.
     let first = rt.block_on(plain.store().list_after(pieces.trim_end_matches('/'), "", 1)).unwrap();
-    let began = u64::from_str_radix(first[0].name.rsplit('/').next().unwrap().split('-').next().unwrap(), 16).unwrap();
+    let began = u64::from_str_radix(first[0].rsplit('/').next().unwrap().split('-').next().unwrap(), 16).unwrap();
     assert!(seen.len() > 20, "looked {} times", seen.len());
     assert!(seen.iter().any(|&(told, held)| told > began && held > began), "the stream was seen shipping");
     for &(told, held) in &seen {

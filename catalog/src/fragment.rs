@@ -293,7 +293,7 @@ impl Repository {
             let full = page.len() == limit;
             limit = limit.saturating_mul(2);
             for o in &page {
-                let Some(f) = FragmentRef::parse(&o.name) else { continue };
+                let Some(f) = FragmentRef::parse(o) else { continue };
                 if f.time <= point.time {
                     out.reverse();
                     return Ok(out);
@@ -301,7 +301,7 @@ impl Repository {
                 out.push(f);
             }
             match page.last() {
-                Some(last) if full => offset = last.name.clone(),
+                Some(last) if full => offset = last.clone(),
                 _ => break,
             }
         }

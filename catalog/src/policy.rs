@@ -56,7 +56,7 @@ impl Repository {
         let dir = format!("{POLICIES_DIR}/{source}");
         // A few names, in case a stray object sorts first.
         let listed = self.store().list_after(&dir, &format!("{dir}/"), 16).await?;
-        let Some(name) = listed.into_iter().map(|o| o.name).find(|n| parse_timed(POLICIES_DIR, n).is_some()) else {
+        let Some(name) = listed.into_iter().find(|n| parse_timed(POLICIES_DIR, n).is_some()) else {
             return Ok(None);
         };
         let bytes = self.store().get(&name).await?;

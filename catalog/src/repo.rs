@@ -367,7 +367,7 @@ impl PointNames<'_> {
         let Some(offset) = offset_for(source, t) else { return Ok(None) };
         // A few names, in case a stray object sorts first.
         let found = self.store.list_after(&source_dir(source), &offset, 16).await?;
-        Ok(found.iter().find_map(|o| PointRef::parse(&o.name)))
+        Ok(found.iter().find_map(|o| PointRef::parse(o)))
     }
 
     /// "The state at T": the newest point of `source` at or before `spec`.

@@ -106,9 +106,10 @@ impl PointNames<'_> {
             let page = self.store.list_after(&dir, &after, limit).await?;
             let full = page.len() == limit;
             limit = limit.saturating_mul(2);
-            for o in page {
-                after = o.name.clone();
-                let Some(p) = PointRef::parse(&o.name) else { continue };
+            for name in page {
+                let parsed = PointRef::parse(&name);
+                after = name;
+                let Some(p) = parsed else { continue };
                 if span.since.is_some_and(|s| p.time < s) {
                     break 'pages;
                 }

@@ -77,41 +77,47 @@ fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::R
 
 /// `list_after` for a flat directory on the local filesystem: object_store's local
 /// backend stats every entry of the directory (several times), which made finding a
-/// point cost a stat per point. This reads names only and stats just the results.
+/// point cost a stat per point. This reads names and entry types only. It still
+/// reads the whole directory: a directory has no order to start from.
 pub(super) async fn list_after_local(
     path: PathBuf,
     dir: &str,
     after: &str,
     limit: usize,
-) -> Result<Vec<(String, u64)>, StoreError> {
+) -> Result<Vec<String>, StoreError> {
     let dir = dir.to_string();
     let after = after.to_string();
     tokio::task::spawn_blocking(move || {
         let io = |cause| StoreError::Io { op: "list", name: dir.clone(), cause };
-        let mut names: Vec<String> = match std::fs::read_dir(&path) {
-            Ok(it) => it
-                .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| !is_staged(n))
-                .map(|n| format!("{dir}/{n}"))
-                .filter(|n| n.as_str() > after.as_str())
-                .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        let entries = match std::fs::read_dir(&path) {
+            Ok(it) => it,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io(e)),
         };
-        names.sort();
-        names.truncate(limit);
-        let mut out = Vec::with_capacity(names.len());
-        for name in names {
-            let leaf = name.rsplit('/').next().unwrap_or_default();
-            match std::fs::metadata(path.join(leaf)) {
-                Ok(m) if m.is_file() => out.push((name, m.len())),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // deleted meanwhile
-                Err(e) => return Err(io(e)),
+        // The `limit` smallest names after `after`, without sorting all of them.
+        let mut kept = std::collections::BinaryHeap::new();
+        for e in entries {
+            let e = e.map_err(io)?;
+            let Ok(leaf) = e.file_name().into_string() else { continue };
+            if is_staged(&leaf) {
+                continue;
+            }
+            let name = format!("{dir}/{leaf}");
+            if name.as_str() <= after.as_str() || kept.len() >= limit && kept.peek().is_some_and(|max| &name >= max) {
+                continue;
+            }
+            match e.file_type() {
+                Ok(t) if t.is_file() => {}
+                Ok(_) => continue,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue, // deleted meanwhile
+                Err(err) => return Err(io(err)),
+            }
+            kept.push(name);
+            if kept.len() > limit {
+                kept.pop();
             }
         }
-        Ok(out)
+        Ok(kept.into_sorted_vec())
     })
     .await
     .expect("listing task panicked")
@@ -149,6 +155,42 @@ pub(super) async fn list_local(
                 } else if meta.is_file() && !is_staged(&leaf) {
                     let modified = meta.modified().ok().and_then(|t| jiff::Timestamp::try_from(t).ok());
                     out.push((child, meta.len(), modified));
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .expect("listing task panicked")
+}
+
+/// The names of the files below `dir/`, without a stat each (the directory
+/// entries' types say what is a directory), without the puts in progress.
+pub(super) async fn list_local_names(root: PathBuf, dir: &str) -> Result<Vec<String>, StoreError> {
+    let dir = dir.to_string();
+    tokio::task::spawn_blocking(move || {
+        let io = |cause| StoreError::Io { op: "list", name: dir.clone(), cause };
+        let mut out = Vec::new();
+        let mut stack = vec![(root.join(&dir), dir.clone())];
+        while let Some((path, name)) = stack.pop() {
+            let entries = match std::fs::read_dir(&path) {
+                Ok(it) => it,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(e)),
+            };
+            for e in entries {
+                let e = e.map_err(io)?;
+                let Ok(leaf) = e.file_name().into_string() else { continue };
+                let child = format!("{name}/{leaf}");
+                let kind = match e.file_type() {
+                    Ok(t) => t,
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue, // deleted meanwhile
+                    Err(err) => return Err(io(err)),
+                };
+                if kind.is_dir() {
+                    stack.push((e.path(), child));
+                } else if kind.is_file() && !is_staged(&leaf) {
+                    out.push(child);
                 }
             }
         }

@@ -308,6 +308,15 @@ impl Store {
             .collect())
     }
 
+    /// The names of every object under `dir/`, in no particular order: `list`
+    /// without what a local listing would stat each file for.
+    pub async fn list_names(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        match &self.local_root {
+            Some(root) => local::list_local_names(root.clone(), dir).await,
+            None => Ok(self.list(dir).await?.into_iter().map(|o| o.name).collect()),
+        }
+    }
+
     /// Removes what interrupted puts left on a file:// store under `dir/`: staged
     /// files (`<name>#<n>`) older than `min_age`. A writer still using one loses
     /// nothing: its put fails to publish it, and says so. Returns how many went.
@@ -363,13 +372,12 @@ impl Store {
         Ok(out)
     }
 
-    /// Objects directly under `dir/` (not in its subdirectories) whose names sort
-    /// after `after`, in name order, at most `limit` of them: one narrow listing, not
-    /// a scan of the repository.
-    pub async fn list_after(&self, dir: &str, after: &str, limit: usize) -> Result<Vec<ObjectInfo>, StoreError> {
+    /// The names of the objects directly under `dir/` (not in its subdirectories)
+    /// that sort after `after`, in name order, at most `limit` of them: one narrow
+    /// listing, not a scan of the repository (but see `lists_whole_directories`).
+    pub async fn list_after(&self, dir: &str, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         if let Some(root) = &self.local_root {
-            let found = list_after_local(root.join(dir), dir, after, limit).await?;
-            return Ok(found.into_iter().map(|(name, size)| ObjectInfo { name, size, modified: None }).collect());
+            return list_after_local(root.join(dir), dir, after, limit).await;
         }
         let prefix = self.path(dir);
         let offset = self.path(after);
@@ -382,14 +390,21 @@ impl Store {
             if name.strip_prefix(dir).and_then(|r| r.strip_prefix('/')).is_none_or(|leaf| leaf.contains('/')) {
                 continue;
             }
-            out.push(ObjectInfo { name, size: m.size, modified: modified(&m) });
+            out.push(name);
             if out.len() >= limit {
                 break;
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.sort();
         out.truncate(limit);
         Ok(out)
+    }
+
+    /// Whether a narrow listing (`list_after`) reads the whole directory all the
+    /// same, as on the local filesystem: then one listing of it all beats many
+    /// narrow ones.
+    pub fn lists_whole_directories(&self) -> bool {
+        self.local_root.is_some()
     }
 
     /// The names directly below `dir/` that are themselves directories.

@@ -62,7 +62,7 @@ impl Repository {
             let full = page.len() == limit;
             limit = limit.saturating_mul(2);
             for o in &page {
-                let Some(p) = WalPiece::parse(tli, &o.name) else { continue };
+                let Some(p) = WalPiece::parse(tli, o) else { continue };
                 if p.start >= to {
                     return Ok(out);
                 }
@@ -71,16 +71,21 @@ impl Repository {
                 }
             }
             match page.last() {
-                Some(last) if full => offset = last.name.clone(),
+                Some(last) if full => offset = last.clone(),
                 _ => return Ok(out),
             }
         }
     }
 
     /// Where the stored WAL of timeline `tli` ends: the end of the piece that starts
-    /// last, found with about 64 one-name listings (a binary search on names).
+    /// last, found with about 64 one-name listings (a binary search on names), or
+    /// with one listing of it all where a narrow one would read it all anyway.
     pub async fn wal_end(&self, source: &str, system: &WalSystem, tli: u32) -> Result<Option<Lsn>, RepoError> {
         let dir = tli_dir(source, tli);
+        if self.store().lists_whole_directories() {
+            let names = self.store().list_after(&dir, &format!("{dir}/"), usize::MAX).await?;
+            return Ok(names.iter().filter_map(|n| WalPiece::parse(tli, n)).map(|p| p.end).max());
+        }
         // Whether some piece starts at or after `at`.
         let starts_from = |at: u64| {
             let dir = dir.clone();
@@ -222,7 +227,19 @@ mod tests {
 
     #[tokio::test]
     async fn wal_bytes_follow_the_timeline_path_and_stop_at_a_gap() {
-        let store = crate::Store::open("memory://", true).unwrap();
+        follow_the_timeline_path(crate::Store::open("memory://", true).unwrap()).await;
+    }
+
+    /// The same on the local filesystem, where `wal_end` lists a directory once.
+    #[tokio::test]
+    async fn wal_bytes_follow_the_timeline_path_on_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::Store::open(&format!("file://{}", dir.path().display()), true).unwrap();
+        assert!(store.lists_whole_directories());
+        follow_the_timeline_path(store).await;
+    }
+
+    async fn follow_the_timeline_path(store: crate::Store) {
         let secret = crate::Secret::Password(b"pw".to_vec());
         let kdf = crate::KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
         let repo = Repository::init(store, &secret, kdf, "h".into()).await.unwrap().0;
