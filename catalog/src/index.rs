@@ -133,6 +133,9 @@ impl DedupIndex {
     pub fn get(&self, kind: BlobKind, id: &Id) -> Option<BlobRef> {
         self.map.get(&(kind, *id)).copied()
     }
+    pub fn remove(&mut self, kind: BlobKind, id: &Id) {
+        self.map.remove(&(kind, *id));
+    }
     /// Drops every entry in one of `packs`.
     pub fn forget_packs(&mut self, packs: &std::collections::HashSet<Id>) {
         self.map.retain(|_, b| !packs.contains(&b.pack));

@@ -27,6 +27,17 @@ const MAGIC: &[u8] = b"EBIC1\n";
 const MAX_NAME: usize = 1024;
 const MAX_OBJECT: usize = 64 << 20;
 
+/// This host's cache directory: `EBB_CACHE_DIR`, else `$XDG_CACHE_HOME/ebb`, else
+/// `~/.cache/ebb`; `None` when there is none of these (or it is set empty).
+pub fn cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    match std::env::var_os("EBB_CACHE_DIR") {
+        Some(d) if d.is_empty() => None,
+        Some(d) => Some(PathBuf::from(d)),
+        None => Some(var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))?.join("ebb")),
+    }
+}
+
 /// The cache file of one repository on this host.
 #[derive(Debug, Clone)]
 pub struct IndexCache {
@@ -34,16 +45,9 @@ pub struct IndexCache {
 }
 
 impl IndexCache {
-    /// The cache of repository `repo` in `EBB_CACHE_DIR`, else `$XDG_CACHE_HOME/ebb`,
-    /// else `~/.cache/ebb`; `None` when there is none of these (or it is set empty).
-    pub fn for_repo(repo: &Id) -> Option<IndexCache> {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-        let dir = match std::env::var_os("EBB_CACHE_DIR") {
-            Some(d) if d.is_empty() => return None,
-            Some(d) => PathBuf::from(d),
-            None => var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))?.join("ebb"),
-        };
-        Some(IndexCache { path: dir.join(format!("index-{}", repo.to_hex())) })
+    /// The cache of repository `repo` in `dir`.
+    pub fn in_dir(dir: &std::path::Path, repo: &Id) -> IndexCache {
+        IndexCache { path: dir.join(format!("index-{}", repo.to_hex())) }
     }
 
     #[cfg(test)]

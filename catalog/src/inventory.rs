@@ -1,8 +1,9 @@
-//! What a repository holds, as writers and repairs need to know it: every pack that
-//! exists (one listing, with sizes) and what each index file says is in them. A
-//! writer deduplicates only against blobs that lie inside a pack that exists, so a
-//! lost pack is stored again rather than referenced; packs that no index file names
-//! (left by a writer that stopped before its index) can be adopted.
+//! What a repository holds, as writers and repairs need to know it: what each
+//! index file says is in which pack, and, when asked for, every pack that exists
+//! (one listing, with sizes). Deduplicating only against blobs that lie inside a
+//! pack that exists stores a lost pack again rather than referencing it; packs
+//! that no index file names (left by a writer that stopped before its index) can
+//! be adopted.
 
 use std::collections::{HashMap, HashSet};
 
@@ -19,7 +20,7 @@ use crate::repo::Repository;
 const CONCURRENT_READS: usize = 16;
 
 pub struct Inventory {
-    /// Every pack, by id, with its size.
+    /// Every pack, by id, with its size; empty unless the packs were listed.
     pub packs: HashMap<Id, u64>,
     /// The index files that opened, by name.
     pub index_files: Vec<(String, IndexFile)>,
@@ -32,27 +33,35 @@ impl Inventory {
     /// order: every index file is written after its packs were durable, so the packs
     /// of every index file listed are in the pack listing, unless they are lost.
     pub async fn load(repo: &Repository) -> Result<Inventory, RepoError> {
-        Inventory::load_cached(repo, None).await
+        Inventory::load_cached(repo, None, true).await
     }
 
     /// `load`, taking the index files listed that `cache` holds from it (each still
     /// opened, so authenticated, as if fetched; one that does not open is fetched),
-    /// and adding to it those fetched.
-    pub async fn load_cached(repo: &Repository, cache: Option<&IndexCache>) -> Result<Inventory, RepoError> {
+    /// and adding to it those fetched. Lists the packs only if `list_packs`: the
+    /// listing grows with the history, the index files a prune merges do not.
+    pub async fn load_cached(
+        repo: &Repository,
+        cache: Option<&IndexCache>,
+        list_packs: bool,
+    ) -> Result<Inventory, RepoError> {
         let store = repo.store();
-        let names = store.list(INDEX_DIR).await?;
+        let names = store.list_names(INDEX_DIR).await?;
         let cached = cache.map(IndexCache::load).unwrap_or_default();
         let packs = async {
+            if !list_packs {
+                return Ok(HashMap::new());
+            }
             let listed = store.list(PACKS_DIR).await?;
             Ok::<_, RepoError>(listed.iter().filter_map(|o| Some((parse_pack_name(&o.name)?, o.size))).collect())
         };
         let keys = repo.keys();
         let mut from_cache = Vec::new();
         let mut to_fetch = Vec::new();
-        for o in &names {
-            match cached.get(&o.name).map(|b| open_index(keys, &o.name, b)) {
-                Some(Ok(file)) => from_cache.push((o.name.clone(), file)),
-                _ => to_fetch.push(o.name.clone()),
+        for name in &names {
+            match cached.get(name).map(|b| open_index(keys, name, b)) {
+                Some(Ok(file)) => from_cache.push((name.clone(), file)),
+                _ => to_fetch.push(name.clone()),
             }
         }
         let index = async {
@@ -83,7 +92,7 @@ impl Inventory {
             // Files the listing no longer names outnumber the rest: start afresh.
             let used = from_cache.len();
             if cached.len() - used.min(cached.len()) > used.max(16) {
-                let listed: std::collections::HashSet<&String> = names.iter().map(|o| &o.name).collect();
+                let listed: std::collections::HashSet<&String> = names.iter().collect();
                 let mut keep: Vec<(String, bytes::Bytes)> =
                     cached.into_iter().filter(|(n, _)| listed.contains(n)).collect();
                 keep.extend(new);
@@ -169,7 +178,7 @@ mod tests {
         indexed(&repo, 3).await;
         let dir = tempfile::tempdir().unwrap();
         let cache = IndexCache::at(&dir.path().join("index-x"));
-        let first = Inventory::load_cached(&repo, Some(&cache)).await.unwrap();
+        let first = Inventory::load_cached(&repo, Some(&cache), true).await.unwrap();
         assert_eq!((first.index_files.len(), first.unreadable.len()), (3, 0));
         assert_eq!(cache.load().len(), 3, "what was fetched is cached");
 
@@ -177,19 +186,19 @@ mod tests {
         let names: Vec<String> = first.index_files.iter().map(|(n, _)| n.clone()).collect();
         repo.store().delete(&names[0]).await.unwrap();
         repo.store().put_new(&names[0], Bytes::from_static(b"damaged")).await.unwrap();
-        let cached = Inventory::load_cached(&repo, Some(&cache)).await.unwrap();
+        let cached = Inventory::load_cached(&repo, Some(&cache), true).await.unwrap();
         assert_eq!((cached.index_files.len(), cached.unreadable.len()), (3, 0));
         let uncached = Inventory::load(&repo).await.unwrap();
         assert_eq!((uncached.index_files.len(), uncached.unreadable.len()), (2, 1), "the store's copy is damaged");
 
         // Gone from the store (a prune merged it): not taken from the cache.
         repo.store().delete(&names[1]).await.unwrap();
-        let after = Inventory::load_cached(&repo, Some(&cache)).await.unwrap();
+        let after = Inventory::load_cached(&repo, Some(&cache), true).await.unwrap();
         assert_eq!(after.index_files.iter().map(|(n, _)| n).collect::<Vec<_>>(), vec![&names[0], &names[2]]);
 
         // A cached copy that does not open is fetched again (here: damaged there too).
         cache.rewrite(&[(names[2].clone(), Bytes::from_static(b"not sealed"))]);
-        let refetched = Inventory::load_cached(&repo, Some(&cache)).await.unwrap();
+        let refetched = Inventory::load_cached(&repo, Some(&cache), true).await.unwrap();
         assert!(refetched.index_files.iter().any(|(n, _)| n == &names[2]), "fetched from the store");
         assert!(refetched.unreadable.iter().any(|(n, _)| n == &names[0]), "no longer cached, so fetched: damaged");
     }

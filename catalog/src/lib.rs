@@ -36,6 +36,7 @@ mod repair;
 mod repo;
 mod restore;
 pub mod retention;
+mod running;
 mod select;
 mod store;
 pub mod time;

@@ -9,11 +9,15 @@
 //! must be dropped: its dedup map may name blobs never stored.
 //!
 //! A writer deduplicates only against blobs it has confirmed exist: those of index
-//! files whose pack is listed and long enough (`Inventory`), and its own; and never
-//! against a pack a prune condemned (`view`). It remembers every pack it uses, looks
-//! at what is condemned again every `Timing::refresh` while it runs, rescues any
-//! pack it uses that was condemned since, and commits a point only with a view of
-//! them younger than `Timing::view_ttl`.
+//! files (`Inventory`) whose pack is there and long enough, and its own; and never
+//! against a pack a prune condemned (`view`). It confirms a pack the first time it
+//! would use it, with a stat, so that starting costs the same however many packs
+//! the repository holds; it lists every pack instead when it must look for packs
+//! no index file names (`running`: a writer before it left some, or it has no mark
+//! to tell). It remembers every pack it uses, looks at what is condemned again
+//! every `Timing::refresh` while it runs, rescues any pack it uses that was
+//! condemned since, and commits a point only with a view of them younger than
+//! `Timing::view_ttl`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,12 +33,13 @@ use crate::crypto::{compressor, encode_payload};
 use crate::error::RepoError;
 use crate::id::Id;
 use crate::index::{seal_index, DedupIndex, INDEX_DIR};
-use crate::index_cache::IndexCache;
+use crate::index_cache::{cache_dir, IndexCache};
 use crate::inventory::Inventory;
 use crate::pack::PACK_TARGET;
 use crate::pack::{fetch_header, pack_name, BlobKind, BlobRef, PackBuilder, PackEntry, PACKS_DIR};
 use crate::point::{Manifest, PointRef};
 use crate::repo::Repository;
+use crate::running::{remove_leftovers, Mark};
 use crate::store::{Store, StoreError};
 use crate::view::View;
 use crate::wal::{Lsn, WalPiece};
@@ -89,12 +94,40 @@ pub struct WriterSummary {
 #[derive(Default)]
 struct Known {
     dedup: DedupIndex,
-    /// Packs listed when the writer started: what existed then, and how long.
-    listed: HashMap<Id, u64>,
+    /// What the writer knows of the packs it may reference.
+    packs: HashMap<Id, PackState>,
+    /// Every pack was listed when the writer started: one `packs` does not hold
+    /// is lost.
+    listed_all: bool,
+    /// Lost packs the user was told of.
+    lost_told: HashSet<Id>,
     /// Every pack the writer referenced or stored since it started.
     used: HashSet<Id>,
     /// The WAL the point being written needs (a base backup's, from its start).
     wal: Option<WalNeed>,
+}
+
+/// What a writer knows of a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PackState {
+    /// Stored or adopted by this writer.
+    Own,
+    /// There, this long, when listed or looked at.
+    There(u64),
+    /// Not there, though an index file names it: what is needed of it is stored again.
+    Lost,
+    /// Condemned by a prune: not taken into use again.
+    Condemned,
+}
+
+impl PackState {
+    fn holds(self, blob: &BlobRef) -> bool {
+        match self {
+            PackState::Own => true,
+            PackState::There(size) => blob.range().end <= size,
+            PackState::Lost | PackState::Condemned => false,
+        }
+    }
 }
 
 /// The WAL a base backup being taken needs: from its start on, whatever prune
@@ -129,6 +162,12 @@ struct Guard {
     unrescued: Mutex<Rescued>,
     /// Packs it uses were condemned while it was not looking: it commits nothing more.
     poisoned: AtomicBool,
+    /// Packs handed to the uploader, and adoptions.
+    sent: AtomicU64,
+    /// Of `sent`, how many an index file written names (a high-water mark).
+    indexed: AtomicU64,
+    /// Blobs made durable were never named in an index file.
+    unindexed: AtomicBool,
 }
 
 impl Guard {
@@ -143,7 +182,7 @@ impl Guard {
         if !added.packs.is_empty() || !added.names.is_empty() {
             let mut k = self.known.lock().expect("known lock");
             k.dedup.forget_packs(&added.packs);
-            k.listed.retain(|p, _| !added.packs.contains(p));
+            k.packs.extend(added.packs.iter().map(|p| (*p, PackState::Condemned)));
             let hit: Vec<Id> = added.packs.iter().filter(|p| k.used.contains(p)).copied().collect();
             let hit_wal: Vec<String> = match &k.wal {
                 Some(need) => added.names.iter().filter(|n| need.covers(n)).cloned().collect(),
@@ -214,8 +253,14 @@ impl Guard {
 
 pub struct Writer {
     repo: Repository,
+    /// The runtime the writer was made on, for the stats of packs its packers use.
+    handle: tokio::runtime::Handle,
     guard: Arc<Guard>,
     refresher: JoinHandle<()>,
+    /// This writer's mark on the host; `None` without a cache directory.
+    mark: Option<Mark>,
+    /// Marks of writers that left packs unindexed, removed once those are adopted.
+    leftovers: Mutex<Vec<std::path::PathBuf>>,
     /// Listed packs that no index file names, not yet adopted.
     orphans: Mutex<Vec<(Id, u64)>>,
     written: Mutex<Vec<PackEntry>>,
@@ -241,6 +286,18 @@ impl Writer {
 
     /// `new`, with the clock of deletion given rather than taken from `EBB_GRACE`.
     pub async fn with_timing(repo: Repository, timing: crate::condemned::Timing) -> Result<Arc<Writer>, RepoError> {
+        // Not for a repository in memory, which no later writer opens.
+        let host = (!repo.store().url().starts_with("memory:")).then(cache_dir).flatten();
+        Writer::on_host(repo, timing, host).await
+    }
+
+    /// `with_timing`, keeping the host's copy of the index files and the writers'
+    /// marks in `host` (none without).
+    async fn on_host(
+        repo: Repository,
+        timing: crate::condemned::Timing,
+        host: Option<std::path::PathBuf>,
+    ) -> Result<Arc<Writer>, RepoError> {
         // What a killed writer left half-written is removed, not kept for ever.
         for dir in [PACKS_DIR, INDEX_DIR] {
             match repo.store().sweep_staged(dir, STAGED_AGE).await {
@@ -250,42 +307,59 @@ impl Writer {
             }
         }
         let mut view = View::new(timing);
-        view.refresh(&repo).await?;
-        // A host's copy of the index files it read before (not for a repository
-        // in memory, which no later writer opens).
-        let cache = (!repo.store().url().starts_with("memory:")).then(|| IndexCache::for_repo(&repo.id())).flatten();
-        let inventory = Inventory::load_cached(&repo, cache.as_ref()).await?;
+        let condemned = view.refresh(&repo).await?.packs;
+        // The host's copy of the index files it read before, and its writers' marks.
+        let cache = host.as_ref().map(|dir| IndexCache::in_dir(dir, &repo.id()));
+        let marks = host.as_ref().and_then(|dir| Mark::take(&dir.join(format!("writers-{}", repo.id().to_hex()))));
+        // Packs no index file names can only be found by listing them all: done when
+        // a writer before this one may have left some.
+        let list_packs = marks.as_ref().is_none_or(|m| !m.leftovers.is_empty());
+        let inventory = Inventory::load_cached(&repo, cache.as_ref(), list_packs).await?;
         for (name, why) in &inventory.unreadable {
             // A damaged index only costs dedup; `ebb verify` reports it.
             tracing::warn!("skipping index file {name}: {why}");
         }
-        // Packs a prune condemned are deleted before the index files naming them
-        // are written again: missing, but not lost.
-        let (missing, lost) = inventory.missing_except(|p| view.condemns(p));
-        if missing > 0 {
-            tracing::warn!(
-                "the index lists {missing} blobs in {} packs that are missing or cut short: they are stored again. \
-                 Points that use them cannot be restored in full (`ebb verify` names them); \
-                 `ebb repair index` drops them from the index",
-                lost.len()
-            );
+        let mut packs: HashMap<Id, PackState> = HashMap::new();
+        let mut orphans = Vec::new();
+        if list_packs {
+            // Packs a prune condemned are deleted before the index files naming them
+            // are written again: missing, but not lost.
+            let (missing, lost) = inventory.missing_except(|p| view.condemns(p));
+            if missing > 0 {
+                warn_lost(&format!(
+                    "the index lists {missing} blobs in {} packs that are missing or cut short",
+                    lost.len()
+                ));
+            }
+            orphans = inventory.unindexed().into_iter().filter(|(p, _)| !view.condemns(p)).collect();
+            packs.extend(inventory.packs.iter().map(|(p, size)| (*p, PackState::There(*size))));
         }
+        packs.extend(condemned.iter().map(|p| (*p, PackState::Condemned)));
         let mut dedup = DedupIndex::default();
         for e in inventory.index_files.iter().flat_map(|(_, f)| &f.entries) {
-            if inventory.holds(&e.blob) && !view.condemns(&e.blob.pack) {
+            // Unless listed, a pack is looked at when first used.
+            if packs.get(&e.blob.pack).map_or(!list_packs, |s| s.holds(&e.blob)) {
                 dedup.insert(e.kind, e.blob);
             }
         }
-        let orphans: Vec<(Id, u64)> = inventory.unindexed().into_iter().filter(|(p, _)| !view.condemns(p)).collect();
-        let mut listed = inventory.packs;
-        listed.retain(|p, _| !view.condemns(p));
+        drop(inventory);
         let refresh = view.timing.refresh;
         let guard = Arc::new(Guard {
             repo: repo.clone(),
-            known: Mutex::new(Known { dedup, listed, used: HashSet::new(), wal: None }),
+            known: Mutex::new(Known {
+                dedup,
+                packs,
+                listed_all: list_packs,
+                lost_told: HashSet::new(),
+                used: HashSet::new(),
+                wal: None,
+            }),
             view: tokio::sync::Mutex::new(view),
             unrescued: Mutex::new(Rescued::default()),
             poisoned: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            indexed: AtomicU64::new(0),
+            unindexed: AtomicBool::new(false),
         });
         let refresher = tokio::spawn({
             let guard = guard.clone();
@@ -302,10 +376,17 @@ impl Writer {
         let (tx, rx) = mpsc::channel(QUEUED_PACKS);
         let failure = Arc::new(OnceLock::new());
         let uploader = tokio::spawn(upload_loop(repo.store().clone(), rx, failure.clone()));
+        let (mark, leftovers) = match marks {
+            Some(m) => (Some(m.own), m.leftovers),
+            None => (None, Vec::new()),
+        };
         Ok(Arc::new(Writer {
             repo,
+            handle: tokio::runtime::Handle::current(),
             guard,
             refresher,
+            mark,
+            leftovers: Mutex::new(leftovers),
             orphans: Mutex::new(orphans),
             written: Mutex::new(Vec::new()),
             tx: Mutex::new(Some(tx)),
@@ -344,25 +425,72 @@ impl Writer {
     }
 
     /// Whether a blob with this content id is already stored (or being stored): its
-    /// reference, which the caller then uses.
+    /// reference, which the caller then uses. Blocks on a stat of its pack the
+    /// first time the writer meets it.
     pub fn known(&self, kind: BlobKind, id: &crate::Id) -> Option<BlobRef> {
-        let mut k = self.guard.known.lock().expect("known lock");
-        let found = k.dedup.get(kind, id);
-        if let Some(b) = found {
-            k.used.insert(b.pack);
+        let found = self.guard.known.lock().expect("known lock").dedup.get(kind, id)?;
+        if self.take_into_use(&found) {
+            return Some(found);
         }
-        found
+        let mut k = self.guard.known.lock().expect("known lock");
+        if k.dedup.get(kind, id) == Some(found) {
+            k.dedup.remove(kind, id);
+        }
+        None
     }
 
     /// Whether a reference taken from an earlier point may be used again (and then
-    /// it counts as used): its pack was listed, long enough, when the writer started
-    /// and is not condemned, or this writer stored it.
-    pub fn exists(&self, kind: BlobKind, blob: &BlobRef) -> bool {
+    /// it counts as used): its pack is there, long enough, and not condemned, or
+    /// this writer stored it. Blocks on a stat of the pack the first time the writer
+    /// meets it.
+    pub fn exists(&self, blob: &BlobRef) -> bool {
+        self.take_into_use(blob)
+    }
+
+    /// Whether `blob`'s pack holds it, as far as the writer knows or, the first time,
+    /// as the store says; if so the pack counts as used. The check and the use are
+    /// one step under the lock the view's refresher takes: a pack it condemns
+    /// meanwhile is either not used, or used and rescued.
+    fn take_into_use(&self, blob: &BlobRef) -> bool {
+        {
+            let mut k = self.guard.known.lock().expect("known lock");
+            let Some(state) = k.packs.get(&blob.pack).copied() else {
+                if k.listed_all {
+                    return false;
+                }
+                drop(k);
+                return self.look_then_use(blob);
+            };
+            let ok = state.holds(blob);
+            if ok {
+                k.used.insert(blob.pack);
+            }
+            ok
+        }
+    }
+
+    /// `take_into_use` for a pack the writer has not met: a stat says whether it is
+    /// there, and how long.
+    fn look_then_use(&self, blob: &BlobRef) -> bool {
+        let name = pack_name(&blob.pack);
+        let looked = match self.handle.block_on(self.repo.store().size(&name)) {
+            Ok(size) => PackState::There(size),
+            Err(e) if e.is_not_found() => PackState::Lost,
+            Err(e) => {
+                // Stored again rather than trusted: the store may be failing anyway.
+                tracing::warn!("cannot look at pack {name}, so what is needed of it is stored again: {e}");
+                return false;
+            }
+        };
         let mut k = self.guard.known.lock().expect("known lock");
-        let ok = k.listed.get(&blob.pack).is_some_and(|&size| blob.range().end <= size)
-            || k.dedup.get(kind, &blob.id) == Some(*blob);
+        // Another thread may have looked, or the refresher condemned it, meanwhile.
+        let state = *k.packs.entry(blob.pack).or_insert(looked);
+        let ok = state.holds(blob);
         if ok {
             k.used.insert(blob.pack);
+        } else if state != PackState::Condemned && k.lost_told.insert(blob.pack) {
+            drop(k);
+            warn_lost(&format!("pack {name}, which the index lists, is missing or cut short"));
         }
         ok
     }
@@ -389,6 +517,8 @@ impl Writer {
                 Err((pack, e)) => tracing::warn!("not adopting {}: {e}", pack_name(&pack)),
             }
         }
+        // What they left is this writer's now, and its own mark stands for it.
+        remove_leftovers(&std::mem::take(&mut *self.leftovers.lock().expect("leftovers lock")));
         Ok(adopted)
     }
 
@@ -396,13 +526,18 @@ impl Writer {
     /// stream's fragments): deduplicated against from now on, and listed in the next
     /// index file.
     pub fn adopt(&self, entries: Vec<PackEntry>) {
+        if entries.is_empty() {
+            return;
+        }
         let mut k = self.guard.known.lock().expect("known lock");
         for e in &entries {
             k.dedup.insert(e.kind, e.blob);
+            k.packs.insert(e.blob.pack, PackState::Own);
             k.used.insert(e.blob.pack);
         }
         drop(k);
         self.written.lock().expect("written lock").extend(entries);
+        self.guard.sent.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Waits until every pack is durable. Every packer must have been flushed.
@@ -443,6 +578,8 @@ impl Writer {
         if self.lost.load(Ordering::SeqCst) || self.unflushed.load(Ordering::SeqCst) != 0 {
             return Err(WriteError::Unflushed);
         }
+        // Before the entries are taken: a pack counted here has its entries among them.
+        let upto = self.guard.sent.load(Ordering::SeqCst);
         let entries = std::mem::take(&mut *self.written.lock().expect("written lock"));
         let summary = WriterSummary {
             index: (!entries.is_empty()).then(Repository::new_index_name),
@@ -451,7 +588,14 @@ impl Writer {
             new_bytes: self.new_bytes.swap(0, Ordering::Relaxed),
             packs: self.packs.swap(0, Ordering::Relaxed),
         };
-        Ok(Durable { repo: self.repo.clone(), guard: self.guard.clone(), summary, entries })
+        Ok(Durable {
+            repo: self.repo.clone(),
+            guard: self.guard.clone(),
+            summary,
+            entries,
+            upto,
+            indexed: AtomicBool::new(false),
+        })
     }
 
     fn send(&self, name: String, bytes: Vec<u8>) -> Result<(), WriteError> {
@@ -467,6 +611,10 @@ pub struct Durable {
     guard: Arc<Guard>,
     pub summary: WriterSummary,
     entries: Vec<PackEntry>,
+    /// The writer's `sent` when these entries were taken.
+    upto: u64,
+    /// An index file names the entries.
+    indexed: AtomicBool,
 }
 
 impl Durable {
@@ -492,10 +640,32 @@ impl Durable {
 
     /// Writes the index file of these blobs, naming `point` if they belong to one.
     pub(crate) async fn write_index(&self, point: Option<&str>) -> Result<(), StoreError> {
-        let Some(name) = &self.summary.index else { return Ok(()) };
-        let sealed = seal_index(self.repo.keys(), name, point, &self.entries);
-        self.repo.store().put_new(name, Bytes::from(sealed)).await
+        if let Some(name) = &self.summary.index {
+            let sealed = seal_index(self.repo.keys(), name, point, &self.entries);
+            self.repo.store().put_new(name, Bytes::from(sealed)).await?;
+        }
+        self.indexed.store(true, Ordering::SeqCst);
+        self.guard.indexed.fetch_max(self.upto, Ordering::SeqCst);
+        Ok(())
     }
+}
+
+impl Drop for Durable {
+    fn drop(&mut self) {
+        if !self.entries.is_empty() && !self.indexed.load(Ordering::SeqCst) {
+            // A later writer must look for these packs: no index file names them.
+            self.guard.unindexed.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Tells the user of packs the index names that are lost, and what to do.
+fn warn_lost(what: &str) {
+    tracing::warn!(
+        "{what}: what is needed of them is stored again. \
+         Points that use them cannot be restored in full (`ebb verify` names them); \
+         `ebb repair index` drops them from the index"
+    );
 }
 
 enum Upload {
@@ -566,12 +736,14 @@ impl Packer {
         // others take its reference.
         let blob = {
             let mut k = self.w.guard.known.lock().expect("known lock");
-            if let Some(b) = k.dedup.get(kind, &id) {
+            // Another packer's, or the one `known` just confirmed.
+            if let Some(b) = k.dedup.get(kind, &id).filter(|b| k.packs.get(&b.pack).is_some_and(|s| s.holds(b))) {
                 k.used.insert(b.pack);
                 return Ok(b);
             }
             let blob = pack.next_ref(id, data.len() as u32, payload.len());
             k.dedup.insert(kind, blob);
+            k.packs.insert(blob.pack, PackState::Own);
             k.used.insert(blob.pack);
             self.w.unflushed.fetch_add(1, Ordering::SeqCst);
             blob
@@ -598,6 +770,7 @@ impl Packer {
         let (id, bytes, entries) = pack.finish();
         self.w.unflushed.fetch_sub(entries.len() as u64, Ordering::SeqCst);
         self.w.written.lock().expect("written lock").extend(entries);
+        self.w.guard.sent.fetch_add(1, Ordering::SeqCst);
         self.w.packs.fetch_add(1, Ordering::Relaxed);
         self.w.send(pack_name(&id), bytes)
     }
@@ -606,6 +779,13 @@ impl Packer {
 impl Drop for Writer {
     fn drop(&mut self) {
         self.refresher.abort();
+        let g = &self.guard;
+        let all_indexed =
+            !g.unindexed.load(Ordering::SeqCst) && g.indexed.load(Ordering::SeqCst) == g.sent.load(Ordering::SeqCst);
+        // Otherwise the mark stays, and tells the next writer to look for orphans.
+        if let Some(mark) = self.mark.take().filter(|_| all_indexed) {
+            mark.remove();
+        }
     }
 }
 
@@ -650,7 +830,7 @@ mod tests {
         for t in threads {
             seen.push(t.await.unwrap());
         }
-        let summary = writer.finish().await.unwrap().summary;
+        let summary = writer.finish().await.unwrap().summary.clone();
         assert_eq!(summary.new_blobs, 64, "content stored more than once");
         assert!(seen.windows(2).all(|w| w[0] == w[1]), "every thread got the one stored copy");
     }
@@ -697,5 +877,80 @@ mod tests {
         let third = Writer::new(repo.clone()).await.unwrap();
         assert_eq!(third.adopt_orphans().await.unwrap(), 0);
         third.finish().await.unwrap();
+    }
+
+    /// A writer lists every pack only when a writer before it on the host left
+    /// packs no index file names: otherwise it looks at each pack it uses, once. A
+    /// lost pack is found so, and what is needed of it stored again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn packs_are_listed_only_after_a_writer_left_some_unindexed() {
+        use crate::faults::{Fault, Faults, Op};
+        let faults = Faults::new();
+        let repo = Repository::init(
+            Store::memory().with_faults(faults.clone()),
+            &Secret::KeyFile([3; 32]),
+            DEFAULT_KDF,
+            "t".into(),
+        )
+        .await
+        .unwrap()
+        .0;
+        let host = tempfile::tempdir().unwrap();
+        let open = || Writer::on_host(repo.clone(), crate::condemned::Timing::from_env(), Some(host.path().into()));
+        let blob = |i: u8| vec![i; 200_000];
+        // Stores `blobs`, blocking as packers do; what each is stored as.
+        let store = |w: &Arc<Writer>, blobs: Vec<Vec<u8>>| {
+            let w = w.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut p = w.packer();
+                let refs: Vec<BlobRef> = blobs.iter().map(|b| p.store(BlobKind::Data, b).unwrap()).collect();
+                p.flush().unwrap();
+                refs
+            })
+        };
+        faults.always(Op::List, "packs", Fault::Fail);
+
+        let first = open().await.expect("no pack listing: the host has no leftover mark");
+        let stored = store(&first, vec![blob(1), blob(2)]).await.unwrap();
+        first.finish().await.unwrap().write_index(None).await.unwrap();
+        drop(first);
+
+        // Known from the index, confirmed by a look at the pack.
+        let second = open().await.unwrap();
+        let (w, s) = (second.clone(), stored.clone());
+        let found =
+            tokio::task::spawn_blocking(move || (w.known(BlobKind::Data, &s[0].id), w.exists(&s[1]))).await.unwrap();
+        assert_eq!(found, (Some(stored[0]), true));
+        second.finish().await.unwrap();
+        drop(second);
+
+        // The pack lost: stored again, not referenced.
+        repo.store().delete(&pack_name(&stored[0].pack)).await.unwrap();
+        let third = open().await.unwrap();
+        let again = store(&third, vec![blob(1)]).await.unwrap();
+        assert_ne!(again[0].pack, stored[0].pack);
+        let (w, s) = (third.clone(), stored[1]);
+        assert!(!tokio::task::spawn_blocking(move || w.exists(&s)).await.unwrap(), "the lost pack is not used");
+        third.finish().await.unwrap().write_index(None).await.unwrap();
+        drop(third);
+
+        // A writer whose pack is durable but never indexed leaves its mark.
+        let crashed = open().await.unwrap();
+        store(&crashed, vec![blob(3)]).await.unwrap();
+        drop(crashed.finish().await.unwrap());
+        drop(crashed);
+        let marks = host.path().join(format!("writers-{}", repo.id().to_hex()));
+        assert_eq!(std::fs::read_dir(&marks).unwrap().count(), 1, "the mark stays");
+        assert!(open().await.is_err(), "the next writer lists the packs (here refused)");
+
+        faults.clear();
+        let next = open().await.unwrap();
+        assert_eq!(next.adopt_orphans().await.unwrap(), 1);
+        store(&next, vec![blob(3)]).await.unwrap();
+        let durable = next.finish().await.unwrap();
+        assert_eq!(durable.summary.new_blobs, 0, "adopted, not stored again");
+        durable.write_index(None).await.unwrap();
+        faults.always(Op::List, "packs", Fault::Fail);
+        assert!(open().await.is_ok(), "the leftover mark went once its packs were adopted");
     }
 }

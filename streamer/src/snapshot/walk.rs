@@ -321,7 +321,7 @@ impl Walk {
     /// Whether every chunk of these extents is in a pack that exists.
     fn all_stored(&self, content: &[Extent]) -> bool {
         content.iter().all(|x| match x {
-            Extent::Data(b) => self.writer.exists(BlobKind::Data, b),
+            Extent::Data(b) => self.writer.exists(b),
             Extent::Hole(_) => true,
         })
     }
