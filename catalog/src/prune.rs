@@ -163,7 +163,9 @@ pub async fn prune(
     report.pack_bytes = packs.values().map(|(s, _)| s).sum();
     let survey = survey(repo, &mut report, progress).await?;
     let live = &survey.live;
-    let fold: HashSet<String> = foldable(repo, &survey).await?.into_iter().collect();
+    // Names are most of prune's memory at scale: those of fragments are held once,
+    // in the survey, and the sets below borrow them.
+    let fold: HashSet<&str> = foldable(repo, &survey).await?.into_iter().collect();
     let wal = wal_survey(repo, &survey, opts, &mut report, progress).await?;
     report.live_packs = live.len() as u64;
     report.live_bytes = live.iter().filter_map(|p| packs.get(p)).map(|(s, _)| s).sum();
@@ -171,12 +173,12 @@ pub async fn prune(
     // 2. Sweep the sets whose grace is over.
     let size = |p: &Id| packs.get(p).map_or(0, |(s, _)| *s);
     let rescued: HashSet<Id> = rescues.iter().flat_map(|r| r.body.packs.iter().copied()).collect();
-    let rescued_names: HashSet<&String> = rescues.iter().flat_map(|r| &r.body.names).collect();
+    let rescued_names: HashSet<&str> = rescues.iter().flat_map(|r| r.body.names.iter().map(String::as_str)).collect();
     let mut waiting: Vec<&Timed<Condemned>> = Vec::new();
     // Swept, but not all of it: the store refused some deletes.
     let mut unfinished: Vec<&Timed<Condemned>> = Vec::new();
     let mut deleted: HashSet<Id> = HashSet::new();
-    let mut deleted_names: HashSet<String> = HashSet::new();
+    let mut deleted_names: HashSet<&str> = HashSet::new();
     // Sets swept in full: deleted last, once the index files no longer name their
     // packs, so that a writer finds a pack missing from the index only while a set
     // still says it is condemned.
@@ -190,18 +192,18 @@ pub async fn prune(
         // Its objects first: fragments a later point holds and WAL no kept base
         // backup needs (still: a policy may have widened its window since), unless
         // a writer rescued them (the WAL of a base backup being taken).
-        let names: Vec<String> = set
+        let names: Vec<&str> = set
             .body
             .names
             .iter()
-            .filter(|n| (fold.contains(*n) || wal.contains(*n)) && !rescued_names.contains(*n))
-            .cloned()
+            .map(String::as_str)
+            .filter(|n| (fold.contains(n) || wal.contains(n)) && !rescued_names.contains(*n))
             .collect();
         let refused_names = delete_all(repo, &names, opts.dry_run, &mut report.problems).await;
-        let done = |dir: &str| names.iter().filter(|n| n.starts_with(dir) && !refused_names.contains(*n)).count();
+        let done = |dir: &str| names.iter().filter(|n| n.starts_with(dir) && !refused_names.contains(**n)).count();
         report.folded_fragments += done(FRAGS_DIR) as u64;
         report.deleted_wal_pieces += done(WAL_DIR) as u64;
-        deleted_names.extend(names.into_iter().filter(|n| !refused_names.contains(n)));
+        deleted_names.extend(names.into_iter().filter(|n| !refused_names.contains(*n)));
         // Then its packs that nothing left uses: no point, no fragment still there.
         // Any rescue spares: one written for this set may carry a time a little
         // before it (clocks disagree), and sparing more only deletes later.
@@ -210,7 +212,7 @@ pub async fn prune(
             set.body.packs.iter().filter(|p| !live.contains(p) && !rescued.contains(p)).copied().collect();
         report.spared_packs += (set.body.packs.len() - doomed.len()) as u64;
         let names: Vec<String> = doomed.iter().map(pack_name).collect();
-        let refused = delete_all(repo, &names, opts.dry_run, &mut report.problems).await;
+        let refused = delete_all(repo, &strs(&names), opts.dry_run, &mut report.problems).await;
         for p in doomed.into_iter().filter(|p| !refused.contains(&pack_name(p))) {
             if packs.contains_key(&p) {
                 report.deleted_packs += 1;
@@ -305,12 +307,15 @@ pub async fn prune(
         report.condemned_bytes += size;
     }
     report.condemned_packs = condemned.packs.len() as u64;
-    let mut pending_names: HashSet<&String> = waiting.iter().chain(&unfinished).flat_map(|s| &s.body.names).collect();
+    let mut pending_names: HashSet<&str> =
+        waiting.iter().chain(&unfinished).flat_map(|s| s.body.names.iter().map(String::as_str)).collect();
     pending_names.extend(&deleted_names);
-    // Moved, not copied, into the set: at scale, names are most of prune's memory.
-    condemned.names.extend(fold.into_iter().filter(|n| !pending_names.contains(n)));
+    condemned.names.extend(fold.into_iter().filter(|n| !pending_names.contains(n)).map(String::from));
     report.condemned_fragments = condemned.names.len() as u64;
-    condemned.names.extend(wal.into_iter().filter(|n| !pending_names.contains(n) && !rescued_names.contains(n)));
+    // Moved, not copied, into the set.
+    condemned
+        .names
+        .extend(wal.names().filter(|n| !pending_names.contains(n.as_str()) && !rescued_names.contains(n.as_str())));
     report.condemned_wal_pieces = condemned.names.len() as u64 - report.condemned_fragments;
     drop(pending_names);
     if !condemned.is_empty() && !opts.dry_run {
@@ -332,19 +337,19 @@ pub async fn prune(
     let mut indexed_points: HashSet<String> = HashSet::new();
     // Index files kept, with few entries: merged when there are many.
     let mut small: Vec<String> = Vec::new();
-    let index_files = store.list(INDEX_DIR).await?;
-    let reads = index_files.into_iter().map(|obj| async move {
-        let got = store.get(&obj.name).await;
-        (obj, got)
+    let index_files = store.list_names(INDEX_DIR).await?;
+    let reads = index_files.into_iter().map(|name| async move {
+        let got = store.get(&name).await;
+        (name, got)
     });
     let mut reads = stream::iter(reads).buffered(IN_FLIGHT);
-    while let Some((obj, got)) = reads.next().await {
+    while let Some((name, got)) = reads.next().await {
         let Ok(bytes) = got else { continue };
-        let Ok(file) = open_index(repo.keys(), &obj.name, &bytes) else { continue };
+        let Ok(file) = open_index(repo.keys(), &name, &bytes) else { continue };
         let left: Vec<PackEntry> = file.entries.iter().filter(|e| !gone(&e.blob.pack)).copied().collect();
         if left.len() == file.entries.len() {
             if left.len() < SMALL_INDEX {
-                small.push(obj.name.clone());
+                small.push(name.clone());
             }
             indexed_points.extend(file.points);
             continue;
@@ -363,7 +368,7 @@ pub async fn prune(
             report.rewritten_index_files += 1;
             indexed_points.extend(file.points);
         }
-        obsolete.push(obj.name);
+        obsolete.push(name);
     }
     if !opts.dry_run && small.len() > MERGE_ABOVE {
         progress("merging index files");
@@ -404,9 +409,9 @@ pub async fn prune(
             obsolete.push(r.name.clone());
         }
     }
-    let refused = delete_all(repo, &obsolete, opts.dry_run, &mut report.problems).await;
+    let refused = delete_all(repo, &strs(&obsolete), opts.dry_run, &mut report.problems).await;
     report.deleted_objects += (obsolete.len() - refused.len()) as u64;
-    let refused = delete_all(repo, &swept, opts.dry_run, &mut report.problems).await;
+    let refused = delete_all(repo, &strs(&swept), opts.dry_run, &mut report.problems).await;
     report.deleted_objects += (swept.len() - refused.len()) as u64;
     Ok(report)
 }
@@ -472,7 +477,7 @@ impl MergedIndex {
         let points: Vec<String> = self.points.into_iter().collect();
         let sealed = seal_for_points(repo.keys(), &name, &points, &self.entries);
         repo.store().put_new(&name, Bytes::from(sealed)).await?;
-        let refused = delete_all(repo, &self.replaced, false, &mut report.problems).await;
+        let refused = delete_all(repo, &strs(&self.replaced), false, &mut report.problems).await;
         let gone = (self.replaced.len() - refused.len()) as u64;
         report.merged_index_files += gone;
         report.deleted_objects += gone;
@@ -626,10 +631,10 @@ async fn survey(
     for source in store.list_dirs(FRAGS_DIR).await? {
         progress(&format!("fragments of {source}"));
         let refs: Vec<FragmentRef> = store
-            .list(&format!("{FRAGS_DIR}/{source}"))
+            .list_names(&format!("{FRAGS_DIR}/{source}"))
             .await?
             .iter()
-            .filter_map(|o| FragmentRef::parse(&o.name))
+            .filter_map(|n| FragmentRef::parse(n))
             .collect();
         // Each fragment is read and let go: only the packs it uses are kept.
         // Owned items: a closure taking a reference makes this future not Send,
@@ -665,12 +670,12 @@ async fn survey(
 /// The fragments a later point holds (it stores every file at least as far as
 /// the fragments before it had it), except those within the source's
 /// `pitr_within` window, whose every moment must stay restorable.
-async fn foldable(repo: &Repository, survey: &Survey) -> Result<Vec<String>, RepoError> {
+async fn foldable<'a>(repo: &Repository, survey: &'a Survey) -> Result<Vec<&'a str>, RepoError> {
     let mut out = Vec::new();
     for (source, fragments) in &survey.fragments {
         let Some(&newest) = survey.newest.get(source) else { continue };
         let until = pitr_start(repo, source, newest).await?.map_or(newest, |start| start.min(newest));
-        out.extend(fragments.iter().filter(|(f, _)| f.time <= until).map(|(f, _)| f.name.clone()));
+        out.extend(fragments.iter().filter(|(f, _)| f.time <= until).map(|(f, _)| f.name.as_str()));
     }
     Ok(out)
 }
@@ -693,9 +698,9 @@ async fn wal_survey(
     opts: PruneOptions,
     report: &mut PruneReport,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<HashSet<String>, RepoError> {
+) -> Result<WalPieces, RepoError> {
     let store = repo.store();
-    let mut out = HashSet::new();
+    let mut out = WalPieces::default();
     for source in store.list_dirs(WAL_DIR).await? {
         let Some(system) = repo.wal_system(&source).await? else { continue };
         progress(&format!("WAL of {source}"));
@@ -718,10 +723,10 @@ async fn wal_survey(
                 continue; // history, files
             };
             let mut pieces: Vec<WalPiece> = store
-                .list(&tli_dir(&source, tli))
+                .list_names(&tli_dir(&source, tli))
                 .await?
                 .iter()
-                .filter_map(|o| WalPiece::parse(tli, &o.name))
+                .filter_map(|n| WalPiece::parse(tli, n))
                 .collect();
             report.wal_pieces += pieces.len() as u64;
             if !opts.dry_run {
@@ -734,13 +739,49 @@ async fn wal_survey(
                     }
                 }
             }
-            out.extend(redundant(&pieces).iter().map(|p| p.name(&source)));
+            let mut condemnable: HashSet<(u64, u64)> =
+                redundant(&pieces).iter().map(|p| (p.start.0, p.end.0)).collect();
             if let Some(k) = &keep {
-                out.extend(pieces.iter().filter(|p| !k.needs(p)).map(|p| p.name(&source)));
+                condemnable.extend(pieces.iter().filter(|p| !k.needs(p)).map(|p| (p.start.0, p.end.0)));
+            }
+            if !condemnable.is_empty() {
+                out.dirs
+                    .insert(tli_dir(&source, tli), TimelinePieces { source: source.clone(), tli, spans: condemnable });
             }
         }
     }
     Ok(out)
+}
+
+/// WAL pieces, by timeline directory: as names, for a set, and asked about by
+/// name. Held as positions, a quarter of the memory of their names.
+#[derive(Default)]
+struct WalPieces {
+    /// `wal/<source>/<tli>` -> its pieces.
+    dirs: HashMap<String, TimelinePieces>,
+}
+
+/// Pieces of one timeline of one source, as their (start, end).
+struct TimelinePieces {
+    source: String,
+    tli: u32,
+    spans: HashSet<(u64, u64)>,
+}
+
+impl WalPieces {
+    fn contains(&self, name: &str) -> bool {
+        let Some((dir, _)) = name.rsplit_once('/') else { return false };
+        let Some(t) = self.dirs.get(dir) else { return false };
+        WalPiece::parse(t.tli, name).is_some_and(|p| t.spans.contains(&(p.start.0, p.end.0)))
+    }
+
+    fn names(&self) -> impl Iterator<Item = String> + '_ {
+        self.dirs.values().flat_map(|t| {
+            t.spans
+                .iter()
+                .map(move |&(start, end)| WalPiece { tli: t.tli, start: Lsn(start), end: Lsn(end) }.name(&t.source))
+        })
+    }
 }
 
 /// What of the WAL the kept base backups of a source need: every position from
@@ -762,23 +803,29 @@ fn wal_keep(
     Some(WalKeep { from: spans[anchor].0, spans })
 }
 
+fn strs(names: &[String]) -> Vec<&str> {
+    names.iter().map(String::as_str).collect()
+}
+
 /// Deletes `names` (unless `dry_run`), a few at once. What the store refuses to
 /// delete (an object lock's retention, no permission, unreachable) is noted in
 /// `problems` and returned: a later run tries again.
-async fn delete_all(repo: &Repository, names: &[String], dry_run: bool, problems: &mut Vec<String>) -> HashSet<String> {
-    if dry_run {
-        return HashSet::new();
-    }
-    let results: Vec<(String, Result<(), crate::store::StoreError>)> =
-        stream::iter(names.iter().cloned().map(|n| async move {
-            let r = repo.store().delete(&n).await;
-            (n, r)
-        }))
-        .buffer_unordered(IN_FLIGHT)
-        .collect()
-        .await;
+async fn delete_all(repo: &Repository, names: &[&str], dry_run: bool, problems: &mut Vec<String>) -> HashSet<String> {
     let mut refused = HashSet::new();
-    for (name, r) in results {
+    if dry_run {
+        return refused;
+    }
+    // By index: a closure taking a borrowed name would make this future not `Send`.
+    let mut results = stream::iter(0..names.len())
+        .map(|i| {
+            let name = names[i].to_string();
+            async move {
+                let r = repo.store().delete(&name).await;
+                (name, r)
+            }
+        })
+        .buffer_unordered(IN_FLIGHT);
+    while let Some((name, r)) = results.next().await {
         if let Err(e) = r {
             problems.push(format!("cannot delete {name} (a later run tries again): {e}"));
             refused.insert(name);
@@ -863,6 +910,29 @@ mod tests {
     }
 
     const SEG: u64 = 1 << 20;
+
+    /// Condemnable WAL pieces, held as positions, answer for their names and give
+    /// them back; other names, timelines and sources are not theirs.
+    #[test]
+    fn wal_pieces_held_as_positions_answer_for_their_names() {
+        let mut set = WalPieces::default();
+        let piece = |tli, s, e| WalPiece { tli, start: Lsn(s), end: Lsn(e) };
+        let held = [piece(1, 0, 0x100), piece(1, 0x100, 0x2000)];
+        let spans = held.iter().map(|p| (p.start.0, p.end.0)).collect();
+        set.dirs.insert(tli_dir("db", 1), TimelinePieces { source: "db".into(), tli: 1, spans });
+        for p in &held {
+            assert!(set.contains(&p.name("db")));
+        }
+        let mut names: Vec<String> = set.names().collect();
+        names.sort();
+        assert_eq!(names, held.iter().map(|p| p.name("db")).collect::<Vec<_>>());
+        for other in [piece(1, 0, 0x200).name("db"), piece(2, 0, 0x100).name("db"), piece(1, 0, 0x100).name("dc")] {
+            assert!(!set.contains(&other), "{other}");
+        }
+        for junk in ["", "wal", "wal/db/00000001/", "wal/db/00000001/zz-yy", "frags/db/1-2"] {
+            assert!(!set.contains(junk), "{junk}");
+        }
+    }
 
     async fn run_wal(repo: &Repository) -> PruneReport {
         let opts = PruneOptions {
