@@ -3,10 +3,10 @@
 //!
 //! 1. reads the condemned sets and rescues there are, then lists and reads every
 //!    point and fragment and finds the packs they use (the live packs);
-//! 2. sweeps each condemned set older than the grace: deletes its packs that are
-//!    neither live (a writer that had not yet seen the set used one) nor rescued by
-//!    a writer, then the set;
-//! 3. condemns, in a new set, the packs that are not live, not rescued, not in a
+//! 2. sweeps the condemned sets older than the grace: deletes their fragments and
+//!    WAL, then their packs that are neither live (a writer that had not yet seen
+//!    the set used one) nor rescued by a writer, then the sets;
+//! 3. condemns, in new sets, the packs that are not live, not rescued, not in a
 //!    set still waiting, and older than the grace (a writer's packs are young until
 //!    its point or fragment names them);
 //!    With them it condemns the fragments a later point holds (outside the
@@ -46,6 +46,9 @@ use crate::wal::{mergeable, redundant, tli_dir, Lsn, WalKeep, WalPiece, WAL_DIR}
 
 /// Objects read or deleted at once.
 const IN_FLIGHT: usize = 16;
+/// The most names one condemned set holds (a few in unit tests, so that they
+/// meet runs that write several).
+const SET_NAMES: usize = if cfg!(test) { 3 } else { 100_000 };
 
 #[derive(Debug, Clone, Copy)]
 pub struct PruneOptions {
@@ -174,7 +177,8 @@ pub async fn prune(
     let size = |p: &Id| packs.get(p).map_or(0, |(s, _)| *s);
     let rescued: HashSet<Id> = rescues.iter().flat_map(|r| r.body.packs.iter().copied()).collect();
     let rescued_names: HashSet<&str> = rescues.iter().flat_map(|r| r.body.names.iter().map(String::as_str)).collect();
-    let mut waiting: Vec<&Timed<Condemned>> = Vec::new();
+    let (due, waiting): (Vec<&Timed<Condemned>>, Vec<&Timed<Condemned>>) =
+        sets.iter().partition(|set| after(set.time, grace) <= t0);
     // Swept, but not all of it: the store refused some deletes.
     let mut unfinished: Vec<&Timed<Condemned>> = Vec::new();
     let mut deleted: HashSet<Id> = HashSet::new();
@@ -183,15 +187,12 @@ pub async fn prune(
     // packs, so that a writer finds a pack missing from the index only while a set
     // still says it is condemned.
     let mut swept: Vec<String> = Vec::new();
-    for set in &sets {
-        if after(set.time, grace) > t0 {
-            waiting.push(set);
-            continue;
-        }
+    // The objects of every set due first: fragments a later point holds and WAL no
+    // kept base backup needs (still: a policy may have widened its window since),
+    // unless a writer rescued them (the WAL of a base backup being taken).
+    let mut names_refused = Vec::with_capacity(due.len());
+    for set in &due {
         progress(&format!("sweep {}", set.name));
-        // Its objects first: fragments a later point holds and WAL no kept base
-        // backup needs (still: a policy may have widened its window since), unless
-        // a writer rescued them (the WAL of a base backup being taken).
         let names: Vec<&str> = set
             .body
             .names
@@ -204,10 +205,14 @@ pub async fn prune(
         report.folded_fragments += done(FRAGS_DIR) as u64;
         report.deleted_wal_pieces += done(WAL_DIR) as u64;
         deleted_names.extend(names.into_iter().filter(|n| !refused_names.contains(*n)));
-        // Then its packs that nothing left uses: no point, no fragment still there.
-        // Any rescue spares: one written for this set may carry a time a little
-        // before it (clocks disagree), and sparing more only deletes later.
-        let live = survey.used_beside(|n| deleted_names.contains(n));
+        names_refused.push(!refused_names.is_empty());
+    }
+    // Then their packs that nothing left uses: no point, no fragment still there
+    // (a set's fragments and their packs may lie in different sets of one run).
+    // Any rescue spares: one written for a set may carry a time a little before it
+    // (clocks disagree), and sparing more only deletes later.
+    let live = survey.used_beside(|n| deleted_names.contains(n));
+    for (set, names_refused) in due.iter().zip(names_refused) {
         let doomed: Vec<Id> =
             set.body.packs.iter().filter(|p| !live.contains(p) && !rescued.contains(p)).copied().collect();
         report.spared_packs += (set.body.packs.len() - doomed.len()) as u64;
@@ -222,12 +227,13 @@ pub async fn prune(
         }
         // A set whose objects were not all deleted (the store refused: an object
         // lock, no permission) stays, and a later run tries again.
-        if refused.is_empty() && refused_names.is_empty() {
+        if refused.is_empty() && !names_refused {
             swept.push(set.name.clone());
         } else {
             unfinished.push(set);
         }
     }
+    drop(live);
     report.waiting_sets = waiting.len() as u64;
     report.next_sweep = waiting.iter().map(|s| after(s.time, grace)).min().map(|t| t.to_string());
 
@@ -310,19 +316,49 @@ pub async fn prune(
     let mut pending_names: HashSet<&str> =
         waiting.iter().chain(&unfinished).flat_map(|s| s.body.names.iter().map(String::as_str)).collect();
     pending_names.extend(&deleted_names);
-    condemned.names.extend(fold.into_iter().filter(|n| !pending_names.contains(n)).map(String::from));
-    report.condemned_fragments = condemned.names.len() as u64;
-    // Moved, not copied, into the set.
-    condemned
-        .names
-        .extend(wal.names().filter(|n| !pending_names.contains(n.as_str()) && !rescued_names.contains(n.as_str())));
-    report.condemned_wal_pieces = condemned.names.len() as u64 - report.condemned_fragments;
+    // Names in sets of at most SET_NAMES each, made as they are written, so that
+    // however many there are only one set's worth is held; the packs go in the last.
+    // (Collected first, as references and positions: a lazy iterator's closures
+    // held across the writes would make this future not `Send`.)
+    let fragments: Vec<&str> = fold.into_iter().filter(|n| !pending_names.contains(n)).collect();
+    let wal_pieces: Vec<(&str, WalPiece)> = wal
+        .pieces()
+        .filter(|(source, p)| {
+            let name = p.name(source);
+            !pending_names.contains(name.as_str()) && !rescued_names.contains(name.as_str())
+        })
+        .collect();
     drop(pending_names);
-    if !condemned.is_empty() && !opts.dry_run {
-        let name = object_name(CONDEMNED_DIR, Timestamp::now()).ok_or(RepoError::BadTime { time: t0.to_string() })?;
-        let sealed = seal_object(repo.keys(), &name, &condemned.encode());
-        drop(condemned);
-        store.put_new(&name, Bytes::from(sealed)).await?;
+    report.condemned_fragments = fragments.len() as u64;
+    report.condemned_wal_pieces = wal_pieces.len() as u64;
+    let total = fragments.len() + wal_pieces.len();
+    let name_of = |i: usize| match fragments.get(i) {
+        Some(f) => f.to_string(),
+        None => {
+            let (source, p) = &wal_pieces[i - fragments.len()];
+            p.name(source)
+        }
+    };
+    let mut wrote = false;
+    let mut next = 0;
+    loop {
+        let mut set = Condemned::default();
+        let end = total.min(next + SET_NAMES);
+        set.names.extend((next..end).map(name_of));
+        next = end;
+        let last = next == total;
+        if last {
+            set.packs = std::mem::take(&mut condemned.packs);
+        }
+        if !set.is_empty() && !opts.dry_run {
+            write_set(repo, &set).await?;
+            wrote = true;
+        }
+        if last {
+            break;
+        }
+    }
+    if wrote {
         let due = after(Timestamp::now(), grace);
         report.next_sweep = Some(report.next_sweep.map_or(due.to_string(), |t| t.min(due.to_string())));
     }
@@ -775,11 +811,12 @@ impl WalPieces {
         WalPiece::parse(t.tli, name).is_some_and(|p| t.spans.contains(&(p.start.0, p.end.0)))
     }
 
-    fn names(&self) -> impl Iterator<Item = String> + '_ {
+    /// Each piece, with its source.
+    fn pieces(&self) -> impl Iterator<Item = (&str, WalPiece)> + '_ {
         self.dirs.values().flat_map(|t| {
-            t.spans
-                .iter()
-                .map(move |&(start, end)| WalPiece { tli: t.tli, start: Lsn(start), end: Lsn(end) }.name(&t.source))
+            t.spans.iter().map(move |&(start, end)| {
+                (t.source.as_str(), WalPiece { tli: t.tli, start: Lsn(start), end: Lsn(end) })
+            })
         })
     }
 }
@@ -801,6 +838,15 @@ fn wal_keep(
         None => bases.len() - 1,
     };
     Some(WalKeep { from: spans[anchor].0, spans })
+}
+
+/// Writes `set` as a new condemned set, durable when this returns.
+async fn write_set(repo: &Repository, set: &Condemned) -> Result<(), RepoError> {
+    let now = Timestamp::now();
+    let name = object_name(CONDEMNED_DIR, now).ok_or(RepoError::BadTime { time: now.to_string() })?;
+    let sealed = seal_object(repo.keys(), &name, &set.encode());
+    repo.store().put_new(&name, Bytes::from(sealed)).await?;
+    Ok(())
 }
 
 fn strs(names: &[String]) -> Vec<&str> {
@@ -923,7 +969,7 @@ mod tests {
         for p in &held {
             assert!(set.contains(&p.name("db")));
         }
-        let mut names: Vec<String> = set.names().collect();
+        let mut names: Vec<String> = set.pieces().map(|(source, p)| p.name(source)).collect();
         names.sort();
         assert_eq!(names, held.iter().map(|p| p.name("db")).collect::<Vec<_>>());
         for other in [piece(1, 0, 0x200).name("db"), piece(2, 0, 0x100).name("db"), piece(1, 0, 0x100).name("dc")] {
@@ -1067,17 +1113,23 @@ mod tests {
     async fn fragments_a_later_point_holds_are_folded_outside_the_pitr_window() {
         for window in [false, true] {
             let repo = repo().await;
-            let mut b = crate::fragment::FragmentBuilder::new(&repo);
-            let chunk = b.store(&content(5));
-            let growth = crate::fragment::Growth {
-                device: 1,
-                inode: 2,
-                from: 0,
-                mtime: crate::tree::Timestamp { sec: 1, nsec: 0 },
-                chunks: vec![chunk],
-            };
-            let frag = crate::fragment::Fragment { growths: vec![growth] };
-            b.commit(&repo, "s", Timestamp::now(), &frag).await.unwrap();
+            // Four fragments, each with a pack of its own: more names than one set
+            // holds in unit tests, so the packs lie in another set than some of them.
+            let mut chunks = Vec::new();
+            for i in 0..4u8 {
+                let mut b = crate::fragment::FragmentBuilder::new(&repo);
+                let chunk = b.store(&content(5 + 10 * i));
+                let growth = crate::fragment::Growth {
+                    device: 1,
+                    inode: 2,
+                    from: 0,
+                    mtime: crate::tree::Timestamp { sec: 1, nsec: 0 },
+                    chunks: vec![chunk],
+                };
+                let frag = crate::fragment::Fragment { growths: vec![growth] };
+                b.commit(&repo, "s", Timestamp::now(), &frag).await.unwrap();
+                chunks.push(chunk);
+            }
             if window {
                 let policy =
                     crate::retention::Policy { pitr_within: Some(jiff::Span::new().hours(1)), ..Default::default() };
@@ -1088,18 +1140,22 @@ mod tests {
             // Its pack is no longer young.
             tokio::time::sleep(GRACE).await;
             let marked = run(&repo).await;
-            let want = if window { 0 } else { 1 };
+            let want = if window { 0 } else { 4 };
             assert_eq!(marked.condemned_fragments, want, "window {window}: {marked:?}");
+            let sets = repo.store().list(CONDEMNED_DIR).await.unwrap().len();
+            assert_eq!(sets, if window { 0 } else { 2 }, "window {window}");
             tokio::time::sleep(GRACE).await;
             let swept = run(&repo).await;
             assert_eq!(swept.folded_fragments, want, "window {window}: {swept:?}");
             let left = repo.store().list(&format!("{FRAGS_DIR}/s")).await.unwrap();
-            assert_eq!(left.len() as u64, 1 - want, "window {window}");
-            // The fragment's pack, which no point uses, is condemned with it and
-            // deleted after it in the same sweep; within the window both stay.
+            assert_eq!(left.len() as u64, 4 - want, "window {window}");
+            // The fragments' packs, which no point uses, are condemned with them and
+            // deleted after them in the same sweep; within the window all stay.
             assert_eq!(marked.condemned_packs, want, "window {window}: {marked:?}");
             assert_eq!(swept.deleted_packs, want, "window {window}: {swept:?}");
-            assert_eq!(exists(&repo, &chunk.pack).await, window);
+            for chunk in &chunks {
+                assert_eq!(exists(&repo, &chunk.pack).await, window);
+            }
             verified(&repo).await;
         }
     }
@@ -1225,6 +1281,8 @@ mod tests {
         assert_eq!(first.merged_segments, 1, "{first:?}");
         // Segments 0 and 1, half of segment 2, the four pieces of segment 3.
         assert_eq!(first.condemned_wal_pieces, 4 + 4 + 2 + 4, "{first:?}");
+        let sets = repo.store().list(CONDEMNED_DIR).await.unwrap();
+        assert_eq!(sets.len(), 5, "14 names, at most three a set here: {sets:?}");
         // The slow writer sees the set and rescues what it needs: all from its
         // start on (where it stops, it does not know yet).
         // Two graces on, the set is swept, and the rescue is over with it.
