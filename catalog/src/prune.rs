@@ -46,6 +46,8 @@ use crate::wal::{mergeable, redundant, tli_dir, Lsn, WalKeep, WalPiece, WAL_DIR}
 
 /// Objects read or deleted at once.
 const IN_FLIGHT: usize = 16;
+/// Packs a sweep names and deletes at once.
+const DELETE_BATCH: usize = 4096;
 /// The most names one condemned set holds (a few in unit tests, so that they
 /// meet runs that write several).
 const SET_NAMES: usize = if cfg!(test) { 3 } else { 100_000 };
@@ -156,7 +158,8 @@ pub async fn prune(
     let sets = read_timed(repo, CONDEMNED_DIR, Condemned::decode, &mut report.problems).await?;
     let rescues = read_timed(repo, RESCUED_DIR, Rescued::decode, &mut report.problems).await?;
     progress("packs");
-    let packs: HashMap<Id, (u64, Option<Timestamp>)> = store
+    // Packs deleted in the sweep leave this map: it is then what is there.
+    let mut packs: HashMap<Id, (u64, Option<Timestamp>)> = store
         .list(PACKS_DIR)
         .await?
         .into_iter()
@@ -174,14 +177,12 @@ pub async fn prune(
     report.live_bytes = live.iter().filter_map(|p| packs.get(p)).map(|(s, _)| s).sum();
 
     // 2. Sweep the sets whose grace is over.
-    let size = |p: &Id| packs.get(p).map_or(0, |(s, _)| *s);
     let rescued: HashSet<Id> = rescues.iter().flat_map(|r| r.body.packs.iter().copied()).collect();
     let rescued_names: HashSet<&str> = rescues.iter().flat_map(|r| r.body.names.iter().map(String::as_str)).collect();
     let (due, waiting): (Vec<&Timed<Condemned>>, Vec<&Timed<Condemned>>) =
         sets.iter().partition(|set| after(set.time, grace) <= t0);
     // Swept, but not all of it: the store refused some deletes.
     let mut unfinished: Vec<&Timed<Condemned>> = Vec::new();
-    let mut deleted: HashSet<Id> = HashSet::new();
     let mut deleted_names: HashSet<&str> = HashSet::new();
     // Sets swept in full: deleted last, once the index files no longer name their
     // packs, so that a writer finds a pack missing from the index only while a set
@@ -216,14 +217,18 @@ pub async fn prune(
         let doomed: Vec<Id> =
             set.body.packs.iter().filter(|p| !live.contains(p) && !rescued.contains(p)).copied().collect();
         report.spared_packs += (set.body.packs.len() - doomed.len()) as u64;
-        let names: Vec<String> = doomed.iter().map(pack_name).collect();
-        let refused = delete_all(repo, &strs(&names), opts.dry_run, &mut report.problems).await;
-        for p in doomed.into_iter().filter(|p| !refused.contains(&pack_name(p))) {
-            if packs.contains_key(&p) {
-                report.deleted_packs += 1;
-                report.deleted_bytes += size(&p);
+        // Named a batch at a time: a set may hold hundreds of thousands.
+        let mut refused = HashSet::new();
+        for batch in doomed.chunks(DELETE_BATCH) {
+            let names: Vec<String> = batch.iter().map(pack_name).collect();
+            let refused_here = delete_all(repo, &strs(&names), opts.dry_run, &mut report.problems).await;
+            for p in batch.iter().filter(|p| !refused_here.contains(&pack_name(p))) {
+                if let Some((size, _)) = packs.remove(p) {
+                    report.deleted_packs += 1;
+                    report.deleted_bytes += size;
+                }
             }
-            deleted.insert(p);
+            refused.extend(refused_here);
         }
         // A set whose objects were not all deleted (the store refused: an object
         // lock, no permission) stays, and a later run tries again.
@@ -261,7 +266,6 @@ pub async fn prune(
             !survey.fragment_packs.contains(&u.id)
                 && !pending.contains(&u.id)
                 && !rescued.contains(&u.id)
-                && !deleted.contains(&u.id)
                 && packs.get(&u.id).is_some_and(|(_, m)| !young(m))
         })
         .map(|u| PackUse { id: u.id, size: u.size, used: u.used })
@@ -301,7 +305,7 @@ pub async fn prune(
     let live_beside_fold = survey.used_beside(|n| fold.contains(n) || deleted_names.contains(n));
     for (id, (size, modified)) in &packs {
         let live = live_beside_fold.contains(id) && !emptied.contains(id);
-        if live || deleted.contains(id) || pending.contains(id) || rescued.contains(id) {
+        if live || pending.contains(id) || rescued.contains(id) {
             continue;
         }
         // A pack whose time the store does not give is taken as young.
@@ -368,7 +372,7 @@ pub async fn prune(
 
     // 4. What nothing reads any more.
     progress("index files and records");
-    let gone = |p: &Id| deleted.contains(p) || !packs.contains_key(p);
+    let gone = |p: &Id| !packs.contains_key(p);
     let mut obsolete: Vec<String> = Vec::new();
     let mut indexed_points: HashSet<String> = HashSet::new();
     // Index files kept, with few entries: merged when there are many.
