@@ -132,72 +132,73 @@ pub(super) async fn list_local(
 ) -> Result<Vec<(String, u64, Option<jiff::Timestamp>)>, StoreError> {
     let dir = dir.to_string();
     tokio::task::spawn_blocking(move || {
-        let io = |cause| StoreError::Io { op: "list", name: dir.clone(), cause };
         let mut out = Vec::new();
-        let mut stack = vec![(root.join(&dir), dir.clone())];
-        while let Some((path, name)) = stack.pop() {
-            let entries = match std::fs::read_dir(&path) {
-                Ok(it) => it,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io(e)),
-            };
-            for e in entries {
-                let e = e.map_err(io)?;
-                let Ok(leaf) = e.file_name().into_string() else { continue };
-                let child = format!("{name}/{leaf}");
-                let meta = match e.metadata() {
-                    Ok(m) => m,
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue, // deleted meanwhile
-                    Err(err) => return Err(io(err)),
-                };
-                if meta.is_dir() {
-                    stack.push((e.path(), child));
-                } else if meta.is_file() && !is_staged(&leaf) {
-                    let modified = meta.modified().ok().and_then(|t| jiff::Timestamp::try_from(t).ok());
-                    out.push((child, meta.len(), modified));
+        walk_files(&root, &dir, |name, e| {
+            match e.metadata() {
+                Ok(m) => {
+                    let modified = m.modified().ok().and_then(|t| jiff::Timestamp::try_from(t).ok());
+                    out.push((name, m.len(), modified));
                 }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {} // deleted meanwhile
+                Err(err) => return Err(err),
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     })
     .await
     .expect("listing task panicked")
 }
 
-/// The names of the files below `dir/`, without a stat each (the directory
-/// entries' types say what is a directory), without the puts in progress.
+/// The names of the files below `dir/`, without a stat each, without the puts in
+/// progress.
 pub(super) async fn list_local_names(root: PathBuf, dir: &str) -> Result<Vec<String>, StoreError> {
     let dir = dir.to_string();
     tokio::task::spawn_blocking(move || {
-        let io = |cause| StoreError::Io { op: "list", name: dir.clone(), cause };
         let mut out = Vec::new();
-        let mut stack = vec![(root.join(&dir), dir.clone())];
-        while let Some((path, name)) = stack.pop() {
-            let entries = match std::fs::read_dir(&path) {
-                Ok(it) => it,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io(e)),
-            };
-            for e in entries {
-                let e = e.map_err(io)?;
-                let Ok(leaf) = e.file_name().into_string() else { continue };
-                let child = format!("{name}/{leaf}");
-                let kind = match e.file_type() {
-                    Ok(t) => t,
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue, // deleted meanwhile
-                    Err(err) => return Err(io(err)),
-                };
-                if kind.is_dir() {
-                    stack.push((e.path(), child));
-                } else if kind.is_file() && !is_staged(&leaf) {
-                    out.push(child);
-                }
-            }
-        }
+        walk_files(&root, &dir, |name, _| {
+            out.push(name);
+            Ok(())
+        })?;
         Ok(out)
     })
     .await
     .expect("listing task panicked")
+}
+
+/// Calls `each` with the name and directory entry of every file below `dir/`, but
+/// puts in progress. It stats nothing itself: the entries' types say what is a
+/// directory.
+fn walk_files(
+    root: &std::path::Path,
+    dir: &str,
+    mut each: impl FnMut(String, &std::fs::DirEntry) -> std::io::Result<()>,
+) -> Result<(), StoreError> {
+    let io = |cause| StoreError::Io { op: "list", name: dir.to_string(), cause };
+    let mut stack = vec![(root.join(dir), dir.to_string())];
+    while let Some((path, name)) = stack.pop() {
+        let entries = match std::fs::read_dir(&path) {
+            Ok(it) => it,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(e)),
+        };
+        for e in entries {
+            let e = e.map_err(io)?;
+            let Ok(leaf) = e.file_name().into_string() else { continue };
+            let child = format!("{name}/{leaf}");
+            let kind = match e.file_type() {
+                Ok(t) => t,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue, // deleted meanwhile
+                Err(err) => return Err(io(err)),
+            };
+            if kind.is_dir() {
+                stack.push((e.path(), child));
+            } else if kind.is_file() && !is_staged(&leaf) {
+                each(child, &e).map_err(io)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(super) async fn sync_dir(dir: PathBuf, name: &str) -> Result<(), StoreError> {
