@@ -157,6 +157,10 @@ pub async fn prune(
     progress("condemned sets and rescues");
     let sets = read_timed(repo, CONDEMNED_DIR, Condemned::decode, &mut report.problems).await?;
     let rescues = read_timed(repo, RESCUED_DIR, Rescued::decode, &mut report.problems).await?;
+    // Index files before packs: each is written after its packs, so a pack one of
+    // these names that the listing below lacks is gone, not new (step 4). Index
+    // files written later are left to the next run.
+    let index_files = store.list_names(INDEX_DIR).await?;
     progress("packs");
     // Packs deleted in the sweep leave this map: it is then what is there.
     let mut packs: HashMap<Id, (u64, Option<Timestamp>)> = store
@@ -300,8 +304,8 @@ pub async fn prune(
         }
     }
 
-    // The packs of fragments condemned here (or deleted, or waiting) go in the same
-    // set: a sweep deletes them once it has deleted the fragments.
+    // The packs of fragments condemned here (or deleted, or waiting) are condemned
+    // with them: a sweep deletes them once it has deleted the fragments.
     let live_beside_fold = survey.used_beside(|n| fold.contains(n) || deleted_names.contains(n));
     for (id, (size, modified)) in &packs {
         let live = live_beside_fold.contains(id) && !emptied.contains(id);
@@ -377,7 +381,6 @@ pub async fn prune(
     let mut indexed_points: HashSet<String> = HashSet::new();
     // Index files kept, with few entries: merged when there are many.
     let mut small: Vec<String> = Vec::new();
-    let index_files = store.list_names(INDEX_DIR).await?;
     let reads = index_files.into_iter().map(|name| async move {
         let got = store.get(&name).await;
         (name, got)
@@ -1191,6 +1194,31 @@ mod tests {
         assert_eq!(inventory.index_files.len(), 1);
         assert_eq!(inventory.missing().0, 0, "no index entry names a deleted pack");
         assert_eq!(inventory.index_files[0].1.points.len(), 1, "the replacement names the point");
+        verified(&repo).await;
+    }
+
+    /// An index file written while a run lists the packs names packs the listing
+    /// lacks: it is left to the next run, not taken for one of packs gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_index_file_written_during_a_run_is_left_alone() {
+        let faults = crate::faults::Faults::new();
+        let store = Store::memory().with_faults(faults.clone());
+        let repo = Repository::init(store, &Secret::KeyFile([4; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
+        new_point(&repo, vec![content(1)]).await;
+        // The run's listing of the packs waits; a point is written meanwhile.
+        faults.nth(crate::faults::Op::List, "packs", 1, crate::faults::Fault::Delay(Duration::from_secs(3)));
+        let running = tokio::spawn({
+            let repo = repo.clone();
+            async move { run(&repo).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let w = Writer::with_timing(repo.clone(), timing()).await.unwrap();
+        let (during, _) = point(&w, content(2)).await.unwrap();
+        let index = repo.manifest(&during).await.unwrap().index.expect("the point has an index file");
+        let report = running.await.unwrap();
+        assert_eq!(faults.fired(), 1, "the listing waited");
+        assert_eq!((report.rewritten_index_files, report.deleted_objects), (0, 0), "{report:?}");
+        assert!(repo.store().get(&index).await.is_ok(), "the new point's index file is still there");
         verified(&repo).await;
     }
 

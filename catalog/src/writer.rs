@@ -278,8 +278,8 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Loads the repository's index, keeps what exists of it for deduplication, and
-    /// starts the uploader on the current runtime.
+    /// Loads the repository's index for deduplication (a pack is confirmed when
+    /// first used), and starts the uploader on the current runtime.
     pub async fn new(repo: Repository) -> Result<Arc<Writer>, RepoError> {
         Writer::with_timing(repo, crate::condemned::Timing::from_env()).await
     }
@@ -314,7 +314,16 @@ impl Writer {
         // Packs no index file names can only be found by listing them all: done when
         // a writer before this one may have left some.
         let list_packs = marks.as_ref().is_none_or(|m| !m.leftovers.is_empty());
-        let inventory = Inventory::load_cached(&repo, cache.as_ref(), list_packs).await?;
+        let inventory = match Inventory::load_cached(&repo, cache.as_ref(), list_packs).await {
+            Ok(i) => i,
+            Err(e) => {
+                // Nothing was stored: the mark would only send the next writer listing.
+                if let Some(m) = marks {
+                    m.own.remove();
+                }
+                return Err(e);
+            }
+        };
         for (name, why) in &inventory.unreadable {
             // A damaged index only costs dedup; `ebb verify` reports it.
             tracing::warn!("skipping index file {name}: {why}");
@@ -525,11 +534,14 @@ impl Writer {
     /// Blobs in packs that are durable already (stored by someone else, such as a
     /// stream's fragments): deduplicated against from now on, and listed in the next
     /// index file.
-    pub fn adopt(&self, entries: Vec<PackEntry>) {
+    /// What a prune condemned since the writer started is left out: it is not
+    /// this writer's to use, and no rescue would name it.
+    pub fn adopt(&self, mut entries: Vec<PackEntry>) {
+        let mut k = self.guard.known.lock().expect("known lock");
+        entries.retain(|e| k.packs.get(&e.blob.pack) != Some(&PackState::Condemned));
         if entries.is_empty() {
             return;
         }
-        let mut k = self.guard.known.lock().expect("known lock");
         for e in &entries {
             k.dedup.insert(e.kind, e.blob);
             k.packs.insert(e.blob.pack, PackState::Own);
@@ -952,5 +964,22 @@ mod tests {
         durable.write_index(None).await.unwrap();
         faults.always(Op::List, "packs", Fault::Fail);
         assert!(open().await.is_ok(), "the leftover mark went once its packs were adopted");
+    }
+
+    /// A pack a prune condemned since the writer started is not adopted: the writer
+    /// would use it without a rescue naming it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn what_was_condemned_meanwhile_is_not_adopted() {
+        let repo =
+            Repository::init(Store::memory(), &Secret::KeyFile([2; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
+        let w = Writer::new(repo.clone()).await.unwrap();
+        let pack = Id::random();
+        let blob = BlobRef { id: Id::random(), pack, offset: 0, length: 100, raw_len: 60 };
+        // As the refresher records a set it found.
+        w.guard.known.lock().unwrap().packs.insert(pack, PackState::Condemned);
+        w.adopt(vec![PackEntry { kind: BlobKind::Data, blob }]);
+        assert_eq!(w.known(BlobKind::Data, &blob.id), None);
+        assert!(!w.guard.known.lock().unwrap().used.contains(&pack));
+        assert!(w.finish().await.unwrap().summary.index.is_none(), "nothing to index");
     }
 }
