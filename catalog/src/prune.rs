@@ -1205,13 +1205,17 @@ mod tests {
         let store = Store::memory().with_faults(faults.clone());
         let repo = Repository::init(store, &Secret::KeyFile([4; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
         new_point(&repo, vec![content(1)]).await;
-        // The run's listing of the packs waits; a point is written meanwhile.
-        faults.nth(crate::faults::Op::List, "packs", 1, crate::faults::Fault::Delay(Duration::from_secs(3)));
+        // The run's listing of the packs waits; a point is written meanwhile. The
+        // write starts once the run is inside that listing (the fault has fired);
+        // should it outlast the wait, the test still passes, and only proves less.
+        faults.nth(crate::faults::Op::List, "packs", 1, crate::faults::Fault::Delay(Duration::from_secs(5)));
         let running = tokio::spawn({
             let repo = repo.clone();
             async move { run(&repo).await }
         });
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        while faults.fired() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let w = Writer::with_timing(repo.clone(), timing()).await.unwrap();
         let (during, _) = point(&w, content(2)).await.unwrap();
         let index = repo.manifest(&during).await.unwrap().index.expect("the point has an index file");
