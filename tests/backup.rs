@@ -166,7 +166,9 @@ fn time_travel_s3() {
 
 fn store_size(repo: &TestRepo) -> u64 {
     match repo.repo_dir() {
-        Some(dir) => repo.objects().iter().map(|k| fs::metadata(dir.join(k)).unwrap().len()).sum(),
+        Some(dir) => {
+            repo.objects().iter().map(|k| fs::metadata(dir.join(catalog::local_path(k).as_ref())).unwrap().len()).sum()
+        }
         None => repo.objects().iter().map(|k| repo.read_object(k).len() as u64).sum(),
     }
 }

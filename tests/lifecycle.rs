@@ -201,7 +201,7 @@ fn prune_deletes_what_only_forgotten_points_used() {
 /// The bytes of every object of a `file://` repository.
 fn stored_bytes(repo: &TestRepo) -> u64 {
     let dir = repo.repo_dir().expect("a file:// repository");
-    repo.objects().iter().map(|o| fs::metadata(dir.join(o)).unwrap().len()).sum()
+    repo.objects().iter().map(|o| fs::metadata(dir.join(catalog::local_path(o).as_ref())).unwrap().len()).sum()
 }
 
 /// Eight points of a 12 MB tree, a tenth of its files changed between them, then

@@ -275,12 +275,13 @@ fn base_backup_wal(s: &Setup, source: &str) -> Vec<(u64, u64)> {
 
 /// The WAL pieces stored for `source` on timeline 1: `(start, end)` of each.
 fn wal_pieces(s: &Setup, source: &str) -> Vec<(u64, u64)> {
-    let dir = s.repo.repo_dir().unwrap().join(format!("wal/{source}/00000001"));
-    let mut out: Vec<(u64, u64)> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| {
-            let name = e.unwrap().file_name().into_string().unwrap();
-            let (a, b) = name.split_once('-')?;
+    let dir = format!("wal/{source}/00000001/");
+    let mut out: Vec<(u64, u64)> = s
+        .repo
+        .objects()
+        .into_iter()
+        .filter_map(|o| {
+            let (a, b) = o.strip_prefix(&dir)?.split_once('-')?;
             Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
         })
         .collect();

@@ -162,6 +162,11 @@ pub async fn prune(
     // files written later are left to the next run.
     let index_files = store.list_names(INDEX_DIR).await?;
     progress("packs");
+    if !opts.dry_run {
+        // Writers sweep half-written uploads only when a writer on their host was
+        // interrupted; one on another host may have left some too.
+        crate::writer::sweep_staged(repo).await;
+    }
     // Packs deleted in the sweep leave this map: it is then what is there.
     let mut packs: HashMap<Id, (u64, Option<Timestamp>)> = store
         .list(PACKS_DIR)

@@ -44,11 +44,22 @@ use crate::store::{Store, StoreError};
 use crate::view::View;
 use crate::wal::{Lsn, WalPiece};
 
+/// Removes the uploads to `packs/` and `index/` that interrupted writers left
+/// half-written (on a `file://` store; see `Store::sweep_staged`). Failing to is only
+/// a warning.
+pub(crate) async fn sweep_staged(repo: &Repository) {
+    for dir in [PACKS_DIR, INDEX_DIR] {
+        match repo.store().sweep_staged(dir, crate::store::STAGED_AGE).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} half-written uploads left in {dir}/ by interrupted runs"),
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+}
+
 /// Full packs waiting for the uploader, beyond those being uploaded.
 const QUEUED_PACKS: usize = 2;
 const CONCURRENT_UPLOADS: usize = 4;
-/// Staged uploads older than this were left by a writer that was killed.
-const STAGED_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 /// Orphan packs read at once when adopting them.
 const ADOPT_READS: usize = 8;
 
@@ -298,14 +309,6 @@ impl Writer {
         timing: crate::condemned::Timing,
         host: Option<std::path::PathBuf>,
     ) -> Result<Arc<Writer>, RepoError> {
-        // What a killed writer left half-written is removed, not kept for ever.
-        for dir in [PACKS_DIR, INDEX_DIR] {
-            match repo.store().sweep_staged(dir, STAGED_AGE).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!("removed {n} half-written uploads left in {dir}/ by interrupted runs"),
-                Err(e) => tracing::warn!("{e}"),
-            }
-        }
         let mut view = View::new(timing);
         let condemned = view.refresh(&repo).await?.packs;
         // The host's copy of the index files it read before, and its writers' marks.
@@ -314,6 +317,10 @@ impl Writer {
         // Packs no index file names can only be found by listing them all: done when
         // a writer before this one may have left some.
         let list_packs = marks.as_ref().is_none_or(|m| !m.leftovers.is_empty());
+        if list_packs {
+            // So may it have left uploads half-written: removed, not kept for ever.
+            sweep_staged(&repo).await;
+        }
         let inventory = match Inventory::load_cached(&repo, cache.as_ref(), list_packs).await {
             Ok(i) => i,
             Err(e) => {

@@ -248,6 +248,53 @@ async fn large_objects_round_trip(store: Store) {
     assert_eq!(store.get_range("big/one", end - 5..end).await.unwrap(), big.slice(big.len() - 5..));
 }
 
+async fn time_keyed_names_list_in_order(store: Store) {
+    // What fills up with time (points, fragments, WAL pieces; a file:// store keeps
+    // them in shard directories) lists like anything else: in order, from a name on.
+    let mut all = Vec::new();
+    for i in 0..300u64 {
+        let key = u64::MAX - 1_763_720_100_000_000_000 - i * 7_000_000_000_000;
+        all.push(format!("points/s/{key:016x}-{i:016x}"));
+        all.push(format!("frags/s/{key:016x}-{i:016x}"));
+        let lsn = i * 5_000_000;
+        all.push(format!("wal/s/00000001/{lsn:016x}-{:016x}", lsn + 100));
+    }
+    all.extend(["points/s/zz".to_string(), "wal/s/00000001/x".to_string(), "wal/s/system".to_string()]);
+    futures::stream::iter(all.clone())
+        .map(|n| {
+            let store = store.clone();
+            async move { store.put_new(&n, Bytes::from(n.clone())).await }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await
+        .unwrap();
+    all.sort();
+    let mut listed = Vec::new();
+    for top in ["frags", "points", "wal"] {
+        listed.extend(store.list_names(top).await.unwrap());
+    }
+    listed.sort();
+    assert!(listed == all, "every name once, as written: {} listed, {} written", listed.len(), all.len());
+    for dir in ["points/s", "frags/s", "wal/s/00000001"] {
+        let under: Vec<&String> = all.iter().filter(|n| n.rsplit_once('/').unwrap().0 == dir).collect();
+        for (from, limit) in [(None, 1000), (None, 1), (Some(7), 1), (Some(150), 3), (Some(under.len() - 2), 5)] {
+            let after = from.map_or(format!("{dir}/"), |i| under[i].clone());
+            let want: Vec<String> = under.iter().filter(|n| ***n > after).take(limit).map(|n| n.to_string()).collect();
+            assert_eq!(store.list_after(dir, &after, limit).await.unwrap(), want, "{dir} after {after}, {limit}");
+        }
+    }
+    let one = &all[17];
+    assert_eq!(store.get(one).await.unwrap(), one.as_bytes());
+    assert_eq!(store.get_range(one, 2..5).await.unwrap(), one.as_bytes()[2..5]);
+    assert!(matches!(store.put_new(one, Bytes::new()).await, Err(StoreError::AlreadyExists { .. })));
+    for n in &all {
+        store.delete(n).await.unwrap();
+    }
+    assert!(store.list_names("points").await.unwrap().is_empty());
+    assert!(store.list_after("wal/s/00000001", "", 10).await.unwrap().is_empty());
+}
+
 /// One test per case and backend: `memory_<case>`, `file_<case>`, `s3_<case>`.
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
@@ -272,4 +319,5 @@ conformance!(
     delete_removes_and_is_idempotent,
     names_of_every_allowed_character_round_trip,
     large_objects_round_trip,
+    time_keyed_names_list_in_order,
 );

@@ -247,7 +247,7 @@ impl TestRepo {
     pub fn read_object(&self, key: &str) -> Vec<u8> {
         match &self.location {
             Location::File { dir, .. } => {
-                let p = dir.join(key);
+                let p = dir.join(catalog::local_path(key).as_ref());
                 fs::read(&p).unwrap_or_else(|e| panic!("reading object {key} ({}): {e}", p.display()))
             }
             Location::S3 { endpoint, prefix } => {
@@ -264,7 +264,7 @@ impl TestRepo {
     pub fn write_object(&self, key: &str, data: &[u8]) {
         match &self.location {
             Location::File { dir, .. } => {
-                let p = dir.join(key);
+                let p = dir.join(catalog::local_path(key).as_ref());
                 if let Some(parent) = p.parent() {
                     fs::create_dir_all(parent).unwrap_or_else(|e| panic!("creating {}: {e}", parent.display()));
                 }
@@ -283,7 +283,7 @@ impl TestRepo {
     pub fn delete_object(&self, key: &str) {
         match &self.location {
             Location::File { dir, .. } => {
-                let p = dir.join(key);
+                let p = dir.join(catalog::local_path(key).as_ref());
                 match fs::remove_file(&p) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -346,8 +346,8 @@ fn walk_files(base: &Path, dir: &Path, out: &mut Vec<String>) {
             walk_files(base, &path, out);
         } else {
             let rel = path.strip_prefix(base).expect("walk stays under base");
-            let key = rel.to_str().unwrap_or_else(|| panic!("object name is not UTF-8: {}", rel.display())).to_string();
-            out.push(key);
+            let path = rel.to_str().unwrap_or_else(|| panic!("object name is not UTF-8: {}", rel.display()));
+            out.push(catalog::local_name(path).into_owned());
         }
     }
 }

@@ -1,9 +1,26 @@
-//! The local filesystem's fast paths of a `file://` store: ranged reads that
-//! bypass the page cache and are bounded by the file's size, listings that read
-//! names without a stat each, and directory fsyncs.
+//! The local filesystem's side of a `file://` store: where each object lives (its
+//! layout), ranged reads that bypass the page cache and are bounded by the file's
+//! size, listings that read names without a stat each and only the directories
+//! they need, and directory fsyncs.
+//!
+//! **Layout.** An object is the file of its name below the store's directory,
+//! except in the directories that fill up with time: the leaves of
+//! `points/<source>/` and `frags/<source>/` (16 hex digits of time first) go two
+//! directories deeper, named by their first 4 and next 2 characters, and the WAL
+//! pieces of `wal/<source>/<TLI>/` (16 hex digits of LSN first) three deeper, by
+//! their first 6, next 2 and next 2: `points/web/e786/01/e78601e9e44897ff-<R>`,
+//! `wal/db/00000001/000000/01/00/0000000100000000-…`. A directory then holds a
+//! bounded number of entries (a shard of points spans about 18 minutes, one of
+//! WAL 16 MiB of LSNs), and a listing from a name on reads only the directories
+//! from that name on, as an object store's listing does. Names are unchanged:
+//! only their files move. Files a repository written before this layout holds flat
+//! in those directories are still found, listed and deleted, and a name held both
+//! ways is listed once.
 
+use std::borrow::Cow;
+use std::collections::{BinaryHeap, HashSet};
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
@@ -75,12 +92,74 @@ fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::R
     Ok(got)
 }
 
-/// `list_after` for a flat directory on the local filesystem: object_store's local
-/// backend stats every entry of the directory (several times), which made finding a
-/// point cost a stat per point. This reads names and entry types only. It still
-/// reads the whole directory: a directory has no order to start from.
+/// Where the leaves of directory `dir` are split into shard directories: the
+/// position in the leaf at which each shard directory's name ends.
+fn shard_cuts(dir: &str) -> Option<&'static [usize]> {
+    let mut parts = dir.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("points" | "frags"), Some(source), None, None) if !source.is_empty() => Some(&[4, 6]),
+        (Some("wal"), Some(source), Some(tli), None) if !source.is_empty() && tli.len() == 8 && is_hex(tli) => {
+            Some(&[6, 8, 10])
+        }
+        _ => None,
+    }
+}
+
+fn is_hex(s: &str) -> bool {
+    s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The path, relative to a `file://` store's directory, of the file that holds
+/// object `name` (see the layout above).
+pub fn local_path(name: &str) -> Cow<'_, str> {
+    let Some((dir, leaf)) = name.rsplit_once('/') else { return name.into() };
+    let Some(cuts) = shard_cuts(dir) else { return name.into() };
+    let last = cuts[cuts.len() - 1];
+    if !leaf.as_bytes().get(..last).is_some_and(|head| head.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))) {
+        return name.into();
+    }
+    let mut path = String::with_capacity(name.len() + last + cuts.len());
+    path.push_str(dir);
+    let mut from = 0;
+    for &cut in cuts {
+        path.push('/');
+        path.push_str(&leaf[from..cut]);
+        from = cut;
+    }
+    path.push('/');
+    path.push_str(leaf);
+    path.into()
+}
+
+/// The object a file at `path` (relative to a `file://` store's directory) holds:
+/// the inverse of `local_path`.
+pub fn local_name(path: &str) -> Cow<'_, str> {
+    let parts: Vec<&str> = path.split('/').collect();
+    for depth in [2, 3] {
+        let Some(cuts) = parts.get(..depth).and_then(|d| shard_cuts(&d.join("/"))) else { continue };
+        if parts.len() != depth + cuts.len() + 1 {
+            continue;
+        }
+        let name = format!("{}/{}", parts[..depth].join("/"), parts[parts.len() - 1]);
+        if local_path(&name) == path {
+            return name.into();
+        }
+    }
+    path.into()
+}
+
+/// Where the leaves of a directory are cut into shard directories (`shard_cuts`).
+struct Shards {
+    cuts: &'static [usize],
+}
+
+/// `list_after` on the local filesystem: the `limit` smallest names after `after`
+/// directly under `dir/`, reading names and entry types only (object_store's local
+/// backend stats every entry, several times). In a sharded directory it reads the
+/// top directory, then the shard directories in name order from `after`'s on, and
+/// stops once no later shard can hold a name it keeps.
 pub(super) async fn list_after_local(
-    path: PathBuf,
+    root: PathBuf,
     dir: &str,
     after: &str,
     limit: usize,
@@ -88,39 +167,113 @@ pub(super) async fn list_after_local(
     let dir = dir.to_string();
     let after = after.to_string();
     tokio::task::spawn_blocking(move || {
-        let io = |cause| StoreError::Io { op: "list", name: dir.clone(), cause };
-        let entries = match std::fs::read_dir(&path) {
+        list_after_blocking(&root, &dir, &after, limit).map(|(names, _)| names).map_err(|cause| StoreError::Io {
+            op: "list",
+            name: dir.clone(),
+            cause,
+        })
+    })
+    .await
+    .expect("listing task panicked")
+}
+
+/// `list_after_local`'s names, and how many directories it read for them.
+fn list_after_blocking(root: &Path, dir: &str, after: &str, limit: usize) -> std::io::Result<(Vec<String>, usize)> {
+    let mut listing = ListAfter {
+        dir,
+        after,
+        limit,
+        shards: Shards { cuts: shard_cuts(dir).unwrap_or(&[]) },
+        kept: BinaryHeap::new(),
+        flat: HashSet::new(),
+        read: 0,
+    };
+    listing.visit(&root.join(dir), 0, "")?;
+    Ok((listing.kept.into_sorted_vec(), listing.read))
+}
+
+struct ListAfter<'a> {
+    dir: &'a str,
+    after: &'a str,
+    limit: usize,
+    shards: Shards,
+    /// The `limit` smallest names found after `after`, largest on top.
+    kept: BinaryHeap<String>,
+    /// Names found flat (as written before the layout) where they would be
+    /// sharded: a copy of one in its shard is not listed twice.
+    flat: HashSet<String>,
+    /// How many directories it read.
+    read: usize,
+}
+
+impl ListAfter<'_> {
+    /// Reads the directory at shard depth `level` whose leaves start with `prefix`.
+    fn visit(&mut self, path: &Path, level: usize, prefix: &str) -> std::io::Result<()> {
+        let entries = match std::fs::read_dir(path) {
             Ok(it) => it,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io(e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
         };
-        // The `limit` smallest names after `after`, without sorting all of them.
-        let mut kept = std::collections::BinaryHeap::new();
+        self.read += 1;
+        let mut below = Vec::new();
         for e in entries {
-            let e = e.map_err(io)?;
+            let e = e?;
             let Ok(leaf) = e.file_name().into_string() else { continue };
             if is_staged(&leaf) {
                 continue;
             }
-            let name = format!("{dir}/{leaf}");
-            if name.as_str() <= after.as_str() || kept.len() >= limit && kept.peek().is_some_and(|max| &name >= max) {
-                continue;
-            }
-            match e.file_type() {
-                Ok(t) if t.is_file() => {}
-                Ok(_) => continue,
+            let kind = match e.file_type() {
+                Ok(t) => t,
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue, // deleted meanwhile
-                Err(err) => return Err(io(err)),
-            }
-            kept.push(name);
-            if kept.len() > limit {
-                kept.pop();
+                Err(err) => return Err(err),
+            };
+            if kind.is_dir() && self.shards.is_shard(level, &leaf) {
+                below.push(leaf);
+            } else if kind.is_file() && leaf.starts_with(prefix) {
+                self.offer(format!("{}/{leaf}", self.dir), level == 0 && !self.shards.cuts.is_empty());
             }
         }
-        Ok(kept.into_sorted_vec())
-    })
-    .await
-    .expect("listing task panicked")
+        below.sort_unstable();
+        for shard in below {
+            let prefix = format!("{prefix}{shard}");
+            // Every name in this shard, and in those after it, starts with `lowest`
+            // or sorts after it.
+            let lowest = format!("{}/{prefix}", self.dir);
+            if self.after > lowest.as_str() && !self.after.starts_with(&lowest) {
+                continue;
+            }
+            if self.kept.len() >= self.limit && self.kept.peek().is_some_and(|max| *max <= lowest) {
+                break;
+            }
+            self.visit(&path.join(&shard), level + 1, &prefix)?;
+        }
+        Ok(())
+    }
+
+    fn offer(&mut self, name: String, flat: bool) {
+        let full = self.kept.len() >= self.limit;
+        if name.as_str() <= self.after || full && self.kept.peek().is_some_and(|max| &name >= max) {
+            return;
+        }
+        if flat && local_path(&name) != name {
+            self.flat.insert(name.clone());
+        } else if !flat && self.flat.contains(&name) {
+            return;
+        }
+        self.kept.push(name);
+        if self.kept.len() > self.limit {
+            self.kept.pop();
+        }
+    }
+}
+
+impl Shards {
+    /// Whether `leaf`, a directory at shard depth `level`, is a shard directory.
+    fn is_shard(&self, level: usize, leaf: &str) -> bool {
+        let Some(&cut) = self.cuts.get(level) else { return false };
+        let from = if level == 0 { 0 } else { self.cuts[level - 1] };
+        leaf.len() == cut - from && is_hex(leaf)
+    }
 }
 
 /// `list` on the local filesystem: every file below `dir/`, each stated once
@@ -133,7 +286,7 @@ pub(super) async fn list_local(
     let dir = dir.to_string();
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
-        walk_files(&root, &dir, |name, e| {
+        let twice = walk_files(&root, &dir, |name, e| {
             match e.metadata() {
                 Ok(m) => {
                     let modified = m.modified().ok().and_then(|t| jiff::Timestamp::try_from(t).ok());
@@ -144,6 +297,10 @@ pub(super) async fn list_local(
             }
             Ok(())
         })?;
+        if twice {
+            out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            out.dedup_by(|a, b| a.0 == b.0);
+        }
         Ok(out)
     })
     .await
@@ -156,10 +313,14 @@ pub(super) async fn list_local_names(root: PathBuf, dir: &str) -> Result<Vec<Str
     let dir = dir.to_string();
     tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
-        walk_files(&root, &dir, |name, _| {
+        let twice = walk_files(&root, &dir, |name, _| {
             out.push(name);
             Ok(())
         })?;
+        if twice {
+            out.sort_unstable();
+            out.dedup();
+        }
         Ok(out)
     })
     .await
@@ -168,15 +329,19 @@ pub(super) async fn list_local_names(root: PathBuf, dir: &str) -> Result<Vec<Str
 
 /// Calls `each` with the name and directory entry of every file below `dir/`, but
 /// puts in progress. It stats nothing itself: the entries' types say what is a
-/// directory.
+/// directory. Returns whether a name may have come twice (held both flat and in its
+/// shard, see the layout).
 fn walk_files(
-    root: &std::path::Path,
+    root: &Path,
     dir: &str,
     mut each: impl FnMut(String, &std::fs::DirEntry) -> std::io::Result<()>,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let io = |cause| StoreError::Io { op: "list", name: dir.to_string(), cause };
-    let mut stack = vec![(root.join(dir), dir.to_string())];
-    while let Some((path, name)) = stack.pop() {
+    // (path, the directory of the names it holds, its shards, shard depth, leaf prefix)
+    let mut stack = vec![(root.join(local_path(dir).as_ref()), dir.to_string(), 0, String::new())];
+    let mut twice = false;
+    while let Some((path, name, level, prefix)) = stack.pop() {
+        let shards = Shards { cuts: shard_cuts(&name).unwrap_or(&[]) };
         let entries = match std::fs::read_dir(&path) {
             Ok(it) => it,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -185,31 +350,169 @@ fn walk_files(
         for e in entries {
             let e = e.map_err(io)?;
             let Ok(leaf) = e.file_name().into_string() else { continue };
-            let child = format!("{name}/{leaf}");
             let kind = match e.file_type() {
                 Ok(t) => t,
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue, // deleted meanwhile
                 Err(err) => return Err(io(err)),
             };
-            if kind.is_dir() {
-                stack.push((e.path(), child));
-            } else if kind.is_file() && !is_staged(&leaf) {
+            if kind.is_dir() && shards.is_shard(level, &leaf) {
+                stack.push((e.path(), name.clone(), level + 1, format!("{prefix}{leaf}")));
+            } else if kind.is_dir() && level == 0 {
+                stack.push((e.path(), format!("{name}/{leaf}"), 0, String::new()));
+            } else if kind.is_file() && !is_staged(&leaf) && leaf.starts_with(&prefix) {
+                let child = format!("{name}/{leaf}");
+                twice |= level == 0 && local_path(&child) != child;
                 each(child, &e).map_err(io)?;
             }
         }
     }
-    Ok(())
+    Ok(twice)
 }
 
-pub(super) async fn sync_dir(dir: PathBuf, name: &str) -> Result<(), StoreError> {
-    let owned = name.to_string();
+/// Deletes the file of object `name`, and the one a repository written before the
+/// layout holds flat, fsyncing each directory a file left, then removes the shard
+/// directories that became empty. A put into a shard directory removed meanwhile
+/// makes it again (`Store::put_new`).
+pub(super) async fn delete(root: PathBuf, name: &str) -> Result<(), StoreError> {
+    let name = name.to_string();
     tokio::task::spawn_blocking(move || {
-        std::fs::File::open(&dir).and_then(|f| f.sync_all()).map_err(|cause| StoreError::Io {
-            op: "fsync directory of",
-            name: owned,
-            cause,
-        })
+        let io = |cause| StoreError::Io { op: "delete", name: name.clone(), cause };
+        let sharded = local_path(&name).into_owned();
+        let paths = if sharded == name { vec![root.join(&name)] } else { vec![root.join(&sharded), root.join(&name)] };
+        for path in &paths {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(e)),
+            }
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
+            }
+        }
+        let levels = sharded.matches('/').count() - name.matches('/').count();
+        let mut dir = paths[0].parent();
+        for _ in 0..levels {
+            match dir {
+                Some(d) if std::fs::remove_dir(d).is_ok() => dir = d.parent(),
+                _ => break,
+            }
+        }
+        Ok(())
     })
     .await
-    .expect("fsync task panicked")
+    .expect("delete task panicked")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_local_layout() {
+        let cases = [
+            ("points/web/e78601e9e44897ff-0123456789abcdef", "points/web/e786/01/e78601e9e44897ff-0123456789abcdef"),
+            ("frags/web/e78601e9e44897ff-0123456789abcdef", "frags/web/e786/01/e78601e9e44897ff-0123456789abcdef"),
+            (
+                "wal/db/00000001/0000000123000000-0000000123001000",
+                "wal/db/00000001/000000/01/23/0000000123000000-0000000123001000",
+            ),
+        ];
+        for (name, path) in cases {
+            assert_eq!(local_path(name), path);
+            assert_eq!(local_name(path), name);
+        }
+        // Everything else lives under its own name.
+        for name in [
+            "config",
+            "packs/ab/ab01",
+            "index/0123456789abcdef0123",
+            "points/web",
+            "points/web/e786",
+            "points/web/E78601e9e44897ff-x",
+            "points/web/zz",
+            "leases/web/e78601e9e44897ff-0123",
+            "wal/db/system",
+            "wal/db/history/00000002",
+            "wal/db/files/000000010000000000000002.00000028.backup",
+            "wal/db/0000001/0000000123000000-0000000123001000",
+        ] {
+            assert_eq!(local_path(name), name);
+            assert_eq!(local_name(name), name);
+        }
+        assert_eq!(local_name("points/web/e786/01/f0000000-x"), "points/web/e786/01/f0000000-x", "not its shard");
+    }
+
+    fn touch(root: &Path, rel: &str) {
+        let path = root.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, rel).unwrap();
+    }
+
+    #[test]
+    fn a_listing_from_a_name_reads_only_the_directories_from_its_shard_on() {
+        let dir = tempfile::tempdir().unwrap();
+        // 3,000 points a minute apart, newest first as their inverted times sort.
+        let names: Vec<String> = (0..3_000u64)
+            .map(|i| format!("points/s/{:016x}-{i:016x}", u64::MAX - 1_763_720_100_000_000_000 - i * 60_000_000_000))
+            .collect();
+        names.iter().for_each(|n| touch(dir.path(), &local_path(n)));
+        touch(dir.path(), "points/s/zz");
+        let mut sorted = names.clone();
+        sorted.push("points/s/zz".into());
+        sorted.sort();
+        let shards = std::fs::read_dir(dir.path().join("points/s")).unwrap().count();
+        assert!(shards < 10, "a few top shards, not a file per point: {shards}");
+        for (after, limit) in
+            [("points/s/", 1), ("points/s/", 5000), (sorted[1234].as_str(), 1), (sorted[1234].as_str(), 40)]
+        {
+            let (got, read) = list_after_blocking(dir.path(), "points/s", after, limit).unwrap();
+            let want: Vec<String> = sorted.iter().filter(|n| n.as_str() > after).take(limit).cloned().collect();
+            assert_eq!(got, want, "after {after}, limit {limit}");
+            if limit < 100 {
+                assert!(read <= 6, "{read} directories read for {limit} names after {after}");
+            }
+        }
+        let (got, _) = list_after_blocking(dir.path(), "points/s", &sorted[2999], 10).unwrap();
+        assert_eq!(got, ["points/s/zz"]);
+    }
+
+    /// A repository written before the layout holds these files flat: they are
+    /// still read, listed once, refused as taken, and deleted.
+    #[tokio::test]
+    async fn files_held_flat_by_an_older_repository_still_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::Store::open(&format!("file://{}", dir.path().display()), true).unwrap();
+        let [old, both, new] = [
+            "0000000100000000-0000000100000010",
+            "0000000100000010-0000000100000020",
+            "0000000100000020-0000000100000030",
+        ]
+        .map(|k| format!("wal/db/00000001/{k}"));
+        touch(dir.path(), &old);
+        touch(dir.path(), &both);
+        touch(dir.path(), &local_path(&both));
+        store.put_new(&new, Bytes::from(new.clone())).await.unwrap();
+        assert!(dir.path().join(local_path(&new).as_ref()).is_file(), "new files go to their shard");
+        let all = vec![old.clone(), both.clone(), new.clone()];
+        let mut listed = store.list_names("wal/db").await.unwrap();
+        listed.sort();
+        assert_eq!(listed, all, "each name once");
+        assert_eq!(store.list("wal/db").await.unwrap().len(), 3);
+        assert_eq!(store.list_after("wal/db/00000001", "wal/db/00000001/", 10).await.unwrap(), all);
+        assert_eq!(store.list_after("wal/db/00000001", &old, 1).await.unwrap(), std::slice::from_ref(&both));
+        assert_eq!(store.get(&old).await.unwrap(), old.as_bytes());
+        assert_eq!(store.size(&old).await.unwrap(), old.len() as u64);
+        assert_eq!(store.get_range(&old, 1..4).await.unwrap(), old.as_bytes()[1..4]);
+        let taken = store.put_new(&old, Bytes::from_static(b"other")).await.unwrap_err();
+        assert!(matches!(taken, StoreError::AlreadyExists { .. }), "{taken}");
+        store.put_overwrite(&old, Bytes::from_static(b"replaced")).await.unwrap();
+        assert!(!dir.path().join(&old).exists(), "the flat copy does not outlive its replacement");
+        assert_eq!(store.get(&old).await.unwrap(), &b"replaced"[..]);
+        for name in &all {
+            store.delete(name).await.unwrap();
+        }
+        assert!(store.list_names("wal/db").await.unwrap().is_empty());
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("wal/db/00000001")).unwrap().collect();
+        assert!(left.is_empty(), "empty shard directories go with their last file: {left:?}");
+    }
 }

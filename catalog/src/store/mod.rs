@@ -20,7 +20,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 pub use error::StoreError;
-use local::{is_staged, list_after_local, read_range_direct, sync_dir};
+use local::{is_staged, list_after_local, read_range_direct};
+pub use local::{local_name, local_path};
 
 /// The one spelling of a repository URL: `file:///r`, `file:///r/` and
 /// `file:///r//x/..` name one directory (resolved, symlinks too, when it exists),
@@ -47,6 +48,10 @@ pub fn canonical_url(url: &str) -> String {
     url.to_string()
 }
 
+/// A staged upload (`Store::sweep_staged`) this old was left by a put that was
+/// interrupted: no put takes this long.
+pub const STAGED_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// One object found by a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -69,6 +74,9 @@ pub struct Store {
     prefix: String,
     /// For `file://`: the directory, so that deletes can be fsynced.
     local_root: Option<PathBuf>,
+    /// Whether objects live in the `file://` layout (`local_path`), which
+    /// `local_root` alone does not say once faults are injected.
+    local_layout: bool,
     url: String,
 }
 
@@ -107,6 +115,7 @@ impl Store {
                 inner: Arc::new(fs),
                 prefix: String::new(),
                 local_root: Some(dir),
+                local_layout: true,
                 url: url.to_string(),
             });
         }
@@ -138,6 +147,7 @@ impl Store {
                 inner: Arc::new(s3),
                 prefix: prefix.trim_matches('/').to_string(),
                 local_root: None,
+                local_layout: false,
                 url: url.to_string(),
             });
         }
@@ -159,7 +169,13 @@ impl Store {
         })?;
         let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
             .map_err(|e| StoreError::from_backend("open", &path, e))?;
-        Ok(Store { inner: Arc::new(fs), prefix: String::new(), local_root: None, url: format!("file://{path}") })
+        Ok(Store {
+            inner: Arc::new(fs),
+            prefix: String::new(),
+            local_root: None,
+            local_layout: true,
+            url: format!("file://{path}"),
+        })
     }
 
     pub fn memory() -> Store {
@@ -167,6 +183,7 @@ impl Store {
             inner: Arc::new(object_store::memory::InMemory::new()),
             prefix: String::new(),
             local_root: None,
+            local_layout: false,
             url: "memory://".to_string(),
         }
     }
@@ -183,29 +200,48 @@ impl Store {
             inner: Arc::new(crate::faults::Faulty::new(self.inner.clone(), &self.prefix, faults)),
             prefix: self.prefix.clone(),
             local_root: None,
+            local_layout: self.local_layout,
             url: self.url.clone(),
         }
     }
 
     fn path(&self, name: &str) -> Path {
+        let name = if self.local_layout { local_path(name) } else { name.into() };
         if self.prefix.is_empty() {
-            Path::from(name)
+            Path::from(name.as_ref())
         } else {
             Path::from(format!("{}/{}", self.prefix, name))
         }
     }
 
+    /// Where a `file://` store written before its layout holds `name`, when that is
+    /// not `path(name)`.
+    fn flat_path(&self, name: &str) -> Option<Path> {
+        (self.local_layout && local_path(name) != name).then(|| Path::from(name))
+    }
+
     fn name_of(&self, path: &Path) -> String {
         let s = path.as_ref();
-        if self.prefix.is_empty() {
-            s.to_string()
+        let s = if self.prefix.is_empty() {
+            s
         } else {
-            s.strip_prefix(&self.prefix).map(|r| r.trim_start_matches('/')).unwrap_or(s).to_string()
+            s.strip_prefix(&self.prefix).map(|r| r.trim_start_matches('/')).unwrap_or(s)
+        };
+        if self.local_layout {
+            local_name(s).into_owned()
+        } else {
+            s.to_string()
         }
     }
 
     pub async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
-        let r = self.inner.get(&self.path(name)).await.map_err(|e| StoreError::from_backend("get", name, e))?;
+        let r = match self.inner.get(&self.path(name)).await {
+            Err(object_store::Error::NotFound { .. }) if self.flat_path(name).is_some() => {
+                self.inner.get(&Path::from(name)).await
+            }
+            r => r,
+        };
+        let r = r.map_err(|e| StoreError::from_backend("get", name, e))?;
         r.bytes().await.map_err(|e| StoreError::from_backend("get", name, e))
     }
 
@@ -224,13 +260,16 @@ impl Store {
         let want = range.end - range.start;
         let b = match &self.local_root {
             Some(root) => {
-                let (path, r) = (root.join(name), range.clone());
-                tokio::task::spawn_blocking(move || read_range_direct(&path, r))
-                    .await
-                    .expect("read task panicked")
-                    .map_err(|cause| StoreError::from_io("read range of", name, cause))?
+                let (path, flat, r) = (root.join(local_path(name).as_ref()), root.join(name), range.clone());
+                tokio::task::spawn_blocking(move || match read_range_direct(&path, r.clone()) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && flat != path => read_range_direct(&flat, r),
+                    read => read,
+                })
+                .await
+                .expect("read task panicked")
+                .map_err(|cause| StoreError::from_io("read range of", name, cause))?
             }
-            None => match self.inner.get_range(&self.path(name), range.clone()).await {
+            None => match self.get_range_backend(name, range.clone()).await {
                 Ok(b) => b,
                 Err(e) => {
                     let e = StoreError::from_backend("read range of", name, e);
@@ -250,19 +289,48 @@ impl Store {
         Ok(b)
     }
 
+    async fn get_range_backend(&self, name: &str, range: Range<u64>) -> object_store::Result<Bytes> {
+        match self.inner.get_range(&self.path(name), range.clone()).await {
+            Err(object_store::Error::NotFound { .. }) if self.flat_path(name).is_some() => {
+                self.inner.get_range(&Path::from(name), range).await
+            }
+            r => r,
+        }
+    }
+
     pub async fn size(&self, name: &str) -> Result<u64, StoreError> {
-        let m = self.inner.head(&self.path(name)).await.map_err(|e| StoreError::from_backend("stat", name, e))?;
-        Ok(m.size)
+        let m = match self.inner.head(&self.path(name)).await {
+            Err(object_store::Error::NotFound { .. }) if self.flat_path(name).is_some() => {
+                self.inner.head(&Path::from(name)).await
+            }
+            r => r,
+        };
+        Ok(m.map_err(|e| StoreError::from_backend("stat", name, e))?.size)
     }
 
     /// Writes a new object; fails with `AlreadyExists` if the name is taken, so two
     /// writers can never overwrite each other. Returns once the object is durable.
     pub async fn put_new(&self, name: &str, data: Bytes) -> Result<(), StoreError> {
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        self.inner
-            .put_opts(&self.path(name), PutPayload::from(data), opts)
-            .await
-            .map_err(|e| StoreError::from_backend("put", name, e))?;
+        // The name may be taken by a file a repository written before the layout holds flat.
+        if let (Some(root), Some(_)) = (&self.local_root, self.flat_path(name)) {
+            if std::fs::symlink_metadata(root.join(name)).is_ok_and(|m| m.is_file()) {
+                return Err(StoreError::AlreadyExists { name: name.to_string() });
+            }
+        }
+        let path = self.path(name);
+        let put = || {
+            let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+            self.inner.put_opts(&path, PutPayload::from(data.clone()), opts)
+        };
+        let r = match put().await {
+            // A delete removed the shard directory it emptied just as this put made
+            // it (`local::delete`): the second try makes it again.
+            Err(e) if self.flat_path(name).is_some() && !matches!(e, object_store::Error::AlreadyExists { .. }) => {
+                put().await
+            }
+            r => r,
+        };
+        r.map_err(|e| StoreError::from_backend("put", name, e))?;
         Ok(())
     }
 
@@ -273,21 +341,26 @@ impl Store {
             .put(&self.path(name), PutPayload::from(data))
             .await
             .map_err(|e| StoreError::from_backend("put", name, e))?;
+        // An older copy held flat is not left behind to be read as this object.
+        if let Some(flat) = self.flat_path(name) {
+            match self.inner.delete(&flat).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(StoreError::from_backend("delete", name, e)),
+            }
+        }
         Ok(())
     }
 
     /// Removes an object. Removing one that is not there succeeds, on every backend:
     /// S3 cannot tell the two apart, so no caller may rely on the difference.
     pub async fn delete(&self, name: &str) -> Result<(), StoreError> {
-        match self.inner.delete(&self.path(name)).await.map_err(|e| StoreError::from_backend("delete", name, e)) {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => return Ok(()),
-            Err(e) => return Err(e),
-        }
         if let Some(root) = &self.local_root {
-            let dir = root.join(name).parent().map(|p| p.to_path_buf());
-            if let Some(dir) = dir {
-                sync_dir(dir, name).await?;
+            return local::delete(root.clone(), name).await;
+        }
+        for path in std::iter::once(self.path(name)).chain(self.flat_path(name)) {
+            match self.inner.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(StoreError::from_backend("delete", name, e)),
             }
         }
         Ok(())
@@ -302,10 +375,15 @@ impl Store {
         let prefix = self.path(dir);
         let metas: Vec<_> =
             self.inner.list(Some(&prefix)).try_collect().await.map_err(|e| StoreError::from_backend("list", dir, e))?;
-        Ok(metas
+        let mut found: Vec<ObjectInfo> = metas
             .into_iter()
             .map(|m| ObjectInfo { name: self.name_of(&m.location), size: m.size, modified: modified(&m) })
-            .collect())
+            .collect();
+        if self.local_layout {
+            found.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+            found.dedup_by(|a, b| a.name == b.name);
+        }
+        Ok(found)
     }
 
     /// The names of every object under `dir/`, in no particular order: `list`
@@ -374,10 +452,23 @@ impl Store {
 
     /// The names of the objects directly under `dir/` (not in its subdirectories)
     /// that sort after `after`, in name order, at most `limit` of them: one narrow
-    /// listing, not a scan of the repository (but see `lists_whole_directories`).
+    /// listing, not a scan of the repository.
     pub async fn list_after(&self, dir: &str, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         if let Some(root) = &self.local_root {
-            return list_after_local(root.join(dir), dir, after, limit).await;
+            return list_after_local(root.clone(), dir, after, limit).await;
+        }
+        if self.local_layout {
+            // The local backend's listings are not in name order (only with faults
+            // injected does a file:// store come here).
+            let mut names: Vec<String> = self.list_names(dir).await?;
+            names.retain(|n| {
+                n.as_str() > after
+                    && n.strip_prefix(dir).and_then(|r| r.strip_prefix('/')).is_some_and(|l| !l.contains('/'))
+            });
+            names.sort_unstable();
+            names.dedup();
+            names.truncate(limit);
+            return Ok(names);
         }
         let prefix = self.path(dir);
         let offset = self.path(after);
@@ -398,13 +489,6 @@ impl Store {
         out.sort();
         out.truncate(limit);
         Ok(out)
-    }
-
-    /// Whether a narrow listing (`list_after`) reads the whole directory all the
-    /// same, as on the local filesystem: then one listing of it all beats many
-    /// narrow ones.
-    pub fn lists_whole_directories(&self) -> bool {
-        self.local_root.is_some()
     }
 
     /// The names directly below `dir/` that are themselves directories.

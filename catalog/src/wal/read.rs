@@ -78,14 +78,9 @@ impl Repository {
     }
 
     /// Where the stored WAL of timeline `tli` ends: the end of the piece that starts
-    /// last, found with about 64 one-name listings (a binary search on names), or
-    /// with one listing of it all where a narrow one would read it all anyway.
+    /// last, found with about 64 one-name listings (a binary search on names).
     pub async fn wal_end(&self, source: &str, system: &WalSystem, tli: u32) -> Result<Option<Lsn>, RepoError> {
         let dir = tli_dir(source, tli);
-        if self.store().lists_whole_directories() {
-            let names = self.store().list_after(&dir, &format!("{dir}/"), usize::MAX).await?;
-            return Ok(names.iter().filter_map(|n| WalPiece::parse(tli, n)).map(|p| p.end).max());
-        }
         // Whether some piece starts at or after `at`.
         let starts_from = |at: u64| {
             let dir = dir.clone();
@@ -230,12 +225,11 @@ mod tests {
         follow_the_timeline_path(crate::Store::open("memory://", true).unwrap()).await;
     }
 
-    /// The same on the local filesystem, where `wal_end` lists a directory once.
+    /// The same on the local filesystem, whose listings go through shard directories.
     #[tokio::test]
     async fn wal_bytes_follow_the_timeline_path_on_file() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::Store::open(&format!("file://{}", dir.path().display()), true).unwrap();
-        assert!(store.lists_whole_directories());
         follow_the_timeline_path(store).await;
     }
 
