@@ -127,6 +127,11 @@ pub struct DedupIndex {
 }
 
 impl DedupIndex {
+    /// An empty map with room for `n` entries: loading a long history's index
+    /// files then never grows it again.
+    pub fn with_capacity(n: usize) -> DedupIndex {
+        DedupIndex { map: HashMap::with_capacity(n) }
+    }
     pub fn insert(&mut self, kind: BlobKind, blob: BlobRef) {
         self.map.entry((kind, blob.id)).or_insert(blob);
     }

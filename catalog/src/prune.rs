@@ -163,9 +163,13 @@ pub async fn prune(
     let index_files = store.list_names(INDEX_DIR).await?;
     progress("packs");
     if !opts.dry_run {
-        // Writers sweep half-written uploads only when a writer on their host was
-        // interrupted; one on another host may have left some too.
-        crate::writer::sweep_staged(repo).await;
+        // Uploads interrupted writers left half-written, anywhere: writers sweep
+        // packs/ and index/ only after one on their own host was interrupted.
+        match store.sweep_staged("", crate::store::STAGED_AGE).await {
+            Ok(0) => {}
+            Ok(n) => progress(&format!("removed {n} half-written uploads left by interrupted runs")),
+            Err(e) => report.problems.push(e.to_string()),
+        }
     }
     // Packs deleted in the sweep leave this map: it is then what is there.
     let mut packs: HashMap<Id, (u64, Option<Timestamp>)> = store
@@ -1272,6 +1276,32 @@ mod tests {
         run(&repo).await;
         let left: Vec<String> = repo.store().list("leases").await.unwrap().into_iter().map(|o| o.name).collect();
         assert_eq!(left, [fresh_name]);
+    }
+
+    /// Half-written uploads that interrupted writers left on a `file://` store go,
+    /// wherever they are, once older than any put takes; a fresh one stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn half_written_uploads_left_anywhere_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("file://{}", dir.path().display()), true).unwrap();
+        let repo = Repository::init(store, &Secret::KeyFile([4; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
+        let staged = |name: &str, age: Duration| {
+            let path = dir.path().join(format!("{}#1", crate::store::local_path(name)));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let f = std::fs::File::create(&path).unwrap();
+            f.set_modified(std::time::SystemTime::now() - age).unwrap();
+            path
+        };
+        let hour = Duration::from_secs(3600);
+        let old = [
+            staged("wal/db/00000001/0000000001000000-0000000001000100", hour),
+            staged("points/s/e78601e9e44897ff-0123456789abcdef", hour),
+            staged("packs/ab/ab00", hour),
+        ];
+        let fresh = staged("frags/s/e78601e9e44897ff-0123456789abcdef", Duration::ZERO);
+        run(&repo).await;
+        assert!(old.iter().all(|p| !p.exists()), "{old:?}");
+        assert!(fresh.exists(), "a put may still be making it");
     }
 
     /// A dry run deletes and writes nothing.

@@ -351,7 +351,7 @@ impl Writer {
             packs.extend(inventory.packs.iter().map(|(p, size)| (*p, PackState::There(*size))));
         }
         packs.extend(condemned.iter().map(|p| (*p, PackState::Condemned)));
-        let mut dedup = DedupIndex::default();
+        let mut dedup = DedupIndex::with_capacity(inventory.index_files.iter().map(|(_, f)| f.entries.len()).sum());
         for e in inventory.index_files.iter().flat_map(|(_, f)| &f.entries) {
             // Unless listed, a pack is looked at when first used.
             if packs.get(&e.blob.pack).map_or(!list_packs, |s| s.holds(&e.blob)) {
