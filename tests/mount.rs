@@ -278,6 +278,27 @@ fn damaged_chunk_gives_eio_for_exactly_its_files() {
     assert_eq!(fs::metadata(mnt.join("f07")).unwrap().len(), 50_000);
 }
 
+/// A mount unmounted lazily (`fusermount3 -uz`) and mounted again at once: the
+/// old daemon, finding its mount gone from the path, ends without unmounting what
+/// is there now (it unmounted by path, which took the new mount away when it
+/// looked in between; seen in CI under load). Timing decides whether the old code
+/// fails here, so this repeats the remount to give the race its chances.
+#[test]
+fn a_mount_made_again_at_once_stays_mounted() {
+    let (repo, work) = one_small_point();
+    let mnt = work.path().join("mnt");
+    let (mut guard, _) = mount(&repo, &["--at", "latest"], &mnt);
+    for round in 0..8 {
+        drop(guard);
+        wait_unmounted(&mnt);
+        guard = mount(&repo, &["--at", "latest"], &mnt).0;
+        // The old daemon looks every 200 ms.
+        std::thread::sleep(Duration::from_millis(450));
+        assert!(is_mounted(&mnt), "round {round}: the new mount was taken away");
+        assert_eq!(fs::read(mnt.join("f")).unwrap(), b"data");
+    }
+}
+
 #[test]
 fn mountpoint_checks_and_lifecycle() {
     let (repo, work) = one_small_point();

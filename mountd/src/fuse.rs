@@ -302,6 +302,18 @@ impl MountHandle {
     }
 }
 
+impl MountHandle {
+    /// Ends once the mount is no longer at its path (unmounted, or detached by a
+    /// lazy unmount) without unmounting anything: what is mounted at the path now
+    /// may be a newer mount, which an unmount by path would take away. The session
+    /// is left to end with the process.
+    pub fn abandon(mut self) {
+        if let Some(s) = self.session.take() {
+            std::mem::forget(s);
+        }
+    }
+}
+
 /// Mounts `fs` read-only at `mountpoint`; requests are served on `rt`.
 pub fn mount(fs: Arc<Fs>, rt: Handle, mountpoint: &Path, fsname: &str) -> std::io::Result<MountHandle> {
     let mut config = Config::default();

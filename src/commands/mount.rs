@@ -186,18 +186,24 @@ async fn serve(
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
+    // Whether the mount left its path without this daemon (`ebb umount`, a lazy
+    // `fusermount3 -uz`): then it unmounts nothing, since a newer mount may be there.
+    let gone = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break false,
+            _ = term.recv() => break false,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
                 if handle.finished() || !is_mounted(&abs) {
-                    break;
+                    break true;
                 }
             }
         }
+    };
+    if gone {
+        handle.abandon();
+    } else {
+        handle.unmount().with_context(|| format!("unmount {}", abs.display()))?;
     }
-    handle.unmount().with_context(|| format!("unmount {}", abs.display()))?;
     eprintln!("unmounted {}", abs.display());
     Ok(ExitCode::SUCCESS)
 }
