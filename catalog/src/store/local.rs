@@ -385,9 +385,7 @@ pub(super) async fn delete(root: PathBuf, name: &str) -> Result<(), StoreError> 
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(io(e)),
             }
-            if let Some(dir) = path.parent() {
-                std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
-            }
+            sync_nearest_dir(path).map_err(io)?;
         }
         let levels = sharded.matches('/').count() - name.matches('/').count();
         let mut dir = paths[0].parent();
@@ -401,6 +399,21 @@ pub(super) async fn delete(root: PathBuf, name: &str) -> Result<(), StoreError> 
     })
     .await
     .expect("delete task panicked")
+}
+
+/// Fsyncs the directory `path` was removed from; when a delete of another file
+/// removed that directory meanwhile (it became empty), the nearest one still
+/// there, which the removal of the directory changed.
+fn sync_nearest_dir(path: &Path) -> std::io::Result<()> {
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        match std::fs::File::open(d) {
+            Ok(f) => return f.sync_all(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => dir = d.parent(),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -474,6 +487,27 @@ mod tests {
         }
         let (got, _) = list_after_blocking(dir.path(), "points/s", &sorted[2999], 10).unwrap();
         assert_eq!(got, ["points/s/zz"]);
+    }
+
+    /// Deletes of the files of one shard at once: each may find the shard
+    /// directory gone, removed by another that emptied it, and still succeeds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_deletes_in_one_shard_all_succeed() {
+        use futures::{StreamExt, TryStreamExt};
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::Store::open(&format!("file://{}", dir.path().display()), true).unwrap();
+        for round in 0..20 {
+            let names: Vec<String> = (0..16).map(|i| format!("points/s/e78601e9e44897ff-{round:08x}{i:08x}")).collect();
+            for n in &names {
+                store.put_new(n, Bytes::from_static(b"m")).await.unwrap();
+            }
+            futures::stream::iter(names.iter().map(|n| store.delete(n)))
+                .buffer_unordered(16)
+                .try_collect::<Vec<()>>()
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert!(store.list_names("points/s").await.unwrap().is_empty());
+        }
     }
 
     /// A repository written before the layout holds these files flat: they are
