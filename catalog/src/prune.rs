@@ -518,8 +518,10 @@ pub async fn prune(
 const MERGE_ABOVE: usize = 16;
 /// An index file with fewer entries than this is small.
 const SMALL_INDEX: usize = 100_000;
-/// A merged index file holds about this many entries at most.
-const MERGED_ENTRIES: usize = 500_000;
+/// A merged index file holds about this many entries at most (and fewer than a
+/// small file more): its entries, their encoding and the sealed file are held at
+/// once when it is written, about 60 MB.
+const MERGED_ENTRIES: usize = 200_000;
 
 /// Writes the index files `names` again as a few larger ones (version 3, naming
 /// all their points but the `forgotten` ones), each before the files it replaces
@@ -582,6 +584,11 @@ impl MergedIndex {
     }
 
     fn add(&mut self, name: &str, file: crate::index::IndexFile, forgotten: &HashSet<String>) {
+        if self.entries.capacity() == 0 {
+            // All the room it can need, once: growing by doubling would hold twice
+            // that while it copies.
+            self.entries.reserve_exact(MERGED_ENTRIES + SMALL_INDEX);
+        }
         self.points.extend(file.points.into_iter().filter(|p| !forgotten.contains(p)));
         self.entries.extend(file.entries);
         self.replaced.push(name.to_string());

@@ -115,7 +115,7 @@ pub fn local_path(name: &str) -> Cow<'_, str> {
     let Some((dir, leaf)) = name.rsplit_once('/') else { return name.into() };
     let Some(cuts) = shard_cuts(dir) else { return name.into() };
     let last = cuts[cuts.len() - 1];
-    if !leaf.as_bytes().get(..last).is_some_and(|head| head.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))) {
+    if !leaf.get(..last).is_some_and(is_hex) {
         return name.into();
     }
     let mut path = String::with_capacity(name.len() + last + cuts.len());

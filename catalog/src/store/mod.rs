@@ -325,7 +325,11 @@ impl Store {
         let r = match put().await {
             // A delete removed the shard directory it emptied just as this put made
             // it (`local::delete`): the second try makes it again.
-            Err(e) if self.flat_path(name).is_some() && !matches!(e, object_store::Error::AlreadyExists { .. }) => {
+            Err(e)
+                if self.local_root.is_some()
+                    && self.flat_path(name).is_some()
+                    && !matches!(e, object_store::Error::AlreadyExists { .. }) =>
+            {
                 put().await
             }
             r => r,
