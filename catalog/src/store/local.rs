@@ -28,7 +28,7 @@ use super::error::StoreError;
 
 /// Whether a file name is a put in progress on the local filesystem (`<name>#<n>`),
 /// which listings do not show.
-pub(super) fn is_staged(name: &str) -> bool {
+fn is_staged(name: &str) -> bool {
     name.rsplit_once('#').is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
@@ -328,18 +328,37 @@ pub(super) async fn list_local_names(root: PathBuf, dir: &str) -> Result<Vec<Str
 }
 
 /// Calls `each` with the name and directory entry of every file below `dir/`, but
-/// puts in progress. It stats nothing itself: the entries' types say what is a
-/// directory. Returns whether a name may have come twice (held both flat and in its
-/// shard, see the layout).
+/// puts in progress. Returns whether a name may have come twice (held both flat
+/// and in its shard, see the layout).
 fn walk_files(
     root: &Path,
     dir: &str,
     mut each: impl FnMut(String, &std::fs::DirEntry) -> std::io::Result<()>,
 ) -> Result<bool, StoreError> {
-    let io = |cause| StoreError::Io { op: "list", name: dir.to_string(), cause };
-    // (path, the directory of the names it holds, its shards, shard depth, leaf prefix)
-    let mut stack = vec![(root.join(local_path(dir).as_ref()), dir.to_string(), 0, String::new())];
     let mut twice = false;
+    walk(root, dir, "list", |name, leaf, level, e| {
+        if is_staged(leaf) {
+            return Ok(());
+        }
+        twice |= level == 0 && local_path(&name) != name;
+        each(name, e)
+    })?;
+    Ok(twice)
+}
+
+/// Calls `each` with the name, leaf, shard depth and directory entry of every file
+/// below `dir/`, puts in progress too. It stats nothing itself: the entries' types
+/// say what is a directory.
+fn walk(
+    root: &Path,
+    dir: &str,
+    op: &'static str,
+    mut each: impl FnMut(String, &str, usize, &std::fs::DirEntry) -> std::io::Result<()>,
+) -> Result<(), StoreError> {
+    let io = |cause| StoreError::Io { op, name: dir.to_string(), cause };
+    let join = |name: &str, leaf: &str| if name.is_empty() { leaf.to_string() } else { format!("{name}/{leaf}") };
+    // (path, the directory of the names it holds, shard depth, leaf prefix)
+    let mut stack = vec![(root.join(local_path(dir).as_ref()), dir.to_string(), 0, String::new())];
     while let Some((path, name, level, prefix)) = stack.pop() {
         let shards = Shards { cuts: shard_cuts(&name).unwrap_or(&[]) };
         let entries = match std::fs::read_dir(&path) {
@@ -358,15 +377,37 @@ fn walk_files(
             if kind.is_dir() && shards.is_shard(level, &leaf) {
                 stack.push((e.path(), name.clone(), level + 1, format!("{prefix}{leaf}")));
             } else if kind.is_dir() && level == 0 {
-                stack.push((e.path(), format!("{name}/{leaf}"), 0, String::new()));
-            } else if kind.is_file() && !is_staged(&leaf) && leaf.starts_with(&prefix) {
-                let child = format!("{name}/{leaf}");
-                twice |= level == 0 && local_path(&child) != child;
-                each(child, &e).map_err(io)?;
+                stack.push((e.path(), join(&name, &leaf), 0, String::new()));
+            } else if kind.is_file() && leaf.starts_with(&prefix) {
+                each(join(&name, &leaf), &leaf, level, &e).map_err(io)?;
             }
         }
     }
-    Ok(twice)
+    Ok(())
+}
+
+/// `Store::sweep_staged` on the local filesystem: removes the staged files
+/// (`<name>#<n>`) below `dir/` older than `min_age`; returns how many went.
+pub(super) async fn sweep_staged(root: PathBuf, dir: &str, min_age: std::time::Duration) -> Result<usize, StoreError> {
+    let dir = dir.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut removed = 0;
+        walk(&root, &dir, "sweep staged uploads in", |_, leaf, _, e| {
+            // Only a staged name is looked at further: the others are most of the
+            // files walked.
+            if !is_staged(leaf) {
+                return Ok(());
+            }
+            let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+            if old.is_some_and(|age| age >= min_age) && std::fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+            Ok(())
+        })?;
+        Ok(removed)
+    })
+    .await
+    .expect("sweep task panicked")
 }
 
 /// Deletes the file of object `name`, and the one a repository written before the

@@ -20,7 +20,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 pub use error::StoreError;
-use local::{is_staged, list_after_local, read_range_direct};
+use local::{list_after_local, read_range_direct};
 pub use local::{local_name, local_path};
 
 /// The one spelling of a repository URL: `file:///r`, `file:///r/` and
@@ -404,39 +404,7 @@ impl Store {
     /// nothing: its put fails to publish it, and says so. Returns how many went.
     pub async fn sweep_staged(&self, dir: &str, min_age: std::time::Duration) -> Result<usize, StoreError> {
         let Some(root) = &self.local_root else { return Ok(0) };
-        let (top, dir) = (root.join(dir), dir.to_string());
-        tokio::task::spawn_blocking(move || {
-            let io = |cause| StoreError::Io { op: "sweep staged uploads in", name: dir.clone(), cause };
-            let mut stack = vec![top];
-            let mut removed = 0;
-            while let Some(d) = stack.pop() {
-                let entries = match std::fs::read_dir(&d) {
-                    Ok(e) => e,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(io(e)),
-                };
-                for e in entries {
-                    let e = e.map_err(io)?;
-                    let Ok(kind) = e.file_type() else { continue };
-                    if kind.is_dir() {
-                        stack.push(e.path());
-                        continue;
-                    }
-                    // Only a staged name is looked at further: the others are most of
-                    // a directory of packs, read by every writer when it starts.
-                    if !e.file_name().to_str().is_some_and(is_staged) {
-                        continue;
-                    }
-                    let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
-                    if old.is_some_and(|age| age >= min_age) && std::fs::remove_file(e.path()).is_ok() {
-                        removed += 1;
-                    }
-                }
-            }
-            Ok(removed)
-        })
-        .await
-        .expect("sweep task panicked")
+        local::sweep_staged(root.clone(), dir, min_age).await
     }
 
     /// At most `limit` object names from anywhere in the repository: enough to tell
