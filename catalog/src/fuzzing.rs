@@ -47,6 +47,7 @@ pub const TARGETS: &[Target] = &[
     ("forget_record", forget_record),
     ("condemned", condemned),
     ("index_cache", index_cache),
+    ("host_index", host_index),
 ];
 
 fn keys() -> Keys {
@@ -170,12 +171,25 @@ pub fn condemned(data: &[u8]) {
 }
 
 pub fn index_cache(data: &[u8]) {
-    let records = crate::index_cache::decode(data);
-    let mut again = b"EBIC1\n".to_vec();
-    for (name, bytes) in &records {
+    let Some(cached) = crate::index_cache::decode_file(data) else { return };
+    let mut again = data[..6 + crate::index_cache::ID_LEN].to_vec();
+    for (name, bytes) in &cached.records {
         crate::index_cache::encode_record(&mut again, name, bytes);
     }
-    assert_eq!(crate::index_cache::decode(&again), records, "what decodes encodes the same");
+    assert_eq!(again.len() as u64, cached.len, "the records read take the length said");
+    assert_eq!(crate::index_cache::decode_file(&again), Some(cached), "what decodes encodes the same");
+}
+
+pub fn host_index(data: &[u8]) {
+    use crate::host_index::{decode_block, Header};
+    if let Ok(h) = Header::decode(data) {
+        assert!(h.recent.iter().all(|n| n.len() <= 1024));
+    }
+    let count = data.first().map_or(0, |&n| n as usize % (crate::host_index::BLOCK + 1));
+    if let Ok(entries) = decode_block(data.get(1..).unwrap_or_default(), count) {
+        assert_eq!(entries.len(), count);
+        assert!(entries.windows(2).all(|w| (w[0].blob.id, w[0].kind as u8) < (w[1].blob.id, w[1].kind as u8)));
+    }
 }
 
 pub fn forget_record(data: &[u8]) {
@@ -285,10 +299,25 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     };
     out.push(("condemned", condemned.encode()));
     out.push(("condemned", crate::condemned::Rescued { packs: condemned.packs, names: condemned.names }.encode()));
-    let mut cache = b"EBIC1\n".to_vec();
+    let mut cache = b"EBIC2\n0123456789abcdef".to_vec();
     crate::index_cache::encode_record(&mut cache, "index/ab", b"sealed bytes");
     crate::index_cache::encode_record(&mut cache, "index/cd", b"");
     out.push(("index_cache", cache));
+    let header = crate::host_index::Header {
+        generation: "generations/e78601e9e44897ff-0123456789abcdef".into(),
+        recent: vec!["index/187b2c9a00000000-0123456789abcdef".into()],
+        entries: 2,
+        ..Default::default()
+    };
+    out.push(("host_index", header.encode()));
+    let mut block = vec![2u8];
+    for id in [1u8, 2] {
+        block.push(BlobKind::Data as u8);
+        let mut e = crate::codec::Encoder::default();
+        BlobRef { id: Id([id; 32]), pack: Id([9; 32]), offset: 1, length: 2, raw_len: 3 }.encode(&mut e);
+        block.extend(e.buf);
+    }
+    out.push(("host_index", block));
     for t in ["2026-11-21 10:15", "2026-11-21T10:15:00.250+01:00", "@1763720100.25", "2h30m ago", "latest"] {
         out.push(("time", t.as_bytes().to_vec()));
     }

@@ -1,4 +1,4 @@
-//! Index files (`index/<64 hex>`): which blobs each pack holds. Writers load them to
+//! Index files (`index/<T>-<R>`): which blobs each pack holds. Writers load them to
 //! deduplicate; readers never need them, since every reference in a tree already says
 //! where its blob is. A writer writes one index file per recovery point, just after
 //! the point's manifest, naming the point: an index file whose point does not exist
@@ -22,8 +22,27 @@ const VERSION_3: u8 = 3;
 /// Point names are `points/<source>/<33 chars>`, well under this.
 const MAX_POINT_NAME: usize = 256;
 
-pub fn index_name(id: &Id) -> String {
-    format!("{INDEX_DIR}/{}", id.to_hex())
+/// A new index file's name, `index/<T>-<R>`: `<T>` the time `at` in nanoseconds
+/// since the epoch (16 hex, so names sort oldest first), `<R>` 8 random bytes.
+/// Repositories from before hold `index/<64 hex>`, random, which stay valid.
+pub fn index_name(at: jiff::Timestamp) -> String {
+    let ns = crate::time::unix_nanos(at).unwrap_or(0);
+    format!("{INDEX_DIR}/{ns:016x}-{}", hex::encode(crate::id::random_bytes::<8>()))
+}
+
+/// The name from which a listing of `index/` holds every index file named at or
+/// after `ns` nanoseconds since the epoch (and the older repositories' random
+/// names that sort after it).
+pub fn index_names_from(ns: u64) -> String {
+    format!("{INDEX_DIR}/{ns:016x}")
+}
+
+/// The time, in nanoseconds since the epoch, of an index file named by `index_name`;
+/// `None` for any other name (an older repository's random one).
+pub fn index_time(name: &str) -> Option<u64> {
+    let (t, r) = name.strip_prefix(INDEX_DIR)?.strip_prefix('/')?.split_once('-')?;
+    let lower_hex = |s: &str| s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    (lower_hex(t) && lower_hex(r)).then(|| u64::from_str_radix(t, 16).ok()).flatten()
 }
 
 /// One index file's contents.
@@ -150,6 +169,21 @@ impl DedupIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn golden_index_name() {
+        let t = jiff::Timestamp::from_second(1763720100).unwrap();
+        let name = index_name(t);
+        assert_eq!(&name[..23], "index/1879fe161bb76800-");
+        assert_eq!(name.len(), 39);
+        assert_eq!(index_time(&name), Some(1763720100 * 1_000_000_000));
+        assert_eq!(index_names_from(1763720100 * 1_000_000_000), "index/1879fe161bb76800");
+        assert!(index_names_from(1763720100 * 1_000_000_000) < name);
+        // An older repository's random name: valid, with no time.
+        assert_eq!(index_time(&format!("index/{}", "ab".repeat(32))), None);
+        assert_eq!(index_time("index/1879fe161bb76800-0123"), None);
+        assert_eq!(index_time("index/1879FE161BB76800-0123456789abcdef"), None);
+    }
 
     #[test]
     fn golden_index() {

@@ -8,12 +8,15 @@
 //! name) like one fetched, so a damaged or altered cache costs a fetch, never a
 //! wrong entry; one that does not open is fetched again.
 //!
-//! File: `<cache dir>/index-<repository id hex>`: `EBIC1\n`, then records, each
-//! `u32` LE name length (1 to 1024), the name (UTF-8), `u32` LE length (at most
-//! 64 MiB), the sealed bytes. Records are appended; reading stops at the first
-//! one that is cut short or malformed (a write a crash interrupted). The file is
-//! written again, with only the files listed, once those it holds for nothing
-//! outnumber them.
+//! File: `<cache dir>/index-<repository id hex>`: `EBIC2\n`, 16 random bytes (the
+//! file's id, new each time it is written afresh), then records, each `u32` LE
+//! name length (1 to 1024), the name (UTF-8), `u32` LE length (at most 64 MiB),
+//! the sealed bytes. Records are appended; reading stops at the first one that is
+//! cut short or malformed (a write a crash interrupted). The file is written
+//! again, with only the files listed, once those it holds for nothing outnumber
+//! them. A host's merged index (`host_index`) covers the file up to an offset: the
+//! records after it are the index files read since. (`EBIC1` files, without an
+//! id, are read as empty.)
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -23,7 +26,9 @@ use bytes::Bytes;
 
 use crate::id::Id;
 
-const MAGIC: &[u8] = b"EBIC1\n";
+const MAGIC: &[u8] = b"EBIC2\n";
+/// The file's id, after the magic.
+pub const ID_LEN: usize = 16;
 const MAX_NAME: usize = 1024;
 const MAX_OBJECT: usize = 64 << 20;
 
@@ -57,10 +62,39 @@ impl IndexCache {
 
     /// What the cache holds, by name; empty when it cannot be read.
     pub fn load(&self) -> HashMap<String, Bytes> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => decode(&bytes).into_iter().collect(),
-            Err(_) => HashMap::new(),
+        self.read().map(|c| c.records.into_iter().collect()).unwrap_or_default()
+    }
+
+    /// The whole file: its id, records, and the length of the records read.
+    pub fn read(&self) -> Option<Cached> {
+        decode_file(&std::fs::read(&self.path).ok()?)
+    }
+
+    /// The file's id and length, as it is now.
+    pub fn head(&self) -> Option<([u8; ID_LEN], u64)> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&self.path).ok()?;
+        let mut head = [0u8; MAGIC.len() + ID_LEN];
+        f.read_exact(&mut head).ok()?;
+        let id = head.strip_prefix(MAGIC)?.try_into().ok()?;
+        Some((id, f.metadata().ok()?.len()))
+    }
+
+    /// The records from byte `offset` on, if the file is still the one of id `id`;
+    /// also whether they reach the end of the file (none is cut short or malformed).
+    pub fn read_after(&self, id: &[u8; ID_LEN], offset: u64) -> Option<(Vec<(String, Bytes)>, bool)> {
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::open(&self.path).ok()?;
+        let mut head = [0u8; MAGIC.len() + ID_LEN];
+        f.read_exact(&mut head).ok()?;
+        if head[..MAGIC.len()] != *MAGIC || head[MAGIC.len()..] != id[..] || offset < head.len() as u64 {
+            return None;
         }
+        f.seek(std::io::SeekFrom::Start(offset)).ok()?;
+        let mut rest = Vec::new();
+        f.read_to_end(&mut rest).ok()?;
+        let (records, used) = decode_records(&rest);
+        Some((records, used == rest.len()))
     }
 
     /// Adds `files` (name, sealed bytes). Failing to is only a warning: the next
@@ -77,6 +111,7 @@ impl IndexCache {
             let mut buf = Vec::new();
             if f.metadata()?.len() == 0 {
                 buf.extend_from_slice(MAGIC);
+                buf.extend_from_slice(&crate::id::random_bytes::<ID_LEN>());
             }
             files.iter().for_each(|(name, data)| encode_record(&mut buf, name, data));
             f.write_all(&buf)
@@ -86,23 +121,40 @@ impl IndexCache {
         }
     }
 
-    /// Writes the cache again holding only `files`.
-    pub fn rewrite(&self, files: &[(String, Bytes)]) {
+    /// Writes the cache again holding only `files`, under a new id; returns it and
+    /// the file's length, or `None` if it could not.
+    pub fn rewrite(&self, files: &[(String, Bytes)]) -> Option<([u8; ID_LEN], u64)> {
         let tmp = self.path.with_extension(format!("tmp{}", std::process::id()));
+        let id = crate::id::random_bytes::<ID_LEN>();
         let r = (|| {
             if let Some(dir) = self.path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
             let mut buf = MAGIC.to_vec();
+            buf.extend_from_slice(&id);
             files.iter().for_each(|(name, data)| encode_record(&mut buf, name, data));
             std::fs::write(&tmp, &buf)?;
-            std::fs::rename(&tmp, &self.path)
+            std::fs::rename(&tmp, &self.path)?;
+            Ok::<_, std::io::Error>(buf.len() as u64)
         })();
-        if let Err(e) = r {
-            let _ = std::fs::remove_file(&tmp);
-            tracing::warn!("cannot write the index cache {}: {e}", self.path.display());
+        match r {
+            Ok(len) => Some((id, len)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!("cannot write the index cache {}: {e}", self.path.display());
+                None
+            }
         }
     }
+}
+
+/// A cache file read whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cached {
+    pub id: [u8; ID_LEN],
+    pub records: Vec<(String, Bytes)>,
+    /// Bytes from the file's start to the end of the last record read.
+    pub len: u64,
 }
 
 pub(crate) fn encode_record(buf: &mut Vec<u8>, name: &str, data: &[u8]) {
@@ -113,9 +165,21 @@ pub(crate) fn encode_record(buf: &mut Vec<u8>, name: &str, data: &[u8]) {
 }
 
 /// The records of a cache file, up to the first that is cut short or malformed.
+#[cfg(test)]
 pub fn decode(bytes: &[u8]) -> Vec<(String, Bytes)> {
-    let mut out = Vec::new();
-    let Some(mut rest) = bytes.strip_prefix(MAGIC) else { return out };
+    decode_file(bytes).map(|c| c.records).unwrap_or_default()
+}
+
+/// A cache file's id and records; `None` without the magic and id.
+pub fn decode_file(bytes: &[u8]) -> Option<Cached> {
+    let rest = bytes.strip_prefix(MAGIC)?;
+    let id: [u8; ID_LEN] = rest.get(..ID_LEN)?.try_into().ok()?;
+    let (records, used) = decode_records(&rest[ID_LEN..]);
+    Some(Cached { id, records, len: (MAGIC.len() + ID_LEN + used) as u64 })
+}
+
+/// Records up to the first that is cut short or malformed, and the bytes they take.
+fn decode_records(bytes: &[u8]) -> (Vec<(String, Bytes)>, usize) {
     let take = |rest: &mut &[u8], n: usize| -> Option<Vec<u8>> {
         let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
         *rest = tail;
@@ -125,19 +189,25 @@ pub fn decode(bytes: &[u8]) -> Vec<(String, Bytes)> {
         let b: [u8; 4] = take(rest, 4)?.try_into().ok()?;
         Some(u32::from_le_bytes(b) as usize).filter(|n| *n <= max)
     };
+    let mut out = Vec::new();
+    let mut rest = bytes;
     while !rest.is_empty() {
+        let mut r = rest;
         let record = (|| {
-            let n = len(&mut rest, MAX_NAME).filter(|n| *n > 0)?;
-            let name = String::from_utf8(take(&mut rest, n)?).ok()?;
-            let n = len(&mut rest, MAX_OBJECT)?;
-            Some((name, Bytes::from(take(&mut rest, n)?)))
+            let n = len(&mut r, MAX_NAME).filter(|n| *n > 0)?;
+            let name = String::from_utf8(take(&mut r, n)?).ok()?;
+            let n = len(&mut r, MAX_OBJECT)?;
+            Some((name, Bytes::from(take(&mut r, n)?)))
         })();
         match record {
-            Some(r) => out.push(r),
+            Some(rec) => {
+                rest = r;
+                out.push(rec);
+            }
             None => break,
         }
     }
-    out
+    (out, bytes.len() - rest.len())
 }
 
 #[cfg(test)]
@@ -160,6 +230,7 @@ mod tests {
         cache.rewrite(&[("index/c".into(), Bytes::from_static(b"three"))]);
         assert_eq!(cache.load().keys().collect::<Vec<_>>(), vec!["index/c"]);
         assert!(decode(b"not a cache").is_empty());
-        assert!(decode(b"EBIC1\n\x00\x00\x00\x00").is_empty(), "an empty name is malformed");
+        assert!(decode(b"EBIC2\n0123456789abcdef\x00\x00\x00\x00").is_empty(), "an empty name is malformed");
+        assert!(decode(b"EBIC1\n\x01\x00\x00\x00a\x00\x00\x00\x00").is_empty(), "the first version is not read");
     }
 }

@@ -18,9 +18,12 @@ mod forget;
 mod fragment;
 #[doc(hidden)]
 pub mod fuzzing;
+mod generation;
+mod host_index;
 mod id;
 mod index;
 mod index_cache;
+mod index_load;
 mod init;
 mod inventory;
 mod keyfile;

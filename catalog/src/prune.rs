@@ -235,6 +235,13 @@ pub async fn prune(
     report.live_packs = live.len() as u64;
     report.live_bytes = live.iter().filter_map(|p| packs.get(p)).map(|(s, _)| s).sum();
 
+    // Before anything is deleted: a host's merged copy of the index built from
+    // here on is built again after the run (its marker, below), one built before
+    // now. A run killed meanwhile has marked it all the same.
+    if !opts.dry_run {
+        crate::generation::bump(repo).await?;
+    }
+
     // 2. Sweep the sets whose grace is over.
     let rescued: HashSet<Id> = rescues.iter().flat_map(|r| r.body.packs.iter().copied()).collect();
     let rescued_names: HashSet<&str> = rescues.iter().flat_map(|r| r.body.names.iter().map(String::as_str)).collect();
@@ -510,6 +517,11 @@ pub async fn prune(
     report.deleted_objects += (obsolete.len() - refused.len()) as u64;
     let refused = delete_all(repo, &strs(&swept), opts.dry_run, &mut report.problems).await;
     report.deleted_objects += (swept.len() - refused.len()) as u64;
+    if !opts.dry_run {
+        crate::generation::bump(repo).await?;
+        let old = crate::generation::superseded(store).await?;
+        delete_all(repo, &strs(&old), false, &mut report.problems).await;
+    }
     Ok(report)
 }
 

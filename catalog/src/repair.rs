@@ -87,12 +87,17 @@ pub async fn repair_index(repo: &Repository) -> Result<IndexRepair, RepoError> {
         let new = Repository::new_index_name();
         store.put_new(&new, Bytes::from(seal_index(repo.keys(), &new, None, part))).await?;
     }
+    let deleting = !obsolete.is_empty();
     for name in obsolete {
         match store.delete(&name).await {
             Ok(()) => {}
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
+    }
+    if deleting {
+        // Hosts' merged copies of the index still hold what was dropped.
+        crate::generation::bump(repo).await?;
     }
     report.unreadable_packs.sort();
     Ok(report)

@@ -267,7 +267,7 @@ impl Repository {
     }
 
     pub fn new_index_name() -> String {
-        index_name(&Id::random())
+        index_name(jiff::Timestamp::now())
     }
 }
 

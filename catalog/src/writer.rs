@@ -31,9 +31,11 @@ use tokio::task::JoinHandle;
 use crate::condemned::Rescued;
 use crate::crypto::{compressor, encode_payload};
 use crate::error::RepoError;
+use crate::host_index::HostIndex;
 use crate::id::Id;
 use crate::index::{seal_index, DedupIndex, INDEX_DIR};
-use crate::index_cache::{cache_dir, IndexCache};
+use crate::index_cache::cache_dir;
+use crate::index_load::{self, Loaded};
 use crate::inventory::Inventory;
 use crate::pack::PACK_TARGET;
 use crate::pack::{fetch_header, pack_name, BlobKind, BlobRef, PackBuilder, PackEntry, PACKS_DIR};
@@ -104,7 +106,11 @@ pub struct WriterSummary {
 /// What a writer may reference, and what it did: shared with its view's refresher.
 #[derive(Default)]
 struct Known {
+    /// What the index files read at the start say, and what the writer stored.
     dedup: DedupIndex,
+    /// The host's merged copy of the index files before those: looked up when
+    /// `dedup` has no entry.
+    table: Option<Arc<HostIndex>>,
     /// What the writer knows of the packs it may reference.
     packs: HashMap<Id, PackState>,
     /// Every pack was listed when the writer started: one `packs` does not hold
@@ -311,8 +317,7 @@ impl Writer {
     ) -> Result<Arc<Writer>, RepoError> {
         let mut view = View::new(timing);
         let condemned = view.refresh(&repo).await?.packs;
-        // The host's copy of the index files it read before, and its writers' marks.
-        let cache = host.as_ref().map(|dir| IndexCache::in_dir(dir, &repo.id()));
+        // The host's copy of the index, and its writers' marks.
         let marks = host.as_ref().and_then(|dir| Mark::take(&dir.join(format!("writers-{}", repo.id().to_hex()))));
         // Packs no index file names can only be found by listing them all: done when
         // a writer before this one may have left some.
@@ -321,7 +326,7 @@ impl Writer {
             // So may it have left uploads half-written: removed, not kept for ever.
             sweep_staged(&repo).await;
         }
-        let inventory = match Inventory::load_cached(&repo, cache.as_ref(), list_packs).await {
+        let loaded = match index_load::load(&repo, host.as_deref(), list_packs).await {
             Ok(i) => i,
             Err(e) => {
                 // Nothing was stored: the mark would only send the next writer listing.
@@ -329,6 +334,12 @@ impl Writer {
                     m.own.remove();
                 }
                 return Err(e);
+            }
+        };
+        let (inventory, table) = match loaded {
+            Loaded::All(inventory) => (inventory, None),
+            Loaded::Merged { table, files, unreadable } => {
+                (Inventory { packs: HashMap::new(), index_files: files, unreadable }, Some(table))
             }
         };
         for (name, why) in &inventory.unreadable {
@@ -364,6 +375,7 @@ impl Writer {
             repo: repo.clone(),
             known: Mutex::new(Known {
                 dedup,
+                table,
                 packs,
                 listed_all: list_packs,
                 lost_told: HashSet::new(),
@@ -444,7 +456,12 @@ impl Writer {
     /// reference, which the caller then uses. Blocks on a stat of its pack the
     /// first time the writer meets it.
     pub fn known(&self, kind: BlobKind, id: &crate::Id) -> Option<BlobRef> {
-        let found = self.guard.known.lock().expect("known lock").dedup.get(kind, id)?;
+        let (found, table) = {
+            let k = self.guard.known.lock().expect("known lock");
+            (k.dedup.get(kind, id), k.table.clone())
+        };
+        // The table is read outside the lock: a block may have to be decrypted.
+        let found = found.or_else(|| table?.get(kind, id))?;
         if self.take_into_use(&found) {
             return Some(found);
         }
@@ -569,7 +586,7 @@ impl Writer {
         if let Some(e) = self.failure.get() {
             return Err(WriteError::Upload(e.clone()));
         }
-        self.durable()
+        self.durable(jiff::Timestamp::now())
     }
 
     /// Why the writer stopped taking blobs: the upload that failed, if one did.
@@ -584,16 +601,24 @@ impl Writer {
     /// summary counts what was stored since the last checkpoint. Every packer must
     /// have been flushed.
     pub async fn checkpoint(&self) -> Result<Durable, WriteError> {
+        self.checkpoint_as_of(jiff::Timestamp::now()).await
+    }
+
+    /// `checkpoint`, naming the index file as of `at` (index names carry the time
+    /// they were chosen, §7) rather than now: for a history written with the times
+    /// it had, as `examples/history` generates one.
+    pub async fn checkpoint_as_of(&self, at: jiff::Timestamp) -> Result<Durable, WriteError> {
         let tx = self.tx.lock().expect("tx lock").clone().ok_or_else(|| self.stopped())?;
         let (ack, done) = oneshot::channel();
         if tx.send(Upload::Barrier(ack)).await.is_err() || done.await.is_err() {
             return Err(self.stopped());
         }
-        self.durable()
+        self.durable(at)
     }
 
-    /// What was stored since the last checkpoint, now durable.
-    fn durable(&self) -> Result<Durable, WriteError> {
+    /// What was stored since the last checkpoint, now durable; its index file is
+    /// named as of `at`.
+    fn durable(&self, at: jiff::Timestamp) -> Result<Durable, WriteError> {
         if self.lost.load(Ordering::SeqCst) || self.unflushed.load(Ordering::SeqCst) != 0 {
             return Err(WriteError::Unflushed);
         }
@@ -601,7 +626,7 @@ impl Writer {
         let upto = self.guard.sent.load(Ordering::SeqCst);
         let entries = std::mem::take(&mut *self.written.lock().expect("written lock"));
         let summary = WriterSummary {
-            index: (!entries.is_empty()).then(Repository::new_index_name),
+            index: (!entries.is_empty()).then(|| crate::index::index_name(at)),
             new_blobs: self.new_blobs.swap(0, Ordering::Relaxed),
             new_data_blobs: self.new_data_blobs.swap(0, Ordering::Relaxed),
             new_bytes: self.new_bytes.swap(0, Ordering::Relaxed),
@@ -971,6 +996,97 @@ mod tests {
         durable.write_index(None).await.unwrap();
         faults.always(Op::List, "packs", Fault::Fail);
         assert!(open().await.is_ok(), "the leftover mark went once its packs were adopted");
+    }
+
+    /// A writer on a host that keeps a merged copy of the index fetches only the
+    /// index files named since it was built, and finds through it what every writer
+    /// before stored: here no earlier index file may be fetched at all. An index
+    /// file named before the newest one read, but put after it, is still found. A
+    /// new generation (a prune) has the copy built again, and so does a host's copy
+    /// of the index files that a crash cut short.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_reads_only_the_index_files_named_since_its_hosts_merged_copy() {
+        use crate::faults::{Fault, Faults, Op};
+        let faults = Faults::new();
+        let repo = Repository::init(
+            Store::memory().with_faults(faults.clone()),
+            &Secret::KeyFile([5; 32]),
+            DEFAULT_KDF,
+            "t".into(),
+        )
+        .await
+        .unwrap()
+        .0;
+        let host = tempfile::tempdir().unwrap();
+        let open = || Writer::on_host(repo.clone(), crate::condemned::Timing::from_env(), Some(host.path().into()));
+        let store = |w: &Arc<Writer>, i: u8| {
+            let w = w.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut p = w.packer();
+                let r = p.store(BlobKind::Data, &[i; 1000]).unwrap();
+                p.flush().unwrap();
+                r
+            })
+        };
+        let known = |w: &Arc<Writer>, refs: &[BlobRef]| {
+            let (w, refs) = (w.clone(), refs.to_vec());
+            tokio::task::spawn_blocking(move || refs.iter().map(|r| w.known(BlobKind::Data, &r.id)).collect::<Vec<_>>())
+        };
+        let mut stored = Vec::new();
+        for i in 0..5 {
+            let w = open().await.unwrap();
+            stored.push(store(&w, i).await.unwrap());
+            w.finish().await.unwrap().write_index(None).await.unwrap();
+        }
+        // Named first, put last.
+        let late = open().await.unwrap();
+        let late_ref = store(&late, 9).await.unwrap();
+        let late_durable = late.finish().await.unwrap();
+        let w = open().await.unwrap();
+        stored.push(store(&w, 5).await.unwrap());
+        w.finish().await.unwrap().write_index(None).await.unwrap();
+        drop(open().await.unwrap());
+        late_durable.write_index(None).await.unwrap();
+        drop(open().await.unwrap());
+        stored.push(late_ref);
+
+        let table = crate::host_index::table_path(host.path(), &repo.id());
+        let built = std::fs::read(&table).unwrap();
+        faults.always(Op::Get, "index/", Fault::Fail);
+        let w = open().await.expect("no index file is fetched: every one was read before");
+        assert_eq!(known(&w, &stored).await.unwrap(), stored.iter().map(|r| Some(*r)).collect::<Vec<_>>());
+        drop(w);
+        assert_eq!(std::fs::read(&table).unwrap(), built, "the merged copy is used as it is");
+
+        // A prune's marker: built again (from the host's copy of the index files).
+        crate::generation::bump(&repo).await.unwrap();
+        let w = open().await.unwrap();
+        assert_eq!(known(&w, &stored).await.unwrap(), stored.iter().map(|r| Some(*r)).collect::<Vec<_>>());
+        drop(w);
+        let rebuilt = HostIndex::open(&table, repo.keys()).unwrap();
+        assert_ne!(std::fs::read(&table).unwrap(), built);
+        assert_eq!(Some(rebuilt.header.generation.clone()), crate::generation::newest(repo.store()).await.unwrap());
+        assert_eq!(rebuilt.header.entries, stored.len() as u64);
+
+        // A record cut short at the end of the host's copy of the index files: the
+        // files read since go into the merged copy, and the host's copy is
+        // written afresh.
+        faults.clear();
+        let w = open().await.unwrap();
+        stored.push(store(&w, 7).await.unwrap());
+        w.finish().await.unwrap().write_index(None).await.unwrap();
+        let cache = host.path().join(format!("index-{}", repo.id().to_hex()));
+        let mut f = std::fs::OpenOptions::new().append(true).open(&cache).unwrap();
+        std::io::Write::write_all(&mut f, &[9, 0, 0, 0, b'x']).unwrap();
+        let w = open().await.unwrap();
+        drop(w);
+        let merged = HostIndex::open(&table, repo.keys()).unwrap();
+        assert_eq!(merged.header.entries, stored.len() as u64, "the newest file is merged in");
+        let cached = crate::index_cache::IndexCache::in_dir(host.path(), &repo.id()).read().unwrap();
+        assert_eq!(cached.len, std::fs::metadata(&cache).unwrap().len(), "written afresh, whole");
+        faults.always(Op::Get, "index/", Fault::Fail);
+        let w = open().await.unwrap();
+        assert_eq!(known(&w, &stored).await.unwrap(), stored.iter().map(|r| Some(*r)).collect::<Vec<_>>());
     }
 
     /// A pack a prune condemned since the writer started is not adopted: the writer

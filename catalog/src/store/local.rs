@@ -5,8 +5,9 @@
 //!
 //! **Layout.** An object is the file of its name below the store's directory,
 //! except in the directories that fill up with time: the leaves of
-//! `points/<source>/` and `frags/<source>/` (16 hex digits of time first) go two
-//! directories deeper, named by their first 4 and next 2 characters, and the WAL
+//! `points/<source>/`, `frags/<source>/` and `index/` (16 hex digits of time
+//! first; in `index/`, only names `<T>-<R>`) go two directories deeper, named by
+//! their first 4 and next 2 characters, and the WAL
 //! pieces of `wal/<source>/<TLI>/` (16 hex digits of LSN first) three deeper, by
 //! their first 6, next 2 and next 2: `points/web/e786/01/e78601e9e44897ff-<R>`,
 //! `wal/db/00000001/000000/01/00/0000000100000000-…`. A directory then holds a
@@ -97,6 +98,7 @@ fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::R
 fn shard_cuts(dir: &str) -> Option<&'static [usize]> {
     let mut parts = dir.split('/');
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("index"), None, None, None) => Some(&[4, 6]),
         (Some("points" | "frags"), Some(source), None, None) if !source.is_empty() => Some(&[4, 6]),
         (Some("wal"), Some(source), Some(tli), None) if !source.is_empty() && tli.len() == 8 && is_hex(tli) => {
             Some(&[6, 8, 10])
@@ -115,7 +117,10 @@ pub fn local_path(name: &str) -> Cow<'_, str> {
     let Some((dir, leaf)) = name.rsplit_once('/') else { return name.into() };
     let Some(cuts) = shard_cuts(dir) else { return name.into() };
     let last = cuts[cuts.len() - 1];
-    if !leaf.get(..last).is_some_and(is_hex) {
+    // Index files sharded are those named by time (`<T>-<R>`), not an older
+    // repository's random names.
+    let timed = dir != "index" || leaf.as_bytes().get(16) == Some(&b'-');
+    if !timed || !leaf.get(..last).is_some_and(is_hex) {
         return name.into();
     }
     let mut path = String::with_capacity(name.len() + last + cuts.len());
@@ -135,7 +140,7 @@ pub fn local_path(name: &str) -> Cow<'_, str> {
 /// the inverse of `local_path`.
 pub fn local_name(path: &str) -> Cow<'_, str> {
     let parts: Vec<&str> = path.split('/').collect();
-    for depth in [2, 3] {
+    for depth in [1, 2, 3] {
         let Some(cuts) = parts.get(..depth).and_then(|d| shard_cuts(&d.join("/"))) else { continue };
         if parts.len() != depth + cuts.len() + 1 {
             continue;
@@ -466,6 +471,7 @@ mod tests {
         let cases = [
             ("points/web/e78601e9e44897ff-0123456789abcdef", "points/web/e786/01/e78601e9e44897ff-0123456789abcdef"),
             ("frags/web/e78601e9e44897ff-0123456789abcdef", "frags/web/e786/01/e78601e9e44897ff-0123456789abcdef"),
+            ("index/187b2c9a00000000-0123456789abcdef", "index/187b/2c/187b2c9a00000000-0123456789abcdef"),
             (
                 "wal/db/00000001/0000000123000000-0000000123001000",
                 "wal/db/00000001/000000/01/23/0000000123000000-0000000123001000",
@@ -480,6 +486,7 @@ mod tests {
             "config",
             "packs/ab/ab01",
             "index/0123456789abcdef0123",
+            "index/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "points/web",
             "points/web/e786",
             "points/web/E78601e9e44897ff-x",
