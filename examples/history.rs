@@ -8,12 +8,14 @@
 //! one minute apart and ending a minute ago:
 //! - source `web` (a directory stream): POINTS points of a small tree (a log that
 //!   grows and is rotated every hour, a file that changes, twenty that never do),
-//!   each with its pack and index file, and two fragments between each point and
+//!   each with its pack and index file (named as of the point's time), and two
+//!   fragments between each point and
 //!   the next, each growing the log, with a pack of its own (in the next point's
 //!   index file);
 //! - source `db` (PostgreSQL): WAL on timeline 1 in 1 MiB segments, four pieces of
 //!   8 KiB a minute with a commit record every 512 bytes, received when their
-//!   commits were made; and a base backup (a small made-up data directory) every
+//!   commits were made, and each finished segment whole besides, as `ebb stream
+//!   pg` stores it; and a base backup (a small made-up data directory) every
 //!   1,440 points (a day), at the first point, and at the last.
 //!
 //! So POINTS points make about 9 × POINTS objects.
@@ -138,7 +140,8 @@ fn wrap(p: &mut Packer, name: &[u8], mut entries: Vec<Entry>) -> Result<BlobRef,
 }
 
 async fn commit(w: &Arc<Writer>, source: &str, time: Timestamp, root: BlobRef, pg: Option<PgInfo>) -> Result<()> {
-    let durable = w.checkpoint().await?;
+    // Its index file named at the point's time, as when the history was written.
+    let durable = w.checkpoint_as_of(time).await?;
     let kind = if pg.is_some() { "pg" } else { "dir" };
     let mut m = Manifest::new(source, time, "bench".into(), kind, format!("/{source}"), root);
     m.index = durable.summary.index.clone();
@@ -172,12 +175,14 @@ struct Wal {
     made: MadeUp,
     /// Where the pieces stored so far end.
     stored: u64,
+    /// When the first piece of the segment being stored was received.
+    segment_received: Option<Timestamp>,
 }
 
 impl Wal {
     async fn new(repo: &Repository) -> Result<Wal> {
         repo.claim_wal_system("db", WalSystem { system_id: SYSTEM_ID, segment_size: SEGMENT }).await?;
-        Ok(Wal { made: MadeUp::new(SEGMENT), stored: 0 })
+        Ok(Wal { made: MadeUp::new(SEGMENT), stored: 0, segment_received: None })
     }
 
     /// A minute of WAL from `t`: a commit every 0.9 s, then its pieces, each
@@ -200,9 +205,18 @@ impl Wal {
             let bytes = self.made.wal[offset..offset + PIECE as usize].to_vec();
             let received = t + SignedDuration::from_secs(15 * ((to - begin).div_ceil(PIECE)) as i64);
             repo.put_wal("db", &WalPiece { tli: 1, start: Lsn(from), end: Lsn(to) }, received, &bytes).await?;
+            if from % SEGMENT == 0 {
+                self.segment_received = Some(received);
+            }
             self.stored = to;
         }
         while self.made.base + SEGMENT <= self.stored {
+            // Stored whole too, as `ebb stream pg` does once its pieces are durable.
+            let (start, end) = (self.made.base, self.made.base + SEGMENT);
+            if let Some(received) = self.segment_received.take() {
+                let whole = WalPiece { tli: 1, start: Lsn(start), end: Lsn(end) };
+                repo.put_wal("db", &whole, received, &self.made.wal[..SEGMENT as usize]).await?;
+            }
             self.made.take_segment();
         }
         Ok(first.unwrap_or(begin))

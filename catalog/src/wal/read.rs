@@ -126,24 +126,53 @@ impl Repository {
             if lo >= hi || lo != at {
                 continue;
             }
-            let pieces = self.wal_pieces(source, system, tli, lo, hi).await?;
-            // Every piece starting at or before `at` holds it if it ends after it, so
-            // the one reaching furthest among them is taken, until a gap.
-            let (mut i, mut best): (usize, Option<&WalPiece>) = (0, None);
+            // Segment by segment: one held whole by a piece costs one look.
             while at < hi {
-                while i < pieces.len() && pieces[i].start <= at {
-                    if best.is_none_or(|b| pieces[i].end > b.end) {
-                        best = Some(&pieces[i]);
-                    }
-                    i += 1;
+                let seg = system.segment_start(at);
+                let to = Lsn(seg.0.saturating_add(system.segment_size)).min(hi);
+                if let Some(p) = self.whole_segment(source, system, tli, seg).await? {
+                    plan.push((p, at, to));
+                    at = to;
+                    continue;
                 }
-                let Some(p) = best.filter(|b| b.end > at) else { return Ok(plan) };
-                let take_to = p.end.min(hi);
-                plan.push((p.clone(), at, take_to));
-                at = take_to;
+                let pieces = self.wal_pieces(source, system, tli, at, to).await?;
+                // Every piece starting at or before `at` holds it if it ends after
+                // it, so the one reaching furthest among them is taken, until a gap.
+                let (mut i, mut best): (usize, Option<&WalPiece>) = (0, None);
+                while at < to {
+                    while i < pieces.len() && pieces[i].start <= at {
+                        if best.is_none_or(|b| pieces[i].end > b.end) {
+                            best = Some(&pieces[i]);
+                        }
+                        i += 1;
+                    }
+                    let Some(p) = best.filter(|b| b.end > at) else { return Ok(plan) };
+                    let take_to = p.end.min(to);
+                    plan.push((p.clone(), at, take_to));
+                    at = take_to;
+                }
             }
         }
         Ok(plan)
+    }
+
+    /// The piece of timeline `tli` that holds the whole segment starting at `seg`
+    /// (a stream stores each segment it received whole, prune merges the others,
+    /// archive-push stores segments whole), if there is one: its name is known, so
+    /// one look at it, not a listing of the segment's pieces.
+    async fn whole_segment(
+        &self,
+        source: &str,
+        system: &WalSystem,
+        tli: u32,
+        seg: Lsn,
+    ) -> Result<Option<WalPiece>, RepoError> {
+        let piece = WalPiece { tli, start: seg, end: Lsn(seg.0.saturating_add(system.segment_size)) };
+        match self.store().size(&piece.name(source)).await {
+            Ok(_) => Ok(Some(piece)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The contiguous WAL along `path` from `from` up to at most `to`: shorter when
@@ -159,7 +188,7 @@ impl Repository {
     ) -> Result<Vec<u8>, RepoError> {
         let mut relisted = false;
         'plan: loop {
-            let mut out = Vec::with_capacity((to.0 - from.0) as usize);
+            let mut out = Vec::with_capacity((to.0 - from.0).min(super::MAX_MERGE) as usize);
             for (p, lo, hi) in self.wal_plan(source, system, path, from, to).await? {
                 let wal = match self.read_wal(source, &p).await {
                     Ok((_, wal)) => wal,
@@ -270,6 +299,47 @@ mod tests {
         assert_eq!(repo.wal_end("db", &system, 1).await.unwrap(), Some(Lsn(600)));
         assert_eq!(repo.wal_end("db", &system, 2).await.unwrap(), Some(Lsn(450)));
         assert_eq!(repo.wal_end("db", &system, 3).await.unwrap(), None);
+    }
+
+    /// A segment stored whole besides its pieces is read from that one piece, found
+    /// without listing the segment: here listings fail. The segment after it, in
+    /// pieces only, is listed, and where its WAL ends the WAL ends.
+    #[tokio::test]
+    async fn a_segment_stored_whole_is_read_without_a_listing() {
+        use crate::faults::{Fault, Faults, Op};
+        const SEG: u64 = 1 << 20;
+        let faults = Faults::new();
+        let secret = crate::Secret::KeyFile([6; 32]);
+        let repo = Repository::init(
+            crate::Store::memory().with_faults(faults.clone()),
+            &secret,
+            crate::DEFAULT_KDF,
+            "h".into(),
+        )
+        .await
+        .unwrap()
+        .0;
+        let system = WalSystem { system_id: 1, segment_size: SEG };
+        repo.claim_wal_system("db", system).await.unwrap();
+        let wal: Vec<u8> = (0..2 * SEG).map(|i| (i % 251) as u8).collect();
+        let put = |s: u64, e: u64| {
+            let (repo, bytes) = (repo.clone(), wal[s as usize..e as usize].to_vec());
+            async move {
+                repo.put_wal("db", &WalPiece { tli: 1, start: Lsn(s), end: Lsn(e) }, Timestamp::now(), &bytes).await
+            }
+        };
+        for (s, e) in [(0, 1000), (1000, SEG), (0, SEG), (SEG, SEG + 5000), (SEG + 5000, SEG + 9000)] {
+            put(s, e).await.unwrap();
+        }
+        let one = [(1, Lsn(0), None)];
+        faults.always(Op::List, "wal/", Fault::Fail);
+        let plan = repo.wal_plan("db", &system, &one, Lsn(10), Lsn(SEG)).await.unwrap();
+        let whole = WalPiece { tli: 1, start: Lsn(0), end: Lsn(SEG) };
+        assert_eq!(plan, vec![(whole, Lsn(10), Lsn(SEG))]);
+        assert_eq!(repo.wal_bytes("db", &system, &one, Lsn(10), Lsn(SEG)).await.unwrap(), wal[10..SEG as usize]);
+        faults.clear();
+        let got = repo.wal_bytes("db", &system, &one, Lsn(500), Lsn(2 * SEG)).await.unwrap();
+        assert_eq!(got, wal[500..(SEG + 9000) as usize]);
     }
 
     #[tokio::test]

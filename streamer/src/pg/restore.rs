@@ -131,7 +131,7 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
             point.time, pg.timeline
         )));
     }
-    let (target_time, wal_end) = ends_after(repo, &opts.source, &system, &path, start, opts.at).await?;
+    let (target_time, wal_end) = ends_after(repo, &opts.source, &system, &path, start, stop, opts.at).await?;
     if wal_end < stop {
         let (start, stop, wal_end) = (lsn::text(start), lsn::text(stop), lsn::text(wal_end));
         return Err(PgRestoreError::Bad(format!(
@@ -153,34 +153,71 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
 /// more than this long before T without reading it.
 pub const CLOCK_MARGIN: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
 
-/// Whether a transaction ended after `at` in the WAL from `start` along `path`, and
-/// where the contiguous WAL ends. Reads the WAL from the start of the last segment
-/// stored more than `CLOCK_MARGIN` before `at` (`scan_from`), not all of it.
+/// Whether a transaction ended after `at` in the WAL from `start` along `path`; and
+/// where the contiguous WAL ends or, when one did, how far it reaches at least
+/// (past `need`, if it does). Reads the WAL from the start of the last segment
+/// stored more than `CLOCK_MARGIN` before `at` (`scan_from`), not all of it, and
+/// lists the WAL only as far as that segment and `need`, not to its end: in
+/// windows that double, each ending with a look at the time its last segment was
+/// received.
 async fn ends_after(
     repo: &Repository,
     source: &str,
     system: &WalSystem,
     path: &TimelinePath,
     start: Lsn,
+    need: Lsn,
     at: Timestamp,
 ) -> Result<(bool, Lsn), PgRestoreError> {
     let at_pg = at.as_microsecond() - PG_EPOCH_MICROS;
-    let plan = repo.wal_plan(source, system, &path.0, start, Lsn(u64::MAX)).await?;
-    let covered = plan.last().map_or(start, |(_, _, to)| *to);
     let cutoff = at.checked_sub(CLOCK_MARGIN).unwrap_or(Timestamp::MIN);
-    let scanner = scan_from(repo, source, system, &plan, start, cutoff).await?;
+    let mut plan: Vec<(WalPiece, Lsn, Lsn)> = Vec::new();
+    let mut covered = start;
+    // The start of a segment known to have been received by the cutoff.
+    let mut early: Option<Lsn> = None;
+    let mut width = system.segment_size;
+    loop {
+        let to = Lsn(covered.0.saturating_add(width)).max(need);
+        plan.extend(repo.wal_plan(source, system, &path.0, covered, to).await?);
+        let reached = plan.last().map_or(start, |(_, _, end)| *end);
+        if reached < to {
+            // A gap, or the end of what is stored.
+            covered = reached;
+            break;
+        }
+        covered = reached;
+        let last_first = plan.iter().rev().find(|(p, from, _)| is_first(system, start, p, *from)).map(|(p, _, _)| p);
+        if let Some(p) = last_first.filter(|p| early.is_none_or(|e| p.start > e)) {
+            if repo.read_wal(source, p).await?.0.received > cutoff {
+                break;
+            }
+            early = Some(p.start);
+        }
+        if to.0 == u64::MAX {
+            break;
+        }
+        width = width.saturating_mul(2);
+    }
+    let scanner = scan_from(repo, source, system, &plan, start, early, cutoff).await?;
     match scan(repo, source, system, path, scanner, |x| x.time > at_pg).await? {
-        // The plan is contiguous from `start`: it ends where the WAL after the
-        // transaction end does (or the scan read further: WAL stored since).
+        // The plan is contiguous from `start`: the WAL reaches at least as far as
+        // it does (or the scan read further: WAL stored since).
         (Some(_), next) => Ok((true, covered.max(next))),
         (None, end) => Ok((false, end)),
     }
 }
 
+/// Whether `(piece, from)` of a plan from `start` is the first piece of a segment
+/// after `start`'s.
+fn is_first(system: &WalSystem, start: Lsn, piece: &WalPiece, from: Lsn) -> bool {
+    from > start && from.0.is_multiple_of(system.segment_size) && piece.start == from
+}
+
 /// Where a scan for the first transaction end after T may start: at the start of
 /// the last segment whose first piece (in `plan`, the contiguous WAL from `start`)
 /// was received at or before `cutoff`, found by a binary search that reads a
-/// piece per step; at `start` when there is none.
+/// piece per step among those after `early` (one known to be); at `start` when
+/// there is none.
 ///
 /// WAL is sent, archived or streamed, only once written, and a transaction's time
 /// is taken before its record is written: every record before a piece received at
@@ -194,14 +231,15 @@ async fn scan_from(
     system: &WalSystem,
     plan: &[(WalPiece, Lsn, Lsn)],
     start: Lsn,
+    early: Option<Lsn>,
     cutoff: Timestamp,
 ) -> Result<Scanner, RepoError> {
     let firsts: Vec<&WalPiece> = plan
         .iter()
-        .filter(|(p, from, _)| *from > start && from.0.is_multiple_of(system.segment_size) && p.start == *from)
+        .filter(|(p, from, _)| is_first(system, start, p, *from) && early.is_none_or(|e| p.start > e))
         .map(|(p, _, _)| p)
         .collect();
-    let (mut lo, mut hi, mut best) = (0, firsts.len(), None);
+    let (mut lo, mut hi, mut best) = (0, firsts.len(), early);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         let (times, _) = repo.read_wal(source, firsts[mid]).await?;
@@ -468,11 +506,22 @@ mod tests {
     }
 
     impl Wal {
-        /// `ends_after`, and how many pieces it read.
-        async fn lookup(&self, at: Timestamp) -> ((bool, Lsn), usize) {
+        /// `ends_after` needing the WAL to `need`, and how many pieces it read.
+        async fn lookup_to(&self, at: Timestamp, need: Lsn) -> ((bool, Lsn), usize) {
             let before = self.gets.fired();
-            let r = ends_after(&self.repo, "db", &SYSTEM, &self.path, self.start, at).await.unwrap();
+            let r = ends_after(&self.repo, "db", &SYSTEM, &self.path, self.start, need, at).await.unwrap();
             (r, self.gets.fired() - before)
+        }
+
+        async fn lookup(&self, at: Timestamp) -> ((bool, Lsn), usize) {
+            self.lookup_to(at, self.start).await
+        }
+
+        /// Whether `fast` answers as `full` does: the same, but where a transaction
+        /// end was found, the WAL's reach at least to `need` (if it goes so far)
+        /// rather than its end.
+        fn agrees(fast: (bool, Lsn), full: (bool, Lsn), need: Lsn) -> bool {
+            fast.0 == full.0 && if fast.0 { fast.1 <= full.1 && fast.1 >= need.min(full.1) } else { fast.1 == full.1 }
         }
 
         /// What `ends_after` answered before it jumped: every record from the
@@ -512,21 +561,27 @@ mod tests {
         let commits = wal.commits();
         assert!(commits.len() > 500, "{} commits", commits.len());
         let n = commits.len();
+        let needs = [wal.start, Lsn(wal.start.0 + 40 * SEG + 5), Lsn(u64::MAX)];
         for at in moments(&commits, &[0, 1, n / 7, n / 3, n / 2, 2 * n / 3, n - 8, n - 2, n - 1]) {
-            let (fast, read) = wal.lookup(at).await;
             let (full, read_all) = wal.full_scan(at).await;
-            assert_eq!(fast, full, "at {at}");
+            for need in needs {
+                let (fast, _) = wal.lookup_to(at, need).await;
+                assert!(Wal::agrees(fast, full, need), "at {at}, needing {need:?}: {fast:?}, the full scan {full:?}");
+            }
+            let (fast, read) = wal.lookup(at).await;
+            assert!(Wal::agrees(fast, full, wal.start), "at {at}: {fast:?}, the full scan {full:?}");
             // Near the base backup there is little to skip; further on, most of it.
             assert!(read <= read_all.max(9), "at {at}: {read} pieces read, {read_all} by the full scan");
             if at > unix(commits[n / 3]) {
                 assert!(read * 4 < read_all, "at {at}: {read} pieces read, {read_all} by the full scan");
             }
         }
-        // A moment in the middle: a binary search over 128 segments and the
-        // segment or two before the moment, where the full scan reads half the WAL.
+        // A moment in the middle: windows doubling to it (7 looks), a binary search
+        // over the last one's 64 segments (6), and the segment or two before the
+        // moment, where the full scan reads half the WAL.
         let (_, read) = wal.lookup(unix(commits[commits.len() / 2])).await;
         let (_, read_all) = wal.full_scan(unix(commits[commits.len() / 2])).await;
-        assert!(read <= 14, "{read} pieces read, {read_all} by the full scan");
+        assert!(read <= 16, "{read} pieces read, {read_all} by the full scan");
         assert!(read_all >= 70, "{read_all}");
     }
 
@@ -538,11 +593,8 @@ mod tests {
             let wal = stored_wal(64, &late, &missing).await;
             let n = wal.commits().len();
             for at in moments(&wal.commits(), &[0, n / 3, n / 2, n - 2]) {
-                assert_eq!(
-                    wal.lookup(at).await.0,
-                    wal.full_scan(at).await.0,
-                    "at {at}, late {late:?}, missing {missing:?}"
-                );
+                let (fast, full) = (wal.lookup(at).await.0, wal.full_scan(at).await.0);
+                assert!(Wal::agrees(fast, full, wal.start), "at {at}, late {late:?}, missing {missing:?}");
             }
         }
     }

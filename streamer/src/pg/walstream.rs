@@ -8,6 +8,12 @@
 //! Any failure drops the connection and what was not durable, waits with backoff
 //! and starts again from the end of the stored WAL: kill -9, a store outage and a
 //! lost connection all recover the same way.
+//!
+//! A segment received from its first byte is also kept whole in memory, and put as
+//! one piece once all its pieces are durable: readers (`archive-get`, a restore)
+//! then fetch one object a segment, and `ebb prune` deletes the small pieces it
+//! makes redundant. That put is not waited for: if it fails, prune merges the
+//! segment instead.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use catalog::wal::{Lsn, WalPiece, WalSystem};
+use catalog::wal::{Lsn, WalPiece, WalSystem, PIECE_HEADER};
 use catalog::{RepoError, Repository};
 use jiff::Timestamp;
 use tokio::task::JoinSet;
@@ -309,6 +315,23 @@ struct Pending {
     first_time: Timestamp,
 }
 
+/// A segment received from its first byte on, kept to be put whole.
+struct Segment {
+    start: Lsn,
+    /// Room for a piece's header, then the WAL.
+    buf: Vec<u8>,
+    /// When its first byte arrived.
+    first_time: Timestamp,
+    /// How many pieces were cut of it: cut as one, it is not put again.
+    cuts: usize,
+}
+
+impl Segment {
+    fn wal_len(&self) -> u64 {
+        (self.buf.len() - PIECE_HEADER) as u64
+    }
+}
+
 struct Receiver<'a> {
     repo: &'a Repository,
     opts: &'a PgStreamOptions,
@@ -328,6 +351,12 @@ struct Receiver<'a> {
     server_end: Lsn,
     heard_at: Timestamp,
     caught_up_at: Timestamp,
+    /// The segment being received, if from its first byte.
+    segment: Option<Segment>,
+    /// Segments received whole, until their pieces are durable.
+    whole: Vec<Segment>,
+    /// Whole segments being put.
+    merges: JoinSet<()>,
 }
 
 impl<'a> Receiver<'a> {
@@ -353,6 +382,9 @@ impl<'a> Receiver<'a> {
             server_end: start,
             heard_at: Timestamp::now(),
             caught_up_at: Timestamp::now(),
+            segment: None,
+            whole: Vec::new(),
+            merges: JoinSet::new(),
         }
     }
 
@@ -384,6 +416,7 @@ impl<'a> Receiver<'a> {
                     conn.send_status(self.received, self.durable, false).await?;
                     self.update(health);
                 }
+                Some(_) = self.merges.join_next(), if !self.merges.is_empty() => {}
                 _ = tokio::time::sleep_until(cut_at.unwrap_or_else(Instant::now)), if cut_at.is_some() => self.cut(),
                 _ = heartbeat.tick() => {
                     conn.send_status(self.received, self.durable, true).await?;
@@ -441,15 +474,55 @@ impl<'a> Receiver<'a> {
                 first_at: Instant::now(),
                 first_time: Timestamp::now(),
             });
-            let seg_end = self.system.segment_start(self.received).0 + self.system.segment_size;
+            let seg_start = self.system.segment_start(self.received);
+            let seg_end = seg_start.0 + self.system.segment_size;
             let room = ((seg_end - self.received.0) as usize).min(MAX_PIECE - p.buf.len());
             let n = room.min(data.len());
             p.buf.extend_from_slice(&data[..n]);
+            let first_time = p.first_time;
+            self.keep_segment(seg_start, first_time, &data[..n]);
             self.received = Lsn(self.received.0 + n as u64);
             data = &data[n..];
             if n == room {
                 self.cut();
             }
+            if self.received.0 == seg_end {
+                self.whole.extend(self.segment.take());
+            }
+        }
+    }
+
+    /// Adds WAL received at `self.received` to the segment kept whole, starting one
+    /// at its first byte.
+    fn keep_segment(&mut self, seg_start: Lsn, first_time: Timestamp, data: &[u8]) {
+        if self.system.segment_size > catalog::wal::MAX_MERGE {
+            return;
+        }
+        if self.received == seg_start {
+            let mut buf = Vec::with_capacity(PIECE_HEADER + self.system.segment_size as usize);
+            buf.resize(PIECE_HEADER, 0);
+            self.segment = Some(Segment { start: seg_start, buf, first_time, cuts: 0 });
+        }
+        if let Some(s) = &mut self.segment {
+            s.buf.extend_from_slice(data);
+        }
+    }
+
+    /// Puts the whole segments whose pieces are all durable, each as one piece.
+    fn merge_durable(&mut self) {
+        let durable = self.durable;
+        let (ready, waiting): (Vec<Segment>, Vec<Segment>) =
+            std::mem::take(&mut self.whole).into_iter().partition(|s| s.start.0 + s.wal_len() <= durable.0);
+        self.whole = waiting;
+        for mut seg in ready.into_iter().filter(|s| s.cuts > 1) {
+            let piece = WalPiece { tli: self.tli, start: seg.start, end: Lsn(seg.start.0 + seg.wal_len()) };
+            let (repo, source) = (self.repo.clone(), self.opts.source.clone());
+            self.merges.spawn(async move {
+                if let Err(e) = repo.put_wal_buf(&source, &piece, seg.first_time, &mut seg.buf).await {
+                    // Its pieces are durable: prune merges them instead.
+                    tracing::warn!("cannot store the segment at {} whole: {e}", lsn::text(piece.start));
+                }
+            });
         }
     }
 
@@ -460,6 +533,9 @@ impl<'a> Receiver<'a> {
             return;
         }
         let piece = WalPiece { tli: self.tli, start: p.start, end: Lsn(p.start.0 + p.buf.len() as u64) };
+        if let Some(s) = self.segment.as_mut().filter(|s| s.start <= piece.start) {
+            s.cuts += 1;
+        }
         self.inflight.insert(piece.start, (piece.end, p.first_time, false));
         let (repo, source) = (self.repo.clone(), self.opts.source.clone());
         self.uploads.spawn(async move {
@@ -480,6 +556,7 @@ impl<'a> Receiver<'a> {
             self.inflight.remove(&s);
             self.durable = end;
         }
+        self.merge_durable();
     }
 
     /// Waits for every upload under way.
@@ -488,6 +565,7 @@ impl<'a> Receiver<'a> {
             let start = done.map_err(|e| SessionError::Retry(format!("upload task failed: {e}")))??;
             self.finished(start);
         }
+        while self.merges.join_next().await.is_some() {}
         conn.send_status(self.received, self.durable, false).await?;
         Ok(())
     }
