@@ -341,7 +341,6 @@ fn prune_deletes_the_wal_no_kept_base_backup_needs_and_merges_segments() {
     s.ok(&["policy", "set", "--source", "db", "--keep-last", "1"]);
     s.ok(&["forget"]);
     let first: serde_json::Value = serde_json::from_str(&s.ok(&["prune", "--json"])).unwrap();
-    assert!(first["merged_segments"].as_u64().is_some(), "{first}");
     assert!(first["condemned_wal_pieces"].as_u64().unwrap() > 0, "{first}");
     std::thread::sleep(Duration::from_secs(4));
     let second: serde_json::Value = serde_json::from_str(&s.ok(&["prune", "--json"])).unwrap();

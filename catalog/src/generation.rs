@@ -1,11 +1,13 @@
 //! Generations of the index: `ebb prune` and `ebb repair index` write a marker,
-//! `generations/<K>-<R>` (`<K>` the inverted time, as for points, so the newest
-//! sorts first), before they delete packs or index files and again once they are
-//! done. A host's merged copy of the index (`host_index`) records the newest marker
-//! it was built under: a different one means entries may name packs or index files
-//! deleted since, and the copy is built again from the index files listed.
+//! `generations/<K>-<R>` (`<K>` the inverted time, as for points), before they
+//! delete packs or index files and again once they are done. A host's merged copy
+//! of the index (`host_index`) records the markers there were when it was built
+//! (a digest of their names): other markers mean entries may name packs or index
+//! files deleted since, and the copy is built again from the index files listed.
+//! The set, not the newest by time, so that clocks that disagree change nothing.
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 
 use crate::condemned::object_name;
 use crate::object::seal_object;
@@ -18,14 +20,25 @@ const VERSION: u8 = 1;
 /// Markers a run leaves: older ones are deleted.
 const KEPT: usize = 2;
 
-/// The newest marker, if any: one narrow listing.
-pub async fn newest(store: &Store) -> Result<Option<String>, StoreError> {
-    Ok(store.list_after(GENERATIONS_DIR, "", 1).await?.into_iter().next())
+/// The markers there are, as a digest of their names (empty for none): one
+/// listing of a few names (each run leaves two).
+pub async fn current(store: &Store) -> Result<String, StoreError> {
+    let mut names = store.list_names(GENERATIONS_DIR).await?;
+    if names.is_empty() {
+        return Ok(String::new());
+    }
+    names.sort_unstable();
+    let mut digest = Sha256::new();
+    for n in &names {
+        digest.update(n.as_bytes());
+        digest.update(b"\n");
+    }
+    Ok(hex::encode(digest.finalize()))
 }
 
 /// Writes a new marker.
 pub async fn bump(repo: &Repository) -> Result<(), StoreError> {
-    let Some(name) = object_name(GENERATIONS_DIR, jiff::Timestamp::now()) else { return Ok(()) };
+    let name = object_name(GENERATIONS_DIR, jiff::Timestamp::now()).expect("now is a time a name can carry");
     let sealed = seal_object(repo.keys(), &name, &[VERSION]);
     repo.store().put_new(&name, Bytes::from(sealed)).await
 }
@@ -42,23 +55,29 @@ mod tests {
     use super::*;
     use crate::keyslot::{Secret, DEFAULT_KDF};
 
-    /// The newest marker is the one a listing gives first, and a run keeps the
-    /// newest two.
+    /// Every marker written changes the generation, and so does every one deleted;
+    /// a run keeps the newest two.
     #[tokio::test]
-    async fn the_newest_marker_lists_first() {
+    async fn every_marker_written_or_deleted_changes_the_generation() {
         let repo =
             Repository::init(Store::memory(), &Secret::KeyFile([4; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
-        assert_eq!(newest(repo.store()).await.unwrap(), None);
-        let mut written = Vec::new();
+        let mut seen = vec![current(repo.store()).await.unwrap()];
+        assert_eq!(seen[0], "");
         for _ in 0..4 {
             bump(&repo).await.unwrap();
-            written.push(newest(repo.store()).await.unwrap().unwrap());
+            seen.push(current(repo.store()).await.unwrap());
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
-        let mut distinct = written.clone();
-        distinct.dedup();
-        assert_eq!(distinct.len(), 4, "each marker is newer than the one before");
         let gone = superseded(repo.store()).await.unwrap();
-        assert_eq!(gone, vec![written[1].clone(), written[0].clone()]);
+        assert_eq!(gone.len(), 2);
+        let mut names = repo.store().list_names(GENERATIONS_DIR).await.unwrap();
+        names.sort();
+        assert_eq!(&names[2..], &gone[..], "the oldest two go");
+        repo.store().delete(&gone[0]).await.unwrap();
+        seen.push(current(repo.store()).await.unwrap());
+        let mut distinct = seen.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), seen.len(), "{seen:?}");
     }
 }

@@ -20,8 +20,8 @@
 //! Each part is `seal(object key of "hostindex/<nonce hex>", counter, AAD, plain)`:
 //! the header with counter 0 and AAD `hostindex/<nonce hex>/header`, block `i`
 //! with counter `i + 1` and AAD `hostindex/<nonce hex>/<i>`. The header's plaintext:
-//! `u8` version 1; `bytes` the newest generation marker when it was built (§13,
-//! empty for none); 16 bytes, the id of the host's copy of the index files it
+//! `u8` version 1; `bytes` the digest of the generation markers when it was
+//! built (`generation::current`, §13; empty for none); 16 bytes, the id of the host's copy of the index files it
 //! covers, and `u64` how many of that file's bytes; `u64` the time of the newest
 //! index name covered (`index::index_time`); `u32` count and that many `bytes`
 //! names: the index files covered named within `RECENT` of that time; `u64` the
@@ -59,7 +59,7 @@ pub const RECENT_NS: u64 = 15 * 60 * 1_000_000_000;
 /// What a table says of itself.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Header {
-    /// The newest generation marker when it was built (`generation`).
+    /// The generation markers when it was built (`generation::current`).
     pub generation: String,
     /// The host's copy of the index files (`index_cache`) it covers: its id, and
     /// how many of its bytes; the records after are newer.
@@ -172,7 +172,8 @@ impl HostIndex {
         }
         let nonce: [u8; NONCE] = head[MAGIC.len()..MAGIC.len() + NONCE].try_into().ok()?;
         let len = u32::from_le_bytes(head[MAGIC.len() + NONCE..].try_into().ok()?) as usize;
-        if !(SEAL_OVERHEAD..=MAX_HEADER).contains(&len) {
+        let size = file.metadata().ok()?.len();
+        if !(SEAL_OVERHEAD..=MAX_HEADER).contains(&len) || (head.len() + len) as u64 > size {
             return None;
         }
         let mut sealed = vec![0u8; len];
@@ -182,7 +183,6 @@ impl HostIndex {
         let header = Header::decode(&plain).ok()?;
         // The blocks it says it has are all there.
         let blocks_at = (head.len() + len) as u64;
-        let size = file.metadata().ok()?.len();
         if size != blocks_at.checked_add(sealed_size(header.entries)?)? {
             return None;
         }
@@ -204,7 +204,7 @@ impl HostIndex {
         header.entries = entries.len() as u64;
         let nonce: [u8; NONCE] = random_bytes();
         let (cipher, base) = cipher(keys, &nonce);
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = path.with_extension(format!("tmp{}", hex::encode(nonce)));
         let r = (|| {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;

@@ -98,21 +98,22 @@ impl IndexCache {
     }
 
     /// Adds `files` (name, sealed bytes). Failing to is only a warning: the next
-    /// writer fetches them again.
+    /// writer fetches them again. A file that is missing, or of another version,
+    /// is written afresh (renamed into place: two writers creating it at once
+    /// leave one of theirs, whole).
     pub fn append(&self, files: &[(String, Bytes)]) {
         if files.is_empty() {
             return;
         }
+        if self.head().is_none() {
+            let mut kept = self.read().map(|c| c.records).unwrap_or_default();
+            kept.extend_from_slice(files);
+            self.rewrite(&kept);
+            return;
+        }
         let r = (|| {
-            if let Some(dir) = self.path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+            let mut f = std::fs::OpenOptions::new().append(true).open(&self.path)?;
             let mut buf = Vec::new();
-            if f.metadata()?.len() == 0 {
-                buf.extend_from_slice(MAGIC);
-                buf.extend_from_slice(&crate::id::random_bytes::<ID_LEN>());
-            }
             files.iter().for_each(|(name, data)| encode_record(&mut buf, name, data));
             f.write_all(&buf)
         })();
@@ -124,8 +125,8 @@ impl IndexCache {
     /// Writes the cache again holding only `files`, under a new id; returns it and
     /// the file's length, or `None` if it could not.
     pub fn rewrite(&self, files: &[(String, Bytes)]) -> Option<([u8; ID_LEN], u64)> {
-        let tmp = self.path.with_extension(format!("tmp{}", std::process::id()));
         let id = crate::id::random_bytes::<ID_LEN>();
+        let tmp = self.path.with_extension(format!("tmp{}", hex::encode(id)));
         let r = (|| {
             if let Some(dir) = self.path.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -232,5 +233,13 @@ mod tests {
         assert!(decode(b"not a cache").is_empty());
         assert!(decode(b"EBIC2\n0123456789abcdef\x00\x00\x00\x00").is_empty(), "an empty name is malformed");
         assert!(decode(b"EBIC1\n\x01\x00\x00\x00a\x00\x00\x00\x00").is_empty(), "the first version is not read");
+
+        // A file of the first version is written afresh at the first addition.
+        std::fs::write(&cache.path, b"EBIC1\n\x07\x00\x00\x00index/x\x01\x00\x00\x00z").unwrap();
+        assert!(cache.head().is_none());
+        cache.append(&[("index/d".into(), Bytes::from_static(b"four"))]);
+        let read = cache.read().unwrap();
+        assert_eq!(read.records, vec![("index/d".to_string(), Bytes::from_static(b"four"))]);
+        assert_eq!(cache.head(), Some((read.id, read.len)));
     }
 }

@@ -42,8 +42,8 @@ pub async fn load(repo: &Repository, host: Option<&Path>, list_packs: bool) -> R
     let Some(dir) = host else { return Ok(Loaded::All(Inventory::load_cached(repo, None, list_packs).await?)) };
     let cache = IndexCache::in_dir(dir, &repo.id());
     let path = table_path(dir, &repo.id());
-    // Before the listing: a prune that deletes after it has marked a newer one.
-    let generation = crate::generation::newest(repo.store()).await?.unwrap_or_default();
+    // Before the listing: a prune that deletes after it has added a marker.
+    let generation = crate::generation::current(repo.store()).await?;
     if !list_packs {
         if let Some(table) = HostIndex::open(&path, repo.keys()).filter(|t| t.header.generation == generation) {
             if let Some((since, whole)) = cache.read_after(&table.header.cache_id, table.header.cache_len) {
@@ -95,7 +95,10 @@ async fn since_merged(
     let mut covered: HashSet<&str> = table.header.recent.iter().map(String::as_str).collect();
     covered.extend(since.iter().map(|(n, _)| n.as_str()));
     let newest = since.iter().filter_map(|(n, _)| index_time(n)).fold(table.header.newest, u64::max);
-    let listed = store.list_after(INDEX_DIR, &index_names_from(newest.saturating_sub(RECENT_NS)), usize::MAX).await?;
+    // A name from a clock far ahead does not move the listing past the others.
+    let now = crate::time::unix_nanos(jiff::Timestamp::now()).unwrap_or(u64::MAX);
+    let from = newest.min(now.saturating_add(RECENT_NS)).saturating_sub(RECENT_NS);
+    let listed = store.list_after(INDEX_DIR, &index_names_from(from), usize::MAX).await?;
     // An older repository's random names are read when the copy is built.
     let new: Vec<String> =
         listed.into_iter().filter(|n| index_time(n).is_some() && !covered.contains(n.as_str())).collect();
@@ -113,15 +116,27 @@ async fn since_merged(
         .into_iter()
         .flatten()
         .collect();
-    cache.append(&fetched);
     let mut files = Vec::new();
     let mut unreadable = Vec::new();
-    for (name, bytes) in since.iter().chain(&fetched) {
+    for (name, bytes) in &since {
         match open_index(keys, name, bytes) {
             Ok(file) => files.push((name.clone(), file)),
             Err(e) => unreadable.push((name.clone(), e.to_string())),
         }
     }
+    // Only what opens is kept: one that does not is fetched, and reported, again.
+    let mut kept = Vec::with_capacity(fetched.len());
+    for (name, bytes) in fetched {
+        match open_index(keys, &name, &bytes) {
+            Ok(file) => {
+                files.push((name.clone(), file));
+                kept.push((name, bytes));
+            }
+            Err(e) => unreadable.push((name, e.to_string())),
+        }
+    }
+    let fetched = kept;
+    cache.append(&fetched);
     let entries: u64 = files.iter().map(|(_, f)| f.entries.len() as u64).sum();
     let large = since.len() + fetched.len() > MERGE_FILES || entries > MERGE_ENTRIES + table.header.entries / 4;
     // Appended after a record a crash cut short, the files fetched would be read

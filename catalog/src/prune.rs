@@ -235,18 +235,20 @@ pub async fn prune(
     report.live_packs = live.len() as u64;
     report.live_bytes = live.iter().filter_map(|p| packs.get(p)).map(|(s, _)| s).sum();
 
-    // Before anything is deleted: a host's merged copy of the index built from
-    // here on is built again after the run (its marker, below), one built before
-    // now. A run killed meanwhile has marked it all the same.
-    if !opts.dry_run {
-        crate::generation::bump(repo).await?;
-    }
+    // Before packs or index files are deleted, a generation marker: a host's
+    // merged copy of the index built before is built again (and one built during
+    // the run, after the marker at its end). A run killed meanwhile has marked it
+    // all the same.
+    let mut marked = false;
 
     // 2. Sweep the sets whose grace is over.
     let rescued: HashSet<Id> = rescues.iter().flat_map(|r| r.body.packs.iter().copied()).collect();
     let rescued_names: HashSet<&str> = rescues.iter().flat_map(|r| r.body.names.iter().map(String::as_str)).collect();
     let (due, waiting): (Vec<&Timed<Set>>, Vec<&Timed<Set>>) =
         sets.iter().partition(|set| after(set.time, grace) <= t0);
+    if !due.is_empty() {
+        mark(repo, opts.dry_run, &mut marked).await?;
+    }
     // Swept, but not all of it: the store refused some deletes.
     let mut unfinished: Vec<&Timed<Set>> = Vec::new();
     let mut deleted_names: HashSet<&str> = HashSet::new();
@@ -513,16 +515,29 @@ pub async fn prune(
             obsolete.push(r.name.clone());
         }
     }
+    if obsolete.iter().any(|n| n.starts_with(INDEX_DIR)) {
+        mark(repo, opts.dry_run, &mut marked).await?;
+    }
     let refused = delete_all(repo, &strs(&obsolete), opts.dry_run, &mut report.problems).await;
     report.deleted_objects += (obsolete.len() - refused.len()) as u64;
     let refused = delete_all(repo, &strs(&swept), opts.dry_run, &mut report.problems).await;
     report.deleted_objects += (swept.len() - refused.len()) as u64;
-    if !opts.dry_run {
+    if marked {
         crate::generation::bump(repo).await?;
         let old = crate::generation::superseded(store).await?;
         delete_all(repo, &strs(&old), false, &mut report.problems).await;
     }
     Ok(report)
+}
+
+/// Writes a generation marker (§13) before the run's first deletion of packs or
+/// index files, once.
+async fn mark(repo: &Repository, dry_run: bool, marked: &mut bool) -> Result<(), PruneError> {
+    if !dry_run && !*marked {
+        crate::generation::bump(repo).await?;
+        *marked = true;
+    }
+    Ok(())
 }
 
 /// More small index files than this, and prune merges them: a writer reads every

@@ -1,8 +1,10 @@
 //! Reading a source's WAL back: its system, the pieces of a timeline that cover a
-//! range (found from listings alone), the contiguous bytes along a path of
-//! timelines, and the history and other files kept beside them.
+//! range (a segment's whole piece looked for by name, else its pieces listed), the
+//! contiguous bytes along a path of timelines, and the history and other files
+//! kept beside them.
 
 use bytes::Bytes;
+use futures::stream::StreamExt;
 
 use super::format::{
     decode_piece, history_dir, history_name, other_file_name, parse_history_name, system_name, tli_dir, Lsn,
@@ -13,6 +15,9 @@ use crate::object::{open_object, ObjectError};
 use crate::repo::Repository;
 
 const LIST_PAGE: usize = 1000;
+/// Segments whose whole piece is looked for at once, ahead of the one planned:
+/// on an object store each look is a request.
+const WHOLE_AHEAD: usize = 16;
 
 /// Which timeline holds the WAL of each range of positions, in order: `(tli, begin,
 /// end)`, the last one with no end. Reads along it take each range from its
@@ -107,8 +112,10 @@ impl Repository {
     }
 
     /// Which pieces hold the contiguous WAL along `path` from `from` up to at most
-    /// `to`, and which range of each (`(piece, from, to)`, in order): from listings
-    /// alone. Shorter when a piece is missing. Each range comes from the timeline
+    /// `to`, and which range of each (`(piece, from, to)`, in order): segment by
+    /// segment, the piece holding it whole if there is one (looked for by name, a
+    /// few segments ahead at once), else from a listing of its pieces. Shorter
+    /// when a piece is missing. Each range comes from the timeline
     /// the path has there. A range that starts at a segment's start is its piece's
     /// first byte, since pieces never cross a segment boundary.
     pub async fn wal_plan(
@@ -126,20 +133,25 @@ impl Repository {
             if lo >= hi || lo != at {
                 continue;
             }
-            // Segment by segment: one held whole by a piece costs one look.
+            let size = system.segment_size;
+            let first = system.segment_start(at).0;
+            let segments = (0u64..).map_while(|k| Some(first.checked_add(k.checked_mul(size)?)?).filter(|s| *s < hi.0));
+            let mut wholes = futures::stream::iter(segments)
+                .map(|seg| async move { self.whole_segment(source, system, tli, Lsn(seg)).await })
+                .buffered(WHOLE_AHEAD);
             while at < hi {
                 let seg = system.segment_start(at);
-                let to = Lsn(seg.0.saturating_add(system.segment_size)).min(hi);
-                if let Some(p) = self.whole_segment(source, system, tli, seg).await? {
-                    plan.push((p, at, to));
-                    at = to;
+                let seg_to = Lsn(seg.0.saturating_add(size)).min(hi);
+                if let Some(p) = wholes.next().await.transpose()?.flatten() {
+                    plan.push((p, at, seg_to));
+                    at = seg_to;
                     continue;
                 }
-                let pieces = self.wal_pieces(source, system, tli, at, to).await?;
+                let pieces = self.wal_pieces(source, system, tli, at, seg_to).await?;
                 // Every piece starting at or before `at` holds it if it ends after
                 // it, so the one reaching furthest among them is taken, until a gap.
                 let (mut i, mut best): (usize, Option<&WalPiece>) = (0, None);
-                while at < to {
+                while at < seg_to {
                     while i < pieces.len() && pieces[i].start <= at {
                         if best.is_none_or(|b| pieces[i].end > b.end) {
                             best = Some(&pieces[i]);
@@ -147,7 +159,7 @@ impl Repository {
                         i += 1;
                     }
                     let Some(p) = best.filter(|b| b.end > at) else { return Ok(plan) };
-                    let take_to = p.end.min(to);
+                    let take_to = p.end.min(seg_to);
                     plan.push((p.clone(), at, take_to));
                     at = take_to;
                 }

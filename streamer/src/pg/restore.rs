@@ -43,7 +43,9 @@ pub struct PgRestoreReport {
     /// Whether recovery stops at T (a transaction ended after T), or replays all the
     /// WAL there is (every transaction in it ended at or before T).
     pub target_time: bool,
-    /// How far the stored WAL reaches from the backup on.
+    /// How far the stored WAL reaches from the backup on, contiguously: where it
+    /// ends when `target_time` is false; else at least past the backup's stop
+    /// (the WAL was listed only as far as recovery to T needs).
     pub wal_end: Lsn,
     pub files: catalog::RestoreReport,
 }

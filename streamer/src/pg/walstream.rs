@@ -9,11 +9,13 @@
 //! and starts again from the end of the stored WAL: kill -9, a store outage and a
 //! lost connection all recover the same way.
 //!
-//! A segment received from its first byte is also kept whole in memory, and put as
-//! one piece once all its pieces are durable: readers (`archive-get`, a restore)
-//! then fetch one object a segment, and `ebb prune` deletes the small pieces it
-//! makes redundant. That put is not waited for: if it fails, prune merges the
-//! segment instead.
+//! A segment received from its first byte (of at most 64 MiB) is also kept whole
+//! in memory, and put as one piece once all its pieces are durable: readers
+//! (`archive-get`, a restore) then fetch one object a segment, found by its name,
+//! and `ebb prune` deletes the small pieces it makes redundant. Nothing waits for
+//! that put, and at most `MAX_WHOLE` are under way: one that fails, or is not made
+//! (the store is slower than the WAL, the stream stops), leaves the segment to
+//! prune, which merges it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -45,6 +47,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(30);
 /// The largest piece, for clusters with segments larger than this.
 const MAX_PIECE: usize = 16 << 20;
+/// Whole segments being put at once; past this, one is left to prune.
+const MAX_WHOLE: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct PgStreamOptions {
@@ -487,7 +491,8 @@ impl<'a> Receiver<'a> {
                 self.cut();
             }
             if self.received.0 == seg_end {
-                self.whole.extend(self.segment.take());
+                // Cut as one piece, it is stored whole already.
+                self.whole.extend(self.segment.take().filter(|s| s.cuts > 1));
             }
         }
     }
@@ -514,7 +519,11 @@ impl<'a> Receiver<'a> {
         let (ready, waiting): (Vec<Segment>, Vec<Segment>) =
             std::mem::take(&mut self.whole).into_iter().partition(|s| s.start.0 + s.wal_len() <= durable.0);
         self.whole = waiting;
-        for mut seg in ready.into_iter().filter(|s| s.cuts > 1) {
+        for mut seg in ready {
+            if self.merges.len() >= MAX_WHOLE {
+                tracing::debug!("segment at {} left to prune to store whole", lsn::text(seg.start));
+                continue;
+            }
             let piece = WalPiece { tli: self.tli, start: seg.start, end: Lsn(seg.start.0 + seg.wal_len()) };
             let (repo, source) = (self.repo.clone(), self.opts.source.clone());
             self.merges.spawn(async move {
@@ -565,7 +574,6 @@ impl<'a> Receiver<'a> {
             let start = done.map_err(|e| SessionError::Retry(format!("upload task failed: {e}")))??;
             self.finished(start);
         }
-        while self.merges.join_next().await.is_some() {}
         conn.send_status(self.received, self.durable, false).await?;
         Ok(())
     }
