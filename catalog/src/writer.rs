@@ -924,23 +924,21 @@ mod tests {
         third.finish().await.unwrap();
     }
 
+    /// A repository in memory behind a fault injector, and a host's cache directory.
+    async fn on_a_host(key: u8) -> (crate::faults::Faults, Repository, tempfile::TempDir) {
+        let faults = crate::faults::Faults::new();
+        let store = Store::memory().with_faults(faults.clone());
+        let repo = Repository::init(store, &Secret::KeyFile([key; 32]), DEFAULT_KDF, "t".into()).await.unwrap().0;
+        (faults, repo, tempfile::tempdir().unwrap())
+    }
+
     /// A writer lists every pack only when a writer before it on the host left
     /// packs no index file names: otherwise it looks at each pack it uses, once. A
     /// lost pack is found so, and what is needed of it stored again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn packs_are_listed_only_after_a_writer_left_some_unindexed() {
-        use crate::faults::{Fault, Faults, Op};
-        let faults = Faults::new();
-        let repo = Repository::init(
-            Store::memory().with_faults(faults.clone()),
-            &Secret::KeyFile([3; 32]),
-            DEFAULT_KDF,
-            "t".into(),
-        )
-        .await
-        .unwrap()
-        .0;
-        let host = tempfile::tempdir().unwrap();
+        use crate::faults::{Fault, Op};
+        let (faults, repo, host) = on_a_host(3).await;
         let open = || Writer::on_host(repo.clone(), crate::condemned::Timing::from_env(), Some(host.path().into()));
         let blob = |i: u8| vec![i; 200_000];
         // Stores `blobs`, blocking as packers do; what each is stored as.
@@ -1007,18 +1005,8 @@ mod tests {
     /// of the index files that a crash cut short.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_writer_reads_only_the_index_files_named_since_its_hosts_merged_copy() {
-        use crate::faults::{Fault, Faults, Op};
-        let faults = Faults::new();
-        let repo = Repository::init(
-            Store::memory().with_faults(faults.clone()),
-            &Secret::KeyFile([5; 32]),
-            DEFAULT_KDF,
-            "t".into(),
-        )
-        .await
-        .unwrap()
-        .0;
-        let host = tempfile::tempdir().unwrap();
+        use crate::faults::{Fault, Op};
+        let (faults, repo, host) = on_a_host(5).await;
         let open = || Writer::on_host(repo.clone(), crate::condemned::Timing::from_env(), Some(host.path().into()));
         let store = |w: &Arc<Writer>, i: u8| {
             let w = w.clone();
