@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 use futures::stream::StreamExt;
+use jiff::Timestamp;
 
 use super::format::{
     decode_piece, history_dir, history_name, other_file_name, parse_history_name, system_name, tli_dir, Lsn,
@@ -166,6 +167,28 @@ impl Repository {
             }
         }
         Ok(plan)
+    }
+
+    /// When the first byte of the WAL at `piece`'s start was received, `piece`
+    /// starting a segment: read from the smallest piece starting there (the first
+    /// one a stream cut, a few KiB) rather than from `piece`, which may hold the
+    /// whole segment (16 MiB by default), when there is one.
+    pub async fn segment_received(&self, source: &str, piece: &WalPiece) -> Result<Timestamp, RepoError> {
+        let dir = tli_dir(source, piece.tli);
+        let first = self.store().list_after(&dir, &format!("{dir}/{:016x}", piece.start.0), 1).await?;
+        let smaller = first
+            .first()
+            .and_then(|n| WalPiece::parse(piece.tli, n))
+            .filter(|p| p.start == piece.start && p.end < piece.end);
+        if let Some(p) = smaller {
+            match self.read_wal(source, &p).await {
+                Ok((times, _)) => return Ok(times.received),
+                // Deleted since the listing (prune): the piece given holds the time too.
+                Err(RepoError::Store(e)) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.read_wal(source, piece).await?.0.received)
     }
 
     /// The piece of timeline `tli` that holds the whole segment starting at `seg`
@@ -347,11 +370,21 @@ mod tests {
         faults.always(Op::List, "wal/", Fault::Fail);
         let plan = repo.wal_plan("db", &system, &one, Lsn(10), Lsn(SEG)).await.unwrap();
         let whole = WalPiece { tli: 1, start: Lsn(0), end: Lsn(SEG) };
-        assert_eq!(plan, vec![(whole, Lsn(10), Lsn(SEG))]);
+        assert_eq!(plan, vec![(whole.clone(), Lsn(10), Lsn(SEG))]);
         assert_eq!(repo.wal_bytes("db", &system, &one, Lsn(10), Lsn(SEG)).await.unwrap(), wal[10..SEG as usize]);
         faults.clear();
         let got = repo.wal_bytes("db", &system, &one, Lsn(500), Lsn(2 * SEG)).await.unwrap();
         assert_eq!(got, wal[500..(SEG + 9000) as usize]);
+        // The time the segment's first byte came is read from its first small
+        // piece (put before the whole one, so with another time), and from the
+        // whole one once that is gone.
+        let first = WalPiece { tli: 1, start: Lsn(0), end: Lsn(1000) };
+        let came = repo.read_wal("db", &first).await.unwrap().0.received;
+        assert_ne!(repo.read_wal("db", &whole).await.unwrap().0.received, came);
+        assert_eq!(repo.segment_received("db", &whole).await.unwrap(), came);
+        repo.store().delete(&first.name("db")).await.unwrap();
+        let whole_came = repo.read_wal("db", &whole).await.unwrap().0.received;
+        assert_eq!(repo.segment_received("db", &whole).await.unwrap(), whole_came);
     }
 
     #[tokio::test]

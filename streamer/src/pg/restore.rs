@@ -190,7 +190,7 @@ async fn ends_after(
         covered = reached;
         let last_first = plan.iter().rev().find(|(p, from, _)| is_first(system, start, p, *from)).map(|(p, _, _)| p);
         if let Some(p) = last_first.filter(|p| early.is_none_or(|e| p.start > e)) {
-            if repo.read_wal(source, p).await?.0.received > cutoff {
+            if repo.segment_received(source, p).await? > cutoff {
                 break;
             }
             early = Some(p.start);
@@ -244,8 +244,7 @@ async fn scan_from(
     let (mut lo, mut hi, mut best) = (0, firsts.len(), early);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        let (times, _) = repo.read_wal(source, firsts[mid]).await?;
-        if times.received <= cutoff {
+        if repo.segment_received(source, firsts[mid]).await? <= cutoff {
             best = Some(firsts[mid].start);
             lo = mid + 1;
         } else {
