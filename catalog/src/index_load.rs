@@ -11,18 +11,14 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use futures::stream::{StreamExt, TryStreamExt};
-
 use crate::error::RepoError;
 use crate::host_index::{sort_entries, table_path, Header, HostIndex, RECENT_NS};
 use crate::index::{index_names_from, index_time, open_index, IndexFile, INDEX_DIR};
 use crate::index_cache::IndexCache;
-use crate::inventory::Inventory;
+use crate::inventory::{fetch_index_files, Inventory};
 use crate::pack::PackEntry;
 use crate::repo::Repository;
 
-/// Index files fetched at once.
-const CONCURRENT_READS: usize = 16;
 /// The merged copy takes in the index files read since it was built once there
 /// are more of them than this, or once they hold more entries than `MERGE_ENTRIES`
 /// and a quarter of its own: a start then opens a bounded number of files.
@@ -102,20 +98,7 @@ async fn since_merged(
     // An older repository's random names are read when the copy is built.
     let new: Vec<String> =
         listed.into_iter().filter(|n| index_time(n).is_some() && !covered.contains(n.as_str())).collect();
-    let reads = new.into_iter().map(|name| async move {
-        match store.get(&name).await {
-            Ok(bytes) => Ok(Some((name, bytes))),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(RepoError::from(e)),
-        }
-    });
-    let fetched: Vec<(String, bytes::Bytes)> = futures::stream::iter(reads)
-        .buffer_unordered(CONCURRENT_READS)
-        .try_collect::<Vec<_>>()
-        .await?
-        .into_iter()
-        .flatten()
-        .collect();
+    let fetched = fetch_index_files(repo, new).await?;
     let mut files = Vec::new();
     let mut unreadable = Vec::new();
     for (name, bytes) in &since {

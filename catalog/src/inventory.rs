@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use bytes::Bytes;
 use futures::stream::{StreamExt, TryStreamExt};
 
 use crate::error::RepoError;
@@ -64,19 +65,7 @@ impl Inventory {
                 _ => to_fetch.push(name.clone()),
             }
         }
-        let index = async {
-            let reads = to_fetch.into_iter().map(|name| async move {
-                match store.get(&name).await {
-                    Ok(bytes) => Ok(Some((name, bytes))),
-                    // Replaced by `ebb repair index` since the listing.
-                    Err(e) if e.is_not_found() => Ok(None),
-                    Err(e) => Err(RepoError::from(e)),
-                }
-            });
-            futures::stream::iter(reads).buffer_unordered(CONCURRENT_READS).try_collect::<Vec<_>>().await
-        };
-        let (packs, fetched) = futures::future::try_join(packs, index).await?;
-        let fetched: Vec<(String, bytes::Bytes)> = fetched.into_iter().flatten().collect();
+        let (packs, fetched) = futures::future::try_join(packs, fetch_index_files(repo, to_fetch)).await?;
         let mut inventory = Inventory { packs, index_files: Vec::new(), unreadable: Vec::new() };
         let mut new = Vec::new();
         for (name, bytes) in fetched {
@@ -139,6 +128,21 @@ impl Inventory {
         }
         (blobs, packs)
     }
+}
+
+/// The sealed bytes of the index files `names`, fetched a few at once; those gone
+/// since they were listed (merged by prune, replaced by `ebb repair index`) left out.
+pub async fn fetch_index_files(repo: &Repository, names: Vec<String>) -> Result<Vec<(String, Bytes)>, RepoError> {
+    let store = repo.store();
+    let reads = names.into_iter().map(|name| async move {
+        match store.get(&name).await {
+            Ok(bytes) => Ok(Some((name, bytes))),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(RepoError::from(e)),
+        }
+    });
+    let fetched: Vec<_> = futures::stream::iter(reads).buffer_unordered(CONCURRENT_READS).try_collect().await?;
+    Ok(fetched.into_iter().flatten().collect())
 }
 
 #[cfg(test)]
