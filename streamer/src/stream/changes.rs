@@ -21,6 +21,7 @@ use notify::event::ModifyKind;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::Notify;
 
+use super::markers::Markers;
 use crate::patterns::PathPatterns;
 
 /// A marker is created this often: what is durable is known this late.
@@ -176,7 +177,7 @@ pub(super) struct Watch {
     /// may have gone unseen, so nothing after it counts as durable.
     confirmed: Timestamp,
     /// Where markers are created; the task that creates them.
-    markers: tempfile::TempDir,
+    markers: Markers,
     marking: tokio::task::JoinHandle<()>,
 }
 
@@ -197,10 +198,8 @@ impl Watch {
         let root = Root::find(given).map_err(|e| StreamError::Watch { path: given.to_path_buf(), cause: e.into() })?;
         let changes = Arc::new(Mutex::new(Changes::new(Timestamp::now())));
         let wake = Arc::new(Notify::new());
-        let markers = tempfile::Builder::new()
-            .prefix("ebb-stream-markers-")
-            .tempdir()
-            .map_err(|e| StreamError::Watch { path: std::env::temp_dir(), cause: e.into() })?;
+        let markers =
+            Markers::create().map_err(|e| StreamError::Watch { path: std::env::temp_dir(), cause: e.into() })?;
         let watcher = watch(&root.path, markers.path(), &excludes, &appends, changes.clone(), wake.clone())?;
         let marking = tokio::spawn(mark(markers.path().to_path_buf(), changes.clone()));
         Ok(Watch {

@@ -24,6 +24,7 @@
 //! do, do it.
 
 mod changes;
+mod markers;
 mod schedule;
 mod ship;
 
