@@ -181,7 +181,7 @@ pub fn index_cache(data: &[u8]) {
 }
 
 pub fn host_index(data: &[u8]) {
-    use crate::host_index::{decode_block, Header};
+    use crate::host_index::{decode_block, decode_fences, Header};
     if let Ok(h) = Header::decode(data) {
         assert_eq!(h.encode(), data, "a header has one encoding");
     }
@@ -189,6 +189,10 @@ pub fn host_index(data: &[u8]) {
     if let Ok(entries) = decode_block(data.get(1..).unwrap_or_default(), count) {
         assert_eq!(entries.len(), count);
         assert!(entries.windows(2).all(|w| (w[0].blob.id, w[0].kind as u8) < (w[1].blob.id, w[1].kind as u8)));
+    }
+    if let Ok(fences) = decode_fences(data.get(1..).unwrap_or_default(), count) {
+        assert_eq!(fences.len(), count);
+        assert!(fences.windows(2).all(|w| w[0] < w[1]));
     }
 }
 
@@ -318,6 +322,12 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         block.extend(e.buf);
     }
     out.push(("host_index", block));
+    let mut fences = vec![2u8];
+    for id in [1u8, 2] {
+        fences.extend([id; 32]);
+        fences.push(BlobKind::Tree as u8);
+    }
+    out.push(("host_index", fences));
     for t in ["2026-11-21 10:15", "2026-11-21T10:15:00.250+01:00", "@1763720100.25", "2h30m ago", "latest"] {
         out.push(("time", t.as_bytes().to_vec()));
     }

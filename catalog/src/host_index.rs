@@ -1,8 +1,10 @@
 //! A host's merged copy of the repository's index, looked up in place, so that a
 //! writer's start costs the same at 100,000 points as at 10: it reads a header,
 //! lists `index/` from a recent name on, and opens the index files its host's copy
-//! of them (`index_cache`) gained since the merge; a lookup then decrypts the few
-//! blocks of the table its binary search touches.
+//! of them (`index_cache`) gained since the merge; a lookup then finds the one
+//! block that may hold an entry among the blocks' first keys, held in memory (half
+//! a byte an entry), and decrypts that block alone. A writer that runs for months
+//! holds no more than that and a few blocks, however many it has looked in.
 //!
 //! It is derived data, never part of the repository, and never trusted more than
 //! the index files it came from: the header and every block are sealed with a key
@@ -13,13 +15,18 @@
 //! File `<cache dir>/dedup-<repository id hex>`:
 //!
 //! ```text
-//! "EBHI1\n" || nonce (16 bytes) || u32 LE header length (at most 64 MiB) || header
-//!           || block 0 || block 1 || ...
+//! "EBHI2\n" || nonce (16 bytes) || u32 LE header length (at most 64 MiB) || header
+//!           || fences || block 0 || block 1 || ...
 //! ```
 //!
 //! Each part is `seal(object key of "hostindex/<nonce hex>", counter, AAD, plain)`:
-//! the header with counter 0 and AAD `hostindex/<nonce hex>/header`, block `i`
-//! with counter `i + 1` and AAD `hostindex/<nonce hex>/<i>`. The header's plaintext:
+//! the header with counter 0 and AAD `hostindex/<nonce hex>/header`, the fences
+//! with counter `u64::MAX` and AAD `hostindex/<nonce hex>/fences`, block `i` with
+//! counter `i + 1` and AAD `hostindex/<nonce hex>/<i>`. The fences' plaintext is
+//! the key of each block's first entry, block by block: content id (32 bytes) then
+//! kind (`u8`), strictly increasing; its length follows from the header's count of
+//! entries. (`EBHI1` tables, without fences, do not open: they are built again.)
+//! The header's plaintext:
 //! `u8` version 1; `bytes` the digest of the generation markers when it was
 //! built (`generation::current`, §13; empty for none); 16 bytes, the id of the host's copy of the index files it
 //! covers, and `u64` how many of that file's bytes; `u64` the time of the newest
@@ -42,7 +49,7 @@ use crate::crypto::{open, seal, Keys, SEAL_OVERHEAD};
 use crate::id::{random_bytes, Id};
 use crate::pack::{BlobKind, BlobRef, PackEntry, BLOB_REF_LEN};
 
-const MAGIC: &[u8] = b"EBHI1\n";
+const MAGIC: &[u8] = b"EBHI2\n";
 const VERSION: u8 = 1;
 const NONCE: usize = 16;
 const MAX_HEADER: usize = 64 << 20;
@@ -50,6 +57,11 @@ const MAX_NAME: usize = 1024;
 /// Entries a block holds.
 pub const BLOCK: usize = 64;
 const ENTRY: usize = 1 + BLOB_REF_LEN;
+/// A fence: the key of a block's first entry.
+const FENCE: usize = 32 + 1;
+/// Blocks a table keeps opened, for lookups of the same entries again: at most
+/// about 1.3 MiB.
+const OPENED_BLOCKS: usize = 256;
 /// Index files named this long before the newest one covered are looked for again
 /// at each start: a writer names its index file before it puts it, and hosts'
 /// clocks disagree (by at most 9 minutes, §13). One that lands later is missed
@@ -136,8 +148,40 @@ pub fn decode_block(bytes: &[u8], count: usize) -> Result<Vec<PackEntry>, crate:
     Ok(out)
 }
 
-/// The order of a table: content id, then kind.
-fn key(e: &PackEntry) -> ([u8; 32], u8) {
+/// The first key of each of `blocks` blocks: strictly increasing.
+pub fn decode_fences(bytes: &[u8], blocks: usize) -> Result<Vec<Key>, crate::codec::DecodeError> {
+    let mut d = Decoder::new("host index fences", bytes);
+    let mut out: Vec<Key> = Vec::with_capacity(blocks.min(bytes.len() / FENCE));
+    for _ in 0..blocks {
+        let mut id = [0u8; 32];
+        for b in &mut id {
+            *b = d.u8()?;
+        }
+        let kind = d.u8()?;
+        BlobKind::from_u8(kind).ok_or_else(|| d.error("unknown blob kind"))?;
+        if out.last().is_some_and(|last| *last >= (id, kind)) {
+            return Err(d.error("fences out of order"));
+        }
+        out.push((id, kind));
+    }
+    d.finish()?;
+    Ok(out)
+}
+
+fn encode_fences(entries: &[PackEntry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len().div_ceil(BLOCK) * FENCE);
+    for block in entries.chunks(BLOCK) {
+        let (id, kind) = key(&block[0]);
+        out.extend_from_slice(&id);
+        out.push(kind);
+    }
+    out
+}
+
+/// A table's order: content id, then kind.
+pub type Key = ([u8; 32], u8);
+
+fn key(e: &PackEntry) -> Key {
     (e.blob.id.0, e.kind as u8)
 }
 
@@ -153,9 +197,11 @@ pub struct HostIndex {
     cipher: Aes256Gcm,
     base: String,
     pub header: Header,
+    /// The key of each block's first entry.
+    fences: Vec<Key>,
     /// Where block 0 starts.
     blocks_at: u64,
-    /// Blocks opened so far, by number.
+    /// Blocks opened lately, by number: at most `OPENED_BLOCKS`.
     opened: Mutex<HashMap<u64, Arc<[PackEntry]>>>,
     /// A block failed to open: the table is no longer used.
     damaged: std::sync::atomic::AtomicBool,
@@ -181,17 +227,25 @@ impl HostIndex {
         let (cipher, base) = cipher(keys, &nonce);
         let plain = open(&cipher, format!("{base}/header").as_bytes(), &sealed).ok()?;
         let header = Header::decode(&plain).ok()?;
-        // The blocks it says it has are all there.
-        let blocks_at = (head.len() + len) as u64;
+        // The fences and the blocks it says it has are all there.
+        let fences_at = (head.len() + len) as u64;
+        let blocks = usize::try_from(header.entries.div_ceil(BLOCK as u64)).ok()?;
+        let fences_len = blocks.checked_mul(FENCE)?.checked_add(SEAL_OVERHEAD)?;
+        let blocks_at = fences_at.checked_add(fences_len as u64)?;
         if size != blocks_at.checked_add(sealed_size(header.entries)?)? {
             return None;
         }
+        let mut sealed = vec![0u8; fences_len];
+        file.read_exact_at(&mut sealed, fences_at).ok()?;
+        let plain = open(&cipher, format!("{base}/fences").as_bytes(), &sealed).ok()?;
+        let fences = decode_fences(&plain, blocks).ok()?;
         Some(HostIndex {
             file,
             path: path.to_path_buf(),
             cipher,
             base,
             header,
+            fences,
             blocks_at,
             opened: Mutex::new(HashMap::new()),
             damaged: Default::default(),
@@ -215,6 +269,7 @@ impl HostIndex {
             out.write_all(&nonce)?;
             out.write_all(&(sealed.len() as u32).to_le_bytes())?;
             out.write_all(&sealed)?;
+            out.write_all(&seal(&cipher, u64::MAX, format!("{base}/fences").as_bytes(), &encode_fences(entries)))?;
             let mut plain = Vec::with_capacity(BLOCK * ENTRY);
             for (i, block) in entries.chunks(BLOCK).enumerate() {
                 plain.clear();
@@ -236,11 +291,11 @@ impl HostIndex {
     }
 
     fn blocks(&self) -> u64 {
-        self.header.entries.div_ceil(BLOCK as u64)
+        self.fences.len() as u64
     }
 
-    /// Block `i`, opened (once) and decoded; `None`, and the table given up, if it
-    /// does not open.
+    /// Block `i`, opened and decoded; `None`, and the table given up, if it does
+    /// not open or does not start with its fence.
     fn block(&self, i: u64) -> Option<Arc<[PackEntry]>> {
         if let Some(b) = self.opened.lock().expect("host index lock").get(&i) {
             return Some(b.clone());
@@ -251,7 +306,8 @@ impl HostIndex {
         let entries = read
             .ok()
             .and_then(|()| open(&self.cipher, format!("{}/{i}", self.base).as_bytes(), &sealed).ok())
-            .and_then(|plain| decode_block(&plain, count).ok());
+            .and_then(|plain| decode_block(&plain, count).ok())
+            .filter(|entries| entries.first().map(key) == self.fences.get(i as usize).copied());
         let Some(entries) = entries else {
             if !self.damaged.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 tracing::warn!("the host's merged index {} is damaged: it is built again", self.path.display());
@@ -260,7 +316,11 @@ impl HostIndex {
             return None;
         };
         let entries: Arc<[PackEntry]> = entries.into();
-        self.opened.lock().expect("host index lock").insert(i, entries.clone());
+        let mut opened = self.opened.lock().expect("host index lock");
+        if opened.len() >= OPENED_BLOCKS {
+            opened.clear();
+        }
+        opened.insert(i, entries.clone());
         Some(entries)
     }
 
@@ -271,19 +331,8 @@ impl HostIndex {
         }
         let want = (id.0, kind as u8);
         // The last block whose first entry is at or before `want`.
-        let (mut lo, mut hi) = (0, self.blocks());
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if key(&self.block(mid)?[0]) <= want {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        if hi == 0 {
-            return None;
-        }
-        let block = self.block(lo)?;
+        let after = self.fences.partition_point(|f| *f <= want);
+        let block = self.block(after.checked_sub(1)? as u64)?;
         block.binary_search_by(|e| key(e).cmp(&want)).ok().map(|i| block[i].blob)
     }
 
@@ -400,5 +449,71 @@ mod tests {
         assert!(!path.exists(), "a damaged table is removed");
         let e = entry(0);
         assert_eq!(t.get(e.kind, &e.blob.id), None, "nor used any more");
+        // The fences altered.
+        let mut bad = good.clone();
+        let fences_at =
+            MAGIC.len() + NONCE + 4 + u32::from_le_bytes(good[MAGIC.len() + NONCE..][..4].try_into().unwrap()) as usize;
+        bad[fences_at + 20] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(HostIndex::open(&path, &keys()).is_none(), "fences altered");
+        // A table of the version before, without fences, is built again.
+        let mut old = good;
+        old[..MAGIC.len()].copy_from_slice(b"EBHI1\n");
+        std::fs::write(&path, &old).unwrap();
+        assert!(HostIndex::open(&path, &keys()).is_none(), "EBHI1");
+    }
+
+    /// Fences sealed under the table's key that do not match its blocks (a table
+    /// written wrong) send a lookup to a block that does not start where they
+    /// say: the table is given up, and no entry is given.
+    #[test]
+    fn a_block_that_does_not_start_at_its_fence_gives_no_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dedup-x");
+        let mut entries: Vec<PackEntry> = (0..200).map(|i| entry(i * 2)).collect();
+        sort_entries(&mut entries);
+        HostIndex::write(&path, &keys(), Header::default(), &entries);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let nonce: [u8; NONCE] = bytes[MAGIC.len()..][..NONCE].try_into().unwrap();
+        let len = u32::from_le_bytes(bytes[MAGIC.len() + NONCE..][..4].try_into().unwrap()) as usize;
+        let fences_at = MAGIC.len() + NONCE + 4 + len;
+        // Every fence one entry later than its block's first.
+        let shifted: Vec<PackEntry> = (0..200).map(|i| entry(i * 2 + 1)).collect();
+        let (cipher, base) = cipher(&keys(), &nonce);
+        let sealed = seal(&cipher, u64::MAX, format!("{base}/fences").as_bytes(), &encode_fences(&shifted));
+        bytes[fences_at..fences_at + sealed.len()].copy_from_slice(&sealed);
+        std::fs::write(&path, &bytes).unwrap();
+        let t = HostIndex::open(&path, &keys()).unwrap();
+        let e = entry(130);
+        assert_eq!(t.get(e.kind, &e.blob.id), None);
+        assert!(!path.exists(), "the table is removed");
+    }
+
+    /// A lookup decrypts one block at most, and a table looked up everywhere
+    /// keeps only a few blocks opened: a writer's memory does not grow with the
+    /// lookups it makes.
+    #[test]
+    fn a_lookup_opens_one_block_and_few_stay_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dedup-x");
+        let n = (4 * OPENED_BLOCKS * BLOCK) as u32;
+        let mut entries: Vec<PackEntry> = (0..n).map(|i| entry(i * 2)).collect();
+        sort_entries(&mut entries);
+        HostIndex::write(&path, &keys(), Header::default(), &entries);
+        let t = HostIndex::open(&path, &keys()).unwrap();
+        assert_eq!(t.blocks(), 4 * OPENED_BLOCKS as u64);
+        let opened = || t.opened.lock().unwrap().len();
+        let missing = entry(2 * n / 3 * 2 + 1);
+        assert_eq!(t.get(missing.kind, &missing.blob.id), None);
+        assert_eq!(opened(), 1, "one block for a lookup");
+        let before = entry(0);
+        assert_eq!(t.get(BlobKind::Data, &Id([0; 32])), None, "before the first entry: no block");
+        assert_eq!(opened(), 1);
+        for i in 0..n {
+            let e = entry(i * 2);
+            assert_eq!(t.get(e.kind, &e.blob.id), Some(e.blob), "entry {i}");
+            assert!(opened() <= OPENED_BLOCKS);
+        }
+        assert_eq!(t.get(before.kind, &before.blob.id), Some(before.blob));
     }
 }
