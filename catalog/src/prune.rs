@@ -721,45 +721,70 @@ async fn survey(
     };
     let mut out = Survey::default();
     let mut blobs: HashMap<Id, Vec<(u32, u32)>> = HashMap::new();
+    let mut uses = |b: &BlobRef| blobs.entry(b.pack).or_default().push((b.offset, b.length));
+    // Trees by place, not content id (the same tree may be stored twice), each
+    // read once, IN_FLIGHT at a time: on an object store each read is a round
+    // trip. Each with the point it was first reached from, which an unreadable
+    // tree is reported against.
     let mut seen_trees: HashSet<(Id, u32)> = HashSet::new();
+    let mut pending: Vec<(BlobRef, usize)> = Vec::new();
     for source in repo.sources().await? {
         let points = repo.points(&source).await?;
         if let Some(p) = points.last() {
             out.newest.insert(source.clone(), p.time);
         }
-        for point in points {
+        // Owned items (see the fragments below).
+        let reads = points.into_iter().map(|point| {
+            let repo = repo.clone();
+            async move {
+                let manifest = repo.manifest(&point).await;
+                (point, manifest)
+            }
+        });
+        let mut reads = stream::iter(reads).buffered(IN_FLIGHT);
+        while let Some((point, manifest)) = reads.next().await {
             progress(&format!("point {}", point.name));
             report.points += 1;
-            let manifest = match repo.manifest(&point).await {
+            let manifest = match manifest {
                 Ok(m) => m,
                 // Forgotten since it was listed.
                 Err(RepoError::Store(e)) if e.is_not_found() => continue,
                 Err(e) => return Err(unreadable(&point.name, &e)),
             };
             out.bases.entry(source.clone()).or_default().push((point.time, manifest.pg.clone()));
-            let mut stack: Vec<BlobRef> = manifest.root_ref().into_iter().collect();
-            let mut uses = |b: &BlobRef| blobs.entry(b.pack).or_default().push((b.offset, b.length));
-            while let Some(tree_ref) = stack.pop() {
-                // By place, not content id: the same tree may be stored twice.
-                if !seen_trees.insert((tree_ref.pack, tree_ref.offset)) {
-                    continue;
-                }
-                uses(&tree_ref);
-                let tree = repo.read_tree(&tree_ref).await.map_err(|e| unreadable(&point.name, &e))?;
-                for entry in &tree.entries {
-                    match entry.kind {
-                        EntryKind::Dir => stack.extend(entry.subtree),
-                        EntryKind::File => entry.content.iter().for_each(|x| match x {
-                            Extent::Data(b) => uses(b),
-                            Extent::Hole(_) => {}
-                        }),
-                        _ => {}
-                    }
+            if let Some(root) = manifest.root_ref() {
+                if seen_trees.insert((root.pack, root.offset)) {
+                    pending.push((root, out.points.len()));
                 }
             }
             out.points.push(point);
         }
     }
+    let mut reading = futures::stream::FuturesUnordered::new();
+    loop {
+        while reading.len() < IN_FLIGHT {
+            let Some((tree_ref, from)) = pending.pop() else { break };
+            let repo = repo.clone();
+            reading.push(async move { (tree_ref, from, repo.read_tree(&tree_ref).await) });
+        }
+        let Some((tree_ref, from, tree)) = reading.next().await else { break };
+        let tree = tree.map_err(|e| unreadable(&out.points[from].name, &e))?;
+        uses(&tree_ref);
+        for entry in &tree.entries {
+            match entry.kind {
+                EntryKind::Dir => {
+                    let fresh = entry.subtree.filter(|sub| seen_trees.insert((sub.pack, sub.offset)));
+                    pending.extend(fresh.map(|sub| (sub, from)));
+                }
+                EntryKind::File => entry.content.iter().for_each(|x| match x {
+                    Extent::Data(b) => uses(b),
+                    Extent::Hole(_) => {}
+                }),
+                _ => {}
+            }
+        }
+    }
+    drop(reading);
     for used in blobs.values_mut() {
         used.sort_unstable();
         used.dedup();
