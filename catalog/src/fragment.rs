@@ -36,8 +36,12 @@ pub const FRAGS_DIR: &str = "frags";
 const VERSION: u8 = 1;
 /// Fragments fetched at once when building an overlay.
 const CONCURRENT_FETCHES: usize = 16;
-/// Names per listing request.
-const LIST_PAGE: usize = 1000;
+/// Names asked for by the first listing request; each next one asks for twice as
+/// many. Few fragments lie between a point and a moment after it (a stream makes
+/// a point a minute, a fragment every few seconds), and on `file://` a listing
+/// reads every shard directory it needs to fill its page: a first page of a
+/// thousand read half a day of directories for a restore at a point's time.
+const FIRST_PAGE: usize = 64;
 
 /// One file's appended bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,7 +291,7 @@ impl Repository {
         let mut offset = format!("{dir}/{key}");
         let mut out = Vec::new();
         // Pages double (see `wal_pieces`).
-        let mut limit = LIST_PAGE;
+        let mut limit = FIRST_PAGE;
         loop {
             let page = self.store().list_after(&dir, &offset, limit).await?;
             let full = page.len() == limit;
@@ -413,5 +417,29 @@ mod tests {
         e.inode = 8;
         o.apply(&mut e);
         assert_eq!(e.size, 10);
+    }
+
+    /// The fragments between a point and a moment are found across listing pages
+    /// (the first is small, each next one twice as large) and shard directories,
+    /// oldest first, and none outside the span.
+    #[tokio::test]
+    async fn the_fragments_between_a_point_and_a_moment_are_found_across_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::Store::open(&format!("file://{}", dir.path().display()), true).unwrap();
+        let kdf = crate::KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        let secret = crate::Secret::Password(b"pw".to_vec());
+        let repo = Repository::init(store, &secret, kdf, "h".into()).await.unwrap().0;
+        let base: Timestamp = "2026-11-21T10:00:00Z".parse().unwrap();
+        // One every 20 s over more than two hours: many shard directories.
+        let times: Vec<Timestamp> = (0..400i64).map(|i| base + jiff::SignedDuration::from_secs(i * 20)).collect();
+        for t in &times {
+            let name = crate::point::timed_name(FRAGS_DIR, "s", *t).unwrap();
+            repo.store().put_new(&name, bytes::Bytes::from_static(b"not read")).await.unwrap();
+        }
+        let point = PointRef { name: "points/s/x".into(), source: "s".into(), time: times[10] };
+        for (at, want) in [(times[10], 0..0), (times[11], 11..12), (times[300], 11..301), (times[399], 11..400)] {
+            let found: Vec<Timestamp> = repo.fragments(&point, at).await.unwrap().iter().map(|f| f.time).collect();
+            assert_eq!(found, times[want.clone()], "fragments after the point up to {at}");
+        }
     }
 }
