@@ -515,11 +515,18 @@ fn lifecycle_under_concurrent_writers(backend: Backend) {
         let mut deleted = [("deleted_packs", 0u64), ("deleted_wal_pieces", 0)];
         // Points written again by repacking, under the writers.
         let mut repacked = 0;
+        // The shortest forget and prune of the first 20 runs: the kills below
+        // land within them, so mid-way whatever speed this host runs at.
+        let (mut forget_took, mut prune_took) = (Duration::MAX, Duration::MAX);
         for run in 0..30 {
             std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 700));
             if run < 20 {
+                let started = Instant::now();
                 s.ok(&["forget"]);
+                forget_took = forget_took.min(started.elapsed());
+                let started = Instant::now();
                 let r: serde_json::Value = serde_json::from_str(&s.ok(&["prune", "--json"])).unwrap();
+                prune_took = prune_took.min(started.elapsed());
                 for (key, sum) in deleted.iter_mut() {
                     *sum += r[*key].as_u64().unwrap();
                 }
@@ -527,9 +534,11 @@ fn lifecycle_under_concurrent_writers(backend: Backend) {
                 continue;
             }
             // Killed at a random moment, in forget or in prune.
-            let what: &[&str] = if run % 2 == 0 { &["forget"] } else { &["prune"] };
+            let (what, took): (&[&str], _) =
+                if run % 2 == 0 { (&["forget"], forget_took) } else { (&["prune"], prune_took) };
+            let within = (took.as_micros() as u64 * 9 / 10).max(1);
             let mut child = s.cmd().args(what).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-            std::thread::sleep(Duration::from_millis(rng.next_u64() % 300));
+            std::thread::sleep(Duration::from_micros(rng.next_u64() % within));
             if child.try_wait().unwrap().is_none() {
                 killed += 1;
             }
@@ -537,7 +546,10 @@ fn lifecycle_under_concurrent_writers(backend: Backend) {
             let _ = child.wait();
         }
         stop.store(true, Ordering::SeqCst);
-        eprintln!("deleted while the writers wrote: {deleted:?}; {repacked} points repacked");
+        eprintln!(
+            "deleted while the writers wrote: {deleted:?}; {repacked} points repacked; \
+             shortest forget {forget_took:?}, prune {prune_took:?}"
+        );
         for (key, sum) in deleted {
             assert!(sum > 0, "no {key} in 20 runs");
         }
@@ -556,7 +568,7 @@ fn lifecycle_under_concurrent_writers(backend: Backend) {
         moments.lock().unwrap().len(),
     );
     assert!(saved > 10 * stalled.max(1), "too many backups stalled: {saved} saved, {stalled} refused");
-    assert!(killed >= 3, "too few runs were killed mid-way: {killed}");
+    assert!(killed >= 5, "too few runs were killed mid-way: {killed}");
 
     // What the last runs condemned is swept by runs after the grace.
     s.ok(&["forget"]);
@@ -596,7 +608,9 @@ fn lifecycle_under_concurrent_writers(backend: Backend) {
     let bases = points_of(&s, "db");
     assert!(bases.len() >= 2, "{bases:?}");
     let newest_base = bases.last().unwrap().0;
-    let from = newest_base - jiff::SignedDuration::from_secs(18);
+    // The window reaches back 18 s, or to the first base backup when the stream
+    // is younger than that.
+    let from = (newest_base - jiff::SignedDuration::from_secs(18)).max(bases[0].0);
     let candidates: Vec<Timestamp> = commits.iter().map(|c| c.1).filter(|t| *t >= from).collect();
     assert!(candidates.len() > 10, "{} commits in the window", candidates.len());
     let n = candidates.len();
