@@ -228,6 +228,10 @@ it, and need no permission to delete. Run it on a schedule, like forget.")]
         /// (e.g. 5%, 0%, unlimited); above it, the emptiest packs are repacked
         #[arg(long, value_name = "PCT", default_value = "5%", value_parser = catalog::MaxUnused::parse)]
         max_unused: catalog::MaxUnused,
+        /// Memory prune may use, e.g. 256MiB or 1GiB: past a quarter of it, what it
+        /// finds of the blobs points use goes to local disk (the cache directory)
+        #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+        memory: u64,
         #[arg(long)]
         json: bool,
     },

@@ -20,6 +20,11 @@
 //! A point or fragment that cannot be read stops the run before anything is
 //! deleted: what it uses cannot be known. Two runs at once are harmless: they
 //! condemn and delete the same things.
+//!
+//! Memory: the blobs points use, a record each, go to local disk past a quarter
+//! of `max_memory` (`spill`), and are read back in pack order to weigh each pack
+//! and to repack. The run still holds, in memory, a few words for each pack,
+//! tree and object name.
 
 use std::collections::{HashMap, HashSet};
 
@@ -39,8 +44,9 @@ use crate::pack::{pack_name, parse_pack_name, BlobRef, PackEntry, PACKS_DIR};
 use crate::point::PgInfo;
 use crate::point::PointRef;
 use crate::policy::POLICIES_DIR;
-use crate::repack::{choose, repack, MaxUnused, PackUse, RepackReport};
+use crate::repack::{choose, repack, Chosen, MaxUnused, PackUse, RepackReport};
 use crate::repo::Repository;
+use crate::spill::{Sorted, Spill};
 use crate::tree::{EntryKind, Extent};
 use crate::wal::{mergeable, redundant, tli_dir, Lsn, WalKeep, WalPiece, WAL_DIR};
 
@@ -63,7 +69,14 @@ pub struct PruneOptions {
     pub wal_positions: Option<WalPositions>,
     /// How much unused space may stay in packs still used before they are repacked.
     pub max_unused: MaxUnused,
+    /// The memory the run may use, in bytes: past a quarter of it, the blobs the
+    /// survey finds points using go to local disk (the cache directory, else the
+    /// temporary one) and are read back in order.
+    pub max_memory: u64,
 }
+
+/// `ebb prune --memory`'s default.
+pub const MAX_MEMORY: u64 = 256 << 20;
 
 /// Where a base backup's WAL starts and where it must reach, from its record.
 pub type WalPositions = fn(&PgInfo) -> Option<(Lsn, Lsn)>;
@@ -115,6 +128,8 @@ pub struct PruneReport {
     pub problems: Vec<String>,
     /// When the sets waiting may be swept, at the earliest.
     pub next_sweep: Option<String>,
+    /// Bytes of the survey written to local disk, past `max_memory`.
+    pub spilled_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +139,11 @@ pub enum PruneError {
          (`ebb verify` says more; `ebb forget` can remove a damaged point): {cause}"
     )]
     Unreadable { object: String, cause: String },
+    #[error(
+        "cannot hold prune's working set on local disk in {dir}: {cause} (give it room, set EBB_CACHE_DIR \
+         to a directory that has some, or raise --memory)"
+    )]
+    Spill { dir: String, cause: std::io::Error },
     #[error(transparent)]
     Repo(#[from] RepoError),
 }
@@ -226,7 +246,7 @@ pub async fn prune(
         .collect();
     report.packs = packs.len() as u64;
     report.pack_bytes = packs.values().map(|(s, _)| s).sum();
-    let survey = survey(repo, &mut report, progress).await?;
+    let survey = survey(repo, opts.max_memory, &mut report, progress).await?;
     let live = &survey.live;
     // Names are most of prune's memory at scale: those of fragments are held once,
     // in the survey, and the sets below borrow them.
@@ -318,47 +338,61 @@ pub async fn prune(
     // the old packs are condemned below with the unused ones.
     let young = |modified: &Option<Timestamp>| modified.is_none_or(|m| after(m, grace) > t0);
     let usage: Vec<PackUse> = survey
-        .blobs
+        .point_packs
         .iter()
         .filter_map(|(id, used)| {
             let (size, _) = packs.get(id)?;
-            Some(PackUse { id: *id, size: *size, used })
+            Some(PackUse { id: *id, size: *size, used_bytes: used.bytes, used_blobs: used.blobs })
         })
         .collect();
-    let total_used: u64 = usage.iter().map(|u| u.used_bytes()).sum();
+    let total_used: u64 = usage.iter().map(|u| u.used_bytes).sum();
     let total_unused: u64 = usage.iter().map(PackUse::unused_bytes).sum();
     let candidates: Vec<PackUse> = usage
-        .iter()
+        .into_iter()
         .filter(|u| {
             !survey.fragment_packs.contains(&u.id)
                 && !pending.contains(&u.id)
                 && !rescued.contains(&u.id)
                 && packs.get(&u.id).is_some_and(|(_, m)| !young(m))
         })
-        .map(|u| PackUse { id: u.id, size: u.size, used: u.used })
         .collect();
     let chosen: HashSet<Id> = choose(&candidates, total_used, total_unused, opts.max_unused).into_iter().collect();
     // Packs whose every used blob is a tree the repack wrote again (and that no
     // fragment uses): used by nothing now, so condemned by this run, not the next.
     let mut emptied: HashSet<Id> = HashSet::new();
     if !chosen.is_empty() {
-        let chosen: Vec<PackUse> = candidates.into_iter().filter(|u| chosen.contains(&u.id)).collect();
+        let mut chosen: Vec<PackUse> = candidates.into_iter().filter(|u| chosen.contains(&u.id)).collect();
+        // In the order the survey's records come back in.
+        chosen.sort_unstable_by_key(|u| u.id.0);
         report.repack = if opts.dry_run {
             RepackReport {
                 packs: chosen.len() as u64,
                 bytes: chosen.iter().map(|u| u.size).sum(),
-                used_bytes: chosen.iter().map(|u| u.used_bytes()).sum(),
+                used_bytes: chosen.iter().map(|u| u.used_bytes).sum(),
                 ..RepackReport::default()
             }
         } else {
-            let (repacked, replaced) = repack(repo, &chosen, &survey.points, progress).await?;
-            emptied.extend(
-                usage
-                    .iter()
-                    .filter(|u| !survey.fragment_packs.contains(&u.id) && !u.used.is_empty())
-                    .filter(|u| u.used.iter().all(|(offset, _)| replaced.contains(&(u.id, *offset))))
-                    .map(|u| u.id),
-            );
+            let spill_failed = |cause| PruneError::Spill { dir: spill_dir().display().to_string(), cause };
+            let mut with_uses = Vec::with_capacity(chosen.len());
+            let mut next = chosen.iter().peekable();
+            for group in uses_by_pack(&survey.uses) {
+                let Some(pack) = next.peek() else { break };
+                let (id, used) = group.map_err(spill_failed)?;
+                if id == pack.id {
+                    with_uses.push(Chosen { pack: **pack, used });
+                    next.next();
+                }
+            }
+            let (repacked, replaced) = repack(repo, &with_uses, &survey.points, progress).await?;
+            drop(with_uses);
+            for group in uses_by_pack(&survey.uses) {
+                let (id, used) = group.map_err(spill_failed)?;
+                if !survey.fragment_packs.contains(&id)
+                    && used.iter().all(|(offset, _)| replaced.contains(&(id, *offset)))
+                {
+                    emptied.insert(id);
+                }
+            }
             repacked
         };
         for u in &chosen {
@@ -666,16 +700,16 @@ async fn read_timed<T>(
 }
 
 /// What the points and fragments there are use, and what of them prune may fold.
-#[derive(Default)]
 struct Survey {
     /// The packs every point and fragment uses.
     live: HashSet<Id>,
-    /// The blobs points use, by pack: (offset, length), sorted, each once.
-    blobs: HashMap<Id, Vec<(u32, u32)>>,
+    /// Every blob points use, by pack and offset, each once: held in memory or on
+    /// local disk (`spill`).
+    uses: Sorted<USE_LEN>,
+    /// The packs points use, and what of each.
+    point_packs: HashMap<Id, Used>,
     /// The packs fragments use: never repacked.
     fragment_packs: HashSet<Id>,
-    /// The packs points use.
-    point_packs: HashSet<Id>,
     /// Every point read.
     points: Vec<PointRef>,
     /// The newest point of each source.
@@ -696,10 +730,63 @@ struct Surveyed {
     packs: Box<[Id]>,
 }
 
+/// What of a pack points use.
+#[derive(Default, Clone, Copy)]
+struct Used {
+    bytes: u64,
+    blobs: u64,
+}
+
+/// A blob a point uses, as the survey keeps it: its pack, then its offset and
+/// length, big-endian, so that records sort by pack, then offset.
+const USE_LEN: usize = 40;
+
+fn use_record(b: &BlobRef) -> [u8; USE_LEN] {
+    let mut r = [0u8; USE_LEN];
+    r[..32].copy_from_slice(&b.pack.0);
+    r[32..36].copy_from_slice(&b.offset.to_be_bytes());
+    r[36..].copy_from_slice(&b.length.to_be_bytes());
+    r
+}
+
+fn parse_use(r: &[u8; USE_LEN]) -> (Id, (u32, u32)) {
+    let word = |at: usize| u32::from_be_bytes([r[at], r[at + 1], r[at + 2], r[at + 3]]);
+    let mut pack = [0u8; 32];
+    pack.copy_from_slice(&r[..32]);
+    (Id(pack), (word(32), word(36)))
+}
+
+/// Where the survey's records go past its budget: the cache directory, else the
+/// temporary one.
+fn spill_dir() -> std::path::PathBuf {
+    crate::index_cache::cache_dir().map_or_else(std::env::temp_dir, |d| d.join("spill"))
+}
+
+/// Each pack points use, in order, with the (offset, length) of each of its
+/// blobs in use, sorted.
+fn uses_by_pack(uses: &Sorted<USE_LEN>) -> impl Iterator<Item = std::io::Result<(Id, Vec<(u32, u32)>)>> + '_ {
+    let mut records = uses.iter().map(|r| r.map(|r| parse_use(&r))).peekable();
+    std::iter::from_fn(move || {
+        let (pack, first) = match records.next()? {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut blobs = vec![first];
+        while let Some(Ok((next, blob))) = records.peek() {
+            if *next != pack {
+                break;
+            }
+            blobs.push(*blob);
+            records.next();
+        }
+        Some(Ok((pack, blobs)))
+    })
+}
+
 impl Survey {
     /// The packs the points use, and the fragments but those `gone` names.
     fn used_beside(&self, gone: impl Fn(&str) -> bool) -> HashSet<Id> {
-        let mut used = self.point_packs.clone();
+        let mut used: HashSet<Id> = self.point_packs.keys().copied().collect();
         for f in self.fragments.values().flatten() {
             if !gone(&f.name) {
                 used.extend(f.packs.iter().copied());
@@ -712,6 +799,7 @@ impl Survey {
 /// What every point and fragment uses.
 async fn survey(
     repo: &Repository,
+    max_memory: u64,
     report: &mut PruneReport,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Survey, PruneError> {
@@ -719,9 +807,12 @@ async fn survey(
         object: object.to_string(),
         cause: e.to_string(),
     };
-    let mut out = Survey::default();
-    let mut blobs: HashMap<Id, Vec<(u32, u32)>> = HashMap::new();
-    let mut uses = |b: &BlobRef| blobs.entry(b.pack).or_default().push((b.offset, b.length));
+    let dir = spill_dir();
+    let spill_failed = |cause| PruneError::Spill { dir: dir.display().to_string(), cause };
+    let mut points = Vec::new();
+    let mut newest = HashMap::new();
+    let mut bases: HashMap<String, Vec<(Timestamp, Option<PgInfo>)>> = HashMap::new();
+    let mut spill = Spill::<USE_LEN>::new(max_memory / 4, &dir);
     // Trees by place, not content id (the same tree may be stored twice), each
     // read once, IN_FLIGHT at a time: on an object store each read is a round
     // trip. Each with the point it was first reached from, which an unreadable
@@ -729,12 +820,12 @@ async fn survey(
     let mut seen_trees: HashSet<(Id, u32)> = HashSet::new();
     let mut pending: Vec<(BlobRef, usize)> = Vec::new();
     for source in repo.sources().await? {
-        let points = repo.points(&source).await?;
-        if let Some(p) = points.last() {
-            out.newest.insert(source.clone(), p.time);
+        let listed = repo.points(&source).await?;
+        if let Some(p) = listed.last() {
+            newest.insert(source.clone(), p.time);
         }
         // Owned items (see the fragments below).
-        let reads = points.into_iter().map(|point| {
+        let reads = listed.into_iter().map(|point| {
             let repo = repo.clone();
             async move {
                 let manifest = repo.manifest(&point).await;
@@ -751,13 +842,13 @@ async fn survey(
                 Err(RepoError::Store(e)) if e.is_not_found() => continue,
                 Err(e) => return Err(unreadable(&point.name, &e)),
             };
-            out.bases.entry(source.clone()).or_default().push((point.time, manifest.pg.clone()));
+            bases.entry(source.clone()).or_default().push((point.time, manifest.pg.clone()));
             if let Some(root) = manifest.root_ref() {
                 if seen_trees.insert((root.pack, root.offset)) {
-                    pending.push((root, out.points.len()));
+                    pending.push((root, points.len()));
                 }
             }
-            out.points.push(point);
+            points.push(point);
         }
     }
     let mut reading = futures::stream::FuturesUnordered::new();
@@ -768,30 +859,46 @@ async fn survey(
             reading.push(async move { (tree_ref, from, repo.read_tree(&tree_ref).await) });
         }
         let Some((tree_ref, from, tree)) = reading.next().await else { break };
-        let tree = tree.map_err(|e| unreadable(&out.points[from].name, &e))?;
-        uses(&tree_ref);
+        let tree = tree.map_err(|e| unreadable(&points[from].name, &e))?;
+        spill.push(use_record(&tree_ref)).map_err(spill_failed)?;
         for entry in &tree.entries {
             match entry.kind {
                 EntryKind::Dir => {
                     let fresh = entry.subtree.filter(|sub| seen_trees.insert((sub.pack, sub.offset)));
                     pending.extend(fresh.map(|sub| (sub, from)));
                 }
-                EntryKind::File => entry.content.iter().for_each(|x| match x {
-                    Extent::Data(b) => uses(b),
-                    Extent::Hole(_) => {}
-                }),
+                EntryKind::File => {
+                    for x in &entry.content {
+                        if let Extent::Data(b) = x {
+                            spill.push(use_record(b)).map_err(spill_failed)?;
+                        }
+                    }
+                }
                 _ => {}
             }
         }
     }
     drop(reading);
-    for used in blobs.values_mut() {
-        used.sort_unstable();
-        used.dedup();
+    drop(seen_trees);
+    report.spilled_bytes = spill.spilled();
+    let uses = spill.finish().map_err(spill_failed)?;
+    let mut point_packs: HashMap<Id, Used> = HashMap::new();
+    for r in uses.iter() {
+        let (pack, (_, length)) = parse_use(&r.map_err(spill_failed)?);
+        let used = point_packs.entry(pack).or_default();
+        used.bytes += u64::from(length);
+        used.blobs += 1;
     }
-    out.live.extend(blobs.keys().copied());
-    out.point_packs.extend(blobs.keys().copied());
-    out.blobs = blobs;
+    let mut out = Survey {
+        live: point_packs.keys().copied().collect(),
+        uses,
+        point_packs,
+        fragment_packs: HashSet::new(),
+        points,
+        newest,
+        fragments: HashMap::new(),
+        bases,
+    };
     let store = repo.store();
     for source in store.list_dirs(FRAGS_DIR).await? {
         progress(&format!("fragments of {source}"));
@@ -1117,6 +1224,7 @@ mod tests {
             timing: timing(),
             wal_positions: Some(positions),
             max_unused: MaxUnused::default(),
+            max_memory: MAX_MEMORY,
         };
         prune(repo, opts, &|_| {}).await.unwrap()
     }
@@ -1135,7 +1243,7 @@ mod tests {
     }
 
     async fn run_with(repo: &Repository, dry_run: bool, max_unused: MaxUnused) -> PruneReport {
-        let opts = PruneOptions { dry_run, timing: timing(), wal_positions: None, max_unused };
+        let opts = PruneOptions { dry_run, timing: timing(), wal_positions: None, max_unused, max_memory: MAX_MEMORY };
         prune(repo, opts, &|_| {}).await.unwrap()
     }
 
@@ -1666,13 +1774,46 @@ mod tests {
         tokio::time::sleep(GRACE).await; // written anew: young again
         let manifest = repo.store().get(&kept.name).await.unwrap();
 
-        let opts =
-            PruneOptions { dry_run: false, timing: timing(), wal_positions: None, max_unused: MaxUnused::default() };
+        let opts = PruneOptions {
+            dry_run: false,
+            timing: timing(),
+            wal_positions: None,
+            max_unused: MaxUnused::default(),
+            max_memory: MAX_MEMORY,
+        };
         let err = prune(&repo, opts, &|_| {}).await.unwrap_err();
         assert!(matches!(&err, PruneError::Repo(RepoError::DamagedPack { pack, .. }) if *pack == name), "{err}");
         assert_eq!(repo.store().get(&kept.name).await.unwrap(), manifest, "the point is as it was");
         assert!(exists(&repo, &used.pack).await);
         assert!(repo.store().list(CONDEMNED_DIR).await.unwrap().is_empty(), "nothing condemned");
+    }
+
+    /// A survey past its memory goes to disk, and the run does as it would in
+    /// memory: the same packs repacked and condemned, the point reading the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_survey_past_its_memory_spills_and_the_run_does_the_same() {
+        let mut outcomes = Vec::new();
+        for max_memory in [4 * USE_LEN as u64, MAX_MEMORY] {
+            let repo = repo().await;
+            let first = new_point(&repo, (1..=6).map(noise).collect()).await;
+            let kept = new_point(&repo, vec![noise(1), noise(2), noise(7)]).await;
+            forget(&repo, &first).await;
+            tokio::time::sleep(GRACE).await;
+            let opts = PruneOptions {
+                dry_run: false,
+                timing: timing(),
+                wal_positions: None,
+                max_unused: MaxUnused::default(),
+                max_memory,
+            };
+            let r = prune(&repo, opts, &|_| {}).await.unwrap();
+            assert_eq!(r.spilled_bytes > 0, max_memory < MAX_MEMORY, "{r:?}");
+            assert_eq!(read_point(&repo, &kept).await.0, vec![noise(1), noise(2), noise(7)]);
+            verified(&repo).await;
+            outcomes.push((r.live_packs, r.repack.packs, r.repack.rewritten_points, r.condemned_packs));
+        }
+        assert_eq!(outcomes[0], outcomes[1]);
+        assert!(outcomes[0].1 > 0, "a pack was repacked: {outcomes:?}");
     }
 
     /// A pack holding only the trees a repack writes again is used by nothing once

@@ -96,25 +96,30 @@ pub struct RepackReport {
     pub rewritten_points: u64,
 }
 
-/// A pack's stored size and the (offset, length) of each of its blobs in use.
-pub struct PackUse<'a> {
+/// A pack's stored size, and what of it points use: their blobs and bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct PackUse {
     pub id: Id,
     pub size: u64,
-    pub used: &'a [(u32, u32)],
+    pub used_bytes: u64,
+    pub used_blobs: u64,
 }
 
-impl PackUse<'_> {
-    pub fn used_bytes(&self) -> u64 {
-        self.used.iter().map(|(_, l)| u64::from(*l)).sum()
-    }
-
+impl PackUse {
     /// What is stored for nothing: beyond the used blobs and what a pack holding
     /// only them would take for its header (an entry, at most, a blob: ids do not
     /// compress), so that a pack just repacked never counts as unused.
     pub fn unused_bytes(&self) -> u64 {
-        let header = HEADER_OVERHEAD + HEADER_ENTRY * self.used.len() as u64;
-        self.size.saturating_sub(self.used_bytes() + header)
+        let header = HEADER_OVERHEAD + HEADER_ENTRY * self.used_blobs;
+        self.size.saturating_sub(self.used_bytes + header)
     }
+}
+
+/// A pack chosen for repacking, and the (offset, length) of each blob in it that
+/// points use, sorted.
+pub struct Chosen {
+    pub pack: PackUse,
+    pub used: Vec<(u32, u32)>,
 }
 
 /// A pack header's bytes beyond its entries, at most: seal, framing, trailer.
@@ -160,30 +165,30 @@ pub fn choose(candidates: &[PackUse], total_used: u64, total_unused: u64, max: M
 /// then used by no point this run saw.
 pub async fn repack(
     repo: &Repository,
-    chosen: &[PackUse<'_>],
+    chosen: &[Chosen],
     points: &[PointRef],
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<(RepackReport, HashSet<(Id, u32)>), RepoError> {
     let mut report = RepackReport { packs: chosen.len() as u64, ..RepackReport::default() };
     let mut out = Output::new(repo);
-    let moving: HashSet<Id> = chosen.iter().map(|p| p.id).collect();
+    let moving: HashSet<Id> = chosen.iter().map(|c| c.pack.id).collect();
     // 1. Data blobs, pack by pack, a few packs read ahead (each on a task, so that
     // opening blobs and sealing them again use two cores) while full packs upload.
     let mut moved: HashMap<(Id, u32), BlobRef> = HashMap::new();
     // By index, not by reference: a closure taking a reference makes this future
     // not Send, which `stream --prune-every` needs.
     let mut reads = futures::stream::iter((0..chosen.len()).map(|i| {
-        let p = &chosen[i];
-        tokio::spawn(read_used(repo.clone(), p.id, p.size, p.used.to_vec()))
+        let c = &chosen[i];
+        tokio::spawn(read_used(repo.clone(), c.pack.id, c.pack.size, c.used.clone()))
     }))
     .buffered(READ_AHEAD);
     let mut i = 0;
     while let Some(read) = reads.next().await {
-        let p = &chosen[i];
+        let p = &chosen[i].pack;
         i += 1;
         progress(&format!("repacking pack {i} of {}", chosen.len()));
         report.bytes += p.size;
-        report.used_bytes += p.used_bytes();
+        report.used_bytes += p.used_bytes;
         for (b, payload) in read.expect("pack reading task panicked")? {
             let new = out.add(BlobKind::Data, b.id, b.raw_len, &payload).await?;
             moved.insert((p.id, b.offset), new);
@@ -465,13 +470,9 @@ mod tests {
     #[test]
     fn the_emptiest_packs_are_chosen_until_unused_space_is_within_the_limit() {
         let big = PACK_TARGET as u64;
-        let (half, tenth, full) = ([(0, (big / 2) as u32)], [(0, (big * 9 / 10) as u32)], [(0, big as u32 - 100)]);
-        let packs = [
-            PackUse { id: id(1), size: big, used: &tenth },
-            PackUse { id: id(2), size: big, used: &half },
-            PackUse { id: id(3), size: big, used: &full },
-        ];
-        let used: u64 = packs.iter().map(PackUse::used_bytes).sum();
+        let using = |n: u8, used_bytes: u64| PackUse { id: id(n), size: big, used_bytes, used_blobs: 1 };
+        let packs = [using(1, big * 9 / 10), using(2, big / 2), using(3, big - 100)];
+        let used: u64 = packs.iter().map(|p| p.used_bytes).sum();
         let unused: u64 = packs.iter().map(PackUse::unused_bytes).sum();
         assert_eq!(packs[2].unused_bytes(), 0, "a full pack's header is not unused space");
         assert_eq!(choose(&packs, used, unused, MaxUnused::UNLIMITED), Vec::<Id>::new());
@@ -486,10 +487,10 @@ mod tests {
     /// Small packs are merged only when there are more than a few.
     #[test]
     fn small_packs_are_merged_when_there_are_many() {
-        let used = [(0u32, 1000u32)];
-        let small: Vec<PackUse> =
-            (0..=SMALL_PACKS_ABOVE as u8).map(|n| PackUse { id: id(n), size: 1000 + 100, used: &used }).collect();
-        let total: u64 = small.iter().map(PackUse::used_bytes).sum();
+        let small: Vec<PackUse> = (0..=SMALL_PACKS_ABOVE as u8)
+            .map(|n| PackUse { id: id(n), size: 1000 + 100, used_bytes: 1000, used_blobs: 1 })
+            .collect();
+        let total: u64 = small.iter().map(|p| p.used_bytes).sum();
         let few = &small[..SMALL_PACKS_ABOVE];
         assert!(choose(few, total, 0, MaxUnused::UNLIMITED).is_empty());
         assert_eq!(choose(&small, total, 0, MaxUnused::UNLIMITED).len(), SMALL_PACKS_ABOVE + 1);

@@ -41,7 +41,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Policy(PolicyCommand::Set(args)) => policy::set(g, args).await,
         Command::Policy(PolicyCommand::Show { source, json }) => policy::show(g, source, json).await,
         Command::Forget { source, dry_run, json } => forget::forget(g, source, dry_run, json).await,
-        Command::Prune { dry_run, max_unused, json } => prune::prune(g, dry_run, max_unused, json).await,
+        Command::Prune { dry_run, max_unused, memory, json } => {
+            prune::prune(g, dry_run, max_unused, memory, json).await
+        }
         Command::Verify { read_data, json } => verify::verify(g, read_data, json).await,
         Command::Repair(RepairCommand::Index) => repair::index(g).await,
         Command::Repair(RepairCommand::Config) => repair::config(g).await,

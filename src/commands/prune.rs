@@ -9,7 +9,7 @@ use crate::cli::Global;
 use crate::context::open;
 use crate::output::{bytes, humanize, spinner};
 
-pub async fn prune(g: &Global, dry_run: bool, max_unused: MaxUnused, json: bool) -> Result<ExitCode> {
+pub async fn prune(g: &Global, dry_run: bool, max_unused: MaxUnused, memory: u64, json: bool) -> Result<ExitCode> {
     // Prune's memory is what it holds, not what its threads freed and the allocator
     // kept: two malloc arenas, not eight per core, and free memory given back every
     // second (on the 100,000-point bench history the first run's peak went from
@@ -32,7 +32,13 @@ pub async fn prune(g: &Global, dry_run: bool, max_unused: MaxUnused, json: bool)
         let pb = pb.clone();
         move |s: &str| pb.set_message(format!("reading {s}"))
     };
-    let opts = PruneOptions { dry_run, timing, wal_positions: Some(streamer::pg::info::wal_positions), max_unused };
+    let opts = PruneOptions {
+        dry_run,
+        timing,
+        wal_positions: Some(streamer::pg::info::wal_positions),
+        max_unused,
+        max_memory: memory,
+    };
     let report = catalog::prune(&repo, opts, &progress).await;
     trim.abort();
     pb.finish_and_clear();
@@ -106,6 +112,9 @@ pub async fn prune(g: &Global, dry_run: bool, max_unused: MaxUnused, json: bool)
     }
     if r.rewritten_index_files > 0 {
         println!("{verb}wrote {} index files again without the packs deleted", r.rewritten_index_files);
+    }
+    if r.spilled_bytes > 0 {
+        println!("held {} of what points use on local disk, past --memory", bytes(r.spilled_bytes));
     }
     for p in &r.problems {
         eprintln!("warning: {p}");

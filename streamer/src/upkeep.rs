@@ -49,6 +49,7 @@ pub async fn once(repo: &Repository, source: &str, host: &str) -> Result<String,
         timing: Timing::from_env(),
         wal_positions: Some(crate::pg::info::wal_positions),
         max_unused: catalog::MaxUnused::default(),
+        max_memory: catalog::PRUNE_MAX_MEMORY,
     };
     let r = catalog::prune(repo, opts, &|_| {}).await?;
     Ok(format!(
