@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use crate::codec::{Decoder, Encoder};
 use crate::crypto::Keys;
 use crate::id::Id;
-use crate::object::{open_object, seal_object, ObjectError};
+use crate::object::{open_object, open_object_owned, seal_object, ObjectError};
 use crate::pack::{BlobKind, BlobRef, PackEntry, BLOB_REF_LEN};
 
 pub const INDEX_DIR: &str = "index";
@@ -56,7 +56,7 @@ pub struct IndexFile {
 
 /// A writer's index file: version 2, naming at most one point.
 pub fn encode_index(point: Option<&str>, entries: &[PackEntry]) -> Vec<u8> {
-    let mut e = Encoder::default();
+    let mut e = Encoder { buf: Vec::with_capacity(entries_len(entries) + 16 + point.map_or(0, str::len)) };
     e.u8(VERSION_2);
     e.bytes(point.unwrap_or_default().as_bytes());
     encode_entries(&mut e, entries);
@@ -65,7 +65,8 @@ pub fn encode_index(point: Option<&str>, entries: &[PackEntry]) -> Vec<u8> {
 
 /// A merge of index files: version 3, naming every point of the files merged.
 pub fn encode_merged(points: &[String], entries: &[PackEntry]) -> Vec<u8> {
-    let mut e = Encoder::default();
+    let names: usize = points.iter().map(|p| 8 + p.len()).sum();
+    let mut e = Encoder { buf: Vec::with_capacity(entries_len(entries) + 16 + names) };
     e.u8(VERSION_3);
     e.u32(u32::try_from(points.len()).expect("fewer than 2^32 points"));
     for p in points {
@@ -73,6 +74,42 @@ pub fn encode_merged(points: &[String], entries: &[PackEntry]) -> Vec<u8> {
     }
     encode_entries(&mut e, entries);
     e.buf
+}
+
+/// An entry as a merged file stores it: its kind, then its blob reference.
+pub const ENTRY_LEN: usize = 1 + BLOB_REF_LEN;
+
+pub fn entry_record(entry: &PackEntry) -> [u8; ENTRY_LEN] {
+    let mut e = Encoder { buf: Vec::with_capacity(ENTRY_LEN) };
+    e.u8(entry.kind as u8);
+    entry.blob.encode(&mut e);
+    e.buf.try_into().expect("an entry encodes to ENTRY_LEN bytes")
+}
+
+/// What `encode_merged` makes of `points` and the entries `records` hold (each as
+/// `entry_record` gives it), built in the records' own buffer: a merge of many
+/// files holds its entries once, not also as a copy being encoded.
+pub fn encode_merged_records(points: &[String], records: Vec<[u8; ENTRY_LEN]>) -> Vec<u8> {
+    let mut head = Encoder::default();
+    head.u8(VERSION_3);
+    head.u32(u32::try_from(points.len()).expect("fewer than 2^32 points"));
+    for p in points {
+        head.bytes(p.as_bytes());
+    }
+    head.u32(records.len() as u32);
+    let mut out = records.into_flattened();
+    let len = out.len();
+    out.resize(len + head.buf.len(), 0);
+    out.copy_within(..len, head.buf.len());
+    out[..head.buf.len()].copy_from_slice(&head.buf);
+    out
+}
+
+/// The bytes `encode_entries` writes, so that the buffer is made once at its size
+/// (a merged file's entries take megabytes: grown by doubling, two copies would be
+/// held while it grows).
+fn entries_len(entries: &[PackEntry]) -> usize {
+    4 + entries.len() * (1 + BLOB_REF_LEN)
 }
 
 fn encode_entries(e: &mut Encoder, entries: &[PackEntry]) {
@@ -125,13 +162,24 @@ pub fn seal_index(keys: &Keys, name: &str, point: Option<&str>, entries: &[PackE
     seal_object(keys, name, &encode_index(point, entries))
 }
 
-/// Seals what `encode_merged` makes, or a writer's version for at most one point.
+/// Seals what `encode_for_points` makes.
 pub fn seal_for_points(keys: &Keys, name: &str, points: &[String], entries: &[PackEntry]) -> Vec<u8> {
+    seal_object(keys, name, &encode_for_points(points, entries))
+}
+
+/// What `encode_merged` makes, or a writer's version for at most one point.
+pub fn encode_for_points(points: &[String], entries: &[PackEntry]) -> Vec<u8> {
     match points {
-        [] => seal_index(keys, name, None, entries),
-        [one] => seal_index(keys, name, Some(one), entries),
-        _ => seal_object(keys, name, &encode_merged(points, entries)),
+        [] => encode_index(None, entries),
+        [one] => encode_index(Some(one), entries),
+        _ => encode_merged(points, entries),
     }
+}
+
+/// `open_index` on bytes the caller gives up (`open_object_owned`).
+pub fn open_index_owned(keys: &Keys, name: &str, bytes: bytes::Bytes) -> Result<IndexFile, ObjectError> {
+    let plain = open_object_owned(keys, name, bytes)?;
+    decode_index(&plain).map_err(|e| ObjectError::Decode { name: name.to_string(), cause: e })
 }
 
 pub fn open_index(keys: &Keys, name: &str, bytes: &[u8]) -> Result<IndexFile, ObjectError> {
@@ -225,6 +273,8 @@ mod tests {
         v3.extend(b"points/b/y");
         v3.extend(&v1[1..]);
         assert_eq!(bytes, v3);
+        let records: Vec<[u8; ENTRY_LEN]> = entries.iter().map(entry_record).collect();
+        assert_eq!(encode_merged_records(&points, records), v3, "built in the records' buffer, the same");
         assert_eq!(decode_index(&bytes).unwrap(), IndexFile { points, entries });
         for cut in 0..bytes.len() {
             assert!(decode_index(&bytes[..cut]).is_err(), "a merged index cut at {cut} decoded");

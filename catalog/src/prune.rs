@@ -38,9 +38,9 @@ use crate::error::RepoError;
 use crate::forget::{ForgetRecord, FORGOTTEN_DIR};
 use crate::fragment::{FragmentRef, FRAGS_DIR};
 use crate::id::Id;
-use crate::index::{open_index, seal_for_points, INDEX_DIR};
+use crate::index::{encode_for_points, encode_merged_records, entry_record, open_index_owned, ENTRY_LEN, INDEX_DIR};
 use crate::object::{open_object, seal_object};
-use crate::pack::{pack_name, parse_pack_name, BlobRef, PackEntry, PACKS_DIR};
+use crate::pack::{pack_name, parse_pack_name, BlobRef, PACKS_DIR};
 use crate::point::PgInfo;
 use crate::point::PointRef;
 use crate::policy::POLICIES_DIR;
@@ -228,22 +228,24 @@ pub async fn prune(
     // files written later are left to the next run.
     let index_files = store.list_names(INDEX_DIR).await?;
     progress("packs");
-    if !opts.dry_run {
-        // Uploads interrupted writers left half-written, anywhere: writers sweep
-        // packs/ and index/ only after one on their own host was interrupted.
-        match store.sweep_staged("", crate::store::STAGED_AGE).await {
-            Ok(0) => {}
-            Ok(n) => progress(&format!("removed {n} half-written uploads left by interrupted runs")),
-            Err(e) => report.problems.push(e.to_string()),
+    // Uploads interrupted writers left half-written, anywhere (writers sweep
+    // packs/ and index/ only after one on their own host was interrupted): looked
+    // for while the packs are listed, a walk of the repository beside a listing.
+    let staged = async {
+        match opts.dry_run {
+            true => Ok(0),
+            false => store.sweep_staged("", crate::store::STAGED_AGE).await,
         }
+    };
+    let (staged, listed) = futures::join!(staged, store.list(PACKS_DIR));
+    match staged {
+        Ok(0) => {}
+        Ok(n) => progress(&format!("removed {n} half-written uploads left by interrupted runs")),
+        Err(e) => report.problems.push(e.to_string()),
     }
     // Packs deleted in the sweep leave this map: it is then what is there.
-    let mut packs: HashMap<Id, (u64, Option<Timestamp>)> = store
-        .list(PACKS_DIR)
-        .await?
-        .into_iter()
-        .filter_map(|o| Some((parse_pack_name(&o.name)?, (o.size, o.modified))))
-        .collect();
+    let mut packs: HashMap<Id, (u64, Option<Timestamp>)> =
+        listed?.into_iter().filter_map(|o| Some((parse_pack_name(&o.name)?, (o.size, o.modified)))).collect();
     report.packs = packs.len() as u64;
     report.pack_bytes = packs.values().map(|(s, _)| s).sum();
     let survey = survey(repo, opts.max_memory, &mut report, progress).await?;
@@ -485,9 +487,12 @@ pub async fn prune(
     let mut reads = stream::iter(reads).buffered(IN_FLIGHT);
     while let Some((name, got)) = reads.next().await {
         let Ok(bytes) = got else { continue };
-        let Ok(file) = open_index(repo.keys(), &name, &bytes) else { continue };
-        let left: Vec<PackEntry> = file.entries.iter().filter(|e| !gone(&e.blob.pack)).copied().collect();
-        if left.len() == file.entries.len() {
+        let Ok(mut file) = open_index_owned(repo.keys(), &name, bytes) else { continue };
+        // In place: a merged file holds up to hundreds of thousands of entries.
+        let before = file.entries.len();
+        file.entries.retain(|e| !gone(&e.blob.pack));
+        let left = &file.entries;
+        if left.len() == before {
             if left.len() < SMALL_INDEX {
                 small.push(name.clone());
             }
@@ -499,9 +504,14 @@ pub async fn prune(
         if !left.is_empty() {
             if !opts.dry_run {
                 let name = Repository::new_index_name();
-                let sealed = seal_for_points(repo.keys(), &name, &file.points, &left);
+                // The entries let go before sealing: the two never add up.
+                let plain = encode_for_points(&file.points, left);
+                let small_one = left.len() < SMALL_INDEX;
+                file.entries = Vec::new();
+                let sealed = seal_object(repo.keys(), &name, &plain);
+                drop(plain);
                 store.put_new(&name, Bytes::from(sealed)).await?;
-                if left.len() < SMALL_INDEX {
+                if small_one {
                     small.push(name);
                 }
             }
@@ -604,7 +614,7 @@ async fn merge_index_files(
     let mut reads = stream::iter(reads).buffered(IN_FLIGHT);
     while let Some((name, got)) = reads.next().await {
         let Ok(bytes) = got else { continue };
-        let Ok(file) = open_index(repo.keys(), &name, &bytes) else { continue };
+        let Ok(file) = open_index_owned(repo.keys(), &name, bytes) else { continue };
         batch.add(&name, file, forgotten);
         // Each batch written as it fills: at most one is held.
         if batch.entries.len() >= MERGED_ENTRIES {
@@ -618,8 +628,9 @@ async fn merge_index_files(
 #[derive(Default)]
 struct MergedIndex {
     points: std::collections::BTreeSet<String>,
-    /// Entries repeat across index files: each is kept once when written.
-    entries: Vec<PackEntry>,
+    /// Entries repeat across index files: each is kept once when written. Held as
+    /// they are written (`entry_record`), so that the file is made in their buffer.
+    entries: Vec<[u8; ENTRY_LEN]>,
     replaced: Vec<String>,
 }
 
@@ -630,12 +641,12 @@ impl MergedIndex {
             return Ok(());
         }
         // Sorted, equal entries meet (a hash set of them would take twice the memory).
-        let key = |e: &PackEntry| (e.blob.pack, e.blob.offset, e.kind as u8, e.blob.id, e.blob.length, e.blob.raw_len);
-        self.entries.sort_unstable_by_key(key);
-        self.entries.dedup();
+        crate::spill::sort_unique(&mut self.entries);
         let name = Repository::new_index_name();
         let points: Vec<String> = self.points.into_iter().collect();
-        let sealed = seal_for_points(repo.keys(), &name, &points, &self.entries);
+        let plain = encode_merged_records(&points, self.entries);
+        let sealed = seal_object(repo.keys(), &name, &plain);
+        drop(plain);
         repo.store().put_new(&name, Bytes::from(sealed)).await?;
         let refused = delete_all(repo, &strs(&self.replaced), false, &mut report.problems).await;
         let gone = (self.replaced.len() - refused.len()) as u64;
@@ -647,11 +658,11 @@ impl MergedIndex {
     fn add(&mut self, name: &str, file: crate::index::IndexFile, forgotten: &HashSet<String>) {
         if self.entries.capacity() == 0 {
             // All the room it can need, once: growing by doubling would hold twice
-            // that while it copies.
-            self.entries.reserve_exact(MERGED_ENTRIES + SMALL_INDEX);
+            // that while it copies (and the file's header fits in what is left).
+            self.entries.reserve_exact(MERGED_ENTRIES + SMALL_INDEX + 64);
         }
         self.points.extend(file.points.into_iter().filter(|p| !forgotten.contains(p)));
-        self.entries.extend(file.entries);
+        self.entries.extend(file.entries.iter().map(entry_record));
         self.replaced.push(name.to_string());
     }
 }
@@ -1624,7 +1635,9 @@ mod tests {
         assert_eq!(r.merged_index_files, 20, "{r:?}");
         let files = repo.store().list(INDEX_DIR).await.unwrap();
         assert_eq!(files.len(), 1);
-        let merged = open_index(repo.keys(), &files[0].name, &repo.store().get(&files[0].name).await.unwrap()).unwrap();
+        let merged =
+            crate::index::open_index(repo.keys(), &files[0].name, &repo.store().get(&files[0].name).await.unwrap())
+                .unwrap();
         assert_eq!(merged.points.len(), 19, "every point but the forgotten one");
         assert!(!merged.points.contains(&points[0].name));
         assert_eq!(merged.entries.len(), 40, "the forgotten point's content is still indexed until it is deleted");

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 
 /// Bytes read from a run at once, while merging.
 const READ_BUF: usize = 64 << 10;
+/// Records held before they are first made unique in place.
+const COMPACT_ABOVE: usize = 1024;
 
 /// Records being gathered.
 pub struct Spill<const N: usize> {
@@ -42,9 +44,23 @@ impl<const N: usize> Spill<N> {
     }
 
     pub fn push(&mut self, record: [u8; N]) -> io::Result<()> {
+        // Full: before it grows (or spills), the records held are made unique. The
+        // same record comes again and again (a file in every point that has it),
+        // so this often makes room enough.
+        if self.held.len() == self.held.capacity() && self.held.len() >= COMPACT_ABOVE {
+            sort_unique(&mut self.held);
+            if self.held.len() > self.held.capacity() / 4 * 3 {
+                // Doubled, but never past the budget.
+                let room = self.budget.saturating_sub(self.held.len()).max(1);
+                self.held.reserve_exact(self.held.len().min(room));
+            }
+        }
         self.held.push(record);
         if self.held.len() >= self.budget {
-            self.write_run()?;
+            sort_unique(&mut self.held);
+            if self.held.len() > self.budget / 2 {
+                self.write_run()?;
+            }
         }
         Ok(())
     }
@@ -85,9 +101,24 @@ impl<const N: usize> Spill<N> {
     }
 }
 
-fn sort_unique<const N: usize>(records: &mut Vec<[u8; N]>) {
-    records.sort_unstable();
+/// Sorts `records` (as their bytes do) and keeps each once.
+pub fn sort_unique<const N: usize>(records: &mut Vec<[u8; N]>) {
+    records.sort_unstable_by(cmp_records);
     records.dedup();
+}
+
+/// The order of the records' bytes, compared eight at a time: sorting hundreds of
+/// thousands of them by `memcmp` calls took a tenth of a prune run.
+fn cmp_records<const N: usize>(a: &[u8; N], b: &[u8; N]) -> std::cmp::Ordering {
+    let (mut words_a, mut words_b) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (x, y) in (&mut words_a).zip(&mut words_b) {
+        let word = |w: &[u8]| u64::from_be_bytes(w.try_into().expect("chunks of 8"));
+        let (x, y) = (word(x), word(y));
+        if x != y {
+            return x.cmp(&y);
+        }
+    }
+    words_a.remainder().cmp(words_b.remainder())
 }
 
 /// Records sorted, each once: read as many times as needed.
@@ -244,6 +275,15 @@ mod tests {
     }
 
     proptest! {
+        /// Compared eight bytes at a time, records order as their bytes do.
+        #[test]
+        fn records_compare_as_their_bytes(a in any::<[u8; 13]>(), b in any::<[u8; 13]>(), same in 0usize..13) {
+            prop_assert_eq!(cmp_records(&a, &b), a.cmp(&b));
+            let mut c = a;
+            c[same..].copy_from_slice(&b[same..]);
+            prop_assert_eq!(cmp_records(&a, &c), a.cmp(&c));
+        }
+
         /// Whatever the budget, the records come back as a sort and a dedup of
         /// those pushed.
         #[test]
