@@ -288,27 +288,18 @@ impl Repository {
     pub async fn fragments(&self, point: &PointRef, at: Timestamp) -> Result<Vec<FragmentRef>, RepoError> {
         let dir = format!("{FRAGS_DIR}/{}", point.source);
         let Some(key) = time_key(at) else { return Ok(Vec::new()) };
-        let mut offset = format!("{dir}/{key}");
         let mut out = Vec::new();
-        // Pages double (see `wal_pieces`).
-        let mut limit = FIRST_PAGE;
-        loop {
-            let page = self.store().list_after(&dir, &offset, limit).await?;
-            let full = page.len() == limit;
-            limit = limit.saturating_mul(2);
-            for o in &page {
-                let Some(f) = FragmentRef::parse(o) else { continue };
+        // Newest first: names count time down.
+        self.store()
+            .list_after_while(&dir, &format!("{dir}/{key}"), FIRST_PAGE, |name| {
+                let Some(f) = FragmentRef::parse(name) else { return true };
                 if f.time <= point.time {
-                    out.reverse();
-                    return Ok(out);
+                    return false;
                 }
                 out.push(f);
-            }
-            match page.last() {
-                Some(last) if full => offset = last.clone(),
-                _ => break,
-            }
-        }
+                true
+            })
+            .await?;
         out.reverse();
         Ok(out)
     }

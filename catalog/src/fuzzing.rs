@@ -15,7 +15,7 @@ use crate::fragment::{Fragment, FragmentRef, Overlay};
 use crate::id::Id;
 use crate::index::{decode_index, encode_index};
 use crate::keyslot::{decode_key_file, KeySlot, Secret, SlotKind};
-use crate::object::{open_object, open_object_owned};
+use crate::object::open_object_owned;
 use crate::pack::{header_len, parse_header, parse_pack_name};
 use crate::point::{validate_source, Manifest, PointRef};
 use crate::policy::StoredPolicy;
@@ -77,10 +77,7 @@ pub fn key_file(data: &[u8]) {
 }
 
 pub fn object(data: &[u8]) {
-    let borrowed = open_object(&keys(), "index/0", data);
-    let owned = open_object_owned(&keys(), "index/0", Bytes::copy_from_slice(data));
-    // The two ways of opening agree.
-    assert_eq!(borrowed.ok(), owned.ok().map(|b| b.to_vec()));
+    let _ = open_object_owned(&keys(), "index/0", Bytes::copy_from_slice(data));
 }
 
 pub fn payload(data: &[u8]) {

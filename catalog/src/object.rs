@@ -4,7 +4,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::crypto::{decode_payload, open, open_in_place, seal_payload, Keys, PayloadError};
+use crate::crypto::{decode_payload, open_in_place, seal_payload, Keys, PayloadError};
 
 const MAGIC: &[u8; 4] = b"EBO1";
 /// Objects are small (manifests) or bounded (an index of one point); refuse to
@@ -52,13 +52,9 @@ pub fn open_object_owned(keys: &Keys, name: &str, mut bytes: Bytes) -> Result<By
     decode_payload(payload.freeze(), MAX_OBJECT).map_err(|cause| ObjectError::Payload { name: name.to_string(), cause })
 }
 
+/// `open_object_owned` on a copy of `bytes` (which decrypting cannot spare).
 pub fn open_object(keys: &Keys, name: &str, bytes: &[u8]) -> Result<Vec<u8>, ObjectError> {
-    let body = bytes.strip_prefix(MAGIC).ok_or_else(|| ObjectError::Magic { name: name.to_string() })?;
-    let payload = open(&keys.object_cipher(name), name.as_bytes(), body)
-        .map_err(|_| ObjectError::Auth { name: name.to_string() })?;
-    decode_payload(payload.into(), MAX_OBJECT)
-        .map(|b| b.to_vec())
-        .map_err(|cause| ObjectError::Payload { name: name.to_string(), cause })
+    open_object_owned(keys, name, Bytes::copy_from_slice(bytes)).map(|plain| plain.to_vec())
 }
 
 #[cfg(test)]

@@ -374,7 +374,6 @@ pub async fn prune(
                 ..RepackReport::default()
             }
         } else {
-            let spill_failed = |cause| PruneError::Spill { dir: spill_dir().display().to_string(), cause };
             let mut with_uses = Vec::with_capacity(chosen.len());
             let mut next = chosen.iter().peekable();
             for group in uses_by_pack(&survey.uses) {
@@ -773,6 +772,10 @@ fn spill_dir() -> std::path::PathBuf {
     crate::index_cache::cache_dir().map_or_else(std::env::temp_dir, |d| d.join("spill"))
 }
 
+fn spill_failed(cause: std::io::Error) -> PruneError {
+    PruneError::Spill { dir: spill_dir().display().to_string(), cause }
+}
+
 /// Each pack points use, in order, with the (offset, length) of each of its
 /// blobs in use, sorted.
 fn uses_by_pack(uses: &Sorted<USE_LEN>) -> impl Iterator<Item = std::io::Result<(Id, Vec<(u32, u32)>)>> + '_ {
@@ -818,12 +821,10 @@ async fn survey(
         object: object.to_string(),
         cause: e.to_string(),
     };
-    let dir = spill_dir();
-    let spill_failed = |cause| PruneError::Spill { dir: dir.display().to_string(), cause };
     let mut points = Vec::new();
     let mut newest = HashMap::new();
     let mut bases: HashMap<String, Vec<(Timestamp, Option<PgInfo>)>> = HashMap::new();
-    let mut spill = Spill::<USE_LEN>::new(max_memory / 4, &dir);
+    let mut spill = Spill::<USE_LEN>::new(max_memory / 4, &spill_dir());
     // Trees by place, not content id (the same tree may be stored twice), each
     // read once, IN_FLIGHT at a time: on an object store each read is a round
     // trip. Each with the point it was first reached from, which an unreadable

@@ -96,32 +96,23 @@ impl PointNames<'_> {
     /// costs what a day costs.
     async fn points_between(&self, source: &str, span: Span) -> Result<Vec<PointRef>, RepoError> {
         let dir = crate::point::source_dir(source);
-        let mut after = match span.until.and_then(|u| crate::point::offset_for(source, u)) {
+        let after = match span.until.and_then(|u| crate::point::offset_for(source, u)) {
             Some(offset) => offset,
             // After every point (or before 1970, which no point can be at or before).
             None if span.until.is_none() => format!("{dir}/"),
             None => return Ok(Vec::new()),
         };
         let mut out = Vec::new();
-        // Pages double (see `wal_pieces`).
-        let mut limit = FIRST_PAGE;
-        'pages: loop {
-            let page = self.store.list_after(&dir, &after, limit).await?;
-            let full = page.len() == limit;
-            limit = limit.saturating_mul(2);
-            for name in page {
-                let parsed = PointRef::parse(&name);
-                after = name;
-                let Some(p) = parsed else { continue };
+        self.store
+            .list_after_while(&dir, &after, FIRST_PAGE, |name| {
+                let Some(p) = PointRef::parse(name) else { return true };
                 if span.since.is_some_and(|s| p.time < s) {
-                    break 'pages;
+                    return false;
                 }
                 out.push(p);
-            }
-            if !full {
-                break;
-            }
-        }
+                true
+            })
+            .await?;
         // Oldest first, and points at one instant in name order, as `points` has them.
         out.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.name.cmp(&b.name)));
         Ok(out)

@@ -70,8 +70,8 @@ impl<const N: usize> Spill<N> {
         self.spilled
     }
 
+    /// Writes the records held, sorted and each once, as a run.
     fn write_run(&mut self) -> io::Result<()> {
-        sort_unique(&mut self.held);
         std::fs::create_dir_all(&self.dir)?;
         let file = tempfile::tempfile_in(&self.dir)?;
         let mut out = BufWriter::with_capacity(READ_BUF, file);
@@ -95,6 +95,7 @@ impl<const N: usize> Spill<N> {
             return Ok(Sorted::Held(self.held));
         }
         if !self.held.is_empty() {
+            sort_unique(&mut self.held);
             self.write_run()?;
         }
         Ok(Sorted::Runs(self.runs))

@@ -422,6 +422,37 @@ impl Store {
         Ok(out)
     }
 
+    /// The names `list_after` gives, one after the other to `visit` until it
+    /// returns false or there are no more: listed a page at a time, the first of
+    /// `first_page` names and each next one twice as large. A span of a few names
+    /// costs one small listing (on `file://` a listing reads every shard directory
+    /// it needs to fill its page), and a long one a few listings, not one per
+    /// thousand names.
+    pub async fn list_after_while(
+        &self,
+        dir: &str,
+        after: &str,
+        first_page: usize,
+        mut visit: impl FnMut(&str) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut after = after.to_string();
+        let mut limit = first_page.max(1);
+        loop {
+            let page = self.list_after(dir, &after, limit).await?;
+            let full = page.len() == limit;
+            limit = limit.saturating_mul(2);
+            for name in &page {
+                if !visit(name) {
+                    return Ok(());
+                }
+            }
+            match page.last() {
+                Some(last) if full => after = last.clone(),
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// The names of the objects directly under `dir/` (not in its subdirectories)
     /// that sort after `after`, in name order, at most `limit` of them: one narrow
     /// listing, not a scan of the repository.

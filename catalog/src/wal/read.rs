@@ -15,6 +15,7 @@ use crate::error::RepoError;
 use crate::object::{open_object, ObjectError};
 use crate::repo::Repository;
 
+/// Names asked for by the first listing of pieces (`Store::list_after_while`).
 const LIST_PAGE: usize = 1000;
 /// Segments whose whole piece is looked for at once, ahead of the one planned:
 /// on an object store each look is a request.
@@ -58,29 +59,21 @@ impl Repository {
         to: Lsn,
     ) -> Result<Vec<WalPiece>, RepoError> {
         let dir = tli_dir(source, tli);
-        let mut offset = format!("{dir}/{:016x}", system.segment_start(from).0);
+        let offset = format!("{dir}/{:016x}", system.segment_start(from).0);
         let mut out = Vec::new();
-        // Pages double: a listing of a local directory reads all of it, so a long
-        // span costs a few of them, not one per thousand pieces.
-        let mut limit = LIST_PAGE;
-        loop {
-            let page = self.store().list_after(&dir, &offset, limit).await?;
-            let full = page.len() == limit;
-            limit = limit.saturating_mul(2);
-            for o in &page {
-                let Some(p) = WalPiece::parse(tli, o) else { continue };
+        self.store()
+            .list_after_while(&dir, &offset, LIST_PAGE, |name| {
+                let Some(p) = WalPiece::parse(tli, name) else { return true };
                 if p.start >= to {
-                    return Ok(out);
+                    return false;
                 }
                 if p.end > from {
                     out.push(p);
                 }
-            }
-            match page.last() {
-                Some(last) if full => offset = last.clone(),
-                _ => return Ok(out),
-            }
-        }
+                true
+            })
+            .await?;
+        Ok(out)
     }
 
     /// Where the stored WAL of timeline `tli` ends: the end of the piece that starts
