@@ -95,6 +95,10 @@ impl<'a> Decoder<'a> {
         }
         Ok(n)
     }
+    /// The bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.rest.len()
+    }
     pub fn finish(self) -> Result<(), DecodeError> {
         if self.rest.is_empty() {
             Ok(())

@@ -220,6 +220,26 @@ pub fn seal_payload(
     out
 }
 
+/// What `seal_payload` gives of `data` stored uncompressed, sealed in `data`'s own
+/// buffer: for objects of megabytes that would not compress (a merged index file is
+/// mostly ids), so that they are never held twice.
+pub fn seal_payload_raw(cipher: &Aes256Gcm, counter: u64, aad: &[u8], prefix: &[u8], mut data: Vec<u8>) -> Vec<u8> {
+    let n = nonce(counter);
+    let body = prefix.len() + NONCE_LEN;
+    let (len, head) = (data.len(), body + 1);
+    data.reserve_exact(head + TAG_LEN);
+    data.resize(len + head, 0);
+    data.copy_within(..len, head);
+    data[..prefix.len()].copy_from_slice(prefix);
+    data[prefix.len()..body].copy_from_slice(&n);
+    data[body] = RAW;
+    let tag = cipher
+        .encrypt_inout_detached(&n, aad, data[body..].as_mut().into())
+        .expect("AES-GCM accepts messages of this size");
+    data.extend_from_slice(&tag);
+    data
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
     #[error("empty payload")]
@@ -326,6 +346,14 @@ mod tests {
         }
         let raw = seal_payload(&c, 0, b"aad", b"", &text, None);
         assert_eq!(raw, seal(&c, 0, b"aad", &encode_payload(&text, None)));
+        // Sealed in its own buffer, the same bytes, whatever room the buffer has.
+        for data in [&text[..], &noise[..], &b""[..]] {
+            let expected = seal_payload(&c, 7, b"aad", b"EBO1", data, None);
+            assert_eq!(seal_payload_raw(&c, 7, b"aad", b"EBO1", data.to_vec()), expected);
+            let mut roomy = Vec::with_capacity(data.len() * 2 + 64);
+            roomy.extend_from_slice(data);
+            assert_eq!(seal_payload_raw(&c, 7, b"aad", b"EBO1", roomy), expected);
+        }
     }
 
     #[test]

@@ -90,6 +90,17 @@ pub fn pack_header(data: &[u8]) {
 }
 
 pub fn index(data: &[u8]) {
+    // Opened as records (what prune does), the same file or the same refusal.
+    let sealed = crate::object::seal_object_raw(&keys(), "index/0", data.to_vec());
+    let records = crate::index::open_index_records(&keys(), "index/0", Bytes::from(sealed));
+    match (&records, decode_index(data)) {
+        (Ok(r), Ok(file)) => {
+            assert_eq!(r.points, file.points);
+            assert_eq!(r.len(), file.entries.len());
+        }
+        (Err(_), Err(_)) => {}
+        (r, file) => panic!("records {:?} but decoded {:?}", r.is_ok(), file.is_ok()),
+    }
     if let Ok(file) = decode_index(data) {
         // Whatever the version read, what it says is written again the same.
         let again = match file.points.as_slice() {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use crate::codec::{Decoder, Encoder};
 use crate::crypto::Keys;
 use crate::id::Id;
-use crate::object::{open_object, open_object_owned, seal_object, ObjectError};
+use crate::object::{open_object, open_object_owned, seal_object, seal_object_raw, ObjectError};
 use crate::pack::{BlobKind, BlobRef, PackEntry, BLOB_REF_LEN};
 
 pub const INDEX_DIR: &str = "index";
@@ -79,7 +79,8 @@ pub fn encode_merged(points: &[String], entries: &[PackEntry]) -> Vec<u8> {
 /// An entry as a merged file stores it: its kind, then its blob reference.
 pub const ENTRY_LEN: usize = 1 + BLOB_REF_LEN;
 
-pub fn entry_record(entry: &PackEntry) -> [u8; ENTRY_LEN] {
+#[cfg(test)]
+fn entry_record(entry: &PackEntry) -> [u8; ENTRY_LEN] {
     let mut e = Encoder { buf: Vec::with_capacity(ENTRY_LEN) };
     e.u8(entry.kind as u8);
     entry.blob.encode(&mut e);
@@ -87,7 +88,7 @@ pub fn entry_record(entry: &PackEntry) -> [u8; ENTRY_LEN] {
 }
 
 /// What `encode_merged` makes of `points` and the entries `records` hold (each as
-/// `entry_record` gives it), built in the records' own buffer: a merge of many
+/// an index file stores it: its kind, then its blob reference), built in the records' own buffer: a merge of many
 /// files holds its entries once, not also as a copy being encoded.
 pub fn encode_merged_records(points: &[String], records: Vec<[u8; ENTRY_LEN]>) -> Vec<u8> {
     let mut head = Encoder::default();
@@ -130,15 +131,32 @@ fn point_name(d: &mut Decoder) -> Result<String, crate::codec::DecodeError> {
 
 pub fn decode_index(bytes: &[u8]) -> Result<IndexFile, crate::codec::DecodeError> {
     let mut d = Decoder::new("index", bytes);
+    let points = decode_points(&mut d)?;
+    let n = d.count(ENTRY_LEN)?;
+    let mut entries = Vec::with_capacity(n);
+    for _ in 0..n {
+        entries.push(decode_entry(&mut d)?);
+    }
+    d.finish()?;
+    Ok(IndexFile { points, entries })
+}
+
+fn decode_entry(d: &mut Decoder) -> Result<PackEntry, crate::codec::DecodeError> {
+    let kind = BlobKind::from_u8(d.u8()?).ok_or_else(|| d.error("unknown blob kind"))?;
+    Ok(PackEntry { kind, blob: BlobRef::decode(d)? })
+}
+
+/// An index file's version and the points it names.
+fn decode_points(d: &mut Decoder) -> Result<Vec<String>, crate::codec::DecodeError> {
     let v = d.u8()?;
     let points = match v {
         VERSION_1 => Vec::new(),
-        VERSION_2 => Some(point_name(&mut d)?).filter(|n| !n.is_empty()).into_iter().collect(),
+        VERSION_2 => Some(point_name(d)?).filter(|n| !n.is_empty()).into_iter().collect(),
         VERSION_3 => {
             let n = d.count(4)?;
             let mut points = Vec::with_capacity(n);
             for _ in 0..n {
-                let name = point_name(&mut d)?;
+                let name = point_name(d)?;
                 if name.is_empty() {
                     return Err(d.error("an empty point name"));
                 }
@@ -148,14 +166,114 @@ pub fn decode_index(bytes: &[u8]) -> Result<IndexFile, crate::codec::DecodeError
         }
         _ => return Err(d.error(format!("unknown index version {v}"))),
     };
-    let n = d.count(1 + BLOB_REF_LEN)?;
-    let mut entries = Vec::with_capacity(n);
+    Ok(points)
+}
+
+/// An index file with its entries left as they are stored (`ENTRY_LEN` bytes
+/// each), in the buffer it was opened in: prune filters and merges files of
+/// hundreds of thousands of entries with no decoded copy beside them.
+pub struct IndexRecords {
+    pub points: Vec<String>,
+    buf: bytes::BytesMut,
+    /// Where the first entry starts in `buf`, and how many there are.
+    at: usize,
+    n: usize,
+}
+
+/// `open_index` on bytes the caller gives up (`open_object_owned`), the entries
+/// checked as `decode_index` checks them but left as records.
+pub fn open_index_records(keys: &Keys, name: &str, bytes: bytes::Bytes) -> Result<IndexRecords, ObjectError> {
+    let plain = open_object_owned(keys, name, bytes)?;
+    let decode_error = |cause| ObjectError::Decode { name: name.to_string(), cause };
+    let mut d = Decoder::new("index", &plain);
+    let points = decode_points(&mut d).map_err(decode_error)?;
+    let n = d.count(ENTRY_LEN).map_err(decode_error)?;
+    let at = plain.len() - d.remaining();
     for _ in 0..n {
-        let kind = BlobKind::from_u8(d.u8()?).ok_or_else(|| d.error("unknown blob kind"))?;
-        entries.push(PackEntry { kind, blob: BlobRef::decode(&mut d)? });
+        decode_entry(&mut d).map_err(decode_error)?;
     }
-    d.finish()?;
-    Ok(IndexFile { points, entries })
+    d.finish().map_err(decode_error)?;
+    let buf = plain.try_into_mut().unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+    Ok(IndexRecords { points, buf, at, n })
+}
+
+impl IndexRecords {
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The entries, each as stored: its kind, then its blob reference.
+    pub fn records(&self) -> impl Iterator<Item = &[u8; ENTRY_LEN]> + '_ {
+        let (chunks, _) = self.buf[self.at..self.at + self.n * ENTRY_LEN].as_chunks::<ENTRY_LEN>();
+        chunks.iter()
+    }
+
+    /// Keeps the entries of the packs `keep` says, in place.
+    pub fn retain_packs(&mut self, mut keep: impl FnMut(&Id) -> bool) {
+        let mut kept = 0;
+        for i in 0..self.n {
+            let from = self.at + i * ENTRY_LEN;
+            if keep(&record_pack(&self.buf[from..from + ENTRY_LEN])) {
+                if kept != i {
+                    self.buf.copy_within(from..from + ENTRY_LEN, self.at + kept * ENTRY_LEN);
+                }
+                kept += 1;
+            }
+        }
+        self.n = kept;
+    }
+
+    /// The file `encode_for_points` would make of its points and entries, sealed
+    /// uncompressed (`seal_object_raw`) in this buffer.
+    pub fn seal(self, keys: &Keys, name: &str) -> Vec<u8> {
+        let IndexRecords { points, mut buf, at, n } = self;
+        let mut head = Encoder::default();
+        match &points[..] {
+            [] => {
+                head.u8(VERSION_2);
+                head.bytes(&[]);
+            }
+            [one] => {
+                head.u8(VERSION_2);
+                head.bytes(one.as_bytes());
+            }
+            many => {
+                head.u8(VERSION_3);
+                head.u32(u32::try_from(many.len()).expect("fewer than 2^32 points"));
+                for p in many {
+                    head.bytes(p.as_bytes());
+                }
+            }
+        }
+        head.u32(n as u32);
+        buf.truncate(at + n * ENTRY_LEN);
+        let mut plain: Vec<u8> = buf.into();
+        splice_head(&mut plain, at, &head.buf);
+        seal_object_raw(keys, name, plain)
+    }
+}
+
+/// The pack of an entry record: after its kind and blob id.
+fn record_pack(record: &[u8]) -> Id {
+    Id(record[1 + 32..1 + 64].try_into().expect("a record holds a pack id"))
+}
+
+/// Replaces the first `old` bytes of `buf` with `head`, moving what follows.
+fn splice_head(buf: &mut Vec<u8>, old: usize, head: &[u8]) {
+    if head.len() > old {
+        let grow = head.len() - old;
+        let len = buf.len();
+        buf.resize(len + grow, 0);
+        buf.copy_within(old..len, head.len());
+    } else {
+        buf.copy_within(old.., head.len());
+        buf.truncate(buf.len() - (old - head.len()));
+    }
+    buf[..head.len()].copy_from_slice(head);
 }
 
 pub fn seal_index(keys: &Keys, name: &str, point: Option<&str>, entries: &[PackEntry]) -> Vec<u8> {
@@ -174,12 +292,6 @@ pub fn encode_for_points(points: &[String], entries: &[PackEntry]) -> Vec<u8> {
         [one] => encode_index(Some(one), entries),
         _ => encode_merged(points, entries),
     }
-}
-
-/// `open_index` on bytes the caller gives up (`open_object_owned`).
-pub fn open_index_owned(keys: &Keys, name: &str, bytes: bytes::Bytes) -> Result<IndexFile, ObjectError> {
-    let plain = open_object_owned(keys, name, bytes)?;
-    decode_index(&plain).map_err(|e| ObjectError::Decode { name: name.to_string(), cause: e })
 }
 
 pub fn open_index(keys: &Keys, name: &str, bytes: &[u8]) -> Result<IndexFile, ObjectError> {
@@ -281,5 +393,60 @@ mod tests {
         }
         assert!(decode_index(&[3, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err(), "an empty point name");
         assert!(decode_index(&[4, 0, 0, 0, 0]).is_err(), "version 4");
+    }
+
+    /// Opened as records, filtered in place and sealed again (uncompressed), an
+    /// index file of each version reads as the same file with those entries.
+    #[test]
+    fn index_records_filter_in_place_and_seal_what_encode_for_points_makes() {
+        let keys = Keys::derive(&crate::crypto::MasterKey([7; 32]), &Id([9; 32]));
+        let entries: Vec<PackEntry> = (0..200u32)
+            .map(|i| PackEntry {
+                kind: if i % 3 == 0 { BlobKind::Tree } else { BlobKind::Data },
+                blob: BlobRef {
+                    id: Id([i as u8; 32]),
+                    pack: Id([(i % 7) as u8; 32]),
+                    offset: i,
+                    length: 9,
+                    raw_len: 11,
+                },
+            })
+            .collect();
+        let many = vec!["points/a/x".to_string(), "points/b/y".to_string(), "points/c/z".to_string()];
+        for points in [vec![], vec!["points/db/x".to_string()], many] {
+            let name = "index/0000000000000001-0000000000000002";
+            let sealed = seal_for_points(&keys, name, &points, &entries);
+            let mut records = open_index_records(&keys, name, bytes::Bytes::from(sealed.clone())).unwrap();
+            assert_eq!(records.points, points);
+            assert_eq!(records.len(), entries.len());
+            let as_stored: Vec<[u8; ENTRY_LEN]> = entries.iter().map(entry_record).collect();
+            assert!(records.records().eq(as_stored.iter()));
+            let keep = |pack: &Id| pack.0[0].is_multiple_of(2);
+            records.retain_packs(keep);
+            let left: Vec<PackEntry> = entries.iter().filter(|e| keep(&e.blob.pack)).cloned().collect();
+            assert_eq!(records.len(), left.len());
+            let again = records.seal(&keys, name);
+            assert_eq!(
+                open_index(&keys, name, &again).unwrap(),
+                IndexFile { points: points.clone(), entries: left.clone() }
+            );
+            let plain = crate::object::open_object(&keys, name, &again).unwrap();
+            assert_eq!(plain, encode_for_points(&points, &left), "{points:?}");
+            // Nothing left: the file says so.
+            let mut none = open_index_records(&keys, name, bytes::Bytes::from(sealed)).unwrap();
+            none.retain_packs(|_| false);
+            assert!(none.is_empty());
+            assert_eq!(
+                open_index(&keys, name, &none.seal(&keys, name)).unwrap(),
+                IndexFile { points, entries: vec![] }
+            );
+        }
+        // What `decode_index` refuses, this refuses too.
+        let mut bad = encode_index(None, &entries);
+        bad[9] = 9; // the first entry's kind
+        let sealed = crate::object::seal_object(&keys, "index/x", &bad);
+        assert!(matches!(open_index_records(&keys, "index/x", sealed.into()), Err(ObjectError::Decode { .. })));
+        let short = crate::object::seal_object(&keys, "index/x", &bad[..bad.len() - 1]);
+        assert!(open_index_records(&keys, "index/x", short.into()).is_err());
     }
 }

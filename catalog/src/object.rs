@@ -4,7 +4,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::crypto::{decode_payload, open_in_place, seal_payload, Keys, PayloadError};
+use crate::crypto::{decode_payload, open_in_place, seal_payload, seal_payload_raw, Keys, PayloadError};
 
 const MAGIC: &[u8; 4] = b"EBO1";
 /// Objects are small (manifests) or bounded (an index of one point); refuse to
@@ -35,6 +35,12 @@ pub fn seal_object_with(
     compressor: &mut zstd::bulk::Compressor<'static>,
 ) -> Vec<u8> {
     seal_payload(&keys.object_cipher(name), 0, name.as_bytes(), MAGIC, plain, Some(compressor))
+}
+
+/// `seal_object` of `plain` stored uncompressed, sealed in its own buffer: for
+/// objects of megabytes that would not compress much (merged index files).
+pub fn seal_object_raw(keys: &Keys, name: &str, plain: Vec<u8>) -> Vec<u8> {
+    seal_payload_raw(&keys.object_cipher(name), 0, name.as_bytes(), MAGIC, plain)
 }
 
 /// `open_object` on bytes the caller gives up: decrypted where they lie (unless

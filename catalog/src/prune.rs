@@ -38,8 +38,8 @@ use crate::error::RepoError;
 use crate::forget::{ForgetRecord, FORGOTTEN_DIR};
 use crate::fragment::{FragmentRef, FRAGS_DIR};
 use crate::id::Id;
-use crate::index::{encode_for_points, encode_merged_records, entry_record, open_index_owned, ENTRY_LEN, INDEX_DIR};
-use crate::object::{open_object, seal_object};
+use crate::index::{encode_merged_records, open_index_records, IndexRecords, ENTRY_LEN, INDEX_DIR};
+use crate::object::{open_object, seal_object, seal_object_raw};
 use crate::pack::{pack_name, parse_pack_name, BlobRef, PACKS_DIR};
 use crate::point::PgInfo;
 use crate::point::PointRef;
@@ -486,13 +486,12 @@ pub async fn prune(
     let mut reads = stream::iter(reads).buffered(IN_FLIGHT);
     while let Some((name, got)) = reads.next().await {
         let Ok(bytes) = got else { continue };
-        let Ok(mut file) = open_index_owned(repo.keys(), &name, bytes) else { continue };
+        let Ok(mut file) = open_index_records(repo.keys(), &name, bytes) else { continue };
         // In place: a merged file holds up to hundreds of thousands of entries.
-        let before = file.entries.len();
-        file.entries.retain(|e| !gone(&e.blob.pack));
-        let left = &file.entries;
-        if left.len() == before {
-            if left.len() < SMALL_INDEX {
+        let before = file.len();
+        file.retain_packs(|pack| !gone(pack));
+        if file.len() == before {
+            if file.len() < SMALL_INDEX {
                 small.push(name.clone());
             }
             indexed_points.extend(file.points);
@@ -500,22 +499,18 @@ pub async fn prune(
         }
         // What is left goes into a replacement, written before the old one goes:
         // a writer reading the index meanwhile finds one or both.
-        if !left.is_empty() {
+        if !file.is_empty() {
+            report.rewritten_index_files += 1;
+            indexed_points.extend(file.points.iter().cloned());
             if !opts.dry_run {
                 let name = Repository::new_index_name();
-                // The entries let go before sealing: the two never add up.
-                let plain = encode_for_points(&file.points, left);
-                let small_one = left.len() < SMALL_INDEX;
-                file.entries = Vec::new();
-                let sealed = seal_object(repo.keys(), &name, &plain);
-                drop(plain);
+                let small_one = file.len() < SMALL_INDEX;
+                let sealed = file.seal(repo.keys(), &name);
                 store.put_new(&name, Bytes::from(sealed)).await?;
                 if small_one {
                     small.push(name);
                 }
             }
-            report.rewritten_index_files += 1;
-            indexed_points.extend(file.points);
         }
         obsolete.push(name);
     }
@@ -613,7 +608,7 @@ async fn merge_index_files(
     let mut reads = stream::iter(reads).buffered(IN_FLIGHT);
     while let Some((name, got)) = reads.next().await {
         let Ok(bytes) = got else { continue };
-        let Ok(file) = open_index_owned(repo.keys(), &name, bytes) else { continue };
+        let Ok(file) = open_index_records(repo.keys(), &name, bytes) else { continue };
         batch.add(&name, file, forgotten);
         // Each batch written as it fills: at most one is held.
         if batch.entries.len() >= MERGED_ENTRIES {
@@ -643,9 +638,10 @@ impl MergedIndex {
         crate::spill::sort_unique(&mut self.entries);
         let name = Repository::new_index_name();
         let points: Vec<String> = self.points.into_iter().collect();
+        // Uncompressed: ids do not compress, and the file is sealed in the entries'
+        // buffer, never held twice.
         let plain = encode_merged_records(&points, self.entries);
-        let sealed = seal_object(repo.keys(), &name, &plain);
-        drop(plain);
+        let sealed = seal_object_raw(repo.keys(), &name, plain);
         repo.store().put_new(&name, Bytes::from(sealed)).await?;
         let refused = delete_all(repo, &strs(&self.replaced), false, &mut report.problems).await;
         let gone = (self.replaced.len() - refused.len()) as u64;
@@ -654,14 +650,14 @@ impl MergedIndex {
         Ok(())
     }
 
-    fn add(&mut self, name: &str, file: crate::index::IndexFile, forgotten: &HashSet<String>) {
+    fn add(&mut self, name: &str, file: IndexRecords, forgotten: &HashSet<String>) {
         if self.entries.capacity() == 0 {
             // All the room it can need, once: growing by doubling would hold twice
             // that while it copies (and the file's header fits in what is left).
             self.entries.reserve_exact(MERGED_ENTRIES + SMALL_INDEX + 64);
         }
+        self.entries.extend(file.records());
         self.points.extend(file.points.into_iter().filter(|p| !forgotten.contains(p)));
-        self.entries.extend(file.entries.iter().map(entry_record));
         self.replaced.push(name.to_string());
     }
 }

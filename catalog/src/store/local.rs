@@ -40,6 +40,9 @@ fn is_staged(name: &str) -> bool {
 pub(super) fn read_range_direct(path: &std::path::Path, range: Range<u64>) -> std::io::Result<Bytes> {
     use std::os::unix::fs::OpenOptionsExt;
     const ALIGN: u64 = 4096;
+    if range.end.saturating_sub(range.start) < DIRECT_FROM {
+        return read_range_buffered(path, range);
+    }
     let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return read_range_buffered(path, range),
         r => r?,
@@ -61,6 +64,11 @@ pub(super) fn read_range_direct(path: &std::path::Path, range: Range<u64>) -> st
     let to = (skew + got).min(from + (range.end - range.start) as usize);
     Ok(Bytes::from(buf).slice(from..to.max(from)))
 }
+
+/// Ranges shorter than this are read through the page cache: trees and pack
+/// headers, read again and again by prune, backup and a mount, and too small to
+/// crowd it.
+const DIRECT_FROM: u64 = 256 << 10;
 
 fn read_range_buffered(path: &std::path::Path, range: Range<u64>) -> std::io::Result<Bytes> {
     let file = std::fs::File::open(path)?;
