@@ -48,6 +48,7 @@ pub const TARGETS: &[Target] = &[
     ("condemned", condemned),
     ("index_cache", index_cache),
     ("host_index", host_index),
+    ("tree_cache", tree_cache),
 ];
 
 fn keys() -> Keys {
@@ -207,6 +208,21 @@ pub fn host_index(data: &[u8]) {
     }
 }
 
+pub fn tree_cache(data: &[u8]) {
+    use crate::tree_cache::{read_heads, TreeUses, MAX_RECORD};
+    let mut end = 0;
+    let read = read_heads(std::io::Cursor::new(data), data.len() as u64, |_, start, len| {
+        assert!(start >= end && len as usize <= MAX_RECORD, "records in order, each bounded");
+        end = start + u64::from(len);
+    });
+    if read.is_some() {
+        assert!(end <= data.len() as u64, "a record inside the file");
+    }
+    if let Ok(uses) = TreeUses::decode(data) {
+        assert_eq!(uses.encode(), data, "what a tree uses has one encoding");
+    }
+}
+
 pub fn forget_record(data: &[u8]) {
     let _ = ForgetRecord::decode("forgotten/s/0000000000000000-0000000000000000", data);
 }
@@ -253,6 +269,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let merged = ["points/a/e78601e9e44897ff-0123456789abcdef".to_string(), "points/b/x".to_string()];
     out.push(("index", crate::index::encode_merged(&merged, &entries)));
     out.push(("tree", crate::tree::sample().encode()));
+    out.push(("tree_cache", crate::tree_cache::TreeUses::of(&crate::tree::sample()).encode()));
+    out.push(("tree_cache", crate::tree_cache::sample_file(&keys())));
     let mut flagged = crate::tree::sample();
     flagged.entries[0].flags = 0x10;
     out.push(("tree", flagged.encode()));

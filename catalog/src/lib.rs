@@ -45,6 +45,7 @@ mod spill;
 mod store;
 pub mod time;
 pub mod tree;
+mod tree_cache;
 mod verify;
 mod view;
 pub mod wal;

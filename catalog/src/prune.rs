@@ -47,7 +47,7 @@ use crate::policy::POLICIES_DIR;
 use crate::repack::{choose, repack, Chosen, MaxUnused, PackUse, RepackReport};
 use crate::repo::Repository;
 use crate::spill::{Sorted, Spill};
-use crate::tree::{EntryKind, Extent};
+use crate::tree_cache::{TreeCache, TreeUses};
 use crate::wal::{mergeable, redundant, tli_dir, Lsn, WalKeep, WalPiece, WAL_DIR};
 
 /// Objects read or deleted at once.
@@ -130,6 +130,8 @@ pub struct PruneReport {
     pub next_sweep: Option<String>,
     /// Bytes of the survey written to local disk, past `max_memory`.
     pub spilled_bytes: u64,
+    /// Trees whose uses this host's cache held: not read from the store.
+    pub cached_trees: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +250,9 @@ pub async fn prune(
         listed?.into_iter().filter_map(|o| Some((parse_pack_name(&o.name)?, (o.size, o.modified)))).collect();
     report.packs = packs.len() as u64;
     report.pack_bytes = packs.values().map(|(s, _)| s).sum();
-    let survey = survey(repo, opts.max_memory, &mut report, progress).await?;
+    // A host's cache of what trees use, but for a store in memory (tests).
+    let trees = (!store.url().starts_with("memory:")).then(crate::index_cache::cache_dir).flatten();
+    let survey = survey(repo, opts.max_memory, trees.as_deref(), &mut report, progress).await?;
     let live = &survey.live;
     // Names are most of prune's memory at scale: those of fragments are held once,
     // in the survey, and the sets below borrow them.
@@ -748,10 +752,14 @@ struct Used {
 const USE_LEN: usize = 40;
 
 fn use_record(b: &BlobRef) -> [u8; USE_LEN] {
+    use_of(&b.pack, b.offset, b.length)
+}
+
+fn use_of(pack: &Id, offset: u32, length: u32) -> [u8; USE_LEN] {
     let mut r = [0u8; USE_LEN];
-    r[..32].copy_from_slice(&b.pack.0);
-    r[32..36].copy_from_slice(&b.offset.to_be_bytes());
-    r[36..].copy_from_slice(&b.length.to_be_bytes());
+    r[..32].copy_from_slice(&pack.0);
+    r[32..36].copy_from_slice(&offset.to_be_bytes());
+    r[36..].copy_from_slice(&length.to_be_bytes());
     r
 }
 
@@ -810,6 +818,7 @@ impl Survey {
 async fn survey(
     repo: &Repository,
     max_memory: u64,
+    cache_dir: Option<&std::path::Path>,
     report: &mut PruneReport,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Survey, PruneError> {
@@ -859,35 +868,35 @@ async fn survey(
             points.push(point);
         }
     }
+    // What trees use, from this host's cache where it holds them; the others are
+    // read from the store (and added to it).
+    let mut cache = cache_dir.map(|dir| TreeCache::open(dir, &repo.id(), repo.keys()));
     let mut reading = futures::stream::FuturesUnordered::new();
     loop {
         while reading.len() < IN_FLIGHT {
             let Some((tree_ref, from)) = pending.pop() else { break };
+            if let Some(uses) = cache.as_mut().and_then(|c| c.get(&tree_ref)) {
+                surveyed(&tree_ref, &uses, from, &mut spill, &mut seen_trees, &mut pending)?;
+                continue;
+            }
             let repo = repo.clone();
             reading.push(async move { (tree_ref, from, repo.read_tree(&tree_ref).await) });
         }
         let Some((tree_ref, from, tree)) = reading.next().await else { break };
         let tree = tree.map_err(|e| unreadable(&points[from].name, &e))?;
-        spill.push(use_record(&tree_ref)).map_err(spill_failed)?;
-        for entry in &tree.entries {
-            match entry.kind {
-                EntryKind::Dir => {
-                    let fresh = entry.subtree.filter(|sub| seen_trees.insert((sub.pack, sub.offset)));
-                    pending.extend(fresh.map(|sub| (sub, from)));
-                }
-                EntryKind::File => {
-                    for x in &entry.content {
-                        if let Extent::Data(b) = x {
-                            spill.push(use_record(b)).map_err(spill_failed)?;
-                        }
-                    }
-                }
-                _ => {}
-            }
+        let uses = TreeUses::of(&tree);
+        drop(tree);
+        if let Some(c) = &mut cache {
+            c.put(&tree_ref, &uses);
         }
+        surveyed(&tree_ref, &uses, from, &mut spill, &mut seen_trees, &mut pending)?;
     }
     drop(reading);
     drop(seen_trees);
+    if let Some(c) = cache {
+        report.cached_trees = c.hits;
+        c.finish();
+    }
     report.spilled_bytes = spill.spilled();
     let uses = spill.finish().map_err(spill_failed)?;
     let mut point_packs: HashMap<Id, Used> = HashMap::new();
@@ -947,6 +956,25 @@ async fn survey(
     }
     out.live.extend(out.fragment_packs.iter().copied());
     Ok(out)
+}
+
+/// A tree surveyed: its own place and the data blobs it uses to the records, the
+/// trees below it not seen before to those still to read.
+fn surveyed(
+    tree: &BlobRef,
+    uses: &TreeUses,
+    from: usize,
+    spill: &mut Spill<USE_LEN>,
+    seen_trees: &mut HashSet<(Id, u32)>,
+    pending: &mut Vec<(BlobRef, usize)>,
+) -> Result<(), PruneError> {
+    spill.push(use_record(tree)).map_err(spill_failed)?;
+    for (pack, offset, length) in &uses.data {
+        spill.push(use_of(pack, *offset, *length)).map_err(spill_failed)?;
+    }
+    let fresh = uses.subtrees.iter().filter(|sub| seen_trees.insert((sub.pack, sub.offset)));
+    pending.extend(fresh.map(|sub| (*sub, from)));
+    Ok(())
 }
 
 /// The fragments a later point holds (it stores every file at least as far as
@@ -1136,7 +1164,7 @@ mod tests {
     use crate::pack::BlobKind;
     use crate::point::{Manifest, PointRef};
     use crate::store::Store;
-    use crate::tree::{Entry, Tree};
+    use crate::tree::{Entry, EntryKind, Extent, Tree};
     use crate::writer::{WriteError, Writer};
 
     const GRACE: Duration = Duration::from_millis(1500);
@@ -1796,6 +1824,86 @@ mod tests {
         assert_eq!(repo.store().get(&kept.name).await.unwrap(), manifest, "the point is as it was");
         assert!(exists(&repo, &used.pack).await);
         assert!(repo.store().list(CONDEMNED_DIR).await.unwrap().is_empty(), "nothing condemned");
+    }
+
+    /// A point of three directories of `files` files each (of `seed`'s noise),
+    /// through a writer on `host` (which feeds its tree cache).
+    async fn nested_point(repo: &Repository, host: &std::path::Path, seed: u64, files: u64) -> PointRef {
+        let w = Writer::on_host(repo.clone(), timing(), Some(host.into())).await.unwrap();
+        let w2 = w.clone();
+        let root = tokio::task::spawn_blocking(move || {
+            let mut p = w2.packer();
+            let mut dirs = Vec::new();
+            for d in 0..3 {
+                let mut entries = Vec::new();
+                for f in 0..files {
+                    let data = crate::chunker::tests::noise(3000, seed * 100 + d * 10 + f);
+                    let mut file = Entry::new(format!("f{f}").into_bytes(), EntryKind::File);
+                    file.size = data.len() as u64;
+                    file.content = vec![Extent::Data(p.store(BlobKind::Data, &data).unwrap())];
+                    entries.push(file);
+                }
+                let mut dir = Entry::new(format!("d{d}").into_bytes(), EntryKind::Dir);
+                dir.subtree = Some(p.store_tree(&Tree { entries }).unwrap());
+                dirs.push(dir);
+            }
+            let root = p.store_tree(&Tree { entries: dirs }).unwrap();
+            p.flush().unwrap();
+            root
+        })
+        .await
+        .unwrap();
+        let durable = w.checkpoint().await.unwrap();
+        let time = Timestamp::now();
+        let mut m = Manifest::new("s", time, "h".into(), "dir", "/p".into(), root);
+        m.index = durable.summary.index.clone();
+        durable.commit(&m, time).await.unwrap()
+    }
+
+    /// What the survey finds: every use, and what of each pack.
+    async fn surveyed_with(repo: &Repository, cache: Option<&std::path::Path>) -> (Vec<[u8; USE_LEN]>, u64) {
+        let mut report = PruneReport::default();
+        let s = survey(repo, MAX_MEMORY, cache, &mut report, &|_| {}).await.unwrap();
+        (s.uses.iter().map(|r| r.unwrap()).collect(), report.cached_trees)
+    }
+
+    /// A host's tree cache, fed by the writers that store the trees and then by
+    /// each run, surveys exactly as reading every tree from the store does: warm,
+    /// after a forget, and damaged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_tree_cache_surveys_as_the_store_does() {
+        let repo = repo().await;
+        let host = tempfile::tempdir().unwrap();
+        let mut points = Vec::new();
+        for seed in 1..=4 {
+            // Each point shares a directory with the one before.
+            points.push(nested_point(&repo, host.path(), seed, 2 + seed % 2).await);
+        }
+        let (cold, _) = surveyed_with(&repo, None).await;
+        assert!(cold.len() > 4 * 3 * 2, "{} uses", cold.len());
+        // Fed by the writers: every tree (4 roots, 12 directories) from the cache.
+        let (warm, hits) = surveyed_with(&repo, Some(host.path())).await;
+        assert_eq!(warm, cold);
+        assert_eq!(hits, 16);
+        // From the file the run wrote, which took the place of the writers'.
+        let dir = host.path().join(format!("trees-{}", repo.id().to_hex()));
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        assert_eq!(surveyed_with(&repo, Some(host.path())).await, (cold, 16));
+        // A point forgotten: its trees are not reached, and go from the cache.
+        forget(&repo, &points[0]).await;
+        let (cold, _) = surveyed_with(&repo, None).await;
+        assert_eq!(surveyed_with(&repo, Some(host.path())).await, (cold.clone(), 12));
+        // Damaged: what does not open is read from the store again.
+        let file = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+        let mut bytes = std::fs::read(&file).unwrap();
+        for at in (40..bytes.len()).step_by(997) {
+            bytes[at] ^= 0x40;
+        }
+        std::fs::write(&file, &bytes).unwrap();
+        let (damaged, hits) = surveyed_with(&repo, Some(host.path())).await;
+        assert_eq!(damaged, cold);
+        assert!(hits < 12, "{hits} records read from a damaged file");
+        assert_eq!(surveyed_with(&repo, Some(host.path())).await, (cold, 12), "mended by the run");
     }
 
     /// A survey past its memory goes to disk, and the run does as it would in

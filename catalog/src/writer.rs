@@ -43,6 +43,8 @@ use crate::point::{Manifest, PointRef};
 use crate::repo::Repository;
 use crate::running::{remove_leftovers, Mark};
 use crate::store::{Store, StoreError};
+use crate::tree::Tree;
+use crate::tree_cache::{Appender, TreeUses};
 use crate::view::View;
 use crate::wal::{Lsn, WalPiece};
 
@@ -292,6 +294,15 @@ pub struct Writer {
     /// Blobs in packs not yet handed to the uploader: must be zero at `finish`.
     unflushed: AtomicU64,
     lost: AtomicBool,
+    /// What the trees it stores use, for the host's cache (`tree_cache`): the
+    /// cache directory until the first tree, then the file (none once it failed).
+    tree_uses: Mutex<TreeFeed>,
+}
+
+enum TreeFeed {
+    Dir(std::path::PathBuf),
+    File(Box<Appender>),
+    None,
 }
 
 impl Writer {
@@ -310,7 +321,7 @@ impl Writer {
 
     /// `with_timing`, keeping the host's copy of the index files and the writers'
     /// marks in `host` (none without).
-    async fn on_host(
+    pub(crate) async fn on_host(
         repo: Repository,
         timing: crate::condemned::Timing,
         host: Option<std::path::PathBuf>,
@@ -426,7 +437,22 @@ impl Writer {
             packs: AtomicU64::new(0),
             unflushed: AtomicU64::new(0),
             lost: AtomicBool::new(false),
+            tree_uses: Mutex::new(host.map_or(TreeFeed::None, TreeFeed::Dir)),
         }))
+    }
+
+    /// Adds what the tree just stored at `blob` uses to the host's cache.
+    fn feed_tree_cache(&self, blob: &BlobRef, tree: &Tree) {
+        let mut feed = self.tree_uses.lock().expect("tree cache lock");
+        if let TreeFeed::Dir(dir) = &*feed {
+            *feed = Appender::create(dir, &self.repo.id(), self.repo.keys())
+                .map_or(TreeFeed::None, |a| TreeFeed::File(Box::new(a)));
+        }
+        if let TreeFeed::File(file) = &mut *feed {
+            if !file.append(blob, &TreeUses::of(tree)) {
+                *feed = TreeFeed::None;
+            }
+        }
     }
 
     pub fn repo(&self) -> &Repository {
@@ -802,6 +828,18 @@ impl Packer {
         self.w.new_bytes.fetch_add(blob.length as u64, Ordering::Relaxed);
         if pack.len() >= PACK_TARGET {
             self.flush()?;
+        }
+        Ok(blob)
+    }
+
+    /// Stores `tree` (`store`), and what it uses in the host's cache if it is new:
+    /// a prune then need not read it from the store.
+    pub fn store_tree(&mut self, tree: &Tree) -> Result<BlobRef, WriteError> {
+        let data = tree.encode();
+        let known = self.w.known(BlobKind::Tree, &self.content_id(&data)).is_some();
+        let blob = self.store(BlobKind::Tree, &data)?;
+        if !known {
+            self.w.feed_tree_cache(&blob, tree);
         }
         Ok(blob)
     }

@@ -235,7 +235,7 @@ impl DirNode {
         });
         entry.name = name;
         entry.kind = EntryKind::Dir;
-        entry.subtree = Some(packer.store(BlobKind::Tree, &tree.encode())?);
+        entry.subtree = Some(packer.store_tree(&tree)?);
         stats.dirs += 1;
         Ok(entry)
     }
@@ -345,7 +345,7 @@ pub(crate) fn read_archive(
     let top = root.store(b"data".to_vec(), &mut packer, &mut stats)?;
     let mut tree = Tree { entries: vec![top] };
     tree.sort();
-    let root_ref = packer.store(BlobKind::Tree, &tree.encode())?;
+    let root_ref = packer.store_tree(&tree)?;
     packer.flush()?;
     Ok(Stored { root: root_ref, stats })
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use catalog::tree::{Entry, EntryKind, Extent, Tree};
-use catalog::{BlobKind, Packer, RepoError, Repository, Skipped, Stats, WriteError, Writer};
+use catalog::{Packer, RepoError, Repository, Skipped, Stats, WriteError, Writer};
 use tokio::runtime::Handle;
 
 use super::progress::Counters;
@@ -180,7 +180,7 @@ impl Walk {
     }
 
     fn store_tree(&mut self, tree: Tree) -> Result<catalog::BlobRef, SnapshotError> {
-        let blob = self.trees.store(BlobKind::Tree, &tree.encode())?;
+        let blob = self.trees.store_tree(&tree)?;
         self.next.insert(blob.id, Arc::new(tree));
         Ok(blob)
     }
