@@ -9,9 +9,10 @@
 //! `MAX_RECORD`), then that many sealed bytes: AES-256-GCM under the key derived
 //! for the file (label `"ebb v1 tree cache\0"`, info the file id), the record's
 //! number in the file as the nonce counter, pack ‖ offset as AAD. The plaintext:
-//! `u32` count and that many `BlobRef`s (76 bytes each, §8) of its subtrees, then
-//! `u32` count and that many data blobs it uses, each pack (32 bytes), offset and
-//! length (`u32` LE). Reading stops at the first record cut short (a write a
+//! `u32` count and that many `BlobRef`s (76 bytes each, §8) of its subtrees; `u32`
+//! count and that many pack ids (32 bytes each) its data blobs are in, each once,
+//! in the order first used; `u32` count and that many data blobs it uses, each the
+//! number of its pack in that list, offset and length (`u32` LE). Reading stops at the first record cut short (a write a
 //! crash interrupted).
 //!
 //! The cache is never the truth about the repository, only about trees: a record
@@ -37,8 +38,9 @@ const ID_LEN: usize = 16;
 const PLACE_LEN: usize = 32 + 4;
 /// A tree of a million files takes about 40 MiB here; nothing larger is read.
 pub const MAX_RECORD: usize = 64 << 20;
-/// A data blob a tree uses: pack, offset, length.
-const DATA_LEN: usize = 32 + 4 + 4;
+/// A data blob a tree uses: the number of its pack in the record's list, offset,
+/// length.
+const DATA_LEN: usize = 4 + 4 + 4;
 
 /// What one tree uses: the trees below it, and the data blobs of its files.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -64,16 +66,35 @@ impl TreeUses {
         uses
     }
 
+    /// Subtrees, then the packs the data blobs are in (each once, in the order
+    /// first used), then each data blob as the number of its pack in that list,
+    /// its offset and length: the blobs of a tree lie in a few packs.
     pub fn encode(&self) -> Vec<u8> {
-        let mut e =
-            Encoder { buf: Vec::with_capacity(8 + self.subtrees.len() * BLOB_REF_LEN + self.data.len() * DATA_LEN) };
+        let mut packs: HashMap<Id, u32> = HashMap::new();
+        let mut order: Vec<&Id> = Vec::new();
+        let numbers: Vec<u32> = self
+            .data
+            .iter()
+            .map(|(pack, _, _)| {
+                *packs.entry(*pack).or_insert_with(|| {
+                    order.push(pack);
+                    order.len() as u32 - 1
+                })
+            })
+            .collect();
+        let len = 12 + self.subtrees.len() * BLOB_REF_LEN + order.len() * 32 + self.data.len() * DATA_LEN;
+        let mut e = Encoder { buf: Vec::with_capacity(len) };
         e.u32(self.subtrees.len() as u32);
         for b in &self.subtrees {
             b.encode(&mut e);
         }
-        e.u32(self.data.len() as u32);
-        for (pack, offset, length) in &self.data {
+        e.u32(order.len() as u32);
+        for pack in order {
             e.id(pack);
+        }
+        e.u32(self.data.len() as u32);
+        for (n, (_, offset, length)) in numbers.iter().zip(&self.data) {
+            e.u32(*n);
             e.u32(*offset);
             e.u32(*length);
         }
@@ -87,10 +108,16 @@ impl TreeUses {
         for _ in 0..n {
             subtrees.push(BlobRef::decode(&mut d)?);
         }
+        let n = d.count(32)?;
+        let mut packs = Vec::with_capacity(n);
+        for _ in 0..n {
+            packs.push(d.id()?);
+        }
         let n = d.count(DATA_LEN)?;
         let mut data = Vec::with_capacity(n);
         for _ in 0..n {
-            data.push((d.id()?, d.u32()?, d.u32()?));
+            let pack = *packs.get(d.u32()? as usize).ok_or_else(|| d.error("a data blob in no pack listed"))?;
+            data.push((pack, d.u32()?, d.u32()?));
         }
         d.finish()?;
         Ok(TreeUses { subtrees, data })
@@ -140,18 +167,17 @@ pub fn read_heads<R: std::io::Read + std::io::Seek>(
     Some(id)
 }
 
-/// A file read: where it is, and its id (which keys its records).
+/// A file read: where it is, and the key of its records.
 struct Source {
     path: PathBuf,
     file: std::fs::File,
-    id: [u8; ID_LEN],
+    cipher: aes_gcm::Aes256Gcm,
 }
 
 /// The cache of one repository on this host, for one run: the files there when it
 /// began, and the file it is writing.
 pub struct TreeCache {
     dir: PathBuf,
-    keys: Keys,
     sources: Vec<Source>,
     /// `place_key` to (source, start, length).
     held: HashMap<u64, (u32, u64, u32)>,
@@ -178,15 +204,7 @@ impl TreeCache {
     /// read; a file that cannot be written is no cache written.
     pub fn open(dir: &Path, repo: &Id, keys: &Keys) -> TreeCache {
         let dir = dir.join(format!("trees-{}", repo.to_hex()));
-        let mut cache = TreeCache {
-            dir,
-            keys: keys.clone(),
-            sources: Vec::new(),
-            held: HashMap::new(),
-            out: None,
-            hits: 0,
-            misses: 0,
-        };
+        let mut cache = TreeCache { dir, sources: Vec::new(), held: HashMap::new(), out: None, hits: 0, misses: 0 };
         let _ = std::fs::create_dir_all(&cache.dir);
         let mut names: Vec<PathBuf> = std::fs::read_dir(&cache.dir)
             .into_iter()
@@ -211,7 +229,7 @@ impl TreeCache {
             }) else {
                 continue;
             };
-            cache.sources.push(Source { path, file, id });
+            cache.sources.push(Source { path, file, cipher: keys.cache_cipher(&id) });
         }
         cache.out = Output::create(&cache.dir, keys, true);
         cache
@@ -236,8 +254,7 @@ impl TreeCache {
         let s = &self.sources[source as usize];
         let mut sealed = vec![0u8; len as usize];
         s.file.read_exact_at(&mut sealed, start).ok()?;
-        let cipher = self.keys.cache_cipher(&s.id);
-        let plain = open(&cipher, &place(&tree.pack, tree.offset), &sealed).ok()?;
+        let plain = open(&s.cipher, &place(&tree.pack, tree.offset), &sealed).ok()?;
         let uses = TreeUses::decode(&plain).ok()?;
         self.hits += 1;
         self.write(tree, &plain);
@@ -479,5 +496,13 @@ mod tests {
             assert!(TreeUses::decode(&[bytes.clone(), vec![0]].concat()).is_err(), "a trailing byte");
         }
         assert!(TreeUses::decode(&[0xff, 0xff, 0xff, 0xff]).is_err(), "a count past the end");
+        // Blobs of few packs: each pack written once.
+        let few = TreeUses { subtrees: vec![], data: (0..100u32).map(|i| (Id([(i % 3) as u8; 32]), i, 7)).collect() };
+        let bytes = few.encode();
+        assert_eq!(bytes.len(), 4 + 4 + 3 * 32 + 4 + 100 * 12);
+        assert_eq!(TreeUses::decode(&bytes).unwrap(), few);
+        let mut stray = bytes.clone();
+        stray[4 + 4 + 3 * 32 + 4] = 3; // the first blob's pack number: past the list
+        assert!(TreeUses::decode(&stray).is_err(), "a pack number past the list");
     }
 }
