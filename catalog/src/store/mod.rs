@@ -21,9 +21,6 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 
 pub use error::StoreError;
 use local::{list_after_local, read_range_direct};
-
-/// Deletes `delete_many` sends an object store at once.
-const DELETES_IN_FLIGHT: usize = 16;
 pub use local::{local_name, local_path};
 
 /// The one spelling of a repository URL: `file:///r`, `file:///r/` and
@@ -356,38 +353,6 @@ impl Store {
             }
         }
         Ok(())
-    }
-
-    /// Removes `names`, each as `delete` does; those not removed, with why. On
-    /// `file://`, a thousand at a time, each directory they leave fsynced once.
-    pub async fn delete_many(&self, names: &[String]) -> Vec<(String, StoreError)> {
-        use futures::StreamExt;
-        let mut failed = Vec::new();
-        if let Some(root) = &self.local_root {
-            for batch in names.chunks(1000) {
-                let (root, batch) = (root.clone(), batch.to_vec());
-                let task = tokio::task::spawn_blocking(move || local::delete_batch(&root, &batch));
-                failed.extend(task.await.expect("delete task panicked"));
-            }
-            return failed;
-        }
-        // Owned, by index: a closure taking a borrowed name would make this future
-        // not `Send`, which `stream --prune-every` needs.
-        let mut results = futures::stream::iter(0..names.len())
-            .map(|i| {
-                let (store, name) = (self.clone(), names[i].clone());
-                async move {
-                    let r = store.delete(&name).await;
-                    (name, r)
-                }
-            })
-            .buffer_unordered(DELETES_IN_FLIGHT);
-        while let Some((name, r)) = results.next().await {
-            if let Err(e) = r {
-                failed.push((name, e));
-            }
-        }
-        failed
     }
 
     /// Removes an object. Removing one that is not there succeeds, on every backend:
