@@ -1704,6 +1704,11 @@ mod tests {
         })
         .await
         .unwrap();
+        commit_root(w, root).await
+    }
+
+    /// A point of the tree at `root`, which `w` stored.
+    async fn commit_root(w: &Arc<Writer>, root: BlobRef) -> PointRef {
         let durable = w.checkpoint().await.unwrap();
         let time = Timestamp::now();
         let mut m = Manifest::new("s", time, "h".into(), "dir", "/p".into(), root);
@@ -1853,11 +1858,7 @@ mod tests {
         })
         .await
         .unwrap();
-        let durable = w.checkpoint().await.unwrap();
-        let time = Timestamp::now();
-        let mut m = Manifest::new("s", time, "h".into(), "dir", "/p".into(), root);
-        m.index = durable.summary.index.clone();
-        durable.commit(&m, time).await.unwrap()
+        commit_root(&w, root).await
     }
 
     /// What the survey finds: every use, and what of each pack.
