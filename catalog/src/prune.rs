@@ -239,7 +239,15 @@ pub async fn prune(
             false => store.sweep_staged("", crate::store::STAGED_AGE).await,
         }
     };
-    let (staged, listed) = futures::join!(staged, store.list(PACKS_DIR));
+    // A host's cache of what trees use, but for a store in memory (tests).
+    let trees = (!store.url().starts_with("memory:")).then(crate::index_cache::cache_dir).flatten();
+    // The survey beside the listing: a pack written after the listing is not in
+    // it, so not condemned by this run, whenever the point using it was written;
+    // a point the survey missed is a writer's, which the condemned sets answer
+    // for (a pack listed that it uses is rescued, or young).
+    let survey = survey(repo, opts.max_memory, trees.as_deref(), &mut report, progress);
+    let (staged, listed, survey) = futures::join!(staged, store.list(PACKS_DIR), survey);
+    let survey = survey?;
     match staged {
         Ok(0) => {}
         Ok(n) => progress(&format!("removed {n} half-written uploads left by interrupted runs")),
@@ -250,9 +258,6 @@ pub async fn prune(
         listed?.into_iter().filter_map(|o| Some((parse_pack_name(&o.name)?, (o.size, o.modified)))).collect();
     report.packs = packs.len() as u64;
     report.pack_bytes = packs.values().map(|(s, _)| s).sum();
-    // A host's cache of what trees use, but for a store in memory (tests).
-    let trees = (!store.url().starts_with("memory:")).then(crate::index_cache::cache_dir).flatten();
-    let survey = survey(repo, opts.max_memory, trees.as_deref(), &mut report, progress).await?;
     let live = &survey.live;
     // Names are most of prune's memory at scale: those of fragments are held once,
     // in the survey, and the sets below borrow them.
@@ -369,7 +374,7 @@ pub async fn prune(
     if !chosen.is_empty() {
         let mut chosen: Vec<PackUse> = candidates.into_iter().filter(|u| chosen.contains(&u.id)).collect();
         // In the order the survey's records come back in.
-        chosen.sort_unstable_by_key(|u| u.id.0);
+        chosen.sort_unstable_by_key(|u| survey.numbers.number_of(&u.id));
         report.repack = if opts.dry_run {
             RepackReport {
                 packs: chosen.len() as u64,
@@ -380,7 +385,7 @@ pub async fn prune(
         } else {
             let mut with_uses = Vec::with_capacity(chosen.len());
             let mut next = chosen.iter().peekable();
-            for group in uses_by_pack(&survey.uses) {
+            for group in uses_by_pack(&survey.uses, &survey.numbers) {
                 let Some(pack) = next.peek() else { break };
                 let (id, used) = group.map_err(spill_failed)?;
                 if id == pack.id {
@@ -390,7 +395,7 @@ pub async fn prune(
             }
             let (repacked, replaced) = repack(repo, &with_uses, &survey.points, progress).await?;
             drop(with_uses);
-            for group in uses_by_pack(&survey.uses) {
+            for group in uses_by_pack(&survey.uses, &survey.numbers) {
                 let (id, used) = group.map_err(spill_failed)?;
                 if !survey.fragment_packs.contains(&id)
                     && used.iter().all(|(offset, _)| replaced.contains(&(id, *offset)))
@@ -716,6 +721,8 @@ struct Survey {
     /// Every blob points use, by pack and offset, each once: held in memory or on
     /// local disk (`spill`).
     uses: Sorted<USE_LEN>,
+    /// The numbers `uses` gives packs.
+    numbers: PackNumbers,
     /// The packs points use, and what of each.
     point_packs: HashMap<Id, Used>,
     /// The packs fragments use: never repacked.
@@ -747,27 +754,52 @@ struct Used {
     blobs: u64,
 }
 
-/// A blob a point uses, as the survey keeps it: its pack, then its offset and
-/// length, big-endian, so that records sort by pack, then offset.
-const USE_LEN: usize = 40;
+/// A blob a point uses, as the survey keeps it: the number of its pack
+/// (`PackNumbers`), then its offset and length, big-endian, so that records sort
+/// by pack, then offset. A pack's id would take 32 bytes of the 40: the survey
+/// sorts a record for each file of each tree it reads.
+const USE_LEN: usize = 12;
 
-fn use_record(b: &BlobRef) -> [u8; USE_LEN] {
-    use_of(&b.pack, b.offset, b.length)
+/// The packs the survey's records name, numbered in the order they were met.
+#[derive(Default)]
+struct PackNumbers {
+    ids: Vec<Id>,
+    numbers: HashMap<Id, u32>,
 }
 
-fn use_of(pack: &Id, offset: u32, length: u32) -> [u8; USE_LEN] {
+impl PackNumbers {
+    fn number(&mut self, pack: &Id) -> u32 {
+        *self.numbers.entry(*pack).or_insert_with(|| {
+            self.ids.push(*pack);
+            self.ids.len() as u32 - 1
+        })
+    }
+
+    fn number_of(&self, pack: &Id) -> Option<u32> {
+        self.numbers.get(pack).copied()
+    }
+
+    /// The pack a record names. A run read back from local disk is not trusted:
+    /// a number never given is an error.
+    fn parse(&self, r: &[u8; USE_LEN]) -> std::io::Result<(Id, (u32, u32))> {
+        let word = |at: usize| u32::from_be_bytes([r[at], r[at + 1], r[at + 2], r[at + 3]]);
+        let pack = self.ids.get(word(0) as usize).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "a spilled record names a pack never numbered")
+        })?;
+        Ok((*pack, (word(4), word(8))))
+    }
+
+    fn record(&mut self, pack: &Id, offset: u32, length: u32) -> [u8; USE_LEN] {
+        use_of(self.number(pack), offset, length)
+    }
+}
+
+fn use_of(pack: u32, offset: u32, length: u32) -> [u8; USE_LEN] {
     let mut r = [0u8; USE_LEN];
-    r[..32].copy_from_slice(&pack.0);
-    r[32..36].copy_from_slice(&offset.to_be_bytes());
-    r[36..].copy_from_slice(&length.to_be_bytes());
+    r[..4].copy_from_slice(&pack.to_be_bytes());
+    r[4..8].copy_from_slice(&offset.to_be_bytes());
+    r[8..].copy_from_slice(&length.to_be_bytes());
     r
-}
-
-fn parse_use(r: &[u8; USE_LEN]) -> (Id, (u32, u32)) {
-    let word = |at: usize| u32::from_be_bytes([r[at], r[at + 1], r[at + 2], r[at + 3]]);
-    let mut pack = [0u8; 32];
-    pack.copy_from_slice(&r[..32]);
-    (Id(pack), (word(32), word(36)))
 }
 
 /// Where the survey's records go past its budget: the cache directory, else the
@@ -782,8 +814,11 @@ fn spill_failed(cause: std::io::Error) -> PruneError {
 
 /// Each pack points use, in order, with the (offset, length) of each of its
 /// blobs in use, sorted.
-fn uses_by_pack(uses: &Sorted<USE_LEN>) -> impl Iterator<Item = std::io::Result<(Id, Vec<(u32, u32)>)>> + '_ {
-    let mut records = uses.iter().map(|r| r.map(|r| parse_use(&r))).peekable();
+fn uses_by_pack<'a>(
+    uses: &'a Sorted<USE_LEN>,
+    numbers: &'a PackNumbers,
+) -> impl Iterator<Item = std::io::Result<(Id, Vec<(u32, u32)>)>> + 'a {
+    let mut records = uses.iter().map(|r| r.and_then(|r| numbers.parse(&r))).peekable();
     std::iter::from_fn(move || {
         let (pack, first) = match records.next()? {
             Ok(r) => r,
@@ -830,6 +865,7 @@ async fn survey(
     let mut newest = HashMap::new();
     let mut bases: HashMap<String, Vec<(Timestamp, Option<PgInfo>)>> = HashMap::new();
     let mut spill = Spill::<USE_LEN>::new(max_memory / 4, &spill_dir());
+    let mut numbers = PackNumbers::default();
     // Trees by place, not content id (the same tree may be stored twice), each
     // read once, IN_FLIGHT at a time: on an object store each read is a round
     // trip. Each with the point it was first reached from, which an unreadable
@@ -876,7 +912,7 @@ async fn survey(
         while reading.len() < IN_FLIGHT {
             let Some((tree_ref, from)) = pending.pop() else { break };
             if let Some(uses) = cache.as_mut().and_then(|c| c.get(&tree_ref)) {
-                surveyed(&tree_ref, &uses, from, &mut spill, &mut seen_trees, &mut pending)?;
+                surveyed(&tree_ref, &uses, from, &mut spill, &mut numbers, &mut seen_trees, &mut pending)?;
                 continue;
             }
             let repo = repo.clone();
@@ -889,7 +925,7 @@ async fn survey(
         if let Some(c) = &mut cache {
             c.put(&tree_ref, &uses);
         }
-        surveyed(&tree_ref, &uses, from, &mut spill, &mut seen_trees, &mut pending)?;
+        surveyed(&tree_ref, &uses, from, &mut spill, &mut numbers, &mut seen_trees, &mut pending)?;
     }
     drop(reading);
     drop(seen_trees);
@@ -901,7 +937,7 @@ async fn survey(
     let uses = spill.finish().map_err(spill_failed)?;
     let mut point_packs: HashMap<Id, Used> = HashMap::new();
     for r in uses.iter() {
-        let (pack, (_, length)) = parse_use(&r.map_err(spill_failed)?);
+        let (pack, (_, length)) = r.and_then(|r| numbers.parse(&r)).map_err(spill_failed)?;
         let used = point_packs.entry(pack).or_default();
         used.bytes += u64::from(length);
         used.blobs += 1;
@@ -909,6 +945,7 @@ async fn survey(
     let mut out = Survey {
         live: point_packs.keys().copied().collect(),
         uses,
+        numbers,
         point_packs,
         fragment_packs: HashSet::new(),
         points,
@@ -965,12 +1002,20 @@ fn surveyed(
     uses: &TreeUses,
     from: usize,
     spill: &mut Spill<USE_LEN>,
+    numbers: &mut PackNumbers,
     seen_trees: &mut HashSet<(Id, u32)>,
     pending: &mut Vec<(BlobRef, usize)>,
 ) -> Result<(), PruneError> {
-    spill.push(use_record(tree)).map_err(spill_failed)?;
+    spill.push(numbers.record(&tree.pack, tree.offset, tree.length)).map_err(spill_failed)?;
+    // The blobs of a tree lie in a few packs, one after another.
+    let mut last: Option<(&Id, u32)> = None;
     for (pack, offset, length) in &uses.data {
-        spill.push(use_of(pack, *offset, *length)).map_err(spill_failed)?;
+        let n = match last {
+            Some((p, n)) if p == pack => n,
+            _ => numbers.number(pack),
+        };
+        last = Some((pack, n));
+        spill.push(use_of(n, *offset, *length)).map_err(spill_failed)?;
     }
     let fresh = uses.subtrees.iter().filter(|sub| seen_trees.insert((sub.pack, sub.offset)));
     pending.extend(fresh.map(|sub| (*sub, from)));
@@ -1862,10 +1907,29 @@ mod tests {
     }
 
     /// What the survey finds: every use, and what of each pack.
-    async fn surveyed_with(repo: &Repository, cache: Option<&std::path::Path>) -> (Vec<[u8; USE_LEN]>, u64) {
+    /// Records name packs by number, sort by pack then offset, and a record read
+    /// back with a number never given is an error, not some other pack.
+    #[test]
+    fn use_records_number_packs_and_refuse_an_unknown_number() {
+        let mut numbers = PackNumbers::default();
+        let (a, b) = (Id([9; 32]), Id([1; 32]));
+        let mut records = vec![numbers.record(&a, 70, 5), numbers.record(&b, 3, 8), numbers.record(&a, 8, 2)];
+        assert_eq!((numbers.number(&a), numbers.number(&b), numbers.number_of(&Id([2; 32]))), (0, 1, None));
+        crate::spill::sort_unique(&mut records);
+        let parsed: Vec<_> = records.iter().map(|r| numbers.parse(r).unwrap()).collect();
+        assert_eq!(parsed, vec![(a, (8, 2)), (a, (70, 5)), (b, (3, 8))]);
+        let err = numbers.parse(&use_of(2, 0, 1)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    /// The blobs the points use, by pack id (packs are numbered as the survey
+    /// meets them, which differs between runs), and the trees read from the cache.
+    async fn surveyed_with(repo: &Repository, cache: Option<&std::path::Path>) -> (Vec<(Id, (u32, u32))>, u64) {
         let mut report = PruneReport::default();
         let s = survey(repo, MAX_MEMORY, cache, &mut report, &|_| {}).await.unwrap();
-        (s.uses.iter().map(|r| r.unwrap()).collect(), report.cached_trees)
+        let mut uses: Vec<_> = s.uses.iter().map(|r| s.numbers.parse(&r.unwrap()).unwrap()).collect();
+        uses.sort_unstable();
+        (uses, report.cached_trees)
     }
 
     /// A host's tree cache, fed by the writers that store the trees and then by

@@ -46,10 +46,12 @@ impl<const N: usize> Spill<N> {
     pub fn push(&mut self, record: [u8; N]) -> io::Result<()> {
         // Full: before it grows (or spills), the records held are made unique. The
         // same record comes again and again (a file in every point that has it),
-        // so this often makes room enough.
+        // so this often makes room enough. It grows unless three quarters are
+        // free: each time it is made unique sorts all it holds, so that a little
+        // room would sort the same records again and again.
         if self.held.len() == self.held.capacity() && self.held.len() >= COMPACT_ABOVE {
             sort_unique(&mut self.held);
-            if self.held.len() > self.held.capacity() / 4 * 3 {
+            if self.held.len() > self.held.capacity() / 4 {
                 // Doubled, but never past the budget.
                 let room = self.budget.saturating_sub(self.held.len()).max(1);
                 self.held.reserve_exact(self.held.len().min(room));
