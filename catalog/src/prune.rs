@@ -246,7 +246,14 @@ pub async fn prune(
     // a point the survey missed is a writer's, which the condemned sets answer
     // for (a pack listed that it uses is rescued, or young).
     let survey = survey(repo, opts.max_memory, trees.as_deref(), &mut report, progress);
-    let (staged, listed, survey) = futures::join!(staged, store.list(PACKS_DIR), survey);
+    // The listing's names let go as soon as it is read, not held beside the survey.
+    let listed = async {
+        let listed = store.list(PACKS_DIR).await?;
+        let packs: HashMap<Id, (u64, Option<Timestamp>)> =
+            listed.into_iter().filter_map(|o| Some((parse_pack_name(&o.name)?, (o.size, o.modified)))).collect();
+        Ok::<_, crate::store::StoreError>(packs)
+    };
+    let (staged, listed, survey) = futures::join!(staged, listed, survey);
     let survey = survey?;
     match staged {
         Ok(0) => {}
@@ -254,8 +261,7 @@ pub async fn prune(
         Err(e) => report.problems.push(e.to_string()),
     }
     // Packs deleted in the sweep leave this map: it is then what is there.
-    let mut packs: HashMap<Id, (u64, Option<Timestamp>)> =
-        listed?.into_iter().filter_map(|o| Some((parse_pack_name(&o.name)?, (o.size, o.modified)))).collect();
+    let mut packs = listed?;
     report.packs = packs.len() as u64;
     report.pack_bytes = packs.values().map(|(s, _)| s).sum();
     let live = &survey.live;
