@@ -1186,21 +1186,9 @@ async fn delete_all(repo: &Repository, names: &[&str], dry_run: bool, problems: 
     if dry_run {
         return refused;
     }
-    // By index: a closure taking a borrowed name would make this future not `Send`.
-    let mut results = stream::iter(0..names.len())
-        .map(|i| {
-            let name = names[i].to_string();
-            async move {
-                let r = repo.store().delete(&name).await;
-                (name, r)
-            }
-        })
-        .buffer_unordered(IN_FLIGHT);
-    while let Some((name, r)) = results.next().await {
-        if let Err(e) = r {
-            problems.push(format!("cannot delete {name} (a later run tries again): {e}"));
-            refused.insert(name);
-        }
+    for (name, e) in repo.store().delete_many(names).await {
+        problems.push(format!("cannot delete {name} (a later run tries again): {e}"));
+        refused.insert(name);
     }
     refused
 }

@@ -200,6 +200,24 @@ async fn delete_removes_and_is_idempotent(store: Store) {
     assert_eq!(store.get("x/gone").await.unwrap(), &b"back"[..]);
 }
 
+/// What prune deletes, in one call: more names than one batch, across
+/// directories, some never there; every one goes and none is reported.
+async fn delete_many_removes_every_name(store: Store) {
+    let mut names: Vec<String> = (0..300).map(|i| format!("m/{}/{i:04}", i % 3)).collect();
+    for n in &names {
+        store.put_new(n, Bytes::from_static(b"m")).await.unwrap();
+    }
+    store.put_new("m/stays", Bytes::from_static(b"hi")).await.unwrap();
+    names.push("m/never".into());
+    names.push("nowhere/at/all".into());
+    let failed = store.delete_many(&names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(store.list_names("m").await.unwrap(), ["m/stays"]);
+    for dir in ["m/0", "m/1", "m/2"] {
+        assert_eq!(store.list_names(dir).await.unwrap(), Vec::<String>::new());
+    }
+}
+
 async fn names_of_every_allowed_character_round_trip(store: Store) {
     // Object names use [A-Za-z0-9._/-]; a segment may start or end with any of them.
     let all = [
@@ -317,6 +335,7 @@ conformance!(
     listings_see_a_directory_and_nothing_else,
     listings_page_in_order,
     delete_removes_and_is_idempotent,
+    delete_many_removes_every_name,
     names_of_every_allowed_character_round_trip,
     large_objects_round_trip,
     time_keyed_names_list_in_order,

@@ -428,38 +428,63 @@ pub(super) async fn sweep_staged(root: PathBuf, dir: &str, min_age: std::time::D
 /// directories that became empty. A put into a shard directory removed meanwhile
 /// makes it again (`Store::put_new`).
 pub(super) async fn delete(root: PathBuf, name: &str) -> Result<(), StoreError> {
-    let name = name.to_string();
-    tokio::task::spawn_blocking(move || {
-        let io = |cause| StoreError::Io { op: "delete", name: name.clone(), cause };
-        let sharded = local_path(&name).into_owned();
-        let paths = if sharded == name { vec![root.join(&name)] } else { vec![root.join(&sharded), root.join(&name)] };
+    let names = vec![name.to_string()];
+    let failed = tokio::task::spawn_blocking(move || delete_batch(&root, &names)).await.expect("delete task panicked");
+    failed.into_iter().next().map_or(Ok(()), |(_, e)| Err(e))
+}
+
+/// Removes the file of each of `names` (sharded, and flat), then fsyncs each
+/// directory they left once (not once a file: a prune deletes hundreds from one),
+/// then removes the shard directories they emptied. The names not deleted, with
+/// why: a name whose directory could not be fsynced is not known to be deleted.
+pub(super) fn delete_batch(root: &Path, names: &[String]) -> Vec<(String, StoreError)> {
+    let io = |name: &str, cause| (name.to_string(), StoreError::Io { op: "delete", name: name.to_string(), cause });
+    let mut failed = Vec::new();
+    // Each directory a file left, and the names whose files they were.
+    let mut left: std::collections::BTreeMap<PathBuf, Vec<&str>> = std::collections::BTreeMap::new();
+    // Each shard directory a file left, and how many levels of them are above it.
+    let mut shards: std::collections::BTreeSet<(PathBuf, usize)> = std::collections::BTreeSet::new();
+    'names: for name in names {
+        let sharded = local_path(name).into_owned();
+        let paths = if sharded == *name { vec![root.join(name)] } else { vec![root.join(&sharded), root.join(name)] };
         for path in &paths {
             match std::fs::remove_file(path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io(e)),
+                Ok(()) => left.entry(path.parent().unwrap_or(root).to_path_buf()).or_default().push(name),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    failed.push(io(name, e));
+                    continue 'names;
+                }
             }
-            sync_nearest_dir(path).map_err(io)?;
         }
         let levels = sharded.matches('/').count() - name.matches('/').count();
-        let mut dir = paths[0].parent();
-        for _ in 0..levels {
+        if let Some(dir) = paths[0].parent().filter(|_| levels > 0) {
+            shards.insert((dir.to_path_buf(), levels));
+        }
+    }
+    for (dir, removed) in &left {
+        if let Err(e) = sync_dir_or_nearest(dir) {
+            failed.extend(removed.iter().map(|name| io(name, std::io::Error::new(e.kind(), e.to_string()))));
+        }
+    }
+    // Deepest first, so that a directory emptied of its shard directories goes too.
+    for (dir, levels) in shards.iter().rev() {
+        let mut dir = Some(dir.as_path());
+        for _ in 0..*levels {
             match dir {
                 Some(d) if std::fs::remove_dir(d).is_ok() => dir = d.parent(),
                 _ => break,
             }
         }
-        Ok(())
-    })
-    .await
-    .expect("delete task panicked")
+    }
+    failed
 }
 
-/// Fsyncs the directory `path` was removed from; when a delete of another file
+/// Fsyncs `dir`, which a file was removed from; when a delete of another file
 /// removed that directory meanwhile (it became empty), the nearest one still
 /// there, which the removal of the directory changed.
-fn sync_nearest_dir(path: &Path) -> std::io::Result<()> {
-    let mut dir = path.parent();
+fn sync_dir_or_nearest(dir: &Path) -> std::io::Result<()> {
+    let mut dir = Some(dir);
     while let Some(d) = dir {
         match std::fs::File::open(d) {
             Ok(f) => return f.sync_all(),
@@ -543,6 +568,31 @@ mod tests {
         }
         let (got, _) = list_after_blocking(dir.path(), "points/s", &sorted[2999], 10).unwrap();
         assert_eq!(got, ["points/s/zz"]);
+    }
+
+    /// A batch (what prune deletes) removes every file, fsyncs each directory
+    /// once, removes the shard directories it emptied, and fails only the names
+    /// that failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_deletes_removes_each_name_and_reports_only_what_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::Store::open(&format!("file://{}", dir.path().display()), true).unwrap();
+        let mut names: Vec<String> =
+            (0..300u32).map(|i| format!("points/s/{:08x}9e44897ff-{i:016x}", 0xe786_0000u32 + i % 7)).collect();
+        names.extend((0..50).map(|i| format!("packs/ab/ab{i:062x}")));
+        for n in &names {
+            store.put_new(n, Bytes::from_static(b"m")).await.unwrap();
+        }
+        // One that is not there, and one the filesystem refuses (a directory).
+        names.push("packs/ab/not-there".into());
+        std::fs::create_dir_all(dir.path().join("packs/cd/a-directory/inside")).unwrap();
+        names.push("packs/cd/a-directory".into());
+        let failed = store.delete_many(&names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        assert_eq!(failed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["packs/cd/a-directory"]);
+        assert!(store.list_names("points/s").await.unwrap().is_empty());
+        assert_eq!(store.list_names("packs").await.unwrap(), Vec::<String>::new());
+        // The shard directories they emptied went with them.
+        assert!(std::fs::read_dir(dir.path().join("points/s")).unwrap().next().is_none());
     }
 
     /// Deletes of the files of one shard at once: each may find the shard
