@@ -492,8 +492,14 @@ pub async fn prune(
     let gone = |p: &Id| !packs.contains_key(p);
     let mut obsolete: Vec<String> = Vec::new();
     let mut indexed_points: HashSet<String> = HashSet::new();
-    // Index files kept, with few entries: merged when there are many.
+    // Index files kept, with few entries: merged when there are many. Gathered in
+    // a batch as they are read, up to what one merged file holds; the names of the
+    // others, read again if they are merged.
+    let mut batch = MergedIndex::default();
     let mut small: Vec<String> = Vec::new();
+    // The points forget removed, whose names merged files do not carry over (their
+    // forget records said it, and can go once no index file names them).
+    let mut forgotten: Option<HashSet<String>> = None;
     let reads = index_files.into_iter().map(|name| async move {
         let got = store.get(&name).await;
         (name, got)
@@ -506,10 +512,18 @@ pub async fn prune(
         let before = file.len();
         file.retain_packs(|pack| !gone(pack));
         if file.len() == before {
-            if file.len() < SMALL_INDEX {
-                small.push(name.clone());
+            indexed_points.extend(file.points.iter().cloned());
+            if file.len() < SMALL_INDEX && !opts.dry_run {
+                if batch.entries.len() < MERGED_ENTRIES {
+                    let forgotten = match &mut forgotten {
+                        Some(f) => f,
+                        None => forgotten.insert(crate::forget::forgotten_points(repo).await?.0),
+                    };
+                    batch.add(&name, file, forgotten);
+                } else {
+                    small.push(name);
+                }
             }
-            indexed_points.extend(file.points);
             continue;
         }
         // What is left goes into a replacement, written before the old one goes:
@@ -529,12 +543,16 @@ pub async fn prune(
         }
         obsolete.push(name);
     }
-    if !opts.dry_run && small.len() > MERGE_ABOVE {
+    if !opts.dry_run && batch.replaced.len() + small.len() > MERGE_ABOVE {
         progress("merging index files");
-        // A forgotten point's name is not carried over: its forget record said it,
-        // and can go once no index file names it.
-        let (forgotten, _) = crate::forget::forgotten_points(repo).await?;
+        let forgotten = match forgotten {
+            Some(f) => f,
+            None => crate::forget::forgotten_points(repo).await?.0,
+        };
+        batch.write(repo, &mut report).await?;
         merge_index_files(repo, &small, &forgotten, &mut report).await?;
+    } else {
+        drop(batch);
     }
     for obj in store.list(FORGOTTEN_DIR).await? {
         let Ok(bytes) = store.get(&obj.name).await else { continue };
@@ -600,8 +618,9 @@ const MERGE_ABOVE: usize = 16;
 const SMALL_INDEX: usize = 100_000;
 /// A merged index file holds about this many entries at most (and fewer than a
 /// small file more): its entries, their encoding and the sealed file are held at
-/// once when it is written, about 60 MB.
-const MERGED_ENTRIES: usize = 200_000;
+/// once when it is written, about 60 MB. In tests, a few: the files past the first
+/// batch are read again.
+const MERGED_ENTRIES: usize = if cfg!(test) { 30 } else { 200_000 };
 
 /// Writes the index files `names` again as a few larger ones (version 3, naming
 /// all their points but the `forgotten` ones), each before the files it replaces
@@ -1682,7 +1701,8 @@ mod tests {
         verified(&repo).await;
     }
 
-    /// Many small index files (one a point) are merged into one: a writer
+    /// Many small index files (one a point) are merged into a few (two here: the
+    /// first batch gathered as the files are read, the rest read again): a writer
     /// starting after it still finds all content stored, `verify` still tells a
     /// lost manifest from a forgotten one, and nothing else changes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1698,14 +1718,20 @@ mod tests {
         let r = run(&repo).await;
         assert_eq!(r.merged_index_files, 20, "{r:?}");
         let files = repo.store().list(INDEX_DIR).await.unwrap();
-        assert_eq!(files.len(), 1);
-        let merged =
-            crate::index::open_index(repo.keys(), &files[0].name, &repo.store().get(&files[0].name).await.unwrap())
-                .unwrap();
-        assert_eq!(merged.points.len(), 19, "every point but the forgotten one");
-        assert!(!merged.points.contains(&points[0].name));
-        assert_eq!(merged.entries.len(), 40, "the forgotten point's content is still indexed until it is deleted");
-        assert_eq!(run(&repo).await.merged_index_files, 0, "one file is left as it is");
+        assert_eq!(files.len(), 2);
+        let (mut merged_points, mut entries) = (Vec::new(), 0);
+        for f in &files {
+            let merged =
+                crate::index::open_index(repo.keys(), &f.name, &repo.store().get(&f.name).await.unwrap()).unwrap();
+            merged_points.extend(merged.points);
+            entries += merged.entries.len();
+        }
+        merged_points.sort();
+        let mut kept: Vec<String> = points[1..].iter().map(|p| p.name.clone()).collect();
+        kept.sort();
+        assert_eq!(merged_points, kept, "every point but the forgotten one, once");
+        assert_eq!(entries, 40, "the forgotten point's content is still indexed until it is deleted");
+        assert_eq!(run(&repo).await.merged_index_files, 0, "two files are few enough to be left as they are");
         assert!(repo.store().list(FORGOTTEN_DIR).await.unwrap().is_empty(), "no index file needs the record now");
         verified(&repo).await;
 
