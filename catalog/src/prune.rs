@@ -499,7 +499,10 @@ pub async fn prune(
     let mut small: Vec<String> = Vec::new();
     // The points forget removed, whose names merged files do not carry over (their
     // forget records said it, and can go once no index file names them).
-    let mut forgotten: Option<HashSet<String>> = None;
+    let forgotten = match opts.dry_run {
+        true => HashSet::new(),
+        false => crate::forget::forgotten_points(repo).await?.0,
+    };
     let reads = index_files.into_iter().map(|name| async move {
         let got = store.get(&name).await;
         (name, got)
@@ -515,11 +518,7 @@ pub async fn prune(
             indexed_points.extend(file.points.iter().cloned());
             if file.len() < SMALL_INDEX && !opts.dry_run {
                 if batch.entries.len() < MERGED_ENTRIES {
-                    let forgotten = match &mut forgotten {
-                        Some(f) => f,
-                        None => forgotten.insert(crate::forget::forgotten_points(repo).await?.0),
-                    };
-                    batch.add(&name, file, forgotten);
+                    batch.add(&name, file, &forgotten);
                 } else {
                     small.push(name);
                 }
@@ -545,10 +544,6 @@ pub async fn prune(
     }
     if !opts.dry_run && batch.replaced.len() + small.len() > MERGE_ABOVE {
         progress("merging index files");
-        let forgotten = match forgotten {
-            Some(f) => f,
-            None => crate::forget::forgotten_points(repo).await?.0,
-        };
         batch.write(repo, &mut report).await?;
         merge_index_files(repo, &small, &forgotten, &mut report).await?;
     } else {
