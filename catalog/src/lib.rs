@@ -78,6 +78,6 @@ pub use restore::{
     DEFAULT_MEMORY as DEFAULT_RESTORE_MEMORY,
 };
 pub use select::{only_source, InvertedSpan, Span};
-pub use store::{canonical_url, local_name, local_path, ObjectInfo, Store, StoreError};
+pub use store::{canonical_url, local_name, local_path, NewObject, ObjectInfo, Store, StoreError};
 pub use verify::{verify, VerifyReport};
 pub use writer::{Durable, Packer, WriteError, Writer, WriterSummary};

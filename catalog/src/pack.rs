@@ -106,25 +106,51 @@ pub struct PackEntry {
     pub blob: BlobRef,
 }
 
-/// Accumulates sealed blobs for one pack.
+/// Accumulates sealed blobs for one pack: all of it, or (`streaming`) what was
+/// sealed since the last `take_sealed`.
 pub struct PackBuilder {
     id: Id,
     cipher: aes_gcm::Aes256Gcm,
     buf: Vec<u8>,
+    /// The bytes given out by `take_sealed`: `buf` starts there.
+    taken: usize,
     entries: Vec<PackEntry>,
 }
 
 impl PackBuilder {
     pub fn new(keys: &Keys) -> PackBuilder {
-        Self::with_id(keys, Id::random())
+        Self::with_id(keys, Id::random(), PACK_TARGET + crate::chunker::MAX_SIZE)
     }
 
-    fn with_id(keys: &Keys, id: Id) -> PackBuilder {
-        let buf = Vec::with_capacity(PACK_TARGET + crate::chunker::MAX_SIZE);
-        PackBuilder { id, cipher: keys.pack_cipher(&id), buf, entries: Vec::new() }
+    /// A builder whose bytes are taken as they are sealed (`take_sealed`), so that
+    /// it holds little of its pack at once.
+    pub fn streaming(keys: &Keys) -> PackBuilder {
+        Self::with_id(keys, Id::random(), 0)
     }
 
+    fn with_id(keys: &Keys, id: Id, capacity: usize) -> PackBuilder {
+        let buf = Vec::with_capacity(capacity);
+        PackBuilder { id, cipher: keys.pack_cipher(&id), buf, taken: 0, entries: Vec::new() }
+    }
+
+    pub fn id(&self) -> Id {
+        self.id
+    }
+
+    /// The pack's length so far.
     pub fn len(&self) -> usize {
+        self.taken + self.buf.len()
+    }
+
+    /// The bytes sealed since the last call, which the builder no longer holds:
+    /// the pack is what all calls returned, then what `finish` returns.
+    pub fn take_sealed(&mut self) -> Vec<u8> {
+        self.taken += self.buf.len();
+        std::mem::take(&mut self.buf)
+    }
+
+    /// The bytes sealed and not yet taken.
+    pub fn held(&self) -> usize {
         self.buf.len()
     }
 
@@ -138,7 +164,7 @@ impl PackBuilder {
         BlobRef {
             id,
             pack: self.id,
-            offset: u32::try_from(self.buf.len()).expect("packs stay far below 4 GiB"),
+            offset: u32::try_from(self.len()).expect("packs stay far below 4 GiB"),
             length: u32::try_from(payload_len + SEAL_OVERHEAD).expect("the writer refuses blobs over 4 GiB"),
             raw_len,
         }
@@ -149,12 +175,13 @@ impl PackBuilder {
         let blob = self.next_ref(id, raw_len, payload.len());
         let counter = self.entries.len() as u64;
         seal_into(&self.cipher, counter, &blob_aad(kind, &id), payload, &mut self.buf);
-        debug_assert_eq!(self.buf.len() as u64, blob.range().end, "a sealed blob is its payload and the seal");
+        debug_assert_eq!(self.len() as u64, blob.range().end, "a sealed blob is its payload and the seal");
         self.entries.push(PackEntry { kind, blob });
         blob
     }
 
-    /// Appends the header and trailer; returns the pack's bytes and its entries.
+    /// Appends the header and trailer; returns the pack's bytes (those not taken)
+    /// and its entries.
     pub fn finish(mut self) -> (Id, Vec<u8>, Vec<PackEntry>) {
         let mut e = Encoder::default();
         e.u32(self.entries.len() as u32);
@@ -281,7 +308,7 @@ mod tests {
     fn golden_pack() {
         // Pins the pack layout, the pack key label, blob and header AAD, and the trailer.
         let keys = Keys::derive(&MasterKey([1; 32]), &Id([2; 32]));
-        let mut b = PackBuilder::with_id(&keys, Id([5; 32]));
+        let mut b = PackBuilder::with_id(&keys, Id([5; 32]), 0);
         b.add(BlobKind::Data, Id([3; 32]), 5, &encode_payload(b"hello", None));
         let (_, bytes, _) = b.finish();
         // The first blob and the header nonce, cross-checked against an independent AES-GCM.
@@ -294,6 +321,33 @@ mod tests {
             (bytes.len(), digest.as_str()),
             (120, "a1c0222488d3ebe64d2aeefce9bf0e403c6aa29a73ef568ab01df2a162c62d11")
         );
+    }
+
+    /// A pack whose bytes are taken as they are sealed is the same pack, byte for
+    /// byte, with the same offsets.
+    #[test]
+    fn a_streamed_pack_is_the_pack_built_whole() {
+        let keys = Keys::derive(&MasterKey([1; 32]), &Id([2; 32]));
+        let (mut whole, mut streamed) =
+            (PackBuilder::with_id(&keys, Id([5; 32]), 64), PackBuilder::with_id(&keys, Id([5; 32]), 0));
+        let mut out = Vec::new();
+        for n in 0..5u8 {
+            let payload = encode_payload(&vec![n; 1000 * n as usize], None);
+            let a = whole.add(BlobKind::Data, Id([n; 32]), 1000 * n as u32, &payload);
+            let b = streamed.add(BlobKind::Data, Id([n; 32]), 1000 * n as u32, &payload);
+            assert_eq!(a, b);
+            assert_eq!(streamed.len(), whole.len());
+            if n % 2 == 1 {
+                out.extend(streamed.take_sealed());
+                assert_eq!(streamed.held(), 0);
+                assert_eq!(streamed.len(), whole.len(), "taking bytes out does not move the next offset");
+            }
+        }
+        let (_, whole, _) = whole.finish();
+        let (_, tail, entries) = streamed.finish();
+        out.extend(tail);
+        assert_eq!(out, whole);
+        assert_eq!(read_header(&keys, &Id([5; 32]), &out).unwrap(), entries);
     }
 
     #[test]

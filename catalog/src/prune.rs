@@ -254,7 +254,10 @@ pub async fn prune(
         Ok::<_, crate::store::StoreError>(packs)
     };
     let (staged, listed, survey) = futures::join!(staged, listed, survey);
-    let survey = survey?;
+    let mut survey = survey?;
+    // Apart, so that it can be moved onto local disk while repacking, which the
+    // sets borrowing the survey below would not allow.
+    let mut uses = std::mem::replace(&mut survey.uses, Sorted::Held(Vec::new()));
     match staged {
         Ok(0) => {}
         Ok(n) => progress(&format!("removed {n} half-written uploads left by interrupted runs")),
@@ -391,7 +394,7 @@ pub async fn prune(
         } else {
             let mut with_uses = Vec::with_capacity(chosen.len());
             let mut next = chosen.iter().peekable();
-            for group in uses_by_pack(&survey.uses, &survey.numbers) {
+            for group in uses_by_pack(&uses, &survey.numbers) {
                 let Some(pack) = next.peek() else { break };
                 let (id, used) = group.map_err(spill_failed)?;
                 if id == pack.id {
@@ -399,9 +402,11 @@ pub async fn prune(
                     next.next();
                 }
             }
+            // The records wait on local disk while the repack needs the memory.
+            uses = uses.onto_disk(&spill_dir()).map_err(spill_failed)?;
             let (repacked, replaced) = repack(repo, &with_uses, &survey.points, progress).await?;
             drop(with_uses);
-            for group in uses_by_pack(&survey.uses, &survey.numbers) {
+            for group in uses_by_pack(&uses, &survey.numbers) {
                 let (id, used) = group.map_err(spill_failed)?;
                 if !survey.fragment_packs.contains(&id)
                     && used.iter().all(|(offset, _)| replaced.contains(&(id, *offset)))
@@ -416,6 +421,7 @@ pub async fn prune(
             report.condemned_bytes += u.size;
         }
     }
+    drop(uses);
 
     // The packs of fragments condemned here (or deleted, or waiting) are condemned
     // with them: a sweep deletes them once it has deleted the fragments.
@@ -434,6 +440,10 @@ pub async fn prune(
         report.condemned_bytes += size;
     }
     report.condemned_packs = condemned.packs.len() as u64;
+    // The packs a set condemns, this run's or one still waiting: step 4's merged
+    // index files leave their entries out.
+    let mut doomed = pending;
+    doomed.extend(condemned.packs.iter().copied());
     let mut pending_names: HashSet<&str> =
         waiting.iter().chain(&unfinished).flat_map(|s| s.body.names.iter()).collect();
     pending_names.extend(&deleted_names);
@@ -518,7 +528,7 @@ pub async fn prune(
             indexed_points.extend(file.points.iter().cloned());
             if file.len() < SMALL_INDEX && !opts.dry_run {
                 if batch.entries.len() < MERGED_ENTRIES {
-                    batch.add(&name, file, &forgotten);
+                    batch.add(&name, file, &forgotten, &doomed);
                 } else {
                     small.push(name);
                 }
@@ -545,7 +555,7 @@ pub async fn prune(
     if !opts.dry_run && batch.replaced.len() + small.len() > MERGE_ABOVE {
         progress("merging index files");
         batch.write(repo, &mut report).await?;
-        merge_index_files(repo, &small, &forgotten, &mut report).await?;
+        merge_index_files(repo, &small, &forgotten, &doomed, &mut report).await?;
     } else {
         drop(batch);
     }
@@ -626,6 +636,7 @@ async fn merge_index_files(
     repo: &Repository,
     names: &[String],
     forgotten: &HashSet<String>,
+    doomed: &HashSet<Id>,
     report: &mut PruneReport,
 ) -> Result<(), RepoError> {
     let store = repo.store();
@@ -638,7 +649,7 @@ async fn merge_index_files(
     while let Some((name, got)) = reads.next().await {
         let Ok(bytes) = got else { continue };
         let Ok(file) = open_index_records(repo.keys(), &name, bytes) else { continue };
-        batch.add(&name, file, forgotten);
+        batch.add(&name, file, forgotten, doomed);
         // Each batch written as it fills: at most one is held.
         if batch.entries.len() >= MERGED_ENTRIES {
             std::mem::take(&mut batch).write(repo, report).await?;
@@ -679,7 +690,11 @@ impl MergedIndex {
         Ok(())
     }
 
-    fn add(&mut self, name: &str, file: IndexRecords, forgotten: &HashSet<String>) {
+    /// Adds the entries of index file `name` but those of `doomed` packs (a writer
+    /// that would have found a blob in one stores it again, where it would have
+    /// rescued the pack), and its points but the `forgotten` ones.
+    fn add(&mut self, name: &str, mut file: IndexRecords, forgotten: &HashSet<String>, doomed: &HashSet<Id>) {
+        file.retain_packs(|pack| !doomed.contains(pack));
         if self.entries.capacity() == 0 {
             // All the room it can need, once: growing by doubling would hold twice
             // that while it copies (and the file's header fits in what is left).
@@ -1739,6 +1754,50 @@ mod tests {
         repo.store().delete(&points[3].name).await.unwrap();
         let report = crate::verify(&repo, false, &|_| {}).await.unwrap();
         assert!(report.errors.iter().any(|e| e.contains(&points[3].name) && e.contains("missing")), "{report:?}");
+    }
+
+    /// Merged index files leave out the entries of packs a set condemns: a writer
+    /// started after stores that content again rather than take it from a pack
+    /// about to go. After the sweep, every point kept reads the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn merged_index_files_leave_out_what_a_set_condemns() {
+        let repo = repo().await;
+        let w = Writer::with_timing(repo.clone(), timing()).await.unwrap();
+        let mut points = Vec::new();
+        for seed in 0..20u8 {
+            points.push(point(&w, content(seed)).await.unwrap());
+        }
+        drop(w);
+        let (first, gone) = points[0].clone();
+        forget(&repo, &first).await;
+        tokio::time::sleep(GRACE).await;
+        let r = run(&repo).await;
+        assert_eq!(r.merged_index_files, 20, "{r:?}");
+        assert!(r.condemned_packs >= 1 && exists(&repo, &gone.pack).await, "condemned, not yet deleted: {r:?}");
+        let mut indexed = HashSet::new();
+        for f in repo.store().list(INDEX_DIR).await.unwrap() {
+            let file =
+                crate::index::open_index(repo.keys(), &f.name, &repo.store().get(&f.name).await.unwrap()).unwrap();
+            indexed.extend(file.entries.iter().map(|e| e.blob.pack));
+        }
+        assert!(!indexed.contains(&gone.pack), "the condemned pack's entries are left out");
+        // The small packs were merged: the kept content is indexed where it now is.
+        assert!(r.repack.packs >= 19, "{r:?}");
+        let w = Writer::with_timing(repo.clone(), timing()).await.unwrap();
+        for (_, b) in &points[1..] {
+            let now = w.known(BlobKind::Data, &b.id).expect("kept content is indexed");
+            assert!(now.pack != b.pack && indexed.contains(&now.pack), "in a new pack, not a condemned one");
+        }
+        assert!(w.known(BlobKind::Data, &gone.id).is_none());
+        let (again, stored) = point(&w, content(0)).await.unwrap();
+        assert_ne!(stored.pack, gone.pack, "stored again, in a pack of its own");
+        drop(w);
+        tokio::time::sleep(GRACE).await;
+        run(&repo).await;
+        assert!(!exists(&repo, &gone.pack).await, "swept");
+        assert_eq!(repo.read_blob(BlobKind::Data, &stored).await.unwrap(), content(0));
+        assert!(repo.points("s").await.unwrap().contains(&again));
+        verified(&repo).await;
     }
 
     /// 200 kB that do not compress.

@@ -17,18 +17,20 @@
 use std::collections::{HashMap, HashSet};
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::StreamExt;
 use serde::Serialize;
+use tokio::sync::mpsc::Sender;
 
 use crate::crypto::{compressor, encode_payload, open_in_place};
 use crate::error::{BlobError, RepoError};
 use crate::id::Id;
-use crate::index::seal_for_points;
+use crate::index::encode_for_points;
+use crate::object::seal_object_raw;
 use crate::pack::{
     blob_aad, fetch_header, pack_name, BlobKind, BlobRef, PackBuilder, PackEntry, HEADER_ENTRY_LEN, PACK_TARGET,
 };
 use crate::point::{PointRef, RefJson};
 use crate::repo::Repository;
+use crate::store::NewObject;
 use crate::tree::{EntryKind, Extent, Tree};
 
 /// A pack smaller than this is small: many of them are merged. A stream writes
@@ -117,6 +119,7 @@ impl PackUse {
 
 /// A pack chosen for repacking, and the (offset, length) of each blob in it that
 /// points use, sorted.
+#[derive(Clone)]
 pub struct Chosen {
     pub pack: PackUse,
     pub used: Vec<(u32, u32)>,
@@ -171,29 +174,31 @@ pub async fn repack(
 ) -> Result<(RepackReport, HashSet<(Id, u32)>), RepoError> {
     let mut report = RepackReport { packs: chosen.len() as u64, ..RepackReport::default() };
     let mut out = Output::new(repo);
-    let moving: HashSet<Id> = chosen.iter().map(|c| c.pack.id).collect();
-    // 1. Data blobs, pack by pack, a few packs read ahead (each on a task, so that
-    // opening blobs and sealing them again use two cores) while full packs upload.
-    let mut moved: HashMap<(Id, u32), BlobRef> = HashMap::new();
-    // By index, not by reference: a closure taking a reference makes this future
-    // not Send, which `stream --prune-every` needs.
-    let mut reads = futures::stream::iter((0..chosen.len()).map(|i| {
-        let c = &chosen[i];
-        tokio::spawn(read_used(repo.clone(), c.pack.id, c.pack.size, c.used.clone()))
-    }))
-    .buffered(READ_AHEAD);
-    let mut i = 0;
-    while let Some(read) = reads.next().await {
+    // Each chosen pack by its position in `chosen`.
+    let moving: HashMap<Id, u32> = chosen.iter().zip(0..).map(|(c, i)| (c.pack.id, i)).collect();
+    // 1. Data blobs, pack by pack. A task reads and opens them a span at a time,
+    // a little ahead (so that opening blobs and sealing them again use two cores),
+    // and the new packs are written as they are sealed: what is held at once is a
+    // few spans, whatever the packs' sizes.
+    let mut moved = Moved::default();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(SPANS_QUEUED);
+    let reader = tokio::spawn(read_used(repo.clone(), chosen.to_vec(), tx));
+    let mut at = None;
+    while let Some(span) = rx.recv().await {
+        let Span { pack: i, blobs } = span?;
         let p = &chosen[i].pack;
-        i += 1;
-        progress(&format!("repacking pack {i} of {}", chosen.len()));
-        report.bytes += p.size;
-        report.used_bytes += p.used_bytes;
-        for (b, payload) in read.expect("pack reading task panicked")? {
+        if at != Some(i) {
+            at = Some(i);
+            progress(&format!("repacking pack {} of {}", i + 1, chosen.len()));
+            report.bytes += p.size;
+            report.used_bytes += p.used_bytes;
+        }
+        for (b, payload) in blobs {
             let new = out.add(BlobKind::Data, b.id, b.raw_len, &payload).await?;
-            moved.insert((p.id, b.offset), new);
+            moved.insert(i as u32, b.offset, new);
         }
     }
+    reader.await.expect("pack reading task panicked");
     // 2. Trees, from every point down, and the manifests.
     let mut trees = Trees {
         repo,
@@ -222,7 +227,11 @@ pub async fn repack(
     report.written_bytes = out.bytes;
     if !entries.is_empty() {
         let name = Repository::new_index_name();
-        repo.store().put_new(&name, Bytes::from(seal_for_points(repo.keys(), &name, &[], &entries))).await?;
+        // Stored uncompressed, as prune stores every index file it writes (ids do
+        // not compress): no compressor's tables beside the entries.
+        let plain = encode_for_points(&[], &entries);
+        drop(entries);
+        repo.store().put_new(&name, Bytes::from(seal_object_raw(repo.keys(), &name, plain))).await?;
     }
     for (point, manifest) in &replaced {
         repo.store().put_overwrite(&point.name, Bytes::from(manifest.seal(repo.keys(), &point.name))).await?;
@@ -238,26 +247,52 @@ pub async fn repack(
     Ok((report, trees.replaced))
 }
 
-/// Chosen packs read at once, ahead of the one being written again.
-const READ_AHEAD: usize = 2;
+/// Spans read and opened ahead of the one being written again, besides the one
+/// being read; and the largest span (a blob larger is read alone).
+const SPANS_QUEUED: usize = 1;
+const SPAN_MAX: u64 = 256 << 10;
 /// Used blobs of a pack this close together are fetched with one ranged read.
-const SPAN_GAP: u64 = 256 << 10;
+const SPAN_GAP: u64 = 64 << 10;
 
-/// The used data blobs of a chosen pack, opened: its header (two ranged reads),
-/// then the spans of its used blobs. Every blob a point uses must be where the
-/// header says: what is not found there would be lost with the pack.
-async fn read_used(
-    repo: Repository,
+/// The opened data blobs of one ranged read of the `pack`-th chosen pack.
+struct Span {
+    pack: usize,
+    blobs: Vec<(BlobRef, BytesMut)>,
+}
+
+/// Reads the used data blobs of each of `chosen`, in order, and sends them opened a
+/// span at a time; the first failure is sent last. A pack's header first (two
+/// ranged reads): every blob a point uses must be where it says, or it would be
+/// lost with the pack.
+async fn read_used(repo: Repository, chosen: Vec<Chosen>, tx: Sender<Result<Span, RepoError>>) {
+    for (i, c) in chosen.iter().enumerate() {
+        match read_pack(&repo, i, c.pack.id, c.pack.size, &c.used, &tx).await {
+            Ok(true) => {}
+            // The receiver gave up.
+            Ok(false) => return,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// `read_used` of one pack: whether the receiver still wants more.
+async fn read_pack(
+    repo: &Repository,
+    i: usize,
     pack: Id,
     size: u64,
-    used: Vec<(u32, u32)>,
-) -> Result<Vec<(BlobRef, BytesMut)>, RepoError> {
+    used: &[(u32, u32)],
+    tx: &Sender<Result<Span, RepoError>>,
+) -> Result<bool, RepoError> {
     let name = pack_name(&pack);
     let damaged = |problem: String| RepoError::DamagedPack { pack: name.clone(), problem };
     let header = fetch_header(repo.store(), repo.keys(), &pack, size).await?.map_err(|e| damaged(e.to_string()))?;
     let by_offset: HashMap<u32, &PackEntry> = header.iter().map(|e| (e.blob.offset, e)).collect();
     let mut wanted: Vec<BlobRef> = Vec::new();
-    for (offset, length) in &used {
+    for (offset, length) in used {
         let e = by_offset
             .get(offset)
             .filter(|e| e.blob.length == *length)
@@ -269,18 +304,18 @@ async fn read_used(
     }
     wanted.sort_by_key(|b| b.offset);
     let cipher = repo.keys().pack_cipher(&pack);
-    let mut out = Vec::with_capacity(wanted.len());
     let mut rest = &wanted[..];
     while let Some(head) = rest.first() {
         let (start, mut end) = (head.range().start, head.range().end);
         let mut n = 1;
-        while n < rest.len() && rest[n].range().start <= end + SPAN_GAP {
+        while n < rest.len() && rest[n].range().start <= end + SPAN_GAP && rest[n].range().end - start <= SPAN_MAX {
             end = end.max(rest[n].range().end);
             n += 1;
         }
         // Each blob is opened where it was read: the span is the only copy.
         let mut span = BytesMut::from(repo.store().get_range(&name, start..end).await?);
         let mut at = start;
+        let mut blobs = Vec::with_capacity(n);
         for b in &rest[..n] {
             let (skip, len) = (b.range().start.checked_sub(at), b.range().end - b.range().start);
             let Some(skip) = skip.filter(|skip| (span.len() as u64) >= skip + len) else {
@@ -291,18 +326,48 @@ async fn read_used(
             at = b.range().end;
             let payload = open_in_place(&cipher, &blob_aad(BlobKind::Data, &b.id), sealed)
                 .map_err(|err| damaged(format!("blob at {}: {err}", b.offset)))?;
-            out.push((*b, payload));
+            blobs.push((*b, payload));
+        }
+        if tx.send(Ok(Span { pack: i, blobs })).await.is_err() {
+            return Ok(false);
         }
         rest = &rest[n..];
     }
-    Ok(out)
+    Ok(true)
+}
+
+/// Where each data blob repacked now is, by the position of its old pack among
+/// those chosen and its offset there: in a few bytes a blob, not two references.
+#[derive(Default)]
+struct Moved {
+    /// (chosen pack, old offset) to (new pack, offset, length).
+    places: HashMap<(u32, u32), (u32, u32, u32)>,
+    /// The new packs, in the order they were filled.
+    packs: Vec<Id>,
+}
+
+impl Moved {
+    fn insert(&mut self, chosen: u32, offset: u32, new: BlobRef) {
+        if self.packs.last() != Some(&new.pack) {
+            self.packs.push(new.pack);
+        }
+        let pack = (self.packs.len() - 1) as u32;
+        self.places.insert((chosen, offset), (pack, new.offset, new.length));
+    }
+
+    /// The new reference of `old`, a blob of the `chosen`-th pack; `None` if it
+    /// was not moved.
+    fn get(&self, chosen: u32, old: &BlobRef) -> Option<BlobRef> {
+        let &(pack, offset, length) = self.places.get(&(chosen, old.offset))?;
+        Some(BlobRef { id: old.id, pack: self.packs[pack as usize], offset, length, raw_len: old.raw_len })
+    }
 }
 
 /// Trees being written again, remembered by content id.
 struct Trees<'a> {
     repo: &'a Repository,
-    moving: &'a HashSet<Id>,
-    moved: &'a HashMap<(Id, u32), BlobRef>,
+    moving: &'a HashMap<Id, u32>,
+    moved: &'a Moved,
     /// Trees written again: old content id to new reference.
     new: HashMap<Id, BlobRef>,
     /// Trees that need nothing changed below them.
@@ -319,7 +384,7 @@ impl Trees<'_> {
             self.replaced.insert((r.pack, r.offset));
             return Ok(Some(*new));
         }
-        if self.clean.contains(&r.id) && !self.moving.contains(&r.pack) {
+        if self.clean.contains(&r.id) && !self.moving.contains_key(&r.pack) {
             return Ok(None);
         }
         let mut tree = self.repo.read_tree(&r).await?;
@@ -337,16 +402,14 @@ impl Trees<'_> {
                 EntryKind::File => {
                     for x in &mut entry.content {
                         if let Extent::Data(b) = x {
-                            if !self.moving.contains(&b.pack) {
-                                continue;
-                            }
+                            let Some(&chosen) = self.moving.get(&b.pack) else { continue };
                             // Every blob in a pack being repacked that a point uses was
                             // moved; one that was not would be lost with the pack.
-                            let new = self.moved.get(&(b.pack, b.offset)).ok_or_else(|| RepoError::DamagedPack {
+                            let new = self.moved.get(chosen, b).ok_or_else(|| RepoError::DamagedPack {
                                 pack: pack_name(&b.pack),
                                 problem: format!("a point uses a blob at {} that was not seen before", b.offset),
                             })?;
-                            *b = *new;
+                            *b = new;
                             changed = true;
                         }
                     }
@@ -354,7 +417,7 @@ impl Trees<'_> {
                 _ => {}
             }
         }
-        if !changed && !self.moving.contains(&r.pack) {
+        if !changed && !self.moving.contains_key(&r.pack) {
             self.clean.insert(r.id);
             return Ok(None);
         }
@@ -365,11 +428,14 @@ impl Trees<'_> {
     }
 }
 
-/// New packs being filled, each uploaded while the next fills.
+/// New packs being filled, each written as it is sealed, a piece at a time, and
+/// made durable while the next fills.
 struct Output<'a> {
     repo: &'a Repository,
     builder: PackBuilder,
-    uploading: Option<tokio::task::JoinHandle<Result<(), crate::store::StoreError>>>,
+    /// The object of the pack being filled, once some of it is written.
+    object: Option<NewObject>,
+    finishing: Option<tokio::task::JoinHandle<Result<(), crate::store::StoreError>>>,
     entries: Vec<PackEntry>,
     trees: HashMap<Id, BlobRef>,
     compressor: zstd::bulk::Compressor<'static>,
@@ -377,12 +443,16 @@ struct Output<'a> {
     bytes: u64,
 }
 
+/// Sealed bytes held before they are written to the pack's object.
+const WRITE_PIECE: usize = 256 << 10;
+
 impl<'a> Output<'a> {
     fn new(repo: &'a Repository) -> Output<'a> {
         Output {
             repo,
-            builder: PackBuilder::new(repo.keys()),
-            uploading: None,
+            builder: PackBuilder::streaming(repo.keys()),
+            object: None,
+            finishing: None,
             entries: Vec::new(),
             trees: HashMap::new(),
             compressor: compressor(),
@@ -395,6 +465,9 @@ impl<'a> Output<'a> {
         let b = self.builder.add(kind, id, raw_len, payload);
         if self.builder.len() >= PACK_TARGET {
             self.flush().await?;
+        } else if self.builder.held() >= WRITE_PIECE {
+            let piece = self.builder.take_sealed();
+            self.write(piece).await?;
         }
         Ok(b)
     }
@@ -413,25 +486,39 @@ impl<'a> Output<'a> {
         Ok(b)
     }
 
+    /// Writes `piece` of the pack being filled to its object.
+    async fn write(&mut self, piece: Vec<u8>) -> Result<(), RepoError> {
+        let object = match &mut self.object {
+            Some(object) => object,
+            None => self.object.insert(self.repo.store().new_object(&pack_name(&self.builder.id())).await?),
+        };
+        object.write(piece).await?;
+        Ok(())
+    }
+
     async fn flush(&mut self) -> Result<(), RepoError> {
         if self.builder.is_empty() {
             return Ok(());
         }
-        let full = std::mem::replace(&mut self.builder, PackBuilder::new(self.repo.keys()));
-        let (id, bytes, entries) = full.finish();
+        let full = std::mem::replace(&mut self.builder, PackBuilder::streaming(self.repo.keys()));
+        let (id, tail, entries) = full.finish();
+        let mut object = match self.object.take() {
+            Some(object) => object,
+            None => self.repo.store().new_object(&pack_name(&id)).await?,
+        };
+        object.write(tail).await?;
         self.packs += 1;
-        self.bytes += bytes.len() as u64;
-        self.uploaded().await?;
-        let store = self.repo.store().clone();
-        self.uploading = Some(tokio::spawn(async move { store.put_new(&pack_name(&id), Bytes::from(bytes)).await }));
+        self.bytes += object.len();
+        self.finished().await?;
+        self.finishing = Some(tokio::spawn(object.finish()));
         self.entries.extend(entries);
         Ok(())
     }
 
-    /// Waits for the pack uploading, if any.
-    async fn uploaded(&mut self) -> Result<(), RepoError> {
-        if let Some(upload) = self.uploading.take() {
-            upload.await.expect("pack upload task panicked")?;
+    /// Waits for the pack being made durable, if any.
+    async fn finished(&mut self) -> Result<(), RepoError> {
+        if let Some(finishing) = self.finishing.take() {
+            finishing.await.expect("pack finishing task panicked")?;
         }
         Ok(())
     }
@@ -439,7 +526,7 @@ impl<'a> Output<'a> {
     /// Every new pack durable: their entries, for the index.
     async fn finish(&mut self) -> Result<Vec<PackEntry>, RepoError> {
         self.flush().await?;
-        self.uploaded().await?;
+        self.finished().await?;
         Ok(std::mem::take(&mut self.entries))
     }
 }

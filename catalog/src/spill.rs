@@ -74,15 +74,8 @@ impl<const N: usize> Spill<N> {
 
     /// Writes the records held, sorted and each once, as a run.
     fn write_run(&mut self) -> io::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
-        let file = tempfile::tempfile_in(&self.dir)?;
-        let mut out = BufWriter::with_capacity(READ_BUF, file);
-        for r in &self.held {
-            out.write_all(r)?;
-        }
-        let file = out.into_inner().map_err(|e| e.into_error())?;
+        self.runs.push(Run::write(&self.held, &self.dir)?);
         self.spilled += (self.held.len() * N) as u64;
-        self.runs.push(Run { file, records: self.held.len() as u64 });
         // Let the memory go: the next run is gathered from nothing.
         self.held = Vec::new();
         Ok(())
@@ -124,6 +117,20 @@ fn cmp_records<const N: usize>(a: &[u8; N], b: &[u8; N]) -> std::cmp::Ordering {
     words_a.remainder().cmp(words_b.remainder())
 }
 
+impl Run {
+    /// A run of `records` (sorted, each once) in a file of its own in `dir`.
+    fn write<const N: usize>(records: &[[u8; N]], dir: &Path) -> io::Result<Run> {
+        std::fs::create_dir_all(dir)?;
+        let file = tempfile::tempfile_in(dir)?;
+        let mut out = BufWriter::with_capacity(READ_BUF, file);
+        for r in records {
+            out.write_all(r)?;
+        }
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        Ok(Run { file, records: records.len() as u64 })
+    }
+}
+
 /// Records sorted, each once: read as many times as needed.
 pub enum Sorted<const N: usize> {
     Held(Vec<[u8; N]>),
@@ -131,6 +138,15 @@ pub enum Sorted<const N: usize> {
 }
 
 impl<const N: usize> Sorted<N> {
+    /// The same records, none of them in memory: those held are written to a run
+    /// in `dir`, for a phase that needs the memory and reads them only after.
+    pub fn onto_disk(self, dir: &Path) -> io::Result<Sorted<N>> {
+        match self {
+            Sorted::Held(held) if !held.is_empty() => Ok(Sorted::Runs(vec![Run::write(&held, dir)?])),
+            sorted => Ok(sorted),
+        }
+    }
+
     /// The records in order.
     pub fn iter(&self) -> Records<'_, N> {
         match self {
@@ -261,6 +277,24 @@ mod tests {
         let want: Vec<[u8; 4]> = (0u32..300).map(u32::to_be_bytes).collect();
         assert_eq!(collect(&sorted), want);
         assert_eq!(collect(&sorted), want, "a second reading gives the same");
+    }
+
+    /// Records moved out of memory read back as they were, from an anonymous file.
+    #[test]
+    fn records_held_moved_onto_disk_read_back_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spill::<2>::new(100, dir.path());
+        for r in [[3, 1], [1, 2], [0, 9]] {
+            s.push(r).unwrap();
+        }
+        let held = s.finish().unwrap();
+        let want = collect(&held);
+        let moved = held.onto_disk(dir.path()).unwrap();
+        assert!(matches!(&moved, Sorted::Runs(r) if r.len() == 1));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "runs are anonymous files");
+        assert_eq!(collect(&moved), want);
+        let none = Spill::<2>::new(100, dir.path()).finish().unwrap().onto_disk(dir.path()).unwrap();
+        assert!(matches!(&none, Sorted::Held(h) if h.is_empty()), "nothing to move writes nothing");
     }
 
     #[test]

@@ -218,6 +218,34 @@ async fn delete_many_removes_every_name(store: Store) {
     }
 }
 
+/// An object written a piece at a time (prune's repacked packs): invisible until
+/// finished, then exactly the pieces; never over a taken name; given up, nothing
+/// of it is listed.
+async fn new_object_appears_whole_and_only_once_finished(store: Store) {
+    let mut object = store.new_object("packs/ab/streamed").await.unwrap();
+    let pieces: Vec<Bytes> = (0..5).map(|i| noise(i, 100_000 + i as usize)).collect();
+    for p in &pieces {
+        object.write(p.to_vec()).await.unwrap();
+    }
+    assert_eq!(object.len(), pieces.iter().map(|p| p.len() as u64).sum::<u64>());
+    assert!(store.list_names("packs").await.unwrap().is_empty(), "nothing shows before it is finished");
+    object.finish().await.unwrap();
+    assert_eq!(store.get("packs/ab/streamed").await.unwrap(), pieces.concat());
+    assert_eq!(store.list_names("packs").await.unwrap(), ["packs/ab/streamed"]);
+
+    store.put_new("packs/ab/taken", Bytes::from_static(b"first")).await.unwrap();
+    let mut late = store.new_object("packs/ab/taken").await.unwrap();
+    late.write(b"second".to_vec()).await.unwrap();
+    assert!(matches!(late.finish().await, Err(StoreError::AlreadyExists { .. })));
+    assert_eq!(store.get("packs/ab/taken").await.unwrap(), &b"first"[..]);
+
+    let mut given_up = store.new_object("packs/cd/given-up").await.unwrap();
+    given_up.write(b"half".to_vec()).await.unwrap();
+    drop(given_up);
+    assert_eq!(store.list_names("packs").await.unwrap(), ["packs/ab/streamed", "packs/ab/taken"]);
+    assert!(store.get("packs/cd/given-up").await.unwrap_err().is_not_found());
+}
+
 async fn names_of_every_allowed_character_round_trip(store: Store) {
     // Object names use [A-Za-z0-9._/-]; a segment may start or end with any of them.
     let all = [
@@ -336,6 +364,7 @@ conformance!(
     listings_page_in_order,
     delete_removes_and_is_idempotent,
     delete_many_removes_every_name,
+    new_object_appears_whole_and_only_once_finished,
     names_of_every_allowed_character_round_trip,
     large_objects_round_trip,
     time_keyed_names_list_in_order,

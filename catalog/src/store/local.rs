@@ -480,6 +480,75 @@ pub(super) fn delete_batch(root: &Path, names: &[String]) -> Vec<(String, StoreE
     failed
 }
 
+/// An object being written to a staged file (`<path>#<n>`, which listings do not
+/// show and `sweep_staged` removes if the writer dies), published by `publish`.
+pub(super) struct Staged {
+    file: std::sync::Arc<std::fs::File>,
+    staged: PathBuf,
+    path: PathBuf,
+    /// The highest directory `create` made, whose parent must be fsynced too.
+    made: Option<PathBuf>,
+    published: bool,
+}
+
+impl Staged {
+    /// Creates the staged file of the object at `path` below `root`, and the
+    /// directories it needs.
+    pub(super) fn create(root: &Path, path: PathBuf) -> std::io::Result<Staged> {
+        let dir = path.parent().unwrap_or(root);
+        let mut made = None;
+        let mut missing = Some(dir);
+        while let Some(d) = missing.filter(|d| *d != root && !d.exists()) {
+            made = Some(d.to_path_buf());
+            missing = d.parent();
+        }
+        if made.is_some() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let n = u64::from_le_bytes(crate::id::random_bytes());
+        let staged = PathBuf::from(format!("{}#{n}", path.display()));
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&staged)?;
+        Ok(Staged { file: std::sync::Arc::new(file), staged, path, made, published: false })
+    }
+
+    /// The file, for a blocking task to append to.
+    pub(super) fn file(&self) -> std::sync::Arc<std::fs::File> {
+        self.file.clone()
+    }
+
+    /// Makes the object durable under its name, unless the name is taken
+    /// (`AlreadyExists`): the file, then its name, then the directories made for it.
+    pub(super) fn publish(mut self) -> std::io::Result<()> {
+        self.file.sync_all()?;
+        std::fs::hard_link(&self.staged, &self.path)?;
+        self.published = true;
+        // The staged name goes; a crash before leaves it for `sweep_staged`.
+        let _ = std::fs::remove_file(&self.staged);
+        let dir = self.path.parent().unwrap_or(&self.path);
+        std::fs::File::open(dir)?.sync_all()?;
+        if let Some(made) = &self.made {
+            let mut d = dir;
+            while let Some(parent) = d.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+                if d == made.as_path() {
+                    break;
+                }
+                d = parent;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    /// A write given up leaves nothing behind.
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_file(&self.staged);
+        }
+    }
+}
+
 /// Fsyncs `dir`, which a file was removed from; when a delete of another file
 /// removed that directory meanwhile (it became empty), the nearest one still
 /// there, which the removal of the directory changed.

@@ -30,6 +30,66 @@ const LOCAL_DELETE_BATCH: usize = 256;
 const LOCAL_DELETE_BATCHES: usize = 8;
 pub use local::{local_name, local_path};
 
+/// An object being written (`Store::new_object`): on `file://` its bytes go to a
+/// staged file as they come, published with a hard link that fails if the name is
+/// taken; elsewhere they are gathered and written with one `put_new`. Dropped
+/// unfinished, it leaves nothing.
+pub struct NewObject {
+    name: String,
+    len: u64,
+    to: Sink,
+}
+
+enum Sink {
+    Staged(local::Staged),
+    Gathered(Store, Vec<u8>),
+}
+
+impl NewObject {
+    /// Appends `bytes`.
+    pub async fn write(&mut self, bytes: Vec<u8>) -> Result<(), StoreError> {
+        self.len += bytes.len() as u64;
+        match &mut self.to {
+            Sink::Staged(staged) => {
+                let file = staged.file();
+                tokio::task::spawn_blocking(move || std::io::Write::write_all(&mut &*file, &bytes))
+                    .await
+                    .expect("write task panicked")
+                    .map_err(|cause| StoreError::Io { op: "write", name: self.name.clone(), cause })
+            }
+            Sink::Gathered(_, gathered) => {
+                gathered.extend_from_slice(&bytes);
+                Ok(())
+            }
+        }
+    }
+
+    /// The bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Makes the object visible under its name once durable; `AlreadyExists` if
+    /// the name is taken.
+    pub async fn finish(self) -> Result<(), StoreError> {
+        let name = self.name;
+        match self.to {
+            Sink::Staged(staged) => tokio::task::spawn_blocking(move || staged.publish())
+                .await
+                .expect("publish task panicked")
+                .map_err(|cause| match cause.kind() {
+                    std::io::ErrorKind::AlreadyExists => StoreError::AlreadyExists { name },
+                    _ => StoreError::Io { op: "put", name, cause },
+                }),
+            Sink::Gathered(store, gathered) => store.put_new(&name, Bytes::from(gathered)).await,
+        }
+    }
+}
+
 /// The one spelling of a repository URL: `file:///r`, `file:///r/` and
 /// `file:///r//x/..` name one directory (resolved, symlinks too, when it exists),
 /// `s3://b/p/` and `s3://b//p` one prefix. State kept per repository is keyed by it.
@@ -343,6 +403,25 @@ impl Store {
         };
         r.map_err(|e| StoreError::from_backend("put", name, e))?;
         Ok(())
+    }
+
+    /// A new object to be written a piece at a time (`NewObject`), for objects too
+    /// large to hold whole in memory: made visible by `NewObject::finish`, as
+    /// `put_new` makes one (never over another of the same name).
+    pub async fn new_object(&self, name: &str) -> Result<NewObject, StoreError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(NewObject { name: name.to_string(), len: 0, to: Sink::Gathered(self.clone(), Vec::new()) });
+        };
+        // The name may be taken by a file a repository written before the layout holds flat.
+        if self.flat_path(name).is_some() && std::fs::symlink_metadata(root.join(name)).is_ok_and(|m| m.is_file()) {
+            return Err(StoreError::AlreadyExists { name: name.to_string() });
+        }
+        let path = root.join(local_path(name).as_ref());
+        let staged = tokio::task::spawn_blocking(move || local::Staged::create(&root, path))
+            .await
+            .expect("create task panicked")
+            .map_err(|cause| StoreError::Io { op: "create", name: name.to_string(), cause })?;
+        Ok(NewObject { name: name.to_string(), len: 0, to: Sink::Staged(staged) })
     }
 
     /// Replaces an object that only this writer owns (key slots being rewritten are
