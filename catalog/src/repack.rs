@@ -172,7 +172,12 @@ pub async fn repack(
     points: &[PointRef],
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<(RepackReport, HashSet<(Id, u32)>), RepoError> {
-    let mut report = RepackReport { packs: chosen.len() as u64, ..RepackReport::default() };
+    let mut report = RepackReport {
+        packs: chosen.len() as u64,
+        bytes: chosen.iter().map(|c| c.pack.size).sum(),
+        used_bytes: chosen.iter().map(|c| c.pack.used_bytes).sum(),
+        ..RepackReport::default()
+    };
     let mut out = Output::new(repo);
     // Each chosen pack by its position in `chosen`.
     let moving: HashMap<Id, u32> = chosen.iter().zip(0..).map(|(c, i)| (c.pack.id, i)).collect();
@@ -186,12 +191,9 @@ pub async fn repack(
     let mut at = None;
     while let Some(span) = rx.recv().await {
         let Span { pack: i, blobs } = span?;
-        let p = &chosen[i].pack;
         if at != Some(i) {
             at = Some(i);
             progress(&format!("repacking pack {} of {}", i + 1, chosen.len()));
-            report.bytes += p.size;
-            report.used_bytes += p.used_bytes;
         }
         for (b, payload) in blobs {
             let new = out.add(BlobKind::Data, b.id, b.raw_len, &payload).await?;
@@ -355,10 +357,10 @@ impl Moved {
         self.places.insert((chosen, offset), (pack, new.offset, new.length));
     }
 
-    /// The new reference of `old`, a blob of the `chosen`-th pack; `None` if it
-    /// was not moved.
+    /// The new reference of `old`, a blob of the `chosen`-th pack; `None` if no
+    /// blob of its place and length was moved.
     fn get(&self, chosen: u32, old: &BlobRef) -> Option<BlobRef> {
-        let &(pack, offset, length) = self.places.get(&(chosen, old.offset))?;
+        let &(pack, offset, length) = self.places.get(&(chosen, old.offset)).filter(|p| p.2 == old.length)?;
         Some(BlobRef { id: old.id, pack: self.packs[pack as usize], offset, length, raw_len: old.raw_len })
     }
 }
