@@ -3,7 +3,6 @@
 //! manifests with the damaged ones told apart. Sources and points come from object
 //! names alone (`PointNames`), so a repository still locked can answer.
 
-use futures::stream::{self, StreamExt};
 use jiff::Timestamp;
 
 use crate::error::RepoError;
@@ -11,8 +10,6 @@ use crate::point::{Manifest, PointRef};
 use crate::repo::{PointNames, Repository};
 use crate::time::TimeSpec;
 
-/// Manifests fetched at once when listing: they are small and independent.
-const MANIFESTS_IN_FLIGHT: usize = 16;
 /// Names asked for by the first listing when walking a span of points back from
 /// its end; each next listing asks for twice as many. On `file://` a listing reads
 /// every shard directory it needs to fill its page: a first page of a thousand
@@ -157,10 +154,12 @@ impl Repository {
     /// foreign, gone) is an `Err` in its place, so the others can still be listed;
     /// any other failure (the store cannot be asked) fails the whole.
     pub async fn manifests_of(&self, points: &[PointRef]) -> Result<Vec<Result<Manifest, RepoError>>, RepoError> {
-        let fetched: Vec<Result<Manifest, RepoError>> =
-            stream::iter(points.iter().map(|p| self.manifest(p))).buffered(MANIFESTS_IN_FLIGHT).collect().await;
+        let names: Vec<String> = points.iter().map(|p| p.name.clone()).collect();
+        let fetched = self.store().get_many(&names).await;
         fetched
             .into_iter()
+            .zip(points)
+            .map(|(got, p)| -> Result<Manifest, RepoError> { Ok(Manifest::open(self.keys(), &p.name, &got?)?) })
             .map(|r| match r {
                 Err(e) if !e.is_damage() => Err(e),
                 r => Ok(r),

@@ -246,6 +246,29 @@ async fn new_object_appears_whole_and_only_once_finished(store: Store) {
     assert!(store.get("packs/cd/given-up").await.unwrap_err().is_not_found());
 }
 
+/// Many objects read at once (`points` of a day reads its manifests so): each
+/// answer in the place of its name, a missing one `NotFound` among the others,
+/// and a directory is no object.
+async fn get_many_answers_each_name_in_its_place(store: Store) {
+    let names: Vec<String> = (0..40).map(|i| format!("g/{}/{i:03}", i % 4)).collect();
+    for (i, n) in names.iter().enumerate() {
+        store.put_new(n, noise(i as u64, 10 + i * 7)).await.unwrap();
+    }
+    let mut asked = names.clone();
+    asked.insert(7, "g/1/missing".into());
+    asked.push("g/0".into());
+    let got = store.get_many(&asked).await;
+    assert_eq!(got.len(), asked.len());
+    for (name, got) in asked.iter().zip(&got) {
+        match names.iter().position(|n| n == name) {
+            Some(i) => assert_eq!(got.as_ref().unwrap(), &noise(i as u64, 10 + i * 7), "{name}"),
+            None => assert!(got.as_ref().unwrap_err().is_not_found(), "{name}: {got:?}"),
+        }
+    }
+    assert!(store.get_many(&[]).await.is_empty());
+    assert!(store.get("g/0").await.unwrap_err().is_not_found(), "a directory is no object");
+}
+
 async fn names_of_every_allowed_character_round_trip(store: Store) {
     // Object names use [A-Za-z0-9._/-]; a segment may start or end with any of them.
     let all = [
@@ -365,6 +388,7 @@ conformance!(
     delete_removes_and_is_idempotent,
     delete_many_removes_every_name,
     new_object_appears_whole_and_only_once_finished,
+    get_many_answers_each_name_in_its_place,
     names_of_every_allowed_character_round_trip,
     large_objects_round_trip,
     time_keyed_names_list_in_order,

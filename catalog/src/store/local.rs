@@ -79,6 +79,19 @@ fn read_range_buffered(path: &std::path::Path, range: Range<u64>) -> std::io::Re
     Ok(Bytes::from(buf))
 }
 
+/// The whole of a local file, in one read sized by its length; a directory is not
+/// an object (`NotFound`, as object stores say).
+pub(super) fn read_whole(path: &std::path::Path) -> std::io::Result<Bytes> {
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.is_dir() {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "a directory, not an object"));
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    std::io::Read::read_to_end(&mut &file, &mut buf)?;
+    Ok(Bytes::from(buf))
+}
+
 /// The part of `range` the file has: memory is sized by what is there, never by
 /// what a (possibly damaged) reference asks for.
 fn within(file: &std::fs::File, range: Range<u64>) -> std::io::Result<Range<u64>> {

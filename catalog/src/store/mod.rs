@@ -22,6 +22,10 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 pub use error::StoreError;
 use local::{list_after_local, read_range_direct};
 
+/// Gets `get_many` sends an object store at once, and blocking tasks it reads
+/// local files on.
+const GETS_IN_FLIGHT: usize = 16;
+const LOCAL_READERS: usize = 2;
 /// Deletes `delete_many` sends an object store at once.
 const DELETES_IN_FLIGHT: usize = 16;
 /// Names of one batch of `delete_many` on `file://`, and batches at once: the
@@ -302,6 +306,16 @@ impl Store {
     }
 
     pub async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
+        if let Some(root) = &self.local_root {
+            let (path, flat) = (root.join(local_path(name).as_ref()), root.join(name));
+            return tokio::task::spawn_blocking(move || match local::read_whole(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && flat != path => local::read_whole(&flat),
+                read => read,
+            })
+            .await
+            .expect("read task panicked")
+            .map_err(|cause| StoreError::from_io("get", name, cause));
+        }
         let r = match self.inner.get(&self.path(name)).await {
             Err(object_store::Error::NotFound { .. }) if self.flat_path(name).is_some() => {
                 self.inner.get(&Path::from(name)).await
@@ -310,6 +324,41 @@ impl Store {
         };
         let r = r.map_err(|e| StoreError::from_backend("get", name, e))?;
         r.bytes().await.map_err(|e| StoreError::from_backend("get", name, e))
+    }
+
+    /// The bytes of each of `names`, in order, each as `get` gives it. On
+    /// `file://` a few blocking tasks read them in turn (not a task each: handing
+    /// a small read to another thread costs more than the read), elsewhere
+    /// several requests are in flight.
+    pub async fn get_many(&self, names: &[String]) -> Vec<Result<Bytes, StoreError>> {
+        use futures::StreamExt;
+        let Some(root) = &self.local_root else {
+            return futures::stream::iter(names.iter().map(|n| self.get(n))).buffered(GETS_IN_FLIGHT).collect().await;
+        };
+        let chunk = names.len().div_ceil(LOCAL_READERS).max(1);
+        let reads = names.chunks(chunk).map(|names| {
+            let (root, names) = (root.clone(), names.to_vec());
+            tokio::task::spawn_blocking(move || {
+                names
+                    .iter()
+                    .map(|name| {
+                        let path = root.join(local_path(name).as_ref());
+                        match local::read_whole(&path) {
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound && local_path(name) != *name => {
+                                local::read_whole(&root.join(name))
+                            }
+                            read => read,
+                        }
+                        .map_err(|cause| StoreError::from_io("get", name, cause))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        });
+        let mut out = Vec::with_capacity(names.len());
+        for read in futures::stream::iter(reads).buffered(LOCAL_READERS).collect::<Vec<_>>().await {
+            out.extend(read.expect("read task panicked"));
+        }
+        out
     }
 
     /// The bytes of `range` of an object, exactly: an object that ends before the
