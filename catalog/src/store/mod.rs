@@ -456,7 +456,9 @@ impl Store {
 
     /// A new object to be written a piece at a time (`NewObject`), for objects too
     /// large to hold whole in memory: made visible by `NewObject::finish`, as
-    /// `put_new` makes one (never over another of the same name).
+    /// `put_new` makes one (never over another of the same name). For packs: the
+    /// directories of time-keyed names, which deletes remove when they empty them,
+    /// are `put_new`'s (it makes one again if a delete took it meanwhile).
     pub async fn new_object(&self, name: &str) -> Result<NewObject, StoreError> {
         let Some(root) = self.local_root.clone() else {
             return Ok(NewObject { name: name.to_string(), len: 0, to: Sink::Gathered(self.clone(), Vec::new()) });
