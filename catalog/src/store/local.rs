@@ -79,9 +79,19 @@ fn read_range_buffered(path: &std::path::Path, range: Range<u64>) -> std::io::Re
     Ok(Bytes::from(buf))
 }
 
+/// The bytes of object `name` of the store in `root`: its file where the layout
+/// puts it, else where a repository written before the layout holds it flat.
+pub(super) fn read_object(root: &Path, name: &str) -> std::io::Result<Bytes> {
+    let sharded = local_path(name);
+    match read_whole(&root.join(sharded.as_ref())) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && sharded != name => read_whole(&root.join(name)),
+        read => read,
+    }
+}
+
 /// The whole of a local file, in one read sized by its length; a directory is not
 /// an object (`NotFound`, as object stores say).
-pub(super) fn read_whole(path: &std::path::Path) -> std::io::Result<Bytes> {
+fn read_whole(path: &std::path::Path) -> std::io::Result<Bytes> {
     let file = std::fs::File::open(path)?;
     let meta = file.metadata()?;
     if meta.is_dir() {
@@ -723,6 +733,7 @@ mod tests {
         assert_eq!(store.list_after("wal/db/00000001", "wal/db/00000001/", 10).await.unwrap(), all);
         assert_eq!(store.list_after("wal/db/00000001", &old, 1).await.unwrap(), std::slice::from_ref(&both));
         assert_eq!(store.get(&old).await.unwrap(), old.as_bytes());
+        assert_eq!(store.get_many(std::slice::from_ref(&old)).await[0].as_ref().unwrap(), old.as_bytes());
         assert_eq!(store.size(&old).await.unwrap(), old.len() as u64);
         assert_eq!(store.get_range(&old, 1..4).await.unwrap(), old.as_bytes()[1..4]);
         let taken = store.put_new(&old, Bytes::from_static(b"other")).await.unwrap_err();

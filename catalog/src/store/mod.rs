@@ -307,14 +307,11 @@ impl Store {
 
     pub async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
         if let Some(root) = &self.local_root {
-            let (path, flat) = (root.join(local_path(name).as_ref()), root.join(name));
-            return tokio::task::spawn_blocking(move || match local::read_whole(&path) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && flat != path => local::read_whole(&flat),
-                read => read,
-            })
-            .await
-            .expect("read task panicked")
-            .map_err(|cause| StoreError::from_io("get", name, cause));
+            let (root, owned) = (root.clone(), name.to_string());
+            return tokio::task::spawn_blocking(move || local::read_object(&root, &owned))
+                .await
+                .expect("read task panicked")
+                .map_err(|cause| StoreError::from_io("get", name, cause));
         }
         let r = match self.inner.get(&self.path(name)).await {
             Err(object_store::Error::NotFound { .. }) if self.flat_path(name).is_some() => {
@@ -342,14 +339,7 @@ impl Store {
                 names
                     .iter()
                     .map(|name| {
-                        let path = root.join(local_path(name).as_ref());
-                        match local::read_whole(&path) {
-                            Err(e) if e.kind() == std::io::ErrorKind::NotFound && local_path(name) != *name => {
-                                local::read_whole(&root.join(name))
-                            }
-                            read => read,
-                        }
-                        .map_err(|cause| StoreError::from_io("get", name, cause))
+                        local::read_object(&root, name).map_err(|cause| StoreError::from_io("get", name, cause))
                     })
                     .collect::<Vec<_>>()
             })
