@@ -31,21 +31,26 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
-        let mut s = String::new();
+    // Printed at once: a line at a time is a write each (stdout is line-buffered),
+    // a thousand of them for a day of points.
+    let mut out = String::new();
+    let mut line = |cells: &[String]| {
+        let start = out.len();
         for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
             if i + 1 == cells.len() {
-                s.push_str(cell);
+                out.push_str(cell);
             } else {
-                s.push_str(&format!("{cell:<w$}  "));
+                out.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{}", s.trim_end());
+        out.truncate(start + out[start..].trim_end().len());
+        out.push('\n');
     };
-    line(header.iter().map(|h| h.to_string()).collect());
+    line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
     for row in rows {
-        line(row.clone());
+        line(row);
     }
+    print!("{out}");
 }
 
 /// A spinner on stderr when it is a terminal and not quiet; hidden otherwise.

@@ -99,7 +99,7 @@ impl Keys {
     }
 }
 
-fn nonce(counter: u64) -> Nonce<aes_gcm::aead::consts::U12> {
+pub(crate) fn nonce(counter: u64) -> Nonce<aes_gcm::aead::consts::U12> {
     let mut n = [0u8; NONCE_LEN];
     n[4..].copy_from_slice(&counter.to_be_bytes());
     n.into()

@@ -21,7 +21,7 @@ use crate::point::{validate_source, Manifest, PointRef};
 use crate::policy::StoredPolicy;
 use crate::time::parse_time;
 use crate::tree::{Entry, EntryKind, Tree};
-use crate::wal::{decode_piece, WalPiece, WalSystem, PIECE_HEADER};
+use crate::wal::{decode_piece, open_piece, piece_times, WalPiece, WalSystem, PIECE_HEADER};
 
 /// A fuzz target: its name (the directory of its corpus) and the function that
 /// feeds it bytes.
@@ -40,6 +40,7 @@ pub const TARGETS: &[Target] = &[
     ("manifest", manifest),
     ("fragment", fragment),
     ("wal_piece", wal_piece),
+    ("wal_object", wal_object),
     ("wal_system", wal_system),
     ("names", names),
     ("time", time),
@@ -142,8 +143,22 @@ pub fn fragment(data: &[u8]) {
 
 pub fn wal_piece(data: &[u8]) {
     let len = data.len().saturating_sub(PIECE_HEADER) as u64;
-    let _ = decode_piece("wal/s/00000001/0-1", data.to_vec(), len);
+    let _ = decode_piece("wal/s/00000001/0-1", Bytes::copy_from_slice(data), len);
 }
+
+/// A piece's object as stored (either version), under the fuzzing key: its times
+/// from its first bytes, and the whole opened for the lengths its name could give.
+/// Past authentication only what the seeds hold can reach, which the corpus keeps.
+pub fn wal_object(data: &[u8]) {
+    let name = WAL_OBJECT_NAME;
+    let _ = piece_times(&keys(), name, data);
+    for len in [3, data.len() as u64, u64::MAX] {
+        let _ = open_piece(&keys(), name, Bytes::copy_from_slice(data), len);
+    }
+}
+
+/// The name the `wal_object` target opens its bytes as.
+const WAL_OBJECT_NAME: &str = "wal/s/00000001/0000000001000000-0000000001000003";
 
 pub fn wal_system(data: &[u8]) {
     let _ = WalSystem::decode(data);
@@ -299,6 +314,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     piece.extend(1_763_720_101_000_000_000u64.to_le_bytes());
     piece.extend(b"wal");
     out.push(("wal_piece", piece));
+    let times = crate::wal::PieceTimes {
+        received: Timestamp::from_second(1_763_720_100).expect("a time"),
+        stored: Timestamp::from_second(1_763_720_101).expect("a time"),
+    };
+    let wal_object =
+        crate::wal::seal_piece(&keys(), WAL_OBJECT_NAME, times, b"wal", &mut crate::crypto::wal_compressor());
+    out.push(("wal_object", wal_object));
     out.push(("wal_system", WalSystem { system_id: 7, segment_size: 16 << 20 }.encode()));
     for name in [
         "points/web/e78601e9e44897ff-0123456789abcdef",

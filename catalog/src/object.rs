@@ -6,7 +6,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use crate::crypto::{decode_payload, open_in_place, seal_payload, seal_payload_raw, Keys, PayloadError};
 
-const MAGIC: &[u8; 4] = b"EBO1";
+pub(crate) const MAGIC: &[u8; 4] = b"EBO1";
 /// Objects are small (manifests) or bounded (an index of one point); refuse to
 /// inflate anything claiming more.
 const MAX_OBJECT: usize = 1 << 30;

@@ -4,7 +4,7 @@
 //! them as they are. What the bytes and names mean to PostgreSQL is
 //! `streamer::pg`'s business.
 //!
-//! - `format`: object names, the system object and a piece's header.
+//! - `format`: object names, the system object and a piece's object.
 //! - `read`: finding the pieces that cover a range and reading them back.
 //! - `write`: storing pieces and files, never overwriting.
 //! - `compact`: what of it kept base backups need, and merging a segment's pieces.
@@ -15,7 +15,7 @@ mod read;
 mod write;
 
 pub use compact::{mergeable, redundant, WalKeep, MAX_MERGE};
-pub(crate) use format::decode_piece;
+pub(crate) use format::{decode_piece, open_piece, piece_times, seal_piece};
 pub(crate) use format::{tli_dir, WAL_DIR};
-pub use format::{valid_segment_size, Lsn, PieceTimes, WalPiece, WalSystem, PIECE_HEADER};
+pub use format::{valid_segment_size, Lsn, PieceTimes, WalPiece, WalSystem, PIECE_HEADER, PIECE_TIMES_PREFIX};
 pub use read::TimelineSpans;

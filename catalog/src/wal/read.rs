@@ -8,8 +8,8 @@ use futures::stream::StreamExt;
 use jiff::Timestamp;
 
 use super::format::{
-    decode_piece, history_dir, history_name, other_file_name, parse_history_name, system_name, tli_dir, Lsn,
-    PieceTimes, WalPiece, WalSystem,
+    history_dir, history_name, open_piece, other_file_name, parse_history_name, piece_times, system_name, tli_dir, Lsn,
+    PieceTimes, WalPiece, WalSystem, PIECE_TIMES_PREFIX,
 };
 use crate::error::RepoError;
 use crate::object::{open_object, ObjectError};
@@ -45,7 +45,23 @@ impl Repository {
     pub async fn read_wal(&self, source: &str, piece: &WalPiece) -> Result<(PieceTimes, Bytes), RepoError> {
         let name = piece.name(source);
         let bytes = self.store().get(&name).await?;
-        decode_piece(&name, open_object(self.keys(), &name, &bytes)?, piece.len())
+        open_piece(self.keys(), &name, bytes, piece.len())
+    }
+
+    /// A piece's times: from its first bytes (one range read) when it keeps them
+    /// apart (version 2), else from the whole piece (version 1).
+    pub async fn wal_times(&self, source: &str, piece: &WalPiece) -> Result<PieceTimes, RepoError> {
+        match self.wal_times_apart(source, piece).await? {
+            Some(times) => Ok(times),
+            None => Ok(self.read_wal(source, piece).await?.0),
+        }
+    }
+
+    /// `piece`'s times if a range read of its first bytes tells them.
+    async fn wal_times_apart(&self, source: &str, piece: &WalPiece) -> Result<Option<PieceTimes>, RepoError> {
+        let name = piece.name(source);
+        let prefix = self.store().get_range(&name, 0..PIECE_TIMES_PREFIX).await?;
+        Ok(piece_times(self.keys(), &name, &prefix)?)
     }
 
     /// The pieces of timeline `tli` that hold WAL in `[from, to)`, by start. Pieces
@@ -163,10 +179,16 @@ impl Repository {
     }
 
     /// When the first byte of the WAL at `piece`'s start was received, `piece`
-    /// starting a segment: read from the smallest piece starting there (the first
-    /// one a stream cut, a few KiB) rather than from `piece`, which may hold the
-    /// whole segment (16 MiB by default), when there is one.
+    /// starting a segment, or a later time (an archived segment's, when a stream
+    /// received its first bytes earlier): never an earlier one. A piece keeping its
+    /// times apart (version 2) tells them from its first bytes, with nothing listed.
+    /// Of a version-1 piece, which may hold the whole segment (16 MiB by default),
+    /// the time is read from the smallest piece starting there (the first one a
+    /// stream cut, a few KiB), when there is one.
     pub async fn segment_received(&self, source: &str, piece: &WalPiece) -> Result<Timestamp, RepoError> {
+        if let Some(times) = self.wal_times_apart(source, piece).await? {
+            return Ok(times.received);
+        }
         let dir = tli_dir(source, piece.tli);
         let first = self.store().list_after(&dir, &format!("{dir}/{:016x}", piece.start.0), 1).await?;
         let smaller = first
@@ -174,8 +196,8 @@ impl Repository {
             .and_then(|n| WalPiece::parse(piece.tli, n))
             .filter(|p| p.start == piece.start && p.end < piece.end);
         if let Some(p) = smaller {
-            match self.read_wal(source, &p).await {
-                Ok((times, _)) => return Ok(times.received),
+            match self.wal_times(source, &p).await {
+                Ok(times) => return Ok(times.received),
                 // Deleted since the listing (prune): the piece given holds the time too.
                 Err(RepoError::Store(e)) if e.is_not_found() => {}
                 Err(e) => return Err(e),
@@ -368,16 +390,44 @@ mod tests {
         faults.clear();
         let got = repo.wal_bytes("db", &system, &one, Lsn(500), Lsn(2 * SEG)).await.unwrap();
         assert_eq!(got, wal[500..(SEG + 9000) as usize]);
-        // The time the segment's first byte came is read from its first small
-        // piece (put before the whole one, so with another time), and from the
-        // whole one once that is gone.
+        // The time the segment's first byte came: the whole piece keeps its times
+        // apart, so they are read from its first bytes, with nothing listed and the
+        // rest of it not read (here damaged: the WAL would not open).
         let first = WalPiece { tli: 1, start: Lsn(0), end: Lsn(1000) };
         let came = repo.read_wal("db", &first).await.unwrap().0.received;
-        assert_ne!(repo.read_wal("db", &whole).await.unwrap().0.received, came);
-        assert_eq!(repo.segment_received("db", &whole).await.unwrap(), came);
-        repo.store().delete(&first.name("db")).await.unwrap();
         let whole_came = repo.read_wal("db", &whole).await.unwrap().0.received;
+        assert!(whole_came > came, "put after its first piece");
+        let name = whole.name("db");
+        let mut damaged = repo.store().get(&name).await.unwrap().to_vec();
+        *damaged.last_mut().unwrap() ^= 1;
+        repo.store().delete(&name).await.unwrap();
+        repo.store().put_new(&name, damaged.into()).await.unwrap();
+        assert!(repo.read_wal("db", &whole).await.unwrap_err().is_damage());
+        faults.always(Op::List, "wal/", Fault::Fail);
         assert_eq!(repo.segment_received("db", &whole).await.unwrap(), whole_came);
+        assert_eq!(repo.wal_times("db", &whole).await.unwrap().received, whole_came);
+        faults.clear();
+
+        // Pieces a version-1 writer stored keep their times with their WAL: the time
+        // is read from the smallest piece starting the segment, and from the whole
+        // one once that is gone.
+        let (keys, times) = (repo.keys().clone(), |s: i64| PieceTimes {
+            received: Timestamp::from_second(s).unwrap(),
+            stored: Timestamp::from_second(s + 1).unwrap(),
+        });
+        let old_first = WalPiece { tli: 1, start: Lsn(2 * SEG), end: Lsn(2 * SEG + 1000) };
+        let old_whole = WalPiece { tli: 1, start: Lsn(2 * SEG), end: Lsn(3 * SEG) };
+        for (p, at) in [(&old_first, 1_000), (&old_whole, 2_000)] {
+            let name = p.name("db");
+            let v1 = super::super::format::tests::seal_piece_v1(&keys, &name, times(at), &vec![7; p.len() as usize]);
+            repo.store().put_new(&name, v1.into()).await.unwrap();
+        }
+        assert_eq!(repo.read_wal("db", &old_whole).await.unwrap().0, times(2_000), "version 1 read whole");
+        assert_eq!(repo.segment_received("db", &old_whole).await.unwrap(), times(1_000).received);
+        repo.store().delete(&old_first.name("db")).await.unwrap();
+        assert_eq!(repo.segment_received("db", &old_whole).await.unwrap(), times(2_000).received);
+        let got = repo.wal_bytes("db", &system, &one, Lsn(500), Lsn(2 * SEG)).await.unwrap_err();
+        assert!(got.is_damage(), "the damaged whole piece is an error, never other bytes");
     }
 
     #[tokio::test]

@@ -6,10 +6,10 @@
 use jiff::Timestamp;
 
 use super::format::{
-    history_name, other_file_name, system_name, write_piece_header, PieceTimes, WalPiece, WalSystem, PIECE_HEADER,
+    history_name, other_file_name, seal_piece, system_name, PieceTimes, WalPiece, WalSystem, PIECE_HEADER,
 };
 use crate::error::RepoError;
-use crate::object::{seal_object, seal_object_with};
+use crate::object::seal_object;
 use crate::repo::Repository;
 use crate::store::StoreError;
 
@@ -81,13 +81,13 @@ impl Repository {
     ) -> Result<(), RepoError> {
         assert_eq!(piece.len(), (plain.len() - PIECE_HEADER) as u64, "a piece's name gives its length");
         let name = piece.name(source);
-        write_piece_header(plain, times);
-        let sealed = WAL_COMPRESSOR.with_borrow_mut(|c| seal_object_with(self.keys(), &name, plain, c));
+        let wal = &plain[PIECE_HEADER..];
+        let sealed = WAL_COMPRESSOR.with_borrow_mut(|c| seal_piece(self.keys(), &name, times, wal, c));
         match self.store().put_new(&name, sealed.into()).await {
             Ok(()) => Ok(()),
             Err(StoreError::AlreadyExists { .. }) => {
                 let (_, stored) = self.read_wal(source, piece).await?;
-                if stored.as_ref() == &plain[PIECE_HEADER..] {
+                if stored.as_ref() == wal {
                     Ok(())
                 } else {
                     Err(RepoError::WalConflict {

@@ -67,7 +67,7 @@ pub async fn timeline_at(
         let first = repo.wal_pieces(source, system, tli, begin, Lsn(begin.0 + 1)).await?;
         let Some(piece) = first.first() else { continue };
         // Born when its first WAL reached ebb, or when its first transaction ended.
-        let (times, _) = repo.read_wal(source, piece).await?;
+        let times = repo.wal_times(source, piece).await?;
         if times.received <= at {
             return Ok(tli);
         }
@@ -373,7 +373,7 @@ pub async fn wal_newest(repo: &Repository, source: &str) -> Result<Option<Timest
     let seg = system.segment_start(Lsn(end.0 - 1));
     let pieces = repo.wal_pieces(source, &system, tli, seg, end).await?;
     let Some(last) = pieces.iter().max_by_key(|p| p.end) else { return Ok(None) };
-    Ok(Some(repo.read_wal(source, last).await?.0.stored))
+    Ok(Some(repo.wal_times(source, last).await?.stored))
 }
 
 /// The restorable range of `source`, from listings and a read of the pieces at its
@@ -410,7 +410,7 @@ pub async fn restorable(
                 continue;
             }
             if p.start > at {
-                let (times, _) = repo.read_wal(source, &p).await?;
+                let times = repo.wal_times(source, &p).await?;
                 r.gaps.push(Gap {
                     timeline: tli,
                     from: lsn::text(at).to_string(),
@@ -423,7 +423,7 @@ pub async fn restorable(
         }
     }
     if let Some(p) = last {
-        let (times, _) = repo.read_wal(source, &p).await?;
+        let times = repo.wal_times(source, &p).await?;
         r.to = Some(times.stored);
         r.wal_end = Some(lsn::text(at).to_string());
     }
