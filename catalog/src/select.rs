@@ -100,16 +100,26 @@ impl PointNames<'_> {
             None => return Ok(Vec::new()),
         };
         let mut out = Vec::new();
-        self.store
-            .list_after_while(&dir, &after, FIRST_PAGE, |name| {
-                let Some(p) = PointRef::parse(name) else { return true };
-                if span.since.is_some_and(|s| p.time < s) {
-                    return false;
+        let keep = |out: &mut Vec<PointRef>, name: &str| {
+            let Some(p) = PointRef::parse(name) else { return true };
+            if span.since.is_some_and(|s| p.time < s) {
+                return false;
+            }
+            out.push(p);
+            true
+        };
+        match span.since.and_then(|s| crate::point::offset_for(source, s)) {
+            // Names sort newest first: those of points at or after `since` come up
+            // to its offset's (`.` sorts after the `-` that ends a time's digits).
+            Some(upto) => {
+                for name in self.store.list_between(&dir, &after, &format!("{upto}."), FIRST_PAGE).await? {
+                    if !keep(&mut out, &name) {
+                        break;
+                    }
                 }
-                out.push(p);
-                true
-            })
-            .await?;
+            }
+            None => self.store.list_after_while(&dir, &after, FIRST_PAGE, |name| keep(&mut out, name)).await?,
+        }
         // Oldest first, and points at one instant in name order, as `points` has them.
         out.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.name.cmp(&b.name)));
         Ok(out)

@@ -269,6 +269,28 @@ async fn get_many_answers_each_name_in_its_place(store: Store) {
     assert!(store.get("g/0").await.unwrap_err().is_not_found(), "a directory is no object");
 }
 
+/// The names between two bounds (`points` of a day lists them so): every one after
+/// the first bound and up to the second, in order, across the shard directories
+/// `file://` keeps such names in, and nothing beyond.
+async fn list_between_answers_every_name_in_range(store: Store) {
+    let names: Vec<String> =
+        (0..60u64).map(|i| format!("points/s/{:016x}-{:016x}", 0xe700_0000_0000_0000 + i * (3 << 38), i)).collect();
+    for (i, n) in names.iter().enumerate() {
+        store.put_new(n, noise(i as u64, 5)).await.unwrap();
+    }
+    store.put_new("points/s.other", noise(99, 5)).await.unwrap();
+    for (a, b) in [(0, 59), (3, 40), (10, 11), (20, 20), (0, 0)] {
+        let (after, upto) = (&names[a], &names[b]);
+        for page in [1, 7, 1000] {
+            let got = store.list_between("points/s", after, upto, page).await.unwrap();
+            assert_eq!(got, names[a + 1..=b.max(a)], "after {a} up to {b}, pages of {page}");
+        }
+    }
+    let upto_prefix = format!("{}.", &names[30][..25]);
+    let got = store.list_between("points/s", "points/s/", &upto_prefix, 4).await.unwrap();
+    assert_eq!(got, names[..=30], "a bound between names keeps what sorts before it");
+}
+
 async fn names_of_every_allowed_character_round_trip(store: Store) {
     // Object names use [A-Za-z0-9._/-]; a segment may start or end with any of them.
     let all = [
@@ -389,6 +411,7 @@ conformance!(
     delete_many_removes_every_name,
     new_object_appears_whole_and_only_once_finished,
     get_many_answers_each_name_in_its_place,
+    list_between_answers_every_name_in_range,
     names_of_every_allowed_character_round_trip,
     large_objects_round_trip,
     time_keyed_names_list_in_order,

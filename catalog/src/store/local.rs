@@ -213,11 +213,42 @@ pub(super) async fn list_after_local(
     .expect("listing task panicked")
 }
 
+/// `Store::list_between` on the local filesystem: the names after `after` and not
+/// after `upto` directly under `dir/`, each shard directory in between read once.
+pub(super) async fn list_between_local(
+    root: PathBuf,
+    dir: &str,
+    after: &str,
+    upto: &str,
+) -> Result<Vec<String>, StoreError> {
+    let (dir, after, upto) = (dir.to_string(), after.to_string(), upto.to_string());
+    tokio::task::spawn_blocking(move || {
+        list_blocking(&root, &dir, &after, Some(&upto), usize::MAX)
+            .map(|(names, _)| names)
+            .map_err(|cause| StoreError::Io { op: "list", name: dir.clone(), cause })
+    })
+    .await
+    .expect("listing task panicked")
+}
+
 /// `list_after_local`'s names, and how many directories it read for them.
 fn list_after_blocking(root: &Path, dir: &str, after: &str, limit: usize) -> std::io::Result<(Vec<String>, usize)> {
+    list_blocking(root, dir, after, None, limit)
+}
+
+/// The `limit` smallest names after `after` (and not after `upto`, if given), and
+/// how many directories were read for them.
+fn list_blocking(
+    root: &Path,
+    dir: &str,
+    after: &str,
+    upto: Option<&str>,
+    limit: usize,
+) -> std::io::Result<(Vec<String>, usize)> {
     let mut listing = ListAfter {
         dir,
         after,
+        upto,
         limit,
         shards: Shards { cuts: shard_cuts(dir).unwrap_or(&[]) },
         kept: BinaryHeap::new(),
@@ -231,6 +262,8 @@ fn list_after_blocking(root: &Path, dir: &str, after: &str, limit: usize) -> std
 struct ListAfter<'a> {
     dir: &'a str,
     after: &'a str,
+    /// No name after this one is kept, nor a shard whose names all sort after it read.
+    upto: Option<&'a str>,
     limit: usize,
     shards: Shards,
     /// The `limit` smallest names found after `after`, largest on top.
@@ -281,6 +314,9 @@ impl ListAfter<'_> {
             if self.kept.len() >= self.limit && self.kept.peek().is_some_and(|max| *max <= lowest) {
                 break;
             }
+            if self.upto.is_some_and(|u| lowest.as_str() > u) {
+                break;
+            }
             self.visit(&path.join(&shard), level + 1, &prefix)?;
         }
         Ok(())
@@ -288,7 +324,10 @@ impl ListAfter<'_> {
 
     fn offer(&mut self, name: String, flat: bool) {
         let full = self.kept.len() >= self.limit;
-        if name.as_str() <= self.after || full && self.kept.peek().is_some_and(|max| &name >= max) {
+        if name.as_str() <= self.after
+            || self.upto.is_some_and(|u| name.as_str() > u)
+            || full && self.kept.peek().is_some_and(|max| &name >= max)
+        {
             return;
         }
         if flat && local_path(&name) != name {

@@ -20,7 +20,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 pub use error::StoreError;
-use local::{list_after_local, read_range_direct};
+use local::{list_after_local, list_between_local, read_range_direct};
 
 /// Gets `get_many` sends an object store at once, and blocking tasks it reads
 /// local files on.
@@ -619,6 +619,32 @@ impl Store {
                 _ => return Ok(()),
             }
         }
+    }
+
+    /// The names of the objects directly under `dir/` that sort after `after` and
+    /// not after `upto`, in name order. On `file://` each shard directory in that
+    /// range is read once; elsewhere pages of `first_page` names, then twice as many
+    /// each time, until one goes past `upto`.
+    pub async fn list_between(
+        &self,
+        dir: &str,
+        after: &str,
+        upto: &str,
+        first_page: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        if let Some(root) = &self.local_root {
+            return list_between_local(root.clone(), dir, after, upto).await;
+        }
+        let mut out = Vec::new();
+        self.list_after_while(dir, after, first_page, |name| {
+            let within = name <= upto;
+            if within {
+                out.push(name.to_string());
+            }
+            within
+        })
+        .await?;
+        Ok(out)
     }
 
     /// The names of the objects directly under `dir/` (not in its subdirectories)
