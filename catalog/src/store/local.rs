@@ -97,8 +97,11 @@ fn read_whole(path: &std::path::Path) -> std::io::Result<Bytes> {
     if meta.is_dir() {
         return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "a directory, not an object"));
     }
-    let mut buf = Vec::with_capacity(meta.len() as usize);
-    std::io::Read::read_to_end(&mut &file, &mut buf)?;
+    // One read at known offsets (`read_to_end` would ask the file's size and
+    // position again): objects are written whole and never change.
+    let mut buf = vec![0; meta.len() as usize];
+    let got = read_full_at(&file, &mut buf, 0)?;
+    buf.truncate(got);
     Ok(Bytes::from(buf))
 }
 
