@@ -14,7 +14,7 @@
 
 use jiff::Timestamp;
 
-use super::format::{Lsn, PieceTimes, WalPiece, WalSystem, PIECE_HEADER};
+use super::format::{Lsn, PieceTimes, WalPiece, WalSystem};
 use crate::error::RepoError;
 use crate::repo::Repository;
 
@@ -104,8 +104,7 @@ impl Repository {
         if plan.last().is_none_or(|(_, _, to)| *to != end) {
             return Ok(None);
         }
-        let mut plain = Vec::with_capacity(PIECE_HEADER + (end.0 - start.0) as usize);
-        plain.resize(PIECE_HEADER, 0);
+        let mut merged = Vec::with_capacity((end.0 - start.0) as usize);
         let mut times: Option<PieceTimes> = None;
         for (p, lo, hi) in &plan {
             let (t, wal) = match self.read_wal(source, p).await {
@@ -117,11 +116,11 @@ impl Repository {
                 None => t,
                 Some(first) => PieceTimes { received: first.received, stored: first.stored.max(t.stored) },
             });
-            plain.extend_from_slice(&wal[(lo.0 - p.start.0) as usize..(hi.0 - p.start.0) as usize]);
+            merged.extend_from_slice(&wal[(lo.0 - p.start.0) as usize..(hi.0 - p.start.0) as usize]);
         }
         let times = times.unwrap_or(PieceTimes { received: Timestamp::now(), stored: Timestamp::now() });
         let piece = WalPiece { tli, start, end };
-        self.put_wal_with_times(source, &piece, times, &mut plain).await?;
+        self.put_wal_with_times(source, &piece, times, &merged).await?;
         Ok(Some(piece))
     }
 }

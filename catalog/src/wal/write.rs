@@ -53,35 +53,32 @@ impl Repository {
         received: Timestamp,
         wal: &[u8],
     ) -> Result<(), RepoError> {
-        let mut plain = Vec::with_capacity(PIECE_HEADER + wal.len());
-        plain.resize(PIECE_HEADER, 0);
-        plain.extend_from_slice(wal);
-        self.put_wal_buf(source, piece, received, &mut plain).await
+        self.put_wal_with_times(source, piece, PieceTimes { received, stored: Timestamp::now() }, wal).await
     }
 
-    /// `put_wal` for WAL already in a buffer after `PIECE_HEADER` bytes of room, where
-    /// the header is written: no copy of the WAL, and the buffer can be used again.
+    /// `put_wal` of the WAL that follows the first `PIECE_HEADER` bytes of `buf`:
+    /// room the stream's buffers keep (a piece's times went there before they were
+    /// sealed apart), left as it is.
     pub async fn put_wal_buf(
         &self,
         source: &str,
         piece: &WalPiece,
         received: Timestamp,
-        plain: &mut [u8],
+        buf: &[u8],
     ) -> Result<(), RepoError> {
-        self.put_wal_with_times(source, piece, PieceTimes { received, stored: Timestamp::now() }, plain).await
+        self.put_wal(source, piece, received, &buf[PIECE_HEADER.min(buf.len())..]).await
     }
 
-    /// `put_wal_buf` with both times given: a merge of pieces keeps theirs.
+    /// `put_wal` with both times given: a merge of pieces keeps theirs.
     pub(crate) async fn put_wal_with_times(
         &self,
         source: &str,
         piece: &WalPiece,
         times: PieceTimes,
-        plain: &mut [u8],
+        wal: &[u8],
     ) -> Result<(), RepoError> {
-        assert_eq!(piece.len(), (plain.len() - PIECE_HEADER) as u64, "a piece's name gives its length");
+        assert_eq!(piece.len(), wal.len() as u64, "a piece's name gives its length");
         let name = piece.name(source);
-        let wal = &plain[PIECE_HEADER..];
         let sealed = WAL_COMPRESSOR.with_borrow_mut(|c| seal_piece(self.keys(), &name, times, wal, c));
         match self.store().put_new(&name, sealed.into()).await {
             Ok(()) => Ok(()),

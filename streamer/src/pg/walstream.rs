@@ -519,7 +519,7 @@ impl<'a> Receiver<'a> {
         let (ready, waiting): (Vec<Segment>, Vec<Segment>) =
             std::mem::take(&mut self.whole).into_iter().partition(|s| s.start.0 + s.wal_len() <= durable.0);
         self.whole = waiting;
-        for mut seg in ready {
+        for seg in ready {
             if self.merges.len() >= MAX_WHOLE {
                 tracing::debug!("segment at {} left to prune to store whole", lsn::text(seg.start));
                 continue;
@@ -527,7 +527,7 @@ impl<'a> Receiver<'a> {
             let piece = WalPiece { tli: self.tli, start: seg.start, end: Lsn(seg.start.0 + seg.wal_len()) };
             let (repo, source) = (self.repo.clone(), self.opts.source.clone());
             self.merges.spawn(async move {
-                if let Err(e) = repo.put_wal_buf(&source, &piece, seg.first_time, &mut seg.buf).await {
+                if let Err(e) = repo.put_wal_buf(&source, &piece, seg.first_time, &seg.buf).await {
                     // Its pieces are durable: prune merges them instead.
                     tracing::warn!("cannot store the segment at {} whole: {e}", lsn::text(piece.start));
                 }
