@@ -318,8 +318,14 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         received: Timestamp::from_second(1_763_720_100).expect("a time"),
         stored: Timestamp::from_second(1_763_720_101).expect("a time"),
     };
-    let wal_object =
-        crate::wal::seal_piece(&keys(), WAL_OBJECT_NAME, times, b"wal", &mut crate::crypto::wal_compressor());
+    let wal_object = crate::wal::seal_piece_with(
+        &keys(),
+        WAL_OBJECT_NAME,
+        times,
+        b"wal",
+        &mut crate::crypto::wal_compressor(),
+        [0, 1],
+    );
     out.push(("wal_object", wal_object));
     out.push(("wal_system", WalSystem { system_id: 7, segment_size: 16 << 20 }.encode()));
     for name in [

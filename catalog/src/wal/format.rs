@@ -16,7 +16,7 @@ use bytes::Bytes;
 use jiff::Timestamp;
 
 use crate::codec::{DecodeError, Decoder, Encoder};
-use crate::crypto::{decode_payload, nonce, open, open_in_place, seal_into, seal_payload, Keys, NONCE_LEN, TAG_LEN};
+use crate::crypto::{decode_payload, open, open_in_place, seal_into, seal_payload, Keys, NONCE_LEN, TAG_LEN};
 use crate::error::RepoError;
 use crate::object::{open_object_owned, ObjectError};
 use crate::time::unix_nanos;
@@ -145,7 +145,7 @@ pub const PIECE_HEADER: usize = 17;
 /// The first bytes of a version-2 piece: then its times frame and its WAL frame.
 const PIECE_MAGIC: &[u8; 4] = b"EBW2";
 const PIECE_VERSION: u8 = 2;
-/// The times sealed: nonce (counter 0), the 17 bytes, tag.
+/// The times sealed: nonce, the 17 bytes, tag.
 const TIMES_FRAME: usize = NONCE_LEN + PIECE_HEADER + TAG_LEN;
 /// The bytes of a version-2 piece that hold its times: what one range read asks for.
 pub const PIECE_TIMES_PREFIX: u64 = (PIECE_MAGIC.len() + TIMES_FRAME) as u64;
@@ -174,9 +174,11 @@ fn decode_times(name: &str, header: &[u8], version: u8) -> Result<PieceTimes, Ob
 }
 
 /// The object of piece `name` (version 2): `EBW2`, the times sealed with the
-/// object's key (FORMAT.md §7) under nonce counter 0 and the name as AAD, then the
-/// WAL framed as a payload (zstd or raw) and sealed under counter 1 with the name
-/// and the times' tag as AAD, which binds the two.
+/// object's key (FORMAT.md §7) and the name as AAD, then the WAL framed as a
+/// payload (zstd or raw) and sealed with the name and the times' tag as AAD, which
+/// binds the two. Each frame's nonce is 4 zero bytes and 8 random ones: a piece's
+/// name comes from its positions, and a piece deleted by prune may be written
+/// again, with other times, under the same key.
 pub(crate) fn seal_piece(
     keys: &Keys,
     name: &str,
@@ -184,12 +186,29 @@ pub(crate) fn seal_piece(
     wal: &[u8],
     compressor: &mut zstd::bulk::Compressor<'static>,
 ) -> Vec<u8> {
+    let times_nonce = u64::from_le_bytes(crate::id::random_bytes());
+    let mut wal_nonce = u64::from_le_bytes(crate::id::random_bytes());
+    while wal_nonce == times_nonce {
+        wal_nonce = u64::from_le_bytes(crate::id::random_bytes());
+    }
+    seal_piece_with(keys, name, times, wal, compressor, [times_nonce, wal_nonce])
+}
+
+/// `seal_piece` with the nonces' counters given.
+pub(crate) fn seal_piece_with(
+    keys: &Keys,
+    name: &str,
+    times: PieceTimes,
+    wal: &[u8],
+    compressor: &mut zstd::bulk::Compressor<'static>,
+    nonces: [u64; 2],
+) -> Vec<u8> {
     let cipher = keys.object_cipher(name);
     let mut head = Vec::with_capacity(PIECE_TIMES_PREFIX as usize);
     head.extend_from_slice(PIECE_MAGIC);
-    seal_into(&cipher, 0, name.as_bytes(), &encode_times(PIECE_VERSION, times), &mut head);
+    seal_into(&cipher, nonces[0], name.as_bytes(), &encode_times(PIECE_VERSION, times), &mut head);
     let aad = wal_aad(name, &head);
-    seal_payload(&cipher, 1, &aad, &head, wal, Some(compressor))
+    seal_payload(&cipher, nonces[1], &aad, &head, wal, Some(compressor))
 }
 
 /// The WAL frame's AAD: the name, then the tag that ends the times frame in `head`.
@@ -211,9 +230,6 @@ pub(crate) fn piece_times(keys: &Keys, name: &str, prefix: &[u8]) -> Result<Opti
         return Err(bad_piece(name, "shorter than its times"));
     };
     let auth = || ObjectError::Auth { name: name.to_string() };
-    if frame[..NONCE_LEN] != nonce(0)[..] {
-        return Err(auth());
-    }
     let plain = open(&keys.object_cipher(name), name.as_bytes(), frame).map_err(|_| auth())?;
     decode_times(name, &plain, PIECE_VERSION).map(Some)
 }
@@ -226,9 +242,6 @@ pub(crate) fn open_piece(keys: &Keys, name: &str, object: Bytes, len: u64) -> Re
     };
     let auth = || ObjectError::Auth { name: name.to_string() };
     let head = PIECE_TIMES_PREFIX as usize;
-    if object.get(head..head + NONCE_LEN) != Some(&nonce(1)[..]) {
-        return Err(auth().into());
-    }
     let aad = wal_aad(name, &object[..head]);
     let frame = object.slice(head..).try_into_mut().unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
     let payload = open_in_place(&keys.object_cipher(name), &aad, frame).map_err(|_| auth())?;
@@ -300,9 +313,9 @@ pub(crate) mod tests {
     #[test]
     fn golden_piece_v2_and_v1_still_read() {
         let (keys, name) = (keys(), "wal/db/00000001/0000000001000000-0000000001000003");
-        let sealed = seal_piece(&keys, name, times(), b"wal", &mut crate::crypto::wal_compressor());
+        let sealed = seal_piece_with(&keys, name, times(), b"wal", &mut crate::crypto::wal_compressor(), [0, 1]);
         // Cross-checked with Python's `cryptography` (HKDF-SHA256 as FORMAT.md §7
-        // derives the object key, then AESGCM with nonces 0 and 1).
+        // derives the object key, then AESGCM with the nonces of counters 0 and 1).
         assert_eq!(
             hex::encode(&sealed),
             "45425732000000000000000000000000d0ecb818d4f272236ba17424f7868a2a3da76daf43ca3f76e0a9ace2df0f2482cd000000000000000000000001ac6b2b5718b1d31e677b6aae38d5b4aaad50aa83"
@@ -326,7 +339,12 @@ pub(crate) mod tests {
             open_piece(&keys, name, Bytes::from(spliced), 3),
             Err(RepoError::Object(ObjectError::Auth { .. }))
         ));
-        // The times frame where the WAL frame goes (or the reverse) is refused.
+        // Written again (random nonces): other bytes, the same piece.
+        let again = seal_piece(&keys, name, times(), b"wal", &mut crate::crypto::wal_compressor());
+        assert_ne!(again, sealed);
+        assert_eq!(open_piece(&keys, name, Bytes::from(again), 3).unwrap().0, times());
+        // The times frame where the WAL frame goes (or the reverse) is refused: their
+        // AADs differ.
         let mut swapped = sealed[..PIECE_TIMES_PREFIX as usize].to_vec();
         swapped.extend_from_slice(&sealed[PIECE_MAGIC.len()..PIECE_TIMES_PREFIX as usize]);
         assert!(open_piece(&keys, name, Bytes::from(swapped), 17).is_err());

@@ -15,7 +15,7 @@ mod read;
 mod write;
 
 pub use compact::{mergeable, redundant, WalKeep, MAX_MERGE};
-pub(crate) use format::{decode_piece, open_piece, piece_times, seal_piece};
+pub(crate) use format::{decode_piece, open_piece, piece_times, seal_piece_with};
 pub(crate) use format::{tli_dir, WAL_DIR};
 pub use format::{valid_segment_size, Lsn, PieceTimes, WalPiece, WalSystem, PIECE_HEADER, PIECE_TIMES_PREFIX};
 pub use read::TimelineSpans;
