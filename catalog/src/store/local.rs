@@ -203,17 +203,7 @@ pub(super) async fn list_after_local(
     after: &str,
     limit: usize,
 ) -> Result<Vec<String>, StoreError> {
-    let dir = dir.to_string();
-    let after = after.to_string();
-    tokio::task::spawn_blocking(move || {
-        list_after_blocking(&root, &dir, &after, limit).map(|(names, _)| names).map_err(|cause| StoreError::Io {
-            op: "list",
-            name: dir.clone(),
-            cause,
-        })
-    })
-    .await
-    .expect("listing task panicked")
+    list_names_local(root, dir, after, None, limit).await
 }
 
 /// `Store::list_between` on the local filesystem: the names after `after` and not
@@ -224,19 +214,25 @@ pub(super) async fn list_between_local(
     after: &str,
     upto: &str,
 ) -> Result<Vec<String>, StoreError> {
-    let (dir, after, upto) = (dir.to_string(), after.to_string(), upto.to_string());
+    list_names_local(root, dir, after, Some(upto), usize::MAX).await
+}
+
+/// `list_blocking`'s names, on a blocking task.
+async fn list_names_local(
+    root: PathBuf,
+    dir: &str,
+    after: &str,
+    upto: Option<&str>,
+    limit: usize,
+) -> Result<Vec<String>, StoreError> {
+    let (dir, after, upto) = (dir.to_string(), after.to_string(), upto.map(str::to_string));
     tokio::task::spawn_blocking(move || {
-        list_blocking(&root, &dir, &after, Some(&upto), usize::MAX)
+        list_blocking(&root, &dir, &after, upto.as_deref(), limit)
             .map(|(names, _)| names)
             .map_err(|cause| StoreError::Io { op: "list", name: dir.clone(), cause })
     })
     .await
     .expect("listing task panicked")
-}
-
-/// `list_after_local`'s names, and how many directories it read for them.
-fn list_after_blocking(root: &Path, dir: &str, after: &str, limit: usize) -> std::io::Result<(Vec<String>, usize)> {
-    list_blocking(root, dir, after, None, limit)
 }
 
 /// The `limit` smallest names after `after` (and not after `upto`, if given), and
@@ -693,14 +689,14 @@ mod tests {
         for (after, limit) in
             [("points/s/", 1), ("points/s/", 5000), (sorted[1234].as_str(), 1), (sorted[1234].as_str(), 40)]
         {
-            let (got, read) = list_after_blocking(dir.path(), "points/s", after, limit).unwrap();
+            let (got, read) = list_blocking(dir.path(), "points/s", after, None, limit).unwrap();
             let want: Vec<String> = sorted.iter().filter(|n| n.as_str() > after).take(limit).cloned().collect();
             assert_eq!(got, want, "after {after}, limit {limit}");
             if limit < 100 {
                 assert!(read <= 6, "{read} directories read for {limit} names after {after}");
             }
         }
-        let (got, _) = list_after_blocking(dir.path(), "points/s", &sorted[2999], 10).unwrap();
+        let (got, _) = list_blocking(dir.path(), "points/s", &sorted[2999], None, 10).unwrap();
         assert_eq!(got, ["points/s/zz"]);
     }
 

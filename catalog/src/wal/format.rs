@@ -12,7 +12,8 @@
 //! Positions are plain numbers here; PostgreSQL's text for them and for its file
 //! names lives in `streamer::pg`.
 
-use bytes::Bytes;
+use aes_gcm::Aes256Gcm;
+use bytes::{Buf, Bytes};
 use jiff::Timestamp;
 
 use crate::codec::{DecodeError, Decoder, Encoder};
@@ -223,28 +224,36 @@ pub(crate) fn piece_times(keys: &Keys, name: &str, prefix: &[u8]) -> Result<Opti
     if prefix.starts_with(crate::object::MAGIC) {
         return Ok(None);
     }
+    open_times(&keys.object_cipher(name), name, prefix).map(Some)
+}
+
+/// The times of a version-2 piece from its first bytes, under its object's cipher.
+fn open_times(cipher: &Aes256Gcm, name: &str, prefix: &[u8]) -> Result<PieceTimes, ObjectError> {
     if !prefix.starts_with(PIECE_MAGIC) {
         return Err(ObjectError::Magic { name: name.to_string() });
     }
     let Some(frame) = prefix.get(PIECE_MAGIC.len()..PIECE_TIMES_PREFIX as usize) else {
         return Err(bad_piece(name, "shorter than its times"));
     };
-    let auth = || ObjectError::Auth { name: name.to_string() };
-    let plain = open(&keys.object_cipher(name), name.as_bytes(), frame).map_err(|_| auth())?;
-    decode_times(name, &plain, PIECE_VERSION).map(Some)
+    let plain = open(cipher, name.as_bytes(), frame).map_err(|_| ObjectError::Auth { name: name.to_string() })?;
+    decode_times(name, &plain, PIECE_VERSION)
 }
 
 /// A piece's times and WAL from its object, of either version; `len`, the length
-/// its name gives, is the only length accepted.
+/// its name gives, is the only length accepted. The WAL is decrypted where it lies
+/// (the object's buffer is not copied), and the object's key derived once.
 pub(crate) fn open_piece(keys: &Keys, name: &str, object: Bytes, len: u64) -> Result<(PieceTimes, Bytes), RepoError> {
-    let Some(times) = piece_times(keys, name, &object)? else {
+    if object.starts_with(crate::object::MAGIC) {
         return decode_piece(name, open_object_owned(keys, name, object)?, len);
-    };
-    let auth = || ObjectError::Auth { name: name.to_string() };
+    }
+    let cipher = keys.object_cipher(name);
+    let times = open_times(&cipher, name, &object)?;
     let head = PIECE_TIMES_PREFIX as usize;
     let aad = wal_aad(name, &object[..head]);
-    let frame = object.slice(head..).try_into_mut().unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
-    let payload = open_in_place(&keys.object_cipher(name), &aad, frame).map_err(|_| auth())?;
+    let mut frame = object;
+    frame.advance(head);
+    let frame = frame.try_into_mut().unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+    let payload = open_in_place(&cipher, &aad, frame).map_err(|_| ObjectError::Auth { name: name.to_string() })?;
     let limit = len.min(MAX_SEGMENT) as usize;
     let wal = decode_payload(payload.freeze(), limit)
         .map_err(|cause| ObjectError::Payload { name: name.to_string(), cause })?;
