@@ -269,6 +269,28 @@ async fn get_many_answers_each_name_in_its_place(store: Store) {
     assert!(store.get("g/0").await.unwrap_err().is_not_found(), "a directory is no object");
 }
 
+/// The size of each name asked for (`pg restore` looks for a run of whole WAL
+/// segments so), in its place; a name missing, and a directory, are not found.
+async fn sizes_answer_each_name_in_its_place(store: Store) {
+    let names: Vec<String> =
+        (0..20u64).map(|i| format!("wal/db/00000001/{:016x}-{:016x}", i << 24, (i + 1) << 24)).collect();
+    for (i, n) in names.iter().enumerate() {
+        store.put_new(n, noise(i as u64, 3 + i * 11)).await.unwrap();
+    }
+    let mut asked = names.clone();
+    asked.insert(5, format!("wal/db/00000001/{:016x}-{:016x}", 99u64 << 24, 100u64 << 24));
+    asked.push("wal/db".into());
+    let got = store.sizes(&asked).await;
+    assert_eq!(got.len(), asked.len());
+    for (name, got) in asked.iter().zip(&got) {
+        match names.iter().position(|n| n == name) {
+            Some(i) => assert_eq!(got.as_ref().unwrap(), &((3 + i * 11) as u64), "{name}"),
+            None => assert!(got.as_ref().unwrap_err().is_not_found(), "{name}: {got:?}"),
+        }
+    }
+    assert!(store.sizes(&[]).await.is_empty());
+}
+
 /// The names between two bounds (`points` of a day lists them so): every one after
 /// the first bound and up to the second, in order, across the shard directories
 /// `file://` keeps such names in, and nothing beyond.
@@ -411,6 +433,7 @@ conformance!(
     delete_many_removes_every_name,
     new_object_appears_whole_and_only_once_finished,
     get_many_answers_each_name_in_its_place,
+    sizes_answer_each_name_in_its_place,
     list_between_answers_every_name_in_range,
     names_of_every_allowed_character_round_trip,
     large_objects_round_trip,

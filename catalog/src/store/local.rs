@@ -89,6 +89,23 @@ pub(super) fn read_object(root: &Path, name: &str) -> std::io::Result<Bytes> {
     }
 }
 
+/// The size of object `name` of the store in `root`, found as `read_object` finds
+/// its bytes; a directory is not an object.
+pub(super) fn object_size(root: &Path, name: &str) -> std::io::Result<u64> {
+    let size = |path: &std::path::Path| {
+        let meta = std::fs::metadata(path)?;
+        if meta.is_dir() {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "a directory, not an object"));
+        }
+        Ok(meta.len())
+    };
+    let sharded = local_path(name);
+    match size(&root.join(sharded.as_ref())) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && sharded != name => size(&root.join(name)),
+        found => found,
+    }
+}
+
 /// The whole of a local file, in one read sized by its length; a directory is not
 /// an object (`NotFound`, as object stores say).
 fn read_whole(path: &std::path::Path) -> std::io::Result<Bytes> {
@@ -773,6 +790,7 @@ mod tests {
         assert_eq!(store.get(&old).await.unwrap(), old.as_bytes());
         assert_eq!(store.get_many(std::slice::from_ref(&old)).await[0].as_ref().unwrap(), old.as_bytes());
         assert_eq!(store.size(&old).await.unwrap(), old.len() as u64);
+        assert_eq!(store.sizes(std::slice::from_ref(&old)).await[0].as_ref().unwrap(), &(old.len() as u64));
         assert_eq!(store.get_range(&old, 1..4).await.unwrap(), old.as_bytes()[1..4]);
         let taken = store.put_new(&old, Bytes::from_static(b"other")).await.unwrap_err();
         assert!(matches!(taken, StoreError::AlreadyExists { .. }), "{taken}");

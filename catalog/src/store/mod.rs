@@ -405,6 +405,13 @@ impl Store {
     }
 
     pub async fn size(&self, name: &str) -> Result<u64, StoreError> {
+        if let Some(root) = &self.local_root {
+            let (root, owned) = (root.clone(), name.to_string());
+            return tokio::task::spawn_blocking(move || local::object_size(&root, &owned))
+                .await
+                .expect("stat task panicked")
+                .map_err(|cause| StoreError::from_io("stat", name, cause));
+        }
         let m = match self.inner.head(&self.path(name)).await {
             Err(object_store::Error::NotFound { .. }) if self.flat_path(name).is_some() => {
                 self.inner.head(&Path::from(name)).await
@@ -412,6 +419,26 @@ impl Store {
             r => r,
         };
         Ok(m.map_err(|e| StoreError::from_backend("stat", name, e))?.size)
+    }
+
+    /// The size of each of `names`, in order, each as `size` gives it: on `file://`
+    /// one blocking task looks at them all, elsewhere several requests are in
+    /// flight.
+    pub async fn sizes(&self, names: &[String]) -> Vec<Result<u64, StoreError>> {
+        use futures::StreamExt;
+        let Some(root) = &self.local_root else {
+            let looks: Vec<_> = names.iter().map(|n| self.size(n)).collect();
+            return futures::stream::iter(looks).buffered(GETS_IN_FLIGHT).collect().await;
+        };
+        let (root, names) = (root.clone(), names.to_vec());
+        tokio::task::spawn_blocking(move || {
+            names
+                .iter()
+                .map(|name| local::object_size(&root, name).map_err(|cause| StoreError::from_io("stat", name, cause)))
+                .collect()
+        })
+        .await
+        .expect("stat task panicked")
     }
 
     /// Writes a new object; fails with `AlreadyExists` if the name is taken, so two

@@ -4,7 +4,6 @@
 //! kept beside them.
 
 use bytes::Bytes;
-use futures::stream::StreamExt;
 use jiff::Timestamp;
 
 use super::format::{
@@ -145,14 +144,18 @@ impl Repository {
             }
             let size = system.segment_size;
             let first = system.segment_start(at).0;
-            let segments = (0u64..).map_while(|k| Some(first.checked_add(k.checked_mul(size)?)?).filter(|s| *s < hi.0));
-            let mut wholes = futures::stream::iter(segments)
-                .map(|seg| async move { self.whole_segment(source, system, tli, Lsn(seg)).await })
-                .buffered(WHOLE_AHEAD);
+            let mut segments =
+                (0u64..).map_while(move |k| Some(first.checked_add(k.checked_mul(size)?)?).filter(|s| *s < hi.0));
+            // The whole pieces of the next segments, looked for a few at once.
+            let mut wholes = std::collections::VecDeque::new();
             while at < hi {
                 let seg = system.segment_start(at);
                 let seg_to = Lsn(seg.0.saturating_add(size)).min(hi);
-                if let Some(p) = wholes.next().await.transpose()?.flatten() {
+                if wholes.is_empty() {
+                    let segs: Vec<u64> = segments.by_ref().take(WHOLE_AHEAD).collect();
+                    wholes.extend(self.whole_segments(source, system, tli, &segs).await?);
+                }
+                if let Some(p) = wholes.pop_front().flatten() {
                     plan.push((p, at, seg_to));
                     at = seg_to;
                     continue;
@@ -206,23 +209,33 @@ impl Repository {
         Ok(self.read_wal(source, piece).await?.0.received)
     }
 
-    /// The piece of timeline `tli` that holds the whole segment starting at `seg`
-    /// (a stream stores each segment it received whole, prune merges the others,
-    /// archive-push stores segments whole), if there is one: its name is known, so
-    /// one look at it, not a listing of the segment's pieces.
-    async fn whole_segment(
+    /// Of each segment starting at one of `segs`, the piece of timeline `tli` that
+    /// holds it whole (a stream stores each segment it received whole, prune merges
+    /// the others, archive-push stores segments whole), if there is one: its name
+    /// is known, so one look at it, not a listing of the segment's pieces; on
+    /// `file://` all of them looked at on one task.
+    async fn whole_segments(
         &self,
         source: &str,
         system: &WalSystem,
         tli: u32,
-        seg: Lsn,
-    ) -> Result<Option<WalPiece>, RepoError> {
-        let piece = WalPiece { tli, start: seg, end: Lsn(seg.0.saturating_add(system.segment_size)) };
-        match self.store().size(&piece.name(source)).await {
-            Ok(_) => Ok(Some(piece)),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        segs: &[u64],
+    ) -> Result<Vec<Option<WalPiece>>, RepoError> {
+        let pieces: Vec<WalPiece> = segs
+            .iter()
+            .map(|&seg| WalPiece { tli, start: Lsn(seg), end: Lsn(seg.saturating_add(system.segment_size)) })
+            .collect();
+        let names: Vec<String> = pieces.iter().map(|p| p.name(source)).collect();
+        let sizes = self.store().sizes(&names).await;
+        pieces
+            .into_iter()
+            .zip(sizes)
+            .map(|(piece, size)| match size {
+                Ok(_) => Ok(Some(piece)),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e.into()),
+            })
+            .collect()
     }
 
     /// The contiguous WAL along `path` from `from` up to at most `to`: shorter when
