@@ -22,6 +22,15 @@ pub enum FsError {
     NoSuchOffset,
     #[error("invalid argument")]
     Invalid,
+    /// A name to make or take is already there.
+    #[error("already exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    /// A local failure (the branch's scratch files: ENOSPC, EIO), or a refusal
+    /// with no variant of its own, as its errno.
+    #[error("{1}")]
+    Os(i32, String),
     /// Data could not be fetched: never answer with wrong bytes.
     #[error("{0}")]
     Io(String),
@@ -43,6 +52,9 @@ impl FsError {
             FsError::BadInode(_) => libc::ESTALE,
             FsError::NoSuchOffset => libc::ENXIO,
             FsError::Invalid => libc::EINVAL,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Os(errno, _) => *errno,
             FsError::Io(_) | FsError::Damaged(_) => libc::EIO,
         }
     }

@@ -1,7 +1,9 @@
 //! The read-only filesystem that shows any moment of a repository: an async core
 //! (`fs`) that knows nothing of FUSE, a thin `fuser` adapter (`fuse`), and what the
-//! mount table says of a path (`mounts`).
+//! mount table says of a path (`mounts`). A branch (`branch`) makes a point's files
+//! writable, every change kept on local disk and none in the repository.
 
+pub mod branch;
 mod cache;
 mod error;
 mod fs;
