@@ -29,7 +29,7 @@ struct Adapter {
     rt: Handle,
 }
 
-fn ttl(a: &Attr) -> Duration {
+pub(crate) fn ttl(a: &Attr) -> Duration {
     if a.volatile {
         TTL_VOLATILE
     } else {
@@ -37,7 +37,7 @@ fn ttl(a: &Attr) -> Duration {
     }
 }
 
-fn file_type(k: Kind) -> FileType {
+pub(crate) fn file_type(k: Kind) -> FileType {
     match k {
         Kind::Dir => FileType::Directory,
         Kind::File => FileType::RegularFile,
@@ -49,7 +49,7 @@ fn file_type(k: Kind) -> FileType {
     }
 }
 
-fn attr(a: &Attr) -> FileAttr {
+pub(crate) fn attr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
@@ -69,13 +69,13 @@ fn attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn errno(e: &FsError) -> Errno {
+pub(crate) fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
 /// Replies to a getxattr/listxattr: the size when asked for it, ERANGE when the
 /// caller's buffer is too small.
-fn xattr_reply(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, FsError>) {
+pub(crate) fn xattr_reply(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, FsError>) {
     match r {
         Ok(v) if size == 0 => reply.size(v.len() as u32),
         Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
@@ -283,6 +283,10 @@ pub struct MountHandle {
 }
 
 impl MountHandle {
+    pub(crate) fn new(session: BackgroundSession) -> MountHandle {
+        MountHandle { session: Some(session) }
+    }
+
     /// Whether the kernel side has gone away (e.g. `ebb umount` or `fusermount3 -u`).
     pub fn finished(&self) -> bool {
         self.session.as_ref().is_none_or(|s| s.guard.is_finished())
@@ -330,5 +334,5 @@ pub fn mount(fs: Arc<Fs>, rt: Handle, mountpoint: &Path, fsname: &str) -> std::i
     config.n_threads = Some(2);
     config.clone_fd = true;
     let session = fuser::spawn_mount(Adapter { fs, rt }, mountpoint, &config)?;
-    Ok(MountHandle { session: Some(session) })
+    Ok(MountHandle::new(session))
 }

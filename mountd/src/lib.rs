@@ -4,12 +4,14 @@
 //! writable, every change kept on local disk and none in the repository.
 
 pub mod branch;
+mod branch_fuse;
 mod cache;
 mod error;
 mod fs;
 mod fuse;
 pub mod mounts;
 
+pub use branch_fuse::mount_branch;
 pub use cache::DiskCache;
 pub use error::FsError;
 pub use fs::{Attr, Data, Fs, Kind, Scope, ROOT};

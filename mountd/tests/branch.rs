@@ -15,6 +15,7 @@
 //! `PROPTEST_CASES=N` runs N cases instead of the default.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use catalog::tree::{Entry, EntryKind, Extent, Tree};
 use catalog::{BlobKind, Manifest, Packer, Repository, Secret, Store, Writer};
@@ -165,11 +166,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn pick(
-    all: &[(Vec<Vec<u8>>, usize)],
-    n: u16,
-    want: impl Fn(usize) -> bool,
-) -> Option<&(Vec<Vec<u8>>, usize)> {
+fn pick(all: &[(Vec<Vec<u8>>, usize)], n: u16, want: impl Fn(usize) -> bool) -> Option<&(Vec<Vec<u8>>, usize)> {
     let some: Vec<_> = all.iter().filter(|(_, i)| want(*i)).collect();
     (!some.is_empty()).then(|| some[n as usize % some.len()])
 }
@@ -515,4 +512,98 @@ async fn pages_written_and_cut_read_back_as_a_disk_would() {
     let other = resolve(&b, &[b"base".to_vec(), b"1".to_vec(), b"16384".to_vec()]).await;
     assert_eq!(one, other);
     assert_eq!(&b.read(other, 0, 6).await.unwrap()[3..], b"xyz");
+}
+
+/// A branch mounted through FUSE takes what programs do to files: writes in
+/// place and past the end, renames over a file, a file unlinked while open and
+/// still read, hard and symbolic links, directories made and removed, a cut; and
+/// the point's own bytes stay as they were.
+#[test]
+fn a_mounted_branch_takes_what_programs_do() {
+    use std::fs;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let time = Timestamp::from_second(1_780_000_000).unwrap();
+    let model = Model::initial(11);
+    let (repo, point) = rt.block_on(async {
+        let repo = Repository::init(Store::memory(), &Secret::KeyFile([7; 32]), catalog::DEFAULT_KDF, "host".into())
+            .await
+            .unwrap()
+            .0;
+        let point = store_point(&repo, time, &model).await;
+        (repo, point)
+    });
+    let file_of = |name: &[u8]| {
+        let (_, ino) = model.paths().into_iter().find(|(p, _)| p.last().is_some_and(|n| n == name)).unwrap();
+        let M::File(f) = &model.nodes[ino] else { unreachable!() };
+        f.clone()
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let lower = rt.block_on(Fs::new(repo.clone(), Scope::Moment(vec![point.clone()], time), 1 << 20, None)).unwrap();
+    let branch = Arc::new(rt.block_on(Branch::new(lower, scratch.path().to_path_buf(), None)).unwrap());
+    let mounted = mountd::mount_branch(branch, rt.handle().clone(), mnt.path(), "ebb-branch-test", false).unwrap();
+    let at = |p: &str| mnt.path().join(p);
+
+    // A page written in place, then the file grown past its end.
+    let rel = fs::OpenOptions::new().read(true).write(true).open(at("base/1/16385")).unwrap();
+    rel.write_all_at(&[7u8; 8192], 16384).unwrap();
+    rel.write_all_at(b"tail", 50_000).unwrap();
+    rel.sync_all().unwrap();
+    let mut want = file_of(b"16385");
+    want[16384..24576].fill(7);
+    want.resize(50_000, 0);
+    want.extend_from_slice(b"tail");
+    assert_eq!(fs::read(at("base/1/16385")).unwrap(), want);
+    assert_eq!(fs::metadata(at("base/1/16385")).unwrap().len(), 50_004);
+
+    // Written to a new name, then renamed over an old file (as PostgreSQL
+    // replaces its control and state files).
+    let mut tmp = fs::File::create(at("global/pg_control.tmp")).unwrap();
+    tmp.write_all(b"new control").unwrap();
+    tmp.sync_all().unwrap();
+    fs::rename(at("global/pg_control.tmp"), at("global/pg_control")).unwrap();
+    assert_eq!(fs::read(at("global/pg_control")).unwrap(), b"new control");
+    assert_eq!(fs::read_dir(at("global")).unwrap().count(), 1);
+
+    // Unlinked while open: still read through the open handle.
+    let mut open = fs::File::open(at("base/1/16384")).unwrap();
+    fs::remove_file(at("base/1/16384")).unwrap();
+    let mut first = vec![0; 100];
+    open.read_exact(&mut first).unwrap();
+    assert_eq!(first, file_of(b"16384")[..100]);
+    assert_eq!(fs::read(at("linked")).unwrap(), file_of(b"16384"), "its other name stays");
+    assert_eq!(fs::metadata(at("linked")).unwrap().nlink(), 1);
+
+    // Links, directories, a cut.
+    fs::hard_link(at("PG_VERSION"), at("pg_wal/version")).unwrap();
+    assert_eq!(fs::metadata(at("PG_VERSION")).unwrap().ino(), fs::metadata(at("pg_wal/version")).unwrap().ino());
+    std::os::unix::fs::symlink("../PG_VERSION", at("pg_wal/link")).unwrap();
+    assert_eq!(fs::read(at("pg_wal/link")).unwrap(), b"15\n");
+    fs::create_dir_all(at("pg_wal/archive_status/x")).unwrap();
+    assert!(fs::remove_dir(at("pg_wal/archive_status")).is_err(), "not empty");
+    fs::remove_dir(at("pg_wal/archive_status/x")).unwrap();
+    let mut f = fs::OpenOptions::new().write(true).open(at("linked")).unwrap();
+    f.set_len(10).unwrap();
+    f.seek(SeekFrom::End(0)).unwrap();
+    f.write_all(b"!").unwrap();
+    drop(f);
+    let mut want = file_of(b"16384")[..10].to_vec();
+    want.push(b'!');
+    assert_eq!(fs::read(at("linked")).unwrap(), want);
+    assert_eq!(fs::read_link(at("tblspc")).unwrap(), std::path::PathBuf::from("base/1"));
+    let mut names: Vec<_> = fs::read_dir(mnt.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["PG_VERSION", "base", "global", "linked", "pg_wal", "tblspc"]);
+
+    drop((open, rel, tmp));
+    mounted.unmount().unwrap();
+    assert_eq!(fs::read_dir(scratch.path()).unwrap().count(), 0, "scratch files are anonymous");
+    // The point reads as it was.
+    rt.block_on(async {
+        let lower = Fs::new(repo, Scope::Moment(vec![point], time), 1 << 20, None).await.unwrap();
+        compare(&model, &Branch::new(lower, scratch.path().to_path_buf(), None).await.unwrap()).await;
+    });
 }
