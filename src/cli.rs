@@ -387,6 +387,51 @@ pub enum PgCommand {
         /// An empty or missing directory
         datadir: PathBuf,
     },
+    /// Run PostgreSQL on the newest base backup at or before T, recovered to exactly
+    /// T, without restoring it: read-only and paused at T, or with --writable a
+    /// throwaway copy that takes writes. Stops on SIGINT or SIGTERM
+    #[command(long_about = "Run PostgreSQL on the newest base backup at or before T, recovered to \
+exactly T, without restoring it. The base backup's files are mounted as a branch: what the server \
+reads is fetched from the repository a chunk at a time, what it writes stays on the local disk (under \
+--scratch), and nothing is ever written to the repository. By default the server is a hot standby \
+paused at T: every query sees exactly the state at T. With --writable it is promoted at T into a \
+throwaway copy that takes writes. Once queries are answered at T, ebb prints how to connect, and runs \
+until SIGINT or SIGTERM, which stop the server, unmount the branch and delete the scratch. Run as \
+root, the server runs as the postgres user. The server's restore_command runs ebb as that user: give \
+the secret as --key-file or --password-file, a file that user can read.")]
+    Serve(Box<PgServeArgs>),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PgServeArgs {
+    /// The moment: RFC 3339, 'YYYY-MM-DD HH:MM[:SS]' (local), @UNIX, '15m ago', or latest
+    #[arg(long, value_parser = parse_time_arg)]
+    pub at: TimeSpec,
+    #[arg(long, value_parser = parse_source)]
+    pub source: Option<String>,
+    /// The server's port [default: the first free one from 5433]
+    #[arg(long, value_name = "P")]
+    pub port: Option<u16>,
+    /// The addresses the server listens on (listen_addresses); '' for its socket only
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub listen: String,
+    /// Where the blocks the server writes, its socket and its log are kept while it
+    /// runs [default: serve/SOURCE in ebb's cache directory]
+    #[arg(long, value_name = "DIR")]
+    pub scratch: Option<PathBuf>,
+    /// Promote the server at T into a copy that takes writes (thrown away when it stops)
+    #[arg(long)]
+    pub writable: bool,
+    /// How many WAL segments the server's restore_command fetches ahead of its calls
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub prefetch: usize,
+    /// The role ebb connects as, through the server's private socket, to see it reach T
+    #[arg(long, value_name = "ROLE", default_value = "postgres")]
+    pub user: String,
+    /// The directory of PostgreSQL's programs [default: /usr/lib/postgresql/MAJOR/bin
+    /// for the base backup's version, else the PATH]
+    #[arg(long, env = "EBB_PG_BIN", value_name = "DIR")]
+    pub pg_bin: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -1,6 +1,7 @@
 //! What every command needs: where the repository is and opening it (with the
 //! file modes it asks for), the host and source names, and how a walk of a tree is
-//! set up (what it leaves out, how many threads read).
+//! set up (what it leaves out, how many threads read), and the restore_command a
+//! server started by ebb runs.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use catalog::{Found, RepoError, Repository, Store};
 
 use crate::cli::{Global, UsageError};
 use crate::secret::secret;
+use streamer::pg::delegate::{self, SecretFile};
 
 /// The repository URL: --repo, EBB_REPOSITORY, or the default on the local disk.
 pub fn repo_url(g: &Global) -> Result<String> {
@@ -125,4 +127,24 @@ pub fn walk_excludes(
 /// Threads reading files during a walk.
 pub fn file_workers() -> usize {
     4 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 4)
+}
+
+/// The restore_command a restored server runs: this ebb, this repository, the same
+/// key or password file, so nothing secret is written into the data directory.
+pub fn archive_get_command(g: &Global, source: &str, prefetch: usize) -> Result<String> {
+    let exe = std::env::current_exe().context("find the ebb executable")?;
+    let url = repo_url(g)?;
+    let secret = match (&g.key_file, &g.password_file) {
+        (Some(k), _) => SecretFile::Key(k),
+        (None, Some(p)) => SecretFile::Password(p),
+        (None, None) => {
+            return Err(UsageError(
+                "PostgreSQL fetches WAL by running ebb itself (restore_command), as the server's user: give the \
+                 secret as --key-file or --password-file (EBB_KEY_FILE, EBB_PASSWORD_FILE), a file that user can read"
+                    .into(),
+            )
+            .into())
+        }
+    };
+    Ok(delegate::archive_get_command(&exe, &url, secret, source, prefetch)?)
 }

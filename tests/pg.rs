@@ -1535,3 +1535,195 @@ fn the_server_hears_wal_is_flushed_only_once_the_store_has_it() {
     let _ = stop.send(());
     rt.block_on(stream).unwrap().unwrap();
 }
+
+/// A running `ebb pg serve`: the process, its scratch directory and port; stopped
+/// with SIGTERM (or killed) when dropped.
+struct Served {
+    child: Child,
+    scratch: PathBuf,
+    port: u16,
+    out: PathBuf,
+}
+
+impl Served {
+    /// Starts `ebb pg serve --at AT` and waits until it says PostgreSQL answers.
+    fn start(s: &Setup, at: Timestamp, extra: &[&str], scratch: &std::path::Path) -> Served {
+        let out = scratch.with_extension("out");
+        let child = s
+            .cmd()
+            .args(["pg", "serve", "--source", "db", "--at", &at.to_string(), "--scratch"])
+            .arg(scratch)
+            .args(extra)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(out.with_extension("err")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut served = Served { child, scratch: scratch.to_path_buf(), port: 0, out };
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let text = std::fs::read_to_string(&served.out).unwrap_or_default();
+            if let Some(port) = text.split(" port=").nth(1).and_then(|r| r.split(' ').next()) {
+                served.port = port.parse().unwrap();
+                return served;
+            }
+            let exited = served.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "pg serve did not answer: {exited:?}\n{}",
+                served.said()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn said(&self) -> String {
+        let err = std::fs::read_to_string(self.out.with_extension("err")).unwrap_or_default();
+        let log = std::fs::read_to_string(self.scratch.join("postgres.log")).unwrap_or_default();
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{err}\n--- server log ---\n{log}",
+            std::fs::read_to_string(&self.out).unwrap_or_default()
+        )
+    }
+
+    fn psql(&self, sql: &str) -> Output {
+        Command::new(common::pg::bin("psql"))
+            .arg("-h")
+            .arg(self.scratch.join("run"))
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-qAt", "-c", sql])
+            .output()
+            .unwrap()
+    }
+
+    fn sql(&self, sql: &str) -> String {
+        let out = self.psql(sql);
+        assert!(out.status.success(), "{sql}: {}\n{}", String::from_utf8_lossy(&out.stderr), self.said());
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn ids(&self) -> Vec<u32> {
+        self.sql("select id from t order by id").lines().map(|l| l.parse().unwrap()).collect()
+    }
+
+    /// SIGTERM, and the exit: 0, with the server stopped, nothing mounted and the
+    /// scratch deleted.
+    fn stop(mut self) {
+        // SAFETY: kill only sends a signal to the child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "pg serve did not stop\n{}", self.said());
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(status.success(), "{status}\n{}", self.said());
+        assert!(!mountd::mounts::is_mounted(&self.scratch.join("data")), "{}", self.said());
+        assert!(!self.scratch.exists(), "the scratch is deleted");
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every object of the repository with its bytes.
+fn snapshot(repo: &TestRepo) -> Vec<(String, Vec<u8>)> {
+    repo.objects().into_iter().map(|k| (k.clone(), repo.read_object(&k))).collect()
+}
+
+/// A process whose working directory lies under `dir`, if any.
+fn process_in(dir: &std::path::Path) -> Option<String> {
+    std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
+        let cwd = cwd.to_string_lossy();
+        let cwd = cwd.strip_suffix(" (deleted)").unwrap_or(&cwd);
+        std::path::Path::new(cwd).starts_with(dir).then(|| e.file_name().to_string_lossy().into_owned())
+    })
+}
+
+fn process_alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+#[test]
+fn pg_serve_answers_at_t_without_a_restore_and_writes_nothing_back() {
+    let _serial = serial();
+    let s = Setup::new(Backend::File);
+    let pg = Pg::init(&s.path("primary"), "");
+    seed(&pg);
+    pg.sql("create extension amcheck");
+    let mut streamer = Streamer::start(&s, &pg, "db", &[]);
+    s.ok(&["pg", "base-backup", "--source", "db", "--dsn", &pg.dsn()]);
+    let commits = commit_rows(&pg, 100, 130, Duration::from_millis(30));
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+    streamer.kill9();
+    let before = snapshot(&s.repo);
+    let scratch = s.path("serve");
+    let n = commits.len();
+    let between = |a: Timestamp, b: Timestamp| {
+        Timestamp::from_microsecond((a.as_microsecond() + b.as_microsecond()) / 2).unwrap()
+    };
+    // Between two commits, at one's exact microsecond, and after the last (no
+    // transaction ended after it: all the WAL is replayed, and the server waits).
+    for at in [between(commits[n / 4].1, commits[n / 4 + 1].1), commits[n / 2].1, micro(commits[n - 1].1, 500_000)] {
+        let served = Served::start(&s, at, &[], &scratch);
+        let want: Vec<u32> = (0..10).chain(expected(&commits, at)).collect();
+        assert_eq!(served.ids(), want, "served at {at}\n{}", served.said());
+        let said = std::fs::read_to_string(&served.out).unwrap();
+        assert!(said.contains("base backup") && said.contains("replaying WAL"), "{said}");
+        let check = Command::new(common::pg::bin("pg_amcheck"))
+            .arg("-h")
+            .arg(scratch.join("run"))
+            .args(["-p", &served.port.to_string(), "-U", "postgres", "--heapallindexed", "-d", "postgres"])
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "pg_amcheck: {}{}", String::from_utf8_lossy(&check.stdout), served.said());
+        let write = served.psql("insert into t values (9999, 'no')");
+        assert!(!write.status.success(), "a standby paused at T takes no writes");
+        served.stop();
+    }
+
+    // Promoted at T: it takes writes, which stay in the branch.
+    let at = commits[n / 2].1;
+    let served = Served::start(&s, at, &["--writable"], &scratch);
+    served.sql("insert into t values (100000, 'branch')");
+    let want: Vec<u32> = (0..10).chain(expected(&commits, at)).chain([100000]).collect();
+    assert_eq!(served.ids(), want);
+    served.stop();
+
+    // Killed with -9: the server dies with it; the mount left behind is cleared by
+    // `ebb umount`, and a run in the same scratch clears what is left.
+    for clear_with_umount in [true, false] {
+        let mut served = Served::start(&s, at, &[], &scratch);
+        let pidfile = std::fs::read_to_string(scratch.join("data/postmaster.pid")).unwrap();
+        let pid: i32 = pidfile.lines().next().unwrap().parse().unwrap();
+        served.child.kill().unwrap();
+        served.child.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while process_alive(pid) {
+            assert!(Instant::now() < deadline, "the server outlived a killed pg serve");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if clear_with_umount {
+            s.ok(&["umount", scratch.join("data").to_str().unwrap()]);
+            assert!(!mountd::mounts::is_mounted(&scratch.join("data")));
+        }
+        // No process is left in the data directory (the server's children notice
+        // their parent is gone).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Some(p) = process_in(&scratch) {
+            assert!(Instant::now() < deadline, "process {p} is still in {}", scratch.display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        drop(served);
+        let again = Served::start(&s, at, &[], &scratch);
+        assert_eq!(again.ids(), (0..10).chain(expected(&commits, at)).collect::<Vec<u32>>(), "{}", again.said());
+        again.stop();
+    }
+    assert!(snapshot(&s.repo) == before, "every object of the repository is byte-identical");
+}

@@ -60,6 +60,7 @@ pub use error::{BlobError, RepoError};
 pub use forget::{forget, forgotten_points, judge, ForgetRecord, Forgotten, SourceVerdicts, Verdict};
 pub use fragment::{Fragment, FragmentBuilder, FragmentRef, Growth, Overlay, FRAGS_DIR};
 pub use id::Id;
+pub use index_cache::cache_dir;
 pub use init::{Created, InitPlan};
 pub use keyfile::KeyFileError;
 pub use keyslot::{

@@ -7,6 +7,7 @@ mod init;
 mod key;
 mod mount;
 mod pg;
+mod pg_serve;
 mod points;
 mod policy;
 mod prune;

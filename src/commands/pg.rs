@@ -1,16 +1,17 @@
-//! `ebb pg base-backup|archive-push|archive-get|restore`: PostgreSQL's base
-//! backups, its archive_command and restore_command, and point-in-time restores.
+//! `ebb pg base-backup|archive-push|archive-get|restore|serve`: PostgreSQL's base
+//! backups, its archive_command and restore_command, point-in-time restores, and a
+//! server at any moment (`pg_serve`).
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use jiff::Timestamp;
-use streamer::pg::delegate::{self, SecretFile};
+use streamer::pg::delegate;
 use streamer::pg::dsn::Dsn;
 
 use crate::cli::{Global, PgCommand, UsageError};
-use crate::context::{host, open, repo_url, source_or_host};
+use crate::context::{archive_get_command, host, open, repo_url, source_or_host};
 use crate::output::bytes;
 
 pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
@@ -68,6 +69,9 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
             let spool = delegate::spool(spool, &dest, prefetch);
             if fetcher {
                 let spool = spool.context("the fetcher needs --prefetch above 0")?;
+                // A helper keeps no directory busy: the data directory it was started
+                // in may be a mount (`ebb pg serve`) that is to be unmounted.
+                std::env::set_current_dir("/").context("leave the data directory")?;
                 let repo = open(g).await?;
                 streamer::pg::spool::run_fetcher(&repo, &source, &spool).await?;
                 return Ok(ExitCode::SUCCESS);
@@ -106,6 +110,7 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
                 }
             }
         }
+        PgCommand::Serve(args) => super::pg_serve::serve(g, *args).await,
         PgCommand::Restore { at, source, prefetch, datadir } => {
             let source = source_or_host(source)?;
             let archive_get = archive_get_command(g, &source, prefetch)?;
@@ -151,24 +156,4 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// The restore_command a restored server runs: this ebb, this repository, the same
-/// key or password file, so nothing secret is written into the data directory.
-fn archive_get_command(g: &Global, source: &str, prefetch: usize) -> Result<String> {
-    let exe = std::env::current_exe().context("find the ebb executable")?;
-    let url = repo_url(g)?;
-    let secret = match (&g.key_file, &g.password_file) {
-        (Some(k), _) => SecretFile::Key(k),
-        (None, Some(p)) => SecretFile::Password(p),
-        (None, None) => {
-            return Err(UsageError(
-                "PostgreSQL fetches WAL by running ebb itself (restore_command), as the server's user: give the \
-                 secret as --key-file or --password-file (EBB_KEY_FILE, EBB_PASSWORD_FILE), a file that user can read"
-                    .into(),
-            )
-            .into())
-        }
-    };
-    Ok(delegate::archive_get_command(&exe, &url, secret, source, prefetch)?)
 }

@@ -23,8 +23,14 @@ pub fn umount(mountpoint: &Path) -> Result<ExitCode> {
         }
         Some(_) => {}
     }
+    // A mount whose daemon is gone answers nothing: detached at once (lazily),
+    // whatever still holds it (processes that used it, such as a PostgreSQL
+    // server's children, see errors and end).
+    // (A listing asks the daemon: attributes may still be cached for a moment.)
+    let gone = std::fs::read_dir(&abs).is_err_and(|e| mountd::mounts::daemon_gone(&e));
     let status = Command::new("fusermount3")
         .arg("-u")
+        .args(gone.then_some("-z"))
         .arg(&abs)
         .status()
         .or_else(|_| Command::new("umount").arg(&abs).status())

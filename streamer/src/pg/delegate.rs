@@ -66,7 +66,9 @@ pub fn read_ahead(state_dir: Option<PathBuf>, repository: &str, source: &str, se
 /// 0).
 pub fn spool(dir: Option<PathBuf>, dest: &Path, segments: usize) -> Option<Spool> {
     let beside = || dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("ebb-spool");
-    (segments > 0).then(|| Spool { dir: dir.unwrap_or_else(beside), segments })
+    // Absolute: the fetcher leaves the directory it was started in.
+    let absolute = |dir: PathBuf| std::path::absolute(&dir).unwrap_or(dir);
+    (segments > 0).then(|| Spool { dir: absolute(dir.unwrap_or_else(beside)), segments })
 }
 
 /// Why a helper (the archive pusher, the WAL fetcher) could not be started or

@@ -16,6 +16,7 @@ pub mod info;
 pub mod lsn;
 pub mod names;
 pub mod restore;
+pub mod serve;
 pub mod spool;
 pub mod testwal;
 pub mod walscan;

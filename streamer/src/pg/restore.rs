@@ -82,20 +82,41 @@ pub async fn timeline_at(
     Ok(1)
 }
 
-pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<PgRestoreReport, PgRestoreError> {
-    let named = match repo.resolve(&opts.source, catalog::time::TimeSpec::At(opts.at), Timestamp::now()).await {
+/// What recovering `source` to `at` takes: the base backup to start from, the
+/// timeline, and whether recovery stops at T or replays all the WAL there is.
+pub struct RecoveryPlan {
+    pub point: PointRef,
+    pub manifest: Manifest,
+    /// Base backups newer than `point` at or before T that cannot be read, and why.
+    pub damaged: Vec<(PointRef, String)>,
+    pub timeline: u32,
+    /// Where the base backup's WAL starts and where it becomes consistent.
+    pub start: Lsn,
+    pub stop: Lsn,
+    /// Whether a transaction ended after T (recovery stops there), or every one
+    /// in the stored WAL ended at or before T (recovery replays it all).
+    pub target_time: bool,
+    /// How far the stored WAL reaches from the backup on, contiguously: where it
+    /// ends when `target_time` is false; else at least past `stop`.
+    pub wal_end: Lsn,
+    /// How far recovery replays: to the end of the first transaction after T, or
+    /// of the stored WAL (never short of `stop`).
+    pub replay_to: Lsn,
+}
+
+/// The plan to recover `source` to `at`; nothing is written.
+pub async fn recovery_plan(repo: &Repository, source: &str, at: Timestamp) -> Result<RecoveryPlan, PgRestoreError> {
+    let named = match repo.resolve(source, catalog::time::TimeSpec::At(at), Timestamp::now()).await {
         Ok(p) => p,
         Err(RepoError::BeforeFirst { earliest, .. }) => {
             return Err(PgRestoreError::Bad(format!(
-                "{} is before the earliest moment source {} can be restored to: {earliest}, its first base backup",
-                opts.at, opts.source
+                "{at} is before the earliest moment source {source} can be restored to: {earliest}, its first base backup"
             )))
         }
         Err(e @ (RepoError::NoPoints { .. } | RepoError::UnknownSource { .. })) => {
-            return Err(match repo.wal_system(&opts.source).await? {
+            return Err(match repo.wal_system(source).await? {
                 Some(_) => PgRestoreError::Bad(format!(
-                    "source {} has WAL but no base backup yet: take one with `ebb pg base-backup --source {}`",
-                    opts.source, opts.source
+                    "source {source} has WAL but no base backup yet: take one with `ebb pg base-backup --source {source}`"
                 )),
                 None => e.into(),
             })
@@ -104,28 +125,22 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
     };
     // A base backup that cannot be read is passed over for the one before it.
     let catalog::Readable { point, manifest, damaged } =
-        repo.readable_point_at(&opts.source, named.time).await?.ok_or_else(|| {
+        repo.readable_point_at(source, named.time).await?.ok_or_else(|| {
             PgRestoreError::Bad(format!(
-                "no base backup of source {} at or before {} can be read (`ebb verify` says what is damaged)",
-                opts.source, opts.at
+                "no base backup of source {source} at or before {at} can be read (`ebb verify` says what is damaged)"
             ))
         })?;
     for (p, why) in &damaged {
         tracing::warn!("base backup {} cannot be read ({why}); using the one before it, {}", p.time, point.time);
     }
     let pg = manifest.pg.clone().ok_or_else(|| {
-        PgRestoreError::Bad(format!(
-            "source {} is not a PostgreSQL source (its points are not base backups)",
-            opts.source
-        ))
+        PgRestoreError::Bad(format!("source {source} is not a PostgreSQL source (its points are not base backups)"))
     })?;
     let (start, stop) = info::wal_range(&pg).map_err(|e| PgRestoreError::Bad(format!("point {}: {e}", point.name)))?;
-    let system = repo
-        .wal_system(&opts.source)
-        .await?
-        .unwrap_or(WalSystem { system_id: pg.system_id, segment_size: pg.segment_size });
-    let tli = timeline_at(repo, &opts.source, &system, opts.at).await?;
-    let path = timeline_path(repo, &opts.source, tli).await?;
+    let system =
+        repo.wal_system(source).await?.unwrap_or(WalSystem { system_id: pg.system_id, segment_size: pg.segment_size });
+    let tli = timeline_at(repo, source, &system, at).await?;
+    let path = timeline_path(repo, source, tli).await?;
     if path.tli_at(start) != pg.timeline {
         let start = lsn::text(start);
         return Err(PgRestoreError::Bad(format!(
@@ -133,21 +148,29 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
             point.time, pg.timeline
         )));
     }
-    let (target_time, wal_end) = ends_after(repo, &opts.source, &system, &path, start, stop, opts.at).await?;
+    let (target_end, wal_end) = ends_after(repo, source, &system, &path, start, stop, at).await?;
     if wal_end < stop {
         let (start, stop, wal_end) = (lsn::text(start), lsn::text(stop), lsn::text(wal_end));
         return Err(PgRestoreError::Bad(format!(
             "the base backup of {} needs the WAL from {start} to {stop}, and the repository has it only to {wal_end}: \
-             is `ebb stream pg` or archive_command shipping WAL for source {}?",
-            point.time, opts.source
+             is `ebb stream pg` or archive_command shipping WAL for source {source}?",
+            point.time
         )));
     }
+    let target_time = target_end.is_some();
+    let replay_to = target_end.unwrap_or(wal_end).max(stop);
+    Ok(RecoveryPlan { point, manifest, damaged, timeline: tli, start, stop, target_time, wal_end, replay_to })
+}
+
+pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<PgRestoreReport, PgRestoreError> {
+    let plan = recovery_plan(repo, &opts.source, opts.at).await?;
     // PostgreSQL syncs the data directory when it starts (recovery_init_sync_method):
     // writing each file back as soon as it is complete leaves that sync little to do.
     let restore = RestoreOptions { target: opts.target.clone(), write_back: true, ..Default::default() };
-    let files = catalog::restore(repo, &manifest, restore).await?;
-    configure(&opts.target, opts, tli, target_time)?;
-    Ok(PgRestoreReport { point, manifest, timeline: tli, target_time, wal_end, files })
+    let files = catalog::restore(repo, &plan.manifest, restore).await?;
+    configure(&opts.target, opts, plan.timeline, plan.target_time)?;
+    let RecoveryPlan { point, manifest, timeline, target_time, wal_end, .. } = plan;
+    Ok(PgRestoreReport { point, manifest, timeline, target_time, wal_end, files })
 }
 
 /// How far ahead of the clock of the host that stored the WAL (`ebb stream pg`,
@@ -155,7 +178,8 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
 /// more than this long before T without reading it.
 pub const CLOCK_MARGIN: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
 
-/// Whether a transaction ended after `at` in the WAL from `start` along `path`; and
+/// Where the first transaction that ended after `at` ends in the WAL from `start`
+/// along `path`, if one did; and
 /// where the contiguous WAL ends or, when one did, how far it reaches at least
 /// (past `need`, if it does). Reads the WAL from the start of the last segment
 /// stored more than `CLOCK_MARGIN` before `at` (`scan_from`), not all of it, and
@@ -170,7 +194,7 @@ async fn ends_after(
     start: Lsn,
     need: Lsn,
     at: Timestamp,
-) -> Result<(bool, Lsn), PgRestoreError> {
+) -> Result<(Option<Lsn>, Lsn), PgRestoreError> {
     let at_pg = at.as_microsecond() - PG_EPOCH_MICROS;
     let cutoff = at.checked_sub(CLOCK_MARGIN).unwrap_or(Timestamp::MIN);
     let mut plan: Vec<(WalPiece, Lsn, Lsn)> = Vec::new();
@@ -204,8 +228,8 @@ async fn ends_after(
     match scan(repo, source, system, path, scanner, |x| x.time > at_pg).await? {
         // The plan is contiguous from `start`: the WAL reaches at least as far as
         // it does (or the scan read further: WAL stored since).
-        (Some(_), next) => Ok((true, covered.max(next))),
-        (None, end) => Ok((false, end)),
+        (Some(x), next) => Ok((Some(x.lsn), covered.max(next))),
+        (None, end) => Ok((None, end)),
     }
 }
 
@@ -511,6 +535,7 @@ mod tests {
         async fn lookup_to(&self, at: Timestamp, need: Lsn) -> ((bool, Lsn), usize) {
             let before = self.gets.fired();
             let r = ends_after(&self.repo, "db", &SYSTEM, &self.path, self.start, need, at).await.unwrap();
+            let r = (r.0.is_some(), r.1);
             (r, self.gets.fired() - before)
         }
 

@@ -1,0 +1,344 @@
+//! `ebb pg serve --at T`: the base backup's files mounted as a branch (mountd),
+//! configured to recover to T (streamer), PostgreSQL started on them as the
+//! server's user, and everything stopped, unmounted and deleted on SIGINT or
+//! SIGTERM. What a killed run leaves (a mount whose daemon is gone, its scratch
+//! directory) the next run in the same scratch directory clears first; the server
+//! dies with ebb.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use jiff::Timestamp;
+use mountd::branch::Branch;
+use mountd::mounts::{daemon_gone, is_mounted};
+use mountd::{Fs, Scope};
+use streamer::pg::lsn;
+use streamer::pg::serve::{ReadyError, ServeOptions};
+
+use crate::cli::{Global, PgServeArgs, UsageError};
+use crate::context::{archive_get_command, open, source_or_host};
+
+/// Chunks of the base backup kept in memory while the server runs.
+const CACHE_BYTES: usize = 256 << 20;
+/// How long recovery to T may take before ebb gives up.
+const READY_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The user the server runs as: postgres when ebb runs as root, else ebb's own.
+struct ServerUser {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+fn server_user() -> Result<ServerUser> {
+    if nix::unistd::geteuid().is_root() {
+        let u = nix::unistd::User::from_name("postgres")
+            .context("look up the postgres user")?
+            .ok_or_else(|| anyhow!("PostgreSQL refuses to run as root, and there is no postgres user to run it as"))?;
+        return Ok(ServerUser { name: u.name, uid: u.uid.as_raw(), gid: u.gid.as_raw() });
+    }
+    let uid = nix::unistd::geteuid();
+    let name = nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(|| uid.to_string(), |u| u.name);
+    Ok(ServerUser { name, uid: uid.as_raw(), gid: nix::unistd::getegid().as_raw() })
+}
+
+/// The scratch directory's parts.
+struct Scratch {
+    root: PathBuf,
+    /// The branch's mountpoint: the server's data directory.
+    data: PathBuf,
+    /// The blocks the server writes (anonymous files).
+    blocks: PathBuf,
+    /// The server's socket and authentication file: its user's alone.
+    run: PathBuf,
+    log: PathBuf,
+}
+
+impl Scratch {
+    fn at(root: PathBuf) -> Scratch {
+        Scratch {
+            data: root.join("data"),
+            blocks: root.join("blocks"),
+            run: root.join("run"),
+            log: root.join("postgres.log"),
+            root,
+        }
+    }
+
+    /// Clears what a run killed before its end left, and makes the directories.
+    fn prepare(&self, user: &ServerUser) -> Result<()> {
+        let stale = match std::fs::metadata(&self.data) {
+            Err(e) if daemon_gone(&e) => true,
+            _ => is_mounted(&self.data),
+        };
+        if stale {
+            eprintln!("clearing what an earlier `ebb pg serve` left at {}", self.data.display());
+            let st = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.data).status();
+            if !st.is_ok_and(|s| s.success()) {
+                let _ = Command::new("umount").arg("-l").arg(&self.data).status();
+            }
+            if is_mounted(&self.data) {
+                bail!(
+                    "{} is still mounted: is another `ebb pg serve` using this scratch directory?",
+                    self.data.display()
+                );
+            }
+        }
+        match std::fs::remove_dir_all(&self.root) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("clear the scratch directory {}", self.root.display()))
+            }
+            _ => {}
+        }
+        for dir in [&self.root, &self.data, &self.blocks, &self.run] {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        // The server reaches its data directory and socket through the scratch.
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o711))?;
+        std::fs::set_permissions(&self.run, std::fs::Permissions::from_mode(0o700))?;
+        chown(&self.run, user)?;
+        Ok(())
+    }
+}
+
+fn chown(path: &Path, user: &ServerUser) -> Result<()> {
+    std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))
+        .with_context(|| format!("give {} to {}", path.display(), user.name))
+}
+
+/// The directory of PostgreSQL's programs for a server of `version` (as
+/// `server_version` says it: 15.4).
+fn pg_bin(given: Option<PathBuf>, version: &str) -> PathBuf {
+    if let Some(dir) = given {
+        return dir;
+    }
+    let major = version.split(['.', ' ']).next().unwrap_or(version);
+    let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+    if debian.join("postgres").exists() {
+        return debian;
+    }
+    PathBuf::new()
+}
+
+/// The first port from 5433 that nothing listens on.
+fn free_port(listen: &str) -> Result<u16> {
+    let host = if listen.is_empty() || listen == "*" {
+        "127.0.0.1"
+    } else {
+        listen.split(',').next().unwrap_or(listen).trim()
+    };
+    (5433..6000)
+        .find(|p| std::net::TcpListener::bind((host, *p)).is_ok())
+        .ok_or_else(|| anyhow!("no free port from 5433 to 5999 on {host}: give one with --port"))
+}
+
+/// Starts the server as `user`; it is killed if ebb dies (its parent-death signal,
+/// set after the change of user, which would clear it).
+fn start_server(bin: &Path, scratch: &Scratch, user: &ServerUser, archive_env: &[(String, String)]) -> Result<Child> {
+    let log = std::fs::File::create(&scratch.log).with_context(|| format!("create {}", scratch.log.display()))?;
+    chown(&scratch.log, user)?;
+    let mut cmd = Command::new(bin.join("postgres"));
+    cmd.arg("-D").arg(&scratch.data).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.envs(archive_env.iter().map(|(k, v)| (k, v)));
+    if nix::unistd::geteuid().is_root() {
+        cmd.uid(user.uid).gid(user.gid);
+    }
+    // SAFETY: prctl is async-signal-safe and touches only this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("start {} (is PostgreSQL installed? see --pg-bin)", bin.join("postgres").display()))
+}
+
+/// The last lines of the server's log, for an error.
+fn log_tail(scratch: &Scratch) -> String {
+    let text = std::fs::read_to_string(&scratch.log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Asks the server to stop (fast shutdown: sessions end, nothing is kept), and
+/// kills it if it has not within a minute.
+fn stop_server(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    // SAFETY: kill only sends a signal to the server's process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    for _ in 0..600 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub async fn serve(g: &Global, args: PgServeArgs) -> Result<ExitCode> {
+    let source = source_or_host(args.source)?;
+    let archive_get = archive_get_command(g, &source, args.prefetch)?;
+    let now = Timestamp::now();
+    let at = args.at.instant(now);
+    if at > now {
+        return Err(UsageError(format!("{at} is in the future (it is now {now})")).into());
+    }
+    let user = server_user()?;
+    let scratch_root = match args.scratch {
+        Some(dir) => std::path::absolute(dir)?,
+        None => catalog::cache_dir()
+            .ok_or_else(|| UsageError("no cache directory for the scratch: give one with --scratch".into()))?
+            .join("serve")
+            .join(&source),
+    };
+    let scratch = Scratch::at(scratch_root);
+    let repo = open(g).await?;
+    let plan = streamer::pg::restore::recovery_plan(&repo, &source, at).await?;
+    let pg = plan.manifest.pg.clone().ok_or_else(|| anyhow!("point {} is not a base backup", plan.point.name))?;
+    let replay = plan.replay_to.0.saturating_sub(plan.start.0);
+    println!(
+        "source {source} as of {at}: base backup {} ({} files, {}), timeline {}; replaying WAL {} to {} ({}, {})",
+        plan.point.time,
+        plan.manifest.stats.files,
+        crate::output::bytes(plan.manifest.stats.bytes),
+        plan.timeline,
+        lsn::text(plan.start),
+        lsn::text(plan.replay_to),
+        crate::output::bytes(replay),
+        if plan.target_time {
+            "to the first transaction that ended after T"
+        } else {
+            "all there is: none ended after T"
+        }
+    );
+    let bin = pg_bin(args.pg_bin, &pg.server_version);
+    let port = match args.port {
+        Some(p) => p,
+        None => free_port(&args.listen)?,
+    };
+    scratch.prepare(&user)?;
+    let opts = ServeOptions {
+        source: source.clone(),
+        at,
+        archive_get,
+        listen: args.listen.clone(),
+        port,
+        run_dir: scratch.run.clone(),
+        writable: args.writable,
+    };
+
+    let fs = Fs::new(repo.clone(), Scope::Moment(vec![plan.point.clone()], plan.point.time), CACHE_BYTES, None)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let branch =
+        Branch::new(fs, scratch.blocks.clone(), Some((user.uid, user.gid))).await.map_err(|e| anyhow!("{e}"))?;
+    let other = user.uid != nix::unistd::geteuid().as_raw();
+    let fsname = mountd::mounts::fs_name(repo.store().url());
+    let handle =
+        mountd::mount_branch(Arc::new(branch), tokio::runtime::Handle::current(), &scratch.data, &fsname, other)
+            .with_context(|| {
+                format!("mount {} (is fuse3 installed and /dev/fuse available?)", scratch.data.display())
+            })?;
+    let result = run(&scratch, &plan, &opts, &user, &bin, &args.user).await;
+    // The WAL fetcher restore_command started may still hold the mount for a
+    // moment: its spool gone, it ends.
+    let _ = std::fs::remove_dir_all(scratch.data.join("pg_wal/ebb-spool"));
+    for _ in 0..150 {
+        if handle.finished() || !is_mounted(&scratch.data) {
+            break;
+        }
+        if Command::new("fusermount3")
+            .arg("-u")
+            .arg(&scratch.data)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if let Err(e) = handle.unmount() {
+        eprintln!("warning: unmount {}: {e}", scratch.data.display());
+    }
+    let _ = std::fs::remove_dir_all(&scratch.root);
+    result
+}
+
+/// Configures the branch, runs the server until a signal or its end, and stops it.
+async fn run(
+    scratch: &Scratch,
+    plan: &streamer::pg::restore::RecoveryPlan,
+    opts: &ServeOptions,
+    user: &ServerUser,
+    bin: &Path,
+    role: &str,
+) -> Result<ExitCode> {
+    streamer::pg::serve::configure(&scratch.data, plan, opts)?;
+    for made in [scratch.data.join(if opts.writable { "recovery.signal" } else { "standby.signal" }), opts.hba()] {
+        chown(&made, user)?;
+    }
+    let mut child = start_server(bin, scratch, user, &[])?;
+    let ready = {
+        let running = || matches!(child.try_wait(), Ok(None));
+        streamer::pg::serve::wait_at_target(plan, opts, role, READY_TIMEOUT, running).await
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    match ready {
+        Ok(_) => {}
+        Err(e) => {
+            let tail = log_tail(scratch);
+            stop_server(&mut child);
+            return Err(match e {
+                ReadyError::Exited => anyhow!("PostgreSQL stopped before it answered at {}:\n{tail}", opts.at),
+                e => anyhow!("{e}:\n{tail}"),
+            });
+        }
+    }
+    let how = if opts.writable {
+        "promoted at T, taking writes (thrown away when it stops)"
+    } else {
+        "read-only, paused at T"
+    };
+    println!(
+        "PostgreSQL answers as of {} ({how}):\n  psql 'host={} port={} dbname=postgres'{}",
+        opts.at,
+        opts.run_dir.display(),
+        opts.port,
+        if opts.listen.is_empty() {
+            String::new()
+        } else {
+            format!("\n  postgresql://{}:{}/postgres", opts.listen, opts.port)
+        }
+    );
+    println!("stop with Ctrl-C or SIGTERM: the server stops, the branch is unmounted and its scratch deleted");
+    let exited = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break false,
+            _ = term.recv() => break false,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    break true;
+                }
+            }
+        }
+    };
+    if exited {
+        let tail = log_tail(scratch);
+        bail!("PostgreSQL stopped on its own:\n{tail}");
+    }
+    tokio::task::block_in_place(|| stop_server(&mut child));
+    eprintln!("PostgreSQL stopped; the branch is unmounted and its scratch deleted");
+    Ok(ExitCode::SUCCESS)
+}

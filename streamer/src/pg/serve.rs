@@ -1,0 +1,202 @@
+//! `ebb pg serve --at T`: PostgreSQL on a branch of a base backup (its files,
+//! writable, nothing written back to the repository), recovered to exactly T: a
+//! hot standby paused there, read-only, or, when asked, promoted into a throwaway
+//! copy that takes writes. This module writes the server's configuration into the
+//! branch and says when the server answers at T; the branch itself is mountd's,
+//! and starting the process is the caller's.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use super::lsn;
+use super::restore::{pg_time, PgRestoreError, RecoveryPlan};
+
+/// How the server is to run.
+pub struct ServeOptions {
+    pub source: String,
+    pub at: Timestamp,
+    /// The command PostgreSQL runs to fetch WAL, up to ` %f %p`.
+    pub archive_get: String,
+    /// `listen_addresses`, and the port (TCP and the socket's name).
+    pub listen: String,
+    pub port: u16,
+    /// A directory only the server's user and ebb can enter: its socket, and the
+    /// client authentication file ebb writes (`hba`).
+    pub run_dir: PathBuf,
+    /// Promoted at T, taking writes, instead of paused there read-only.
+    pub writable: bool,
+}
+
+impl ServeOptions {
+    /// The client authentication file the server reads.
+    pub fn hba(&self) -> PathBuf {
+        self.run_dir.join("pg_hba.conf")
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PgRestoreError {
+    let path = path.display().to_string();
+    move |cause| PgRestoreError::Io { path, cause }
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Configures the data directory `dir` (a branch of the plan's base backup) and
+/// writes the authentication file: recovery to T along the plan's timeline, WAL
+/// through `restore_command` only (never from a primary the source followed),
+/// nothing archived, no fsync (the branch is thrown away). Connections on the
+/// socket in `run_dir` are trusted (the directory is the server's user's alone);
+/// over TCP they authenticate as the source's own `pg_hba.conf` says.
+pub fn configure(dir: &Path, plan: &RecoveryPlan, opts: &ServeOptions) -> Result<(), PgRestoreError> {
+    let mut text = format!(
+        "\n# Added by `ebb pg serve`: source {} as of {}, on a branch of base backup {}\n\
+         # (nothing the server writes reaches the repository).\n\
+         restore_command = {}\nrecovery_target_timeline = '{}'\n\
+         primary_conninfo = ''\nprimary_slot_name = ''\narchive_mode = 'off'\narchive_cleanup_command = ''\n\
+         recovery_end_command = ''\nhot_standby = on\nfsync = off\nrecovery_init_sync_method = 'syncfs'\n\
+         listen_addresses = {}\nport = {}\nunix_socket_directories = {}\nhba_file = {}\n",
+        opts.source,
+        opts.at,
+        plan.point.time,
+        quote(&format!("{} %f %p", opts.archive_get)),
+        plan.timeline,
+        quote(&opts.listen),
+        opts.port,
+        quote(&opts.run_dir.display().to_string()),
+        quote(&opts.hba().display().to_string()),
+    );
+    // A standby never ends recovery: paused at T, or at the end of the stored WAL
+    // when every transaction in it ended by T (and at T should more arrive).
+    // Promoted, it stops at T, or at the end of the WAL, and takes writes.
+    let target = !opts.writable || plan.target_time;
+    if target {
+        text.push_str(&format!(
+            "recovery_target_time = {}\nrecovery_target_inclusive = on\nrecovery_target_action = '{}'\n",
+            quote(&pg_time(opts.at)),
+            if opts.writable { "promote" } else { "pause" }
+        ));
+    }
+    let conf = dir.join("postgresql.auto.conf");
+    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&conf).map_err(io(&conf))?;
+    f.write_all(text.as_bytes()).map_err(io(&conf))?;
+    let (signal, other) =
+        if opts.writable { ("recovery.signal", "standby.signal") } else { ("standby.signal", "recovery.signal") };
+    let signal = dir.join(signal);
+    std::fs::write(&signal, b"").map_err(io(&signal))?;
+    match std::fs::remove_file(dir.join(other)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&dir.join(other))(e)),
+        _ => {}
+    }
+    let wal = dir.join("pg_wal");
+    if !wal.exists() {
+        std::fs::create_dir(&wal).map_err(io(&wal))?;
+    }
+    let own = match std::fs::read_to_string(dir.join("pg_hba.conf")) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io(&dir.join("pg_hba.conf"))(e)),
+    };
+    let hba = opts.hba();
+    let text = format!(
+        "# Written by `ebb pg serve`: the socket directory is the server's user's alone.\n\
+         local all all trust\n# The source's own rules, for everything else:\n{own}"
+    );
+    std::fs::write(&hba, text).map_err(io(&hba))?;
+    Ok(())
+}
+
+/// Why the server does not answer at T.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadyError {
+    #[error("the server stopped before answering at T")]
+    Exited,
+    #[error("the server did not answer at T within {0:?}")]
+    Timeout(Duration),
+    #[error("the server answered, but {0}")]
+    Unexpected(String),
+}
+
+/// Where recovery stands, as the server says.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    pub in_recovery: bool,
+    pub paused: bool,
+    /// The startup process waits for WAL the repository does not have yet.
+    pub waiting_for_wal: bool,
+    pub replayed: Option<String>,
+}
+
+impl Recovery {
+    /// Whether queries now see exactly the state at T.
+    pub fn at_target(&self, plan: &RecoveryPlan, writable: bool) -> bool {
+        if writable {
+            return !self.in_recovery;
+        }
+        // Paused before the first transaction that ended after T; or, with none in
+        // the WAL, past all of it (the backup's end included) and waiting for more.
+        let past_stop = self.replayed.as_deref().and_then(|t| lsn::parse(t).ok()).is_some_and(|l| l >= plan.stop);
+        self.in_recovery && (self.paused || (!plan.target_time && self.waiting_for_wal && past_stop))
+    }
+}
+
+/// Asks the server on the socket in `run_dir` where recovery stands; `None` while
+/// it does not take connections yet.
+pub async fn recovery(run_dir: &Path, port: u16, user: &str) -> Option<Recovery> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host_path(run_dir).port(port).user(user).dbname("postgres").connect_timeout(Duration::from_secs(2));
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
+    let conn = tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "select pg_is_in_recovery(), \
+             case when pg_is_in_recovery() then pg_get_wal_replay_pause_state() else 'not paused' end, \
+             exists (select 1 from pg_stat_activity where backend_type = 'startup' \
+                     and wait_event = 'RecoveryRetrieveRetryInterval'), \
+             pg_last_wal_replay_lsn()::text",
+            &[],
+        )
+        .await
+        .ok();
+    drop(client);
+    let _ = conn.await;
+    let row = row?;
+    Some(Recovery {
+        in_recovery: row.get(0),
+        paused: row.get::<_, &str>(1) == "paused",
+        waiting_for_wal: row.get(2),
+        replayed: row.get(3),
+    })
+}
+
+/// Waits until the server answers at T, checking `running` between tries.
+pub async fn wait_at_target(
+    plan: &RecoveryPlan,
+    opts: &ServeOptions,
+    user: &str,
+    timeout: Duration,
+    mut running: impl FnMut() -> bool,
+) -> Result<Recovery, ReadyError> {
+    let began = std::time::Instant::now();
+    loop {
+        if !running() {
+            return Err(ReadyError::Exited);
+        }
+        if let Some(r) = recovery(&opts.run_dir, opts.port, user).await {
+            if r.at_target(plan, opts.writable) {
+                return Ok(r);
+            }
+            if !opts.writable && !r.in_recovery {
+                return Err(ReadyError::Unexpected("it ended recovery instead of pausing at T".into()));
+            }
+        }
+        if began.elapsed() > timeout {
+            return Err(ReadyError::Timeout(timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
