@@ -400,6 +400,38 @@ until SIGINT or SIGTERM, which stop the server, unmount the branch and delete th
 root, the server runs as the postgres user. The server's restore_command runs ebb as that user: give \
 the secret as --key-file or --password-file, a file that user can read.")]
     Serve(Box<PgServeArgs>),
+    /// Run pg_dump on the database as it was at T, without restoring it: serves T
+    /// read-only (as serve does, on a private socket), runs pg_dump with the
+    /// arguments after --, writes the dump to stdout, and stops
+    #[command(after_help = "Example: one table as it was at 10:14, in pg_dump's custom format:\n  \
+ebb pg dump --at '2026-11-21 10:14' --source db -- -t public.orders -Fc > orders.dump")]
+    Dump(Box<PgDumpArgs>),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PgDumpArgs {
+    /// The moment: RFC 3339, 'YYYY-MM-DD HH:MM[:SS]' (local), @UNIX, '15m ago', or latest
+    #[arg(long, value_parser = parse_time_arg)]
+    pub at: TimeSpec,
+    #[arg(long, value_parser = parse_source)]
+    pub source: Option<String>,
+    /// Where the blocks the server writes, its socket and its log are kept while it
+    /// runs [default: serve/SOURCE in ebb's cache directory]
+    #[arg(long, value_name = "DIR")]
+    pub scratch: Option<PathBuf>,
+    /// How many WAL segments the server's restore_command fetches ahead of its calls
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub prefetch: usize,
+    /// The role pg_dump connects as (through the server's private socket: no password)
+    #[arg(long, value_name = "ROLE", default_value = "postgres")]
+    pub user: String,
+    /// The directory of PostgreSQL's programs [default: /usr/lib/postgresql/MAJOR/bin
+    /// for the base backup's version, else the PATH]
+    #[arg(long, env = "EBB_PG_BIN", value_name = "DIR")]
+    pub pg_bin: Option<PathBuf>,
+    /// pg_dump's own arguments (after --): what to dump and how (-t TABLE, -Fc, -d DBNAME, ...)
+    #[arg(last = true, value_name = "PG_DUMP_ARGS")]
+    pub pg_dump_args: Vec<std::ffi::OsString>,
 }
 
 #[derive(clap::Args, Debug)]

@@ -1696,6 +1696,47 @@ fn pg_serve_answers_at_t_without_a_restore_and_writes_nothing_back() {
     assert_eq!(served.ids(), want);
     served.stop();
 
+    // One table as it was at T, dumped without a restore and loaded into a fresh
+    // database: exactly its rows at T.
+    let dumped = s
+        .cmd()
+        .args(["pg", "dump", "--source", "db", "--at", &at.to_string(), "--scratch"])
+        .arg(&scratch)
+        .args(["--", "-t", "t"])
+        .output()
+        .unwrap();
+    assert!(dumped.status.success(), "pg dump: {}", String::from_utf8_lossy(&dumped.stderr));
+    assert!(!scratch.exists() && !mountd::mounts::is_mounted(&scratch.join("data")), "pg dump cleans up");
+    pg.sql("create database fresh");
+    let mut load = Command::new(common::pg::bin("psql"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "fresh",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .env("PGPASSWORD", PASSWORD)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut load.stdin.take().unwrap(), &dumped.stdout).unwrap();
+    assert!(load.wait().unwrap().success(), "the dump loads");
+    let loaded = Command::new(common::pg::bin("psql"))
+        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "fresh", "-qAt", "-c"])
+        .arg("select id from t order by id")
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    let loaded: Vec<u32> = String::from_utf8_lossy(&loaded.stdout).lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(loaded, (0..10).chain(expected(&commits, at)).collect::<Vec<u32>>());
+
     // Killed with -9: the server dies with it; the mount left behind is cleared by
     // `ebb umount`, and a run in the same scratch clears what is left.
     for clear_with_umount in [true, false] {
@@ -1726,4 +1767,59 @@ fn pg_serve_answers_at_t_without_a_restore_and_writes_nothing_back() {
         again.stop();
     }
     assert!(snapshot(&s.repo) == before, "every object of the repository is byte-identical");
+}
+
+/// The pack, offset and length of the first chunk of `path` (under the data
+/// directory) in the newest base backup of `source`.
+fn first_chunk_of(s: &Setup, source: &str, path: &str) -> (String, u64, u64) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = catalog::Store::open(s.repo.url(), false).unwrap();
+        let key = catalog::decode_key_file(&std::fs::read_to_string(&s.key).unwrap()).unwrap();
+        let r = catalog::Repository::open(store, &catalog::Secret::KeyFile(key)).await.unwrap();
+        let p = r.points(source).await.unwrap().pop().unwrap();
+        let m = r.manifest(&p).await.unwrap();
+        let mut entry = r.read_tree(&m.root_ref().unwrap()).await.unwrap().entries.remove(0);
+        for name in path.split('/') {
+            let tree = r.read_tree(&entry.subtree.unwrap()).await.unwrap();
+            entry = tree.find(name.as_bytes()).unwrap_or_else(|| panic!("{path}: no {name}")).clone();
+        }
+        let Some(catalog::tree::Extent::Data(b)) = entry.content.first() else { panic!("{path} has no data") };
+        (catalog::pack_name(&b.pack), b.offset as u64, b.length as u64)
+    })
+}
+
+/// A damaged chunk of a table's file is an I/O error for queries that read that
+/// table, which PostgreSQL reports; the other tables answer, and no query returns
+/// wrong rows.
+#[test]
+fn pg_serve_reports_a_damaged_chunk_as_an_error_for_its_table() {
+    let _serial = serial();
+    let s = Setup::new(Backend::File);
+    let pg = Pg::init(&s.path("primary"), "");
+    seed(&pg);
+    // A table the WAL after the backup never touches: only queries read its pages.
+    pg.sql("create table c (id int, pad text)");
+    pg.sql("insert into c select g, md5(g::text) || md5((g * 7)::text) from generate_series(1, 20000) g");
+    let file = pg.sql("select pg_relation_filepath('c')");
+    let mut streamer = Streamer::start(&s, &pg, "db", &[]);
+    s.ok(&["pg", "base-backup", "--source", "db", "--dsn", &pg.dsn()]);
+    let commits = commit_rows(&pg, 100, 110, Duration::from_millis(20));
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+    streamer.kill9();
+
+    let (pack, offset, length) = first_chunk_of(&s, "db", &file);
+    let mut bytes = s.repo.read_object(&pack);
+    bytes[(offset + length / 2) as usize] ^= 0x40;
+    s.repo.write_object(&pack, &bytes);
+
+    let at = commits.last().unwrap().1;
+    let served = Served::start(&s, at, &[], &s.path("serve"));
+    assert_eq!(served.ids(), (0..10).chain(expected(&commits, at)).collect::<Vec<u32>>(), "{}", served.said());
+    let read = served.psql("select count(*), sum(length(pad)) from c");
+    let err = String::from_utf8_lossy(&read.stderr);
+    assert!(!read.status.success() && read.stdout.is_empty(), "no rows from a damaged chunk: {err}");
+    assert!(err.contains("could not read") && err.contains("Input/output error"), "{err}");
+    assert_eq!(served.sql("select count(*) from t"), (10 + expected(&commits, at).len()).to_string());
+    served.stop();
 }

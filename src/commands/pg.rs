@@ -111,6 +111,7 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
             }
         }
         PgCommand::Serve(args) => super::pg_serve::serve(g, *args).await,
+        PgCommand::Dump(args) => super::pg_serve::dump(g, *args).await,
         PgCommand::Restore { at, source, prefetch, datadir } => {
             let source = source_or_host(source)?;
             let archive_get = archive_get_command(g, &source, prefetch)?;

@@ -20,7 +20,7 @@ use mountd::{Fs, Scope};
 use streamer::pg::lsn;
 use streamer::pg::serve::{ReadyError, ServeOptions};
 
-use crate::cli::{Global, PgServeArgs, UsageError};
+use crate::cli::{Global, PgDumpArgs, PgServeArgs, UsageError};
 use crate::context::{archive_get_command, open, source_or_host};
 
 /// Chunks of the base backup kept in memory while the server runs.
@@ -186,7 +186,35 @@ fn stop_server(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// What to do with the server once it answers at T.
+enum Then {
+    /// Say how to connect, and wait for SIGINT or SIGTERM.
+    Serve,
+    /// Run pg_dump with these arguments, its output on ebb's.
+    Dump(Vec<std::ffi::OsString>),
+}
+
 pub async fn serve(g: &Global, args: PgServeArgs) -> Result<ExitCode> {
+    session(g, args, Then::Serve).await
+}
+
+/// `ebb pg dump`: serves T read-only on its socket alone, runs pg_dump on it, and stops.
+pub async fn dump(g: &Global, args: PgDumpArgs) -> Result<ExitCode> {
+    let serve = PgServeArgs {
+        at: args.at,
+        source: args.source,
+        port: None,
+        listen: String::new(),
+        scratch: args.scratch,
+        writable: false,
+        prefetch: args.prefetch,
+        user: args.user,
+        pg_bin: args.pg_bin,
+    };
+    session(g, serve, Then::Dump(args.pg_dump_args)).await
+}
+
+async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> {
     let source = source_or_host(args.source)?;
     let archive_get = archive_get_command(g, &source, args.prefetch)?;
     let now = Timestamp::now();
@@ -207,7 +235,12 @@ pub async fn serve(g: &Global, args: PgServeArgs) -> Result<ExitCode> {
     let plan = streamer::pg::restore::recovery_plan(&repo, &source, at).await?;
     let pg = plan.manifest.pg.clone().ok_or_else(|| anyhow!("point {} is not a base backup", plan.point.name))?;
     let replay = plan.replay_to.0.saturating_sub(plan.start.0);
-    println!(
+    // A dump's output is the dump: what ebb says goes to stderr.
+    let say = |text: String| match then {
+        Then::Serve => println!("{text}"),
+        Then::Dump(_) => eprintln!("{text}"),
+    };
+    say(format!(
         "source {source} as of {at}: base backup {} ({} files, {}), timeline {}; replaying WAL {} to {} ({}, {})",
         plan.point.time,
         plan.manifest.stats.files,
@@ -221,7 +254,7 @@ pub async fn serve(g: &Global, args: PgServeArgs) -> Result<ExitCode> {
         } else {
             "all there is: none ended after T"
         }
-    );
+    ));
     let bin = pg_bin(args.pg_bin, &pg.server_version);
     let port = match args.port {
         Some(p) => p,
@@ -250,7 +283,7 @@ pub async fn serve(g: &Global, args: PgServeArgs) -> Result<ExitCode> {
             .with_context(|| {
                 format!("mount {} (is fuse3 installed and /dev/fuse available?)", scratch.data.display())
             })?;
-    let result = run(&scratch, &plan, &opts, &user, &bin, &args.user).await;
+    let result = run(&scratch, &plan, &opts, &user, &bin, &args.user, then).await;
     // The WAL fetcher restore_command started may still hold the mount for a
     // moment: its spool gone, it ends.
     let _ = std::fs::remove_dir_all(scratch.data.join("pg_wal/ebb-spool"));
@@ -284,6 +317,7 @@ async fn run(
     user: &ServerUser,
     bin: &Path,
     role: &str,
+    then: Then,
 ) -> Result<ExitCode> {
     streamer::pg::serve::configure(&scratch.data, plan, opts)?;
     for made in [scratch.data.join(if opts.writable { "recovery.signal" } else { "standby.signal" }), opts.hba()] {
@@ -305,6 +339,11 @@ async fn run(
                 e => anyhow!("{e}:\n{tail}"),
             });
         }
+    }
+    if let Then::Dump(args) = then {
+        let dumped = dump_from(bin, opts, role, args);
+        tokio::task::block_in_place(|| stop_server(&mut child));
+        return dumped;
     }
     let how = if opts.writable {
         "promoted at T, taking writes (thrown away when it stops)"
@@ -341,4 +380,27 @@ async fn run(
     tokio::task::block_in_place(|| stop_server(&mut child));
     eprintln!("PostgreSQL stopped; the branch is unmounted and its scratch deleted");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs pg_dump on the served server's socket, its output on ebb's; its exit
+/// status is ebb's.
+fn dump_from(bin: &Path, opts: &ServeOptions, role: &str, args: Vec<std::ffi::OsString>) -> Result<ExitCode> {
+    let program = bin.join("pg_dump");
+    let mut cmd = Command::new(&program);
+    cmd.arg("--host")
+        .arg(&opts.run_dir)
+        .arg("--port")
+        .arg(opts.port.to_string())
+        .arg("--username")
+        .arg(role)
+        .args(&args)
+        .stdin(Stdio::null());
+    let status = tokio::task::block_in_place(|| cmd.status()).with_context(|| format!("run {}", program.display()))?;
+    if status.success() {
+        eprintln!("dumped source {} as of {}", opts.source, opts.at);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("ebb: pg_dump failed ({status})");
+        Ok(ExitCode::FAILURE)
+    }
 }
