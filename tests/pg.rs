@@ -1618,6 +1618,8 @@ impl Served {
             std::thread::sleep(Duration::from_millis(100));
         };
         assert!(status.success(), "{status}\n{}", self.said());
+        let err = std::fs::read_to_string(self.out.with_extension("err")).unwrap();
+        assert!(err.contains("answering at T after fetching") && err.contains("from the repository in all"), "{err}");
         assert!(!mountd::mounts::is_mounted(&self.scratch.join("data")), "{}", self.said());
         assert!(!self.scratch.exists(), "the scratch is deleted");
     }

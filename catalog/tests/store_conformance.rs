@@ -291,6 +291,19 @@ async fn sizes_answer_each_name_in_its_place(store: Store) {
     assert!(store.sizes(&[]).await.is_empty());
 }
 
+/// What is read is counted, whole objects and ranges, by a store and its clones:
+/// `pg serve` says how much of a base backup it fetched.
+async fn bytes_read_are_counted(store: Store) {
+    store.put_new("c/a", noise(1, 1000)).await.unwrap();
+    store.put_new("c/b", noise(2, 300)).await.unwrap();
+    let before = store.fetched();
+    store.get("c/a").await.unwrap();
+    store.clone().get_range("c/a", 10..110).await.unwrap();
+    store.get_many(&["c/a".to_string(), "c/b".to_string(), "c/none".to_string()]).await;
+    assert!(store.get("c/none").await.is_err());
+    assert_eq!(store.fetched() - before, 1000 + 100 + 1000 + 300);
+}
+
 /// The names between two bounds (`points` of a day lists them so): every one after
 /// the first bound and up to the second, in order, across the shard directories
 /// `file://` keeps such names in, and nothing beyond.
@@ -434,6 +447,7 @@ conformance!(
     new_object_appears_whole_and_only_once_finished,
     get_many_answers_each_name_in_its_place,
     sizes_answer_each_name_in_its_place,
+    bytes_read_are_counted,
     list_between_answers_every_name_in_range,
     names_of_every_allowed_character_round_trip,
     large_objects_round_trip,

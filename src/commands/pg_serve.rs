@@ -28,6 +28,14 @@ const CACHE_BYTES: usize = 256 << 20;
 /// How long recovery to T may take before ebb gives up.
 const READY_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// How the server is run: its programs, the user it runs as, and the role ebb
+/// (and pg_dump) connect as.
+struct Server {
+    bin: PathBuf,
+    user: ServerUser,
+    role: String,
+}
+
 /// The user the server runs as: postgres when ebb runs as root, else ebb's own.
 struct ServerUser {
     name: String,
@@ -283,7 +291,15 @@ async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> 
             .with_context(|| {
                 format!("mount {} (is fuse3 installed and /dev/fuse available?)", scratch.data.display())
             })?;
-    let result = run(&scratch, &plan, &opts, &user, &bin, &args.user, then).await;
+    let server = Server { bin, user, role: args.user };
+    let result = run(&scratch, &plan, &opts, &server, then, &repo).await;
+    let fetched = repo.store().fetched();
+    eprintln!(
+        "fetched {} from the repository in all ({:.1} % of the base backup's {})",
+        crate::output::bytes(fetched),
+        100.0 * fetched as f64 / plan.manifest.stats.bytes.max(1) as f64,
+        crate::output::bytes(plan.manifest.stats.bytes)
+    );
     // The WAL fetcher restore_command started may still hold the mount for a
     // moment: its spool gone, it ends.
     let _ = std::fs::remove_dir_all(scratch.data.join("pg_wal/ebb-spool"));
@@ -314,19 +330,18 @@ async fn run(
     scratch: &Scratch,
     plan: &streamer::pg::restore::RecoveryPlan,
     opts: &ServeOptions,
-    user: &ServerUser,
-    bin: &Path,
-    role: &str,
+    server: &Server,
     then: Then,
+    repo: &catalog::Repository,
 ) -> Result<ExitCode> {
     streamer::pg::serve::configure(&scratch.data, plan, opts)?;
     for made in [scratch.data.join(if opts.writable { "recovery.signal" } else { "standby.signal" }), opts.hba()] {
-        chown(&made, user)?;
+        chown(&made, &server.user)?;
     }
-    let mut child = start_server(bin, scratch, user, &[])?;
+    let mut child = start_server(&server.bin, scratch, &server.user, &[])?;
     let ready = {
         let running = || matches!(child.try_wait(), Ok(None));
-        streamer::pg::serve::wait_at_target(plan, opts, role, READY_TIMEOUT, running).await
+        streamer::pg::serve::wait_at_target(plan, opts, &server.role, READY_TIMEOUT, running).await
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     match ready {
@@ -341,10 +356,11 @@ async fn run(
         }
     }
     if let Then::Dump(args) = then {
-        let dumped = dump_from(bin, opts, role, args);
+        let dumped = dump_from(&server.bin, opts, &server.role, args);
         tokio::task::block_in_place(|| stop_server(&mut child));
         return dumped;
     }
+    eprintln!("answering at T after fetching {} from the repository", crate::output::bytes(repo.store().fetched()));
     let how = if opts.writable {
         "promoted at T, taking writes (thrown away when it stops)"
     } else {

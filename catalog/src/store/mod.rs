@@ -149,6 +149,9 @@ pub struct Store {
     /// `local_root` alone does not say once faults are injected.
     local_layout: bool,
     url: String,
+    /// Bytes read from the store so far (whole objects and ranges), by this
+    /// store and its clones.
+    fetched: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Store {
@@ -188,6 +191,7 @@ impl Store {
                 local_root: Some(dir),
                 local_layout: true,
                 url: url.to_string(),
+                fetched: Default::default(),
             });
         }
         if let Some(rest) = url.strip_prefix("s3://") {
@@ -220,6 +224,7 @@ impl Store {
                 local_root: None,
                 local_layout: false,
                 url: url.to_string(),
+                fetched: Default::default(),
             });
         }
         if url == "memory://" {
@@ -246,6 +251,7 @@ impl Store {
             local_root: None,
             local_layout: true,
             url: format!("file://{path}"),
+            fetched: Default::default(),
         })
     }
 
@@ -256,6 +262,7 @@ impl Store {
             local_root: None,
             local_layout: false,
             url: "memory://".to_string(),
+            fetched: Default::default(),
         }
     }
 
@@ -273,6 +280,7 @@ impl Store {
             local_root: None,
             local_layout: self.local_layout,
             url: self.url.clone(),
+            fetched: self.fetched.clone(),
         }
     }
 
@@ -306,6 +314,22 @@ impl Store {
     }
 
     pub async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
+        let b = self.get_whole(name).await?;
+        self.count(b.len());
+        Ok(b)
+    }
+
+    /// Bytes read from the store so far by this store and its clones (whole objects
+    /// and ranges; `pg serve` says how much of a base backup it fetched).
+    pub fn fetched(&self) -> u64 {
+        self.fetched.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count(&self, bytes: usize) {
+        self.fetched.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn get_whole(&self, name: &str) -> Result<Bytes, StoreError> {
         if let Some(root) = &self.local_root {
             let (root, owned) = (root.clone(), name.to_string());
             return tokio::task::spawn_blocking(move || local::read_object(&root, &owned))
@@ -348,6 +372,7 @@ impl Store {
         for read in futures::stream::iter(reads).buffered(LOCAL_READERS).collect::<Vec<_>>().await {
             out.extend(read.expect("read task panicked"));
         }
+        self.count(out.iter().map(|r| r.as_ref().map_or(0, |b| b.len())).sum());
         out
     }
 
@@ -388,6 +413,7 @@ impl Store {
                 }
             },
         };
+        self.count(b.len());
         if b.len() as u64 != want {
             let size = self.size(name).await?;
             return Err(StoreError::Short { name: name.to_string(), range, size });
