@@ -338,29 +338,40 @@ async fn run(
     for made in [scratch.data.join(if opts.writable { "recovery.signal" } else { "standby.signal" }), opts.hba()] {
         chown(&made, &server.user)?;
     }
+    // Signals are ours from before the server starts: a stop asked for during
+    // recovery stops it as cleanly as one asked for later.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut child = start_server(&server.bin, scratch, &server.user, &[])?;
     let ready = {
         let running = || matches!(child.try_wait(), Ok(None));
-        streamer::pg::serve::wait_at_target(plan, opts, &server.role, READY_TIMEOUT, running).await
+        tokio::select! {
+            r = streamer::pg::serve::wait_at_target(plan, opts, &server.role, READY_TIMEOUT, running) => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+            _ = term.recv() => None,
+        }
     };
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     match ready {
-        Ok(_) => {}
-        Err(e) => {
+        Some(Ok(_)) => {}
+        None => {
+            tokio::task::block_in_place(|| stop_server(&mut child));
+            eprintln!("stopped before PostgreSQL answered at {}", opts.at);
+            return Ok(ExitCode::FAILURE);
+        }
+        Some(Err(e)) => {
             let tail = log_tail(scratch);
-            stop_server(&mut child);
+            tokio::task::block_in_place(|| stop_server(&mut child));
             return Err(match e {
                 ReadyError::Exited => anyhow!("PostgreSQL stopped before it answered at {}:\n{tail}", opts.at),
                 e => anyhow!("{e}:\n{tail}"),
             });
         }
     }
+    eprintln!("answering at T after fetching {} from the repository", crate::output::bytes(repo.store().fetched()));
     if let Then::Dump(args) = then {
         let dumped = dump_from(&server.bin, opts, &server.role, args);
         tokio::task::block_in_place(|| stop_server(&mut child));
         return dumped;
     }
-    eprintln!("answering at T after fetching {} from the repository", crate::output::bytes(repo.store().fetched()));
     let how = if opts.writable {
         "promoted at T, taking writes (thrown away when it stops)"
     } else {
