@@ -369,6 +369,11 @@ pub enum PgCommand {
         /// Run as the background fetcher (started by archive-get itself)
         #[arg(long, hide = true)]
         fetcher: bool,
+        /// Serve no WAL at or past this position (X/Y): what was stored after it is
+        /// never replayed (`pg restore` and `pg serve` set it when every transaction
+        /// in the stored WAL ended by their T)
+        #[arg(long, value_name = "LSN", value_parser = parse_lsn)]
+        until: Option<catalog::wal::Lsn>,
         walname: String,
         dest: PathBuf,
     },
@@ -557,6 +562,10 @@ pub enum KeyCommand {
     },
     /// Remove a key slot (never the last one)
     Remove { slot: String },
+}
+
+fn parse_lsn(s: &str) -> Result<catalog::wal::Lsn, String> {
+    streamer::pg::lsn::parse(s)
 }
 
 fn parse_time_arg(s: &str) -> Result<TimeSpec, String> {

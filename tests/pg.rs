@@ -1687,8 +1687,22 @@ fn pg_serve_answers_at_t_without_a_restore_and_writes_nothing_back() {
         assert!(check.status.success(), "pg_amcheck: {}{}", String::from_utf8_lossy(&check.stdout), served.said());
         let write = served.psql("insert into t values (9999, 'no')");
         assert!(!write.status.success(), "a standby paused at T takes no writes");
+        // A second run on the same scratch is refused, and changes nothing.
+        let second =
+            s.run(&["pg", "serve", "--source", "db", "--at", &at.to_string(), "--scratch", scratch.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&second.stderr);
+        assert!(second.status.code() == Some(2) && err.contains("another `ebb pg serve` uses"), "{err}");
+        assert_eq!(served.ids(), want, "the first still serves");
         served.stop();
     }
+    // A scratch that holds anything else is refused and left alone.
+    let busy = s.path("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("keep"), b"mine").unwrap();
+    let refused = s.run(&["pg", "serve", "--source", "db", "--at", "latest", "--scratch", busy.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(refused.status.code() == Some(2) && err.contains("not an `ebb pg serve` scratch"), "{err}");
+    assert_eq!(std::fs::read(busy.join("keep")).unwrap(), b"mine");
 
     // Promoted at T: it takes writes, which stay in the branch.
     let at = commits[n / 2].1;
@@ -1696,6 +1710,13 @@ fn pg_serve_answers_at_t_without_a_restore_and_writes_nothing_back() {
     served.sql("insert into t values (100000, 'branch')");
     let want: Vec<u32> = (0..10).chain(expected(&commits, at)).chain([100000]).collect();
     assert_eq!(served.ids(), want);
+    served.stop();
+    // After the last commit: all the WAL replayed, then promoted where it ends.
+    let after = micro(commits[n - 1].1, 500_000);
+    let served = Served::start(&s, after, &["--writable"], &scratch);
+    served.sql("insert into t values (100001, 'branch')");
+    let want: Vec<u32> = (0..10).chain(expected(&commits, after)).chain([100001]).collect();
+    assert_eq!(served.ids(), want, "{}", served.said());
     served.stop();
 
     // One table as it was at T, dumped without a restore and loaded into a fresh
@@ -1824,4 +1845,45 @@ fn pg_serve_reports_a_damaged_chunk_as_an_error_for_its_table() {
     assert!(err.contains("could not read") && err.contains("Input/output error"), "{err}");
     assert_eq!(served.sql("select count(*) from t"), (10 + expected(&commits, at).len()).to_string());
     served.stop();
+}
+
+/// A moment after every stored commit: recovery replays all the stored WAL, and
+/// none stored after the restore or the serve began, which holds commits after T.
+#[test]
+fn a_t_after_every_stored_commit_never_replays_what_came_later() {
+    let _serial = serial();
+    let s = Setup::new(Backend::File);
+    let pg = Pg::init(&s.path("primary"), "");
+    seed(&pg);
+    let streamer = Streamer::start(&s, &pg, "db", &[]);
+    s.ok(&["pg", "base-backup", "--source", "db", "--dsn", &pg.dsn()]);
+    let commits = commit_rows(&pg, 100, 110, Duration::from_millis(20));
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+    let at = micro(commits.last().unwrap().1, 200_000);
+    while Timestamp::now() <= at {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let want: Vec<u32> = (0..10).chain(100..110).collect();
+    // Restored, and served, before the commits after T are stored.
+    let dir = s.path("restored");
+    let data = dir.join("data");
+    s.ok(&["pg", "restore", "--source", "db", "--at", &at.to_string(), data.to_str().unwrap()]);
+    let scratch = s.path("serve");
+    let served = Served::start(&s, at, &["--writable"], &scratch);
+    let standby = Served::start(&s, at, &[], &s.path("serve-ro"));
+    commit_rows(&pg, 200, 210, Duration::from_millis(20));
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+    pg.sql("select pg_switch_wal()");
+    commit_rows(&pg, 210, 212, Duration::from_millis(20));
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+    let restored = Pg::restored(&dir, &data, Vec::new());
+    restored.wait_promoted();
+    assert_eq!(ids(&restored), want, "restored: nothing after T\n{}", restored.log());
+    assert_eq!(served.ids(), want, "served writable: nothing after T");
+    served.sql("insert into t values (100000, 'branch')");
+    // The standby reads the WAL stored since, and stops at T all the same.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(standby.ids(), want, "served read-only: nothing after T\n{}", standby.said());
+    served.stop();
+    standby.stop();
 }

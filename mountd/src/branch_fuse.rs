@@ -1,5 +1,6 @@
 //! The `fuser` adapter of a branch: kernel requests, writes included, as calls on
-//! `Branch`, each answered from a tokio task. Mounted read-write with
+//! `Branch`; those that may wait (for a fetch, a lock) are answered from a tokio
+//! task. Mounted read-write with
 //! `default_permissions`, so that the kernel checks access against the
 //! attributes shown, and, when asked, `allow_other` (a server started as another
 //! user than the one who mounted).
@@ -25,9 +26,17 @@ use crate::fuse::{attr, errno, file_type, ttl, xattr_reply, MountHandle};
 /// The largest write the kernel sends at once.
 const MAX_WRITE: u32 = 1 << 20;
 
+/// A directory's entries as they were when it was opened, `.` and `..` first.
+type Listing = Vec<(u64, Kind, Vec<u8>)>;
+
 struct Adapter {
     branch: Arc<Branch>,
     rt: Handle,
+    /// Each open directory's listing, by handle: reading it in several calls while
+    /// names come and go (PostgreSQL lists a directory and unlinks as it goes)
+    /// neither skips nor repeats an entry.
+    dirs: Arc<std::sync::Mutex<std::collections::HashMap<u64, Arc<Listing>>>>,
+    next_dir: std::sync::atomic::AtomicU64,
 }
 
 /// Answers `reply` with the attributes of what `r` made or found.
@@ -275,21 +284,37 @@ impl Filesystem for Adapter {
         reply.ok();
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let b = self.branch.clone();
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let (b, dirs) = (self.branch.clone(), self.dirs.clone());
+        let fh = self.next_dir.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.rt.spawn(async move {
-            let (parent, entries) = match b.readdir(ino.0).await {
-                Ok(r) => r,
-                Err(e) => return reply.error(errno(&e)),
-            };
-            let dots = [(ino.0, Kind::Dir, b".".to_vec()), (parent, Kind::Dir, b"..".to_vec())];
-            for (i, (child, kind, name)) in dots.into_iter().chain(entries).enumerate().skip(offset as usize) {
-                if reply.add(INodeNo(child), (i + 1) as u64, file_type(kind), OsStr::from_bytes(&name)) {
-                    break;
+            match b.readdir(ino.0).await {
+                Ok((parent, entries)) => {
+                    let mut all = vec![(ino.0, Kind::Dir, b".".to_vec()), (parent, Kind::Dir, b"..".to_vec())];
+                    all.extend(entries);
+                    dirs.lock().expect("open directories").insert(fh, Arc::new(all));
+                    reply.opened(FileHandle(fh), FopenFlags::empty());
                 }
+                Err(e) => reply.error(errno(&e)),
             }
-            reply.ok();
         });
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(listing) = self.dirs.lock().expect("open directories").get(&fh.0).cloned() else {
+            return reply.error(Errno::from_i32(libc::EBADF));
+        };
+        for (i, (child, kind, name)) in listing.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*child), (i + 1) as u64, file_type(*kind), OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.lock().expect("open directories").remove(&fh.0);
+        reply.ok();
     }
 
     /// The filesystem of the scratch files: what can still be written.
@@ -362,6 +387,7 @@ pub fn mount_branch(
     }
     config.n_threads = Some(2);
     config.clone_fd = true;
-    let session = fuser::spawn_mount(Adapter { branch, rt }, mountpoint, &config)?;
+    let adapter = Adapter { branch, rt, dirs: Default::default(), next_dir: Default::default() };
+    let session = fuser::spawn_mount(adapter, mountpoint, &config)?;
     Ok(MountHandle::new(session))
 }

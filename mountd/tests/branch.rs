@@ -299,6 +299,9 @@ fn model_rename(
     existing: Option<usize>,
     replace: Replace,
 ) -> Result<(), i32> {
+    if existing.is_some() && replace == Replace::No {
+        return Err(libc::EEXIST);
+    }
     if existing == Some(ino) {
         return Ok(());
     }
@@ -506,6 +509,10 @@ async fn pages_written_and_cut_read_back_as_a_disk_would() {
     let got = b.read(rel, 0, 40_960).await.unwrap();
     assert_eq!(got[16384..20_000], old[16384..20_000]);
     assert!(got[20_000..].iter().all(|&x| x == 0), "nothing past the cut comes back");
+    // Past the largest file a branch writes: EFBIG, and nothing changes.
+    let far = b.write(rel, mountd::branch::MAX_FILE, b"x").await.unwrap_err();
+    assert_eq!(far.errno(), libc::EFBIG);
+    assert_eq!(b.getattr(rel).unwrap().size, 40_960);
     // The other name of a file with two sees the write.
     let one = resolve(&b, &[b"linked".to_vec()]).await;
     b.write(one, 3, b"xyz").await.unwrap();
@@ -594,6 +601,20 @@ fn a_mounted_branch_takes_what_programs_do() {
     want.push(b'!');
     assert_eq!(fs::read(at("linked")).unwrap(), want);
     assert_eq!(fs::read_link(at("tblspc")).unwrap(), std::path::PathBuf::from("base/1"));
+    // A directory listed while its entries are removed, as PostgreSQL clears
+    // pg_wal and its temporary files: every entry is seen once.
+    fs::create_dir(at("many")).unwrap();
+    // More than one read of the directory takes (glibc asks for st_blksize, 128 KiB).
+    for i in 0..5000 {
+        fs::write(at(&format!("many/000000010000000000000000-segment-{i:04}")), b"x").unwrap();
+    }
+    let mut seen = 0;
+    for e in fs::read_dir(at("many")).unwrap() {
+        fs::remove_file(e.unwrap().path()).unwrap();
+        seen += 1;
+    }
+    assert_eq!(seen, 5000, "each entry once, none skipped");
+    fs::remove_dir(at("many")).unwrap();
     let mut names: Vec<_> = fs::read_dir(mnt.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     names.sort();
     assert_eq!(names, ["PG_VERSION", "base", "global", "linked", "pg_wal", "tblspc"]);

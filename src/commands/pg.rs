@@ -64,9 +64,9 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        PgCommand::ArchiveGet { source, prefetch, spool, fetcher, walname, dest } => {
+        PgCommand::ArchiveGet { source, prefetch, spool, fetcher, until, walname, dest } => {
             let source = source_or_host(source)?;
-            let spool = delegate::spool(spool, &dest, prefetch);
+            let spool = delegate::spool(spool, &dest, prefetch, until);
             if fetcher {
                 let spool = spool.context("the fetcher needs --prefetch above 0")?;
                 // A helper keeps no directory busy: the data directory it was started
@@ -88,7 +88,9 @@ pub async fn pg(g: &Global, cmd: PgCommand) -> Result<ExitCode> {
             }
             let got = async {
                 let repo = open(g).await?;
-                Ok::<_, anyhow::Error>(streamer::pg::archive::archive_get(&repo, &source, &walname, &dest).await?)
+                Ok::<_, anyhow::Error>(
+                    streamer::pg::archive::archive_get(&repo, &source, &walname, &dest, until).await?,
+                )
             }
             .await;
             if let (Ok(true), Some(spool)) = (&got, &spool) {

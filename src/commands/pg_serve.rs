@@ -78,9 +78,38 @@ impl Scratch {
         }
     }
 
-    /// Clears what a run killed before its end left, and makes the directories.
-    fn prepare(&self, user: &ServerUser) -> Result<()> {
-        let stale = match std::fs::metadata(&self.data) {
+    /// Takes the scratch directory for this run: made if missing, refused if it
+    /// holds anything but an earlier run's scratch, or if another run holds it (its
+    /// lock, kept open in the returned file until this run ends). Clears what a
+    /// run killed before its end left, and makes the directories.
+    fn prepare(&self, user: &ServerUser) -> Result<std::fs::File> {
+        let marker = self.root.join(MARKER);
+        let taken = std::fs::read_dir(&self.root).map(|mut d| d.next().is_some()).unwrap_or(false);
+        if taken && !marker.exists() {
+            return Err(UsageError(format!(
+                "{} holds files that are not an `ebb pg serve` scratch: give an empty or new directory as --scratch",
+                self.root.display()
+            ))
+            .into());
+        }
+        std::fs::create_dir_all(&self.root).with_context(|| format!("create {}", self.root.display()))?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&marker)
+            .with_context(|| format!("create {}", marker.display()))?;
+        // SAFETY: flock only locks the open file.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(UsageError(format!(
+                "another `ebb pg serve` uses {}: give this one another --scratch",
+                self.root.display()
+            ))
+            .into());
+        }
+        // Whatever is mounted here now was left by a run that ended without
+        // unmounting (it held the lock while it ran).
+        let stale = match std::fs::read_dir(&self.data) {
             Err(e) if daemon_gone(&e) => true,
             _ => is_mounted(&self.data),
         };
@@ -91,28 +120,57 @@ impl Scratch {
                 let _ = Command::new("umount").arg("-l").arg(&self.data).status();
             }
             if is_mounted(&self.data) {
-                bail!(
-                    "{} is still mounted: is another `ebb pg serve` using this scratch directory?",
-                    self.data.display()
-                );
+                bail!("cannot unmount {}, left by an earlier `ebb pg serve`", self.data.display());
             }
         }
-        match std::fs::remove_dir_all(&self.root) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("clear the scratch directory {}", self.root.display()))
-            }
-            _ => {}
-        }
-        for dir in [&self.root, &self.data, &self.blocks, &self.run] {
+        self.clear()?;
+        for dir in [&self.data, &self.blocks, &self.run] {
             std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         }
         // The server reaches its data directory and socket through the scratch.
         std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o711))?;
         std::fs::set_permissions(&self.run, std::fs::Permissions::from_mode(0o700))?;
         chown(&self.run, user)?;
+        Ok(lock)
+    }
+
+    /// Removes everything in the scratch but its marker; never what is still
+    /// mounted (the branch would be listed from the repository to be deleted).
+    fn clear(&self) -> Result<()> {
+        for e in std::fs::read_dir(&self.root).with_context(|| format!("read {}", self.root.display()))? {
+            let path = e?.path();
+            if path.file_name() == Some(std::ffi::OsStr::new(MARKER)) || is_mounted(&path) {
+                continue;
+            }
+            let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            gone.with_context(|| format!("clear {}", path.display()))?;
+        }
         Ok(())
     }
+
+    /// Removes the scratch, unless the branch is still mounted in it.
+    fn remove(&self) {
+        if is_mounted(&self.data) {
+            eprintln!(
+                "warning: {} is still mounted; `ebb umount {}` clears it",
+                self.data.display(),
+                self.data.display()
+            );
+            return;
+        }
+        if let Err(e) = self.clear().and_then(|()| {
+            std::fs::remove_file(self.root.join(MARKER))?;
+            std::fs::remove_dir(&self.root)?;
+            Ok(())
+        }) {
+            eprintln!("warning: removing the scratch {}: {e:#}", self.root.display());
+        }
+    }
 }
+
+/// The file that marks a directory as a scratch of `ebb pg serve`, and that a
+/// run holds locked.
+const MARKER: &str = ".ebb-pg-serve";
 
 fn chown(path: &Path, user: &ServerUser) -> Result<()> {
     std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))
@@ -156,11 +214,16 @@ fn start_server(bin: &Path, scratch: &Scratch, user: &ServerUser, archive_env: &
     if nix::unistd::geteuid().is_root() {
         cmd.uid(user.uid).gid(user.gid);
     }
-    // SAFETY: prctl is async-signal-safe and touches only this process.
+    let parent = std::process::id() as i32;
+    // SAFETY: prctl and getppid are async-signal-safe and touch only this process.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // ebb died before the signal was set: no server without it.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("ebb is gone"));
             }
             Ok(())
         });
@@ -268,7 +331,8 @@ async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> 
         Some(p) => p,
         None => free_port(&args.listen)?,
     };
-    scratch.prepare(&user)?;
+    let _lock = scratch.prepare(&user)?;
+    more_open_files();
     let opts = ServeOptions {
         source: source.clone(),
         at,
@@ -295,9 +359,8 @@ async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> 
     let result = run(&scratch, &plan, &opts, &server, then, &repo).await;
     let fetched = repo.store().fetched();
     eprintln!(
-        "fetched {} from the repository in all ({:.1} % of the base backup's {})",
+        "fetched {} from the repository in all (the base backup holds {})",
         crate::output::bytes(fetched),
-        100.0 * fetched as f64 / plan.manifest.stats.bytes.max(1) as f64,
         crate::output::bytes(plan.manifest.stats.bytes)
     );
     // The WAL fetcher restore_command started may still hold the mount for a
@@ -321,8 +384,21 @@ async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> 
     if let Err(e) = handle.unmount() {
         eprintln!("warning: unmount {}: {e}", scratch.data.display());
     }
-    let _ = std::fs::remove_dir_all(&scratch.root);
+    scratch.remove();
     result
+}
+
+/// The branch keeps a file open for each file the server has written to: the
+/// soft limit on open files raised to the hard one (often 1,024 against far more).
+fn more_open_files() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write `lim`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Configures the branch, runs the server until a signal or its end, and stops it.
@@ -335,7 +411,10 @@ async fn run(
     repo: &catalog::Repository,
 ) -> Result<ExitCode> {
     streamer::pg::serve::configure(&scratch.data, plan, opts)?;
-    for made in [scratch.data.join(if opts.writable { "recovery.signal" } else { "standby.signal" }), opts.hba()] {
+    // What configure made or changed as this user belongs to the server's.
+    let signal = if opts.writable && !plan.target_time { "recovery.signal" } else { "standby.signal" };
+    for made in ["postgresql.auto.conf", signal, "pg_wal"].map(|f| scratch.data.join(f)).into_iter().chain([opts.hba()])
+    {
         chown(&made, &server.user)?;
     }
     // Signals are ours from before the server starts: a stop asked for during
@@ -368,7 +447,7 @@ async fn run(
     }
     eprintln!("answering at T after fetching {} from the repository", crate::output::bytes(repo.store().fetched()));
     if let Then::Dump(args) = then {
-        let dumped = dump_from(&server.bin, opts, &server.role, args);
+        let dumped = dump_from(&server.bin, opts, &server.role, args, &mut term).await;
         tokio::task::block_in_place(|| stop_server(&mut child));
         return dumped;
     }
@@ -410,24 +489,47 @@ async fn run(
 }
 
 /// Runs pg_dump on the served server's socket, its output on ebb's; its exit
-/// status is ebb's.
-fn dump_from(bin: &Path, opts: &ServeOptions, role: &str, args: Vec<std::ffi::OsString>) -> Result<ExitCode> {
+/// status is ebb's. SIGINT or SIGTERM stops it.
+async fn dump_from(
+    bin: &Path,
+    opts: &ServeOptions,
+    role: &str,
+    args: Vec<std::ffi::OsString>,
+    term: &mut tokio::signal::unix::Signal,
+) -> Result<ExitCode> {
     let program = bin.join("pg_dump");
-    let mut cmd = Command::new(&program);
-    cmd.arg("--host")
+    let mut dump = Command::new(&program)
+        .arg("--host")
         .arg(&opts.run_dir)
         .arg("--port")
         .arg(opts.port.to_string())
         .arg("--username")
         .arg(role)
         .args(&args)
-        .stdin(Stdio::null());
-    let status = tokio::task::block_in_place(|| cmd.status()).with_context(|| format!("run {}", program.display()))?;
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("run {}", program.display()))?;
+    let status = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break None,
+            _ = term.recv() => break None,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if let Some(status) = dump.try_wait()? {
+                    break Some(status);
+                }
+            }
+        }
+    };
+    let Some(status) = status else {
+        let _ = dump.kill();
+        let _ = dump.wait();
+        eprintln!("ebb: stopped before pg_dump finished");
+        return Ok(ExitCode::FAILURE);
+    };
     if status.success() {
         eprintln!("dumped source {} as of {}", opts.source, opts.at);
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("ebb: pg_dump failed ({status})");
-        Ok(ExitCode::FAILURE)
+        return Ok(ExitCode::SUCCESS);
     }
+    eprintln!("ebb: pg_dump failed ({status})");
+    Ok(status.code().and_then(|c| u8::try_from(c).ok()).filter(|c| *c != 0).map_or(ExitCode::FAILURE, ExitCode::from))
 }

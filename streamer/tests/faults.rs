@@ -261,11 +261,11 @@ async fn a_failed_put_is_an_archive_push_failure_and_the_retry_stores_it() {
     assert!(err.to_string().contains("injected failure"), "{err}");
     assert_eq!(faults.fired(), 1);
     let got = dir.path().join("got");
-    assert!(!archive_get(&plain, "db", &name, &got).await.unwrap(), "nothing was stored");
+    assert!(!archive_get(&plain, "db", &name, &got, None).await.unwrap(), "nothing was stored");
     assert!(!got.exists());
 
     archive_push(&faulty, "db", &seg).await.unwrap();
-    assert!(archive_get(&plain, "db", &name, &got).await.unwrap());
+    assert!(archive_get(&plain, "db", &name, &got, None).await.unwrap());
     assert!(std::fs::read(&got).unwrap() == std::fs::read(&seg).unwrap(), "the segment, exactly");
 }
 
@@ -284,7 +284,7 @@ async fn a_bad_read_is_an_archive_get_error_never_a_wrong_segment() {
         archive_push(&plain, "db", &seg).await.unwrap();
         faults.always(Op::Get, "wal/db/00000001/", fault);
         let got = dir.path().join(format!("got-{fault:?}"));
-        let r = archive_get(&faulty, "db", &name, &got).await;
+        let r = archive_get(&faulty, "db", &name, &got, None).await;
         assert!(faults.fired() > 0, "{fault:?}: the fault was met");
         assert!(r.is_err(), "{fault:?}: an error, not {r:?}");
         assert!(!got.exists(), "{fault:?}: no file left where PostgreSQL looks");

@@ -153,9 +153,10 @@ impl Repository {
                 let seg_to = Lsn(seg.0.saturating_add(size)).min(hi);
                 if wholes.is_empty() {
                     let segs: Vec<u64> = segments.by_ref().take(WHOLE_AHEAD).collect();
-                    wholes.extend(self.whole_segments(source, system, tli, &segs).await?);
+                    wholes.extend(self.whole_segments(source, system, tli, &segs).await);
                 }
-                if let Some(p) = wholes.pop_front().flatten() {
+                // A segment's look failing fails the plan only once the plan needs it.
+                if let Some(p) = wholes.pop_front().transpose()?.flatten() {
                     plan.push((p, at, seg_to));
                     at = seg_to;
                     continue;
@@ -213,14 +214,14 @@ impl Repository {
     /// holds it whole (a stream stores each segment it received whole, prune merges
     /// the others, archive-push stores segments whole), if there is one: its name
     /// is known, so one look at it, not a listing of the segment's pieces; on
-    /// `file://` all of them looked at on one task.
+    /// `file://` all of them looked at on one task. Each answer in its place.
     async fn whole_segments(
         &self,
         source: &str,
         system: &WalSystem,
         tli: u32,
         segs: &[u64],
-    ) -> Result<Vec<Option<WalPiece>>, RepoError> {
+    ) -> Vec<Result<Option<WalPiece>, RepoError>> {
         let pieces: Vec<WalPiece> = segs
             .iter()
             .map(|&seg| WalPiece { tli, start: Lsn(seg), end: Lsn(seg.saturating_add(system.segment_size)) })

@@ -16,6 +16,9 @@ use crate::fs::Fs;
 /// The unit of copying on write: a page of the kernel's cache (PostgreSQL writes
 /// pages of 8 KiB, two blocks each, whole).
 pub const BLOCK: u64 = 4096;
+/// The largest file a branch writes (EFBIG past it): a bit a block of it is kept
+/// in memory, 32 MiB at most.
+pub const MAX_FILE: u64 = 1 << 40;
 
 /// Where the bytes of one part of a read come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +127,9 @@ impl Blocks {
         if data.is_empty() {
             return Ok(size);
         }
+        if end > MAX_FILE {
+            return Err(FsError::Os(libc::EFBIG, format!("a branch's files end at {MAX_FILE} bytes")));
+        }
         if self.scratch.is_none() {
             self.scratch = Some(tempfile::tempfile_in(scratch_dir).map_err(os)?);
         }
@@ -144,7 +150,14 @@ impl Blocks {
                 break;
             }
         }
-        self.scratch()?.write_all_at(data, offset).map_err(os)?;
+        if let Err(e) = self.scratch()?.write_all_at(data, offset) {
+            // What part of it was written past the end must not show later, when
+            // the file grows: past `size` a file reads as zeros.
+            if end > size {
+                let _ = self.scratch()?.set_len(size);
+            }
+            return Err(os(e));
+        }
         for block in first..=last {
             self.mark_written(block);
         }

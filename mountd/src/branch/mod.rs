@@ -9,6 +9,8 @@
 
 mod blocks;
 
+pub use blocks::MAX_FILE;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -286,6 +288,9 @@ impl Branch {
         let existing = t.entries(to)?.get(to_name).copied();
         if existing != there {
             return Err(FsError::Os(libc::EBUSY, "the directory changed meanwhile".into()));
+        }
+        if existing.is_some() && replace == Replace::No {
+            return Err(FsError::Exists);
         }
         if existing == Some(ino) {
             return Ok(()); // two names of one file, or the same name: nothing to do

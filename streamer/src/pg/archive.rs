@@ -324,7 +324,13 @@ async fn archive_push_buf(
 
 /// Fetches `name` into `dest`. `Ok(false)` when the repository does not have it
 /// (what PostgreSQL expects to hear at the end of the archive).
-pub async fn archive_get(repo: &Repository, source: &str, name: &str, dest: &Path) -> Result<bool, ArchiveError> {
+pub async fn archive_get(
+    repo: &Repository,
+    source: &str,
+    name: &str,
+    dest: &Path,
+    until: Option<Lsn>,
+) -> Result<bool, ArchiveError> {
     let Some(system) = repo.wal_system(source).await? else { return Ok(false) };
     let data = match WalFile::parse(name, system.segment_size) {
         Some(WalFile::Segment { tli, segno }) => {
@@ -335,7 +341,7 @@ pub async fn archive_get(repo: &Repository, source: &str, name: &str, dest: &Pat
                 Err(HistoryError::Missing { .. }) => return Ok(false),
                 Err(e) => return Err(e.into()),
             };
-            let mut wal = segment_wal(repo, source, &system, &path, segno).await?;
+            let mut wal = segment_wal(repo, source, &system, &path, segno, until).await?;
             if wal.is_empty() {
                 return Ok(false);
             }
@@ -359,16 +365,20 @@ pub async fn archive_get(repo: &Repository, source: &str, name: &str, dest: &Pat
 }
 
 /// The contiguous WAL of segment `segno` along `path`, as far as the repository
-/// has it from the segment's start: whole, shorter, or empty.
+/// has it from the segment's start, and not past `until`: whole, shorter, or empty.
 pub(crate) async fn segment_wal(
     repo: &Repository,
     source: &str,
     system: &WalSystem,
     path: &TimelinePath,
     segno: u64,
+    until: Option<Lsn>,
 ) -> Result<Vec<u8>, RepoError> {
     let start = Lsn(segno * system.segment_size);
-    let end = Lsn(start.0 + system.segment_size);
+    let end = Lsn(start.0 + system.segment_size).min(until.unwrap_or(Lsn(u64::MAX)));
+    if end <= start {
+        return Ok(Vec::new());
+    }
     repo.wal_bytes(source, system, &path.0, start, end).await
 }
 

@@ -10,6 +10,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use catalog::wal::Lsn;
+
 use super::archive::{Delegated, ReadAhead};
 use super::names::is_segment_name;
 use super::spool::Spool;
@@ -64,11 +66,11 @@ pub fn read_ahead(state_dir: Option<PathBuf>, repository: &str, source: &str, se
 /// or else `ebb-spool` beside `dest` (in the server's `pg_wal`, so that a segment
 /// moves into place by a rename). `None` when fetching ahead is off (`segments` is
 /// 0).
-pub fn spool(dir: Option<PathBuf>, dest: &Path, segments: usize) -> Option<Spool> {
+pub fn spool(dir: Option<PathBuf>, dest: &Path, segments: usize, until: Option<Lsn>) -> Option<Spool> {
     let beside = || dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("ebb-spool");
     // Absolute: the fetcher leaves the directory it was started in.
     let absolute = |dir: PathBuf| std::path::absolute(&dir).unwrap_or(dir);
-    (segments > 0).then(|| Spool { dir: absolute(dir.unwrap_or_else(beside)), segments })
+    (segments > 0).then(|| Spool { dir: absolute(dir.unwrap_or_else(beside)), segments, until })
 }
 
 /// Why a helper (the archive pusher, the WAL fetcher) could not be started or

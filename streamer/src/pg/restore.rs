@@ -168,7 +168,7 @@ pub async fn pg_restore(repo: &Repository, opts: &PgRestoreOptions) -> Result<Pg
     // writing each file back as soon as it is complete leaves that sync little to do.
     let restore = RestoreOptions { target: opts.target.clone(), write_back: true, ..Default::default() };
     let files = catalog::restore(repo, &plan.manifest, restore).await?;
-    configure(&opts.target, opts, plan.timeline, plan.target_time)?;
+    configure(&opts.target, opts, &plan)?;
     let RecoveryPlan { point, manifest, timeline, target_time, wal_end, .. } = plan;
     Ok(PgRestoreReport { point, manifest, timeline, target_time, wal_end, files })
 }
@@ -317,7 +317,19 @@ pub fn pg_time(t: Timestamp) -> String {
     format!("{}+00", t.strftime("%Y-%m-%d %H:%M:%S%.6f"))
 }
 
-fn configure(dir: &Path, opts: &PgRestoreOptions, tli: u32, target_time: bool) -> Result<(), PgRestoreError> {
+/// The restore_command's cap when every transaction in the stored WAL ended by
+/// T: WAL stored after the plan was made is never replayed, and a recovery with
+/// no target to stop at stops where the WAL the plan saw ends.
+pub fn until(plan: &RecoveryPlan) -> String {
+    if plan.target_time {
+        String::new()
+    } else {
+        format!(" --until {}", lsn::text(plan.wal_end))
+    }
+}
+
+fn configure(dir: &Path, opts: &PgRestoreOptions, plan: &RecoveryPlan) -> Result<(), PgRestoreError> {
+    let (tli, target_time) = (plan.timeline, plan.target_time);
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |cause| PgRestoreError::Io { path, cause }
@@ -326,7 +338,7 @@ fn configure(dir: &Path, opts: &PgRestoreOptions, tli: u32, target_time: bool) -
     // A copy that archived into the source it came from would start a timeline
     // there, which later restores would take for the source's history.
     let mut text = format!(
-        "\n# Added by `ebb pg restore`: recover source {} to {}.\nrestore_command = '{} %f %p'\n\
+        "\n# Added by `ebb pg restore`: recover source {} to {}.\nrestore_command = '{}{} %f %p'\n\
          recovery_target_timeline = '{tli}'\n\
          # Not archiving into the source this copy came from; to make this copy a new primary,\n\
          # enable archiving again or run `ebb stream pg` on it.\narchive_mode = 'off'\n\
@@ -334,7 +346,8 @@ fn configure(dir: &Path, opts: &PgRestoreOptions, tli: u32, target_time: bool) -
          # syncfs rather than an fsync per file.\nrecovery_init_sync_method = 'syncfs'\n",
         opts.source,
         opts.at,
-        opts.archive_get.replace('\'', "''")
+        opts.archive_get.replace('\'', "''"),
+        until(plan)
     );
     if target_time {
         text.push_str(&format!(
@@ -342,7 +355,7 @@ fn configure(dir: &Path, opts: &PgRestoreOptions, tli: u32, target_time: bool) -
             pg_time(opts.at)
         ));
     } else {
-        text.push_str("# Every transaction in the repository's WAL ended at or before that time: recover it all.\n");
+        text.push_str("# Every transaction in the repository's WAL ended at or before that time: recover it all,\n# and nothing stored after it (restore_command --until).\n");
     }
     let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&conf).map_err(io(&conf))?;
     f.write_all(text.as_bytes()).map_err(io(&conf))?;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use super::lsn;
-use super::restore::{pg_time, PgRestoreError, RecoveryPlan};
+use super::restore::{pg_time, until, PgRestoreError, RecoveryPlan};
 
 /// How the server is to run.
 pub struct ServeOptions {
@@ -53,41 +53,50 @@ fn quote(s: &str) -> String {
 /// socket in `run_dir` are trusted (the directory is the server's user's alone);
 /// over TCP they authenticate as the source's own `pg_hba.conf` says.
 pub fn configure(dir: &Path, plan: &RecoveryPlan, opts: &ServeOptions) -> Result<(), PgRestoreError> {
-    let mut text = format!(
+    // A standby, which never ends recovery on its own, stops at T: paused, or
+    // promoted when writable. When every transaction in the stored WAL ended by
+    // T, a read-only one replays it all and waits (and stops at T should more
+    // arrive); a writable one replays it all, none stored later (`--until`), and
+    // is promoted at its end: PostgreSQL refuses to promote short of a target.
+    let to_the_end = opts.writable && !plan.target_time;
+    let target = if to_the_end {
+        String::new()
+    } else {
+        format!(
+            "recovery_target_time = {}\nrecovery_target_inclusive = on\nrecovery_target_action = '{}'\n",
+            quote(&pg_time(opts.at)),
+            if opts.writable { "promote" } else { "pause" }
+        )
+    };
+    let text = format!(
         "\n# Added by `ebb pg serve`: source {} as of {}, on a branch of base backup {}\n\
          # (nothing the server writes reaches the repository).\n\
          restore_command = {}\nrecovery_target_timeline = '{}'\n\
          primary_conninfo = ''\nprimary_slot_name = ''\narchive_mode = 'off'\narchive_cleanup_command = ''\n\
          recovery_end_command = ''\nhot_standby = on\nfsync = off\nrecovery_init_sync_method = 'syncfs'\n\
-         listen_addresses = {}\nport = {}\nunix_socket_directories = {}\nhba_file = {}\n",
+         listen_addresses = {}\nport = {}\nunix_socket_directories = {}\nhba_file = {}\n\
+         # Its log on stderr (ebb keeps it), never in the branch or the source's log directory;\n\
+         # no subscription of the source's connects to its publishers.\n\
+         logging_collector = off\nlog_destination = 'stderr'\nmax_logical_replication_workers = 0\n\
+         # T is the only recovery target: none the source's configuration set is left.\n\
+         recovery_target = ''\nrecovery_target_lsn = ''\nrecovery_target_xid = ''\nrecovery_target_name = ''\n\
+         recovery_target_time = ''\n{target}",
         opts.source,
         opts.at,
         plan.point.time,
-        quote(&format!("{} %f %p", opts.archive_get)),
+        quote(&format!("{}{} %f %p", opts.archive_get, until(plan))),
         plan.timeline,
         quote(&opts.listen),
         opts.port,
         quote(&opts.run_dir.display().to_string()),
         quote(&opts.hba().display().to_string()),
     );
-    // A standby never ends recovery: paused at T, or at the end of the stored WAL
-    // when every transaction in it ended by T (and at T should more arrive).
-    // Promoted, it stops at T, or at the end of the WAL, and takes writes.
-    let target = !opts.writable || plan.target_time;
-    if target {
-        text.push_str(&format!(
-            "recovery_target_time = {}\nrecovery_target_inclusive = on\nrecovery_target_action = '{}'\n",
-            quote(&pg_time(opts.at)),
-            if opts.writable { "promote" } else { "pause" }
-        ));
-    }
     let conf = dir.join("postgresql.auto.conf");
     let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&conf).map_err(io(&conf))?;
     f.write_all(text.as_bytes()).map_err(io(&conf))?;
     let (signal, other) =
-        if opts.writable { ("recovery.signal", "standby.signal") } else { ("standby.signal", "recovery.signal") };
-    let signal = dir.join(signal);
-    std::fs::write(&signal, b"").map_err(io(&signal))?;
+        if to_the_end { ("recovery.signal", "standby.signal") } else { ("standby.signal", "recovery.signal") };
+    std::fs::write(dir.join(signal), b"").map_err(io(&dir.join(signal)))?;
     match std::fs::remove_file(dir.join(other)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&dir.join(other))(e)),
         _ => {}
@@ -119,6 +128,10 @@ pub enum ReadyError {
     Timeout(Duration),
     #[error("the server answered, but {0}")]
     Unexpected(String),
+    /// The server refuses the role ebb connects as (`--user`): no such role or
+    /// database, or authentication failed.
+    #[error("{0} (give a role of the served database with --user)")]
+    Refused(String),
 }
 
 /// Where recovery stands, as the server says.
@@ -144,12 +157,27 @@ impl Recovery {
     }
 }
 
-/// Asks the server on the socket in `run_dir` where recovery stands; `None` while
-/// it does not take connections yet.
-pub async fn recovery(run_dir: &Path, port: u16, user: &str) -> Option<Recovery> {
+/// Asks the server on the socket in `run_dir` where recovery stands; `Ok(None)`
+/// while it does not take connections yet, an error when it refuses `user` for
+/// good (no such role or database, authentication).
+pub async fn recovery(run_dir: &Path, port: u16, user: &str) -> Result<Option<Recovery>, String> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host_path(run_dir).port(port).user(user).dbname("postgres").connect_timeout(Duration::from_secs(2));
-    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
+    let (client, conn) = match cfg.connect(tokio_postgres::NoTls).await {
+        Ok(c) => c,
+        Err(e) => {
+            use tokio_postgres::error::SqlState;
+            let fatal = [
+                SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+                SqlState::INVALID_PASSWORD,
+                SqlState::INVALID_CATALOG_NAME,
+            ];
+            return match e.code() {
+                Some(code) if fatal.contains(code) => Err(format!("the server refuses role {user}: {e}")),
+                _ => Ok(None),
+            };
+        }
+    };
     let conn = tokio::spawn(conn);
     let row = client
         .query_one(
@@ -164,13 +192,13 @@ pub async fn recovery(run_dir: &Path, port: u16, user: &str) -> Option<Recovery>
         .ok();
     drop(client);
     let _ = conn.await;
-    let row = row?;
-    Some(Recovery {
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(Recovery {
         in_recovery: row.get(0),
         paused: row.get::<_, &str>(1) == "paused",
         waiting_for_wal: row.get(2),
         replayed: row.get(3),
-    })
+    }))
 }
 
 /// Waits until the server answers at T, checking `running` between tries.
@@ -186,13 +214,17 @@ pub async fn wait_at_target(
         if !running() {
             return Err(ReadyError::Exited);
         }
-        if let Some(r) = recovery(&opts.run_dir, opts.port, user).await {
-            if r.at_target(plan, opts.writable) {
-                return Ok(r);
+        match recovery(&opts.run_dir, opts.port, user).await {
+            Ok(Some(r)) => {
+                if r.at_target(plan, opts.writable) {
+                    return Ok(r);
+                }
+                if !opts.writable && !r.in_recovery {
+                    return Err(ReadyError::Unexpected("it ended recovery instead of pausing at T".into()));
+                }
             }
-            if !opts.writable && !r.in_recovery {
-                return Err(ReadyError::Unexpected("it ended recovery instead of pausing at T".into()));
-            }
+            Ok(None) => {}
+            Err(refused) => return Err(ReadyError::Refused(refused)),
         }
         if began.elapsed() > timeout {
             return Err(ReadyError::Timeout(timeout));

@@ -52,6 +52,8 @@ pub struct Spool {
     pub dir: PathBuf,
     /// How many segments after the one asked for are fetched ahead.
     pub segments: usize,
+    /// No WAL at or past this position is fetched (`archive-get --until`).
+    pub until: Option<Lsn>,
 }
 
 impl Spool {
@@ -411,7 +413,7 @@ async fn fetch(
     spool: &Spool,
     name: &str,
 ) -> Fetched {
-    let wal = match segment_wal(repo, source, system, path, segno).await {
+    let wal = match segment_wal(repo, source, system, path, segno, spool.until).await {
         Ok(w) => w,
         Err(e) => return Fetched::Failed(e.to_string()),
     };
