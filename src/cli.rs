@@ -421,7 +421,8 @@ pub struct PgDumpArgs {
     #[arg(long, value_parser = parse_source)]
     pub source: Option<String>,
     /// Where the blocks the server writes, its socket and its log are kept while it
-    /// runs [default: serve/SOURCE in ebb's cache directory]
+    /// runs: a new or empty directory, or an earlier run's [default: serve/SOURCE in
+    /// ebb's cache directory; as root, /var/tmp/ebb-pg-serve/SOURCE]
     #[arg(long, value_name = "DIR")]
     pub scratch: Option<PathBuf>,
     /// How many WAL segments the server's restore_command fetches ahead of its calls
@@ -453,7 +454,8 @@ pub struct PgServeArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
     pub listen: String,
     /// Where the blocks the server writes, its socket and its log are kept while it
-    /// runs [default: serve/SOURCE in ebb's cache directory]
+    /// runs: a new or empty directory, or an earlier run's [default: serve/SOURCE in
+    /// ebb's cache directory; as root, /var/tmp/ebb-pg-serve/SOURCE]
     #[arg(long, value_name = "DIR")]
     pub scratch: Option<PathBuf>,
     /// Promote the server at T into a copy that takes writes (thrown away when it stops)

@@ -1548,11 +1548,22 @@ struct Served {
 impl Served {
     /// Starts `ebb pg serve --at AT` and waits until it says PostgreSQL answers.
     fn start(s: &Setup, at: Timestamp, extra: &[&str], scratch: &std::path::Path) -> Served {
-        let out = scratch.with_extension("out");
-        let child = s
-            .cmd()
-            .args(["pg", "serve", "--source", "db", "--at", &at.to_string(), "--scratch"])
-            .arg(scratch)
+        Served::start_in(s, at, extra, scratch, true)
+    }
+
+    /// The same with the default scratch (as root: /var/tmp/ebb-pg-serve/db).
+    fn start_default(s: &Setup, at: Timestamp) -> Served {
+        Served::start_in(s, at, &[], std::path::Path::new("/var/tmp/ebb-pg-serve/db"), false)
+    }
+
+    fn start_in(s: &Setup, at: Timestamp, extra: &[&str], scratch: &std::path::Path, given: bool) -> Served {
+        let out = s.path(&format!("served-{}.out", Timestamp::now().as_nanosecond()));
+        let mut cmd = s.cmd();
+        cmd.args(["pg", "serve", "--source", "db", "--at", &at.to_string()]);
+        if given {
+            cmd.arg("--scratch").arg(scratch);
+        }
+        let child = cmd
             .args(extra)
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(out.with_extension("err")).unwrap())
@@ -1837,7 +1848,8 @@ fn pg_serve_reports_a_damaged_chunk_as_an_error_for_its_table() {
     s.repo.write_object(&pack, &bytes);
 
     let at = commits.last().unwrap().1;
-    let served = Served::start(&s, at, &[], &s.path("serve"));
+    // The default scratch, which the server's user can reach though ebb runs as root.
+    let served = Served::start_default(&s, at);
     assert_eq!(served.ids(), (0..10).chain(expected(&commits, at)).collect::<Vec<u32>>(), "{}", served.said());
     let read = served.psql("select count(*), sum(length(pad)) from c");
     let err = String::from_utf8_lossy(&read.stderr);

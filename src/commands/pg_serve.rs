@@ -64,6 +64,9 @@ struct Scratch {
     blocks: PathBuf,
     /// The server's socket and authentication file: its user's alone.
     run: PathBuf,
+    /// The server's pg_wal, on local disk: what restore_command fetches and the
+    /// server reads never goes through the branch.
+    wal: PathBuf,
     log: PathBuf,
 }
 
@@ -73,6 +76,7 @@ impl Scratch {
             data: root.join("data"),
             blocks: root.join("blocks"),
             run: root.join("run"),
+            wal: root.join("wal"),
             log: root.join("postgres.log"),
             root,
         }
@@ -124,13 +128,15 @@ impl Scratch {
             }
         }
         self.clear()?;
-        for dir in [&self.data, &self.blocks, &self.run] {
+        for dir in [&self.data, &self.blocks, &self.run, &self.wal] {
             std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         }
         // The server reaches its data directory and socket through the scratch.
         std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o711))?;
-        std::fs::set_permissions(&self.run, std::fs::Permissions::from_mode(0o700))?;
-        chown(&self.run, user)?;
+        for own in [&self.run, &self.wal] {
+            std::fs::set_permissions(own, std::fs::Permissions::from_mode(0o700))?;
+            chown(own, user)?;
+        }
         Ok(lock)
     }
 
@@ -175,6 +181,21 @@ const MARKER: &str = ".ebb-pg-serve";
 fn chown(path: &Path, user: &ServerUser) -> Result<()> {
     std::os::unix::fs::chown(path, Some(user.uid), Some(user.gid))
         .with_context(|| format!("give {} to {}", path.display(), user.name))
+}
+
+/// Where a run keeps its scratch unless told: in ebb's cache directory when the
+/// server runs as ebb's user; else (ebb as root, the server as postgres, who may not
+/// enter root's home) in /var/tmp/ebb-pg-serve, which every user may pass through.
+fn default_scratch(source: &str, user: &ServerUser) -> Result<PathBuf> {
+    if user.uid == nix::unistd::geteuid().as_raw() {
+        let cache = catalog::cache_dir()
+            .ok_or_else(|| UsageError("no cache directory for the scratch: give one with --scratch".into()))?;
+        return Ok(cache.join("serve").join(source));
+    }
+    let shared = PathBuf::from("/var/tmp/ebb-pg-serve");
+    std::fs::create_dir_all(&shared).with_context(|| format!("create {}", shared.display()))?;
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o711))?;
+    Ok(shared.join(source))
 }
 
 /// The directory of PostgreSQL's programs for a server of `version` (as
@@ -296,10 +317,7 @@ async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> 
     let user = server_user()?;
     let scratch_root = match args.scratch {
         Some(dir) => std::path::absolute(dir)?,
-        None => catalog::cache_dir()
-            .ok_or_else(|| UsageError("no cache directory for the scratch: give one with --scratch".into()))?
-            .join("serve")
-            .join(&source),
+        None => default_scratch(&source, &user)?,
     };
     let scratch = Scratch::at(scratch_root);
     let repo = open(g).await?;
@@ -410,6 +428,17 @@ async fn run(
     then: Then,
     repo: &catalog::Repository,
 ) -> Result<ExitCode> {
+    // pg_wal: a link to the scratch's own (WAL written and read at disk speed, and
+    // the spool of segments fetched ahead beside it, renamed into place).
+    let pg_wal = scratch.data.join("pg_wal");
+    match std::fs::symlink_metadata(&pg_wal) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&pg_wal),
+        Ok(_) => std::fs::remove_file(&pg_wal),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+    .with_context(|| format!("replace {}", pg_wal.display()))?;
+    std::os::unix::fs::symlink(&scratch.wal, &pg_wal).with_context(|| format!("link {}", pg_wal.display()))?;
     streamer::pg::serve::configure(&scratch.data, plan, opts)?;
     // What configure made or changed as this user belongs to the server's.
     let signal = if opts.writable && !plan.target_time { "recovery.signal" } else { "standby.signal" };

@@ -74,6 +74,9 @@ pub fn configure(dir: &Path, plan: &RecoveryPlan, opts: &ServeOptions) -> Result
          restore_command = {}\nrecovery_target_timeline = '{}'\n\
          primary_conninfo = ''\nprimary_slot_name = ''\narchive_mode = 'off'\narchive_cleanup_command = ''\n\
          recovery_end_command = ''\nhot_standby = on\nfsync = off\nrecovery_init_sync_method = 'syncfs'\n\
+         # Prefetching during recovery asks for pages ahead of records that bring their\n\
+         # full image: on a branch each such read fetches a chunk from the repository.\n\
+         recovery_prefetch = off\n\
          listen_addresses = {}\nport = {}\nunix_socket_directories = {}\nhba_file = {}\n\
          # Its log on stderr (ebb keeps it), never in the branch or the source's log directory;\n\
          # no subscription of the source's connects to its publishers.\n\
