@@ -428,6 +428,9 @@ pub struct PgDumpArgs {
     /// How many WAL segments the server's restore_command fetches ahead of its calls
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub prefetch: usize,
+    /// The server's shared_buffers (PostgreSQL's units: 1GB, 512MB)
+    #[arg(long, value_name = "SIZE", default_value = "1GB")]
+    pub shared_buffers: String,
     /// The role pg_dump connects as (through the server's private socket: no password)
     #[arg(long, value_name = "ROLE", default_value = "postgres")]
     pub user: String,
@@ -461,6 +464,10 @@ pub struct PgServeArgs {
     /// Promote the server at T into a copy that takes writes (thrown away when it stops)
     #[arg(long)]
     pub writable: bool,
+    /// The server's shared_buffers: what recovery keeps in memory rather than writes
+    /// through the branch and reads back (PostgreSQL's units: 1GB, 512MB)
+    #[arg(long, value_name = "SIZE", default_value = "1GB")]
+    pub shared_buffers: String,
     /// How many WAL segments the server's restore_command fetches ahead of its calls
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub prefetch: usize,

@@ -299,6 +299,7 @@ pub async fn dump(g: &Global, args: PgDumpArgs) -> Result<ExitCode> {
         listen: String::new(),
         scratch: args.scratch,
         writable: false,
+        shared_buffers: args.shared_buffers,
         prefetch: args.prefetch,
         user: args.user,
         pg_bin: args.pg_bin,
@@ -359,6 +360,7 @@ async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> 
         port,
         run_dir: scratch.run.clone(),
         writable: args.writable,
+        shared_buffers: args.shared_buffers.clone(),
     };
 
     let fs = Fs::new(repo.clone(), Scope::Moment(vec![plan.point.clone()], plan.point.time), CACHE_BYTES, None)

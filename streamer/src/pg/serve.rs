@@ -28,6 +28,9 @@ pub struct ServeOptions {
     pub run_dir: PathBuf,
     /// Promoted at T, taking writes, instead of paused there read-only.
     pub writable: bool,
+    /// The server's `shared_buffers`: what replay keeps in memory instead of
+    /// writing it through the branch and reading it back.
+    pub shared_buffers: String,
 }
 
 impl ServeOptions {
@@ -77,6 +80,8 @@ pub fn configure(dir: &Path, plan: &RecoveryPlan, opts: &ServeOptions) -> Result
          # Prefetching during recovery asks for pages ahead of records that bring their\n\
          # full image: on a branch each such read fetches a chunk from the repository.\n\
          recovery_prefetch = off\n\
+         # Pages replay keeps in memory are never written through the branch and read back.\n\
+         shared_buffers = {}\n\
          listen_addresses = {}\nport = {}\nunix_socket_directories = {}\nhba_file = {}\n\
          # Its log on stderr (ebb keeps it), never in the branch or the source's log directory;\n\
          # no subscription of the source's connects to its publishers.\n\
@@ -89,6 +94,7 @@ pub fn configure(dir: &Path, plan: &RecoveryPlan, opts: &ServeOptions) -> Result
         plan.point.time,
         quote(&format!("{}{} %f %p", opts.archive_get, until(plan))),
         plan.timeline,
+        quote(&opts.shared_buffers),
         quote(&opts.listen),
         opts.port,
         quote(&opts.run_dir.display().to_string()),
