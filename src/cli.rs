@@ -418,6 +418,7 @@ pub struct PgDumpArgs {
     /// The moment: RFC 3339, 'YYYY-MM-DD HH:MM[:SS]' (local), @UNIX, '15m ago', or latest
     #[arg(long, value_parser = parse_time_arg)]
     pub at: TimeSpec,
+    /// The source [default: the host name]
     #[arg(long, value_parser = parse_source)]
     pub source: Option<String>,
     /// Where the blocks the server writes, its socket and its log are kept while it
@@ -448,6 +449,7 @@ pub struct PgServeArgs {
     /// The moment: RFC 3339, 'YYYY-MM-DD HH:MM[:SS]' (local), @UNIX, '15m ago', or latest
     #[arg(long, value_parser = parse_time_arg)]
     pub at: TimeSpec,
+    /// The source [default: the host name]
     #[arg(long, value_parser = parse_source)]
     pub source: Option<String>,
     /// The server's port [default: the first free one from 5433]
