@@ -1893,8 +1893,13 @@ fn a_t_after_every_stored_commit_never_replays_what_came_later() {
     assert_eq!(ids(&restored), want, "restored: nothing after T\n{}", restored.log());
     assert_eq!(served.ids(), want, "served writable: nothing after T");
     served.sql("insert into t values (100000, 'branch')");
-    // The standby reads the WAL stored since, and stops at T all the same.
-    std::thread::sleep(Duration::from_secs(3));
+    // The standby reads the WAL stored since and stops at T all the same: it
+    // pauses at the first transaction after T (no earlier: it was waiting for WAL).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while standby.sql("select pg_get_wal_replay_pause_state()") != "paused" {
+        assert!(Instant::now() < deadline, "the standby did not reach T\n{}", standby.said());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(standby.ids(), want, "served read-only: nothing after T\n{}", standby.said());
     served.stop();
     standby.stop();

@@ -92,7 +92,7 @@ pub fn configure(dir: &Path, plan: &RecoveryPlan, opts: &ServeOptions) -> Result
         opts.source,
         opts.at,
         plan.point.time,
-        quote(&format!("{}{} %f %p", opts.archive_get, until(plan))),
+        quote(&format!("{}{} %f %p", opts.archive_get, if to_the_end { until(plan) } else { String::new() })),
         plan.timeline,
         quote(&opts.shared_buffers),
         quote(&opts.listen),
