@@ -1617,7 +1617,15 @@ impl Served {
 
     /// SIGTERM, and the exit: 0, with the server stopped, nothing mounted and the
     /// scratch deleted.
-    fn stop(mut self) {
+    fn stop(self) {
+        let err = self.out.with_extension("err");
+        self.stopped();
+        let err = std::fs::read_to_string(err).unwrap();
+        assert!(err.contains("answering at T after fetching") && err.contains("from the repository in all"), "{err}");
+    }
+
+    /// SIGTERM, and the exit as `stop`, whatever ebb said.
+    fn stopped(mut self) {
         // SAFETY: kill only sends a signal to the child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -1629,8 +1637,6 @@ impl Served {
             std::thread::sleep(Duration::from_millis(100));
         };
         assert!(status.success(), "{status}\n{}", self.said());
-        let err = std::fs::read_to_string(self.out.with_extension("err")).unwrap();
-        assert!(err.contains("answering at T after fetching") && err.contains("from the repository in all"), "{err}");
         assert!(!mountd::mounts::is_mounted(&self.scratch.join("data")), "{}", self.said());
         assert!(!self.scratch.exists(), "the scratch is deleted");
     }
@@ -1903,4 +1909,51 @@ fn a_t_after_every_stored_commit_never_replays_what_came_later() {
     assert_eq!(standby.ids(), want, "served read-only: nothing after T\n{}", standby.said());
     served.stop();
     standby.stop();
+}
+
+/// Nobody reads what `pg serve` prints any more (a closed pipe, a terminal
+/// gone): it serves all the same, and SIGTERM stops it cleanly.
+#[test]
+fn pg_serve_whose_output_is_closed_serves_and_stops_cleanly() {
+    let _serial = serial();
+    let s = Setup::new(Backend::File);
+    let pg = Pg::init(&s.path("primary"), "");
+    seed(&pg);
+    let mut streamer = Streamer::start(&s, &pg, "db", &[]);
+    s.ok(&["pg", "base-backup", "--source", "db", "--dsn", &pg.dsn()]);
+    let commits = commit_rows(&pg, 100, 105, Duration::from_millis(20));
+    wait_slot_caught_up(&pg, "ebb_db", &streamer);
+    streamer.kill9();
+    let at = commits[2].1;
+    let scratch = s.path("serve");
+    let port = common::pg::free_port();
+    let mut child = s
+        .cmd()
+        .args(["pg", "serve", "--source", "db", "--at", &at.to_string(), "--port", &port.to_string(), "--scratch"])
+        .arg(&scratch)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The plan's line, then both pipes closed before the server answers.
+    let mut plan = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut plan).unwrap();
+    assert!(plan.contains("replaying WAL"), "{plan}");
+    drop(child.stderr.take());
+    let served = Served { child, scratch: scratch.clone(), port, out: s.path("closed.out") };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ids = served.psql("select id from t order by id");
+        if ids.status.success() {
+            let ids: Vec<u32> = String::from_utf8_lossy(&ids.stdout).lines().map(|l| l.parse().unwrap()).collect();
+            if ids == (0..10).chain(expected(&commits, at)).collect::<Vec<u32>>() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no answer at T: {}", served.said());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Said on a closed pipe while it served: a panic would have ended ebb here.
+    std::thread::sleep(Duration::from_millis(500));
+    served.stopped();
 }

@@ -118,7 +118,7 @@ impl Scratch {
             _ => is_mounted(&self.data),
         };
         if stale {
-            eprintln!("clearing what an earlier `ebb pg serve` left at {}", self.data.display());
+            note(&format!("clearing what an earlier `ebb pg serve` left at {}", self.data.display()));
             let st = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.data).status();
             if !st.is_ok_and(|s| s.success()) {
                 let _ = Command::new("umount").arg("-l").arg(&self.data).status();
@@ -157,11 +157,11 @@ impl Scratch {
     /// Removes the scratch, unless the branch is still mounted in it.
     fn remove(&self) {
         if is_mounted(&self.data) {
-            eprintln!(
+            note(&format!(
                 "warning: {} is still mounted; `ebb umount {}` clears it",
                 self.data.display(),
                 self.data.display()
-            );
+            ));
             return;
         }
         if let Err(e) = self.clear().and_then(|()| {
@@ -169,7 +169,7 @@ impl Scratch {
             std::fs::remove_dir(&self.root)?;
             Ok(())
         }) {
-            eprintln!("warning: removing the scratch {}: {e:#}", self.root.display());
+            note(&format!("warning: removing the scratch {}: {e:#}", self.root.display()));
         }
     }
 }
@@ -278,6 +278,22 @@ fn stop_server(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// A line on standard output. The server goes on serving, and stops cleanly,
+/// when nobody reads ebb's output any more (a closed pipe, a terminal gone):
+/// `println!` would panic there and leave the server, the mount and the scratch
+/// behind.
+fn tell(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+}
+
+/// A line on standard error, as `tell`.
+fn note(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
 /// What to do with the server once it answers at T.
 enum Then {
     /// Say how to connect, and wait for SIGINT or SIGTERM.
@@ -327,8 +343,8 @@ async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> 
     let replay = plan.replay_to.0.saturating_sub(plan.start.0);
     // A dump's output is the dump: what ebb says goes to stderr.
     let say = |text: String| match then {
-        Then::Serve => println!("{text}"),
-        Then::Dump(_) => eprintln!("{text}"),
+        Then::Serve => tell(&text),
+        Then::Dump(_) => note(&text),
     };
     say(format!(
         "source {source} as of {at}: base backup {} ({} files, {}), timeline {}; replaying WAL {} to {} ({}, {})",
@@ -378,11 +394,11 @@ async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> 
     let server = Server { bin, user, role: args.user };
     let result = run(&scratch, &plan, &opts, &server, then, &repo).await;
     let fetched = repo.store().fetched();
-    eprintln!(
+    note(&format!(
         "fetched {} from the repository in all (the base backup holds {})",
         crate::output::bytes(fetched),
         crate::output::bytes(plan.manifest.stats.bytes)
-    );
+    ));
     // The WAL fetcher restore_command started may still hold the mount for a
     // moment: its spool gone, it ends.
     let _ = std::fs::remove_dir_all(scratch.data.join("pg_wal/ebb-spool"));
@@ -402,7 +418,7 @@ async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     if let Err(e) = handle.unmount() {
-        eprintln!("warning: unmount {}: {e}", scratch.data.display());
+        note(&format!("warning: unmount {}: {e}", scratch.data.display()));
     }
     scratch.remove();
     result
@@ -464,7 +480,7 @@ async fn run(
         Some(Ok(_)) => {}
         None => {
             tokio::task::block_in_place(|| stop_server(&mut child));
-            eprintln!("stopped before PostgreSQL answered at {}", opts.at);
+            note(&format!("stopped before PostgreSQL answered at {}", opts.at));
             return Ok(ExitCode::FAILURE);
         }
         Some(Err(e)) => {
@@ -476,7 +492,10 @@ async fn run(
             });
         }
     }
-    eprintln!("answering at T after fetching {} from the repository", crate::output::bytes(repo.store().fetched()));
+    note(&format!(
+        "answering at T after fetching {} from the repository",
+        crate::output::bytes(repo.store().fetched())
+    ));
     if let Then::Dump(args) = then {
         let dumped = dump_from(&server.bin, opts, &server.role, args, &mut term).await;
         tokio::task::block_in_place(|| stop_server(&mut child));
@@ -487,7 +506,7 @@ async fn run(
     } else {
         "read-only, paused at T"
     };
-    println!(
+    tell(&format!(
         "PostgreSQL answers as of {} ({how}):\n  psql 'host={} port={} dbname=postgres'{}",
         opts.at,
         opts.run_dir.display(),
@@ -497,8 +516,8 @@ async fn run(
         } else {
             format!("\n  postgresql://{}:{}/postgres", opts.listen, opts.port)
         }
-    );
-    println!("stop with Ctrl-C or SIGTERM: the server stops, the branch is unmounted and its scratch deleted");
+    ));
+    tell("stop with Ctrl-C or SIGTERM: the server stops, the branch is unmounted and its scratch deleted");
     let exited = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break false,
@@ -515,7 +534,7 @@ async fn run(
         bail!("PostgreSQL stopped on its own:\n{tail}");
     }
     tokio::task::block_in_place(|| stop_server(&mut child));
-    eprintln!("PostgreSQL stopped; the branch is unmounted and its scratch deleted");
+    note("PostgreSQL stopped; the branch is unmounted and its scratch deleted");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -554,13 +573,13 @@ async fn dump_from(
     let Some(status) = status else {
         let _ = dump.kill();
         let _ = dump.wait();
-        eprintln!("ebb: stopped before pg_dump finished");
+        note("ebb: stopped before pg_dump finished");
         return Ok(ExitCode::FAILURE);
     };
     if status.success() {
-        eprintln!("dumped source {} as of {}", opts.source, opts.at);
+        note(&format!("dumped source {} as of {}", opts.source, opts.at));
         return Ok(ExitCode::SUCCESS);
     }
-    eprintln!("ebb: pg_dump failed ({status})");
+    note(&format!("ebb: pg_dump failed ({status})"));
     Ok(status.code().and_then(|c| u8::try_from(c).ok()).filter(|c| *c != 0).map_or(ExitCode::FAILURE, ExitCode::from))
 }
