@@ -42,8 +42,12 @@ fn main() -> ExitCode {
         (false, 1) => "info",
         (false, _) => "debug",
     };
-    // fuser warns about every unmount it did not start itself; ebb reports what matters.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("{level},fuser=error")));
+    // fuser warns about every unmount it did not start itself, and calls a reply the
+    // kernel no longer waits for an error (the request was interrupted: a reader
+    // killed mid-read, a server stopped with an immediate shutdown); ebb reports
+    // what matters.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},fuser=error,fuser::reply=off")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -166,14 +166,17 @@ impl Recovery {
     }
 }
 
-/// Asks the server on the socket in `run_dir` where recovery stands; `Ok(None)`
-/// while it does not take connections yet, an error when it refuses `user` for
-/// good (no such role or database, authentication).
-pub async fn recovery(run_dir: &Path, port: u16, user: &str) -> Result<Option<Recovery>, String> {
+/// A connection to the server on the socket in `run_dir`: `Ok(None)` while it
+/// does not take connections yet, an error when it refuses `user` for good (no
+/// such role or database, authentication).
+async fn connect(run_dir: &Path, port: u16, user: &str) -> Result<Option<tokio_postgres::Client>, String> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host_path(run_dir).port(port).user(user).dbname("postgres").connect_timeout(Duration::from_secs(2));
-    let (client, conn) = match cfg.connect(tokio_postgres::NoTls).await {
-        Ok(c) => c,
+    match cfg.connect(tokio_postgres::NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            Ok(Some(client))
+        }
         Err(e) => {
             use tokio_postgres::error::SqlState;
             let fatal = [
@@ -181,33 +184,32 @@ pub async fn recovery(run_dir: &Path, port: u16, user: &str) -> Result<Option<Re
                 SqlState::INVALID_PASSWORD,
                 SqlState::INVALID_CATALOG_NAME,
             ];
-            return match e.code() {
+            match e.code() {
                 Some(code) if fatal.contains(code) => Err(format!("the server refuses role {user}: {e}")),
                 _ => Ok(None),
-            };
+            }
         }
-    };
-    let conn = tokio::spawn(conn);
-    let row = client
-        .query_one(
-            "select pg_is_in_recovery(), \
+    }
+}
+
+/// Where recovery stands, as the server on `client` says; `None` when the
+/// connection is gone or the server does not say within 2 s.
+async fn recovery(client: &tokio_postgres::Client) -> Option<Recovery> {
+    let asked = client.query_one(
+        "select pg_is_in_recovery(), \
              case when pg_is_in_recovery() then pg_get_wal_replay_pause_state() else 'not paused' end, \
              exists (select 1 from pg_stat_activity where backend_type = 'startup' \
                      and wait_event = 'RecoveryRetrieveRetryInterval'), \
              pg_last_wal_replay_lsn()::text",
-            &[],
-        )
-        .await
-        .ok();
-    drop(client);
-    let _ = conn.await;
-    let Some(row) = row else { return Ok(None) };
-    Ok(Some(Recovery {
+        &[],
+    );
+    let row = tokio::time::timeout(Duration::from_secs(2), asked).await.ok()?.ok()?;
+    Some(Recovery {
         in_recovery: row.get(0),
         paused: row.get::<_, &str>(1) == "paused",
         waiting_for_wal: row.get(2),
         replayed: row.get(3),
-    }))
+    })
 }
 
 /// Waits until the server answers at T, checking `running` between tries.
@@ -219,25 +221,29 @@ pub async fn wait_at_target(
     mut running: impl FnMut() -> bool,
 ) -> Result<Recovery, ReadyError> {
     let began = std::time::Instant::now();
+    // One connection, asked every 20 ms (a new one for each question would cost
+    // a backend's start, through the branch); a new one when it breaks.
+    let mut client = None;
     loop {
         if !running() {
             return Err(ReadyError::Exited);
         }
-        match recovery(&opts.run_dir, opts.port, user).await {
-            Ok(Some(r)) => {
-                if r.at_target(plan, opts.writable) {
-                    return Ok(r);
+        if client.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            client = connect(&opts.run_dir, opts.port, user).await.map_err(ReadyError::Refused)?;
+        }
+        if let Some(c) = &client {
+            match recovery(c).await {
+                Some(r) if r.at_target(plan, opts.writable) => return Ok(r),
+                Some(r) if !opts.writable && !r.in_recovery => {
+                    return Err(ReadyError::Unexpected("it ended recovery instead of pausing at T".into()))
                 }
-                if !opts.writable && !r.in_recovery {
-                    return Err(ReadyError::Unexpected("it ended recovery instead of pausing at T".into()));
-                }
+                Some(_) => {}
+                None => client = None,
             }
-            Ok(None) => {}
-            Err(refused) => return Err(ReadyError::Refused(refused)),
         }
         if began.elapsed() > timeout {
             return Err(ReadyError::Timeout(timeout));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(if client.is_some() { 20 } else { 50 })).await;
     }
 }
