@@ -551,8 +551,19 @@ fn a_mounted_branch_takes_what_programs_do() {
     let mnt = tempfile::tempdir().unwrap();
     let lower = rt.block_on(Fs::new(repo.clone(), Scope::Moment(vec![point.clone()], time), 1 << 20, None)).unwrap();
     let branch = Arc::new(rt.block_on(Branch::new(lower, scratch.path().to_path_buf(), None)).unwrap());
-    let mounted = mountd::mount_branch(branch, rt.handle().clone(), mnt.path(), "ebb-branch-test", false).unwrap();
+    let mounted =
+        mountd::mount_branch(branch.clone(), rt.handle().clone(), mnt.path(), "ebb-branch-test", false).unwrap();
     let at = |p: &str| mnt.path().join(p);
+    // What the branch itself holds at `path`, not the kernel's cache of it: the
+    // mount caches writes (its writeback cache) until a sync sends them.
+    let held = |path: &str| {
+        rt.block_on(async {
+            let names: Vec<Vec<u8>> = path.split('/').map(|n| n.as_bytes().to_vec()).collect();
+            let ino = resolve(&branch, &names).await;
+            let size = branch.getattr(ino).unwrap().size;
+            (size, branch.read(ino, 0, size as u32 + 10).await.unwrap())
+        })
+    };
 
     // A page written in place, then the file grown past its end.
     let rel = fs::OpenOptions::new().read(true).write(true).open(at("base/1/16385")).unwrap();
@@ -565,6 +576,7 @@ fn a_mounted_branch_takes_what_programs_do() {
     want.extend_from_slice(b"tail");
     assert_eq!(fs::read(at("base/1/16385")).unwrap(), want);
     assert_eq!(fs::metadata(at("base/1/16385")).unwrap().len(), 50_004);
+    assert!(held("base/1/16385") == (50_004, want), "synced: the branch holds it");
 
     // Written to a new name, then renamed over an old file (as PostgreSQL
     // replaces its control and state files).
@@ -573,6 +585,7 @@ fn a_mounted_branch_takes_what_programs_do() {
     tmp.sync_all().unwrap();
     fs::rename(at("global/pg_control.tmp"), at("global/pg_control")).unwrap();
     assert_eq!(fs::read(at("global/pg_control")).unwrap(), b"new control");
+    assert_eq!(held("global/pg_control"), (11, b"new control".to_vec()));
     assert_eq!(fs::read_dir(at("global")).unwrap().count(), 1);
 
     // Unlinked while open: still read through the open handle.
