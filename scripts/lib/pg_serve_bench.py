@@ -5,14 +5,19 @@ restore --type=time` + start, on the same database and WAL.
 
 For each pgbench scale (EBB_BENCH_SERVE_SCALES, default "68,340": about 1 GB and
 5 GB): a cluster shipping its WAL both to ebb (`ebb stream pg`) and to pgbackrest
-(archive-push, async, zstd, aes-256-cbc), a base backup with each, then pgbench for
-EBB_BENCH_SERVE_LOAD_SECONDS (default 60); T is the end of the load. Then, each from
-a cold page cache, the time from the command to the first answer of
+(archive-push, async, zstd, aes-256-cbc), a base backup with each, then two moments:
+T1 after EBB_BENCH_SERVE_TRANSACTIONS (default 2000) pgbench transactions, the same
+number at every scale, so that what differs between the scales is the size of the
+database and not the WAL to replay; T2 after EBB_BENCH_SERVE_LOAD_SECONDS (default
+60) more of pgbench at full speed, where replaying the WAL since the base backup
+takes most of the time of every tool. At each T, each from a cold page cache, the
+time from the command to the first answer of
 `select abalance from pgbench_accounts where aid = K` (checked against the balance
-at T, from the primary's commit timestamps), and for ebb pg serve the bytes it
-fetched from the repository by then. Targets (issue 19): the first answer within
-10 s at both sizes, at least 10x faster than pgbackrest at 5 GB, and under 5 % of
-the database fetched.
+at T, from the primary's commit timestamps), and for ebb pg serve the WAL its plan
+replays and the bytes it fetched from the repository by then; the median of
+EBB_BENCH_SERVE_RUNS (default 3) runs of each. Targets (issue 19),
+at T1: the first answer within 10 s at both sizes, at least 10x faster than
+pgbackrest at 5 GB, and under 5 % of the database fetched.
 """
 
 import os
@@ -28,9 +33,10 @@ import pg_bench as pb  # noqa: E402  (its arguments are this script's: EBB PGBIN
 from pg_bench import EBB, PASSWORD, PGBIN, WORK, as_pg, drop_caches, run, say  # noqa: E402
 
 SCALES = [int(s) for s in os.environ.get("EBB_BENCH_SERVE_SCALES", "68,340").split(",")]
+TRANSACTIONS = int(os.environ.get("EBB_BENCH_SERVE_TRANSACTIONS", "2000"))
 LOAD_SECONDS = int(os.environ.get("EBB_BENCH_SERVE_LOAD_SECONDS", "60"))
-AID = 12345
-QUERY = f"select abalance from pgbench_accounts where aid = {AID}"
+RUNS = int(os.environ.get("EBB_BENCH_SERVE_RUNS", "3"))
+QUERY = "select abalance from pgbench_accounts where aid = {aid}"
 
 
 def psql(host, port, sql, password=None):
@@ -39,10 +45,10 @@ def psql(host, port, sql, password=None):
                            "-qAt", "-c", sql], env=env, capture_output=True, text=True)
 
 
-def first_answer(host, port, deadline, password=None):
+def first_answer(host, port, aid, deadline, password=None):
     """Polls the point query until it answers; returns the answer."""
     while True:
-        r = psql(host, port, QUERY, password)
+        r = psql(host, port, QUERY.format(aid=aid), password)
         if r.returncode == 0 and r.stdout.strip():
             return int(r.stdout.strip())
         if time.time() > deadline:
@@ -72,15 +78,22 @@ def prepare(scale):
         say("pg-serve: pgbackrest backup --type=full")
         as_pg(["env", f"PGPASSWORD={PASSWORD}", "pgbackrest", f"--config={pgbr}/conf", "--stanza=bench", "--type=full",
                "--start-fast", "backup"], stdout=subprocess.DEVNULL)
-        say(f"pg-serve: pgbench -c 2 -j 2 -T {LOAD_SECONDS}")
-        cluster.pgbench("-c", "2", "-j", "2", "-T", str(LOAD_SECONDS), "-N").wait()
-        target = datetime.now(timezone.utc)
-        while datetime.now(timezone.utc) <= target + timedelta(milliseconds=10):
-            time.sleep(0.01)
-        # A transaction after T, so that recovery to T ends on one.
-        cluster.q("create table after_t as select 1 as x")
-        want = cluster.q("select coalesce(sum(delta), 0) from pgbench_history where aid = %s "
-                         "and pg_xact_commit_timestamp(xmin) <= %s", AID, target)[0][0]
+        moments = []
+        for load in (["-t", str(TRANSACTIONS // 2)], ["-T", str(LOAD_SECONDS)]):
+            say(f"pg-serve: pgbench -N -c 2 -j 2 {' '.join(load)}")
+            cluster.pgbench("-c", "2", "-j", "2", *load, "-N").wait()
+            target = datetime.now(timezone.utc)
+            while datetime.now(timezone.utc) <= target + timedelta(milliseconds=10):
+                time.sleep(0.01)
+            # A transaction after T, so that recovery to T ends on one.
+            cluster.q(f"create table after_t{len(moments)} as select 1 as x")
+            # The account the last transaction at or before T changed: its balance at T
+            # needs the WAL replayed to T.
+            aid = cluster.q("select aid from pgbench_history where pg_xact_commit_timestamp(xmin) <= %s "
+                            "order by pg_xact_commit_timestamp(xmin) desc limit 1", target)[0][0]
+            want = cluster.q("select coalesce(sum(delta), 0) from pgbench_history where aid = %s "
+                             "and pg_xact_commit_timestamp(xmin) <= %s", aid, target)[0][0]
+            moments.append((target, aid, want))
         last = cluster.q("select pg_walfile_name(pg_switch_wal())")[0][0]
         flushed = cluster.q("select pg_current_wal_flush_lsn()")[0][0]
         say(f"pg-serve: waiting for both archives to have {last}")
@@ -95,40 +108,45 @@ def prepare(scale):
             stream.terminate()
             stream.wait()
         cluster.stop()
-    return dict(repo=repo, pgbr=pgbr, target=target, want=want, db_bytes=db_bytes)
+    return dict(repo=repo, pgbr=pgbr, moments=moments, db_bytes=db_bytes)
 
 
-def ebb_serve(p):
-    """`ebb pg serve --at T` until the point query answers; (seconds, answer, bytes fetched)."""
+def size(m):
+    """Bytes of a size ebb printed: a regex match of (number, unit)."""
+    return float(m.group(1)) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[m.group(2)] if m else -1
+
+
+def ebb_serve(p, target, aid):
+    """`ebb pg serve --at T` until the point query answers; (seconds, answer, bytes fetched by then, in all,
+    WAL replayed)."""
     scratch = os.path.join(WORK, "serve-scratch")
     env = dict(os.environ, EBB_REPOSITORY=f"file://{p['repo']}", EBB_KEY_FILE=os.path.join(WORK, "ebb.key"))
-    at = p["target"].strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    at = target.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     err = os.path.join(WORK, "serve.err")
     drop_caches()
     t0 = time.time()
     proc = subprocess.Popen([EBB, "pg", "serve", "--source", "bench", "--at", at, "--scratch", scratch,
                              "--listen", ""], env=env, stdout=subprocess.PIPE, stderr=open(err, "w"), text=True)
-    port = None
+    port, replay = None, -1
     for line in proc.stdout:
+        replay = size(re.search(r"replaying WAL \S+ to \S+ \(([\d.]+) (\w+)", line)) if replay < 0 else replay
         m = re.search(r" port=(\d+)", line)
         if m:
             port = int(m.group(1))
             break
     if port is None:
         raise SystemExit(f"ebb pg serve did not answer: {open(err).read()}")
-    answer = first_answer(os.path.join(scratch, "run"), port, t0 + 3600)
+    answer = first_answer(os.path.join(scratch, "run"), port, aid, t0 + 3600)
     took = time.time() - t0
     proc.terminate()
     proc.wait()
     text = open(err).read()
-    m = re.search(r"answering at T after fetching ([\d.]+) (\w+)", text)
-    fetched = float(m.group(1)) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[m.group(2)] if m else -1
-    m = re.search(r"fetched ([\d.]+) (\w+) from the repository in all", text)
-    total = float(m.group(1)) * {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[m.group(2)] if m else -1
-    return took, answer, fetched, total
+    fetched = size(re.search(r"answering at T after fetching ([\d.]+) (\w+)", text))
+    total = size(re.search(r"fetched ([\d.]+) (\w+) from the repository in all", text))
+    return took, answer, fetched, total, replay
 
 
-def restored(p, tool):
+def restored(p, target, aid, tool):
     """A restore to T (ebb or pgbackrest), PostgreSQL started on it until the point query answers."""
     dir = os.path.join(WORK, f"restored-{tool}")
     data = os.path.join(dir, "data")
@@ -138,17 +156,17 @@ def restored(p, tool):
     run(["chown", "-R", "postgres:postgres", dir])
     if tool == "ebb":
         cmd = ["env", f"EBB_REPOSITORY=file://{p['repo']}", EBB, "-q", "--key-file", os.path.join(WORK, "ebb.key"),
-               "pg", "restore", "--at", p["target"].strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "--source", "bench", data]
+               "pg", "restore", "--at", target.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "--source", "bench", data]
     else:
         cmd = ["pgbackrest", f"--config={p['pgbr']}/conf", "--stanza=bench", f"--pg1-path={data}", "--type=time",
-               f"--target={p['target'].strftime('%Y-%m-%d %H:%M:%S.%f+00')}", "--target-action=promote", "restore"]
+               f"--target={target.strftime('%Y-%m-%d %H:%M:%S.%f+00')}", "--target-action=promote", "restore"]
     drop_caches()
     t0 = time.time()
     as_pg(cmd, stdout=subprocess.DEVNULL)
     server = pb.Recovered(dir, data)
     try:
         server.recover()
-        answer = first_answer("127.0.0.1", server.port, t0 + 3600, PASSWORD)
+        answer = first_answer("127.0.0.1", server.port, aid, t0 + 3600, PASSWORD)
         took = time.time() - t0
     finally:
         server.stop()
@@ -160,34 +178,54 @@ def main():
     rows = []
     for scale in SCALES:
         p = prepare(scale)
-        say(f"pg-serve: scale {scale}: ebb pg serve")
-        serve = ebb_serve(p)
-        say(f"pg-serve: scale {scale}: ebb pg restore + start")
-        restore = restored(p, "ebb")
-        say(f"pg-serve: scale {scale}: pgbackrest restore + start")
-        pgbr = restored(p, "pgbackrest")
-        for name, r in (("ebb pg serve", serve), ("ebb pg restore", restore), ("pgbackrest restore", pgbr)):
-            if r[1] != p["want"]:
-                raise SystemExit(f"{name} at scale {scale} answered {r[1]}, want {p['want']} (the balance at T)")
-        rows.append((scale, p["db_bytes"], serve, restore, pgbr))
+        for moment, (target, aid, want) in enumerate(p["moments"], 1):
+            runs = {"serve": [], "ebb": [], "pgbackrest": []}
+            for run_no in range(1, RUNS + 1):
+                say(f"pg-serve: scale {scale}, T{moment}, run {run_no}: ebb pg serve")
+                runs["serve"].append(ebb_serve(p, target, aid))
+                say(f"pg-serve: scale {scale}, T{moment}, run {run_no}: ebb pg restore + start")
+                runs["ebb"].append(restored(p, target, aid, "ebb"))
+                say(f"pg-serve: scale {scale}, T{moment}, run {run_no}: pgbackrest restore + start")
+                runs["pgbackrest"].append(restored(p, target, aid, "pgbackrest"))
+            for name, rs in runs.items():
+                for r in rs:
+                    if r[1] != want:
+                        raise SystemExit(f"{name} at scale {scale}, T{moment} answered {r[1]}, want {want} "
+                                         "(the balance at T)")
+            # The median run of each, by time.
+            serve, restore, pgbr = (sorted(runs[k])[len(runs[k]) // 2] for k in ("serve", "ebb", "pgbackrest"))
+            rows.append((scale, moment, p["db_bytes"], serve, restore, pgbr))
         subprocess.run(["rm", "-rf", p["repo"], p["pgbr"]])
 
     print(f"\nbench pg-serve — {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {os.cpu_count()} cores, "
-          f"PostgreSQL 15; pgbench -N -c 2 for {LOAD_SECONDS} s after the base backups, T at its end;")
-    print(f"one point query at T ({QUERY}), from a cold page cache, seconds from the command to its answer:")
-    print(f"{'database':>10} {'ebb pg serve':>13} {'fetched':>12} {'ebb restore':>12} {'pgbackrest':>11} "
-          f"{'pgbackrest / serve':>19}")
-    for scale, db, serve, restore, pgbr in rows:
-        print(f"{db / 1e9:8.2f} GB {serve[0]:13.2f} {serve[2] / 1e6:9.1f} MB {restore[0]:12.2f} {pgbr[0]:11.2f} "
-              f"{pgbr[0] / serve[0]:18.1f}x")
-    for scale, db, serve, restore, pgbr in rows:
+          "PostgreSQL 15; after the base backups, pgbench -N -c 2:")
+    print(f"T1 after {TRANSACTIONS} transactions, T2 after {LOAD_SECONDS} s more at full speed. One point query at T")
+    print(f"({QUERY.format(aid='K')}, K the account the last transaction at or before T changed), from a cold page")
+    print(f"cache, seconds from the command to its answer, the median of {RUNS} runs:")
+    print(f"{'database':>10} {'T':>2} {'WAL replayed':>13} {'ebb pg serve':>13} {'fetched':>11} {'ebb restore':>12} "
+          f"{'pgbackrest':>11} {'pgbackrest / serve':>19}")
+    for scale, moment, db, serve, restore, pgbr in rows:
+        print(f"{db / 1e9:7.2f} GB T{moment} {serve[4] / 1e6:10.1f} MB {serve[0]:13.2f} {serve[2] / 1e6:8.1f} MB "
+              f"{restore[0]:12.2f} {pgbr[0]:11.2f} {pgbr[0] / serve[0]:18.1f}x")
+    for scale, moment, db, serve, restore, pgbr in rows:
         share = 100 * serve[2] / db
-        print(f"scale {scale}: fetched by the answer {serve[2] / 1e6:.1f} MB = {share:.2f} % of the database "
-              f"(target under 5 %: {'met' if share < 5 else 'NOT met'}); in all, stop included, {serve[3] / 1e6:.1f} MB; "
-              f"first answer {serve[0]:.2f} s (target within 10 s: {'met' if serve[0] <= 10 else 'NOT met'})")
-    big = rows[-1]
-    x = big[4][0] / big[2][0]
-    print(f"at {big[1] / 1e9:.1f} GB: pgbackrest / ebb pg serve = {x:.1f}x (target at least 10x: "
+        print(f"scale {scale}, T{moment}: fetched by the answer {serve[2] / 1e6:.1f} MB = {share:.2f} % of the "
+              f"database; in all, stop included, {serve[3] / 1e6:.1f} MB")
+    print("targets, at T1:")
+    for scale, moment, db, serve, restore, pgbr in rows:
+        if moment == 1:
+            share = 100 * serve[2] / db
+            print(f"  {db / 1e9:.1f} GB: first answer {serve[0]:.2f} s (within 10 s: "
+                  f"{'met' if serve[0] <= 10 else 'NOT met'}); fetched {share:.2f} % (under 5 %: "
+                  f"{'met' if share < 5 else 'NOT met'})")
+    small = [r for r in rows if r[1] == 1]
+    if len(small) > 1:
+        print(f"  flat in size: {small[-1][3][0]:.2f} s at {small[-1][2] / 1e9:.1f} GB against {small[0][3][0]:.2f} s "
+              f"at {small[0][2] / 1e9:.1f} GB ({small[-1][3][0] / small[0][3][0]:.2f}x for "
+              f"{small[-1][2] / small[0][2]:.1f}x the data)")
+    big = small[-1]
+    x = big[5][0] / big[3][0]
+    print(f"  at {big[2] / 1e9:.1f} GB: pgbackrest / ebb pg serve = {x:.1f}x (at least 10x: "
           f"{'met' if x >= 10 else 'NOT met'})")
 
 
