@@ -14,7 +14,8 @@ use tracing_subscriber::EnvFilter;
 /// Buffers of 1 MiB and more (packs being filled, spans of packs being read) are
 /// mapped on their own and unmapped when freed. glibc otherwise raises its
 /// threshold to the largest buffer freed and keeps the next ones in its arenas,
-/// one per thread: that doubled the peak RSS of a prune that repacks.
+/// one per thread: that doubled the peak RSS of a prune that repacks. Called
+/// before any thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn large_buffers_go_back_when_freed() {
     // SAFETY: mallopt only sets an allocator parameter, here before any thread starts.
@@ -31,8 +32,13 @@ fn main() -> ExitCode {
     // entry's own mode after creating it.
     // SAFETY: umask has no preconditions and cannot fail.
     unsafe { libc::umask(0o077) };
-    large_buffers_go_back_when_freed();
     let cli = cli::Cli::parse();
+    // Not where WAL segments come one after another: each would be mapped afresh,
+    // its pages faulted in and zeroed (a quarter of `pg serve`'s planning), where
+    // the allocator would reuse the last one's.
+    if !cli.churns_segments() {
+        large_buffers_go_back_when_freed();
+    }
     if cli.unlocks_with_password() {
         catalog::prepare_kdf_memory();
     }

@@ -14,7 +14,8 @@ takes most of the time of every tool. At each T, each from a cold page cache, th
 time from the command to the first answer of
 `select abalance from pgbench_accounts where aid = K` (checked against the balance
 at T, from the primary's commit timestamps), and for ebb pg serve the WAL its plan
-replays and the bytes it fetched from the repository by then; the median of
+replays and the bytes of the base backup it fetched from the repository by then
+(and, apart, what its plan read: the WAL up to where T ends); the median of
 EBB_BENCH_SERVE_RUNS (default 3) runs of each. Targets (issue 19),
 at T1: the first answer within 10 s at both sizes, at least 10x faster than
 pgbackrest at 5 GB, and under 5 % of the database fetched.
@@ -108,7 +109,8 @@ def prepare(scale):
             stream.terminate()
             stream.wait()
         cluster.stop()
-    return dict(repo=repo, pgbr=pgbr, moments=moments, db_bytes=db_bytes)
+    stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(repo, "packs")) for f in fs)
+    return dict(repo=repo, pgbr=pgbr, moments=moments, db_bytes=db_bytes, stored=stored)
 
 
 def size(m):
@@ -141,9 +143,10 @@ def ebb_serve(p, target, aid):
     proc.terminate()
     proc.wait()
     text = open(err).read()
-    fetched = size(re.search(r"answering at T after fetching ([\d.]+) (\w+)", text))
-    total = size(re.search(r"fetched ([\d.]+) (\w+) from the repository in all", text))
-    return took, answer, fetched, total, replay
+    fetched = size(re.search(r"answering at T after fetching ([\d.]+) (\w+) of the base backup", text))
+    plan = size(re.search(r"\(([\d.]+) (\w+) for the plan", text))
+    total = size(re.search(r"fetched ([\d.]+) (\w+) of the base backup from the repository in all", text))
+    return took, answer, fetched, total, replay, plan
 
 
 def restored(p, target, aid, tool):
@@ -194,7 +197,7 @@ def main():
                                          "(the balance at T)")
             # The median run of each, by time.
             serve, restore, pgbr = (sorted(runs[k])[len(runs[k]) // 2] for k in ("serve", "ebb", "pgbackrest"))
-            rows.append((scale, moment, p["db_bytes"], serve, restore, pgbr))
+            rows.append((scale, moment, p["db_bytes"], serve, restore, pgbr, p["stored"]))
         subprocess.run(["rm", "-rf", p["repo"], p["pgbr"]])
 
     print(f"\nbench pg-serve — {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {os.cpu_count()} cores, "
@@ -204,15 +207,17 @@ def main():
     print(f"cache, seconds from the command to its answer, the median of {RUNS} runs:")
     print(f"{'database':>10} {'T':>2} {'WAL replayed':>13} {'ebb pg serve':>13} {'fetched':>11} {'ebb restore':>12} "
           f"{'pgbackrest':>11} {'pgbackrest / serve':>19}")
-    for scale, moment, db, serve, restore, pgbr in rows:
+    for scale, moment, db, serve, restore, pgbr, stored in rows:
         print(f"{db / 1e9:7.2f} GB T{moment} {serve[4] / 1e6:10.1f} MB {serve[0]:13.2f} {serve[2] / 1e6:8.1f} MB "
               f"{restore[0]:12.2f} {pgbr[0]:11.2f} {pgbr[0] / serve[0]:18.1f}x")
-    for scale, moment, db, serve, restore, pgbr in rows:
+    for scale, moment, db, serve, restore, pgbr, stored in rows:
         share = 100 * serve[2] / db
-        print(f"scale {scale}, T{moment}: fetched by the answer {serve[2] / 1e6:.1f} MB = {share:.2f} % of the "
-              f"database; in all, stop included, {serve[3] / 1e6:.1f} MB")
+        print(f"scale {scale}, T{moment}: fetched of the base backup by the answer {serve[2] / 1e6:.1f} MB = "
+              f"{share:.2f} % of the database, {100 * serve[2] / stored:.1f} % of the {stored / 1e6:.0f} MB it takes "
+              f"in the repository (compressed); in all, stop included, {serve[3] / 1e6:.1f} MB; and "
+              f"{serve[5] / 1e6:.1f} MB for the plan (its WAL scan)")
     print("targets, at T1:")
-    for scale, moment, db, serve, restore, pgbr in rows:
+    for scale, moment, db, serve, restore, pgbr, stored in rows:
         if moment == 1:
             share = 100 * serve[2] / db
             print(f"  {db / 1e9:.1f} GB: first answer {serve[0]:.2f} s (within 10 s: "

@@ -341,6 +341,9 @@ async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> 
     let scratch = Scratch::at(scratch_root);
     let repo = open(g).await?;
     let plan = streamer::pg::restore::recovery_plan(&repo, &source, at).await?;
+    // What the plan read (the manifest, and the WAL up to where T ends), told apart
+    // from what the server reads of the base backup.
+    let planned = repo.store().fetched();
     let pg = plan.manifest.pg.clone().ok_or_else(|| anyhow!("point {} is not a base backup", plan.point.name))?;
     let replay = plan.replay_to.0.saturating_sub(plan.start.0);
     // A dump's output is the dump: what ebb says goes to stderr.
@@ -394,12 +397,12 @@ async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> 
                 format!("mount {} (is fuse3 installed and /dev/fuse available?)", scratch.data.display())
             })?;
     let server = Server { bin, user, role: args.user };
-    let result = run(&scratch, &plan, &opts, &server, then, &repo).await;
-    let fetched = repo.store().fetched();
+    let result = run(&scratch, &plan, &opts, &server, then, &repo, planned).await;
     note(&format!(
-        "fetched {} from the repository in all (the base backup holds {})",
-        crate::output::bytes(fetched),
-        crate::output::bytes(plan.manifest.stats.bytes)
+        "fetched {} of the base backup from the repository in all (it holds {}), and {} for the plan",
+        crate::output::bytes(repo.store().fetched() - planned),
+        crate::output::bytes(plan.manifest.stats.bytes),
+        crate::output::bytes(planned)
     ));
     // The WAL fetcher restore_command started may still hold the mount for a
     // moment: its spool gone, it ends.
@@ -447,6 +450,7 @@ async fn run(
     server: &Server,
     then: Then,
     repo: &catalog::Repository,
+    planned: u64,
 ) -> Result<ExitCode> {
     // pg_wal: a link to the scratch's own (WAL written and read at disk speed, and
     // the spool of segments fetched ahead beside it, renamed into place).
@@ -495,8 +499,10 @@ async fn run(
         }
     }
     note(&format!(
-        "answering at T after fetching {} from the repository",
-        crate::output::bytes(repo.store().fetched())
+        "answering at T after fetching {} of the base backup from the repository ({} for the plan: its manifest, \
+         and the WAL read to find where T ends)",
+        crate::output::bytes(repo.store().fetched() - planned),
+        crate::output::bytes(planned)
     ));
     if let Then::Dump(args) = then {
         let dumped = dump_from(&server.bin, opts, &server.role, args, &mut term).await;

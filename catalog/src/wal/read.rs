@@ -252,9 +252,10 @@ impl Repository {
     ) -> Result<Vec<u8>, RepoError> {
         let mut relisted = false;
         'plan: loop {
-            let mut out = Vec::with_capacity((to.0 - from.0).min(super::MAX_MERGE) as usize);
-            for (p, lo, hi) in self.wal_plan(source, system, path, from, to).await? {
-                let wal = match self.read_wal(source, &p).await {
+            let plan = self.wal_plan(source, system, path, from, to).await?;
+            let mut out = Vec::new();
+            for (p, lo, hi) in &plan {
+                let wal = match self.read_wal(source, p).await {
                     Ok((_, wal)) => wal,
                     Err(RepoError::Store(e)) if e.is_not_found() && !relisted => {
                         relisted = true;
@@ -262,7 +263,19 @@ impl Repository {
                     }
                     Err(e) => return Err(e),
                 };
-                out.extend_from_slice(&wal[(lo.0 - p.start.0) as usize..(hi.0 - p.start.0) as usize]);
+                let span = (lo.0 - p.start.0) as usize..(hi.0 - p.start.0) as usize;
+                if plan.len() == 1 {
+                    // One piece (a whole segment, most often): its own buffer, not a
+                    // copy (a Bytes that owns its Vec alone gives it back).
+                    let mut wal = Vec::from(wal);
+                    wal.truncate(span.end);
+                    wal.drain(..span.start);
+                    return Ok(wal);
+                }
+                if out.is_empty() {
+                    out.reserve((to.0 - from.0).min(super::MAX_MERGE) as usize);
+                }
+                out.extend_from_slice(&wal[span]);
             }
             return Ok(out);
         }
