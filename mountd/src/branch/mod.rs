@@ -428,24 +428,6 @@ impl Branch {
         }
     }
 
-    /// The extended attributes of a file the point holds (the branch's own have
-    /// none, and none can be set).
-    pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, FsError> {
-        let lower = self.lock().node(ino)?.lower;
-        match lower {
-            Some(lower) => self.lower.getxattr(lower, name).await,
-            None => Err(FsError::NoAttr),
-        }
-    }
-
-    pub async fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
-        let lower = self.lock().node(ino)?.lower;
-        match lower {
-            Some(lower) => self.lower.listxattr(lower).await,
-            None => Ok(Vec::new()),
-        }
-    }
-
     /// Where the scratch files are: statfs answers for that filesystem.
     pub fn scratch(&self) -> &std::path::Path {
         &self.scratch
