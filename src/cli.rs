@@ -31,8 +31,6 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// Whether this command is about to derive a key from a password, which is worth
-    /// preparing for while it starts (`catalog::prepare_kdf_memory`).
     /// Whether the command reads WAL segments one after another (16 MiB buffers
     /// each, freed as the next comes), rather than holding many large buffers at
     /// once as backups, restores and prunes do.
@@ -40,6 +38,8 @@ impl Cli {
         matches!(&self.command, Command::Pg(PgCommand::Serve(_) | PgCommand::Dump(_) | PgCommand::ArchiveGet { .. }))
     }
 
+    /// Whether this command is about to derive a key from a password, which is worth
+    /// preparing for while it starts (`catalog::prepare_kdf_memory`).
     pub fn unlocks_with_password(&self) -> bool {
         if self.global.key_file.is_some() {
             return false;

@@ -400,7 +400,7 @@ async fn session(g: &Global, args: PgServeArgs, then: Then) -> Result<ExitCode> 
     let result = run(&scratch, &plan, &opts, &server, then, &repo, planned).await;
     note(&format!(
         "fetched {} of the base backup from the repository in all (it holds {}), and {} for the plan",
-        crate::output::bytes(repo.store().fetched() - planned),
+        crate::output::bytes(repo.store().fetched().saturating_sub(planned)),
         crate::output::bytes(plan.manifest.stats.bytes),
         crate::output::bytes(planned)
     ));
@@ -501,7 +501,7 @@ async fn run(
     note(&format!(
         "answering at T after fetching {} of the base backup from the repository ({} for the plan: its manifest, \
          and the WAL read to find where T ends)",
-        crate::output::bytes(repo.store().fetched() - planned),
+        crate::output::bytes(repo.store().fetched().saturating_sub(planned)),
         crate::output::bytes(planned)
     ));
     if let Then::Dump(args) = then {

@@ -312,8 +312,9 @@ async fn scan(
 }
 
 /// How many segments `scan` fetches ahead of the one it reads: fetching one
-/// (reading, decrypting, decompressing) takes about as long as reading its
-/// records, and each runs on a core of its own.
+/// (reading, decrypting, decompressing it) costs several times what reading its
+/// records does, and two fetches keep two cores busy. Where the scan stops, at
+/// most that many were fetched for nothing.
 const SCAN_AHEAD: u64 = 2;
 
 /// The WAL from a position to the end of its segment, being fetched.
