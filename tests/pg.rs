@@ -1953,7 +1953,14 @@ fn pg_serve_whose_output_is_closed_serves_and_stops_cleanly() {
         assert!(Instant::now() < deadline, "no answer at T: {}", served.said());
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Said on a closed pipe while it served: a panic would have ended ebb here.
-    std::thread::sleep(Duration::from_millis(500));
+    // ebb is past its wait for T, and so past what it says then on the closed
+    // pipes (a panic would end it there; SIGTERM is acted on only after): paused
+    // at T, with ebb's own connection, which it drops on leaving that wait, gone.
+    let said = "select pg_get_wal_replay_pause_state() = 'paused' and not exists (select 1 from pg_stat_activity \
+                where backend_type = 'client backend' and pid <> pg_backend_pid())";
+    while served.sql(said) != "t" {
+        assert!(Instant::now() < deadline, "ebb did not leave its wait for T: {}", served.said());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     served.stopped();
 }

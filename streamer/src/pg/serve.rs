@@ -192,18 +192,18 @@ async fn connect(run_dir: &Path, port: u16, user: &str) -> Result<Option<tokio_p
     }
 }
 
-/// Where recovery stands, as the server on `client` says; `None` when the
-/// connection is gone or the server does not say within 2 s.
-async fn recovery(client: &tokio_postgres::Client) -> Option<Recovery> {
-    let asked = client.query_one(
-        "select pg_is_in_recovery(), \
-             case when pg_is_in_recovery() then pg_get_wal_replay_pause_state() else 'not paused' end, \
-             exists (select 1 from pg_stat_activity where backend_type = 'startup' \
-                     and wait_event = 'RecoveryRetrieveRetryInterval'), \
-             pg_last_wal_replay_lsn()::text",
-        &[],
-    );
-    let row = tokio::time::timeout(Duration::from_secs(2), asked).await.ok()?.ok()?;
+/// What `wait_at_target` asks, every time.
+const WHERE_RECOVERY_STANDS: &str = "select pg_is_in_recovery(), \
+     case when pg_is_in_recovery() then pg_get_wal_replay_pause_state() else 'not paused' end, \
+     exists (select 1 from pg_stat_activity where backend_type = 'startup' \
+             and wait_event = 'RecoveryRetrieveRetryInterval'), \
+     pg_last_wal_replay_lsn()::text";
+
+/// Where recovery stands, as the server on `client` says (`asked`: the statement
+/// prepared once for the connection); `None` when the connection is gone or the
+/// server does not say within 2 s.
+async fn recovery(client: &tokio_postgres::Client, asked: &tokio_postgres::Statement) -> Option<Recovery> {
+    let row = tokio::time::timeout(Duration::from_secs(2), client.query_one(asked, &[])).await.ok()?.ok()?;
     Some(Recovery {
         in_recovery: row.get(0),
         paused: row.get::<_, &str>(1) == "paused",
@@ -228,11 +228,14 @@ pub async fn wait_at_target(
         if !running() {
             return Err(ReadyError::Exited);
         }
-        if client.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
-            client = connect(&opts.run_dir, opts.port, user).await.map_err(ReadyError::Refused)?;
+        if client.as_ref().is_none_or(|(c, _): &(tokio_postgres::Client, _)| c.is_closed()) {
+            client = match connect(&opts.run_dir, opts.port, user).await.map_err(ReadyError::Refused)? {
+                Some(c) => c.prepare(WHERE_RECOVERY_STANDS).await.ok().map(|asked| (c, asked)),
+                None => None,
+            };
         }
-        if let Some(c) = &client {
-            match recovery(c).await {
+        if let Some((c, asked)) = &client {
+            match recovery(c, asked).await {
                 Some(r) if r.at_target(plan, opts.writable) => return Ok(r),
                 Some(r) if !opts.writable && !r.in_recovery => {
                     return Err(ReadyError::Unexpected("it ended recovery instead of pausing at T".into()))
